@@ -1,0 +1,441 @@
+//! Loading a Linux kernel (ELF vmlinux or bzImage) and initrd, and writing
+//! the boot protocol's zero page with the e820 map and command line.
+
+use super::layout::{self, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, ZERO_PAGE_START};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::{boot_params, setup_header};
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
+use mem::GuestAddress;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+/// setup_header.xloadflags: the kernel has the 64-bit entry point at +0x200.
+const XLF_KERNEL_64: u16 = 1 << 0;
+/// Offset of the 64-bit entry point from the protected-mode kernel start.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// Errors loading a kernel or initrd.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel image cannot be opened or read.
+    #[error("cannot read kernel image {path}")]
+    KernelIo {
+        /// Path given.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is neither an ELF nor a bzImage.
+    #[error("{path} is not a Linux kernel image (neither ELF vmlinux nor bzImage)")]
+    NotAKernel {
+        /// Path given.
+        path: PathBuf,
+    },
+    /// The bzImage has no 64-bit entry point.
+    #[error("{path} is a bzImage without a 64-bit entry point (XLF_KERNEL_64)")]
+    Not64Bit {
+        /// Path given.
+        path: PathBuf,
+    },
+    /// linux-loader rejected the image (bad headers, does not fit in RAM).
+    #[error("cannot load kernel image {path}: {reason}")]
+    Load {
+        /// Path given.
+        path: PathBuf,
+        /// linux-loader's description.
+        reason: String,
+    },
+    /// The initrd cannot be opened or read.
+    #[error("cannot read initrd {path}")]
+    InitrdIo {
+        /// Path given.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd does not fit between the kernel and the top of low memory.
+    #[error("initrd {path} ({size} bytes) does not fit in guest memory: {available} bytes free between the kernel and the top of low RAM")]
+    InitrdTooLarge {
+        /// Path given.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Space available.
+        available: u64,
+    },
+    /// The command line is invalid or longer than the boot protocol allows.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    /// Writing boot structures into guest memory failed.
+    #[error("cannot write {what} into guest memory")]
+    GuestWrite {
+        /// What.
+        what: &'static str,
+    },
+}
+
+/// Which format a kernel image is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// An uncompressed ELF vmlinux.
+    Elf,
+    /// A bzImage.
+    BzImage,
+}
+
+/// Where a loaded kernel ended up.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// 64-bit entry point.
+    pub entry: GuestAddress,
+    /// First byte past the kernel image.
+    pub end: GuestAddress,
+    /// Its format.
+    pub format: KernelFormat,
+    /// The bzImage's setup header, to copy into the zero page.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Sniff the image format from its magic numbers.
+///
+/// # Errors
+/// [`BootError::KernelIo`] if the file cannot be read, [`BootError::NotAKernel`]
+/// if it has neither magic.
+pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
+    let io = |source| BootError::KernelIo {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = [0u8; 0x206];
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    let n = read_up_to(file, &mut head).map_err(io)?;
+    if n >= 4 && head[0..4] == *b"\x7fELF" {
+        return Ok(KernelFormat::Elf);
+    }
+    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(BootError::NotAKernel {
+        path: path.to_path_buf(),
+    })
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Load the kernel at `path` into guest memory.
+///
+/// # Errors
+/// See [`BootError`].
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    let mut file = File::open(path).map_err(|source| BootError::KernelIo {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let format = detect_format(&mut file, path)?;
+    let load_err = |e: linux_loader::loader::Error| BootError::Load {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let himem = vm_memory::GuestAddress(HIMEM_START.raw());
+    match format {
+        KernelFormat::Elf => {
+            let r = Elf::load(mem, None, &mut file, Some(himem)).map_err(load_err)?;
+            Ok(LoadedKernel {
+                entry: GuestAddress(r.kernel_load.0),
+                end: GuestAddress(r.kernel_end),
+                format,
+                setup_header: None,
+            })
+        }
+        KernelFormat::BzImage => {
+            let r = BzImage::load(mem, None, &mut file, Some(himem)).map_err(load_err)?;
+            let hdr = r.setup_header.ok_or_else(|| BootError::NotAKernel {
+                path: path.to_path_buf(),
+            })?;
+            if hdr.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(BootError::Not64Bit {
+                    path: path.to_path_buf(),
+                });
+            }
+            Ok(LoadedKernel {
+                entry: GuestAddress(r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET),
+                end: GuestAddress(r.kernel_end),
+                format,
+                setup_header: Some(hdr),
+            })
+        }
+    }
+}
+
+/// Where to put an initrd of `size` bytes: the highest page-aligned address
+/// whose end is at or below the top of low RAM, and above the kernel.
+///
+/// # Errors
+/// `Err(available)` with the free space if it does not fit.
+pub fn initrd_placement(
+    mem_bytes: u64,
+    kernel_end: GuestAddress,
+    size: u64,
+) -> Result<GuestAddress, u64> {
+    let top = layout::low_ram_end(mem_bytes).raw();
+    let floor = kernel_end
+        .raw()
+        .max(HIMEM_START.raw())
+        .next_multiple_of(4096);
+    let available = top.saturating_sub(floor);
+    match top.checked_sub(size) {
+        Some(start) => {
+            let start = start & !0xfff;
+            if start >= floor {
+                Ok(GuestAddress(start))
+            } else {
+                Err(available)
+            }
+        }
+        None => Err(available),
+    }
+}
+
+/// Load the initrd at `path` as high as possible in low RAM.
+/// Returns its guest address and size.
+///
+/// # Errors
+/// [`BootError::InitrdIo`] or [`BootError::InitrdTooLarge`].
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    kernel_end: GuestAddress,
+    path: &Path,
+) -> Result<(GuestAddress, u64), BootError> {
+    let io = |source| BootError::InitrdIo {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    let addr = initrd_placement(mem_bytes, kernel_end, size).map_err(|available| {
+        BootError::InitrdTooLarge {
+            path: path.to_path_buf(),
+            size,
+            available,
+        }
+    })?;
+    let mut buf = Vec::with_capacity(size as usize);
+    file.read_to_end(&mut buf).map_err(io)?;
+    mem.write_slice(&buf, vm_memory::GuestAddress(addr.raw()))
+        .map_err(|_| BootError::GuestWrite { what: "initrd" })?;
+    Ok((addr, size))
+}
+
+/// Build the command line from `base` plus `extra` options, which go before
+/// any ` -- ` (everything after it is init's argv).
+///
+/// # Errors
+/// [`BootError::Cmdline`] if it is too long or has invalid characters.
+pub fn build_cmdline(base: &str, extra: &[String]) -> Result<Cmdline, BootError> {
+    let (kernel_part, init_part) = match base.find(" -- ") {
+        Some(i) => (&base[..i], Some(&base[i + 4..])),
+        None if base.starts_with("-- ") => ("", Some(&base[3..])),
+        None => (base, None),
+    };
+    let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut push = |s: &str| -> Result<(), BootError> {
+        if s.trim().is_empty() {
+            return Ok(());
+        }
+        c.insert_str(s.trim())
+            .map_err(|e| BootError::Cmdline(e.to_string()))
+    };
+    push(kernel_part)?;
+    for e in extra {
+        push(e)?;
+    }
+    if let Some(init) = init_part {
+        push("--")?;
+        push(init)?;
+    }
+    Ok(c)
+}
+
+/// Write the command line and the zero page (setup header, e820 map,
+/// command line pointer, initrd).
+///
+/// # Errors
+/// [`BootError::GuestWrite`] if guest RAM does not cover them.
+pub fn write_boot_params(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    cmdline: &Cmdline,
+    initrd: Option<(GuestAddress, u64)>,
+    mem_bytes: u64,
+) -> Result<(), BootError> {
+    load_cmdline(mem, vm_memory::GuestAddress(CMDLINE_START.raw()), cmdline).map_err(|_| {
+        BootError::GuestWrite {
+            what: "kernel command line",
+        }
+    })?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(|e| BootError::Cmdline(e.to_string()))?
+        .as_bytes()
+        .len();
+    let params = zero_page(kernel.setup_header, cmdline_len as u32, initrd, mem_bytes);
+    mem.write_obj(params, vm_memory::GuestAddress(ZERO_PAGE_START.raw()))
+        .map_err(|_| BootError::GuestWrite {
+            what: "boot_params",
+        })
+}
+
+/// The zero page contents; separated from I/O so it can be unit tested.
+pub fn zero_page(
+    bz_header: Option<setup_header>,
+    cmdline_len: u32,
+    initrd: Option<(GuestAddress, u64)>,
+    mem_bytes: u64,
+) -> boot_params {
+    let mut p = boot_params::default();
+    if let Some(h) = bz_header {
+        p.hdr = h;
+    } else {
+        p.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        p.hdr.header = KERNEL_HDR_MAGIC;
+        p.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    }
+    p.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    p.hdr.cmd_line_ptr = CMDLINE_START.raw() as u32;
+    p.hdr.cmdline_size = cmdline_len;
+    if let Some((addr, size)) = initrd {
+        p.hdr.ramdisk_image = addr.raw() as u32;
+        p.hdr.ramdisk_size = size as u32;
+    }
+    let map = layout::e820_map(mem_bytes);
+    for (slot, e) in p.e820_table.iter_mut().zip(&map) {
+        slot.addr = e.addr;
+        slot.size = e.size;
+        slot.r#type = e.kind;
+    }
+    p.e820_entries = map.len() as u8;
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn zero_page_for_elf_has_magic_e820_and_initrd() {
+        let p = zero_page(
+            None,
+            42,
+            Some((GuestAddress(0x800_0000), 0x1234)),
+            256 << 20,
+        );
+        assert_eq!({ p.hdr.boot_flag }, 0xaa55);
+        assert_eq!({ p.hdr.header }, 0x5372_6448);
+        assert_eq!({ p.hdr.type_of_loader }, 0xff);
+        assert_eq!({ p.hdr.cmd_line_ptr }, 0x20000);
+        assert_eq!({ p.hdr.cmdline_size }, 42);
+        assert_eq!(
+            ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
+            (0x800_0000, 0x1234)
+        );
+        assert_eq!(p.e820_entries, 3);
+        let last = p.e820_table[2];
+        assert_eq!(
+            ({ last.addr }, { last.size }, { last.r#type }),
+            (0x10_0000, (256 << 20) - 0x10_0000, 1)
+        );
+    }
+
+    #[test]
+    fn zero_page_keeps_bzimage_header() {
+        let h = setup_header {
+            xloadflags: 3,
+            version: 0x20f,
+            ..Default::default()
+        };
+        let p = zero_page(Some(h), 1, None, 64 << 20);
+        assert_eq!({ p.hdr.version }, 0x20f);
+        assert_eq!({ p.hdr.type_of_loader }, 0xff);
+        assert_eq!({ p.hdr.ramdisk_size }, 0);
+    }
+
+    #[test]
+    fn initrd_goes_high_and_refuses_overlap() {
+        let end = GuestAddress(0x300_0000);
+        let a = initrd_placement(256 << 20, end, 10_000).unwrap();
+        assert_eq!(a.raw() % 4096, 0);
+        assert!(a.raw() + 10_000 <= 256 << 20);
+        assert!(a.raw() >= (256 << 20) - 16384);
+        // Exactly fits.
+        assert!(initrd_placement(64 << 20, end, (64 << 20) - 0x300_0000).is_ok());
+        // One byte too many.
+        let e = initrd_placement(64 << 20, end, (64 << 20) - 0x300_0000 + 1).unwrap_err();
+        assert_eq!(e, (64 << 20) - 0x300_0000);
+        // Big guests: the initrd stays below the MMIO gap.
+        let a = initrd_placement(8 << 30, end, 1 << 20).unwrap();
+        assert!(a.raw() + (1 << 20) <= 0xd000_0000);
+    }
+
+    #[test]
+    fn cmdline_extras_go_before_init_args() {
+        let extra = vec!["noxsave".to_string(), "nopku".to_string()];
+        let c = build_cmdline("console=ttyS0 -- echo hi", &extra).unwrap();
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 noxsave nopku -- echo hi"
+        );
+        let c = build_cmdline("console=ttyS0", &extra).unwrap();
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 noxsave nopku"
+        );
+        assert!(matches!(
+            build_cmdline(&"x".repeat(3000), &[]),
+            Err(BootError::Cmdline(_))
+        ));
+    }
+
+    #[test]
+    fn non_kernels_are_named() {
+        let dir = std::env::temp_dir().join(format!("foliovm-boot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("not-a-kernel");
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(&[0x55; 4096])
+            .unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 32 << 20)]).unwrap();
+        let e = load_kernel(&mem, &p).unwrap_err();
+        assert!(matches!(e, BootError::NotAKernel { .. }), "{e}");
+        let e = load_kernel(&mem, &dir.join("missing")).unwrap_err();
+        assert!(matches!(e, BootError::KernelIo { .. }), "{e}");
+        // A truncated ELF: magic but no valid headers.
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(b"\x7fELF\x02\x01\x01")
+            .unwrap();
+        let e = load_kernel(&mem, &p).unwrap_err();
+        assert!(matches!(e, BootError::Load { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

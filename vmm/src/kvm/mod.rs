@@ -1,0 +1,122 @@
+//! The KVM VM: memslots, in-kernel irqchip and PIT, supported CPUID.
+
+pub mod vcpu;
+
+use crate::arch::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use mem::RamRegion;
+
+/// Errors from KVM VM setup; each names the ioctl that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you root?)")]
+    Open(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed")]
+    Ioctl {
+        /// The operation.
+        op: &'static str,
+        /// errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Ioctl { op, source }
+}
+
+/// A KVM VM file descriptor with the system fd it came from.
+pub struct KvmVm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl KvmVm {
+    /// Open /dev/kvm and create a VM.
+    ///
+    /// # Errors
+    /// [`KvmError::Open`] or [`KvmError::Ioctl`].
+    pub fn new() -> Result<Self, KvmError> {
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        Ok(KvmVm { kvm, fd })
+    }
+
+    /// The VM fd.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The most vCPUs this KVM allows.
+    pub fn max_vcpus(&self) -> u32 {
+        let n = self.kvm.check_extension_int(Cap::MaxVcpus);
+        if n > 0 {
+            n as u32
+        } else {
+            self.kvm.check_extension_int(Cap::NrVcpus).max(1) as u32
+        }
+    }
+
+    /// KVM_GET_SUPPORTED_CPUID.
+    ///
+    /// # Errors
+    /// [`KvmError::Ioctl`].
+    pub fn supported_cpuid(&self) -> Result<CpuId, KvmError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))
+    }
+
+    /// Register one memslot per guest RAM region.
+    ///
+    /// # Errors
+    /// [`KvmError::Ioctl`].
+    ///
+    /// # Safety
+    /// Every region's host mapping must stay mapped for as long as this VM
+    /// exists (the caller keeps the memory backend alive longer than the VM).
+    pub unsafe fn set_memory(&self, regions: &[RamRegion]) -> Result<(), KvmError> {
+        for (slot, r) in regions.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.guest_base.raw(),
+                memory_size: r.size,
+                userspace_addr: r.host_addr.raw() as u64,
+            };
+            // SAFETY: the caller guarantees the host range stays mapped for
+            // the VM's lifetime; regions do not overlap (GuestMemoryBackend
+            // invariant), so KVM accepts each slot independently.
+            unsafe { self.fd.set_user_memory_region(region) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// The in-kernel PIC/IOAPIC/LAPIC and PIT that a Linux guest needs.
+    ///
+    /// # Errors
+    /// [`KvmError::Ioctl`].
+    pub fn setup_irqchip(&self) -> Result<(), KvmError> {
+        self.fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_START.raw())
+            .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        self.fd
+            .set_tss_address(KVM_TSS_START.raw() as usize)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        self.fd
+            .create_irq_chip()
+            .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))
+    }
+}

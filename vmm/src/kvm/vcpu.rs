@@ -1,0 +1,268 @@
+//! vCPUs: configuration and the run loop.
+
+use super::{ioctl, KvmError, KvmVm};
+use crate::arch::{cpuid, msr, regs};
+use crate::stop::{ExitReason, StopSignal};
+use crate::workload::{ReportEvent, WorkloadReport, RESULT_MMIO, RESULT_MMIO_SIZE};
+use devices::Bus;
+use kvm_bindings::{kvm_regs, kvm_sregs, CpuId};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::Arc;
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+/// What vCPU threads share: the buses, the workload collector, the stop signal.
+pub struct VcpuContext {
+    /// Port I/O devices.
+    pub pio: Bus,
+    /// MMIO devices.
+    pub mmio: Bus,
+    /// The workload guest's result collector, when running one.
+    pub workload: Option<Arc<WorkloadReport>>,
+    /// Where vCPUs report why the VM must stop, and learn that it is stopping.
+    pub stop: Arc<StopSignal>,
+    /// Guest memory, to read an exception frame for a report.
+    pub mem: GuestMemoryMmap,
+}
+
+/// One vCPU.
+pub struct Vcpu {
+    index: usize,
+    fd: VcpuFd,
+}
+
+/// KVM_SYSTEM_EVENT types.
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+/// APIC LVT delivery modes for LINT0/LINT1.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+
+impl Vcpu {
+    /// Create vCPU `index` (its APIC ID).
+    ///
+    /// # Errors
+    /// [`KvmError::Ioctl`].
+    pub fn new(vm: &KvmVm, index: usize) -> Result<Self, KvmError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(index as u64)
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        Ok(Vcpu { index, fd })
+    }
+
+    /// This vCPU's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// CPUID, MSRs, FPU: common to every guest.
+    ///
+    /// # Errors
+    /// [`KvmError::Ioctl`].
+    pub fn configure_cpu(
+        &self,
+        supported: &CpuId,
+        nr_vcpus: u8,
+        masks: &[cpuid::CpuidMask],
+    ) -> Result<(), KvmError> {
+        let c = cpuid::vcpu_cpuid(supported, self.index as u8, nr_vcpus, masks);
+        self.fd.set_cpuid2(&c).map_err(ioctl("KVM_SET_CPUID2"))?;
+        let msrs = msr::boot_msrs();
+        let n = self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+        if n != msrs.as_slice().len() {
+            let bad = msrs.as_slice()[n].index;
+            return Err(KvmError::Ioctl {
+                op: "KVM_SET_MSRS",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            })
+            .inspect_err(|_| eprintln!("foliovm: KVM refused boot MSR {bad:#x}"));
+        }
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(ioctl("KVM_SET_FPU"))
+    }
+
+    /// Route LINT0 to ExtINT and LINT1 to NMI on the in-kernel local APIC.
+    ///
+    /// # Errors
+    /// [`KvmError::Ioctl`].
+    pub fn set_lint(&self) -> Result<(), KvmError> {
+        let mut lapic = self.fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+        for (off, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let r = &mut lapic.regs[off..off + 4];
+            let v = u32::from_le_bytes([r[0] as u8, r[1] as u8, r[2] as u8, r[3] as u8]);
+            let v = (v & !0x700) | (mode << 8);
+            for (d, s) in r.iter_mut().zip(v.to_le_bytes()) {
+                *d = s as _;
+            }
+        }
+        self.fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))
+    }
+
+    /// Set the general and special registers.
+    ///
+    /// # Errors
+    /// [`KvmError::Ioctl`].
+    pub fn set_state(&self, r: &kvm_regs, s: &kvm_sregs) -> Result<(), KvmError> {
+        self.fd.set_sregs(s).map_err(ioctl("KVM_SET_SREGS"))?;
+        self.fd.set_regs(r).map_err(ioctl("KVM_SET_REGS"))
+    }
+
+    /// The current special registers (the Linux boot path starts from them).
+    ///
+    /// # Errors
+    /// [`KvmError::Ioctl`].
+    pub fn sregs(&self) -> Result<kvm_sregs, KvmError> {
+        self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))
+    }
+
+    /// The guest TSC frequency in kHz, if KVM reports it.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok().filter(|&k| k > 0)
+    }
+
+    /// Run until the VM stops or this vCPU finishes its workload.
+    pub fn run(mut self, ctx: &VcpuContext) {
+        while !ctx.stop.is_stopping() {
+            match self.fd.run() {
+                Ok(exit) => {
+                    if let Some(done) = handle_exit(self.index, exit, ctx) {
+                        match done {
+                            Step::Finished => return,
+                            Step::Stop(reason) => {
+                                let reason = self.annotate(reason);
+                                ctx.stop.request(reason);
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) => {
+                    ctx.stop.request(ExitReason::Error(format!(
+                        "KVM_RUN on vCPU {} failed: {e}",
+                        self.index
+                    )));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Fill in register state for reports that need it.
+    fn annotate(&mut self, reason: ExitReason) -> ExitReason {
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        match reason {
+            ExitReason::InternalError { vcpu, .. } => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
+                // `internal` member of the exit union is the one KVM filled.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                ExitReason::InternalError {
+                    vcpu,
+                    suberror,
+                    rip,
+                }
+            }
+            ExitReason::TripleFault { vcpu, .. } => ExitReason::TripleFault { vcpu, rip },
+            other => other,
+        }
+    }
+}
+
+enum Step {
+    Finished,
+    Stop(ExitReason),
+}
+
+fn handle_exit(index: usize, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<Step> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            ctx.pio.read(u64::from(port), data);
+        }
+        VcpuExit::IoOut(port, data) => {
+            ctx.pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            ctx.mmio.read(addr, data);
+        }
+        VcpuExit::MmioWrite(addr, data) => return mmio_write(index, addr, data, ctx),
+        VcpuExit::Hlt => return Some(Step::Stop(ExitReason::GuestPowerOff)),
+        VcpuExit::Shutdown => {
+            return Some(Step::Stop(ExitReason::TripleFault {
+                vcpu: index,
+                rip: 0,
+            }))
+        }
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
+            return Some(Step::Stop(ExitReason::GuestPowerOff))
+        }
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => {
+            return Some(Step::Stop(ExitReason::GuestReset))
+        }
+        VcpuExit::InternalError => {
+            return Some(Step::Stop(ExitReason::InternalError {
+                vcpu: index,
+                suberror: 0,
+                rip: 0,
+            }))
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Some(Step::Stop(ExitReason::Error(format!(
+                "KVM_EXIT_FAIL_ENTRY on vCPU {index}: hardware reason {reason:#x} on host cpu {cpu}"
+            ))))
+        }
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
+        other => {
+            return Some(Step::Stop(ExitReason::Error(format!(
+                "unexpected KVM exit on vCPU {index}: {other:?}"
+            ))))
+        }
+    }
+    None
+}
+
+fn mmio_write(index: usize, addr: u64, data: &[u8], ctx: &VcpuContext) -> Option<Step> {
+    if let Some(w) = &ctx.workload {
+        let base = RESULT_MMIO.raw();
+        if (base..base + RESULT_MMIO_SIZE).contains(&addr) {
+            let mut v = [0u8; 8];
+            let n = data.len().min(8);
+            v[..n].copy_from_slice(&data[..n]);
+            return match w.write(index, addr - base, u64::from_le_bytes(v)) {
+                ReportEvent::Continue => None,
+                ReportEvent::Done { all } => {
+                    if all {
+                        ctx.stop.request(ExitReason::WorkloadDone);
+                    }
+                    Some(Step::Finished)
+                }
+                ReportEvent::Exception(vector) => Some(Step::Stop(ExitReason::WorkloadException {
+                    vcpu: index,
+                    vector,
+                    frame: exception_frame(ctx, index),
+                })),
+            };
+        }
+    }
+    ctx.mmio.write(addr, data);
+    None
+}
+
+/// Read the faulting RIP from the exception stack of vCPU `index`: the
+/// handler runs on the TSS RSP0 stack, whose top holds the interrupt frame.
+fn exception_frame(ctx: &VcpuContext, index: usize) -> [u64; 6] {
+    let top = crate::workload::exception_stack_top(index);
+    let mut frame = [0u64; 6];
+    for (i, w) in frame.iter_mut().enumerate() {
+        *w = ctx
+            .mem
+            .read_obj(vm_memory::GuestAddress(top - 48 + i as u64 * 8))
+            .unwrap_or(0);
+    }
+    frame
+}

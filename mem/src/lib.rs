@@ -5,12 +5,82 @@
 //!
 //! * [`anon::AnonBackend`] — plain private anonymous memory, THP-advised, with
 //!   the kernel serving faults. This is the baseline (`--mem-backend anon`).
-//! * the memory manager (issue 3), which owns guest memory through userfaultfd.
+//! * [`FolioBackend`], made by the [`MemoryManager`] — foliovm's own mini-mm,
+//!   which owns guest memory through userfaultfd (`--mem-backend folio`).
+//!
+//! # How the memory manager works
+//! Guest RAM regions are private anonymous mappings registered MISSING on
+//! one userfaultfd per manager (shared by all its VMs). The host memory that
+//! guests get is the *pool*, one anonymous mapping of the budget size. A
+//! first touch of a guest page raises a MISSING fault; a handler thread picks
+//! the largest folio order whose aligned guest range is wholly unpopulated,
+//! allocates a pre-zeroed block of the pool from the buddy allocator and
+//! installs it with `UFFDIO_MOVE` (one PMD move for an aligned 2 MiB folio,
+//! so the guest gets a huge host mapping). Handlers never touch guest
+//! memory and never zero: a worker prepares free blocks off the fault path.
+//! A discard moves the pages back to their pool range and frees the folio
+//! (or the discarded part of it: partially mapped folios are split later).
+//!
+//! ```text
+//!   guest region (MISSING)          pool (WP-registered, never faults to us)
+//!   +---------+---------+           +---------+---------+---------+
+//!   | folio A | (none)  |  <-MOVE-- | A: hole | ready   | free    |
+//!   +---------+---------+  --MOVE-> +---------+---------+---------+
+//!         page tables (Pte per page)     buddy free lists + folio table
+//! ```
+//!
+//! # Lock order
+//! ```text
+//! folio lock                FolioTable::lock (sleeping; hashed wait queue)
+//!   page-table lock         PageTable::lock, one per 2 MiB of a region;
+//!   |                       never two at once; held across UFFDIO_MOVE/COPY
+//!   |                       of that range, never across I/O or a sleep
+//!   +-- folio-table lock    FolioTable::slab (leaf)
+//!   +-- zone lock           Inner::buddy (leaf; never nested with the above)
+//!
+//! leaf locks taken alone:   Inner::regions (registry), Inner::vms,
+//!                           Inner::pending, Inner::kick
+//! inside folio_lock only:   wait-queue lock -> folio-table lock
+//! ```
+//! Handler threads take only page-table and leaf locks, and never wait on a
+//! lock that a thread touching guest memory can hold while faulting: no
+//! manager lock is held while guest memory is accessed.
+//!
+//! # Glossary
+//! * **folio** — an aligned block of `2^order` pool pages (order 0..=9),
+//!   mapped as a unit. Record: [`folio::Folio`].
+//! * **pool offset** — a byte offset in the pool; a folio is a pool range.
+//! * **Pte** — the per-guest-page entry ([`pte::Pte`]), grouped into 2 MiB
+//!   tables that collapse to one PMD entry when huge.
+//! * **rmap** — folio → where it is mapped ([`rmap::Rmap`]).
+//! * **mapcount / refcount** — as in Linux; `refcount >= mapcount + pins`.
+//! * **deferred split** — splitting a partially mapped large folio later,
+//!   off the fault path ([`split`]).
+//! * **Ready block** — a free block whose pool range is populated and zero.
 
 pub mod anon;
+pub mod buddy;
+mod discard;
+mod fault;
+pub mod folio;
+mod manager;
+mod pin;
+pub mod pool;
+mod prezero;
+pub mod pte;
+pub mod rmap;
+mod split;
+pub mod stats;
+pub mod sys;
 mod types;
+mod vm;
 
-pub use types::{GuestAddress, HostAddr};
+pub use discard::{DiscardError, DiscardOutcome};
+pub use manager::{BackendError, MemoryManager, MmConfig, MmError, VmError};
+pub use pin::{PinError, PinGuard};
+pub use stats::{FaultStats, Histogram, MmStats, VmStats};
+pub use types::{FolioId, GuestAddress, HostAddr, Order, PageIndex, PoolOffset, VmId, PAGE_SIZE};
+pub use vm::FolioBackend;
 
 /// A guest RAM region as the VMM sees it: guest-physical base, host mapping, size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

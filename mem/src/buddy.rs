@@ -1,0 +1,498 @@
+//! The buddy allocator over pool page frames.
+//!
+//! Analogue of `mm/page_alloc.c`: per-order free lists, split on allocation
+//! (`expand()`), merge with the buddy on free (`__free_one_page()`). Free
+//! lists are further split by what a block needs before a fault may hand it
+//! out ([`BlockState`]), the way Linux once kept pre-zeroed pages apart. The
+//! fault path only takes [`BlockState::Ready`] blocks; the pre-zeroing
+//! worker ([`crate::prezero`]) turns the others into `Ready`.
+//!
+//! # Context
+//! All methods run under the zone lock (`Inner::buddy`), a leaf lock.
+
+use crate::types::{Order, PoolOffset};
+use std::collections::BTreeSet;
+
+/// What a free block's pool range holds, from best to worst. Merging two
+/// blocks gives the worse of the two states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BlockState {
+    /// Every page is populated and zero. An order-9 `Ready` block is also a
+    /// PMD-mapped THP in the pool, so it can move to a guest as one PMD.
+    Ready,
+    /// Pages are zero where present but some may be holes (they were moved
+    /// to a guest and freed there), or an order-9 block is not one THP.
+    /// Preparing it needs populate (and collapse), not zeroing.
+    NeedsPopulate,
+    /// Pages may hold old guest data (moved back from a guest on discard).
+    /// Preparing it needs zeroing.
+    NeedsZero,
+}
+
+const NR_STATES: usize = 3;
+
+impl BlockState {
+    const ALL: [BlockState; NR_STATES] = [
+        BlockState::Ready,
+        BlockState::NeedsPopulate,
+        BlockState::NeedsZero,
+    ];
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A block handed out by the allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    /// First pool page of the block.
+    pub offset: PoolOffset,
+    /// Its order.
+    pub order: Order,
+    /// What its pool range held when it was free.
+    pub state: BlockState,
+}
+
+/// Errors from [`Buddy::free`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FreeError {
+    /// The block is not aligned to its order or lies outside the pool.
+    #[error("block at pfn {pfn:#x} order {order} is misaligned or outside the pool")]
+    BadBlock {
+        /// First page frame of the block.
+        pfn: u64,
+        /// Its order.
+        order: u8,
+    },
+    /// The block overlaps a block that is already free.
+    #[error("double free of pfn {pfn:#x} order {order}")]
+    DoubleFree {
+        /// First page frame of the block.
+        pfn: u64,
+        /// Its order.
+        order: u8,
+    },
+}
+
+/// Free memory by order, as reported in stats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FreeAreaStats {
+    /// Free blocks of each order (all states).
+    pub free_blocks: [u64; Order::COUNT],
+    /// Free `Ready` blocks of each order.
+    pub ready_blocks: [u64; Order::COUNT],
+    /// Total free base pages.
+    pub free_pages: u64,
+    /// Free base pages that are `Ready`.
+    pub ready_pages: u64,
+    /// Pool size in base pages.
+    pub total_pages: u64,
+}
+
+impl FreeAreaStats {
+    /// Linux's unusable free space index for `order`, in thousandths: the
+    /// share of free memory in blocks too small to serve an `order`
+    /// allocation (0 = none wasted, 1000 = all of it unusable).
+    pub fn unusable_index(&self, order: Order) -> u64 {
+        if self.free_pages == 0 {
+            return 0;
+        }
+        let usable: u64 = Order::all()
+            .filter(|o| *o >= order)
+            .map(|o| self.free_blocks[o.index()] * o.nr_pages())
+            .sum();
+        (self.free_pages - usable) * 1000 / self.free_pages
+    }
+}
+
+/// The buddy allocator. Invariant: free blocks never overlap and the free
+/// page count equals the sum over the free lists.
+#[derive(Debug)]
+pub struct Buddy {
+    /// `free[order][state]`: first pfns of free blocks.
+    free: [[BTreeSet<u64>; NR_STATES]; Order::COUNT],
+    nr_pages: u64,
+    free_pages: u64,
+    ready_pages: u64,
+}
+
+impl Buddy {
+    /// A pool of `nr_pages` pages, all free in `state`, carved into the
+    /// largest aligned blocks.
+    pub fn new(nr_pages: u64, state: BlockState) -> Buddy {
+        let mut b = Buddy {
+            free: Default::default(),
+            nr_pages,
+            free_pages: 0,
+            ready_pages: 0,
+        };
+        let mut pfn = 0;
+        while pfn < nr_pages {
+            let order = Order::all()
+                .rev()
+                .find(|o| pfn % o.nr_pages() == 0 && pfn + o.nr_pages() <= nr_pages)
+                .unwrap_or(Order::BASE);
+            b.insert(pfn, order, state);
+            pfn += order.nr_pages();
+        }
+        b
+    }
+
+    fn insert(&mut self, pfn: u64, order: Order, state: BlockState) {
+        self.free[order.index()][state.index()].insert(pfn);
+        self.free_pages += order.nr_pages();
+        if state == BlockState::Ready {
+            self.ready_pages += order.nr_pages();
+        }
+    }
+
+    fn remove(&mut self, pfn: u64, order: Order) -> Option<BlockState> {
+        let state = BlockState::ALL
+            .into_iter()
+            .find(|s| self.free[order.index()][s.index()].remove(&pfn))?;
+        self.free_pages -= order.nr_pages();
+        if state == BlockState::Ready {
+            self.ready_pages -= order.nr_pages();
+        }
+        Some(state)
+    }
+
+    /// Allocate a block of exactly `order` whose state is `state`, splitting
+    /// the smallest larger free block of that state if needed. The split-off
+    /// halves keep the state (a split `Ready` THP is still zeroed and populated).
+    ///
+    /// Analogue of `__rmqueue_smallest()` + `expand()`.
+    pub fn alloc(&mut self, order: Order, state: BlockState) -> Option<Block> {
+        let from = Order::all()
+            .filter(|o| *o >= order)
+            .find(|o| !self.free[o.index()][state.index()].is_empty())?;
+        let pfn = *self.free[from.index()][state.index()].iter().next()?;
+        self.remove(pfn, from);
+        let mut cur = from;
+        while cur > order {
+            cur = cur.lower()?;
+            // Hand the upper half back; keep splitting the lower half.
+            self.insert(pfn + cur.nr_pages(), cur, state);
+        }
+        Some(Block {
+            offset: PoolOffset::from_pfn(pfn),
+            order,
+            state,
+        })
+    }
+
+    /// Take the largest free block that is not `Ready`, for the pre-zeroing
+    /// worker to prepare. It goes back with [`Buddy::free`] as `Ready`.
+    pub fn take_unprepared(&mut self) -> Option<Block> {
+        for order in Order::all().rev() {
+            for state in [BlockState::NeedsZero, BlockState::NeedsPopulate] {
+                if let Some(&pfn) = self.free[order.index()][state.index()].iter().next() {
+                    self.remove(pfn, order);
+                    return Some(Block {
+                        offset: PoolOffset::from_pfn(pfn),
+                        order,
+                        state,
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether a not-yet-prepared block of at least `order` is free.
+    pub fn has_unprepared(&self, order: Order) -> bool {
+        Order::all().filter(|o| *o >= order).any(|o| {
+            !self.free[o.index()][BlockState::NeedsPopulate.index()].is_empty()
+                || !self.free[o.index()][BlockState::NeedsZero.index()].is_empty()
+        })
+    }
+
+    fn is_free_at(&self, pfn: u64, order: Order) -> bool {
+        BlockState::ALL
+            .iter()
+            .any(|s| self.free[order.index()][s.index()].contains(&pfn))
+    }
+
+    /// Whether any free block overlaps `[pfn, pfn + nr)`.
+    fn overlaps_free(&self, pfn: u64, nr: u64) -> bool {
+        Order::all().any(|o| {
+            // A free block of order o overlapping the range starts in
+            // (pfn - 2^o, pfn + nr).
+            let lo = pfn.saturating_sub(o.nr_pages() - 1);
+            BlockState::ALL.iter().any(|s| {
+                self.free[o.index()][s.index()]
+                    .range(lo..pfn + nr)
+                    .next()
+                    .is_some()
+            })
+        })
+    }
+
+    /// Free a block and merge it with free buddies.
+    ///
+    /// Merging into order 9 turns two `Ready` halves into `NeedsPopulate`,
+    /// since the halves are no longer one THP (the worker collapses it).
+    ///
+    /// # Errors
+    /// [`FreeError::BadBlock`] and [`FreeError::DoubleFree`]; the allocator
+    /// is unchanged then.
+    pub fn free(
+        &mut self,
+        offset: PoolOffset,
+        order: Order,
+        state: BlockState,
+    ) -> Result<(), FreeError> {
+        let mut pfn = offset.pfn();
+        let bad = FreeError::BadBlock {
+            pfn,
+            order: order.0,
+        };
+        if !pfn.is_multiple_of(order.nr_pages())
+            || pfn + order.nr_pages() > self.nr_pages
+            || order > Order::PMD
+        {
+            return Err(bad);
+        }
+        if self.overlaps_free(pfn, order.nr_pages()) {
+            return Err(FreeError::DoubleFree {
+                pfn,
+                order: order.0,
+            });
+        }
+        let (mut order, mut state) = (order, state);
+        while order < Order::PMD {
+            let buddy = pfn ^ order.nr_pages();
+            if buddy + order.nr_pages() > self.nr_pages || !self.is_free_at(buddy, order) {
+                break;
+            }
+            let buddy_state = self.remove(buddy, order).unwrap_or(BlockState::NeedsZero);
+            state = state.max(buddy_state);
+            pfn = pfn.min(buddy);
+            order = Order(order.0 + 1);
+            if order == Order::PMD {
+                state = state.max(BlockState::NeedsPopulate);
+            }
+        }
+        self.insert(pfn, order, state);
+        Ok(())
+    }
+
+    /// Free memory by order.
+    pub fn stats(&self) -> FreeAreaStats {
+        let mut s = FreeAreaStats {
+            free_pages: self.free_pages,
+            ready_pages: self.ready_pages,
+            total_pages: self.nr_pages,
+            ..Default::default()
+        };
+        for o in Order::all() {
+            let sets = &self.free[o.index()];
+            s.free_blocks[o.index()] = sets.iter().map(|x| x.len() as u64).sum();
+            s.ready_blocks[o.index()] = sets[BlockState::Ready.index()].len() as u64;
+        }
+        s
+    }
+
+    /// Bytes of allocator metadata (an estimate of the free-list nodes).
+    pub fn metadata_bytes(&self) -> u64 {
+        let blocks: u64 = self.free.iter().flatten().map(|s| s.len() as u64).sum();
+        // A BTreeSet<u64> costs about 8 bytes per key plus node overhead.
+        blocks * 16 + std::mem::size_of::<Self>() as u64
+    }
+
+    /// Check the invariants: blocks aligned, inside the pool, disjoint, and
+    /// the counters equal to the lists. Used by tests and debug checks.
+    ///
+    /// # Errors
+    /// A description of the first violated invariant.
+    pub fn check(&self) -> Result<(), String> {
+        let mut blocks: Vec<(u64, u64)> = Vec::new();
+        let (mut free, mut ready) = (0, 0);
+        for o in Order::all() {
+            for s in BlockState::ALL {
+                for &pfn in &self.free[o.index()][s.index()] {
+                    if pfn % o.nr_pages() != 0 || pfn + o.nr_pages() > self.nr_pages {
+                        return Err(format!("bad block pfn {pfn:#x} order {}", o.0));
+                    }
+                    blocks.push((pfn, o.nr_pages()));
+                    free += o.nr_pages();
+                    if s == BlockState::Ready {
+                        ready += o.nr_pages();
+                    }
+                }
+            }
+        }
+        blocks.sort_unstable();
+        if let Some(w) = blocks.windows(2).find(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(format!("free blocks overlap: {:?} {:?}", w[0], w[1]));
+        }
+        if free != self.free_pages || ready != self.ready_pages {
+            return Err(format!(
+                "counters {}/{} but lists {free}/{ready}",
+                self.free_pages, self.ready_pages
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const R: BlockState = BlockState::Ready;
+
+    #[test]
+    fn new_carves_largest_blocks() {
+        let b = Buddy::new(512 * 3 + 7, R);
+        let s = b.stats();
+        assert_eq!(s.free_blocks[9], 3);
+        assert_eq!(s.free_blocks[2], 1);
+        assert_eq!(s.free_blocks[1], 1);
+        assert_eq!(s.free_blocks[0], 1);
+        assert_eq!(s.free_pages, 512 * 3 + 7);
+        b.check().unwrap();
+    }
+
+    #[test]
+    fn split_then_merge_restores_one_block() {
+        let mut b = Buddy::new(512, R);
+        let a = b.alloc(Order(0), R).unwrap();
+        assert_eq!(a.offset, PoolOffset(0));
+        let s = b.stats();
+        // 512 = 1 + 1 + 2 + 4 + ... + 256.
+        assert_eq!(s.free_blocks, [1, 1, 1, 1, 1, 1, 1, 1, 1, 0]);
+        b.free(a.offset, a.order, R).unwrap();
+        let s = b.stats();
+        assert_eq!(s.free_blocks[9], 1);
+        assert_eq!(s.free_pages, 512);
+        // Two Ready halves merged into 2 MiB are no longer known to be a THP.
+        assert_eq!(s.ready_blocks[9], 0);
+        b.check().unwrap();
+    }
+
+    #[test]
+    fn exhaustion_returns_none_and_recovers() {
+        let mut b = Buddy::new(16, R);
+        let blocks: Vec<_> = (0..16).map(|_| b.alloc(Order(0), R).unwrap()).collect();
+        assert!(b.alloc(Order(0), R).is_none());
+        assert_eq!(b.stats().free_pages, 0);
+        for blk in blocks {
+            b.free(blk.offset, blk.order, R).unwrap();
+        }
+        assert_eq!(b.stats().free_blocks[4], 1);
+        b.check().unwrap();
+    }
+
+    #[test]
+    fn double_free_and_bad_blocks_are_refused() {
+        let mut b = Buddy::new(64, R);
+        let a = b.alloc(Order(2), R).unwrap();
+        b.free(a.offset, a.order, R).unwrap();
+        assert!(matches!(
+            b.free(a.offset, a.order, R),
+            Err(FreeError::DoubleFree { .. })
+        ));
+        // A sub-block of a free block is a double free too.
+        assert!(matches!(
+            b.free(PoolOffset::from_pfn(1), Order(0), R),
+            Err(FreeError::DoubleFree { .. })
+        ));
+        assert!(matches!(
+            b.free(PoolOffset::from_pfn(2), Order(2), R),
+            Err(FreeError::BadBlock { .. })
+        ));
+        assert!(matches!(
+            b.free(PoolOffset::from_pfn(64), Order(0), R),
+            Err(FreeError::BadBlock { .. })
+        ));
+        b.check().unwrap();
+    }
+
+    #[test]
+    fn fragmentation_index_reflects_scattered_free_pages() {
+        let mut b = Buddy::new(1024, R);
+        let all: Vec<_> = (0..1024).map(|_| b.alloc(Order(0), R).unwrap()).collect();
+        assert_eq!(b.stats().unusable_index(Order::PMD), 0);
+        // Free every other page: 512 free pages, none mergeable.
+        for blk in all.iter().step_by(2) {
+            b.free(blk.offset, blk.order, R).unwrap();
+        }
+        let s = b.stats();
+        assert_eq!(s.free_pages, 512);
+        assert_eq!(s.free_blocks[0], 512);
+        assert_eq!(s.unusable_index(Order::PMD), 1000);
+        assert_eq!(s.unusable_index(Order::BASE), 0);
+        assert!(b.alloc(Order(1), R).is_none());
+        b.check().unwrap();
+    }
+
+    #[test]
+    fn states_merge_to_the_worse_and_alloc_respects_state() {
+        let mut b = Buddy::new(2, BlockState::NeedsZero);
+        assert!(b.alloc(Order(0), R).is_none());
+        assert!(b.has_unprepared(Order(1)));
+        let blk = b.take_unprepared().unwrap();
+        assert_eq!((blk.order, blk.state), (Order(1), BlockState::NeedsZero));
+        b.free(blk.offset, blk.order, R).unwrap();
+        let x = b.alloc(Order(0), R).unwrap();
+        b.free(x.offset, x.order, BlockState::NeedsZero).unwrap();
+        assert_eq!(b.stats().ready_pages, 0);
+        assert_eq!(b.take_unprepared().unwrap().state, BlockState::NeedsZero);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc(u8),
+        Free(usize),
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(
+            prop_oneof![
+                (0u8..=9).prop_map(Op::Alloc),
+                any::<usize>().prop_map(Op::Free)
+            ],
+            1..200,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn random_alloc_free_keeps_invariants(pages in 1u64..3000, ops in ops()) {
+            let mut b = Buddy::new(pages, R);
+            let mut held: Vec<Block> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Alloc(o) => {
+                        if let Some(blk) = b.alloc(Order(o), R) {
+                            prop_assert_eq!(blk.offset.pfn() % Order(o).nr_pages(), 0);
+                            // Never overlaps a block we already hold.
+                            for h in &held {
+                                let (a0, a1) = (blk.offset.pfn(), blk.offset.pfn() + blk.order.nr_pages());
+                                let (b0, b1) = (h.offset.pfn(), h.offset.pfn() + h.order.nr_pages());
+                                prop_assert!(a1 <= b0 || b1 <= a0);
+                            }
+                            held.push(blk);
+                        }
+                    }
+                    Op::Free(i) if !held.is_empty() => {
+                        let blk = held.swap_remove(i % held.len());
+                        prop_assert!(b.free(blk.offset, blk.order, R).is_ok());
+                    }
+                    Op::Free(_) => {}
+                }
+                let used: u64 = held.iter().map(|h| h.order.nr_pages()).sum();
+                prop_assert_eq!(b.stats().free_pages + used, pages);
+                prop_assert!(b.check().is_ok());
+            }
+            for blk in held.drain(..) {
+                b.free(blk.offset, blk.order, R).unwrap();
+            }
+            // Everything merged back: same block count as a fresh allocator.
+            let fresh = Buddy::new(pages, R).stats().free_blocks;
+            prop_assert_eq!(b.stats().free_blocks, fresh);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Discard of a guest range: what balloon inflation and free page reporting
+//! call. Analogue of `zap_pte_range()` under `MADV_DONTNEED`.
+//!
+//! Each present run is moved back to its folio's pool range with
+//! `UFFDIO_MOVE` (which unmaps it from the guest atomically; the pages stay
+//! ours, and the pre-zeroing worker zeroes them in place, about three times
+//! cheaper here than dropping them and faulting fresh THPs into the pool).
+//! If the move fails (a transient kernel pin makes it `EBUSY`), the guest
+//! range is dropped with `MADV_DONTNEED` instead, counted. The entries become
+//! `None`, mapcounts drop, fully unmapped folios are freed, and partially
+//! unmapped large folios are queued for deferred split.
+
+use crate::buddy::BlockState;
+use crate::manager::Inner;
+use crate::pte::{Pte, PteState, PtlGuard};
+use crate::rmap;
+use crate::sys;
+use crate::sys::userfaultfd::MOVE_MODE_ALLOW_SRC_HOLES;
+use crate::types::{FolioId, GuestAddress, PageIndex, VmId, PAGE_SIZE};
+use crate::vm::{Region, VmState};
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Errors from [`crate::MemoryManager::discard`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiscardError {
+    /// No VM has this id.
+    #[error("no VM {0:?}")]
+    NoSuchVm(VmId),
+    /// Address or length not a multiple of 4 KiB, or zero length.
+    #[error("discard range {gpa:#x}+{len:#x} is not page aligned")]
+    Unaligned {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The range is not inside one guest RAM region.
+    #[error("discard range {gpa:#x}+{len:#x} is not inside one guest RAM region")]
+    OutOfRange {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// What a discard did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DiscardOutcome {
+    /// Pages unmapped and returned.
+    pub discarded_pages: u64,
+    /// Pages left in place because their folio is pinned.
+    pub skipped_pinned_pages: u64,
+    /// Large folios that became partially mapped (queued for split).
+    pub partial_folios: u64,
+}
+
+pub(crate) fn discard(
+    inner: &Inner,
+    vm: &VmState,
+    gpa: GuestAddress,
+    len: u64,
+) -> Result<DiscardOutcome, DiscardError> {
+    if len == 0 || !gpa.raw().is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(DiscardError::Unaligned {
+            gpa: gpa.raw(),
+            len,
+        });
+    }
+    let (region, first) = vm.region_of(gpa, len).ok_or(DiscardError::OutOfRange {
+        gpa: gpa.raw(),
+        len,
+    })?;
+    let end = first.forward(len / PAGE_SIZE);
+    let mut out = DiscardOutcome::default();
+    let mut idx = first;
+    while idx < end {
+        let mut ptl = region.pt.lock(idx);
+        let stop = end.min(ptl.end());
+        if !ptl.is_dead() && ptl.nr_used() > 0 {
+            discard_table(inner, region, &mut ptl, idx, stop, &mut out);
+        }
+        drop(ptl);
+        idx = stop;
+    }
+    let c = &region.counters;
+    c.discarded_pages.fetch_add(out.discarded_pages, Relaxed);
+    c.discard_skipped_pinned
+        .fetch_add(out.skipped_pinned_pages, Relaxed);
+    if out.partial_folios > 0 {
+        inner.kick_worker();
+    }
+    Ok(out)
+}
+
+/// Discard `[from, to)` inside the table locked by `ptl`.
+///
+/// # Context
+/// Page-table lock held; takes the folio-table and zone locks (not nested).
+fn discard_table(
+    inner: &Inner,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    from: PageIndex,
+    to: PageIndex,
+    out: &mut DiscardOutcome,
+) {
+    let mut i = from;
+    while i < to {
+        let PteState::Present { folio, subpage } = ptl.pte(i).state() else {
+            i = i.forward(1);
+            continue;
+        };
+        // The run of pages of this folio with consecutive subpages.
+        let mut nr = 1;
+        while i.forward(nr) < to
+            && ptl.pte(i.forward(nr)) == Pte::present(folio, subpage as u64 + nr)
+        {
+            nr += 1;
+        }
+        let (order, pinned) = {
+            let slab = inner.folios.slab();
+            let f = slab.get(folio).expect("present entry names a live folio");
+            (f.order, f.pincount > 0)
+        };
+        if pinned {
+            out.skipped_pinned_pages += nr;
+            i = i.forward(nr);
+            continue;
+        }
+        let state = move_back(inner, region, i, folio, subpage as u64, nr);
+        for k in 0..nr {
+            ptl.set_pte(i.forward(k), Pte::NONE);
+        }
+        let removal = {
+            let mut slab = inner.folios.slab();
+            rmap::remove_rmap_ptes(&mut slab, ptl, folio, subpage as u64, nr, state)
+        };
+        if let Some(f) = removal.freed {
+            inner.free_range(f);
+        }
+        region.counters.resident(order, -(nr as i64));
+        out.discarded_pages += nr;
+        out.partial_folios += removal.queued_split as u64;
+        i = i.forward(nr);
+    }
+}
+
+/// Move guest pages `[idx, idx + nr)` (subpages `subpage..` of `folio`) back
+/// to the folio's pool range. Returns the state of that pool range.
+fn move_back(
+    inner: &Inner,
+    region: &Region,
+    idx: PageIndex,
+    folio: FolioId,
+    subpage: u64,
+    nr: u64,
+) -> BlockState {
+    let pool = inner
+        .folios
+        .slab()
+        .get(folio)
+        .map(|f| f.pool.subpage(subpage));
+    let Some(pool) = pool else {
+        return BlockState::NeedsZero;
+    };
+    let src = region.host_addr(idx).raw();
+    let dst = inner.pool.host_addr(pool).raw();
+    let len = nr * PAGE_SIZE;
+    let mut done = 0;
+    for _ in 0..4 {
+        // SAFETY: the source pages are present guest pages of this folio,
+        // whose entries we hold under the page-table lock; moving them out
+        // is the atomic unmap (a vCPU touching them next faults and waits for
+        // this lock). The destination is the folio's own pool range, a hole
+        // while the folio is mapped, referenced by nobody.
+        let r = unsafe {
+            inner.uffd.move_pages(
+                dst + done as usize,
+                src + done as usize,
+                len - done,
+                MOVE_MODE_ALLOW_SRC_HOLES,
+            )
+        };
+        match r {
+            Ok(()) => return BlockState::NeedsZero,
+            Err(p) => {
+                done += p.done;
+                if p.errno != libc::EAGAIN {
+                    break;
+                }
+            }
+        }
+    }
+    // What could not move is dropped; the pool range keeps a hole there.
+    let left = len - done;
+    region
+        .counters
+        .discard_fallback_dontneed
+        .fetch_add(left / PAGE_SIZE, Relaxed);
+    if let Err(e) = sys::dontneed(src + done as usize, left as usize) {
+        crate::vm::log_error(&format!("discard: dontneed: {e}"));
+    }
+    BlockState::NeedsZero
+}

@@ -1,0 +1,473 @@
+//! The folio table: one record per allocated folio, and the folio lock.
+//!
+//! A folio is a naturally aligned range of pool pages of some order. While it
+//! is mapped into a guest its pages physically live at the guest address
+//! (they got there by `UFFDIO_MOVE`) and its pool range is a hole; the record
+//! still names the pool range, which is where the pages go back to.
+//!
+//! Records live in a slab indexed by [`FolioId`], under the folio-table lock
+//! (a short leaf lock, like the `lruvec` lock). The folio lock itself is a
+//! sleeping lock: a `LOCKED` flag plus a hashed wait queue, as Linux's
+//! `folio_wait_table` ([`FolioTable::lock`]).
+//!
+//! Invariant: `refcount >= mapcount + pincount` (+1 in the swap cache, once
+//! swap exists). Extra references are transient (a worker holding the folio).
+
+use crate::buddy::BlockState;
+use crate::rmap::Rmap;
+use crate::types::{FolioId, Order, PoolOffset};
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Folio flags (`PG_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FolioFlags(u16);
+
+impl FolioFlags {
+    /// `PG_locked`: the folio lock is held.
+    pub const LOCKED: FolioFlags = FolioFlags(1 << 0);
+    /// `PG_dirty`: contents differ from any swap copy.
+    pub const DIRTY: FolioFlags = FolioFlags(1 << 1);
+    /// `PG_uptodate`: contents are valid.
+    pub const UPTODATE: FolioFlags = FolioFlags(1 << 2);
+    /// `PG_swapcache`: in the swap cache.
+    pub const SWAPCACHE: FolioFlags = FolioFlags(1 << 3);
+    /// `PG_writeback`: being written to swap.
+    pub const WRITEBACK: FolioFlags = FolioFlags(1 << 4);
+    /// `PG_anon_exclusive`: mapped by exactly one guest page table.
+    pub const EXCLUSIVE: FolioFlags = FolioFlags(1 << 5);
+    /// Pinned by [`crate::pin`] (`folio_maybe_dma_pinned()`).
+    pub const PINNED: FolioFlags = FolioFlags(1 << 6);
+    /// `PG_lru`: on the LRU list.
+    pub const LRU: FolioFlags = FolioFlags(1 << 7);
+    /// `PG_referenced`.
+    pub const REFERENCED: FolioFlags = FolioFlags(1 << 8);
+    /// On the deferred-split queue (`folio_test_partially_mapped()`).
+    pub const DEFERRED_SPLIT: FolioFlags = FolioFlags(1 << 9);
+
+    /// Whether all bits of `f` are set.
+    pub fn contains(self, f: FolioFlags) -> bool {
+        self.0 & f.0 == f.0
+    }
+    /// Set `f`.
+    pub fn insert(&mut self, f: FolioFlags) {
+        self.0 |= f.0;
+    }
+    /// Clear `f`.
+    pub fn remove(&mut self, f: FolioFlags) {
+        self.0 &= !f.0;
+    }
+}
+
+const NO_LINK: u32 = u32::MAX;
+
+/// Links on the LRU list (folio ids; `u32::MAX` for none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LruLink {
+    prev: u32,
+    next: u32,
+}
+
+impl Default for LruLink {
+    fn default() -> Self {
+        LruLink {
+            prev: NO_LINK,
+            next: NO_LINK,
+        }
+    }
+}
+
+/// A bitmap of mapped subpages, for a partially mapped large folio.
+pub type PageMapped = Box<[u64; 8]>;
+
+/// One folio record.
+#[derive(Debug)]
+pub struct Folio {
+    /// First pool page.
+    pub pool: PoolOffset,
+    /// Size.
+    pub order: Order,
+    /// `PG_*` flags.
+    pub flags: FolioFlags,
+    /// References: mappings + pins + transient holders.
+    pub refcount: u32,
+    /// Guest pages mapping this folio (the total mapcount).
+    pub mapcount: u32,
+    /// Pins (each pinned page counts once per pin).
+    pub pincount: u32,
+    /// Per-page mapcount (0 or 1: a folio maps into one VM) once the folio
+    /// is partially mapped; `None` means "as the total says": all or nothing.
+    pub page_mapped: Option<PageMapped>,
+    /// Where the folio is mapped.
+    pub rmap: Option<Rmap>,
+    /// What the pool range will hold when the folio is freed: `NeedsPopulate`
+    /// while pages are in the guest, `NeedsZero` once some moved back.
+    pub pool_state: BlockState,
+    /// LRU links.
+    pub lru: LruLink,
+    /// Swap slot, once swap exists.
+    pub swap: Option<u32>,
+}
+
+impl Folio {
+    /// Pages in the folio.
+    pub fn nr_pages(&self) -> u64 {
+        self.order.nr_pages()
+    }
+}
+
+/// A pool range released by a folio whose last reference went away; the
+/// caller returns it to the buddy allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreedRange {
+    /// First pool page.
+    pub pool: PoolOffset,
+    /// Order.
+    pub order: Order,
+    /// State for [`crate::buddy::Buddy::free`].
+    pub state: BlockState,
+}
+
+/// The slab of folio records; only reachable through the folio-table lock.
+#[derive(Debug, Default)]
+pub struct FolioSlab {
+    slots: Vec<Option<Folio>>,
+    free_ids: Vec<u32>,
+    lru_head: Option<u32>,
+    lru_tail: Option<u32>,
+    /// Partially mapped folios waiting for the split worker.
+    pub(crate) deferred_split: VecDeque<FolioId>,
+    nr_live: u64,
+}
+
+impl FolioSlab {
+    /// Insert a new record, returning its id.
+    pub fn insert(&mut self, folio: Folio) -> FolioId {
+        self.nr_live += 1;
+        match self.free_ids.pop() {
+            Some(id) => {
+                debug_assert!(self.slots[id as usize].is_none());
+                self.slots[id as usize] = Some(folio);
+                FolioId(id)
+            }
+            None => {
+                self.slots.push(Some(folio));
+                FolioId(self.slots.len() as u32 - 1)
+            }
+        }
+    }
+
+    /// The record of a live folio.
+    pub fn get(&self, id: FolioId) -> Option<&Folio> {
+        self.slots.get(id.0 as usize).and_then(Option::as_ref)
+    }
+
+    /// The record of a live folio, mutably.
+    pub fn get_mut(&mut self, id: FolioId) -> Option<&mut Folio> {
+        self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)
+    }
+
+    fn live(&mut self, id: FolioId) -> &mut Folio {
+        self.get_mut(id)
+            .unwrap_or_else(|| panic!("folio {id:?} is not live"))
+    }
+
+    /// Remove a record (the caller owns its pool range from now on).
+    pub fn remove(&mut self, id: FolioId) -> Folio {
+        self.lru_del(id);
+        let f = self.slots[id.0 as usize]
+            .take()
+            .unwrap_or_else(|| panic!("folio {id:?} freed twice"));
+        self.free_ids.push(id.0);
+        self.nr_live -= 1;
+        f
+    }
+
+    /// Take a reference (`folio_get()`).
+    pub fn get_ref(&mut self, id: FolioId) {
+        self.live(id).refcount += 1;
+    }
+
+    /// Drop `nr` references (`folio_put_refs()`); at zero the record goes
+    /// and its pool range is returned for freeing.
+    pub fn put_refs(&mut self, id: FolioId, nr: u32) -> Option<FreedRange> {
+        let f = self.live(id);
+        debug_assert!(f.refcount >= nr, "refcount underflow on {id:?}");
+        f.refcount -= nr;
+        debug_assert!(
+            f.refcount >= f.mapcount + f.pincount,
+            "refcount below mapcount+pins on {id:?}"
+        );
+        if f.refcount > 0 {
+            return None;
+        }
+        let f = self.remove(id);
+        Some(FreedRange {
+            pool: f.pool,
+            order: f.order,
+            state: f.pool_state,
+        })
+    }
+
+    /// Add to the LRU tail (`folio_add_lru()`).
+    pub fn lru_add(&mut self, id: FolioId) {
+        let tail = self.lru_tail;
+        let f = self.live(id);
+        debug_assert!(!f.flags.contains(FolioFlags::LRU));
+        f.flags.insert(FolioFlags::LRU);
+        f.lru = LruLink {
+            prev: tail.unwrap_or(NO_LINK),
+            next: NO_LINK,
+        };
+        match tail {
+            Some(t) => self.live(FolioId(t)).lru.next = id.0,
+            None => self.lru_head = Some(id.0),
+        }
+        self.lru_tail = Some(id.0);
+    }
+
+    /// Take off the LRU if on it (`folio_isolate_lru()` without the isolate).
+    pub fn lru_del(&mut self, id: FolioId) {
+        let f = self.live(id);
+        if !f.flags.contains(FolioFlags::LRU) {
+            return;
+        }
+        f.flags.remove(FolioFlags::LRU);
+        let LruLink { prev, next } = std::mem::take(&mut f.lru);
+        match prev {
+            NO_LINK => self.lru_head = (next != NO_LINK).then_some(next),
+            p => self.live(FolioId(p)).lru.next = next,
+        }
+        match next {
+            NO_LINK => self.lru_tail = (prev != NO_LINK).then_some(prev),
+            n => self.live(FolioId(n)).lru.prev = prev,
+        }
+    }
+
+    /// LRU order, oldest first (for tests and the future reclaimer).
+    pub fn lru_iter(&self) -> impl Iterator<Item = FolioId> + '_ {
+        let mut cur = self.lru_head;
+        std::iter::from_fn(move || {
+            let id = cur?;
+            let next = self.get(FolioId(id))?.lru.next;
+            cur = (next != NO_LINK).then_some(next);
+            Some(FolioId(id))
+        })
+    }
+
+    /// Live folios.
+    pub fn nr_live(&self) -> u64 {
+        self.nr_live
+    }
+
+    /// Live folios of each order.
+    pub fn count_by_order(&self) -> [u64; Order::COUNT] {
+        let mut n = [0; Order::COUNT];
+        for f in self.slots.iter().flatten() {
+            n[f.order.index()] += 1;
+        }
+        n
+    }
+
+    /// Bytes of metadata: the slab plus per-page mapcount bitmaps.
+    pub fn metadata_bytes(&self) -> u64 {
+        let bitmaps = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|f| f.page_mapped.is_some())
+            .count();
+        (self.slots.capacity() * std::mem::size_of::<Option<Folio>>()
+            + self.free_ids.capacity() * 4
+            + bitmaps * std::mem::size_of::<[u64; 8]>()
+            + self.deferred_split.capacity() * 4) as u64
+    }
+}
+
+/// One hashed wait queue of the folio wait table.
+#[derive(Debug, Default)]
+struct WaitQueue {
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+const WAIT_TABLE_SIZE: usize = 64;
+
+/// The folio table: the slab under its lock, and the folio wait table.
+#[derive(Debug)]
+pub struct FolioTable {
+    /// The folio-table lock: below the page-table lock, above the zone lock
+    /// only in that a holder never takes the zone lock (see crate docs).
+    slab: Mutex<FolioSlab>,
+    wait: Box<[WaitQueue]>,
+}
+
+impl Default for FolioTable {
+    fn default() -> Self {
+        FolioTable {
+            slab: Mutex::default(),
+            wait: (0..WAIT_TABLE_SIZE).map(|_| WaitQueue::default()).collect(),
+        }
+    }
+}
+
+impl FolioTable {
+    /// Take the folio-table lock.
+    pub fn slab(&self) -> MutexGuard<'_, FolioSlab> {
+        self.slab.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn queue(&self, id: FolioId) -> &WaitQueue {
+        // Fibonacci hashing, as hash_ptr() does for folio_waitqueue().
+        let h = (id.0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
+        &self.wait[h as usize % WAIT_TABLE_SIZE]
+    }
+
+    fn try_set_locked(&self, id: FolioId) -> bool {
+        let mut slab = self.slab();
+        let f = slab.live(id);
+        if f.flags.contains(FolioFlags::LOCKED) {
+            return false;
+        }
+        f.flags.insert(FolioFlags::LOCKED);
+        true
+    }
+
+    /// Take the folio lock, sleeping on the wait queue while another holder
+    /// has it (`folio_lock()`). No spinning, no sleep-polling.
+    ///
+    /// # Context
+    /// The caller holds a reference on the folio and no page-table lock.
+    pub fn lock(&self, id: FolioId) -> FolioLockGuard<'_> {
+        let q = self.queue(id);
+        let mut g = q.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Lost wake-ups are impossible: the flag is tested with the queue
+        // lock held, and unlock takes the queue lock before notifying.
+        while !self.try_set_locked(id) {
+            g = q.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        FolioLockGuard { table: self, id }
+    }
+
+    /// Take the folio lock if it is free (`folio_trylock()`).
+    pub fn trylock(&self, id: FolioId) -> Option<FolioLockGuard<'_>> {
+        self.try_set_locked(id)
+            .then_some(FolioLockGuard { table: self, id })
+    }
+
+    fn unlock(&self, id: FolioId) {
+        if let Some(f) = self.slab().get_mut(id) {
+            f.flags.remove(FolioFlags::LOCKED);
+        }
+        let q = self.queue(id);
+        let _g = q.lock.lock().unwrap_or_else(|e| e.into_inner());
+        q.cv.notify_all();
+    }
+}
+
+/// A held folio lock; dropping it unlocks and wakes the waiters.
+#[derive(Debug)]
+pub struct FolioLockGuard<'a> {
+    table: &'a FolioTable,
+    id: FolioId,
+}
+
+impl FolioLockGuard<'_> {
+    /// The locked folio.
+    pub fn id(&self) -> FolioId {
+        self.id
+    }
+}
+
+impl Drop for FolioLockGuard<'_> {
+    fn drop(&mut self) {
+        self.table.unlock(self.id);
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_folio(pool: u64, order: Order) -> Folio {
+    Folio {
+        pool: PoolOffset::from_pfn(pool),
+        order,
+        flags: FolioFlags::default(),
+        refcount: 1,
+        mapcount: 0,
+        pincount: 0,
+        page_mapped: None,
+        rmap: None,
+        pool_state: BlockState::NeedsPopulate,
+        lru: LruLink::default(),
+        swap: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn ids_are_reused_and_refs_free_at_zero() {
+        let t = FolioTable::default();
+        let mut s = t.slab();
+        let a = s.insert(test_folio(0, Order(0)));
+        let b = s.insert(test_folio(1, Order(0)));
+        s.get_ref(a);
+        assert_eq!(s.put_refs(a, 1), None);
+        let freed = s.put_refs(a, 1).unwrap();
+        assert_eq!(freed.pool, PoolOffset(0));
+        assert_eq!(s.insert(test_folio(2, Order(1))), a);
+        assert_eq!(s.nr_live(), 2);
+        assert_eq!(s.count_by_order()[1], 1);
+        assert!(s.get(b).is_some());
+    }
+
+    #[test]
+    fn lru_is_a_fifo_with_middle_removal() {
+        let t = FolioTable::default();
+        let mut s = t.slab();
+        let ids: Vec<_> = (0..5).map(|i| s.insert(test_folio(i, Order(0)))).collect();
+        for &id in &ids {
+            s.lru_add(id);
+        }
+        s.lru_del(ids[2]);
+        s.lru_del(ids[0]);
+        s.lru_del(ids[4]);
+        assert_eq!(s.lru_iter().collect::<Vec<_>>(), vec![ids[1], ids[3]]);
+        s.remove(ids[1]);
+        assert_eq!(s.lru_iter().collect::<Vec<_>>(), vec![ids[3]]);
+    }
+
+    #[test]
+    fn folio_lock_sleeps_until_unlocked() {
+        let t = Arc::new(FolioTable::default());
+        let id = t.slab().insert(test_folio(0, Order(0)));
+        let g = t.lock(id);
+        assert!(t.trylock(id).is_none());
+        let got = Arc::new(AtomicBool::new(false));
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                let (t, got) = (t.clone(), got.clone());
+                std::thread::spawn(move || {
+                    let g = t.lock(id);
+                    // Exactly one holder at a time.
+                    assert!(!got.swap(true, Ordering::SeqCst));
+                    got.store(false, Ordering::SeqCst);
+                    drop(g);
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !got.load(Ordering::SeqCst),
+            "a waiter ran while the lock was held"
+        );
+        drop(g);
+        for w in waiters {
+            w.join().unwrap();
+        }
+        assert!(!t.slab().get(id).unwrap().flags.contains(FolioFlags::LOCKED));
+    }
+}

@@ -1,0 +1,210 @@
+//! Pins for device emulation: a GUP-like `pin_user_pages()` over guest RAM.
+//!
+//! Pinning faults the range in from the calling thread (no userfaultfd
+//! round trip), then takes a reference and a pin on every folio page, so
+//! discard leaves the range alone and reclaim and migration will skip it.
+//!
+//! Access goes through the host mapping the folio is installed at. With the
+//! MOVE design a mapped folio's pages live at the guest's host address and
+//! its pool range is a hole, so the pinned guest mapping *is* where the
+//! folio is: while pinned it stays present and accesses never fault.
+
+use crate::fault::{fault_in, FaultOutcome};
+use crate::folio::FolioFlags;
+use crate::manager::Inner;
+use crate::pte::PteState;
+use crate::types::{FolioId, GuestAddress, HostAddr, PageIndex, VmId, PAGE_SIZE};
+use crate::vm::{Region, VmState};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Errors from [`crate::MemoryManager::pin`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PinError {
+    /// No VM has this id.
+    #[error("no VM {0:?}")]
+    NoSuchVm(VmId),
+    /// Zero length, or the range is not inside one guest RAM region.
+    #[error("pin range {gpa:#x}+{len:#x} is not inside one guest RAM region")]
+    OutOfRange {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// No memory became ready in time to populate the range.
+    #[error("no memory to populate the pinned range")]
+    NoMemory,
+    /// The VM is being torn down.
+    #[error("VM is being torn down")]
+    Dead,
+}
+
+/// A pinned guest range; unpinned on drop.
+pub struct PinGuard {
+    inner: Arc<Inner>,
+    /// Keeps the VM (and so the mapping) alive while pinned.
+    _vm: Arc<VmState>,
+    region: Arc<Region>,
+    host: HostAddr,
+    len: u64,
+    /// Pinned folio pages, as runs `(folio, pages)`.
+    pins: Vec<(FolioId, u32)>,
+}
+
+impl std::fmt::Debug for PinGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinGuard")
+            .field("host", &self.host)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+pub(crate) fn pin(
+    inner: &Arc<Inner>,
+    vm: Arc<VmState>,
+    gpa: GuestAddress,
+    len: u64,
+) -> Result<PinGuard, PinError> {
+    let range = PinError::OutOfRange {
+        gpa: gpa.raw(),
+        len,
+    };
+    if len == 0 {
+        return Err(range);
+    }
+    let (region, first) = vm.region_of(gpa, len).ok_or(range)?;
+    let region = region.clone();
+    let last = PageIndex::from_offset(first.to_offset() + (gpa.raw() % PAGE_SIZE) + len - 1);
+    let mut guard = PinGuard {
+        inner: inner.clone(),
+        host: region.host_addr(first).add(gpa.raw() % PAGE_SIZE),
+        len,
+        pins: Vec::new(),
+        region,
+        _vm: vm,
+    };
+    let mut idx = first;
+    while idx <= last {
+        pin_page(&guard.inner, &guard.region, idx, &mut guard.pins)?;
+        idx = idx.forward(1);
+    }
+    guard
+        .region
+        .counters
+        .pinned_pages
+        .fetch_add((last.0 - first.0 + 1) as i64, Relaxed);
+    Ok(guard)
+}
+
+/// Fault in (if needed) and pin page `idx`.
+///
+/// # Context
+/// No locks held; takes the page-table lock, then the folio-table lock.
+fn pin_page(
+    inner: &Inner,
+    region: &Region,
+    idx: PageIndex,
+    pins: &mut Vec<(FolioId, u32)>,
+) -> Result<(), PinError> {
+    let mut waited = 0;
+    loop {
+        let ptl = region.pt.lock(idx);
+        if ptl.is_dead() {
+            return Err(PinError::Dead);
+        }
+        if let PteState::Present { folio, .. } = ptl.pte(idx).state() {
+            let mut slab = inner.folios.slab();
+            slab.get_ref(folio);
+            let f = slab
+                .get_mut(folio)
+                .expect("present entry names a live folio");
+            f.pincount += 1;
+            f.flags.insert(FolioFlags::PINNED);
+            match pins.last_mut() {
+                Some((id, n)) if *id == folio => *n += 1,
+                _ => pins.push((folio, 1)),
+            }
+            return Ok(());
+        }
+        drop(ptl);
+        match fault_in(inner, region, idx) {
+            FaultOutcome::Dead => return Err(PinError::Dead),
+            FaultOutcome::NoMemory { .. } => {
+                // Device threads may wait for the worker; handlers never do.
+                waited += 1;
+                if waited > 500 || !inner.wait_for_memory(Duration::from_millis(10)) && waited > 100
+                {
+                    return Err(PinError::NoMemory);
+                }
+            }
+            FaultOutcome::Installed(_) | FaultOutcome::Raced => {}
+        }
+    }
+}
+
+impl PinGuard {
+    /// Host address of the first pinned byte.
+    pub fn host_addr(&self) -> HostAddr {
+        self.host
+    }
+
+    /// Pinned length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the pinned range is empty (never).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copy `buf.len()` bytes at `offset` out of the pinned range.
+    ///
+    /// # Panics
+    /// If the read runs past the pinned range.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) {
+        assert!(offset + buf.len() as u64 <= self.len, "read past the pin");
+        // SAFETY: the range is inside the pinned, present guest mapping,
+        // which stays mapped while `self` holds the VM; guest memory is
+        // shared with vCPUs, so it is copied, never borrowed as a slice.
+        unsafe { std::ptr::copy(self.host.add(offset).as_ptr(), buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// Copy `data` into the pinned range at `offset`.
+    ///
+    /// # Panics
+    /// If the write runs past the pinned range.
+    pub fn write_at(&self, offset: u64, data: &[u8]) {
+        assert!(offset + data.len() as u64 <= self.len, "write past the pin");
+        // SAFETY: as in `read_at`; the pinned pages are present and
+        // writable, and a pinned folio is never moved out.
+        unsafe { std::ptr::copy(data.as_ptr(), self.host.add(offset).as_ptr(), data.len()) }
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let mut freed = Vec::new();
+        let mut pages = 0i64;
+        {
+            let mut slab = self.inner.folios.slab();
+            for &(id, n) in &self.pins {
+                pages += n as i64;
+                if let Some(f) = slab.get_mut(id) {
+                    f.pincount -= n;
+                    if f.pincount == 0 {
+                        f.flags.remove(FolioFlags::PINNED);
+                    }
+                }
+                freed.extend(slab.put_refs(id, n));
+            }
+        }
+        for f in freed {
+            self.inner.free_range(f);
+        }
+        self.region.counters.pinned_pages.fetch_sub(pages, Relaxed);
+    }
+}

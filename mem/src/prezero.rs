@@ -1,0 +1,90 @@
+//! The pre-zeroing worker: makes free blocks `Ready` off the fault path,
+//! runs deferred splits, and retries parked faults.
+//!
+//! Like a `kcompactd`/`khugepaged`-style kernel thread: it isolates one
+//! unprepared block at a time from the buddy allocator (so the fault path
+//! never sees it half-prepared), prepares it in the pool without any lock
+//! held (populate holes, zero pages that held guest data, collapse 2 MiB
+//! blocks into THPs), and frees it back as `Ready`.
+
+use crate::buddy::BlockState;
+use crate::fault::handle_fault;
+use crate::manager::Inner;
+use crate::split::deferred_split_scan;
+use crate::vm::log_error;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+/// Body of the worker thread.
+pub(crate) fn worker_thread(inner: &Inner) {
+    while !inner.shutdown.load(Relaxed) {
+        inner.wait_kick(Duration::from_millis(100));
+        if inner.shutdown.load(Relaxed) {
+            return;
+        }
+        deferred_split_scan(inner);
+        while prepare_one(inner) {
+            retry_parked(inner);
+            inner.notify_memory();
+            if inner.shutdown.load(Relaxed) {
+                return;
+            }
+        }
+        retry_parked(inner);
+        inner.notify_memory();
+    }
+}
+
+/// Prepare one block if one needs it. Returns whether it did any work.
+fn prepare_one(inner: &Inner) -> bool {
+    let block = {
+        let mut buddy = inner.buddy();
+        let fa = buddy.stats();
+        let parked = !inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if fa.ready_pages >= inner.prezero_limit_pages && !parked {
+            return false;
+        }
+        match buddy.take_unprepared() {
+            Some(b) => b,
+            None => return false,
+        }
+    };
+    let nr = block.order.nr_pages();
+    inner.isolated_pages.fetch_add(nr, Relaxed);
+    let t0 = Instant::now();
+    let state = match inner.pool.prepare(block.offset, block.order, block.state) {
+        Ok(huge) => {
+            if block.order == crate::types::Order::PMD && !huge {
+                inner.workers.collapse_failed.fetch_add(1, Relaxed);
+            }
+            BlockState::Ready
+        }
+        Err(e) => {
+            log_error(&format!("prepare {block:?}: {e}"));
+            inner.workers.prezero_failed.fetch_add(1, Relaxed);
+            block.state
+        }
+    };
+    let w = &inner.workers;
+    w.prezero_ns
+        .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+    w.prezero_blocks.fetch_add(1, Relaxed);
+    w.prezero_pages.fetch_add(nr, Relaxed);
+    if let Err(e) = inner.buddy().free(block.offset, block.order, state) {
+        log_error(&format!("return of prepared {block:?}: {e}"));
+    }
+    inner.isolated_pages.fetch_sub(nr, Relaxed);
+    state == BlockState::Ready
+}
+
+/// Retry the faults parked for lack of ready memory.
+fn retry_parked(inner: &Inner) {
+    let parked = std::mem::take(&mut *inner.pending.lock().unwrap_or_else(|e| e.into_inner()));
+    for addr in parked {
+        handle_fault(inner, addr, Instant::now(), false);
+    }
+}

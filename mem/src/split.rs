@@ -1,0 +1,129 @@
+//! Deferred split of partially mapped large folios, off the fault path.
+//!
+//! Analogue of `deferred_split_scan()` with the non-uniform `folio_split()`:
+//! a folio that lost part of its mappings (a discard of part of it) is cut
+//! into maximal aligned pieces that are wholly mapped or wholly unmapped.
+//! Mapped pieces become folios of their own (the first one keeps the id),
+//! their entries are rewritten, and unmapped pieces go back to the
+//! allocator, so a partial discard really returns memory.
+
+use crate::buddy::BlockState;
+use crate::folio::{Folio, FolioFlags, FreedRange, LruLink};
+use crate::manager::Inner;
+use crate::pte::Pte;
+use crate::rmap::{split_plan, Rmap};
+use crate::types::FolioId;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Split every folio on the deferred-split queue.
+///
+/// # Context
+/// Pre-zeroing worker; no locks held.
+pub(crate) fn deferred_split_scan(inner: &Inner) {
+    while let Some((id, rmap)) = next_queued(inner) {
+        split_one(inner, id, rmap);
+    }
+}
+
+/// Pop the next folio worth splitting and take a reference on it.
+fn next_queued(inner: &Inner) -> Option<(FolioId, Rmap)> {
+    let mut slab = inner.folios.slab();
+    loop {
+        let id = slab.deferred_split.pop_front()?;
+        // The id may be stale: freed (and maybe reused) since it was queued.
+        let Some(f) = slab.get_mut(id) else { continue };
+        if !f.flags.contains(FolioFlags::DEFERRED_SPLIT) {
+            continue;
+        }
+        f.flags.remove(FolioFlags::DEFERRED_SPLIT);
+        let (Some(rmap), false) = (f.rmap, f.pincount > 0) else {
+            continue;
+        };
+        slab.get_ref(id);
+        return Some((id, rmap));
+    }
+}
+
+fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
+    let mut freed: Vec<FreedRange> = Vec::new();
+    if let Some(region) = inner.find_region(rmap.vm, rmap.region) {
+        let _lock = inner.folios.lock(id);
+        let mut ptl = region.pt.lock(rmap.index);
+        let mut slab = inner.folios.slab();
+        let f = slab.get(id).expect("we hold a reference");
+        let partial = f.mapcount > 0 && (f.mapcount as u64) < f.nr_pages() && f.pincount == 0;
+        if partial && !ptl.is_dead() {
+            let (pool, old_order, pool_state) = (f.pool, f.order, f.pool_state);
+            let mut kept_id = false;
+            for (sub, order, mapped) in split_plan(f) {
+                let nr = order.nr_pages();
+                if !mapped {
+                    freed.push(FreedRange {
+                        pool: pool.subpage(sub),
+                        order,
+                        state: pool_state,
+                    });
+                    continue;
+                }
+                let piece = Rmap {
+                    index: rmap.index.forward(sub),
+                    mapped: (0, nr as u16),
+                    ..rmap
+                };
+                let pid = if kept_id {
+                    let nid = slab.insert(new_piece(pool.subpage(sub), order, piece));
+                    slab.lru_add(nid);
+                    nid
+                } else {
+                    // The first mapped piece keeps the id (and our reference).
+                    kept_id = true;
+                    let f = slab.get_mut(id).expect("we hold a reference");
+                    f.pool = pool.subpage(sub);
+                    f.order = order;
+                    f.refcount = nr as u32 + 1;
+                    f.mapcount = nr as u32;
+                    f.page_mapped = None;
+                    f.rmap = Some(piece);
+                    f.pool_state = BlockState::NeedsPopulate;
+                    id
+                };
+                for k in 0..nr {
+                    ptl.set_pte(piece.index.forward(k), Pte::present(pid, k));
+                }
+                region.counters.resident(old_order, -(nr as i64));
+                region.counters.resident(order, nr as i64);
+            }
+            inner.workers.folios_split.fetch_add(1, Relaxed);
+            let pages: u64 = freed.iter().map(|f| f.order.nr_pages()).sum();
+            inner.workers.split_freed_pages.fetch_add(pages, Relaxed);
+        }
+        drop(slab);
+        drop(ptl);
+    }
+    // Drop our reference: this frees the folio if it was unmapped meanwhile.
+    freed.extend(inner.folios.slab().put_refs(id, 1));
+    for f in freed {
+        inner.free_range(f);
+    }
+}
+
+fn new_piece(pool: crate::types::PoolOffset, order: crate::types::Order, rmap: Rmap) -> Folio {
+    let nr = order.nr_pages() as u32;
+    let mut flags = FolioFlags::default();
+    flags.insert(FolioFlags::UPTODATE);
+    flags.insert(FolioFlags::EXCLUSIVE);
+    flags.insert(FolioFlags::DIRTY);
+    Folio {
+        pool,
+        order,
+        flags,
+        refcount: nr,
+        mapcount: nr,
+        pincount: 0,
+        page_mapped: None,
+        rmap: Some(rmap),
+        pool_state: BlockState::NeedsPopulate,
+        lru: LruLink::default(),
+        swap: None,
+    }
+}

@@ -1,0 +1,284 @@
+//! Counters, kept in atomics on the hot paths, and the plain snapshot
+//! structs the VMM prints ([`MmStats`], [`VmStats`]).
+
+use crate::buddy::FreeAreaStats;
+use crate::types::Order;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+const NR_BUCKETS: usize = 40;
+
+/// A log2 histogram of durations: bucket `i` counts `[2^i, 2^(i+1))` ns.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; NR_BUCKETS],
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Count one duration.
+    pub fn record(&self, ns: u64) {
+        let b = (64 - ns.max(1).leading_zeros() - 1) as usize;
+        self.buckets[b.min(NR_BUCKETS - 1)].fetch_add(1, Relaxed);
+    }
+
+    /// A snapshot.
+    pub fn snapshot(&self) -> Histogram {
+        Histogram {
+            buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+        }
+    }
+}
+
+/// A snapshot of a [`LatencyHistogram`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// `buckets[i]` counts durations in `[2^i, 2^(i+1))` ns.
+    pub buckets: Vec<u64>,
+}
+
+impl Histogram {
+    /// Samples.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// Upper bound (ns) of the bucket holding quantile `q` (0.0..=1.0).
+    pub fn quantile_ns(&self, q: f64) -> u64 {
+        let target = (self.count() as f64 * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                return 1u64 << (i + 1);
+            }
+        }
+        0
+    }
+}
+
+/// Fault counters, per VM and for the whole manager.
+#[derive(Debug, Default)]
+pub struct FaultCounters {
+    /// MISSING events read from the userfaultfd.
+    pub events: AtomicU64,
+    /// Folios installed, by order.
+    pub installed: [AtomicU64; Order::COUNT],
+    /// Faults that found the page already present (a racing fault won): `WAKE`.
+    pub raced: AtomicU64,
+    /// Faults parked until the pre-zeroing worker had a ready block.
+    pub parked_prezero: AtomicU64,
+    /// Faults parked because the pool was exhausted.
+    pub parked_oom: AtomicU64,
+    /// Faults served with a smaller order than wanted (fragmentation).
+    pub order_fallback: AtomicU64,
+    /// Pages served by `UFFDIO_COPY` instead of `MOVE`.
+    pub fallback_copy_pages: AtomicU64,
+    /// Pages served by `UFFDIO_ZEROPAGE` instead of `MOVE`.
+    pub fallback_zeropage_pages: AtomicU64,
+    /// Pages `MOVE` found already populated (`EEXIST`), treated as served.
+    pub move_eexist_pages: AtomicU64,
+    /// `MOVE` retries after `EAGAIN`/`EBUSY` or a short move.
+    pub move_retries: AtomicU64,
+    /// Fault service time, from reading the event to the waking ioctl.
+    pub latency: LatencyHistogram,
+}
+
+impl FaultCounters {
+    /// A snapshot.
+    pub fn snapshot(&self) -> FaultStats {
+        FaultStats {
+            events: self.events.load(Relaxed),
+            installed_by_order: std::array::from_fn(|i| self.installed[i].load(Relaxed)),
+            raced: self.raced.load(Relaxed),
+            parked_prezero: self.parked_prezero.load(Relaxed),
+            parked_oom: self.parked_oom.load(Relaxed),
+            order_fallback: self.order_fallback.load(Relaxed),
+            fallback_copy_pages: self.fallback_copy_pages.load(Relaxed),
+            fallback_zeropage_pages: self.fallback_zeropage_pages.load(Relaxed),
+            move_eexist_pages: self.move_eexist_pages.load(Relaxed),
+            move_retries: self.move_retries.load(Relaxed),
+            latency: self.latency.snapshot(),
+        }
+    }
+}
+
+/// Snapshot of [`FaultCounters`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// MISSING events read.
+    pub events: u64,
+    /// Folios installed, by order.
+    pub installed_by_order: [u64; Order::COUNT],
+    /// Faults on an already present page (`WAKE` only).
+    pub raced: u64,
+    /// Faults parked for the pre-zeroing worker.
+    pub parked_prezero: u64,
+    /// Faults parked on an exhausted pool.
+    pub parked_oom: u64,
+    /// Faults served below the wanted order.
+    pub order_fallback: u64,
+    /// Pages served by `UFFDIO_COPY`.
+    pub fallback_copy_pages: u64,
+    /// Pages served by `UFFDIO_ZEROPAGE`.
+    pub fallback_zeropage_pages: u64,
+    /// Pages already populated at `MOVE` time.
+    pub move_eexist_pages: u64,
+    /// `MOVE` retries.
+    pub move_retries: u64,
+    /// Service latency.
+    pub latency: Histogram,
+}
+
+/// Per-VM counters.
+#[derive(Debug, Default)]
+pub struct VmCounters {
+    /// Faults of this VM.
+    pub faults: FaultCounters,
+    /// Resident guest pages, by the order of the folio mapping them.
+    pub resident_pages: [AtomicI64; Order::COUNT],
+    /// Pages discarded.
+    pub discarded_pages: AtomicU64,
+    /// Pages a discard skipped because their folio was pinned.
+    pub discard_skipped_pinned: AtomicU64,
+    /// Pages a discard dropped with `MADV_DONTNEED` because `MOVE` back failed.
+    pub discard_fallback_dontneed: AtomicU64,
+    /// Pages currently pinned.
+    pub pinned_pages: AtomicI64,
+}
+
+impl VmCounters {
+    /// Account `nr` pages of an `order` folio becoming resident (or, negative, leaving).
+    pub fn resident(&self, order: Order, nr: i64) {
+        self.resident_pages[order.index()].fetch_add(nr, Relaxed);
+    }
+}
+
+/// Per-VM statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmStats {
+    /// The VM's name.
+    pub name: String,
+    /// Guest RAM size in bytes.
+    pub guest_bytes: u64,
+    /// Resident bytes by folio order.
+    pub resident_bytes_by_order: [u64; Order::COUNT],
+    /// Faults.
+    pub faults: FaultStats,
+    /// Pages discarded.
+    pub discarded_pages: u64,
+    /// Pages a discard skipped (pinned).
+    pub discard_skipped_pinned: u64,
+    /// Pages a discard dropped instead of moving back.
+    pub discard_fallback_dontneed: u64,
+    /// Pages pinned now.
+    pub pinned_pages: u64,
+}
+
+impl VmStats {
+    /// Total resident bytes.
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes_by_order.iter().sum()
+    }
+}
+
+/// Counters of the background workers.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Blocks the pre-zeroing worker prepared.
+    pub prezero_blocks: AtomicU64,
+    /// Pages it prepared.
+    pub prezero_pages: AtomicU64,
+    /// Time it spent preparing, ns.
+    pub prezero_ns: AtomicU64,
+    /// Order-9 blocks that could not be collapsed into a THP.
+    pub collapse_failed: AtomicU64,
+    /// Prepare failures (the block went back unprepared).
+    pub prezero_failed: AtomicU64,
+    /// Folios split by the deferred-split worker.
+    pub folios_split: AtomicU64,
+    /// Pages returned to the allocator by those splits.
+    pub split_freed_pages: AtomicU64,
+}
+
+/// Manager-wide statistics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MmStats {
+    /// Pool size in bytes (the budget).
+    pub pool_bytes: u64,
+    /// Free memory by order (all free blocks), in bytes.
+    pub free_bytes_by_order: [u64; Order::COUNT],
+    /// Free, pre-zeroed (ready) memory by order, in bytes.
+    pub ready_bytes_by_order: [u64; Order::COUNT],
+    /// Total free bytes.
+    pub free_bytes: u64,
+    /// Unusable free space index for order 9, in thousandths.
+    pub unusable_index_pmd: u64,
+    /// Live folios by order.
+    pub folios_by_order: [u64; Order::COUNT],
+    /// Folios waiting for deferred split.
+    pub deferred_split_queue: u64,
+    /// All faults.
+    pub faults: FaultStats,
+    /// Pre-zeroed blocks / pages / time.
+    pub prezero_blocks: u64,
+    /// Pages pre-zeroed.
+    pub prezero_pages: u64,
+    /// Time spent pre-zeroing, ns.
+    pub prezero_ns: u64,
+    /// Order-9 blocks that stayed PTE-mapped in the pool.
+    pub collapse_failed: u64,
+    /// Folios split by deferred split.
+    pub folios_split: u64,
+    /// Pages those splits freed.
+    pub split_freed_pages: u64,
+    /// Metadata bytes: page tables, folio table, allocator, per-VM records.
+    pub metadata_bytes: u64,
+    /// Guest pages of all VMs.
+    pub guest_pages: u64,
+}
+
+impl MmStats {
+    /// Metadata bytes per guest 4 KiB page (target ≤ 8).
+    pub fn metadata_bytes_per_guest_page(&self) -> f64 {
+        if self.guest_pages == 0 {
+            return 0.0;
+        }
+        self.metadata_bytes as f64 / self.guest_pages as f64
+    }
+
+    pub(crate) fn set_free_area(&mut self, fa: &FreeAreaStats) {
+        for o in Order::all() {
+            self.free_bytes_by_order[o.index()] = fa.free_blocks[o.index()] * o.bytes();
+            self.ready_bytes_by_order[o.index()] = fa.ready_blocks[o.index()] * o.bytes();
+        }
+        self.free_bytes = fa.free_pages * crate::types::PAGE_SIZE;
+        self.unusable_index_pmd = fa.unusable_index(Order::PMD);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_quantiles() {
+        let h = LatencyHistogram::default();
+        for ns in [1, 1000, 1500, 3000, 1_000_000] {
+            h.record(ns);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count(), 5);
+        assert_eq!(s.buckets[0], 1);
+        assert_eq!(s.buckets[9], 1); // 1000 in [512, 1024)
+        assert_eq!(s.buckets[10], 1); // 1500 in [1024, 2048)
+        assert_eq!(s.quantile_ns(0.5), 2048);
+        assert_eq!(s.quantile_ns(1.0), 1 << 20);
+    }
+}

@@ -1,0 +1,113 @@
+//! Raw system calls, behind small safe or `unsafe fn` wrappers.
+//!
+//! Everything that passes a raw address to the kernel lives here, so the
+//! rest of the crate reads in terms of pool offsets and page indices.
+
+pub mod userfaultfd;
+
+use std::io;
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14): fault in writable pages.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+/// `MADV_COLLAPSE` (Linux 6.1): synchronously collapse a range into THPs.
+const MADV_COLLAPSE: libc::c_int = 25;
+
+fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: none of the advices used here (DONTNEED, POPULATE_WRITE,
+    // COLLAPSE) make memory invalid for Rust: DONTNEED on private anon memory
+    // leaves zero-fill-on-demand pages behind, the others keep contents.
+    // Callers only pass ranges of mappings this crate owns; a bad range fails
+    // with an errno rather than touching foreign memory.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Drop the pages of `[addr, addr+len)`; private anon memory reads as zero
+/// (or faults to userfaultfd if registered MISSING) afterwards.
+///
+/// # Errors
+/// The errno of `madvise(MADV_DONTNEED)`.
+pub fn dontneed(addr: usize, len: usize) -> io::Result<()> {
+    madvise(addr, len, libc::MADV_DONTNEED)
+}
+
+/// Fault in every page of `[addr, addr+len)` writable, without touching it
+/// from user space. Populated pages are left as they are.
+///
+/// # Errors
+/// The errno of `madvise(MADV_POPULATE_WRITE)`.
+pub fn populate_write(addr: usize, len: usize) -> io::Result<()> {
+    madvise(addr, len, MADV_POPULATE_WRITE)
+}
+
+/// Collapse `[addr, addr+len)` into PMD-mapped THPs (a no-op if it already is).
+///
+/// # Errors
+/// The errno of `madvise(MADV_COLLAPSE)`.
+pub fn collapse(addr: usize, len: usize) -> io::Result<()> {
+    madvise(addr, len, MADV_COLLAPSE)
+}
+
+/// An eventfd used to wake poll loops at shutdown.
+#[derive(Debug)]
+pub struct EventFd(std::os::fd::OwnedFd);
+
+impl EventFd {
+    /// A new non-blocking, close-on-exec eventfd.
+    ///
+    /// # Errors
+    /// The errno of `eventfd(2)`.
+    pub fn new() -> io::Result<EventFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        Ok(EventFd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Make the eventfd readable (forever, since nobody reads it).
+    pub fn signal(&self) {
+        use std::os::fd::AsRawFd;
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to an fd we own.
+        unsafe {
+            libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+    }
+
+    /// The raw fd, for poll.
+    pub fn raw(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd()
+    }
+}
+
+/// Wait until `a` or `b` is readable, or `timeout_ms` passes.
+/// Returns `(a_ready, b_ready)`.
+pub fn poll2(a: std::os::fd::RawFd, b: std::os::fd::RawFd, timeout_ms: i32) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a live array of two pollfd structs and we pass its length.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+    if rc <= 0 {
+        return (false, false);
+    }
+    (fds[0].revents != 0, fds[1].revents != 0)
+}

@@ -204,7 +204,9 @@ fn alloc_for_fault(inner: &Inner, region: &Region, want: Order) -> Result<Block,
 /// The page-table lock covering the range is held (`ptl`), the range is
 /// `None`, and `block` is `Ready` and owned by this call.
 fn install(inner: &Inner, region: &Region, ptl: &mut PtlGuard<'_>, first: PageIndex, block: Block) {
-    move_block(inner, region, first, block);
+    // Bookkeeping first: the MOVE wakes the faulting thread, and by then the
+    // counters it may read must already include this folio. Nothing else
+    // sees the entries before the page-table lock is released.
     let rmap = Rmap {
         vm: region.vm,
         region: region.index,
@@ -222,6 +224,7 @@ fn install(inner: &Inner, region: &Region, ptl: &mut PtlGuard<'_>, first: PageIn
     for c in [&region.counters.faults, &inner.faults] {
         c.installed[block.order.index()].fetch_add(1, Relaxed);
     }
+    move_block(inner, region, first, block);
 }
 
 /// Move the pool pages of `block` to the guest at `first`, falling back to

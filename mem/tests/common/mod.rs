@@ -1,0 +1,77 @@
+//! Helpers shared by the memory-manager tests: host threads act as vCPUs
+//! and touch guest RAM through its host mapping.
+
+#![allow(dead_code)]
+
+use mem::{GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig, RamRegion};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const MIB: u64 = 1 << 20;
+
+/// A manager with `budget` bytes and `threads` handler threads.
+pub fn manager(budget: u64, threads: usize) -> Arc<MemoryManager> {
+    MemoryManager::new(MmConfig {
+        budget_bytes: budget,
+        handler_threads: threads,
+        prezero_limit_bytes: None,
+    })
+    .expect("memory manager")
+}
+
+/// Guest RAM accessor over one region, as a vCPU sees it.
+#[derive(Clone, Copy)]
+pub struct Ram(pub RamRegion);
+
+impl Ram {
+    pub fn of(b: &dyn GuestMemoryBackend) -> Ram {
+        Ram(b.regions()[0])
+    }
+    fn ptr(&self, off: u64) -> *mut u64 {
+        assert!(off + 8 <= self.0.size && off.is_multiple_of(8));
+        self.0.host_addr.add(off).as_ptr().cast()
+    }
+    pub fn read(&self, off: u64) -> u64 {
+        // SAFETY: `off` is inside the live region mapping (asserted); guest
+        // memory is shared with other threads, so access it volatile.
+        unsafe { std::ptr::read_volatile(self.ptr(off)) }
+    }
+    pub fn write(&self, off: u64, v: u64) {
+        // SAFETY: as in `read`.
+        unsafe { std::ptr::write_volatile(self.ptr(off), v) }
+    }
+    pub fn gpa(&self, off: u64) -> GuestAddress {
+        GuestAddress(self.0.guest_base.raw() + off)
+    }
+}
+
+/// AnonHugePages (kB) of the mapping containing `addr`, from /proc/self/smaps.
+pub fn anon_huge_kb(addr: usize) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                inside = (a..b).contains(&addr);
+                continue;
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                return v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    0
+}
+
+/// Wait for the worker to settle, then check that the allocator balances.
+pub fn settle_and_check(mm: &MemoryManager) {
+    assert!(
+        mm.wait_idle(Duration::from_secs(30)),
+        "worker did not settle"
+    );
+    mm.check_accounting()
+        .expect("allocator accounting balances");
+}

@@ -471,3 +471,17 @@ mod tests {
         assert!(!t.slab().get(id).unwrap().flags.contains(FolioFlags::LOCKED));
     }
 }
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// The per-folio metadata cost, which large folios amortise over up to
+    /// 512 pages (order 0: this plus an 8-byte Pte per page).
+    #[test]
+    fn folio_record_stays_small() {
+        let n = std::mem::size_of::<Option<Folio>>();
+        eprintln!("folio record: {n} bytes");
+        assert!(n <= 80, "folio record grew to {n} bytes");
+    }
+}

@@ -192,10 +192,14 @@ fi
 
 KMAKE=(make -C "$SRC" ARCH=x86_64)
 log "configuring: tinyconfig + $(basename "$FRAGMENT")"
-"${KMAKE[@]}" -s tinyconfig
-(cd "$SRC" && ./scripts/kconfig/merge_config.sh -m .config "$FRAGMENT") >"$WORK/merge_config.log" ||
-	die "merge_config.sh failed, see $WORK/merge_config.log"
-"${KMAKE[@]}" -s olddefconfig
+{
+	"${KMAKE[@]}" tinyconfig &&
+		(cd "$SRC" && ./scripts/kconfig/merge_config.sh -m .config "$FRAGMENT") &&
+		"${KMAKE[@]}" olddefconfig
+} >"$WORK/config.log" 2>&1 || {
+	tail -n 20 "$WORK/config.log" >&2
+	die "kernel configuration failed, full log in $WORK/config.log"
+}
 
 # Dependencies can silently drop a symbol: check every line of the fragment.
 bad=()

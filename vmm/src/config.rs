@@ -194,9 +194,10 @@ pub struct FoliovmSection {
     pub workload: Option<String>,
 }
 
-/// The whole file.
+/// The whole file. Unknown top-level keys land in `ignored` and are checked
+/// by [`ConfigFile::parse`] (serde cannot combine `flatten` with
+/// `deny_unknown_fields`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// Kernel, initrd, command line.
     #[serde(rename = "boot-source", default)]

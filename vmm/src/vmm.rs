@@ -156,11 +156,12 @@ fn load_workload(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     spec_str: &str,
+    base_sregs: kvm_sregs,
 ) -> Result<Payload, VmmError> {
     let spec: WorkloadSpec = spec_str.parse()?;
     let layout = WorkloadLayout::plan(&spec, config.vcpus, config.mem_bytes)?;
     let map = config.mem_bytes.max(layout::MMIO_GAP_END.raw());
-    let vcpu_state = workload::load(mem, &spec, &layout, config.vcpus, map)?;
+    let vcpu_state = workload::load(mem, &spec, &layout, config.vcpus, map, base_sregs)?;
     let report = Arc::new(WorkloadReport::new(config.vcpus as usize));
     Ok(Payload {
         vcpu_state,
@@ -285,29 +286,30 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
     // function, reverse declaration order), so the mappings outlive the VM.
     unsafe { vm.set_memory(backend.regions())? };
 
+    if let GuestPayload::Linux { .. } = config.payload {
+        // The irqchip must exist before any vCPU is created.
+        vm.setup_irqchip()?;
+    }
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for i in 0..config.vcpus as usize {
         vcpus.push(Vcpu::new(&vm, i)?);
     }
+    let sregs = vcpus[0].sregs()?;
     let payload = match &config.payload {
         GuestPayload::Linux {
             kernel,
             initrd,
             cmdline,
-        } => {
-            vm.setup_irqchip()?;
-            let sregs = vcpus[0].sregs()?;
-            load_linux(
-                &mem,
-                config,
-                kernel,
-                initrd.as_deref(),
-                cmdline.as_deref(),
-                &quirks,
-                sregs,
-            )?
-        }
-        GuestPayload::Workload(spec) => load_workload(&mem, config, spec)?,
+        } => load_linux(
+            &mem,
+            config,
+            kernel,
+            initrd.as_deref(),
+            cmdline.as_deref(),
+            &quirks,
+            sregs,
+        )?,
+        GuestPayload::Workload(spec) => load_workload(&mem, config, spec, sregs)?,
     };
     let supported = vm.supported_cpuid()?;
     for (v, (r, s)) in vcpus.iter().zip(&payload.vcpu_state) {

@@ -39,8 +39,6 @@ pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);
 pub const APIC_START: GuestAddress = GuestAddress(0xfee0_0000);
 /// KVM's TSS (three pages) for VMX real-mode emulation, inside the gap.
 pub const KVM_TSS_START: GuestAddress = GuestAddress(0xfffb_d000);
-/// KVM's identity map page, right below the TSS.
-pub const KVM_IDENTITY_MAP_START: GuestAddress = GuestAddress(0xfffb_c000);
 /// First MMIO device window, for devices foliovm emulates.
 pub const MMIO_DEVICES_START: GuestAddress = GuestAddress(0xd000_0000);
 

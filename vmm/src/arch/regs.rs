@@ -226,7 +226,7 @@ mod tests {
     fn identity_tables_map_every_2m_page() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(VmAddr(0), 4 << 20)]).unwrap();
         let end = write_identity_page_tables(&mem, GuestAddress(0x9000), 3 << 30, true).unwrap();
-        assert_eq!(end.raw(), 0x9000 + 0x1000 + 3 * 0x1000);
+        assert_eq!(end.raw(), 0x9000 + 0x2000 + 3 * 0x1000);
         let pml4e: u64 = mem.read_obj(VmAddr(0x9000)).unwrap();
         assert_eq!(pml4e, 0xa000 | PTE_PRESENT | PTE_RW | PTE_USER);
         // Walk a few addresses through the tables.

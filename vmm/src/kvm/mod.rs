@@ -2,7 +2,7 @@
 
 pub mod vcpu;
 
-use crate::arch::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::arch::layout::KVM_TSS_START;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
@@ -104,9 +104,6 @@ impl KvmVm {
     /// # Errors
     /// [`KvmError::Ioctl`].
     pub fn setup_irqchip(&self) -> Result<(), KvmError> {
-        self.fd
-            .set_identity_map_address(KVM_IDENTITY_MAP_START.raw())
-            .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
         self.fd
             .set_tss_address(KVM_TSS_START.raw() as usize)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;

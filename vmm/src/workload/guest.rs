@@ -64,7 +64,8 @@ foliovm_workload_start:
     dec r10
     jmp .Lfv_uniform
 
-    /* Zipf: pick one of 2^k equal-mass buckets, a rank uniformly inside it,
+    /* Zipf: pick one of 2^k equal-mass buckets, a rank uniformly in
+       [table[b], table[b+1]],
        then scatter the rank over the range: page = rank * mult mod npages. */
 .Lfv_zipf:
     test r10, r10
@@ -76,6 +77,7 @@ foliovm_workload_start:
     mov r8d, dword ptr [rsi + rax * 4]
     mov ecx, dword ptr [rsi + rax * 4 + 4]
     sub rcx, r8
+    inc rcx
     call .Lfv_rand
     mul rcx
     lea rax, [rdx + r8]

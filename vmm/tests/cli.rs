@@ -1,0 +1,189 @@
+//! Bad input gets a clear one-line error and a non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn foliovm(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_foliovm"))
+        .args(args)
+        .output()
+        .expect("run foliovm");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+fn expect_error(args: &[&str], want: &str) {
+    let (code, stderr) = foliovm(args);
+    assert_ne!(code, 0, "{args:?} should fail");
+    assert!(
+        stderr.contains(want),
+        "{args:?}: expected {want:?} in: {stderr}"
+    );
+}
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("foliovm-cli-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn file(&self, name: &str, content: &[u8]) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, content).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A minimal valid ELF64 x86_64 executable with one 16-byte PT_LOAD at 16 MiB.
+fn tiny_elf() -> Vec<u8> {
+    let mut e = vec![0u8; 64 + 56 + 16];
+    e[0..4].copy_from_slice(b"\x7fELF");
+    e[4] = 2; // 64-bit
+    e[5] = 1; // little endian
+    e[6] = 1; // version
+    let w16 = |e: &mut Vec<u8>, o: usize, v: u16| e[o..o + 2].copy_from_slice(&v.to_le_bytes());
+    let w32 = |e: &mut Vec<u8>, o: usize, v: u32| e[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    let w64 = |e: &mut Vec<u8>, o: usize, v: u64| e[o..o + 8].copy_from_slice(&v.to_le_bytes());
+    w16(&mut e, 16, 2); // ET_EXEC
+    w16(&mut e, 18, 0x3e); // x86_64
+    w32(&mut e, 20, 1);
+    w64(&mut e, 24, 0x100_0000); // entry
+    w64(&mut e, 32, 64); // phoff
+    w16(&mut e, 52, 64); // ehsize
+    w16(&mut e, 54, 56); // phentsize
+    w16(&mut e, 56, 1); // phnum
+    let ph = 64;
+    w32(&mut e, ph, 1); // PT_LOAD
+    w32(&mut e, ph + 4, 5);
+    w64(&mut e, ph + 8, 120); // offset
+    w64(&mut e, ph + 16, 0x100_0000); // vaddr
+    w64(&mut e, ph + 24, 0x100_0000); // paddr
+    w64(&mut e, ph + 32, 16); // filesz
+    w64(&mut e, ph + 40, 16); // memsz
+    w64(&mut e, ph + 48, 0x1000);
+    e
+}
+
+fn kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+}
+
+#[test]
+fn missing_and_non_kernel_images() {
+    if !kvm() {
+        return;
+    }
+    let d = TempDir::new("img");
+    expect_error(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        "cannot read kernel image /nonexistent/vmlinux",
+    );
+    let junk = d.file("junk", &[0x42; 8192]);
+    expect_error(&["run", "--kernel", &junk], "is not a Linux kernel image");
+    let truncated = d.file("trunc", b"\x7fELF\x02\x01\x01");
+    expect_error(&["run", "--kernel", &truncated], "cannot load kernel image");
+}
+
+#[test]
+fn initrd_that_does_not_fit() {
+    if !kvm() {
+        return;
+    }
+    let d = TempDir::new("initrd");
+    let k = d.file("vmlinux", &tiny_elf());
+    let big = d.0.join("big.cpio");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--initrd",
+            big.to_str().unwrap(),
+            "--mem",
+            "32M",
+        ],
+        "does not fit in guest memory",
+    );
+    expect_error(
+        &["run", "--kernel", &k, "--initrd", "/nonexistent/initrd"],
+        "cannot read initrd",
+    );
+}
+
+#[test]
+fn memory_and_vcpu_limits() {
+    if !kvm() {
+        return;
+    }
+    expect_error(
+        &["run", "--workload", "seq:1M", "--mem", "0"],
+        "memory size must be greater than 0",
+    );
+    expect_error(
+        &["run", "--workload", "seq:1M", "--mem", "100T"],
+        "exceeds the host",
+    );
+    expect_error(
+        &["run", "--workload", "seq:1M", "--mem", "12Q"],
+        "invalid size",
+    );
+    expect_error(
+        &["run", "--workload", "seq:1M", "--vcpus", "0"],
+        "vCPU count must be at least 1",
+    );
+    expect_error(
+        &["run", "--workload", "seq:1M", "--vcpus", "1000"],
+        "exceeds the maximum",
+    );
+    expect_error(
+        &["run", "--workload", "seq:64M", "--vcpus", "255"],
+        "exceeds the maximum",
+    );
+    expect_error(
+        &["run", "--workload", "seq:64M", "--mem", "32M"],
+        "needs at least",
+    );
+    expect_error(
+        &["run", "--workload", "walk:1M"],
+        "unknown workload pattern",
+    );
+}
+
+#[test]
+fn malformed_config_files() {
+    let d = TempDir::new("cfg");
+    let bad = d.file("bad.json", b"{\"machine-config\": ");
+    expect_error(&["run", "--config", &bad], "malformed config file");
+    let unknown = d.file(
+        "unknown.json",
+        br#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "cpus": 2}}"#,
+    );
+    expect_error(&["run", "--config", &unknown], "unknown field `cpus`");
+    expect_error(
+        &["run", "--config", "/nonexistent.json"],
+        "cannot read config file",
+    );
+    let both = d.file(
+        "x.json",
+        br#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#,
+    );
+    let (code, stderr) = foliovm(&["run", "--config", &both, "--kernel", "/x"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
+#[test]
+fn nothing_to_run() {
+    expect_error(&["run"], "nothing to run");
+}

@@ -137,7 +137,11 @@ fn load_linux(
         Some(p) => Some(boot::load_initrd(mem, config.mem_bytes, k.end, p)?),
         None => None,
     };
-    let cmdline = boot::build_cmdline(cmdline.unwrap_or(DEFAULT_CMDLINE), &quirks.cmdline_extras)?;
+    let (extras, warning) = quirks.linux_cmdline_extras(config.vcpus);
+    if let Some(w) = warning {
+        eprintln!("foliovm: warning: {w}");
+    }
+    let cmdline = boot::build_cmdline(cmdline.unwrap_or(DEFAULT_CMDLINE), &extras)?;
     boot::write_boot_params(mem, &k, &cmdline, initrd, config.mem_bytes)?;
     mptable::setup_mptable(mem, config.vcpus)?;
     let mut sregs = bsp_sregs;

@@ -37,7 +37,7 @@ if ((boot)); then
 	echo "setup.sh: booting the Linux guest (minutes on a software KVM)..." >&2
 	exec ./target/release/foliovm run \
 		--kernel guest-images/out/vmlinux \
-		--initrd guest-images/out/initramfs.cpio.gz \
-		--mem 256M --vcpus 2 \
-		--cmdline "console=ttyS0 reboot=k panic=1 pci=off -- cat /proc/cpuinfo"
+		--initrd guest-images/out/initramfs.cpio \
+		--mem 256M --vcpus 1 \
+		--cmdline "console=ttyS0 reboot=k panic=1 pci=off -- uname -a"
 fi

@@ -53,11 +53,27 @@ pub enum GuestPayload {
 }
 
 /// Which host memory backs guest RAM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MemBackendKind {
-    /// Plain anonymous memory; the kernel serves faults (benchmark baseline).
+    /// foliovm's memory manager: pool, large folios, userfaultfd.
     #[default]
+    Folio,
+    /// Plain anonymous memory; the kernel serves faults (benchmark baseline).
     Anon,
+}
+
+impl std::str::FromStr for MemBackendKind {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "folio" => Ok(MemBackendKind::Folio),
+            "anon" => Ok(MemBackendKind::Anon),
+            other => Err(ConfigError::Invalid(format!(
+                "unknown memory backend {other:?}: expected folio or anon"
+            ))),
+        }
+    }
 }
 
 /// A validated VM configuration.
@@ -71,6 +87,9 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Guest memory backend.
     pub mem_backend: MemBackendKind,
+    /// Host memory budget of the memory manager in bytes (`None`: the
+    /// guest's memory size). Only for the folio backend.
+    pub mem_budget: Option<u64>,
 }
 
 /// Parse a size: `4096K`, `512M`, `2G`, `1T`; a plain number means MiB (as QEMU's `-m`).
@@ -136,6 +155,25 @@ impl VmConfig {
         if self.vcpus == 0 {
             return Err(ConfigError::Invalid("vCPU count must be at least 1".into()));
         }
+        if let Some(b) = self.mem_budget {
+            if self.mem_backend != MemBackendKind::Folio {
+                return Err(ConfigError::Invalid(
+                    "a memory budget needs the folio memory backend".into(),
+                ));
+            }
+            if b < 2 << 20 || b % 4096 != 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "memory budget {b} must be at least 2 MiB and a multiple of 4 KiB"
+                )));
+            }
+            if b > limits.host_mem_bytes {
+                return Err(ConfigError::Invalid(format!(
+                    "memory budget {} MiB exceeds the host's {} MiB",
+                    b >> 20,
+                    limits.host_mem_bytes >> 20
+                )));
+            }
+        }
         if u32::from(self.vcpus) > limits.max_vcpus {
             return Err(ConfigError::Invalid(format!(
                 "vCPU count {} exceeds the maximum of {}",
@@ -192,6 +230,12 @@ pub struct FoliovmSection {
     /// Run the built-in workload guest instead of `boot-source`.
     #[serde(default)]
     pub workload: Option<String>,
+    /// `folio` (default) or `anon`.
+    #[serde(default)]
+    pub mem_backend: Option<MemBackendKind>,
+    /// Host memory budget, e.g. `"384M"`.
+    #[serde(default)]
+    pub mem_budget: Option<String>,
 }
 
 /// The whole file. Unknown top-level keys land in `ignored` and are checked
@@ -268,7 +312,10 @@ impl ConfigFile {
         let mem_bytes = mc.mem_size_mib.checked_mul(1 << 20).ok_or_else(|| {
             ConfigError::Invalid(format!("mem_size_mib {} is too large", mc.mem_size_mib))
         })?;
-        let workload = file.foliovm.and_then(|f| f.workload);
+        let fv = file.foliovm.unwrap_or_default();
+        let mem_budget = fv.mem_budget.as_deref().map(parse_size).transpose()?;
+        let mem_backend = fv.mem_backend.unwrap_or_default();
+        let workload = fv.workload;
         let payload = match (file.boot_source, workload) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
@@ -292,7 +339,8 @@ impl ConfigFile {
                 payload,
                 mem_bytes,
                 vcpus,
-                mem_backend: MemBackendKind::default(),
+                mem_backend,
+                mem_budget,
             },
             warnings,
         ))
@@ -365,6 +413,7 @@ mod tests {
             mem_bytes: mem,
             vcpus,
             mem_backend: MemBackendKind::Anon,
+            mem_budget: None,
         }
     }
 
@@ -381,6 +430,37 @@ mod tests {
         assert!(e.contains("maximum of 32"), "{e}");
         let e = cfg(4097, 1).validate(&LIMITS).unwrap_err().to_string();
         assert!(e.contains("multiple of 4 KiB"), "{e}");
+    }
+
+    #[test]
+    fn budget_rules() {
+        let mut c = cfg(512 << 20, 1);
+        c.mem_budget = Some(256 << 20);
+        let e = c.validate(&LIMITS).unwrap_err().to_string();
+        assert!(e.contains("needs the folio memory backend"), "{e}");
+        c.mem_backend = MemBackendKind::Folio;
+        assert!(c.validate(&LIMITS).is_ok());
+        c.mem_budget = Some(4096);
+        assert!(c.validate(&LIMITS).unwrap_err().to_string().contains("at least 2 MiB"));
+        c.mem_budget = Some(64 << 30);
+        assert!(c.validate(&LIMITS).unwrap_err().to_string().contains("exceeds the host"));
+        let (c, _) = ConfigFile::parse(
+            r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+                "foliovm": {"workload": "seq:1M", "mem_backend": "folio", "mem_budget": "32M"}}"#,
+            Path::new("x.json"),
+        )
+        .unwrap();
+        assert_eq!((c.mem_backend, c.mem_budget), (MemBackendKind::Folio, Some(32 << 20)));
+        let e = ConfigFile::parse(
+            r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+                "foliovm": {"workload": "seq:1M", "mem_backend": "tmpfs"}}"#,
+            Path::new("x.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown variant `tmpfs`"), "{e}");
+        assert!("anon".parse::<MemBackendKind>().is_ok());
+        assert!("x".parse::<MemBackendKind>().is_err());
     }
 
     #[test]

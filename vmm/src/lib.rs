@@ -7,8 +7,10 @@
 //! * [`pvm`] — everything specific to software-KVM (kvm-pvm) hosts.
 //! * [`workload`] — the built-in CPL3 workload guest.
 //! * [`vmm`] — building and running a VM.
+//! * [`bench`] — benchmarks with in-run baselines.
 
 pub mod arch;
+pub mod bench;
 pub mod config;
 pub mod kvm;
 pub mod pvm;

@@ -21,6 +21,37 @@ struct Cli {
 enum Command {
     /// Boot a Linux guest or run the built-in workload guest.
     Run(RunArgs),
+    /// Benchmarks that measure a baseline in the same run and print the ratio.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Touch fresh guest memory with the workload guest, on kernel anonymous
+    /// memory (THP) and on foliovm's memory manager.
+    FirstTouch {
+        /// Memory to touch.
+        #[arg(long, default_value = "1G")]
+        size: String,
+        /// Workload vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u8,
+        /// Runs per backend (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+fn bench(cmd: BenchCmd) -> Result<i32> {
+    match cmd {
+        BenchCmd::FirstTouch { size, vcpus, runs } => {
+            let size = parse_size(&size).context("invalid --size")?;
+            let (anon, folio) = vmm::bench::first_touch(size, vcpus, runs)?;
+            print!("{}", vmm::bench::first_touch_report(size, vcpus, &anon, &folio));
+            Ok(0)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -49,12 +80,23 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    /// Guest memory backend: `folio` (foliovm's memory manager) or `anon`
+    /// (plain anonymous memory, the kernel serves faults; the baseline).
+    /// Default: folio.
+    #[arg(long)]
+    mem_backend: Option<MemBackendKind>,
+    /// Host memory the memory manager may use for this guest (default: --mem).
+    #[arg(long)]
+    mem_budget: Option<String>,
 }
 
 fn run_config(a: &RunArgs) -> Result<VmConfig> {
     if let Some(path) = &a.config {
-        if a.mem.is_some() {
-            bail!("--mem cannot be combined with --config; set machine-config.mem_size_mib");
+        if a.mem.is_some() || a.mem_budget.is_some() || a.mem_backend.is_some() {
+            bail!(
+                "--mem, --mem-budget and --mem-backend cannot be combined with --config; \
+                 set machine-config.mem_size_mib, foliovm.mem_budget and foliovm.mem_backend"
+            );
         }
         let (config, warnings) = ConfigFile::load(path)?;
         for w in warnings {
@@ -85,13 +127,23 @@ fn run_config(a: &RunArgs) -> Result<VmConfig> {
         payload,
         mem_bytes,
         vcpus,
-        mem_backend: MemBackendKind::Anon,
+        mem_backend: a.mem_backend.unwrap_or_default(),
+        mem_budget: a
+            .mem_budget
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .context("invalid --mem-budget")?,
     })
 }
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
+        Command::Bench(b) => bench(b).unwrap_or_else(|e| {
+            eprintln!("foliovm: error: {e:#}");
+            1
+        }),
         Command::Run(a) => {
             match run_config(&a).and_then(|c| vmm::vmm::run(&c).map_err(anyhow::Error::from)) {
                 Ok(outcome) => {

@@ -2,7 +2,7 @@
 //! the device event loop.
 
 use crate::arch::{boot, layout, mptable, regs};
-use crate::config::{host_mem_bytes, GuestPayload, HostLimits, VmConfig};
+use crate::config::{host_mem_bytes, GuestPayload, HostLimits, MemBackendKind, VmConfig};
 use crate::kvm::vcpu::{Vcpu, VcpuContext};
 use crate::kvm::{KvmError, KvmVm};
 use crate::pvm::HostQuirks;
@@ -13,7 +13,7 @@ use devices::{Bus, EventFdTrigger};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use mem::anon::AnonBackend;
-use mem::{GuestMemoryBackend, RamRegion};
+use mem::{GuestMemoryBackend, MemoryManager, MmConfig, MmStats, RamRegion, VmId, VmStats};
 use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -83,6 +83,31 @@ pub struct RunOutcome {
     pub reason: ExitReason,
     /// The workload guest's result, for workload runs.
     pub workload: Option<workload::WorkloadResult>,
+    /// The memory manager's statistics at the end (folio backend only).
+    pub mem_stats: Option<(MmStats, VmStats)>,
+}
+
+/// Guest RAM and, for the folio backend, the manager that owns it.
+struct GuestRam {
+    backend: Arc<dyn GuestMemoryBackend>,
+    manager: Option<(Arc<MemoryManager>, VmId)>,
+}
+
+impl GuestRam {
+    fn stats(&self) -> Option<(MmStats, VmStats)> {
+        let (mm, vm) = self.manager.as_ref()?;
+        Some((mm.stats(), mm.vm_stats(*vm)?))
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // The VM's folios go back to the pool once `backend` (dropped right
+        // after this) is gone too.
+        if let Some((mm, vm)) = &self.manager {
+            let _ = mm.destroy_vm(*vm);
+        }
+    }
 }
 
 /// Build a vm-memory view over the backend's mappings.
@@ -106,6 +131,33 @@ fn guest_memory(regions: &[RamRegion]) -> Result<GuestMemoryMmap, VmmError> {
         out.push(g);
     }
     GuestMemoryMmap::from_regions(out).map_err(|e| VmmError::Memory(Box::new(e)))
+}
+
+/// The guest RAM backend `config` asks for. For the folio backend this uses
+/// `shared`, or creates a memory manager (pool of `mem_budget` bytes) for
+/// this one VM; faults are served from the moment it returns.
+fn memory_backend(config: &VmConfig, shared: Option<&Arc<MemoryManager>>) -> Result<GuestRam, VmmError> {
+    let layout = layout::ram_regions(config.mem_bytes);
+    let mem_err = |e: Box<dyn std::error::Error + Send + Sync>| VmmError::Memory(e);
+    Ok(match config.mem_backend {
+        MemBackendKind::Anon => GuestRam {
+            backend: Arc::new(AnonBackend::new(&layout).map_err(|e| mem_err(Box::new(e)))?),
+            manager: None,
+        },
+        MemBackendKind::Folio => {
+            let budget = config.mem_budget.unwrap_or(config.mem_bytes).next_multiple_of(2 << 20);
+            let mm = match shared {
+                Some(mm) => mm.clone(),
+                None => MemoryManager::new(MmConfig::with_budget(budget)).map_err(|e| mem_err(Box::new(e)))?,
+            };
+            let vm = mm.create_vm("vm0").map_err(|e| mem_err(Box::new(e)))?;
+            let backend = mm.backend(vm, &layout).map_err(|e| mem_err(Box::new(e)))?;
+            GuestRam {
+                backend,
+                manager: Some((mm, vm)),
+            }
+        }
+    })
 }
 
 /// Host limits for validation: host RAM and the vCPU ceiling of KVM and the MP table.
@@ -272,6 +324,15 @@ use std::os::fd::AsFd;
 /// Setup failures; a guest that fails at run time is an `Ok` outcome whose
 /// reason has a non-zero exit code.
 pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
+    run_on(config, None)
+}
+
+/// As [`run`], with the folio backend taking guest RAM from `shared` (a
+/// manager that outlives the VM) instead of a manager of its own.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_on(config: &VmConfig, shared: Option<&Arc<MemoryManager>>) -> Result<RunOutcome, VmmError> {
     let quirks = HostQuirks::detect();
     let vm = KvmVm::new()?;
     config.validate(&host_limits(&vm)?)?;
@@ -280,10 +341,8 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
         let spec: WorkloadSpec = s.parse()?;
         WorkloadLayout::plan(&spec, config.vcpus, config.mem_bytes)?;
     }
-    let backend: Box<dyn GuestMemoryBackend> = Box::new(
-        AnonBackend::new(&layout::ram_regions(config.mem_bytes))
-            .map_err(|e| VmmError::Memory(Box::new(e)))?,
-    );
+    let ram = memory_backend(config, shared)?;
+    let backend = &ram.backend;
     let mem = guest_memory(backend.regions())?;
     // SAFETY: `backend` is declared before `vm`'s use ends and is dropped
     // after every vCPU thread has been joined and `vm` dropped (end of this
@@ -398,5 +457,9 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
             wall,
         )
     });
-    Ok(RunOutcome { reason, workload })
+    Ok(RunOutcome {
+        reason,
+        workload,
+        mem_stats: ram.stats(),
+    })
 }

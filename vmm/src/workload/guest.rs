@@ -88,8 +88,14 @@ foliovm_workload_start:
     dec r10
     jmp .Lfv_zipf
 
-    /* Final sweep: verify every page ever written. */
+    /* Final sweep: verify every page ever written. First record the
+       main phase's TSC ticks. */
 .Lfv_sweep:
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    sub rax, [r15 + 0xa8]
+    mov [r15 + 0xb0], rax
     xor r9, r9
 .Lfv_sweep_page:
     cmp r9, r13
@@ -122,6 +128,8 @@ foliovm_workload_start:
     mov [rsi + 0x18], rax
     mov rax, [r15 + 0xa0]
     mov [rsi + 0x20], rax
+    mov rax, [r15 + 0xb0]
+    mov [rsi + 0x38], rax
     mov qword ptr [rsi + 0x30], 1
 .Lfv_hang:
     pause

@@ -3,10 +3,10 @@
 
 use crate::config::{GuestPayload, MemBackendKind, VmConfig};
 use crate::vmm::{run_on, RunOutcome, VmmError};
+use crate::workload::{WorkloadLayout, WorkloadSpec};
 use mem::{MemoryManager, MmConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use crate::workload::{WorkloadLayout, WorkloadSpec};
 
 /// Errors from a benchmark.
 #[derive(Debug, thiserror::Error)]
@@ -67,11 +67,17 @@ fn touch_once(
         MemBackendKind::Folio => "folio",
     };
     let out = run_on(&config, Some(mm))?;
-    let failed = |reason: String| BenchError::RunFailed { backend: name, reason };
+    let failed = |reason: String| BenchError::RunFailed {
+        backend: name,
+        reason,
+    };
     if out.reason.exit_code() != 0 {
         return Err(failed(out.reason.to_string()));
     }
-    let w = out.workload.as_ref().ok_or_else(|| failed("no workload result".into()))?;
+    let w = out
+        .workload
+        .as_ref()
+        .ok_or_else(|| failed("no workload result".into()))?;
     if !w.ok() {
         return Err(failed(format!("{} pages did not verify", w.mismatches)));
     }
@@ -100,7 +106,11 @@ fn wait_prezeroed(mm: &MemoryManager) -> Result<f64, BenchError> {
 ///
 /// # Errors
 /// [`BenchError`] if any run fails or does not verify.
-pub fn first_touch(size: u64, vcpus: u8, runs: usize) -> Result<(TouchRuns, TouchRuns), BenchError> {
+pub fn first_touch(
+    size: u64,
+    vcpus: u8,
+    runs: usize,
+) -> Result<(TouchRuns, TouchRuns), BenchError> {
     let new = |backend| TouchRuns {
         backend,
         seconds: Vec::new(),
@@ -108,12 +118,18 @@ pub fn first_touch(size: u64, vcpus: u8, runs: usize) -> Result<(TouchRuns, Touc
         prezero_seconds: Vec::new(),
     };
     let (mut anon, mut folio) = (new("anon"), new("folio"));
-    let spec: WorkloadSpec = format!("seq:{size}B").parse().expect("a generated spec parses");
+    let spec: WorkloadSpec = format!("seq:{size}B")
+        .parse()
+        .expect("a generated spec parses");
     let budget = WorkloadLayout::min_mem(&spec).next_multiple_of(2 << 20);
-    let mm = MemoryManager::new(MmConfig::with_budget(budget)).map_err(|e| VmmError::Memory(Box::new(e)))?;
+    let mm = MemoryManager::new(MmConfig::with_budget(budget))
+        .map_err(|e| VmmError::Memory(Box::new(e)))?;
     folio.prezero_seconds.push(wait_prezeroed(&mm)?);
     for i in 0..=runs.max(1) {
-        for (kind, acc) in [(MemBackendKind::Anon, &mut anon), (MemBackendKind::Folio, &mut folio)] {
+        for (kind, acc) in [
+            (MemBackendKind::Anon, &mut anon),
+            (MemBackendKind::Folio, &mut folio),
+        ] {
             let (s, out) = touch_once(size, vcpus, kind, &mm)?;
             if kind == MemBackendKind::Folio {
                 acc.prezero_seconds.push(wait_prezeroed(&mm)?);
@@ -145,7 +161,10 @@ pub fn first_touch_report(size: u64, vcpus: u8, anon: &TouchRuns, folio: &TouchR
             "  {label:32} {:8.3} s  {:6.2} GiB/s  runs: {:?}\n",
             r.median(),
             gib / r.median(),
-            r.seconds.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+            r.seconds
+                .iter()
+                .map(|x| (x * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>()
         );
     }
     s += &format!(
@@ -154,7 +173,11 @@ pub fn first_touch_report(size: u64, vcpus: u8, anon: &TouchRuns, folio: &TouchR
     );
     s += &format!(
         "  folio pool pre-zeroing (off the fault path, before each run): {:?} s\n",
-        folio.prezero_seconds.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+        folio
+            .prezero_seconds
+            .iter()
+            .map(|x| (x * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
     );
     if let Some((mm, vm)) = folio.last.as_ref().and_then(|o| o.mem_stats.as_ref()) {
         let f = &vm.faults;

@@ -139,7 +139,7 @@ impl VmConfig {
                 "memory size must be greater than 0".into(),
             ));
         }
-        if self.mem_bytes % 4096 != 0 {
+        if !self.mem_bytes.is_multiple_of(4096) {
             return Err(ConfigError::Invalid(format!(
                 "memory size {} is not a multiple of 4 KiB",
                 self.mem_bytes
@@ -441,16 +441,27 @@ mod tests {
         c.mem_backend = MemBackendKind::Folio;
         assert!(c.validate(&LIMITS).is_ok());
         c.mem_budget = Some(4096);
-        assert!(c.validate(&LIMITS).unwrap_err().to_string().contains("at least 2 MiB"));
+        assert!(c
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .contains("at least 2 MiB"));
         c.mem_budget = Some(64 << 30);
-        assert!(c.validate(&LIMITS).unwrap_err().to_string().contains("exceeds the host"));
+        assert!(c
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .contains("exceeds the host"));
         let (c, _) = ConfigFile::parse(
             r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
                 "foliovm": {"workload": "seq:1M", "mem_backend": "folio", "mem_budget": "32M"}}"#,
             Path::new("x.json"),
         )
         .unwrap();
-        assert_eq!((c.mem_backend, c.mem_budget), (MemBackendKind::Folio, Some(32 << 20)));
+        assert_eq!(
+            (c.mem_backend, c.mem_budget),
+            (MemBackendKind::Folio, Some(32 << 20))
+        );
         let e = ConfigFile::parse(
             r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
                 "foliovm": {"workload": "seq:1M", "mem_backend": "tmpfs"}}"#,

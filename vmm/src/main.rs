@@ -48,7 +48,10 @@ fn bench(cmd: BenchCmd) -> Result<i32> {
         BenchCmd::FirstTouch { size, vcpus, runs } => {
             let size = parse_size(&size).context("invalid --size")?;
             let (anon, folio) = vmm::bench::first_touch(size, vcpus, runs)?;
-            print!("{}", vmm::bench::first_touch_report(size, vcpus, &anon, &folio));
+            print!(
+                "{}",
+                vmm::bench::first_touch_report(size, vcpus, &anon, &folio)
+            );
             Ok(0)
         }
     }

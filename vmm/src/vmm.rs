@@ -136,7 +136,10 @@ fn guest_memory(regions: &[RamRegion]) -> Result<GuestMemoryMmap, VmmError> {
 /// The guest RAM backend `config` asks for. For the folio backend this uses
 /// `shared`, or creates a memory manager (pool of `mem_budget` bytes) for
 /// this one VM; faults are served from the moment it returns.
-fn memory_backend(config: &VmConfig, shared: Option<&Arc<MemoryManager>>) -> Result<GuestRam, VmmError> {
+fn memory_backend(
+    config: &VmConfig,
+    shared: Option<&Arc<MemoryManager>>,
+) -> Result<GuestRam, VmmError> {
     let layout = layout::ram_regions(config.mem_bytes);
     let mem_err = |e: Box<dyn std::error::Error + Send + Sync>| VmmError::Memory(e);
     Ok(match config.mem_backend {
@@ -145,10 +148,14 @@ fn memory_backend(config: &VmConfig, shared: Option<&Arc<MemoryManager>>) -> Res
             manager: None,
         },
         MemBackendKind::Folio => {
-            let budget = config.mem_budget.unwrap_or(config.mem_bytes).next_multiple_of(2 << 20);
+            let budget = config
+                .mem_budget
+                .unwrap_or(config.mem_bytes)
+                .next_multiple_of(2 << 20);
             let mm = match shared {
                 Some(mm) => mm.clone(),
-                None => MemoryManager::new(MmConfig::with_budget(budget)).map_err(|e| mem_err(Box::new(e)))?,
+                None => MemoryManager::new(MmConfig::with_budget(budget))
+                    .map_err(|e| mem_err(Box::new(e)))?,
             };
             let vm = mm.create_vm("vm0").map_err(|e| mem_err(Box::new(e)))?;
             let backend = mm.backend(vm, &layout).map_err(|e| mem_err(Box::new(e)))?;
@@ -332,7 +339,10 @@ pub fn run(config: &VmConfig) -> Result<RunOutcome, VmmError> {
 ///
 /// # Errors
 /// As [`run`].
-pub fn run_on(config: &VmConfig, shared: Option<&Arc<MemoryManager>>) -> Result<RunOutcome, VmmError> {
+pub fn run_on(
+    config: &VmConfig,
+    shared: Option<&Arc<MemoryManager>>,
+) -> Result<RunOutcome, VmmError> {
     let quirks = HostQuirks::detect();
     let vm = KvmVm::new()?;
     config.validate(&host_limits(&vm)?)?;

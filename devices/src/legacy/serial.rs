@@ -29,10 +29,9 @@ impl<W: Write + Send> SerialDevice<W> {
         // A full FIFO drops the rest, like a real UART with no flow control.
         let room = self.inner.fifo_capacity();
         let n = bytes.len().min(room);
-        match self.inner.enqueue_raw_bytes(&bytes[..n]) {
-            Ok(k) => k,
-            Err(_) => 0,
-        }
+        self.inner
+            .enqueue_raw_bytes(&bytes[..n])
+            .unwrap_or_default()
     }
 
     /// The output sink.

@@ -69,6 +69,7 @@ pub mod pool;
 mod prezero;
 pub mod pte;
 pub mod rmap;
+pub mod smaps;
 mod split;
 pub mod stats;
 pub mod sys;

@@ -51,6 +51,32 @@ fn sequential_two_vcpus_verifies_every_page() {
 }
 
 #[test]
+fn folio_backend_maps_aligned_folios_as_pmds() {
+    if !kvm_available() {
+        return;
+    }
+    // The data range is 2 MiB aligned; every 2 MiB of it that the guest
+    // touched should be one folio moved in as one PMD.
+    let r = check_run(
+        &[
+            "run",
+            "--workload",
+            "seq:128M",
+            "--vcpus",
+            "2",
+            "--mem-backend",
+            "folio",
+        ],
+        "seq",
+        2,
+        128 << 20,
+    );
+    assert_eq!(r["backend"], "folio");
+    let huge = r["host_huge_bytes"].as_u64().unwrap();
+    assert!(huge >= 128 << 20, "only {} MiB PMD-mapped: {r}", huge >> 20);
+}
+
+#[test]
 fn random_patterns_verify() {
     if !kvm_available() {
         return;

@@ -457,15 +457,22 @@ pub fn run_on(
     let reason = stop
         .reason()
         .unwrap_or(ExitReason::Error("VM stopped without a reason".into()));
+    let host_huge_bytes = backend
+        .regions()
+        .iter()
+        .map(|r| mem::smaps::anon_huge_bytes(r.host_addr.raw()).unwrap_or(0))
+        .sum();
     let workload = payload.workload.map(|(spec, report)| {
-        workload::WorkloadResult::new(
+        let mut r = workload::WorkloadResult::new(
             &spec,
             config,
             backend.kind(),
             &report.reports(),
             tsc_khz,
             wall,
-        )
+        );
+        r.host_huge_bytes = host_huge_bytes;
+        r
     });
     Ok(RunOutcome {
         reason,

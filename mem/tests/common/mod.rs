@@ -47,23 +47,7 @@ impl Ram {
 
 /// AnonHugePages (kB) of the mapping containing `addr`, from /proc/self/smaps.
 pub fn anon_huge_kb(addr: usize) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
-    let mut inside = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-                inside = (a..b).contains(&addr);
-                continue;
-            }
-        }
-        if inside {
-            if let Some(v) = line.strip_prefix("AnonHugePages:") {
-                return v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            }
-        }
-    }
-    0
+    mem::smaps::anon_huge_bytes(addr).expect("smaps") / 1024
 }
 
 /// Wait for the worker to settle, then check that the allocator balances.

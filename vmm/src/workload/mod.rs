@@ -437,6 +437,9 @@ pub struct WorkloadResult {
     pub wall_seconds: f64,
     /// Every vCPU reported.
     pub complete: bool,
+    /// Guest RAM the host maps with 2 MiB pages at the end of the run
+    /// (AnonHugePages of the guest regions in /proc/self/smaps).
+    pub host_huge_bytes: u64,
 }
 
 impl WorkloadResult {
@@ -468,6 +471,7 @@ impl WorkloadResult {
             pattern_seconds: secs(max_main),
             wall_seconds: wall.as_secs_f64(),
             complete: reports.iter().all(|r| r.done),
+            host_huge_bytes: 0,
         }
     }
 

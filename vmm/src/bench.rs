@@ -1,8 +1,9 @@
 //! `foliovm bench …`: benchmarks that run a baseline and foliovm in the same
 //! invocation and print both with their ratio. They are never timed tests.
 
-use crate::config::{GuestPayload, MemBackendKind, VmConfig};
-use crate::vmm::{run_on, RunOutcome, VmmError};
+use crate::config::{GuestPayload, MemBackendKind, MemoryConfig, RunConfig, VmConfig};
+use crate::vm::MemorySource;
+use crate::vmm::{run_all, RunOutcome, VmmError};
 use crate::workload::{WorkloadLayout, WorkloadSpec};
 use mem::{MemoryManager, MmConfig};
 use std::sync::Arc;
@@ -55,18 +56,27 @@ fn touch_once(
 ) -> Result<(f64, RunOutcome), BenchError> {
     let spec = format!("seq:{size}B,passes=1");
     let parsed: WorkloadSpec = spec.parse().expect("a generated spec parses");
-    let config = VmConfig {
+    let vm = VmConfig {
+        name: "bench".into(),
         payload: GuestPayload::Workload(spec),
         mem_bytes: WorkloadLayout::min_mem(&parsed).next_multiple_of(2 << 20),
         vcpus,
-        mem_backend: backend,
-        mem_budget: None,
+    };
+    let memory = MemoryConfig {
+        backend,
+        budget: None,
+    };
+    let source = match backend {
+        MemBackendKind::Anon => MemorySource::Anon,
+        MemBackendKind::Folio => MemorySource::Folio(mm.clone()),
     };
     let name = match backend {
         MemBackendKind::Anon => "anon",
         MemBackendKind::Folio => "folio",
     };
-    let out = run_on(&config, Some(mm))?;
+    let out = run_all(&RunConfig::single(vm, memory), &source)?
+        .pop()
+        .expect("one VM, one outcome");
     let failed = |reason: String| BenchError::RunFailed {
         backend: name,
         reason,

@@ -76,20 +76,36 @@ impl std::str::FromStr for MemBackendKind {
     }
 }
 
-/// A validated VM configuration.
+/// One VM's configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmConfig {
+    /// Name, unique in the process (`vm0` for a single VM).
+    pub name: String,
     /// What to run.
     pub payload: GuestPayload,
     /// Guest RAM in bytes, a multiple of 4 KiB.
     pub mem_bytes: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
+}
+
+/// How the process backs guest memory; shared by all its VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MemoryConfig {
     /// Guest memory backend.
-    pub mem_backend: MemBackendKind,
-    /// Host memory budget of the memory manager in bytes (`None`: the
-    /// guest's memory size). Only for the folio backend.
-    pub mem_budget: Option<u64>,
+    pub backend: MemBackendKind,
+    /// Host memory budget of the memory manager in bytes (`None`: the sum
+    /// of the VMs' memory). Only for the folio backend.
+    pub budget: Option<u64>,
+}
+
+/// Everything one `foliovm run` does: one or more VMs sharing memory settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// The VMs, in start order.
+    pub vms: Vec<VmConfig>,
+    /// Memory settings for all of them.
+    pub memory: MemoryConfig,
 }
 
 /// Parse a size: `4096K`, `512M`, `2G`, `1T`; a plain number means MiB (as QEMU's `-m`).
@@ -155,25 +171,6 @@ impl VmConfig {
         if self.vcpus == 0 {
             return Err(ConfigError::Invalid("vCPU count must be at least 1".into()));
         }
-        if let Some(b) = self.mem_budget {
-            if self.mem_backend != MemBackendKind::Folio {
-                return Err(ConfigError::Invalid(
-                    "a memory budget needs the folio memory backend".into(),
-                ));
-            }
-            if b < 2 << 20 || b % 4096 != 0 {
-                return Err(ConfigError::Invalid(format!(
-                    "memory budget {b} must be at least 2 MiB and a multiple of 4 KiB"
-                )));
-            }
-            if b > limits.host_mem_bytes {
-                return Err(ConfigError::Invalid(format!(
-                    "memory budget {} MiB exceeds the host's {} MiB",
-                    b >> 20,
-                    limits.host_mem_bytes >> 20
-                )));
-            }
-        }
         if u32::from(self.vcpus) > limits.max_vcpus {
             return Err(ConfigError::Invalid(format!(
                 "vCPU count {} exceeds the maximum of {}",
@@ -181,6 +178,78 @@ impl VmConfig {
             )));
         }
         Ok(())
+    }
+}
+
+impl MemoryConfig {
+    /// Check the budget against the backend and the host.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the offending value.
+    pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        let Some(b) = self.budget else {
+            return Ok(());
+        };
+        if self.backend != MemBackendKind::Folio {
+            return Err(ConfigError::Invalid(
+                "a memory budget needs the folio memory backend".into(),
+            ));
+        }
+        if b < 2 << 20 || !b.is_multiple_of(4096) {
+            return Err(ConfigError::Invalid(format!(
+                "memory budget {b} must be at least 2 MiB and a multiple of 4 KiB"
+            )));
+        }
+        if b > limits.host_mem_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "memory budget {} MiB exceeds the host's {} MiB",
+                b >> 20,
+                limits.host_mem_bytes >> 20
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl RunConfig {
+    /// One VM named `vm0` with default memory settings.
+    pub fn single(vm: VmConfig, memory: MemoryConfig) -> Self {
+        RunConfig {
+            vms: vec![vm],
+            memory,
+        }
+    }
+
+    /// Check every VM, the memory settings and the names.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the VM and the offending value.
+    pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        if self.vms.is_empty() {
+            return Err(ConfigError::Invalid("no VMs to run".into()));
+        }
+        self.memory.validate(limits)?;
+        let many = self.vms.len() > 1;
+        for (i, vm) in self.vms.iter().enumerate() {
+            if self.vms[..i].iter().any(|o| o.name == vm.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "two VMs are named {:?}",
+                    vm.name
+                )));
+            }
+            vm.validate(limits).map_err(|e| match e {
+                ConfigError::Invalid(m) if many => {
+                    ConfigError::Invalid(format!("VM {:?}: {m}", vm.name))
+                }
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Sum of the VMs' memory.
+    pub fn total_mem_bytes(&self) -> u64 {
+        self.vms.iter().map(|v| v.mem_bytes).sum()
     }
 }
 
@@ -223,7 +292,9 @@ pub struct MachineConfig {
     pub huge_pages: Option<String>,
 }
 
-/// foliovm's own optional section.
+/// foliovm's own optional section. In a single-VM file it holds both the
+/// VM's and the memory settings; in a `vms` file the top-level one holds the
+/// memory settings and each VM's holds its own.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct FoliovmSection {
@@ -238,11 +309,14 @@ pub struct FoliovmSection {
     pub mem_budget: Option<String>,
 }
 
-/// The whole file. Unknown top-level keys land in `ignored` and are checked
-/// by [`ConfigFile::parse`] (serde cannot combine `flatten` with
-/// `deny_unknown_fields`).
+/// One VM's sections: the whole single-VM file, or one entry of `vms`.
+/// Unknown keys land in `ignored` and are checked by [`ConfigFile::parse`]
+/// (serde cannot combine `flatten` with `deny_unknown_fields`).
 #[derive(Debug, Deserialize)]
-pub struct ConfigFile {
+pub struct VmSections {
+    /// The VM's name (only in `vms` entries; default `vmN`).
+    #[serde(default)]
+    pub name: Option<String>,
     /// Kernel, initrd, command line.
     #[serde(rename = "boot-source", default)]
     pub boot_source: Option<BootSource>,
@@ -255,6 +329,15 @@ pub struct ConfigFile {
     /// Firecracker sections foliovm does not implement yet; warned about.
     #[serde(flatten)]
     pub ignored: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// A multi-VM file: `{"foliovm": {memory settings}, "vms": [VmSections...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MultiFile {
+    #[serde(default)]
+    foliovm: Option<FoliovmSection>,
+    vms: Vec<VmSections>,
 }
 
 /// Firecracker top-level sections that are accepted but not implemented.
@@ -270,32 +353,34 @@ const FIRECRACKER_SECTIONS: &[&str] = &[
     "cpu-config",
 ];
 
-impl ConfigFile {
-    /// Parse a config file's text. `path` only labels errors.
-    ///
-    /// # Errors
-    /// [`ConfigError::Malformed`] for bad JSON, wrong types or unknown keys;
-    /// [`ConfigError::Invalid`] for a missing payload or out-of-range numbers.
-    pub fn parse(
-        text: &str,
-        path: &std::path::Path,
-    ) -> Result<(VmConfig, Vec<String>), ConfigError> {
-        let malformed = |message: String| ConfigError::Malformed {
-            path: path.to_path_buf(),
-            message,
-        };
-        let file: ConfigFile = serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
-        let mut warnings = Vec::new();
-        for key in file.ignored.keys() {
+/// Parsing of config files.
+pub struct ConfigFile;
+
+fn memory_settings(fv: &FoliovmSection) -> Result<MemoryConfig, ConfigError> {
+    Ok(MemoryConfig {
+        backend: fv.mem_backend.unwrap_or_default(),
+        budget: fv.mem_budget.as_deref().map(parse_size).transpose()?,
+    })
+}
+
+impl VmSections {
+    /// Turn the sections into a [`VmConfig`] named `default_name` unless named.
+    fn into_vm(
+        self,
+        default_name: String,
+        malformed: &dyn Fn(String) -> ConfigError,
+        warnings: &mut Vec<String>,
+    ) -> Result<VmConfig, ConfigError> {
+        for key in self.ignored.keys() {
             if FIRECRACKER_SECTIONS.contains(&key.as_str()) {
                 warnings.push(format!(
                     "config section {key:?} is not supported yet and is ignored"
                 ));
             } else {
-                return Err(malformed(format!("unknown top-level key {key:?}")));
+                return Err(malformed(format!("unknown key {key:?}")));
             }
         }
-        let mc = &file.machine_config;
+        let mc = &self.machine_config;
         if let Some(hp) = mc.huge_pages.as_deref() {
             if hp != "None" && hp != "2M" {
                 return Err(malformed(format!(
@@ -312,11 +397,8 @@ impl ConfigFile {
         let mem_bytes = mc.mem_size_mib.checked_mul(1 << 20).ok_or_else(|| {
             ConfigError::Invalid(format!("mem_size_mib {} is too large", mc.mem_size_mib))
         })?;
-        let fv = file.foliovm.unwrap_or_default();
-        let mem_budget = fv.mem_budget.as_deref().map(parse_size).transpose()?;
-        let mem_backend = fv.mem_backend.unwrap_or_default();
-        let workload = fv.workload;
-        let payload = match (file.boot_source, workload) {
+        let workload = self.foliovm.and_then(|f| f.workload);
+        let payload = match (self.boot_source, workload) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
                     "config has both boot-source and foliovm.workload; choose one".into(),
@@ -334,23 +416,72 @@ impl ConfigFile {
                 ))
             }
         };
-        Ok((
-            VmConfig {
-                payload,
-                mem_bytes,
-                vcpus,
-                mem_backend,
-                mem_budget,
-            },
-            warnings,
-        ))
+        Ok(VmConfig {
+            name: self.name.unwrap_or(default_name),
+            payload,
+            mem_bytes,
+            vcpus,
+        })
+    }
+}
+
+impl ConfigFile {
+    /// Parse a config file's text. `path` only labels errors. Returns the
+    /// configuration and warnings about ignored sections.
+    ///
+    /// # Errors
+    /// [`ConfigError::Malformed`] for bad JSON, wrong types or unknown keys;
+    /// [`ConfigError::Invalid`] for a missing payload or out-of-range numbers.
+    pub fn parse(
+        text: &str,
+        path: &std::path::Path,
+    ) -> Result<(RunConfig, Vec<String>), ConfigError> {
+        let malformed = |message: String| ConfigError::Malformed {
+            path: path.to_path_buf(),
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
+        let mut warnings = Vec::new();
+        if value.get("vms").is_some() {
+            let file: MultiFile =
+                serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+            let memory = memory_settings(&file.foliovm.unwrap_or_default())?;
+            let mut vms = Vec::with_capacity(file.vms.len());
+            for (i, sections) in file.vms.into_iter().enumerate() {
+                if let Some(fv) = &sections.foliovm {
+                    if fv.mem_backend.is_some() || fv.mem_budget.is_some() {
+                        return Err(malformed(format!(
+                            "vms[{i}]: mem_backend and mem_budget belong in the top-level foliovm section"
+                        )));
+                    }
+                }
+                vms.push(sections.into_vm(format!("vm{i}"), &malformed, &mut warnings)?);
+            }
+            return Ok((RunConfig { vms, memory }, warnings));
+        }
+        let sections: VmSections =
+            serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+        if sections.name.is_some() {
+            return Err(malformed(
+                "unknown key \"name\" (names are for entries of \"vms\")".into(),
+            ));
+        }
+        let memory = memory_settings(
+            sections
+                .foliovm
+                .as_ref()
+                .unwrap_or(&FoliovmSection::default()),
+        )?;
+        let vm = sections.into_vm("vm0".into(), &malformed, &mut warnings)?;
+        Ok((RunConfig::single(vm, memory), warnings))
     }
 
     /// Read and parse a config file.
     ///
     /// # Errors
     /// As [`ConfigFile::parse`], plus [`ConfigError::Read`].
-    pub fn load(path: &std::path::Path) -> Result<(VmConfig, Vec<String>), ConfigError> {
+    pub fn load(path: &std::path::Path) -> Result<(RunConfig, Vec<String>), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -409,11 +540,10 @@ mod tests {
 
     fn cfg(mem: u64, vcpus: u8) -> VmConfig {
         VmConfig {
+            name: "vm0".into(),
             payload: GuestPayload::Workload("seq:1M".into()),
             mem_bytes: mem,
             vcpus,
-            mem_backend: MemBackendKind::Anon,
-            mem_budget: None,
         }
     }
 
@@ -434,20 +564,22 @@ mod tests {
 
     #[test]
     fn budget_rules() {
-        let mut c = cfg(512 << 20, 1);
-        c.mem_budget = Some(256 << 20);
-        let e = c.validate(&LIMITS).unwrap_err().to_string();
+        let mut m = MemoryConfig {
+            backend: MemBackendKind::Anon,
+            budget: Some(256 << 20),
+        };
+        let e = m.validate(&LIMITS).unwrap_err().to_string();
         assert!(e.contains("needs the folio memory backend"), "{e}");
-        c.mem_backend = MemBackendKind::Folio;
-        assert!(c.validate(&LIMITS).is_ok());
-        c.mem_budget = Some(4096);
-        assert!(c
+        m.backend = MemBackendKind::Folio;
+        assert!(m.validate(&LIMITS).is_ok());
+        m.budget = Some(4096);
+        assert!(m
             .validate(&LIMITS)
             .unwrap_err()
             .to_string()
             .contains("at least 2 MiB"));
-        c.mem_budget = Some(64 << 30);
-        assert!(c
+        m.budget = Some(64 << 30);
+        assert!(m
             .validate(&LIMITS)
             .unwrap_err()
             .to_string()
@@ -459,8 +591,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (c.mem_backend, c.mem_budget),
-            (MemBackendKind::Folio, Some(32 << 20))
+            c.memory,
+            MemoryConfig {
+                backend: MemBackendKind::Folio,
+                budget: Some(32 << 20)
+            }
         );
         let e = ConfigFile::parse(
             r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
@@ -472,6 +607,63 @@ mod tests {
         assert!(e.contains("unknown variant `tmpfs`"), "{e}");
         assert!("anon".parse::<MemBackendKind>().is_ok());
         assert!("x".parse::<MemBackendKind>().is_err());
+    }
+
+    #[test]
+    fn several_vms_share_memory_settings() {
+        let text = r#"{
+          "foliovm": {"mem_budget": "384M"},
+          "vms": [
+            {"name": "a", "machine-config": {"vcpu_count": 2, "mem_size_mib": 512},
+             "foliovm": {"workload": "seq:256M"}},
+            {"machine-config": {"vcpu_count": 1, "mem_size_mib": 512},
+             "foliovm": {"workload": "zipf:256M"}}
+          ]
+        }"#;
+        let (c, w) = ConfigFile::parse(text, Path::new("m.json")).unwrap();
+        assert!(w.is_empty());
+        assert_eq!(c.vms.len(), 2);
+        assert_eq!(
+            (c.vms[0].name.as_str(), c.vms[1].name.as_str()),
+            ("a", "vm1")
+        );
+        assert_eq!(c.memory.budget, Some(384 << 20));
+        assert_eq!(c.total_mem_bytes(), 1 << 30);
+        assert!(c.validate(&LIMITS).is_ok());
+
+        let mut dup = c.clone();
+        dup.vms[1].name = "a".into();
+        assert!(dup
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .contains("two VMs are named \"a\""));
+        let mut bad = c.clone();
+        bad.vms[1].vcpus = 0;
+        let e = bad.validate(&LIMITS).unwrap_err().to_string();
+        assert!(
+            e.contains("VM \"vm1\": vCPU count must be at least 1"),
+            "{e}"
+        );
+
+        for (text, want) in [
+            (r#"{"vms": []}"#, "no VMs"),
+            (
+                r#"{"vms": [{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+                    "foliovm": {"workload": "seq:1M", "mem_budget": "1G"}}]}"#,
+                "belong in the top-level",
+            ),
+            (r#"{"vms": [], "extra": 1}"#, "unknown field `extra`"),
+            (
+                r#"{"name": "x", "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M"}}"#,
+                "names are for entries",
+            ),
+        ] {
+            let r =
+                ConfigFile::parse(text, Path::new("m.json")).and_then(|(c, _)| c.validate(&LIMITS));
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -493,7 +685,10 @@ mod tests {
           },
           "network-interfaces": []
         }"#;
-        let (c, warnings) = ConfigFile::parse(text, Path::new("vm.json")).unwrap();
+        let (run, warnings) = ConfigFile::parse(text, Path::new("vm.json")).unwrap();
+        assert_eq!(run.memory, MemoryConfig::default());
+        let c = &run.vms[0];
+        assert_eq!(c.name, "vm0");
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.mem_bytes, 1024 << 20);
         assert_eq!(
@@ -523,7 +718,7 @@ mod tests {
             ),
             (
                 r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "bogus": 1}"#,
-                "unknown top-level key",
+                "unknown key",
             ),
             (
                 r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#,

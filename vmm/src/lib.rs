@@ -6,7 +6,8 @@
 //! * [`kvm`] — the KVM VM and vCPUs.
 //! * [`pvm`] — everything specific to software-KVM (kvm-pvm) hosts.
 //! * [`workload`] — the built-in CPL3 workload guest.
-//! * [`vmm`] — building and running a VM.
+//! * [`vm`] — one VM and its lifecycle.
+//! * [`vmm`] — running VMs: shared memory, signals, the event loop.
 //! * [`bench`] — benchmarks with in-run baselines.
 
 pub mod arch;
@@ -15,5 +16,6 @@ pub mod config;
 pub mod kvm;
 pub mod pvm;
 pub mod stop;
+pub mod vm;
 pub mod vmm;
 pub mod workload;

@@ -3,7 +3,9 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use vmm::config::{parse_size, ConfigFile, GuestPayload, MemBackendKind, VmConfig};
+use vmm::config::{
+    parse_size, ConfigFile, GuestPayload, MemBackendKind, MemoryConfig, RunConfig, VmConfig,
+};
 use vmm::workload::{WorkloadLayout, WorkloadSpec};
 
 #[derive(Parser)]
@@ -93,7 +95,7 @@ struct RunArgs {
     mem_budget: Option<String>,
 }
 
-fn run_config(a: &RunArgs) -> Result<VmConfig> {
+fn run_config(a: &RunArgs) -> Result<RunConfig> {
     if let Some(path) = &a.config {
         if a.mem.is_some() || a.mem_budget.is_some() || a.mem_backend.is_some() {
             bail!(
@@ -126,18 +128,55 @@ fn run_config(a: &RunArgs) -> Result<VmConfig> {
     };
     let vcpus = u8::try_from(a.vcpus)
         .map_err(|_| anyhow::anyhow!("vCPU count {} exceeds the maximum of 254", a.vcpus))?;
-    Ok(VmConfig {
-        payload,
-        mem_bytes,
-        vcpus,
-        mem_backend: a.mem_backend.unwrap_or_default(),
-        mem_budget: a
+    let memory = MemoryConfig {
+        backend: a.mem_backend.unwrap_or_default(),
+        budget: a
             .mem_budget
             .as_deref()
             .map(parse_size)
             .transpose()
             .context("invalid --mem-budget")?,
-    })
+    };
+    let vm = VmConfig {
+        name: "vm0".into(),
+        payload,
+        mem_bytes,
+        vcpus,
+    };
+    Ok(RunConfig::single(vm, memory))
+}
+
+/// Print each VM's result and return the process exit status: 0 if every
+/// VM ended cleanly, 2 if a workload found mismatches, else the first
+/// non-zero VM status.
+fn report(outcomes: &[vmm::vmm::RunOutcome]) -> i32 {
+    let many = outcomes.len() > 1;
+    let mut status = 0;
+    for o in outcomes {
+        let prefix = if many {
+            format!("{}: ", o.name)
+        } else {
+            String::new()
+        };
+        let mut code = o.reason.exit_code();
+        if let Some(w) = &o.workload {
+            println!("{}", w.line());
+            if code == 0 && !w.ok() {
+                eprintln!(
+                    "foliovm: {prefix}workload verification failed: {} mismatched pages",
+                    w.mismatches
+                );
+                code = 2;
+            }
+        }
+        if code != 0 {
+            eprintln!("foliovm: {prefix}{}", o.reason);
+            if status == 0 {
+                status = code;
+            }
+        }
+    }
+    status
 }
 
 fn main() {
@@ -149,23 +188,7 @@ fn main() {
         }),
         Command::Run(a) => {
             match run_config(&a).and_then(|c| vmm::vmm::run(&c).map_err(anyhow::Error::from)) {
-                Ok(outcome) => {
-                    let mut code = outcome.reason.exit_code();
-                    if let Some(w) = &outcome.workload {
-                        println!("{}", w.line());
-                        if code == 0 && !w.ok() {
-                            eprintln!(
-                                "foliovm: workload verification failed: {} mismatched pages",
-                                w.mismatches
-                            );
-                            code = 2;
-                        }
-                    }
-                    if code != 0 {
-                        eprintln!("foliovm: {}", outcome.reason);
-                    }
-                    code
-                }
+                Ok(outcomes) => report(&outcomes),
                 Err(e) => {
                     eprintln!("foliovm: error: {e:#}");
                     1

@@ -7,7 +7,7 @@ use crate::workload::{ReportEvent, WorkloadReport, RESULT_MMIO, RESULT_MMIO_SIZE
 use devices::Bus;
 use kvm_bindings::{kvm_regs, kvm_sregs, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 /// What vCPU threads share: the buses, the workload collector, the stop signal.
@@ -20,8 +20,69 @@ pub struct VcpuContext {
     pub workload: Option<Arc<WorkloadReport>>,
     /// Where vCPUs report why the VM must stop, and learn that it is stopping.
     pub stop: Arc<StopSignal>,
+    /// Where vCPUs park while the VM is paused.
+    pub gate: RunGate,
     /// Guest memory, to read an exception frame for a report.
     pub mem: GuestMemoryMmap,
+}
+
+/// Where vCPU threads park while their VM is paused.
+///
+/// `close()` makes vCPUs park the next time they are out of KVM_RUN (the
+/// pauser kicks them out with a signal and waits until `parked()` counts
+/// them all); `open()` releases them. A stop request must be followed by
+/// `open()` so parked vCPUs see it.
+#[derive(Debug, Default)]
+pub struct RunGate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    parked: usize,
+}
+
+impl RunGate {
+    /// Make vCPUs park.
+    pub fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+    }
+
+    /// Release parked vCPUs.
+    pub fn open(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed = false;
+        self.cv.notify_all();
+    }
+
+    /// Whether the gate is closed (the VM is paused or pausing).
+    pub fn is_paused(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed
+    }
+
+    /// vCPUs parked now.
+    pub fn parked(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).parked
+    }
+
+    /// Park while the gate is closed and the VM is not stopping. Returns
+    /// whether it parked.
+    ///
+    /// # Context
+    /// vCPU thread, outside KVM_RUN.
+    pub fn wait_while_closed(&self, stop: &StopSignal) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.closed || stop.is_stopping() {
+            return false;
+        }
+        st.parked += 1;
+        while st.closed && !stop.is_stopping() {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked -= 1;
+        true
+    }
 }
 
 /// One vCPU.
@@ -126,6 +187,10 @@ impl Vcpu {
     /// Run until the VM stops or this vCPU finishes its workload.
     pub fn run(mut self, ctx: &VcpuContext) {
         while !ctx.stop.is_stopping() {
+            if ctx.gate.wait_while_closed(&ctx.stop) {
+                // Paused and resumed (or stopping): look at the flags again.
+                continue;
+            }
             match self.fd.run() {
                 Ok(exit) => {
                     if let Some(done) = handle_exit(self.index, exit, ctx) {
@@ -265,4 +330,42 @@ fn exception_frame(ctx: &VcpuContext, index: usize) -> [u64; 6] {
             .unwrap_or(0);
     }
     frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_parks_until_opened_or_stopped() {
+        let gate = Arc::new(RunGate::default());
+        let stop = Arc::new(StopSignal::new().unwrap());
+        assert!(!gate.wait_while_closed(&stop), "open gate does not park");
+        gate.close();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (g, s) = (gate.clone(), stop.clone());
+                std::thread::spawn(move || g.wait_while_closed(&s))
+            })
+            .collect();
+        while gate.parked() < 4 {
+            std::thread::yield_now();
+        }
+        assert!(gate.is_paused());
+        gate.open();
+        for t in threads {
+            assert!(t.join().unwrap());
+        }
+        assert_eq!(gate.parked(), 0);
+        // A stop releases parked vCPUs once the gate is opened for it.
+        gate.close();
+        let (g, s) = (gate.clone(), stop.clone());
+        let t = std::thread::spawn(move || g.wait_while_closed(&s));
+        while gate.parked() < 1 {
+            std::thread::yield_now();
+        }
+        stop.request(ExitReason::GuestReset);
+        gate.open();
+        assert!(t.join().unwrap());
+    }
 }

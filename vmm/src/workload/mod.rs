@@ -413,6 +413,8 @@ impl WorkloadReport {
 /// prefixed with `FOLIOVM-RESULT `.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WorkloadResult {
+    /// The VM's name.
+    pub vm: String,
     /// Pattern name.
     pub pattern: &'static str,
     /// Range in bytes.
@@ -456,6 +458,7 @@ impl WorkloadResult {
         let max_main = reports.iter().map(|r| r.tsc_main).max().unwrap_or(0);
         let secs = |ticks: u64| tsc_khz.map(|k| ticks as f64 / (f64::from(k) * 1000.0));
         WorkloadResult {
+            vm: config.name.clone(),
             pattern: spec.pattern.name(),
             size: spec.size,
             vcpus: config.vcpus,

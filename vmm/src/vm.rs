@@ -1,0 +1,553 @@
+//! One VM: its KVM VM, guest RAM, payload, devices and vCPU threads, and
+//! its lifecycle.
+//!
+//! ```text
+//! build() --> Built --start()--> Running <--pause()/resume()--> Paused
+//!                                   |                              |
+//!                                   +-- guest reset/poweroff, ------+--> finish() -> RunOutcome
+//!                                       workload done, error, signal
+//! ```
+//! Field order is drop order: vCPU threads are joined in `finish`, the KVM
+//! VM goes before the guest RAM it maps.
+
+use crate::arch::{boot, layout, mptable, regs};
+use crate::config::{GuestPayload, MemBackendKind, VmConfig};
+use crate::kvm::vcpu::{RunGate, Vcpu, VcpuContext};
+use crate::kvm::{KvmError, KvmVm};
+use crate::pvm::HostQuirks;
+use crate::stop::{ExitReason, StopSignal};
+use crate::vmm::{host, RunOutcome, Subscriber, VmmError};
+use crate::workload::{self, WorkloadLayout, WorkloadReport, WorkloadSpec};
+use devices::legacy::{SerialDevice, SerialInput, I8042};
+use devices::{Bus, EventFdTrigger};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use mem::anon::AnonBackend;
+use mem::{GuestMemoryBackend, MemoryManager, MmStats, RamRegion, VmId, VmStats};
+use std::io::IsTerminal;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{Killable, SIGRTMIN};
+
+/// Default kernel command line, as Firecracker's.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+const COM1: u64 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+const I8042_PORT: u64 = 0x60;
+/// How long pause() waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where guest RAM comes from.
+#[derive(Clone)]
+pub enum MemorySource {
+    /// Plain anonymous memory per VM.
+    Anon,
+    /// A memory manager shared by the process's VMs.
+    Folio(Arc<MemoryManager>),
+}
+
+impl MemorySource {
+    /// The backend kind.
+    pub fn kind(&self) -> MemBackendKind {
+        match self {
+            MemorySource::Anon => MemBackendKind::Anon,
+            MemorySource::Folio(_) => MemBackendKind::Folio,
+        }
+    }
+}
+
+/// Guest RAM and, for the folio backend, the manager that owns it.
+struct GuestRam {
+    backend: Arc<dyn GuestMemoryBackend>,
+    manager: Option<(Arc<MemoryManager>, VmId)>,
+}
+
+impl GuestRam {
+    fn stats(&self) -> Option<(MmStats, VmStats)> {
+        let (mm, vm) = self.manager.as_ref()?;
+        Some((mm.stats(), mm.vm_stats(*vm)?))
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // The VM's folios go back to the pool once `backend` (dropped right
+        // after this) is gone too.
+        if let Some((mm, vm)) = &self.manager {
+            let _ = mm.destroy_vm(*vm);
+        }
+    }
+}
+
+/// Build a vm-memory view over the backend's mappings.
+fn guest_memory(regions: &[RamRegion]) -> Result<GuestMemoryMmap, VmmError> {
+    let mut out = Vec::with_capacity(regions.len());
+    for r in regions {
+        // SAFETY: the backend guarantees [host_addr, host_addr + size) is a
+        // live read/write private anonymous mapping for its whole lifetime,
+        // and `run` keeps the backend alive longer than this view.
+        let region = unsafe {
+            MmapRegion::build_raw(
+                r.host_addr.as_ptr(),
+                r.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            )
+        }
+        .map_err(|e| VmmError::Memory(Box::new(e)))?;
+        let g = GuestRegionMmap::new(region, vm_memory::GuestAddress(r.guest_base.raw()))
+            .ok_or_else(|| VmmError::Memory("guest region overflows the address space".into()))?;
+        out.push(g);
+    }
+    GuestMemoryMmap::from_regions(out).map_err(|e| VmmError::Memory(Box::new(e)))
+}
+
+fn memory_backend(config: &VmConfig, source: &MemorySource) -> Result<GuestRam, VmmError> {
+    let layout = layout::ram_regions(config.mem_bytes);
+    let mem_err = |e: Box<dyn std::error::Error + Send + Sync>| VmmError::Memory(e);
+    Ok(match source {
+        MemorySource::Anon => GuestRam {
+            backend: Arc::new(AnonBackend::new(&layout).map_err(|e| mem_err(Box::new(e)))?),
+            manager: None,
+        },
+        MemorySource::Folio(mm) => {
+            let vm = mm
+                .create_vm(&config.name)
+                .map_err(|e| mem_err(Box::new(e)))?;
+            let backend = mm.backend(vm, &layout).map_err(|e| mem_err(Box::new(e)))?;
+            GuestRam {
+                backend,
+                manager: Some((mm.clone(), vm)),
+            }
+        }
+    })
+}
+
+/// What the payload needs from the VM.
+struct Payload {
+    vcpu_state: Vec<(kvm_regs, kvm_sregs)>,
+    workload: Option<(WorkloadSpec, Arc<WorkloadReport>)>,
+}
+
+fn load_linux(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    kernel: &std::path::Path,
+    initrd: Option<&std::path::Path>,
+    cmdline: Option<&str>,
+    quirks: &HostQuirks,
+    bsp_sregs: kvm_sregs,
+) -> Result<Payload, VmmError> {
+    let k = boot::load_kernel(mem, kernel)?;
+    let initrd = match initrd {
+        Some(p) => Some(boot::load_initrd(mem, config.mem_bytes, k.end, p)?),
+        None => None,
+    };
+    let (extras, warning) = quirks.linux_cmdline_extras(config.vcpus);
+    if let Some(w) = warning {
+        eprintln!("foliovm: warning: {w}");
+    }
+    let cmdline = boot::build_cmdline(cmdline.unwrap_or(DEFAULT_CMDLINE), &extras)?;
+    boot::write_boot_params(mem, &k, &cmdline, initrd, config.mem_bytes)?;
+    mptable::setup_mptable(mem, config.vcpus)?;
+    let mut sregs = bsp_sregs;
+    regs::setup_linux_segments(mem, &mut sregs)?;
+    regs::write_identity_page_tables(mem, layout::PML4_START, 4 << 30, false)?;
+    regs::set_long_mode(&mut sregs, layout::PML4_START);
+    let r = regs::linux_boot_regs(k.entry);
+    Ok(Payload {
+        vcpu_state: vec![(r, sregs); config.vcpus as usize],
+        workload: None,
+    })
+}
+
+fn load_workload(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    spec_str: &str,
+    base_sregs: kvm_sregs,
+) -> Result<Payload, VmmError> {
+    let spec: WorkloadSpec = spec_str.parse()?;
+    let layout = WorkloadLayout::plan(&spec, config.vcpus, config.mem_bytes)?;
+    let map = config.mem_bytes.max(layout::MMIO_GAP_END.raw());
+    let vcpu_state = workload::load(mem, &spec, &layout, config.vcpus, map, base_sregs)?;
+    let report = Arc::new(WorkloadReport::new(config.vcpus as usize));
+    Ok(Payload {
+        vcpu_state,
+        workload: Some((spec, report)),
+    })
+}
+
+/// Watches one VM's reset line and stop signal on the event loop.
+struct Control {
+    stop: Arc<StopSignal>,
+    reset: EventFd,
+}
+
+impl MutEventSubscriber for Control {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.reset.as_raw_fd() {
+            let _ = self.reset.read();
+            self.stop.request(ExitReason::GuestReset);
+        } else if fd == self.stop.eventfd().as_raw_fd() {
+            let _ = self.stop.eventfd().read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [self.reset.as_raw_fd(), self.stop.eventfd().as_raw_fd()] {
+            let _ = ops.add(Events::new_raw(fd, EventSet::IN));
+        }
+    }
+}
+
+/// Legacy devices for a Linux guest: COM1 and the i8042 reset line.
+fn legacy_devices(
+    vm: &KvmVm,
+    pio: &mut Bus,
+    events: &mut EventManager<Subscriber>,
+) -> Result<EventFd, VmmError> {
+    let irq = EventFdTrigger::new().map_err(host("cannot create serial irq eventfd"))?;
+    vm.fd()
+        .register_irqfd(&irq.0, COM1_IRQ)
+        .map_err(|source| KvmError::Ioctl {
+            op: "KVM_IRQFD",
+            source,
+        })?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, std::io::stdout())));
+    pio.insert(serial.clone(), COM1, 8)
+        .expect("COM1 is the first device on an empty bus");
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        let fd = stdin
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(host("cannot dup stdin"))?;
+        let input: Subscriber = Arc::new(Mutex::new(SerialInput::new(
+            serial,
+            std::fs::File::from(fd),
+        )));
+        events.add_subscriber(input);
+    }
+    let reset = EventFdTrigger::new().map_err(host("cannot create reset eventfd"))?;
+    let reset_watch = reset
+        .0
+        .try_clone()
+        .map_err(host("cannot clone reset eventfd"))?;
+    pio.insert(Arc::new(Mutex::new(I8042::new(reset))), I8042_PORT, 5)
+        .expect("i8042 ports do not overlap COM1");
+    Ok(reset_watch)
+}
+
+/// Errors changing a VM's run state.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VmStateError {
+    /// The VM has not been started.
+    #[error("VM {0:?} is not running")]
+    NotRunning(String),
+    /// The VM is already paused (for pause) or not paused (for resume).
+    #[error("VM {name:?} is already {state}")]
+    Already {
+        /// The VM.
+        name: String,
+        /// `paused` or `running`.
+        state: &'static str,
+    },
+    /// The vCPUs did not park in time.
+    #[error("VM {0:?}: vCPUs did not pause within 5 s")]
+    PauseTimeout(String),
+}
+
+/// A VM's run state, as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// Built, vCPUs not started.
+    Built,
+    /// vCPUs running.
+    Running,
+    /// vCPUs parked.
+    Paused,
+    /// Stopping or stopped.
+    Stopped,
+}
+
+/// One VM.
+pub struct Vm {
+    config: VmConfig,
+    ctx: Arc<VcpuContext>,
+    threads: Vec<JoinHandle<()>>,
+    unstarted: Vec<Vcpu>,
+    workload: Option<(WorkloadSpec, Arc<WorkloadReport>)>,
+    tsc_khz: Option<u32>,
+    started: Option<Instant>,
+    /// Holds the KVM VM (memslots, irqchip) open until after the vCPUs.
+    _kvm: KvmVm,
+    ram: GuestRam,
+}
+
+impl Vm {
+    /// Build the VM described by `config`: memory, payload, devices, vCPUs
+    /// (not yet running). Its control events go on `events`.
+    ///
+    /// # Errors
+    /// Any setup failure, naming what failed.
+    pub fn build(
+        config: &VmConfig,
+        source: &MemorySource,
+        quirks: &HostQuirks,
+        events: &mut EventManager<Subscriber>,
+    ) -> Result<Vm, VmmError> {
+        let kvm = KvmVm::new()?;
+        if let GuestPayload::Workload(s) = &config.payload {
+            // Reject a bad spec before allocating memory.
+            let spec: WorkloadSpec = s.parse()?;
+            WorkloadLayout::plan(&spec, config.vcpus, config.mem_bytes)?;
+        }
+        let ram = memory_backend(config, source)?;
+        let mem = guest_memory(ram.backend.regions())?;
+        // SAFETY: `ram` is a field of the returned Vm declared after `kvm`,
+        // so it is dropped after the KVM VM, and vCPU threads are joined
+        // before either: the mappings outlive every use by KVM.
+        unsafe { kvm.set_memory(ram.backend.regions())? };
+        let linux = matches!(config.payload, GuestPayload::Linux { .. });
+        if linux {
+            // The irqchip must exist before any vCPU is created.
+            kvm.setup_irqchip()?;
+        }
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for i in 0..config.vcpus as usize {
+            vcpus.push(Vcpu::new(&kvm, i)?);
+        }
+        let payload = load_payload(&mem, config, quirks, vcpus[0].sregs()?)?;
+        let supported = kvm.supported_cpuid()?;
+        for (v, (r, s)) in vcpus.iter().zip(&payload.vcpu_state) {
+            v.configure_cpu(&supported, config.vcpus, &quirks.cpuid_masks)?;
+            if linux {
+                v.set_lint()?;
+            }
+            v.set_state(r, s)?;
+        }
+        let stop = Arc::new(StopSignal::new().map_err(host("cannot create stop eventfd"))?);
+        let mut pio = Bus::new();
+        let reset = if linux {
+            legacy_devices(&kvm, &mut pio, events)?
+        } else {
+            EventFd::new(libc::EFD_NONBLOCK).map_err(host("cannot create reset eventfd"))?
+        };
+        events.add_subscriber(Arc::new(Mutex::new(Control {
+            stop: stop.clone(),
+            reset,
+        })));
+        let ctx = Arc::new(VcpuContext {
+            pio,
+            mmio: Bus::new(),
+            workload: payload.workload.as_ref().map(|(_, r)| r.clone()),
+            stop,
+            gate: RunGate::default(),
+            mem,
+        });
+        Ok(Vm {
+            config: config.clone(),
+            tsc_khz: vcpus[0].tsc_khz(),
+            ctx,
+            threads: Vec::new(),
+            unstarted: vcpus,
+            workload: payload.workload,
+            started: None,
+            _kvm: kvm,
+            ram,
+        })
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The signal every thread uses to stop this VM.
+    pub fn stop_signal(&self) -> &Arc<StopSignal> {
+        &self.ctx.stop
+    }
+
+    /// The memory manager and this VM's id in it (folio backend).
+    pub fn manager(&self) -> Option<&(Arc<MemoryManager>, VmId)> {
+        self.ram.manager.as_ref()
+    }
+
+    /// Current run state.
+    pub fn state(&self) -> VmState {
+        if self.ctx.stop.is_stopping() {
+            VmState::Stopped
+        } else if self.started.is_none() {
+            VmState::Built
+        } else if self.ctx.gate.is_paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        }
+    }
+
+    /// Start the vCPU threads.
+    ///
+    /// # Errors
+    /// [`VmmError::Host`] if a thread cannot be spawned (the VM is then
+    /// asked to stop).
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        self.started = Some(Instant::now());
+        for v in self.unstarted.drain(..) {
+            let ctx = self.ctx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("{}-vcpu{}", self.config.name, v.index()))
+                .spawn(move || v.run(&ctx));
+            match t {
+                Ok(t) => self.threads.push(t),
+                Err(e) => {
+                    self.ctx
+                        .stop
+                        .request(ExitReason::Error(format!("cannot spawn vCPU thread: {e}")));
+                    return Err(host("cannot spawn vCPU thread")(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn kick_until(&self, done: impl Fn() -> bool, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while !done() {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(SIGRTMIN());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    /// Park every vCPU; returns once all are parked.
+    ///
+    /// # Errors
+    /// [`VmStateError`] if the VM is not running, already paused, or its
+    /// vCPUs do not park within 5 s.
+    pub fn pause(&self) -> Result<(), VmStateError> {
+        match self.state() {
+            VmState::Running => {}
+            VmState::Paused => {
+                return Err(VmStateError::Already {
+                    name: self.config.name.clone(),
+                    state: "paused",
+                })
+            }
+            _ => return Err(VmStateError::NotRunning(self.config.name.clone())),
+        }
+        self.ctx.gate.close();
+        let live = || self.threads.iter().filter(|t| !t.is_finished()).count();
+        if self.kick_until(|| self.ctx.gate.parked() >= live(), PAUSE_TIMEOUT) {
+            Ok(())
+        } else {
+            self.ctx.gate.open();
+            Err(VmStateError::PauseTimeout(self.config.name.clone()))
+        }
+    }
+
+    /// Let parked vCPUs run again.
+    ///
+    /// # Errors
+    /// [`VmStateError`] if the VM is not paused.
+    pub fn resume(&self) -> Result<(), VmStateError> {
+        match self.state() {
+            VmState::Paused => {
+                self.ctx.gate.open();
+                Ok(())
+            }
+            VmState::Running => Err(VmStateError::Already {
+                name: self.config.name.clone(),
+                state: "running",
+            }),
+            _ => Err(VmStateError::NotRunning(self.config.name.clone())),
+        }
+    }
+
+    /// Stop the vCPUs (the stop reason must already be set, or `fallback`
+    /// is used), join them and summarise the run.
+    pub fn finish(mut self, fallback: ExitReason) -> RunOutcome {
+        let wall = self.started.map(|s| s.elapsed()).unwrap_or_default();
+        self.ctx.stop.request(fallback);
+        self.ctx.gate.open();
+        self.kick_until(
+            || self.threads.iter().all(|t| t.is_finished()),
+            Duration::from_secs(3600),
+        );
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let reason = self
+            .ctx
+            .stop
+            .reason()
+            .expect("a stop reason was just requested");
+        let host_huge_bytes = self
+            .ram
+            .backend
+            .regions()
+            .iter()
+            .map(|r| mem::smaps::anon_huge_bytes(r.host_addr.raw()).unwrap_or(0))
+            .sum();
+        let workload = self.workload.take().map(|(spec, report)| {
+            let mut r = workload::WorkloadResult::new(
+                &spec,
+                &self.config,
+                self.ram.backend.kind(),
+                &report.reports(),
+                self.tsc_khz,
+                wall,
+            );
+            r.host_huge_bytes = host_huge_bytes;
+            r
+        });
+        RunOutcome {
+            name: self.config.name.clone(),
+            reason,
+            workload,
+            mem_stats: self.ram.stats(),
+        }
+    }
+}
+
+fn load_payload(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    quirks: &HostQuirks,
+    sregs: kvm_sregs,
+) -> Result<Payload, VmmError> {
+    match &config.payload {
+        GuestPayload::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => load_linux(
+            mem,
+            config,
+            kernel,
+            initrd.as_deref(),
+            cmdline.as_deref(),
+            quirks,
+            sregs,
+        ),
+        GuestPayload::Workload(spec) => load_workload(mem, config, spec, sregs),
+    }
+}

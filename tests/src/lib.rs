@@ -89,3 +89,114 @@ pub fn result_line(out: &Output) -> serde_json::Value {
         });
     serde_json::from_str(line).expect("result line is JSON")
 }
+
+/// A `foliovm run ... --api-sock` child process and its socket. Its output
+/// is collected on threads, so a chatty guest never blocks on a full pipe.
+pub struct ApiVm {
+    /// The child.
+    pub child: std::process::Child,
+    /// The API socket.
+    pub sock: PathBuf,
+    readers: Vec<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+fn drain<R: std::io::Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+impl ApiVm {
+    /// Start `foliovm run <args> --api-sock <tmp>` and wait for the socket.
+    pub fn spawn(tag: &str, args: &[&str]) -> ApiVm {
+        let sock = std::env::temp_dir().join(format!("foliovm-{tag}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let mut child = Command::new(foliovm_bin())
+            .args(args)
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn foliovm");
+        let readers = vec![drain(child.stdout.take()), drain(child.stderr.take())];
+        let vm = ApiVm {
+            child,
+            sock,
+            readers,
+        };
+        let start = Instant::now();
+        while !vm.sock.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "API socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vm
+    }
+
+    /// One API request; panics if the socket does not answer.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> vmm::api::client::Reply {
+        vmm::api::client::request(&self.sock, method, path, body, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// utime + stime, in clock ticks, of the process's threads whose name
+    /// starts with `prefix` (vCPU threads are named `<vm>-vcpu<N>`).
+    pub fn cpu_ticks(&self, prefix: &str) -> u64 {
+        let dir = format!("/proc/{}/task", self.child.id());
+        let mut total = 0;
+        for t in std::fs::read_dir(dir).expect("task dir").flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with(prefix) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // Fields after the ")" of the name; utime and stime are 14 and 15.
+            let Some(end) = stat.rfind(')') else { continue };
+            let f: Vec<&str> = stat[end + 2..].split_whitespace().collect();
+            total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        }
+        total
+    }
+
+    /// Wait for the process to exit (up to `limit`) and return its output.
+    pub fn wait(mut self, limit: Duration) -> Output {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                break st;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "foliovm did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut out = self.readers.drain(..).map(|r| r.join().expect("reader"));
+        let (stdout, stderr) = (
+            out.next().unwrap_or_default(),
+            out.next().unwrap_or_default(),
+        );
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for ApiVm {
+    /// A failing test must not leave foliovm running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}

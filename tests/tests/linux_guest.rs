@@ -61,3 +61,56 @@ fn linux_guest_boots_to_init_and_runs_a_command() {
         out.status
     );
 }
+
+/// The request sequence of Firecracker's getting-started guide, sent to
+/// `foliovm run --api-sock`, boots a guest.
+#[test]
+fn firecracker_api_sequence_boots_linux() {
+    if !kvm_available() {
+        return;
+    }
+    let out_dir = repo_root().join("guest-images/out");
+    let (kernel, initrd) = (out_dir.join("vmlinux"), out_dir.join("initramfs.cpio"));
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "run guest-images/build.sh first"
+    );
+    let vm = foliovm_tests::ApiVm::spawn("fc", &["run"]);
+    let boot = serde_json::json!({
+        "kernel_image_path": kernel,
+        "initrd_path": initrd,
+        // The shell arithmetic proves the command ran in the guest: the
+        // kernel's own log echoes the command line, not its result.
+        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off -- echo api-$((6*7))",
+    })
+    .to_string();
+    let r = vm.call("PUT", "/boot-source", Some(&boot));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = vm.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 256, "smt": false}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = vm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(vm.call("GET", "/", None).json()["state"], "Running");
+    let r = vm.call("PUT", "/boot-source", Some(&boot));
+    assert_eq!(r.status, 400, "configuration is refused after start");
+    let out = vm.wait(LIMIT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("FOLIOVM-INIT-OK"), "stdout:\n{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.trim() == "api-42"),
+        "stdout:\n{stdout}"
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -9,11 +9,15 @@
 //! * [`vm`] — one VM and its lifecycle.
 //! * [`vmm`] — running VMs: shared memory, signals, the event loop.
 //! * [`bench`] — benchmarks with in-run baselines.
+//! * [`api`], [`controller`], [`metrics`] — the API socket, what it controls, and its statistics.
 
+pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod config;
+pub mod controller;
 pub mod kvm;
+pub mod metrics;
 pub mod pvm;
 pub mod stop;
 pub mod vm;

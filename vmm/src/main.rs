@@ -1,5 +1,7 @@
 //! The `foliovm` command.
 
+mod ctl;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -26,6 +28,40 @@ enum Command {
     /// Benchmarks that measure a baseline in the same run and print the ratio.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Control a running foliovm through its API socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The socket given to `foliovm run --api-sock`.
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: CtlCmd,
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// Memory statistics per VM and host-wide.
+    Stats {
+        /// Refresh every second (a compact table; Ctrl-C to stop).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Pause a VM's vCPUs.
+    Pause {
+        /// The VM (default: the only one).
+        vm: Option<String>,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM (default: the only one).
+        vm: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -93,6 +129,23 @@ struct RunArgs {
     /// Host memory the memory manager may use for this guest (default: --mem).
     #[arg(long)]
     mem_budget: Option<String>,
+    /// Serve the HTTP API on this Unix socket. Without --kernel, --workload
+    /// or --config, wait for the VM to be configured and started through it
+    /// (PUT /boot-source, PUT /machine-config, PUT /actions InstanceStart).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+}
+
+fn memory_config(a: &RunArgs) -> Result<MemoryConfig> {
+    Ok(MemoryConfig {
+        backend: a.mem_backend.unwrap_or_default(),
+        budget: a
+            .mem_budget
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .context("invalid --mem-budget")?,
+    })
 }
 
 fn run_config(a: &RunArgs) -> Result<RunConfig> {
@@ -128,15 +181,7 @@ fn run_config(a: &RunArgs) -> Result<RunConfig> {
     };
     let vcpus = u8::try_from(a.vcpus)
         .map_err(|_| anyhow::anyhow!("vCPU count {} exceeds the maximum of 254", a.vcpus))?;
-    let memory = MemoryConfig {
-        backend: a.mem_backend.unwrap_or_default(),
-        budget: a
-            .mem_budget
-            .as_deref()
-            .map(parse_size)
-            .transpose()
-            .context("invalid --mem-budget")?,
-    };
+    let memory = memory_config(a)?;
     let vm = VmConfig {
         name: "vm0".into(),
         payload,
@@ -179,6 +224,24 @@ fn report(outcomes: &[vmm::vmm::RunOutcome]) -> i32 {
     status
 }
 
+fn run(a: &RunArgs) -> Result<Vec<vmm::vmm::RunOutcome>> {
+    let waits_for_api =
+        a.api_sock.is_some() && a.kernel.is_none() && a.workload.is_none() && a.config.is_none();
+    let (run, memory) = if waits_for_api {
+        (None, memory_config(a)?)
+    } else {
+        let r = run_config(a)?;
+        let m = r.memory.clone();
+        (Some(r), m)
+    };
+    Ok(vmm::vmm::serve(vmm::vmm::ServeOptions {
+        run,
+        memory,
+        source: None,
+        api_sock: a.api_sock.clone(),
+    })?)
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
@@ -186,15 +249,14 @@ fn main() {
             eprintln!("foliovm: error: {e:#}");
             1
         }),
-        Command::Run(a) => {
-            match run_config(&a).and_then(|c| vmm::vmm::run(&c).map_err(anyhow::Error::from)) {
-                Ok(outcomes) => report(&outcomes),
-                Err(e) => {
-                    eprintln!("foliovm: error: {e:#}");
-                    1
-                }
+        Command::Run(a) => match run(&a) {
+            Ok(outcomes) => report(&outcomes),
+            Err(e) => {
+                eprintln!("foliovm: error: {e:#}");
+                1
             }
-        }
+        },
+        Command::Ctl(c) => ctl::main(&c.api_sock, c.json, c.cmd),
     };
     std::process::exit(code);
 }

@@ -20,7 +20,7 @@ use crate::vmm::{host, RunOutcome, Subscriber, VmmError};
 use crate::workload::{self, WorkloadLayout, WorkloadReport, WorkloadSpec};
 use devices::legacy::{SerialDevice, SerialInput, I8042};
 use devices::{Bus, EventFdTrigger};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use mem::anon::AnonBackend;
 use mem::{GuestMemoryBackend, MemoryManager, MmStats, RamRegion, VmId, VmStats};
@@ -212,7 +212,7 @@ impl MutEventSubscriber for Control {
 fn legacy_devices(
     vm: &KvmVm,
     pio: &mut Bus,
-    events: &mut EventManager<Subscriber>,
+    events: &mut dyn SubscriberOps<Subscriber = Subscriber>,
 ) -> Result<EventFd, VmmError> {
     let irq = EventFdTrigger::new().map_err(host("cannot create serial irq eventfd"))?;
     vm.fd()
@@ -302,7 +302,7 @@ impl Vm {
         config: &VmConfig,
         source: &MemorySource,
         quirks: &HostQuirks,
-        events: &mut EventManager<Subscriber>,
+        events: &mut dyn SubscriberOps<Subscriber = Subscriber>,
     ) -> Result<Vm, VmmError> {
         let kvm = KvmVm::new()?;
         if let GuestPayload::Workload(s) = &config.payload {

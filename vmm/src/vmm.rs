@@ -1,17 +1,19 @@
 //! Running VMs: the process-wide parts — the shared memory manager, signal
 //! handling and the event loop that all VMs' devices and control events use.
 
+use crate::api::ApiServer;
 use crate::arch::{boot, mptable, regs};
-use crate::config::{host_mem_bytes, HostLimits, MemBackendKind, RunConfig};
+use crate::config::{host_mem_bytes, HostLimits, MemBackendKind, MemoryConfig, RunConfig};
+use crate::controller::Controller;
 use crate::kvm::KvmError;
 use crate::kvm::KvmVm;
-use crate::pvm::HostQuirks;
 use crate::stop::ExitReason;
-use crate::vm::{MemorySource, Vm};
+use crate::vm::MemorySource;
 use crate::workload;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use mem::{MemoryManager, MmConfig, MmStats, VmStats};
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::epoll::EventSet;
@@ -45,6 +47,12 @@ pub enum VmmError {
     /// Guest memory.
     #[error("cannot allocate guest memory")]
     Memory(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The API server could not start.
+    #[error("{0}")]
+    Api(String),
+    /// The event loop refused a request from another thread.
+    #[error("event loop: {0}")]
+    EventLoop(String),
     /// Host resources: eventfds, threads, epoll, signals.
     #[error("{what}")]
     Host {
@@ -129,19 +137,17 @@ extern "C" fn on_terminate(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Turns SIGINT/SIGTERM into a stop request for every VM.
+/// Turns SIGINT/SIGTERM into a stop request for every VM and the process.
 struct SignalWatch {
     evt: EventFd,
-    stops: Vec<Arc<crate::stop::StopSignal>>,
+    controller: Arc<Controller>,
 }
 
 impl MutEventSubscriber for SignalWatch {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.evt.read();
         let sig = SIGNAL_NUM.load(Ordering::SeqCst);
-        for s in &self.stops {
-            s.request(ExitReason::Interrupted(sig));
-        }
+        self.controller.request_exit(ExitReason::Interrupted(sig));
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -178,49 +184,93 @@ pub fn event_manager() -> Result<EventManager<Subscriber>, VmmError> {
     })
 }
 
-/// Run every VM of `run` until all have stopped, on memory from `source`.
+/// What `serve` runs.
+pub struct ServeOptions {
+    /// VMs to start at once (from flags or a config file); `None` waits for
+    /// the API's `InstanceStart`.
+    pub run: Option<RunConfig>,
+    /// Memory settings (for API-started VMs too).
+    pub memory: MemoryConfig,
+    /// A memory source to use instead of creating one (benchmarks).
+    pub source: Option<MemorySource>,
+    /// Serve the API on this Unix socket.
+    pub api_sock: Option<PathBuf>,
+}
+
+/// Run VMs until all have stopped (or a signal), serving the API if asked.
 ///
 /// # Errors
 /// Setup failures; a guest that fails at run time is an `Ok` outcome whose
 /// reason has a non-zero exit code.
-pub fn run_all(run: &RunConfig, source: &MemorySource) -> Result<Vec<RunOutcome>, VmmError> {
-    run.validate(&host_limits()?)?;
-    let quirks = HostQuirks::detect();
+pub fn serve(opts: ServeOptions) -> Result<Vec<RunOutcome>, VmmError> {
+    let limits = host_limits()?;
     let mut events = event_manager()?;
-    let mut vms = Vec::with_capacity(run.vms.len());
-    for config in &run.vms {
-        vms.push(Vm::build(config, source, &quirks, &mut events)?);
+    let controller = Arc::new(Controller::new(opts.memory.clone(), limits, &events));
+    if let Some(source) = opts.source {
+        controller.set_memory_source(source);
     }
     let signal = install_signal_handlers()?;
     events.add_subscriber(Arc::new(Mutex::new(SignalWatch {
         evt: signal,
-        stops: vms.iter().map(|v| v.stop_signal().clone()).collect(),
+        controller: controller.clone(),
     })));
-    for vm in &mut vms {
-        vm.start()?;
-    }
-    while !vms.iter().all(|v| v.stop_signal().is_stopping()) {
-        if let Err(e) = events.run_with_timeout(500) {
-            for v in &vms {
-                v.stop_signal()
-                    .request(ExitReason::Error(format!("event loop failed: {e}")));
-            }
+    // VMs given up front are running before the socket appears.
+    let started = match &opts.run {
+        Some(run) => controller.start_local(run, &mut events),
+        None => Ok(()),
+    };
+    let api = started.and_then(|()| match &opts.api_sock {
+        Some(p) => ApiServer::spawn(p, controller.clone())
+            .map(Some)
+            .map_err(|e| VmmError::Api(e.to_string())),
+        None => Ok(None),
+    });
+    let api = match api {
+        Ok(api) => api,
+        Err(e) => {
+            controller.request_exit(ExitReason::Error(e.to_string()));
+            controller.finish();
+            return Err(e);
+        }
+    };
+    while !controller.should_exit() {
+        if let Err(e) = events.run_with_timeout(200) {
+            controller.request_exit(ExitReason::Error(format!("event loop failed: {e}")));
         }
     }
+    drop(api);
     SIGNAL_FD.store(-1, Ordering::SeqCst);
-    let fallback = ExitReason::Error("VM stopped without a reason".into());
-    Ok(vms
-        .into_iter()
-        .map(|v| v.finish(fallback.clone()))
-        .collect())
+    Ok(controller.finish())
+}
+
+/// Run every VM of `run` until all have stopped, on memory from `source`.
+///
+/// # Errors
+/// As [`serve`].
+pub fn run_all(run: &RunConfig, source: &MemorySource) -> Result<Vec<RunOutcome>, VmmError> {
+    serve(ServeOptions {
+        run: Some(run.clone()),
+        memory: run.memory.clone(),
+        source: Some(source.clone()),
+        api_sock: None,
+    })
 }
 
 /// Build and run the VMs of `run` on memory of their own.
 ///
 /// # Errors
-/// As [`run_all`].
+/// As [`serve`].
 pub fn run(run: &RunConfig) -> Result<Vec<RunOutcome>, VmmError> {
-    // Validate before sizing a memory manager from the configuration.
-    run.validate(&host_limits()?)?;
-    run_all(run, &memory_source(run)?)
+    serve(ServeOptions {
+        run: Some(run.clone()),
+        memory: run.memory.clone(),
+        source: None,
+        api_sock: None,
+    })
+}
+
+impl From<event_manager::Error> for VmmError {
+    fn from(e: event_manager::Error) -> Self {
+        VmmError::EventLoop(e.to_string())
+    }
 }

@@ -1,0 +1,574 @@
+//! Request routing and validation, separate from HTTP transport so it can be
+//! tested (and fuzzed) without a socket or KVM.
+//!
+//! Firecracker-compatible subset (same paths, field names and error shape
+//! `{"fault_message": "..."}`): `GET /`, `PUT /boot-source`,
+//! `PUT /machine-config`, `GET /machine-config`, `PUT /actions`,
+//! `PATCH /vm`. foliovm's own: `GET /vms`, `GET /vms/{name}`,
+//! `PATCH /vms/{name}`, `GET /stats`, `GET /metrics`.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// An API failure: an HTTP status and a message for `fault_message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status (4xx for the client's fault, 5xx for ours).
+    pub status: u16,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl ApiError {
+    /// 400 Bad Request.
+    pub fn bad(message: impl Into<String>) -> Self {
+        ApiError {
+            status: 400,
+            message: message.into(),
+        }
+    }
+    /// 404 Not Found.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError {
+            status: 404,
+            message: message.into(),
+        }
+    }
+    /// 500 Internal Server Error.
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError {
+            status: 500,
+            message: message.into(),
+        }
+    }
+}
+
+/// A response: status, content type and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// `application/json` or `text/plain; version=0.0.4` (metrics).
+    pub content_type: &'static str,
+    /// Body, possibly empty (204).
+    pub body: String,
+}
+
+impl ApiResponse {
+    fn no_content() -> Self {
+        ApiResponse {
+            status: 204,
+            content_type: "application/json",
+            body: String::new(),
+        }
+    }
+    fn json<T: Serialize>(v: &T) -> Self {
+        ApiResponse {
+            status: 200,
+            content_type: "application/json",
+            body: serde_json::to_string(v).expect("API types serialise"),
+        }
+    }
+    fn error(e: ApiError) -> Self {
+        ApiResponse {
+            status: e.status,
+            content_type: "application/json",
+            body: serde_json::json!({ "fault_message": e.message }).to_string(),
+        }
+    }
+}
+
+/// Firecracker's `PUT /boot-source` body.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSourceBody {
+    /// Kernel image path on the host.
+    pub kernel_image_path: String,
+    /// Kernel command line.
+    #[serde(default)]
+    pub boot_args: Option<String>,
+    /// Initrd path on the host.
+    #[serde(default)]
+    pub initrd_path: Option<String>,
+}
+
+/// Firecracker's `PUT /machine-config` body (and `GET` answer).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigBody {
+    /// vCPUs, 1..=254 here (Firecracker: 1..=32).
+    pub vcpu_count: u32,
+    /// Guest memory in MiB.
+    pub mem_size_mib: u64,
+    /// Accepted; must be false (no SMT topology).
+    #[serde(default)]
+    pub smt: bool,
+    /// Accepted; dirty tracking is not implemented, must be false.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// `None` or `2M`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+/// Firecracker's `PUT /actions` body.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    action_type: String,
+}
+
+/// `PATCH /vm` and `PATCH /vms/{name}` body.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateBody {
+    state: String,
+}
+
+/// Firecracker's `GET /` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceInfo {
+    /// `foliovm`.
+    pub app_name: String,
+    /// The (first) VM's name.
+    pub id: String,
+    /// `Not started`, `Running` or `Paused`.
+    pub state: String,
+    /// foliovm's version.
+    pub vmm_version: String,
+}
+
+/// What the router needs from the VMM. Every method either changes what it
+/// says or returns an error and changes nothing.
+pub trait ApiBackend: Send + Sync {
+    /// `GET /`.
+    fn instance_info(&self) -> InstanceInfo;
+    /// Store the boot source for `InstanceStart`.
+    fn set_boot_source(&self, body: BootSourceBody) -> Result<(), ApiError>;
+    /// Store the machine config for `InstanceStart`.
+    fn set_machine_config(&self, body: MachineConfigBody) -> Result<(), ApiError>;
+    /// The machine config.
+    fn machine_config(&self) -> MachineConfigBody;
+    /// Build and start the configured VM.
+    fn instance_start(&self) -> Result<(), ApiError>;
+    /// Pause (`true`) or resume (`false`) a VM; `None` means the only one.
+    fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError>;
+    /// `GET /vms`: every VM's name, state and size.
+    fn list_vms(&self) -> serde_json::Value;
+    /// `GET /vms/{name}`: one VM with its memory statistics.
+    fn vm_info(&self, vm: &str) -> Result<serde_json::Value, ApiError>;
+    /// `GET /stats`: host-wide memory statistics and every VM's.
+    fn stats(&self) -> serde_json::Value;
+    /// `GET /metrics`: Prometheus text format.
+    fn metrics(&self) -> String;
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad("missing JSON request body"));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed request body: {e}")))
+}
+
+fn validate_machine_config(m: &MachineConfigBody) -> Result<(), ApiError> {
+    if m.vcpu_count == 0 || m.vcpu_count > 254 {
+        return Err(ApiError::bad(format!(
+            "vcpu_count {} is out of range 1..=254",
+            m.vcpu_count
+        )));
+    }
+    if m.mem_size_mib == 0 || m.mem_size_mib > (1 << 24) {
+        return Err(ApiError::bad(format!(
+            "mem_size_mib {} is out of range 1..=16777216",
+            m.mem_size_mib
+        )));
+    }
+    if m.smt {
+        return Err(ApiError::bad("smt is not supported"));
+    }
+    if m.track_dirty_pages {
+        return Err(ApiError::bad("track_dirty_pages is not supported"));
+    }
+    match m.huge_pages.as_deref() {
+        None | Some("None") | Some("2M") => Ok(()),
+        Some(other) => Err(ApiError::bad(format!(
+            "huge_pages must be \"None\" or \"2M\", not {other:?}"
+        ))),
+    }
+}
+
+fn paused_from(body: &[u8]) -> Result<bool, ApiError> {
+    let s: StateBody = parse(body)?;
+    match s.state.as_str() {
+        "Paused" => Ok(true),
+        "Resumed" => Ok(false),
+        other => Err(ApiError::bad(format!(
+            "state must be \"Paused\" or \"Resumed\", not {other:?}"
+        ))),
+    }
+}
+
+fn not_allowed(method: &str, path: &str) -> ApiError {
+    ApiError {
+        status: 405,
+        message: format!("method {method} is not allowed on {path}"),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// Route one request. Never panics; malformed requests get a 4xx and change
+/// nothing.
+pub fn route(api: &dyn ApiBackend, method: &str, path: &str, body: &[u8]) -> ApiResponse {
+    let path = path.split('?').next().unwrap_or("");
+    let result = if body.len() > MAX_BODY {
+        Err(ApiError {
+            status: 413,
+            message: format!("request body larger than {MAX_BODY} bytes"),
+        })
+    } else {
+        dispatch(api, method, path, body)
+    };
+    result.unwrap_or_else(ApiResponse::error)
+}
+
+fn dispatch(
+    api: &dyn ApiBackend,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<ApiResponse, ApiError> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        ("GET", [""]) => Ok(ApiResponse::json(&api.instance_info())),
+        ("PUT", ["boot-source"]) => {
+            let b: BootSourceBody = parse(body)?;
+            if b.kernel_image_path.is_empty() {
+                return Err(ApiError::bad("kernel_image_path must not be empty"));
+            }
+            api.set_boot_source(b).map(|()| ApiResponse::no_content())
+        }
+        ("PUT", ["machine-config"]) => {
+            let m: MachineConfigBody = parse(body)?;
+            validate_machine_config(&m)?;
+            api.set_machine_config(m)
+                .map(|()| ApiResponse::no_content())
+        }
+        ("GET", ["machine-config"]) => Ok(ApiResponse::json(&api.machine_config())),
+        ("PUT", ["actions"]) => {
+            let a: ActionBody = parse(body)?;
+            match a.action_type.as_str() {
+                "InstanceStart" => api.instance_start().map(|()| ApiResponse::no_content()),
+                "FlushMetrics" => Ok(ApiResponse::no_content()),
+                "SendCtrlAltDel" => Err(ApiError::bad(
+                    "SendCtrlAltDel is not supported: foliovm's i8042 has no keyboard; reboot from the guest instead",
+                )),
+                other => Err(ApiError::bad(format!("unknown action_type {other:?}"))),
+            }
+        }
+        ("PATCH", ["vm"]) => {
+            let paused = paused_from(body)?;
+            api.set_paused(None, paused)
+                .map(|()| ApiResponse::no_content())
+        }
+        ("GET", ["vms"]) => Ok(ApiResponse::json(&api.list_vms())),
+        ("GET", ["vms", name]) if valid_name(name) => {
+            api.vm_info(name).map(|v| ApiResponse::json(&v))
+        }
+        ("PATCH", ["vms", name]) if valid_name(name) => {
+            let paused = paused_from(body)?;
+            api.set_paused(Some(name), paused)
+                .map(|()| ApiResponse::no_content())
+        }
+        ("GET", ["stats"]) => Ok(ApiResponse::json(&api.stats())),
+        ("GET", ["metrics"]) => Ok(ApiResponse {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: api.metrics(),
+        }),
+        (
+            _,
+            ["" | "boot-source" | "machine-config" | "actions" | "vm" | "vms" | "stats" | "metrics"],
+        ) => Err(not_allowed(method, path)),
+        (_, ["vms", name]) if valid_name(name) => Err(not_allowed(method, path)),
+        _ => Err(ApiError::not_found(format!("no such resource: {path}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A backend that records every change it is asked to make.
+    #[derive(Default)]
+    struct Fake {
+        calls: Mutex<Vec<String>>,
+        started: Mutex<bool>,
+    }
+
+    impl Fake {
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+        fn record(&self, c: String) {
+            self.calls.lock().unwrap().push(c);
+        }
+    }
+
+    impl ApiBackend for Fake {
+        fn instance_info(&self) -> InstanceInfo {
+            InstanceInfo {
+                app_name: "foliovm".into(),
+                id: "vm0".into(),
+                state: if *self.started.lock().unwrap() {
+                    "Running"
+                } else {
+                    "Not started"
+                }
+                .into(),
+                vmm_version: "0".into(),
+            }
+        }
+        fn set_boot_source(&self, b: BootSourceBody) -> Result<(), ApiError> {
+            if *self.started.lock().unwrap() {
+                return Err(ApiError::bad("not after start"));
+            }
+            self.record(format!("boot {}", b.kernel_image_path));
+            Ok(())
+        }
+        fn set_machine_config(&self, m: MachineConfigBody) -> Result<(), ApiError> {
+            self.record(format!("machine {} {}", m.vcpu_count, m.mem_size_mib));
+            Ok(())
+        }
+        fn machine_config(&self) -> MachineConfigBody {
+            MachineConfigBody {
+                vcpu_count: 1,
+                mem_size_mib: 128,
+                smt: false,
+                track_dirty_pages: false,
+                huge_pages: None,
+            }
+        }
+        fn instance_start(&self) -> Result<(), ApiError> {
+            *self.started.lock().unwrap() = true;
+            self.record("start".into());
+            Ok(())
+        }
+        fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError> {
+            match vm {
+                Some(n) if n != "vm0" => Err(ApiError::not_found(format!("no VM named {n:?}"))),
+                _ => {
+                    self.record(format!("paused {paused}"));
+                    Ok(())
+                }
+            }
+        }
+        fn list_vms(&self) -> serde_json::Value {
+            serde_json::json!([{"name": "vm0"}])
+        }
+        fn vm_info(&self, vm: &str) -> Result<serde_json::Value, ApiError> {
+            if vm == "vm0" {
+                Ok(serde_json::json!({"name": "vm0"}))
+            } else {
+                Err(ApiError::not_found(format!("no VM named {vm:?}")))
+            }
+        }
+        fn stats(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn metrics(&self) -> String {
+            "foliovm_up 1\n".into()
+        }
+    }
+
+    fn fault(r: &ApiResponse) -> String {
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        v["fault_message"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn firecracker_sequence() {
+        let f = Fake::default();
+        let r = route(
+            &f,
+            "PUT",
+            "/boot-source",
+            br#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#,
+        );
+        assert_eq!(r.status, 204);
+        let r = route(
+            &f,
+            "PUT",
+            "/machine-config",
+            br#"{"vcpu_count": 2, "mem_size_mib": 1024, "smt": false, "track_dirty_pages": false}"#,
+        );
+        assert_eq!(r.status, 204, "{}", r.body);
+        let r = route(
+            &f,
+            "PUT",
+            "/actions",
+            br#"{"action_type": "InstanceStart"}"#,
+        );
+        assert_eq!(r.status, 204);
+        assert_eq!(f.calls(), vec!["boot /k", "machine 2 1024", "start"]);
+        let r = route(&f, "GET", "/", b"");
+        assert!(r.body.contains("\"state\":\"Running\""), "{}", r.body);
+        let r = route(
+            &f,
+            "PUT",
+            "/boot-source",
+            br#"{"kernel_image_path": "/k2"}"#,
+        );
+        assert_eq!((r.status, fault(&r).as_str()), (400, "not after start"));
+    }
+
+    #[test]
+    fn bad_requests_get_4xx_with_a_message_and_change_nothing() {
+        let f = Fake::default();
+        let cases: &[(&str, &str, &[u8], u16, &str)] = &[
+            ("PUT", "/boot-source", b"", 400, "missing JSON"),
+            ("PUT", "/boot-source", b"{", 400, "malformed"),
+            (
+                "PUT",
+                "/boot-source",
+                br#"{"kernel_image_path": 3}"#,
+                400,
+                "invalid type",
+            ),
+            (
+                "PUT",
+                "/boot-source",
+                br#"{"kernel_image_path": "/k", "x": 1}"#,
+                400,
+                "unknown field",
+            ),
+            (
+                "PUT",
+                "/boot-source",
+                br#"{"kernel_image_path": ""}"#,
+                400,
+                "must not be empty",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                br#"{"vcpu_count": 0, "mem_size_mib": 1}"#,
+                400,
+                "vcpu_count 0",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                br#"{"vcpu_count": 1, "mem_size_mib": 0}"#,
+                400,
+                "mem_size_mib 0",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                br#"{"vcpu_count": 1, "mem_size_mib": 8, "smt": true}"#,
+                400,
+                "smt",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                br#"{"vcpu_count": 1, "mem_size_mib": 8, "huge_pages": "1G"}"#,
+                400,
+                "huge_pages",
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                br#"{"vcpu_count": -1, "mem_size_mib": 8}"#,
+                400,
+                "invalid value",
+            ),
+            (
+                "PUT",
+                "/actions",
+                br#"{"action_type": "Reboot"}"#,
+                400,
+                "unknown action_type",
+            ),
+            (
+                "PUT",
+                "/actions",
+                br#"{"action_type": "SendCtrlAltDel"}"#,
+                400,
+                "not supported",
+            ),
+            ("PATCH", "/vm", br#"{"state": "Sleeping"}"#, 400, "Paused"),
+            (
+                "PATCH",
+                "/vms/other",
+                br#"{"state": "Paused"}"#,
+                404,
+                "no VM named",
+            ),
+            ("GET", "/vms/other", b"", 404, "no VM named"),
+            ("GET", "/vms/..%2f", b"", 404, "no such resource"),
+            ("DELETE", "/boot-source", b"", 405, "not allowed"),
+            ("GET", "/nope", b"", 404, "no such resource"),
+        ];
+        for (m, p, b, status, want) in cases {
+            let r = route(&f, m, p, b);
+            assert_eq!(r.status, *status, "{m} {p}: {}", r.body);
+            assert!(fault(&r).contains(want), "{m} {p}: {}", r.body);
+        }
+        assert!(f.calls().is_empty(), "{:?}", f.calls());
+        let big = vec![b' '; MAX_BODY + 1];
+        assert_eq!(route(&f, "PUT", "/boot-source", &big).status, 413);
+    }
+
+    #[test]
+    fn metrics_are_text() {
+        let f = Fake::default();
+        let r = route(&f, "GET", "/metrics", b"");
+        assert_eq!(
+            (r.status, r.content_type),
+            (200, "text/plain; version=0.0.4")
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Arbitrary requests never panic, always answer with a known status,
+        /// and an error never changes anything.
+        #[test]
+        fn arbitrary_requests_are_answered_safely(
+            method in proptest::sample::select(vec!["GET", "PUT", "PATCH", "POST", "DELETE", "X"]),
+            path in "(/[a-z0-9._-]{0,12}){0,3}",
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        ) {
+            let f = Fake::default();
+            let r = route(&f, method, &path, &body);
+            proptest::prop_assert!([200u16, 204, 400, 404, 405, 413].contains(&r.status), "{}", r.status);
+            if r.status >= 400 {
+                proptest::prop_assert!(f.calls().is_empty());
+                let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                proptest::prop_assert!(v["fault_message"].is_string());
+            }
+        }
+
+        /// Well-formed JSON with arbitrary machine-config values is either
+        /// accepted within range or rejected with a 400.
+        #[test]
+        fn machine_config_ranges(vcpus in 0u32..400, mib in 0u64..(1 << 25)) {
+            let f = Fake::default();
+            let body = format!(r#"{{"vcpu_count": {vcpus}, "mem_size_mib": {mib}}}"#);
+            let r = route(&f, "PUT", "/machine-config", body.as_bytes());
+            let ok = (1..=254).contains(&vcpus) && (1..=(1 << 24)).contains(&mib);
+            proptest::prop_assert_eq!(r.status, if ok { 204 } else { 400 });
+        }
+    }
+}

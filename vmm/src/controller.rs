@@ -1,0 +1,343 @@
+//! The process's VMs and what the API can do to them.
+//!
+//! Lock order: `pending` → `source` → `vms`. The event loop thread takes
+//! `vms` only briefly to see whether every VM has stopped.
+
+use crate::api::routes::{ApiBackend, ApiError, BootSourceBody, InstanceInfo, MachineConfigBody};
+use crate::config::{GuestPayload, HostLimits, MemoryConfig, RunConfig, VmConfig};
+use crate::metrics::{MemSample, VmSample};
+use crate::pvm::HostQuirks;
+use crate::stop::ExitReason;
+use crate::vm::{MemorySource, Vm, VmState};
+use crate::vmm::{memory_source, RunOutcome, Subscriber, VmmError};
+use event_manager::{EventManager, RemoteEndpoint};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// The VM the Firecracker-style API configures before `InstanceStart`.
+#[derive(Debug, Clone)]
+struct Pending {
+    boot_source: Option<BootSourceBody>,
+    machine: MachineConfigBody,
+}
+
+/// The process's VMs.
+pub struct Controller {
+    memory: MemoryConfig,
+    limits: HostLimits,
+    quirks: HostQuirks,
+    endpoint: RemoteEndpoint<Subscriber>,
+    pending: Mutex<Pending>,
+    source: Mutex<Option<MemorySource>>,
+    vms: Mutex<Vec<Vm>>,
+    exit: AtomicBool,
+}
+
+fn state_name(s: VmState) -> &'static str {
+    match s {
+        VmState::Built => "Not started",
+        VmState::Running => "Running",
+        VmState::Paused => "Paused",
+        VmState::Stopped => "Stopped",
+    }
+}
+
+impl Controller {
+    /// A controller with no VMs whose API-built VMs use `events`' loop.
+    pub fn new(
+        memory: MemoryConfig,
+        limits: HostLimits,
+        events: &EventManager<Subscriber>,
+    ) -> Self {
+        Controller {
+            memory,
+            limits,
+            quirks: HostQuirks::detect(),
+            endpoint: events.remote_endpoint(),
+            pending: Mutex::new(Pending {
+                boot_source: None,
+                // Firecracker's defaults.
+                machine: MachineConfigBody {
+                    vcpu_count: 1,
+                    mem_size_mib: 128,
+                    smt: false,
+                    track_dirty_pages: false,
+                    huge_pages: None,
+                },
+            }),
+            source: Mutex::new(None),
+            vms: Mutex::new(Vec::new()),
+            exit: AtomicBool::new(false),
+        }
+    }
+
+    fn memory_source_for(&self, run: &RunConfig) -> Result<MemorySource, VmmError> {
+        let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = src.as_ref() {
+            return Ok(s.clone());
+        }
+        let run = RunConfig {
+            vms: run.vms.clone(),
+            memory: self.memory.clone(),
+        };
+        let s = memory_source(&run)?;
+        *src = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Use `source` for every VM (benchmarks share one manager across runs).
+    pub fn set_memory_source(&self, source: MemorySource) {
+        *self.source.lock().unwrap_or_else(|p| p.into_inner()) = Some(source);
+    }
+
+    /// Build and start the VMs of `run` on the event loop thread itself.
+    ///
+    /// # Errors
+    /// Validation or setup failures; VMs built before the failure are stopped.
+    pub fn start_local(
+        &self,
+        run: &RunConfig,
+        events: &mut EventManager<Subscriber>,
+    ) -> Result<(), VmmError> {
+        run.validate(&self.limits)?;
+        let source = self.memory_source_for(run)?;
+        let mut built = Vec::with_capacity(run.vms.len());
+        for config in &run.vms {
+            built.push(Vm::build(config, &source, &self.quirks, events)?);
+        }
+        self.start_built(built)
+    }
+
+    fn start_built(&self, mut built: Vec<Vm>) -> Result<(), VmmError> {
+        let mut result = Ok(());
+        for vm in &mut built {
+            if let Err(e) = vm.start() {
+                result = Err(e);
+                break;
+            }
+        }
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(built);
+        result
+    }
+
+    /// Ask every VM to stop and the process to exit (SIGINT/SIGTERM).
+    pub fn request_exit(&self, reason: ExitReason) {
+        self.exit.store(true, Ordering::SeqCst);
+        for vm in self.vms.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            vm.stop_signal().request(reason.clone());
+        }
+    }
+
+    /// The event loop should end: an exit was requested, or VMs ran and all
+    /// of them have stopped.
+    pub fn should_exit(&self) -> bool {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        self.exit.load(Ordering::SeqCst)
+            || (!vms.is_empty() && vms.iter().all(|v| v.stop_signal().is_stopping()))
+    }
+
+    /// Stop, join and summarise every VM.
+    pub fn finish(&self) -> Vec<RunOutcome> {
+        let vms = std::mem::take(&mut *self.vms.lock().unwrap_or_else(|p| p.into_inner()));
+        let fallback = ExitReason::Error("VM stopped without a reason".into());
+        vms.into_iter()
+            .map(|v| v.finish(fallback.clone()))
+            .collect()
+    }
+
+    fn sample(&self) -> MemSample {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        let host = vms
+            .iter()
+            .find_map(|v| v.manager().map(|(mm, _)| mm.stats()));
+        MemSample {
+            host,
+            vms: vms
+                .iter()
+                .map(|v| VmSample {
+                    name: v.name().to_string(),
+                    state: state_name(v.state()),
+                    vcpus: v.config().vcpus,
+                    mem_bytes: v.config().mem_bytes,
+                    stats: v.manager().and_then(|(mm, id)| mm.vm_stats(*id)),
+                })
+                .collect(),
+        }
+    }
+
+    fn with_vm<T>(
+        &self,
+        name: Option<&str>,
+        f: impl FnOnce(&Vm) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        let vm = match name {
+            Some(n) => vms.iter().find(|v| v.name() == n),
+            None if vms.len() > 1 => {
+                return Err(ApiError::bad(format!(
+                    "{} VMs run here; name one with /vms/{{name}}",
+                    vms.len()
+                )))
+            }
+            None => vms.first(),
+        };
+        match vm {
+            Some(v) => f(v),
+            None => Err(match name {
+                Some(n) => ApiError::not_found(format!("no VM named {n:?}")),
+                None => ApiError::bad("the microVM has not been started"),
+            }),
+        }
+    }
+
+    fn started(&self) -> bool {
+        !self
+            .vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+}
+
+const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+
+impl ApiBackend for Controller {
+    fn instance_info(&self) -> InstanceInfo {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        InstanceInfo {
+            app_name: "foliovm".into(),
+            id: vms
+                .first()
+                .map(|v| v.name().to_string())
+                .unwrap_or_else(|| "vm0".into()),
+            state: vms
+                .first()
+                .map(|v| state_name(v.state()))
+                .unwrap_or("Not started")
+                .into(),
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    fn set_boot_source(&self, body: BootSourceBody) -> Result<(), ApiError> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if self.started() {
+            return Err(ApiError::bad(NOT_AFTER_START));
+        }
+        p.boot_source = Some(body);
+        Ok(())
+    }
+
+    fn set_machine_config(&self, body: MachineConfigBody) -> Result<(), ApiError> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if self.started() {
+            return Err(ApiError::bad(NOT_AFTER_START));
+        }
+        let mem = body.mem_size_mib << 20;
+        if mem > self.limits.host_mem_bytes || body.vcpu_count > self.limits.max_vcpus {
+            return Err(ApiError::bad(format!(
+                "the host allows at most {} MiB and {} vCPUs",
+                self.limits.host_mem_bytes >> 20,
+                self.limits.max_vcpus
+            )));
+        }
+        p.machine = body;
+        Ok(())
+    }
+
+    fn machine_config(&self) -> MachineConfigBody {
+        if let Some(v) = self.vms.lock().unwrap_or_else(|p| p.into_inner()).first() {
+            return MachineConfigBody {
+                vcpu_count: u32::from(v.config().vcpus),
+                mem_size_mib: v.config().mem_bytes >> 20,
+                smt: false,
+                track_dirty_pages: false,
+                huge_pages: None,
+            };
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .machine
+            .clone()
+    }
+
+    fn instance_start(&self) -> Result<(), ApiError> {
+        let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if self.started() {
+            return Err(ApiError::bad(NOT_AFTER_START));
+        }
+        let bs = p.boot_source.clone().ok_or_else(|| {
+            ApiError::bad("InstanceStart needs a boot source: PUT /boot-source first")
+        })?;
+        let config = VmConfig {
+            name: "vm0".into(),
+            payload: GuestPayload::Linux {
+                kernel: bs.kernel_image_path.into(),
+                initrd: bs.initrd_path.map(Into::into),
+                cmdline: bs.boot_args,
+            },
+            mem_bytes: p.machine.mem_size_mib << 20,
+            vcpus: u8::try_from(p.machine.vcpu_count)
+                .map_err(|_| ApiError::bad("vcpu_count too large"))?,
+        };
+        let run = RunConfig::single(config.clone(), self.memory.clone());
+        run.validate(&self.limits)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        let source = self
+            .memory_source_for(&run)
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        let quirks = self.quirks.clone();
+        // Devices register on the event loop, so the VM is built there.
+        let vm = self
+            .endpoint
+            .call_blocking(move |ops| Vm::build(&config, &source, &quirks, ops))
+            .map_err(|e: VmmError| ApiError::bad(error_chain(&e)))?;
+        self.start_built(vec![vm])
+            .map_err(|e| ApiError::internal(error_chain(&e)))
+    }
+
+    fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError> {
+        self.with_vm(vm, |v| {
+            let r = if paused { v.pause() } else { v.resume() };
+            r.map_err(|e| ApiError::bad(e.to_string()))
+        })
+    }
+
+    fn list_vms(&self) -> serde_json::Value {
+        let s = self.sample();
+        serde_json::Value::Array(s.vms.iter().map(crate::metrics::vm_json).collect())
+    }
+
+    fn vm_info(&self, vm: &str) -> Result<serde_json::Value, ApiError> {
+        self.sample()
+            .vms
+            .iter()
+            .find(|v| v.name == vm)
+            .map(crate::metrics::vm_json)
+            .ok_or_else(|| ApiError::not_found(format!("no VM named {vm:?}")))
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        self.sample().to_json()
+    }
+
+    fn metrics(&self) -> String {
+        self.sample().to_prometheus()
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}

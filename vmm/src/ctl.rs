@@ -1,0 +1,157 @@
+//! `foliovm ctl`: the API client for people (tables) and scripts (`--json`).
+
+use crate::CtlCmd;
+use serde_json::Value;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
+use vmm::api::client::{request, Reply};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Result<Reply, String> {
+    let r = request(sock, method, path, body, TIMEOUT).map_err(|e| {
+        let mut s = e.to_string();
+        if let Some(c) = std::error::Error::source(&e) {
+            s += &format!(": {c}");
+        }
+        s
+    })?;
+    if r.status >= 400 {
+        return Err(r.fault().unwrap_or_else(|| format!("HTTP {}", r.status)));
+    }
+    Ok(r)
+}
+
+fn mib(v: &Value) -> String {
+    v.as_u64()
+        .map(|b| format!("{}M", b >> 20))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The compact per-VM table of `ctl stats`.
+fn stats_table(stats: &Value) -> String {
+    let mut out = format!(
+        "{:<12} {:<12} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
+        "VM", "STATE", "VCPUS", "MEMORY", "RESIDENT", "IN 2M", "FAULTS", "P99 FAULT"
+    );
+    for v in stats["vms"].as_array().into_iter().flatten() {
+        let m = &v["memory"];
+        out += &format!(
+            "{:<12} {:<12} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
+            v["name"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("?"),
+            v["vcpus"],
+            mib(&v["mem_bytes"]),
+            mib(&m["resident_bytes"]),
+            mib(&m["resident_bytes_by_order"]["2M"]),
+            m["faults"]["events"]
+                .as_u64()
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| "-".into()),
+            m["faults"]["latency"]["p99_ns"]
+                .as_u64()
+                .map(|ns| format!("{:.0}us", ns as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    let h = &stats["host"];
+    if h.is_object() {
+        out += &format!(
+            "host: pool {} free {} (2M blocks: {}), metadata {:.2} B/guest page\n",
+            mib(&h["pool_bytes"]),
+            mib(&h["free_bytes"]),
+            mib(&h["free_bytes_by_order"]["2M"]),
+            h["metadata_bytes_per_guest_page"].as_f64().unwrap_or(0.0)
+        );
+    }
+    out
+}
+
+fn state_path(vm: &Option<String>) -> String {
+    match vm {
+        Some(n) => format!("/vms/{n}"),
+        None => "/vm".into(),
+    }
+}
+
+fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
+    match cmd {
+        CtlCmd::Stats { watch } => loop {
+            let r = call(sock, "GET", "/stats", None)?;
+            let text = if json {
+                format!("{}\n", r.body)
+            } else {
+                stats_table(&r.json())
+            };
+            if watch && std::io::stdout().is_terminal() {
+                // Clear the screen and home the cursor before each refresh.
+                print!("\x1b[2J\x1b[H{text}");
+            } else {
+                print!("{text}");
+            }
+            let _ = std::io::stdout().flush();
+            if !watch {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        },
+        CtlCmd::Pause { vm } => {
+            call(
+                sock,
+                "PATCH",
+                &state_path(&vm),
+                Some(r#"{"state": "Paused"}"#),
+            )?;
+            if !json {
+                println!("paused {}", vm.as_deref().unwrap_or("the VM"));
+            }
+            Ok(())
+        }
+        CtlCmd::Resume { vm } => {
+            call(
+                sock,
+                "PATCH",
+                &state_path(&vm),
+                Some(r#"{"state": "Resumed"}"#),
+            )?;
+            if !json {
+                println!("resumed {}", vm.as_deref().unwrap_or("the VM"));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Run a ctl command; returns the process exit status.
+pub fn main(sock: &Path, json: bool, cmd: CtlCmd) -> i32 {
+    match run(sock, json, cmd) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("foliovm ctl: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_lists_each_vm() {
+        let stats = serde_json::json!({
+            "host": {"pool_bytes": 1u64 << 30, "free_bytes": 1u64 << 29,
+                     "free_bytes_by_order": {"2M": 1u64 << 28}, "metadata_bytes_per_guest_page": 0.4},
+            "vms": [{"name": "a", "state": "Running", "vcpus": 2, "mem_bytes": 1u64 << 30,
+                     "memory": {"resident_bytes": 1u64 << 29, "resident_bytes_by_order": {"2M": 1u64 << 29},
+                                "faults": {"events": 256, "latency": {"p99_ns": 90000}}}}]
+        });
+        let t = super::stats_table(&stats);
+        assert!(t.contains("a            Running"), "{t}");
+        assert!(t.contains("512M"), "{t}");
+        assert!(t.contains("90us"), "{t}");
+        assert!(
+            t.contains("host: pool 1024M free 512M (2M blocks: 256M)"),
+            "{t}"
+        );
+    }
+}

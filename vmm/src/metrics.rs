@@ -1,0 +1,251 @@
+//! Memory statistics as JSON (for the API) and in the Prometheus text
+//! format (for `GET /metrics`). One source for both: [`MemSample`].
+
+use mem::{FaultStats, Histogram, MmStats, Order, VmStats};
+use serde_json::{json, Value};
+use std::fmt::Write;
+
+/// One VM's state and memory statistics at one moment.
+pub struct VmSample {
+    /// Name.
+    pub name: String,
+    /// `Not started`, `Running`, `Paused`, `Stopped`.
+    pub state: &'static str,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// The manager's view (folio backend only).
+    pub stats: Option<VmStats>,
+}
+
+/// The host-wide memory statistics and every VM's.
+pub struct MemSample {
+    /// The shared manager's stats (folio backend only).
+    pub host: Option<MmStats>,
+    /// Each VM.
+    pub vms: Vec<VmSample>,
+}
+
+fn by_order(v: &[u64]) -> Value {
+    // Keys are folio sizes: 4K, 8K, ... 2M.
+    let mut m = serde_json::Map::new();
+    for (i, b) in v.iter().enumerate() {
+        m.insert(size_name(i), json!(b));
+    }
+    Value::Object(m)
+}
+
+fn size_name(order: usize) -> String {
+    let kib = 4u64 << order;
+    if kib >= 1024 {
+        format!("{}M", kib / 1024)
+    } else {
+        format!("{kib}K")
+    }
+}
+
+fn latency(h: &Histogram) -> Value {
+    json!({
+        "count": h.count(),
+        "p50_ns": h.quantile_ns(0.5),
+        "p99_ns": h.quantile_ns(0.99),
+        "max_bucket_ns": h.quantile_ns(1.0),
+    })
+}
+
+fn faults(f: &FaultStats) -> Value {
+    json!({
+        "events": f.events,
+        "installed_by_order": by_order(&f.installed_by_order),
+        "raced": f.raced,
+        "parked_prezero": f.parked_prezero,
+        "parked_oom": f.parked_oom,
+        "order_fallback": f.order_fallback,
+        "fallback_copy_pages": f.fallback_copy_pages,
+        "fallback_zeropage_pages": f.fallback_zeropage_pages,
+        "move_retries": f.move_retries,
+        "latency": latency(&f.latency),
+    })
+}
+
+/// One VM as JSON.
+pub fn vm_json(v: &VmSample) -> Value {
+    let mut o = json!({
+        "name": v.name,
+        "state": v.state,
+        "vcpus": v.vcpus,
+        "mem_bytes": v.mem_bytes,
+    });
+    if let Some(s) = &v.stats {
+        o["memory"] = json!({
+            "resident_bytes": s.resident_bytes_by_order.iter().sum::<u64>(),
+            "resident_bytes_by_order": by_order(&s.resident_bytes_by_order),
+            "faults": faults(&s.faults),
+            "discarded_pages": s.discarded_pages,
+            "pinned_pages": s.pinned_pages,
+        });
+    }
+    o
+}
+
+/// The host-wide statistics as JSON.
+pub fn host_json(h: &MmStats) -> Value {
+    json!({
+        "pool_bytes": h.pool_bytes,
+        "free_bytes": h.free_bytes,
+        "free_bytes_by_order": by_order(&h.free_bytes_by_order),
+        "prezeroed_bytes_by_order": by_order(&h.ready_bytes_by_order),
+        "folios_by_order": by_order(&h.folios_by_order),
+        "unusable_index_2m_permille": h.unusable_index_pmd,
+        "deferred_split_queue": h.deferred_split_queue,
+        "faults": faults(&h.faults),
+        "metadata_bytes": h.metadata_bytes,
+        "guest_pages": h.guest_pages,
+        "metadata_bytes_per_guest_page": h.metadata_bytes as f64 / h.guest_pages.max(1) as f64,
+    })
+}
+
+impl MemSample {
+    /// `GET /stats`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "host": self.host.as_ref().map(host_json),
+            "vms": self.vms.iter().map(vm_json).collect::<Vec<_>>(),
+        })
+    }
+
+    /// `GET /metrics`, Prometheus text exposition format 0.0.4.
+    pub fn to_prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+            let _ = writeln!(
+                out,
+                "# HELP foliovm_{name} {help}\n# TYPE foliovm_{name} {kind}"
+            );
+            for (labels, v) in rows {
+                let _ = writeln!(out, "foliovm_{name}{labels} {v}");
+            }
+        };
+        let vm_rows = |f: &dyn Fn(&VmSample) -> Option<f64>| -> Vec<(String, f64)> {
+            self.vms
+                .iter()
+                .filter_map(|v| f(v).map(|x| (format!("{{vm=\"{}\"}}", v.name), x)))
+                .collect()
+        };
+        metric(
+            "vm_running",
+            "gauge",
+            "1 if the VM's vCPUs are running.",
+            vm_rows(&|v| Some(f64::from(u8::from(v.state == "Running")))),
+        );
+        metric(
+            "vm_memory_bytes",
+            "gauge",
+            "Guest RAM size.",
+            vm_rows(&|v| Some(v.mem_bytes as f64)),
+        );
+        let mut resident = Vec::new();
+        let mut faults_rows = Vec::new();
+        for v in &self.vms {
+            if let Some(s) = &v.stats {
+                for (o, b) in s.resident_bytes_by_order.iter().enumerate() {
+                    resident.push((
+                        format!("{{vm=\"{}\",folio=\"{}\"}}", v.name, size_name(o)),
+                        *b as f64,
+                    ));
+                }
+                faults_rows.push((format!("{{vm=\"{}\"}}", v.name), s.faults.events as f64));
+            }
+        }
+        metric(
+            "resident_bytes",
+            "gauge",
+            "Guest memory resident in host memory, by folio size.",
+            resident,
+        );
+        metric(
+            "faults_total",
+            "counter",
+            "userfaultfd faults served.",
+            faults_rows,
+        );
+        if let Some(h) = &self.host {
+            let free = (0..Order::COUNT)
+                .map(|o| {
+                    (
+                        format!("{{folio=\"{}\"}}", size_name(o)),
+                        h.free_bytes_by_order[o] as f64,
+                    )
+                })
+                .collect();
+            metric(
+                "pool_bytes",
+                "gauge",
+                "Host memory budget (pool size).",
+                vec![(String::new(), h.pool_bytes as f64)],
+            );
+            metric(
+                "pool_free_bytes",
+                "gauge",
+                "Free pool memory, by free block size.",
+                free,
+            );
+            metric(
+                "metadata_bytes",
+                "gauge",
+                "Memory manager metadata.",
+                vec![(String::new(), h.metadata_bytes as f64)],
+            );
+            metric(
+                "fault_fallback_pages_total",
+                "counter",
+                "Pages served by UFFDIO_COPY or ZEROPAGE instead of MOVE.",
+                vec![(
+                    String::new(),
+                    (h.faults.fallback_copy_pages + h.faults.fallback_zeropage_pages) as f64,
+                )],
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_name_folio_orders() {
+        assert_eq!(size_name(0), "4K");
+        assert_eq!(size_name(4), "64K");
+        assert_eq!(size_name(8), "1M");
+        assert_eq!(size_name(9), "2M");
+    }
+
+    #[test]
+    fn prometheus_lines_are_well_formed() {
+        let s = MemSample {
+            host: None,
+            vms: vec![VmSample {
+                name: "a".into(),
+                state: "Running",
+                vcpus: 1,
+                mem_bytes: 1 << 20,
+                stats: None,
+            }],
+        };
+        let text = s.to_prometheus();
+        assert!(text.contains("foliovm_vm_running{vm=\"a\"} 1\n"), "{text}");
+        assert!(
+            text.contains("foliovm_vm_memory_bytes{vm=\"a\"} 1048576\n"),
+            "{text}"
+        );
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("foliovm_"), "{line}");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+        assert_eq!(s.to_json()["vms"][0]["name"], "a");
+    }
+}

@@ -277,6 +277,11 @@ impl Buddy {
         Ok(())
     }
 
+    /// Free base pages (all states).
+    pub fn nr_free(&self) -> u64 {
+        self.free_pages
+    }
+
     /// Free memory by order.
     pub fn stats(&self) -> FreeAreaStats {
         let mut s = FreeAreaStats {

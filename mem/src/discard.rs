@@ -107,20 +107,30 @@ fn discard_table(
 ) {
     let mut i = from;
     while i < to {
-        let PteState::Present { folio, subpage } = ptl.pte(i).state() else {
-            i = i.forward(1);
-            continue;
+        let pte = ptl.pte(i);
+        let (folio, subpage) = match pte.state() {
+            PteState::Present { folio, subpage } | PteState::ProtNone { folio, subpage } => {
+                (folio, subpage)
+            }
+            PteState::None | PteState::Migration { .. } => {
+                i = i.forward(1);
+                continue;
+            }
+            _ => {
+                discard_unmapped(inner, region, ptl, i, pte);
+                out.discarded_pages += 1;
+                i = i.forward(1);
+                continue;
+            }
         };
         // The run of pages of this folio with consecutive subpages.
         let mut nr = 1;
-        while i.forward(nr) < to
-            && ptl.pte(i.forward(nr)) == Pte::present(folio, subpage as u64 + nr)
-        {
+        while i.forward(nr) < to && ptl.pte(i.forward(nr)) == pte.nth(nr) {
             nr += 1;
         }
         let (order, pinned) = {
             let slab = inner.folios.slab();
-            let f = slab.get(folio).expect("present entry names a live folio");
+            let f = slab.get(folio).expect("a mapped entry names a live folio");
             (f.order, f.pincount > 0)
         };
         if pinned {
@@ -128,10 +138,12 @@ fn discard_table(
             i = i.forward(nr);
             continue;
         }
-        let state = move_back(inner, region, i, folio, subpage as u64, nr);
-        for k in 0..nr {
-            ptl.set_pte(i.forward(k), Pte::NONE);
-        }
+        let state = match pte.state() {
+            PteState::Present { .. } => move_back(inner, region, i, folio, subpage as u64, nr),
+            // Sampled out: the pages sit in the pool already.
+            _ => BlockState::NeedsZero,
+        };
+        ptl.set_range(i, nr, Pte::NONE);
         let removal = {
             let mut slab = inner.folios.slab();
             rmap::remove_rmap_ptes(&mut slab, ptl, folio, subpage as u64, nr, state)
@@ -144,6 +156,42 @@ fn discard_table(
         out.partial_folios += removal.queued_split as u64;
         i = i.forward(nr);
     }
+}
+
+/// Discard one page that no folio maps: a swap entry (its slot reference
+/// goes), a swapin marker (the swapin finds it gone and cleans up its folio
+/// and slot), a zero entry, or a poisoned page (its kernel marker is zapped).
+///
+/// # Context
+/// Page-table lock held; takes the swap lock.
+fn discard_unmapped(
+    inner: &Inner,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    idx: PageIndex,
+    pte: Pte,
+) {
+    match pte.state() {
+        PteState::Swap { slot } => {
+            if let Some(dev) = inner.swap.as_ref() {
+                if let Err(e) = dev.lock().swap_free_nr(slot, 1) {
+                    crate::vm::log_error(&format!("discard: {e}"));
+                }
+            }
+            crate::swapin::both(inner, region, |c| c.swapped_pages.fetch_sub(1, Relaxed));
+        }
+        PteState::SwapinMarker { .. } => {
+            crate::swapin::both(inner, region, |c| c.swapped_pages.fetch_sub(1, Relaxed));
+        }
+        PteState::Poisoned => {
+            let addr = region.host_addr(idx).raw();
+            if let Err(e) = sys::dontneed(addr, PAGE_SIZE as usize) {
+                crate::vm::log_error(&format!("discard of a poisoned page: {e}"));
+            }
+        }
+        _ => {}
+    }
+    ptl.set_pte(idx, Pte::NONE);
 }
 
 /// Move guest pages `[idx, idx + nr)` (subpages `subpage..` of `folio`) back

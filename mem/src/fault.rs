@@ -19,8 +19,9 @@ use crate::rmap::{self, Rmap};
 use crate::stats::FaultCounters;
 use crate::sys::poll2;
 use crate::sys::userfaultfd::{PartialFill, UffdMsg, EVENT_PAGEFAULT};
-use crate::types::{Order, PageIndex, PAGE_SIZE};
+use crate::types::{Order, PageIndex, PoolOffset, PAGE_SIZE};
 use crate::vm::{log_error, Region};
+use crate::{swapin, vmscan};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
@@ -59,16 +60,27 @@ pub(crate) fn handler_thread(inner: &Inner) {
 pub(crate) enum FaultOutcome {
     /// A folio of this order was installed.
     Installed(Order),
+    /// A swapped, cached or sampled-out folio was mapped back.
+    Refaulted,
     /// The page was already present: a racing fault served it.
     Raced,
-    /// No ready memory: retry once the worker has prepared some.
+    /// The entry changed or we slept on a folio lock: look again.
+    Retry,
+    /// No memory: `oom` when nothing free is left at all (reclaim may
+    /// help), otherwise wait for the pre-zeroing worker.
     NoMemory { oom: bool },
+    /// The page's swapped contents were lost; it is poisoned.
+    Poisoned,
     /// The region is being torn down.
     Dead,
 }
 
+/// Retries of one fault before it is parked for the worker to retry.
+const MAX_RETRIES: u32 = 64;
+
 /// Serve the MISSING fault at host address `addr`, parking it when there is
-/// no ready memory. `first` is false for retries of parked faults.
+/// no memory even after direct reclaim. `first` is false for retries of
+/// parked faults.
 ///
 /// # Context
 /// Handler thread or pre-zeroing worker; no locks held.
@@ -88,8 +100,22 @@ pub(crate) fn handle_fault(inner: &Inner, addr: usize, t0: Instant, first: bool)
     let Some(idx) = region.page_of_host(page) else {
         return;
     };
-    match fault_in(inner, &region, idx) {
-        FaultOutcome::NoMemory { oom } => {
+    vmscan::enforce_vm_max(inner, &region);
+    let (mut retries, mut reclaimed) = (0, false);
+    let outcome = loop {
+        match fault_in(inner, &region, idx) {
+            FaultOutcome::Retry if retries < MAX_RETRIES => retries += 1,
+            FaultOutcome::NoMemory { oom: true } if !reclaimed && vmscan::can_reclaim(inner) => {
+                // Direct reclaim, then try once more (`__alloc_pages_slowpath()`).
+                reclaimed = true;
+                vmscan::direct_reclaim(inner, &region);
+            }
+            o => break o,
+        }
+    };
+    match outcome {
+        FaultOutcome::NoMemory { .. } | FaultOutcome::Retry => {
+            let oom = matches!(outcome, FaultOutcome::NoMemory { oom: true });
             let c = |f: &FaultCounters| match oom {
                 true => f.parked_oom.fetch_add(1, Relaxed),
                 false => f.parked_prezero.fetch_add(1, Relaxed),
@@ -108,21 +134,22 @@ pub(crate) fn handle_fault(inner: &Inner, addr: usize, t0: Instant, first: bool)
             }
             return;
         }
-        FaultOutcome::Raced | FaultOutcome::Dead => {
+        FaultOutcome::Raced | FaultOutcome::Dead | FaultOutcome::Poisoned => {
             let _ = inner.uffd.wake(page, PAGE_SIZE as usize);
         }
-        FaultOutcome::Installed(_) => {}
+        FaultOutcome::Installed(_) | FaultOutcome::Refaulted => {}
     }
     let ns = t0.elapsed().as_nanos() as u64;
     vmc.latency.record(ns);
     inner.faults.latency.record(ns);
 }
 
-/// Make page `idx` of `region` present (without parking). Used by the
-/// handlers and by [`crate::pin`].
+/// Make page `idx` of `region` present (without parking or reclaiming).
+/// Used by the handlers and by [`crate::pin`].
 ///
 /// # Context
-/// Takes the page-table lock of `idx`, then leaf locks.
+/// No locks held. Takes the page-table lock of `idx`, then leaf locks; may
+/// sleep on a folio lock and do swap I/O (never with a page-table lock held).
 pub(crate) fn fault_in(inner: &Inner, region: &Region, idx: PageIndex) -> FaultOutcome {
     let mut ptl = region.pt.lock(idx);
     if ptl.is_dead() {
@@ -146,17 +173,28 @@ pub(crate) fn fault_in(inner: &Inner, region: &Region, idx: PageIndex) -> FaultO
                 Err(oom) => FaultOutcome::NoMemory { oom },
             }
         }
-        s
-        @ (PteState::Swap { .. } | PteState::Migration { .. } | PteState::SwapinMarker { .. }) => {
-            // Not produced before the swap and migration work lands.
-            log_error(&format!("fault on unsupported entry {s:?}"));
-            FaultOutcome::Raced
+        PteState::ProtNone { folio, .. } => {
+            vmscan::map_prot_none(inner, region, &mut ptl, folio);
+            FaultOutcome::Refaulted
         }
+        PteState::Swap { slot } => {
+            drop(ptl);
+            swapin::do_swap_page(inner, region, idx, slot)
+        }
+        PteState::SwapinMarker { folio } | PteState::Migration { folio } => {
+            // The folio is alive while an entry names it: pin it, drop the
+            // page-table lock, and sleep until its owner unlocks it.
+            inner.folios.slab().get_ref(folio);
+            drop(ptl);
+            swapin::wait_on_folio(inner, folio);
+            FaultOutcome::Retry
+        }
+        PteState::Poisoned => FaultOutcome::Poisoned,
     }
 }
 
 /// The largest order whose aligned range around `idx` is inside the region
-/// and wholly `None`, like mTHP's `alloc_anon_folio()`.
+/// and wholly `None` or `Zero`, like mTHP's `alloc_anon_folio()`.
 fn choose_order(ptl: &PtlGuard<'_>, idx: PageIndex) -> Order {
     Order::all()
         .rev()
@@ -164,7 +202,7 @@ fn choose_order(ptl: &PtlGuard<'_>, idx: PageIndex) -> Order {
             let first = idx.align_down(o);
             first >= ptl.first()
                 && first.forward(o.nr_pages()) <= ptl.end()
-                && ptl.range_is_none(first, o.nr_pages())
+                && ptl.range_is_unbacked(first, o.nr_pages())
         })
         .unwrap_or(Order::BASE)
 }
@@ -176,6 +214,7 @@ fn choose_order(ptl: &PtlGuard<'_>, idx: PageIndex) -> Order {
 /// Page-table lock held; takes the zone lock.
 fn alloc_for_fault(inner: &Inner, region: &Region, want: Order) -> Result<Block, bool> {
     let mut buddy = inner.buddy();
+    inner.check_watermark(buddy.nr_free());
     if let Some(b) = buddy.alloc(want, BlockState::Ready) {
         return Ok(b);
     }
@@ -230,18 +269,44 @@ fn install(inner: &Inner, region: &Region, ptl: &mut PtlGuard<'_>, first: PageIn
 /// Move the pool pages of `block` to the guest at `first`, falling back to
 /// `COPY`/`ZEROPAGE` page by page where `MOVE` fails.
 fn move_block(inner: &Inner, region: &Region, first: PageIndex, block: Block) {
+    move_in(
+        inner,
+        region,
+        first,
+        block.offset,
+        block.order.nr_pages(),
+        true,
+    );
+}
+
+/// Move `nr` pool pages at `pool` to the guest at `first`, falling back to
+/// `COPY` page by page where `MOVE` fails (and to `ZEROPAGE` for a pool
+/// hole when `zero_ok`: the folio is fresh and zero).
+///
+/// # Context
+/// The page-table lock covering the guest range is held and its entries
+/// say the pages are ours to install; the pool range belongs to a folio
+/// this call owns (new, or locked), so nothing else references it.
+pub(crate) fn move_in(
+    inner: &Inner,
+    region: &Region,
+    first: PageIndex,
+    pool: PoolOffset,
+    nr: u64,
+    zero_ok: bool,
+) {
     let dst = region.host_addr(first).raw();
-    let src = inner.pool.host_addr(block.offset).raw();
-    let len = block.order.bytes();
+    let src = inner.pool.host_addr(pool).raw();
+    let len = nr * PAGE_SIZE;
     let (mut done, mut retries) = (0u64, 0u32);
     let counters = [&region.counters.faults, &inner.faults];
     while done < len {
         let off = done as usize;
         // SAFETY: the destination is a hole that this call owns: its entries
-        // are `None` under the page-table lock, so no other install or
-        // discard can touch it, and the manager holds no reference into guest
-        // memory. The source is a `Ready` block taken off the allocator by
-        // this call, so nothing else maps or references it.
+        // are not `Present` under the page-table lock, so no other install
+        // or discard can touch it, and the manager holds no reference into
+        // guest memory. The source belongs to a folio this call owns (see
+        // # Context), so nothing else maps or references it.
         let r = unsafe { inner.uffd.move_pages(dst + off, src + off, len - done, 0) };
         let PartialFill { done: d, errno } = match r {
             Ok(()) => return,
@@ -258,7 +323,8 @@ fn move_block(inner: &Inner, region: &Region, first: PageIndex, block: Block) {
             continue;
         }
         let off = done as usize;
-        fallback_page(inner, region, dst + off, block, done / PAGE_SIZE, errno);
+        let src_off = pool.subpage(done / PAGE_SIZE);
+        fallback_page(inner, region, dst + off, src_off, errno, zero_ok);
         done += PAGE_SIZE;
         retries = 0;
     }
@@ -269,12 +335,11 @@ fn fallback_page(
     inner: &Inner,
     region: &Region,
     dst: usize,
-    block: Block,
-    subpage: u64,
+    src_off: PoolOffset,
     errno: i32,
+    zero_ok: bool,
 ) {
     let counters = [&region.counters.faults, &inner.faults];
-    let src_off = block.offset.subpage(subpage);
     let src = inner.pool.host_addr(src_off).raw();
     let result = match errno {
         // The guest page is populated already: serve it as is. The pool page
@@ -288,7 +353,7 @@ fn fallback_page(
         }
         // The pool page is a hole (should not be for a Ready block): the
         // kernel's zero page is the same content.
-        libc::ENOENT => {
+        libc::ENOENT if zero_ok => {
             counters
                 .iter()
                 .for_each(|c| _ = c.fallback_zeropage_pages.fetch_add(1, Relaxed));
@@ -298,7 +363,7 @@ fn fallback_page(
             counters
                 .iter()
                 .for_each(|c| _ = c.fallback_copy_pages.fetch_add(1, Relaxed));
-            // SAFETY: `src` is a populated page of a block this call owns
+            // SAFETY: `src` is a populated page of a folio this call owns
             // (readable), and `dst` is a hole owned under the page-table lock.
             let r = unsafe { inner.uffd.copy(dst, src, PAGE_SIZE) };
             if r.is_ok() {

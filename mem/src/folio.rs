@@ -14,8 +14,9 @@
 //! swap exists). Extra references are transient (a worker holding the folio).
 
 use crate::buddy::BlockState;
+use crate::lru::LruVec;
 use crate::rmap::Rmap;
-use crate::types::{FolioId, Order, PoolOffset};
+use crate::types::{FolioId, Order, PoolOffset, SwapSlot};
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -44,7 +45,23 @@ impl FolioFlags {
     pub const REFERENCED: FolioFlags = FolioFlags(1 << 8);
     /// On the deferred-split queue (`folio_test_partially_mapped()`).
     pub const DEFERRED_SPLIT: FolioFlags = FolioFlags(1 << 9);
+    /// Moved out to its pool range to sample accesses ([`crate::vmscan`]);
+    /// its entries are `ProtNone` until a fault maps it back.
+    pub const SAMPLED: FolioFlags = FolioFlags(1 << 10);
+    /// A fault found the folio in the swap cache and waits on its lock to
+    /// map it back: the end of writeback must leave it there.
+    pub const REFAULTED: FolioFlags = FolioFlags(1 << 11);
 
+    /// The LRU generation (bits 13..15: sequence number modulo
+    /// [`crate::lru::NR_GENS`]), meaningful while `LRU` is set.
+    pub fn gen(self) -> usize {
+        ((self.0 >> GEN_SHIFT) & GEN_MASK) as usize
+    }
+    /// Set the LRU generation.
+    pub fn set_gen(&mut self, gen: usize) {
+        debug_assert!(gen as u16 <= GEN_MASK);
+        self.0 = (self.0 & !(GEN_MASK << GEN_SHIFT)) | ((gen as u16 & GEN_MASK) << GEN_SHIFT);
+    }
     /// Whether all bits of `f` are set.
     pub fn contains(self, f: FolioFlags) -> bool {
         self.0 & f.0 == f.0
@@ -59,13 +76,17 @@ impl FolioFlags {
     }
 }
 
-const NO_LINK: u32 = u32::MAX;
+pub(crate) const NO_LINK: u32 = u32::MAX;
+const GEN_SHIFT: u16 = 13;
+const GEN_MASK: u16 = 0b111;
 
-/// Links on the LRU list (folio ids; `u32::MAX` for none).
+/// Links on an LRU generation list (folio ids; `u32::MAX` for none). The
+/// generation itself lives in the flags ([`FolioFlags::gen`]), as MGLRU
+/// keeps it in `folio->flags`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LruLink {
-    prev: u32,
-    next: u32,
+    pub(crate) prev: u32,
+    pub(crate) next: u32,
 }
 
 impl Default for LruLink {
@@ -105,8 +126,8 @@ pub struct Folio {
     pub pool_state: BlockState,
     /// LRU links.
     pub lru: LruLink,
-    /// Swap slot, once swap exists.
-    pub swap: Option<u32>,
+    /// First swap slot while in the swap cache (the slots are contiguous).
+    pub swap: Option<SwapSlot>,
 }
 
 impl Folio {
@@ -133,8 +154,8 @@ pub struct FreedRange {
 pub struct FolioSlab {
     slots: Vec<Option<Folio>>,
     free_ids: Vec<u32>,
-    lru_head: Option<u32>,
-    lru_tail: Option<u32>,
+    /// LRU generations, one set per VM (indexed by VM id).
+    pub(crate) lruvecs: Vec<LruVec>,
     /// Partially mapped folios waiting for the split worker.
     pub(crate) deferred_split: VecDeque<FolioId>,
     nr_live: u64,
@@ -167,7 +188,7 @@ impl FolioSlab {
         self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)
     }
 
-    fn live(&mut self, id: FolioId) -> &mut Folio {
+    pub(crate) fn live(&mut self, id: FolioId) -> &mut Folio {
         self.get_mut(id)
             .unwrap_or_else(|| panic!("folio {id:?} is not live"))
     }
@@ -206,52 +227,6 @@ impl FolioSlab {
             pool: f.pool,
             order: f.order,
             state: f.pool_state,
-        })
-    }
-
-    /// Add to the LRU tail (`folio_add_lru()`).
-    pub fn lru_add(&mut self, id: FolioId) {
-        let tail = self.lru_tail;
-        let f = self.live(id);
-        debug_assert!(!f.flags.contains(FolioFlags::LRU));
-        f.flags.insert(FolioFlags::LRU);
-        f.lru = LruLink {
-            prev: tail.unwrap_or(NO_LINK),
-            next: NO_LINK,
-        };
-        match tail {
-            Some(t) => self.live(FolioId(t)).lru.next = id.0,
-            None => self.lru_head = Some(id.0),
-        }
-        self.lru_tail = Some(id.0);
-    }
-
-    /// Take off the LRU if on it (`folio_isolate_lru()` without the isolate).
-    pub fn lru_del(&mut self, id: FolioId) {
-        let f = self.live(id);
-        if !f.flags.contains(FolioFlags::LRU) {
-            return;
-        }
-        f.flags.remove(FolioFlags::LRU);
-        let LruLink { prev, next } = std::mem::take(&mut f.lru);
-        match prev {
-            NO_LINK => self.lru_head = (next != NO_LINK).then_some(next),
-            p => self.live(FolioId(p)).lru.next = next,
-        }
-        match next {
-            NO_LINK => self.lru_tail = (prev != NO_LINK).then_some(prev),
-            n => self.live(FolioId(n)).lru.prev = prev,
-        }
-    }
-
-    /// LRU order, oldest first (for tests and the future reclaimer).
-    pub fn lru_iter(&self) -> impl Iterator<Item = FolioId> + '_ {
-        let mut cur = self.lru_head;
-        std::iter::from_fn(move || {
-            let id = cur?;
-            let next = self.get(FolioId(id))?.lru.next;
-            cur = (next != NO_LINK).then_some(next);
-            Some(FolioId(id))
         })
     }
 
@@ -349,6 +324,14 @@ impl FolioTable {
         FolioLockGuard { table: self, id }
     }
 
+    /// The guard of a folio created with `LOCKED` already set
+    /// (`__folio_set_locked()` on a new folio): nobody could reach it
+    /// before, so the lock is ours.
+    pub(crate) fn assume_locked(&self, id: FolioId) -> FolioLockGuard<'_> {
+        debug_assert!(self.slab().live(id).flags.contains(FolioFlags::LOCKED));
+        FolioLockGuard { table: self, id }
+    }
+
     /// Take the folio lock if it is free (`folio_trylock()`).
     pub fn trylock(&self, id: FolioId) -> Option<FolioLockGuard<'_>> {
         self.try_set_locked(id)
@@ -425,7 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn lru_is_a_fifo_with_middle_removal() {
+    fn lru_keeps_order_with_middle_removal() {
         let t = FolioTable::default();
         let mut s = t.slab();
         let ids: Vec<_> = (0..5).map(|i| s.insert(test_folio(i, Order(0)))).collect();

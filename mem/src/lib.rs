@@ -63,6 +63,7 @@ pub mod buddy;
 mod discard;
 mod fault;
 pub mod folio;
+pub mod lru;
 mod manager;
 mod pin;
 pub mod pool;
@@ -72,16 +73,27 @@ pub mod rmap;
 pub mod smaps;
 mod split;
 pub mod stats;
+pub mod swap_cache;
+pub mod swap_file;
+pub mod swap_map;
+mod swapin;
 pub mod sys;
 mod types;
 mod vm;
+mod vmscan;
 
 pub use discard::{DiscardError, DiscardOutcome};
-pub use manager::{BackendError, MemoryManager, MmConfig, MmError, VmError};
+pub use manager::{
+    BackendError, MemoryManager, MmConfig, MmError, ReclaimConfig, ReclaimError, VmError,
+};
 pub use pin::{PinError, PinGuard};
-pub use stats::{FaultStats, Histogram, MmStats, VmStats};
-pub use types::{FolioId, GuestAddress, HostAddr, Order, PageIndex, PoolOffset, VmId, PAGE_SIZE};
+pub use stats::{FaultStats, Histogram, MmStats, SwapDeviceStats, SwapStats, VmStats};
+pub use swap_file::{FaultPlan, InjectedFault, IoOp, SwapConfig, SwapFileError, SwapTarget};
+pub use types::{
+    FolioId, GuestAddress, HostAddr, Order, PageIndex, PoolOffset, SwapSlot, VmId, PAGE_SIZE,
+};
 pub use vm::FolioBackend;
+pub use vmscan::VmLimits;
 
 /// A guest RAM region as the VMM sees it: guest-physical base, host mapping, size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

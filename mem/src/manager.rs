@@ -9,15 +9,22 @@ use crate::folio::{FolioTable, FreedRange};
 use crate::pin::{self, PinError, PinGuard};
 use crate::pool::Pool;
 use crate::prezero;
+use crate::pte::PteState;
 use crate::stats::{FaultCounters, MmStats, VmCounters, VmStats, WorkerCounters};
+use crate::stats::{SwapCounters, SwapDeviceStats};
+use crate::swap_cache::SwapDevice;
+use crate::swap_file::{FaultPlan, SwapConfig, SwapFileError};
+use crate::swap_map::SlotState;
+use crate::sys::userfaultfd::FEATURE_POISON;
 use crate::sys::userfaultfd::{RawUffd, FEATURE_MOVE, REGISTER_MODE_MISSING, REGISTER_MODE_WP};
 use crate::sys::EventFd;
 use crate::types::{GuestAddress, Order, VmId, PAGE_SIZE};
 use crate::vm::{log_error, FolioBackend, Region, VmState};
+use crate::vmscan::{self, VmLimits};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +38,56 @@ pub struct MmConfig {
     /// Keep at most this much free memory pre-zeroed (`None`: all of it).
     /// Pre-zeroed memory is populated host memory.
     pub prezero_limit_bytes: Option<u64>,
+    /// The swap file (`--swap-file`/`--swap-dir`, `--swap-size`); `None`:
+    /// no swap, and faults beyond the budget wait for a discard.
+    pub swap: Option<SwapConfig>,
+    /// Reclaim settings.
+    pub reclaim: ReclaimConfig,
+}
+
+/// Reclaim settings of a [`MmConfig`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReclaimConfig {
+    /// Run the background reclaimer (`kswapd`). Direct reclaim on faults
+    /// runs either way when there is a swap file.
+    pub background: bool,
+    /// Wake the background reclaimer below this much free memory
+    /// (`None`: 1/64 of the budget, at least 2 MiB).
+    pub low_watermark_bytes: Option<u64>,
+    /// It reclaims until this much is free (`None`: twice the low mark).
+    pub high_watermark_bytes: Option<u64>,
+}
+
+impl Default for ReclaimConfig {
+    fn default() -> Self {
+        ReclaimConfig {
+            background: true,
+            low_watermark_bytes: None,
+            high_watermark_bytes: None,
+        }
+    }
+}
+
+/// Watermarks in pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Watermarks {
+    pub low: u64,
+    pub high: u64,
+}
+
+impl Watermarks {
+    fn new(c: &ReclaimConfig, pool_pages: u64) -> Watermarks {
+        let low = c
+            .low_watermark_bytes
+            .map_or((pool_pages / 64).max(512), |b| b / PAGE_SIZE)
+            .min(pool_pages / 2);
+        let high = c
+            .high_watermark_bytes
+            .map_or(low * 2, |b| b / PAGE_SIZE)
+            .max(low)
+            .min(pool_pages);
+        Watermarks { low, high }
+    }
 }
 
 impl MmConfig {
@@ -40,6 +97,8 @@ impl MmConfig {
             budget_bytes: bytes,
             handler_threads: 2,
             prezero_limit_bytes: None,
+            swap: None,
+            reclaim: ReclaimConfig::default(),
         }
     }
 }
@@ -62,6 +121,9 @@ pub enum MmError {
     /// A thread could not be started.
     #[error("cannot start a memory manager thread")]
     Thread(#[source] io::Error),
+    /// The swap file could not be set up.
+    #[error("cannot set up the swap file")]
+    Swap(#[source] SwapFileError),
 }
 
 /// Errors from VM lookups and [`MemoryManager::destroy_vm`].
@@ -70,6 +132,17 @@ pub enum VmError {
     /// No VM has this id (never created, or destroyed).
     #[error("no VM {0:?}")]
     NoSuchVm(VmId),
+}
+
+/// Errors from [`MemoryManager::reclaim`] and [`MemoryManager::inject_swap_faults`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReclaimError {
+    /// No VM has this id.
+    #[error("no VM {0:?}")]
+    NoSuchVm(VmId),
+    /// The manager has no swap file, so nothing can be reclaimed.
+    #[error("no swap file configured")]
+    NoSwap,
 }
 
 /// Errors from [`MemoryManager::backend`].
@@ -124,6 +197,16 @@ pub(crate) struct Inner {
     pub prezero_limit_pages: u64,
     pub shutdown: AtomicBool,
     pub stop_fd: EventFd,
+    /// The swap file, swap map and swap cache.
+    pub swap: Option<SwapDevice>,
+    /// Swap and reclaim counters of all VMs.
+    pub swap_counters: SwapCounters,
+    pub watermarks: Watermarks,
+    /// Reclaim passes running now (for [`MemoryManager::wait_idle`]).
+    pub reclaimers: AtomicU64,
+    /// Background reclaimer wake-up flag. Leaf.
+    kswapd_kick: Mutex<bool>,
+    kswapd_cv: Condvar,
 }
 
 impl Inner {
@@ -201,7 +284,44 @@ impl Inner {
             .timed_out()
     }
 
-    fn vm(&self, id: VmId) -> Option<Arc<VmState>> {
+    /// Wake the background reclaimer.
+    pub fn kick_kswapd(&self) {
+        *self.kswapd_kick.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.kswapd_cv.notify_one();
+    }
+
+    /// Background reclaimer side: wait for a kick or `timeout`.
+    pub fn wait_kswapd(&self, timeout: Duration) {
+        let mut k = self.kswapd_kick.lock().unwrap_or_else(|e| e.into_inner());
+        if !*k {
+            k = self
+                .kswapd_cv
+                .wait_timeout(k, timeout)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *k = false;
+    }
+
+    /// Kick the background reclaimer if free memory is below the low mark.
+    pub fn check_watermark(&self, free_pages: u64) {
+        if free_pages < self.watermarks.low && self.swap.is_some() {
+            self.kick_kswapd();
+        }
+    }
+
+    /// Every live VM.
+    pub fn live_vms(&self) -> Vec<Arc<VmState>> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// VM `id`, if alive.
+    pub fn vm(&self, id: VmId) -> Option<Arc<VmState>> {
         self.vms
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -233,8 +353,13 @@ impl MemoryManager {
         if config.handler_threads == 0 {
             return Err(MmError::BadConfig("no handler threads"));
         }
+        let swap = match &config.swap {
+            Some(c) => Some(SwapDevice::new(c).map_err(MmError::Swap)?),
+            None => None,
+        };
         let pool = Pool::new(config.budget_bytes).map_err(MmError::Pool)?;
-        let uffd = RawUffd::open(FEATURE_MOVE).map_err(MmError::Userfaultfd)?;
+        let uffd = RawUffd::open(FEATURE_MOVE | FEATURE_POISON).map_err(MmError::Userfaultfd)?;
+        let watermarks = Watermarks::new(&config.reclaim, pool.nr_pages());
         uffd.register(pool.base().raw(), pool.len(), REGISTER_MODE_WP)
             .map_err(MmError::RegisterPool)?;
         let limit = config
@@ -258,6 +383,12 @@ impl MemoryManager {
             prezero_limit_pages: limit,
             shutdown: AtomicBool::new(false),
             stop_fd: EventFd::new().map_err(MmError::Thread)?,
+            swap,
+            swap_counters: SwapCounters::default(),
+            watermarks,
+            reclaimers: AtomicU64::new(0),
+            kswapd_kick: Mutex::new(false),
+            kswapd_cv: Condvar::new(),
         });
         let mm = Arc::new(MemoryManager {
             inner,
@@ -284,6 +415,14 @@ impl MemoryManager {
             .spawn(move || prezero::worker_thread(&inner))
             .map_err(MmError::Thread)?;
         threads.push(t);
+        if self.inner.swap.is_some() && self.config.reclaim.background {
+            let inner = self.inner.clone();
+            let t = std::thread::Builder::new()
+                .name("mm-kswapd".into())
+                .spawn(move || vmscan::kswapd_thread(&inner))
+                .map_err(MmError::Thread)?;
+            threads.push(t);
+        }
         Ok(())
     }
 
@@ -298,13 +437,7 @@ impl MemoryManager {
     /// None today; the `Result` leaves room for per-VM limits.
     pub fn create_vm(&self, name: &str) -> Result<VmId, VmError> {
         let id = VmId(self.inner.next_vm.fetch_add(1, Relaxed));
-        let vm = Arc::new(VmState {
-            id,
-            name: name.to_owned(),
-            inner: self.inner.clone(),
-            regions: OnceLock::new(),
-            counters: Arc::new(VmCounters::default()),
-        });
+        let vm = Arc::new(VmState::new(id, name, self.inner.clone()));
         self.inner
             .vms
             .lock()
@@ -403,6 +536,49 @@ impl MemoryManager {
         pin::pin(&self.inner, state, gpa, len)
     }
 
+    /// Set `vm`'s reclaim limits; they apply from its next fault and the
+    /// next background reclaim round.
+    ///
+    /// # Errors
+    /// [`VmError::NoSuchVm`].
+    pub fn set_vm_limits(&self, vm: VmId, limits: VmLimits) -> Result<(), VmError> {
+        let state = self.inner.vm(vm).ok_or(VmError::NoSuchVm(vm))?;
+        state.set_limits(limits);
+        self.inner.kick_kswapd();
+        Ok(())
+    }
+
+    /// Reclaim about `bytes` now, from `vm` or (with `None`) from the VMs
+    /// the policy picks, never below any VM's minimum. Returns the bytes
+    /// freed (less than asked when nothing more is reclaimable).
+    ///
+    /// # Errors
+    /// [`ReclaimError`].
+    ///
+    /// # Context
+    /// Blocks for the swap I/O; call it from a thread that may block (not
+    /// a vCPU thread).
+    pub fn reclaim(&self, vm: Option<VmId>, bytes: u64) -> Result<u64, ReclaimError> {
+        if self.inner.swap.is_none() {
+            return Err(ReclaimError::NoSwap);
+        }
+        if let Some(id) = vm {
+            self.inner.vm(id).ok_or(ReclaimError::NoSuchVm(id))?;
+        }
+        Ok(vmscan::reclaim_bytes(&self.inner, vm, bytes))
+    }
+
+    /// Inject faults into the swap file's I/O (tests and fault drills). An
+    /// empty list disarms injection.
+    ///
+    /// # Errors
+    /// [`ReclaimError::NoSwap`] without a swap file.
+    pub fn inject_swap_faults(&self, plans: Vec<FaultPlan>) -> Result<(), ReclaimError> {
+        let dev = self.inner.swap.as_ref().ok_or(ReclaimError::NoSwap)?;
+        dev.file.set_fault_plans(plans);
+        Ok(())
+    }
+
     /// Manager-wide statistics.
     pub fn stats(&self) -> MmStats {
         let inner = &self.inner;
@@ -445,6 +621,25 @@ impl MemoryManager {
             }
         }
         s.metadata_bytes = meta;
+        s.swap = inner.swap_counters.snapshot();
+        if let Some(dev) = inner.swap.as_ref() {
+            let st = dev.lock();
+            let c = &dev.file.counters;
+            s.swap_device = SwapDeviceStats {
+                total_bytes: st.map.nr_slots() * PAGE_SIZE,
+                used_bytes: st.map.nr_used() * PAGE_SIZE,
+                cache_pages: st.cache.nr_pages(),
+                direct_io: dev.file.direct_io(),
+                reads: c.reads.load(Relaxed),
+                read_bytes: c.read_bytes.load(Relaxed),
+                writes: c.writes.load(Relaxed),
+                write_bytes: c.write_bytes.load(Relaxed),
+                io_errors: c.errors.load(Relaxed),
+                short_retries: c.short_retries.load(Relaxed),
+                injected_faults: c.injected.load(Relaxed),
+                metadata_bytes: st.map.metadata_bytes() + st.cache.nr_folios() * 48,
+            };
+        }
         s
     }
 
@@ -463,11 +658,14 @@ impl MemoryManager {
             discard_skipped_pinned: c.discard_skipped_pinned.load(Relaxed),
             discard_fallback_dontneed: c.discard_fallback_dontneed.load(Relaxed),
             pinned_pages: c.pinned_pages.load(Relaxed).max(0) as u64,
+            swap: c.swap.snapshot(),
+            limits: state.limits(),
         })
     }
 
     /// Wait until the pre-zeroing worker has prepared every free block (up
-    /// to the configured limit) and the deferred-split queue is empty.
+    /// to the configured limit), the deferred-split queue is empty and no
+    /// reclaim pass is running.
     /// Returns false at the timeout. For benchmarks and tests.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let start = Instant::now();
@@ -479,7 +677,8 @@ impl MemoryManager {
             };
             let splits = !self.inner.folios.slab().deferred_split.is_empty();
             let isolated = self.inner.isolated_pages.load(Relaxed) > 0;
-            if !unprepared && !splits && !isolated {
+            let reclaiming = self.inner.reclaimers.load(Relaxed) > 0;
+            if !unprepared && !splits && !isolated && !reclaiming {
                 return true;
             }
             self.inner.kick_worker();
@@ -489,12 +688,15 @@ impl MemoryManager {
     }
 
     /// Check that the allocator balances: free + isolated + pages of live
-    /// folios = pool size, and the free lists are consistent. Meant for a
-    /// quiescent manager (tests, debugging).
+    /// folios = pool size, and the free lists are consistent; and that the
+    /// swap map, swap cache and swapped-page counts agree: every allocated
+    /// slot is named by exactly one `Swap` entry of a live VM, and the
+    /// swap cache is empty. Meant for a quiescent manager (tests, debugging).
     ///
     /// # Errors
     /// A description of the imbalance.
     pub fn check_accounting(&self) -> Result<(), String> {
+        self.check_swap()?;
         let (fa, check) = {
             let b = self.inner.buddy();
             (b.stats(), b.check())
@@ -512,6 +714,66 @@ impl MemoryManager {
             return Err(format!(
                 "free {} + folios {folio_pages} + isolated {isolated} != pool {}",
                 fa.free_pages, fa.total_pages
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl MemoryManager {
+    fn check_swap(&self) -> Result<(), String> {
+        let Some(dev) = self.inner.swap.as_ref() else {
+            return Ok(());
+        };
+        let mut named = 0u64;
+        let mut swapped_counter = 0i64;
+        for vm in self.inner.live_vms() {
+            swapped_counter += vm.counters.swap.swapped_pages.load(Relaxed);
+            for r in vm.regions() {
+                for t in 0..r.pt.nr_tables() {
+                    let ptl = r.pt.lock(crate::PageIndex(t * crate::pte::PTRS_PER_TABLE));
+                    let st = dev.lock();
+                    for i in ptl.first().0..ptl.end().0 {
+                        match ptl.pte(crate::PageIndex(i)).state() {
+                            PteState::Swap { slot } => {
+                                named += 1;
+                                let s = st.map.state(slot);
+                                if s != (SlotState::Used {
+                                    count: 1,
+                                    cached: false,
+                                }) {
+                                    return Err(format!(
+                                        "vm {:?} page {i}: slot {slot:?} is {s:?}",
+                                        vm.id
+                                    ));
+                                }
+                            }
+                            PteState::SwapinMarker { .. } => {
+                                return Err(format!("page {i}: swapin marker left behind"));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        let st = dev.lock();
+        st.map.check()?;
+        if st.cache.nr_pages() != 0 {
+            return Err(format!(
+                "{} pages left in the swap cache",
+                st.cache.nr_pages()
+            ));
+        }
+        if st.map.nr_used() != named {
+            return Err(format!(
+                "{} slots used, {named} named by swap entries",
+                st.map.nr_used()
+            ));
+        }
+        if swapped_counter != named as i64 {
+            return Err(format!(
+                "swapped-page counters say {swapped_counter}, entries {named}"
             ));
         }
         Ok(())

@@ -39,6 +39,9 @@ pub enum PinError {
     /// The VM is being torn down.
     #[error("VM is being torn down")]
     Dead,
+    /// A page of the range lost its swapped-out contents and is poisoned.
+    #[error("a page of the range is poisoned (swapin failed)")]
+    Poisoned,
 }
 
 /// A pinned guest range; unpinned on drop.
@@ -132,7 +135,10 @@ fn pin_page(
         drop(ptl);
         match fault_in(inner, region, idx) {
             FaultOutcome::Dead => return Err(PinError::Dead),
-            FaultOutcome::NoMemory { .. } => {
+            FaultOutcome::NoMemory { oom } => {
+                if oom && crate::vmscan::can_reclaim(inner) {
+                    crate::vmscan::direct_reclaim(inner, region);
+                }
                 // Device threads may wait for the worker; handlers never do.
                 waited += 1;
                 if waited > 500 || !inner.wait_for_memory(Duration::from_millis(10)) && waited > 100
@@ -140,7 +146,11 @@ fn pin_page(
                     return Err(PinError::NoMemory);
                 }
             }
-            FaultOutcome::Installed(_) | FaultOutcome::Raced => {}
+            FaultOutcome::Poisoned => return Err(PinError::Poisoned),
+            FaultOutcome::Installed(_)
+            | FaultOutcome::Raced
+            | FaultOutcome::Refaulted
+            | FaultOutcome::Retry => {}
         }
     }
 }

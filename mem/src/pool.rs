@@ -90,6 +90,22 @@ impl Pool {
         Ok(false)
     }
 
+    /// The bytes of `nr` pool pages at `off`, for swap I/O.
+    ///
+    /// # Safety
+    /// The caller owns the range for the lifetime of the slice: it belongs
+    /// to a locked folio whose pages are not mapped into any guest (they
+    /// sit in the pool), and no other slice of it exists.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn pages_mut(&self, off: PoolOffset, nr: u64) -> &mut [u8] {
+        debug_assert!(off.pfn() + nr <= self.nr_pages);
+        // SAFETY: in bounds of the live mapping (asserted); exclusivity is
+        // the caller's contract.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.host_addr(off).as_ptr(), (nr * PAGE_SIZE) as usize)
+        }
+    }
+
     /// Drop the pages of a pool range (after a COPY fallback left them here
     /// while the folio's data now lives in the guest).
     ///

@@ -10,7 +10,7 @@
 //!
 //! Analogue of `pte_t`/`pmd_t`, `pte_offset_map_lock()` and `split_huge_pmd()`.
 
-use crate::types::{FolioId, Order, PageIndex};
+use crate::types::{FolioId, Order, PageIndex, SwapSlot};
 use std::sync::{Mutex, MutexGuard};
 
 /// Pages covered by one page-table lock (one PMD).
@@ -18,16 +18,15 @@ pub const PTRS_PER_TABLE: u64 = 512;
 
 /// A packed page-table entry.
 ///
-/// | bits   | `None` | `Present`   | `Swap` | `Migration` | `SwapinMarker` | `Zero` |
-/// |--------|--------|-------------|--------|-------------|----------------|--------|
-/// | 63..60 | 0      | 1           | 2      | 3           | 4              | 5      |
-/// | 40..9  | 0      | folio id    | 0      | folio id    | folio id       | 0      |
-/// | 8..0   | 0      | subpage     | 0      | 0           | 0              | 0      |
-/// | 31..0  |        |             | slot   |             |                |        |
+/// | bits   | `None` | `Present` | `Swap` | `Migration` | `SwapinMarker` | `Zero` | `ProtNone` | `Poisoned` |
+/// |--------|--------|-----------|--------|-------------|----------------|--------|------------|------------|
+/// | 63..60 | 0      | 1         | 2      | 3           | 4              | 5      | 6          | 7          |
+/// | 40..9  | 0      | folio id  | 0      | folio id    | folio id       | 0      | folio id   | 0          |
+/// | 8..0   | 0      | subpage   | 0      | 0           | 0              | 0      | subpage    | 0          |
+/// | 31..0  |        |           | slot   |             |                |        |            |            |
 ///
 /// `subpage` is the page's index inside its folio (< 512, as order ≤ 9).
-/// `Swap`, `Migration` and `SwapinMarker` are defined for the swap and
-/// migration work and not produced yet.
+/// `Migration` is defined for the migration work and not produced yet.
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub struct Pte(u64);
@@ -47,7 +46,7 @@ pub enum PteState {
     /// Swapped out to `slot`.
     Swap {
         /// The swap slot.
-        slot: u32,
+        slot: SwapSlot,
     },
     /// Being migrated away from `folio`; faulters sleep on its folio lock.
     Migration {
@@ -61,6 +60,19 @@ pub enum PteState {
     },
     /// Known zero-filled, not backed (reclaimed as zero).
     Zero,
+    /// Still mapped in the rmap sense (counted in the mapcount) but moved
+    /// out to the folio's pool range to sample accesses, like a NUMA
+    /// hinting `PROT_NONE` pte: a fault moves it back and marks the folio
+    /// referenced ([`crate::vmscan`]).
+    ProtNone {
+        /// The folio.
+        folio: FolioId,
+        /// Index of this page inside the folio.
+        subpage: u16,
+    },
+    /// The guest page carries a `UFFDIO_POISON` marker: its swapped-out
+    /// contents could not be read back intact. Accesses get `SIGBUS`.
+    Poisoned,
 }
 
 const KIND_SHIFT: u32 = 60;
@@ -72,6 +84,8 @@ const KIND_SWAP: u64 = 2;
 const KIND_MIGRATION: u64 = 3;
 const KIND_SWAPIN: u64 = 4;
 const KIND_ZERO: u64 = 5;
+const KIND_PROTNONE: u64 = 6;
+const KIND_POISONED: u64 = 7;
 
 impl Pte {
     /// The empty entry.
@@ -80,16 +94,19 @@ impl Pte {
     /// Encode `state`.
     pub fn new(state: PteState) -> Pte {
         let folio_bits = |f: FolioId| (f.0 as u64) << FOLIO_SHIFT;
+        let page = |kind: u64, folio: FolioId, subpage: u16| {
+            debug_assert!((subpage as u64) <= SUBPAGE_MASK);
+            (kind << KIND_SHIFT) | folio_bits(folio) | (subpage as u64 & SUBPAGE_MASK)
+        };
         Pte(match state {
             PteState::None => 0,
-            PteState::Present { folio, subpage } => {
-                debug_assert!((subpage as u64) <= SUBPAGE_MASK);
-                (KIND_PRESENT << KIND_SHIFT) | folio_bits(folio) | (subpage as u64 & SUBPAGE_MASK)
-            }
-            PteState::Swap { slot } => (KIND_SWAP << KIND_SHIFT) | slot as u64,
+            PteState::Present { folio, subpage } => page(KIND_PRESENT, folio, subpage),
+            PteState::Swap { slot } => (KIND_SWAP << KIND_SHIFT) | slot.0 as u64,
             PteState::Migration { folio } => (KIND_MIGRATION << KIND_SHIFT) | folio_bits(folio),
             PteState::SwapinMarker { folio } => (KIND_SWAPIN << KIND_SHIFT) | folio_bits(folio),
             PteState::Zero => KIND_ZERO << KIND_SHIFT,
+            PteState::ProtNone { folio, subpage } => page(KIND_PROTNONE, folio, subpage),
+            PteState::Poisoned => KIND_POISONED << KIND_SHIFT,
         })
     }
 
@@ -101,21 +118,34 @@ impl Pte {
         })
     }
 
+    /// A sampled-out entry for `subpage` of `folio`.
+    pub fn prot_none(folio: FolioId, subpage: u64) -> Pte {
+        Pte::new(PteState::ProtNone {
+            folio,
+            subpage: subpage as u16,
+        })
+    }
+
+    /// A swap entry.
+    pub fn swap(slot: SwapSlot) -> Pte {
+        Pte::new(PteState::Swap { slot })
+    }
+
     /// Decode.
     pub fn state(self) -> PteState {
         let folio = FolioId((self.0 >> FOLIO_SHIFT) as u32);
+        let subpage = (self.0 & SUBPAGE_MASK) as u16;
         match self.0 >> KIND_SHIFT {
             KIND_NONE => PteState::None,
-            KIND_PRESENT => PteState::Present {
-                folio,
-                subpage: (self.0 & SUBPAGE_MASK) as u16,
-            },
+            KIND_PRESENT => PteState::Present { folio, subpage },
             KIND_SWAP => PteState::Swap {
-                slot: self.0 as u32,
+                slot: SwapSlot(self.0 as u32),
             },
             KIND_MIGRATION => PteState::Migration { folio },
             KIND_SWAPIN => PteState::SwapinMarker { folio },
             KIND_ZERO => PteState::Zero,
+            KIND_PROTNONE => PteState::ProtNone { folio, subpage },
+            KIND_POISONED => PteState::Poisoned,
             k => unreachable!("invalid pte kind {k}"),
         }
     }
@@ -123,6 +153,30 @@ impl Pte {
     /// Whether the entry is `None`.
     pub fn is_none(self) -> bool {
         self.0 == 0
+    }
+
+    /// The entry of the page `n` pages after this one in a uniform run:
+    /// the next subpage of the same folio, the next swap slot, or the same
+    /// entry for kinds without a per-page part. This is what a PMD-level
+    /// entry expands to.
+    pub fn nth(self, n: u64) -> Pte {
+        match self.state() {
+            PteState::Present { folio, subpage } => Pte::present(folio, subpage as u64 + n),
+            PteState::ProtNone { folio, subpage } => Pte::prot_none(folio, subpage as u64 + n),
+            PteState::Swap { slot } => Pte::swap(slot.forward(n)),
+            _ => self,
+        }
+    }
+
+    /// The folio this entry refers to while the folio maps the page
+    /// (`Present` or `ProtNone`), with the subpage.
+    pub fn mapped_folio(self) -> Option<(FolioId, u16)> {
+        match self.state() {
+            PteState::Present { folio, subpage } | PteState::ProtNone { folio, subpage } => {
+                Some((folio, subpage))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -138,8 +192,10 @@ pub enum Pmd {
     /// All 512 entries are `None`.
     #[default]
     None,
-    /// All 512 entries map one order-9 folio, subpage i at entry i.
-    Huge(FolioId),
+    /// All 512 entries are one uniform run: entry i is `base.nth(i)`
+    /// ([`Pte::nth`]): one order-9 folio mapped (or sampled out), 512
+    /// contiguous swap slots, or 512 equal entries.
+    Huge(Pte),
     /// A PTE table.
     Table(Box<[Pte; PTRS_PER_TABLE as usize]>),
 }
@@ -262,7 +318,7 @@ impl PtlGuard<'_> {
         let i = self.slot(idx);
         match &self.guard.pmd {
             Pmd::None => Pte::NONE,
-            Pmd::Huge(f) => Pte::present(*f, i as u64),
+            Pmd::Huge(base) => base.nth(i as u64),
             Pmd::Table(t) => t[i],
         }
     }
@@ -279,12 +335,55 @@ impl PtlGuard<'_> {
         }
     }
 
+    /// Whether every entry of `[first, first + nr)` is `None` or `Zero`:
+    /// a fresh zeroed folio may fill it.
+    pub fn range_is_unbacked(&self, first: PageIndex, nr: u64) -> bool {
+        match &self.guard.pmd {
+            Pmd::None => true,
+            Pmd::Huge(base) => base.state() == PteState::Zero,
+            Pmd::Table(t) => {
+                let i = self.slot(first);
+                t[i..i + nr as usize]
+                    .iter()
+                    .all(|p| matches!(p.state(), PteState::None | PteState::Zero))
+            }
+        }
+    }
+
+    /// Whether `[first, first + nr)` holds exactly the run `base.nth(0..nr)`.
+    pub fn range_is(&self, first: PageIndex, nr: u64, base: Pte) -> bool {
+        if let Pmd::Huge(b) = &self.guard.pmd {
+            if nr == PTRS_PER_TABLE && first == self.first {
+                return *b == base;
+            }
+        }
+        (0..nr).all(|k| self.pte(first.forward(k)) == base.nth(k))
+    }
+
+    /// Set `[first, first + nr)` to the run `base.nth(0..nr)`, as one
+    /// PMD-level entry when it covers the whole table.
+    pub fn set_range(&mut self, first: PageIndex, nr: u64, base: Pte) {
+        let whole = first == self.first
+            && nr == PTRS_PER_TABLE
+            && self.end.0 - self.first.0 == PTRS_PER_TABLE;
+        if whole {
+            (self.guard.pmd, self.guard.nr_used) = match base.is_none() {
+                true => (Pmd::None, 0),
+                false => (Pmd::Huge(base), PTRS_PER_TABLE as u16),
+            };
+            return;
+        }
+        for k in 0..nr {
+            self.set_pte(first.forward(k), base.nth(k));
+        }
+    }
+
     /// Expand a PMD-level entry into a PTE table (`split_huge_pmd()`).
     fn table(&mut self) -> &mut [Pte; PTRS_PER_TABLE as usize] {
         let pmd = std::mem::take(&mut self.guard.pmd);
         self.guard.pmd = Pmd::Table(match pmd {
             Pmd::None => Box::new([Pte::NONE; PTRS_PER_TABLE as usize]),
-            Pmd::Huge(f) => Box::new(std::array::from_fn(|i| Pte::present(f, i as u64))),
+            Pmd::Huge(base) => Box::new(std::array::from_fn(|i| base.nth(i as u64))),
             Pmd::Table(t) => t,
         });
         match &mut self.guard.pmd {
@@ -316,18 +415,8 @@ impl PtlGuard<'_> {
     /// Invariant: the range is aligned to the order and all `None`.
     pub fn map_folio(&mut self, first: PageIndex, folio: FolioId, order: Order) {
         debug_assert_eq!(first.align_down(order), first);
-        debug_assert!(self.range_is_none(first, order.nr_pages()));
-        if order == Order::PMD
-            && matches!(self.guard.pmd, Pmd::None)
-            && self.end.0 - self.first.0 == PTRS_PER_TABLE
-        {
-            self.guard.pmd = Pmd::Huge(folio);
-            self.guard.nr_used = PTRS_PER_TABLE as u16;
-            return;
-        }
-        for n in 0..order.nr_pages() {
-            self.set_pte(first.forward(n), Pte::present(folio, n));
-        }
+        debug_assert!(self.range_is_unbacked(first, order.nr_pages()));
+        self.set_range(first, order.nr_pages(), Pte::present(folio, 0));
     }
 
     /// Clear every entry, returning the old non-`None` ones (for teardown).
@@ -359,12 +448,18 @@ mod tests {
             Just(PteState::None),
             (folio.clone(), 0u16..512)
                 .prop_map(|(folio, subpage)| PteState::Present { folio, subpage }),
-            any::<u32>().prop_map(|slot| PteState::Swap { slot }),
+            any::<u32>().prop_map(|slot| PteState::Swap {
+                slot: SwapSlot(slot)
+            }),
             folio
                 .clone()
                 .prop_map(|folio| PteState::Migration { folio }),
-            folio.prop_map(|folio| PteState::SwapinMarker { folio }),
+            folio
+                .clone()
+                .prop_map(|folio| PteState::SwapinMarker { folio }),
             Just(PteState::Zero),
+            (folio, 0u16..512).prop_map(|(folio, subpage)| PteState::ProtNone { folio, subpage }),
+            Just(PteState::Poisoned),
         ]
     }
 

@@ -65,6 +65,58 @@ pub fn add_new_anon_rmap(
     id
 }
 
+/// A set of subpages of one folio (bit i: subpage i), as used for the
+/// per-page mapcount.
+pub type PageMask = [u64; 8];
+
+/// A mask of subpages `[0, nr)`.
+pub fn full_mask(nr: u64) -> PageMask {
+    let mut m = [0u64; 8];
+    (0..nr).for_each(|i| m[(i / 64) as usize] |= 1 << (i % 64));
+    m
+}
+
+/// Whether subpage `i` is in `mask`.
+pub fn mask_test(mask: &PageMask, i: u64) -> bool {
+    bit(mask, i)
+}
+
+/// Map the subpages in `mask` of a folio that nothing maps (just read in,
+/// or found in the swap cache) at its rmap location
+/// (`folio_add_anon_rmap_ptes()` with `RMAP_EXCLUSIVE`, for `do_swap_page()`).
+/// Returns whether the folio became partially mapped (queued for split).
+///
+/// Exclusivity is the state recorded at swap-out: guest memory is private
+/// to the one VM in the folio's rmap, so the folio maps back exclusive.
+///
+/// # Context
+/// The folio lock is held (the folio was visible in the swap cache), and
+/// the page-table lock of the range, and the folio-table lock (`slab`).
+pub fn add_anon_rmap(
+    slab: &mut FolioSlab,
+    _ptl: &PtlGuard<'_>,
+    id: FolioId,
+    mask: &PageMask,
+) -> bool {
+    let f = slab.live(id);
+    debug_assert_eq!(f.mapcount, 0, "{id:?} is mapped already");
+    debug_assert!(f.flags.contains(FolioFlags::LOCKED));
+    let nr = f.nr_pages();
+    let n = (0..nr).filter(|&i| bit(mask, i)).count() as u32;
+    f.mapcount = n;
+    f.refcount += n;
+    f.flags.insert(FolioFlags::EXCLUSIVE);
+    f.flags.insert(FolioFlags::UPTODATE);
+    f.page_mapped = (n as u64 != nr).then(|| Box::new(*mask));
+    update_mapped_range(f);
+    let partial = n > 0 && (n as u64) < nr && !f.flags.contains(FolioFlags::DEFERRED_SPLIT);
+    if partial {
+        f.flags.insert(FolioFlags::DEFERRED_SPLIT);
+        slab.deferred_split.push_back(id);
+    }
+    partial
+}
+
 /// What [`remove_rmap_ptes`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RmapRemoval {

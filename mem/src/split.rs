@@ -10,7 +10,7 @@
 use crate::buddy::BlockState;
 use crate::folio::{Folio, FolioFlags, FreedRange, LruLink};
 use crate::manager::Inner;
-use crate::pte::Pte;
+use crate::pte::{Pte, PteState};
 use crate::rmap::{split_plan, Rmap};
 use crate::types::FolioId;
 use std::sync::atomic::Ordering::Relaxed;
@@ -51,7 +51,11 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
         let mut ptl = region.pt.lock(rmap.index);
         let mut slab = inner.folios.slab();
         let f = slab.get(id).expect("we hold a reference");
-        let partial = f.mapcount > 0 && (f.mapcount as u64) < f.nr_pages() && f.pincount == 0;
+        let partial = f.mapcount > 0
+            && (f.mapcount as u64) < f.nr_pages()
+            && f.pincount == 0
+            && !f.flags.contains(FolioFlags::SWAPCACHE);
+        let sampled = f.flags.contains(FolioFlags::SAMPLED);
         if partial && !ptl.is_dead() {
             let (pool, old_order, pool_state) = (f.pool, f.order, f.pool_state);
             let mut kept_id = false;
@@ -71,7 +75,12 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
                     ..rmap
                 };
                 let pid = if kept_id {
-                    let nid = slab.insert(new_piece(pool.subpage(sub), order, piece));
+                    let mut nf = new_piece(pool.subpage(sub), order, piece);
+                    // A sampled-out folio's pieces stay sampled out.
+                    if sampled {
+                        nf.flags.insert(FolioFlags::SAMPLED);
+                    }
+                    let nid = slab.insert(nf);
                     slab.lru_add(nid);
                     nid
                 } else {
@@ -88,7 +97,12 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
                     id
                 };
                 for k in 0..nr {
-                    ptl.set_pte(piece.index.forward(k), Pte::present(pid, k));
+                    let idx = piece.index.forward(k);
+                    let pte = match ptl.pte(idx).state() {
+                        PteState::ProtNone { .. } => Pte::prot_none(pid, k),
+                        _ => Pte::present(pid, k),
+                    };
+                    ptl.set_pte(idx, pte);
                 }
                 region.counters.resident(old_order, -(nr as i64));
                 region.counters.resident(order, nr as i64);

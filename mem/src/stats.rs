@@ -136,6 +136,136 @@ pub struct FaultStats {
     pub latency: Histogram,
 }
 
+/// Swap and reclaim counters, per VM and for the whole manager.
+#[derive(Debug, Default)]
+pub struct SwapCounters {
+    /// Guest pages whose entry is `Swap` now (a gauge).
+    pub swapped_pages: AtomicI64,
+    /// Pages written to the swap file.
+    pub swapout_pages: AtomicU64,
+    /// Folios written.
+    pub swapout_folios: AtomicU64,
+    /// Large folios that found no contiguous slots and were split to order 0.
+    pub swapout_fallback_order0: AtomicU64,
+    /// Pages read from the swap file.
+    pub swapin_file_pages: AtomicU64,
+    /// Folios read from the swap file.
+    pub swapin_file_folios: AtomicU64,
+    /// Folios mapped back from the swap cache (refault during writeback).
+    pub swapin_cache_folios: AtomicU64,
+    /// Pages reclaimed as `Zero` entries without I/O.
+    pub zero_dropped_pages: AtomicU64,
+    /// Pages reclaimed without a write because the file copy was valid.
+    pub clean_dropped_pages: AtomicU64,
+    /// Guest pages poisoned after a failed swapin.
+    pub poisoned_pages: AtomicU64,
+    /// Failed swap writes (the folio was mapped back).
+    pub write_errors: AtomicU64,
+    /// Failed swap reads (I/O error, short read or checksum mismatch).
+    pub read_errors: AtomicU64,
+    /// Swap-outs abandoned because the swap file had no free slots.
+    pub swap_full: AtomicU64,
+    /// Folios unmapped to sample accesses.
+    pub sampled_folios: AtomicU64,
+    /// Sampled folios that were accessed and faulted back.
+    pub sample_refaults: AtomicU64,
+    /// Folios looked at by reclaim.
+    pub reclaim_scanned: AtomicU64,
+    /// Pages freed by reclaim.
+    pub reclaimed_pages: AtomicU64,
+    /// Direct reclaim runs (on the fault path).
+    pub direct_reclaims: AtomicU64,
+    /// Swapin from the file, fault to mapped.
+    pub swapin_latency: LatencyHistogram,
+    /// Swapin from the swap cache, fault to mapped.
+    pub swapcache_latency: LatencyHistogram,
+}
+
+impl SwapCounters {
+    /// A snapshot.
+    pub fn snapshot(&self) -> SwapStats {
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        SwapStats {
+            swapped_pages: self.swapped_pages.load(Relaxed).max(0) as u64,
+            swapout_pages: l(&self.swapout_pages),
+            swapout_folios: l(&self.swapout_folios),
+            swapout_fallback_order0: l(&self.swapout_fallback_order0),
+            swapin_file_pages: l(&self.swapin_file_pages),
+            swapin_file_folios: l(&self.swapin_file_folios),
+            swapin_cache_folios: l(&self.swapin_cache_folios),
+            zero_dropped_pages: l(&self.zero_dropped_pages),
+            clean_dropped_pages: l(&self.clean_dropped_pages),
+            poisoned_pages: l(&self.poisoned_pages),
+            write_errors: l(&self.write_errors),
+            read_errors: l(&self.read_errors),
+            swap_full: l(&self.swap_full),
+            sampled_folios: l(&self.sampled_folios),
+            sample_refaults: l(&self.sample_refaults),
+            reclaim_scanned: l(&self.reclaim_scanned),
+            reclaimed_pages: l(&self.reclaimed_pages),
+            direct_reclaims: l(&self.direct_reclaims),
+            swapin_latency: self.swapin_latency.snapshot(),
+            swapcache_latency: self.swapcache_latency.snapshot(),
+        }
+    }
+}
+
+/// Snapshot of [`SwapCounters`]; fields as there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct SwapStats {
+    pub swapped_pages: u64,
+    pub swapout_pages: u64,
+    pub swapout_folios: u64,
+    pub swapout_fallback_order0: u64,
+    pub swapin_file_pages: u64,
+    pub swapin_file_folios: u64,
+    pub swapin_cache_folios: u64,
+    pub zero_dropped_pages: u64,
+    pub clean_dropped_pages: u64,
+    pub poisoned_pages: u64,
+    pub write_errors: u64,
+    pub read_errors: u64,
+    pub swap_full: u64,
+    pub sampled_folios: u64,
+    pub sample_refaults: u64,
+    pub reclaim_scanned: u64,
+    pub reclaimed_pages: u64,
+    pub direct_reclaims: u64,
+    pub swapin_latency: Histogram,
+    pub swapcache_latency: Histogram,
+}
+
+/// Host-wide swap device state, in [`MmStats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SwapDeviceStats {
+    /// Swap file size in bytes (0 without swap).
+    pub total_bytes: u64,
+    /// Bytes of allocated slots.
+    pub used_bytes: u64,
+    /// Pages in the swap cache.
+    pub cache_pages: u64,
+    /// Whether the file uses `O_DIRECT`.
+    pub direct_io: bool,
+    /// Read requests / bytes, write requests / bytes.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// I/O errors of any kind.
+    pub io_errors: u64,
+    /// Short transfers continued.
+    pub short_retries: u64,
+    /// Faults injected by a test plan.
+    pub injected_faults: u64,
+    /// Bytes of swap metadata: a count and a checksum per slot, cluster
+    /// records, swap-cache records.
+    pub metadata_bytes: u64,
+}
+
 /// Per-VM counters.
 #[derive(Debug, Default)]
 pub struct VmCounters {
@@ -151,6 +281,8 @@ pub struct VmCounters {
     pub discard_fallback_dontneed: AtomicU64,
     /// Pages currently pinned.
     pub pinned_pages: AtomicI64,
+    /// Swap and reclaim.
+    pub swap: SwapCounters,
 }
 
 impl VmCounters {
@@ -179,6 +311,10 @@ pub struct VmStats {
     pub discard_fallback_dontneed: u64,
     /// Pages pinned now.
     pub pinned_pages: u64,
+    /// Swap and reclaim.
+    pub swap: SwapStats,
+    /// Current limits.
+    pub limits: crate::VmLimits,
 }
 
 impl VmStats {
@@ -242,6 +378,10 @@ pub struct MmStats {
     pub metadata_bytes: u64,
     /// Guest pages of all VMs.
     pub guest_pages: u64,
+    /// Swap and reclaim, all VMs.
+    pub swap: SwapStats,
+    /// The swap device.
+    pub swap_device: SwapDeviceStats,
 }
 
 impl MmStats {

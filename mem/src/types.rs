@@ -127,6 +127,26 @@ impl Order {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct FolioId(pub u32);
 
+/// A slot of the swap file: 4 KiB at byte offset `slot * 4096`. Analogue
+/// of the offset part of a `swp_entry_t`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SwapSlot(pub u32);
+
+impl SwapSlot {
+    /// The slot `n` slots further on.
+    pub const fn forward(self, n: u64) -> SwapSlot {
+        SwapSlot(self.0 + n as u32)
+    }
+    /// Byte offset of the slot in the swap file.
+    pub const fn to_offset(self) -> u64 {
+        (self.0 as u64) << PAGE_SHIFT
+    }
+    /// The slot as an array index.
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
 /// Identifies one VM of a memory manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct VmId(pub u32);

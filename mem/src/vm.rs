@@ -14,8 +14,14 @@ use crate::rmap;
 use crate::stats::VmCounters;
 use crate::sys;
 use crate::types::{FolioId, GuestAddress, HostAddr, PageIndex, VmId, PAGE_SIZE};
+use crate::types::{Order, SwapSlot};
+use crate::vmscan::VmLimits;
 use crate::{GuestMemoryBackend, RamRegion};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
+
+/// Swapin readahead streams tracked per region.
+const RA_STREAMS: usize = 4;
 
 /// One guest RAM region: its host mapping and page tables.
 #[derive(Debug)]
@@ -31,6 +37,10 @@ pub struct Region {
     pub pt: PageTable,
     /// The VM's counters.
     pub counters: Arc<VmCounters>,
+    /// Swapin readahead streams: `(next expected page << 8) | order`, 0
+    /// when unused. Heuristic state; races only cost a smaller window.
+    ra: [AtomicU64; RA_STREAMS],
+    ra_next: AtomicUsize,
 }
 
 impl Region {
@@ -49,7 +59,40 @@ impl Region {
             map,
             pt,
             counters,
+            ra: Default::default(),
+            ra_next: AtomicUsize::new(0),
         }
+    }
+
+    fn ra_stream(&self, idx: PageIndex) -> Option<(usize, u8)> {
+        self.ra.iter().enumerate().find_map(|(i, s)| {
+            let v = s.load(Relaxed);
+            let (next, o) = (v >> 8, (v & 0xff) as u8);
+            let window = 2 * Order(o).nr_pages();
+            (v != 0 && idx.0 >= next.saturating_sub(1) && idx.0 < next + window).then_some((i, o))
+        })
+    }
+
+    /// The largest swapin order the readahead state allows at `idx`: a
+    /// fault just past the end of a previous swapin continues a stream and
+    /// grows its window (order 0, 2, 4, … 9); any other fault starts one
+    /// at order 0. Analogue of the window of `swap_vma_readahead()`.
+    pub fn readahead_order(&self, idx: PageIndex) -> Order {
+        match self.ra_stream(idx) {
+            Some((_, o)) => Order((o + 2).min(Order::PMD.0)),
+            None => Order::BASE,
+        }
+    }
+
+    /// Record a swapin of `order` at `idx` in the readahead state.
+    pub fn readahead_done(&self, idx: PageIndex, order: Order) {
+        let next = idx.align_down(order).forward(order.nr_pages());
+        let v = (next.0 << 8) | order.0 as u64;
+        let i = match self.ra_stream(idx) {
+            Some((i, _)) => i,
+            None => self.ra_next.fetch_add(1, Relaxed) % RA_STREAMS,
+        };
+        self.ra[i].store(v, Relaxed);
     }
 
     /// Host address of the first byte.
@@ -88,40 +131,67 @@ impl Region {
         }
     }
 
-    /// Unmap every folio (VM teardown). Returns the ranges to free once the
-    /// guest pages themselves are gone.
+    /// Unmap every folio and free every swap slot (VM teardown). Returns
+    /// the ranges to free once the guest pages themselves are gone.
     ///
     /// # Context
-    /// Takes each page-table lock in turn; marks the tables dead so racing
-    /// handlers install nothing more.
+    /// Takes each page-table lock in turn (then the swap and folio-table
+    /// locks); marks the tables dead so racing handlers and swapins install
+    /// nothing more (a swapin in flight finds its markers gone and cleans up).
     fn unmap_all(&self, inner: &Inner) -> Vec<FreedRange> {
         let mut freed = Vec::new();
         for t in 0..self.pt.nr_tables() {
             let mut ptl = self.pt.lock(PageIndex(t * PTRS_PER_TABLE));
             ptl.set_dead();
             let entries = ptl.take_all();
+            let mut slots: Vec<SwapSlot> = Vec::new();
+            let mut gone = 0i64;
             let mut slab = inner.folios.slab();
             // Entries of one folio are adjacent: unmap them run by run.
-            let mut run: Option<(FolioId, u64, u64)> = None;
+            let mut run: Option<(FolioId, u64, u64, bool)> = None;
             for (_, pte) in entries {
-                let PteState::Present { folio, subpage } = pte.state() else {
-                    continue;
+                let (folio, subpage, out) = match pte.state() {
+                    PteState::Present { folio, subpage } => (folio, subpage as u64, false),
+                    PteState::ProtNone { folio, subpage } => (folio, subpage as u64, true),
+                    PteState::Swap { slot } => {
+                        slots.push(slot);
+                        gone += 1;
+                        continue;
+                    }
+                    PteState::SwapinMarker { .. } => {
+                        gone += 1;
+                        continue;
+                    }
+                    _ => continue,
                 };
                 match &mut run {
-                    Some((f, first, nr)) if *f == folio && *first + *nr == subpage as u64 => {
+                    Some((f, first, nr, o))
+                        if *f == folio && *first + *nr == subpage && *o == out =>
+                    {
                         *nr += 1
                     }
                     _ => {
-                        if let Some((f, first, nr)) = run.take() {
-                            self.unmap_run(&mut slab, &ptl, f, first, nr, &mut freed);
+                        if let Some(r) = run.take() {
+                            self.unmap_run(&mut slab, &ptl, r, &mut freed);
                         }
-                        run = Some((folio, subpage as u64, 1));
+                        run = Some((folio, subpage, 1, out));
                     }
                 }
             }
-            if let Some((f, first, nr)) = run {
-                self.unmap_run(&mut slab, &ptl, f, first, nr, &mut freed);
+            if let Some(r) = run {
+                self.unmap_run(&mut slab, &ptl, r, &mut freed);
             }
+            drop(slab);
+            if let (Some(dev), false) = (inner.swap.as_ref(), slots.is_empty()) {
+                let mut st = dev.lock();
+                for s in slots {
+                    if let Err(e) = st.swap_free_nr(s, 1) {
+                        log_error(&format!("teardown: {e}"));
+                    }
+                }
+            }
+            self.counters.swap.swapped_pages.fetch_sub(gone, Relaxed);
+            inner.swap_counters.swapped_pages.fetch_sub(gone, Relaxed);
         }
         freed
     }
@@ -130,15 +200,18 @@ impl Region {
         &self,
         slab: &mut crate::folio::FolioSlab,
         ptl: &crate::pte::PtlGuard<'_>,
-        folio: FolioId,
-        first: u64,
-        nr: u64,
+        (folio, first, nr, out): (FolioId, u64, u64, bool),
         freed: &mut Vec<FreedRange>,
     ) {
         if let Some(order) = slab.get(folio).map(|f| f.order) {
             self.counters.resident(order, -(nr as i64));
         }
-        let r = rmap::remove_rmap_ptes(slab, ptl, folio, first, nr, BlockState::NeedsPopulate);
+        // Sampled-out pages sit in the pool with guest data in them.
+        let state = match out {
+            true => BlockState::NeedsZero,
+            false => BlockState::NeedsPopulate,
+        };
+        let r = rmap::remove_rmap_ptes(slab, ptl, folio, first, nr, state);
         freed.extend(r.freed);
     }
 }
@@ -155,9 +228,64 @@ pub struct VmState {
     pub(crate) regions: OnceLock<Vec<Arc<Region>>>,
     /// Counters.
     pub counters: Arc<VmCounters>,
+    /// Reclaim limits ([`VmLimits`]), in pages; `u64::MAX`: no maximum.
+    pub(crate) min_pages: AtomicU64,
+    pub(crate) max_pages: AtomicU64,
+    pub(crate) priority: AtomicI32,
 }
 
 impl VmState {
+    /// A VM with no regions yet and no limits.
+    pub(crate) fn new(id: VmId, name: &str, inner: Arc<Inner>) -> VmState {
+        VmState {
+            id,
+            name: name.to_owned(),
+            inner,
+            regions: OnceLock::new(),
+            counters: Arc::new(VmCounters::default()),
+            min_pages: AtomicU64::new(0),
+            max_pages: AtomicU64::new(u64::MAX),
+            priority: AtomicI32::new(0),
+        }
+    }
+
+    /// The current limits.
+    pub fn limits(&self) -> VmLimits {
+        let max = self.max_pages.load(Relaxed);
+        VmLimits {
+            min_bytes: self.min_pages.load(Relaxed) * PAGE_SIZE,
+            max_bytes: (max != u64::MAX).then_some(max * PAGE_SIZE),
+            priority: self.priority.load(Relaxed),
+        }
+    }
+
+    /// Set the limits (takes effect on the next fault or reclaim round).
+    pub fn set_limits(&self, l: VmLimits) {
+        self.min_pages.store(l.min_bytes / PAGE_SIZE, Relaxed);
+        let max = l.max_bytes.map_or(u64::MAX, |b| b.div_ceil(PAGE_SIZE));
+        self.max_pages.store(max, Relaxed);
+        self.priority.store(l.priority, Relaxed);
+    }
+
+    /// Minimum resident pages.
+    pub fn min_pages(&self) -> u64 {
+        self.min_pages.load(Relaxed)
+    }
+
+    /// Maximum resident pages (`u64::MAX`: none).
+    pub fn max_pages(&self) -> u64 {
+        self.max_pages.load(Relaxed)
+    }
+
+    /// Resident pages now (mapped or sampled out, not swapped).
+    pub fn resident_pages(&self) -> u64 {
+        self.counters
+            .resident_pages
+            .iter()
+            .map(|p| p.load(Relaxed).max(0) as u64)
+            .sum()
+    }
+
     /// The regions (empty before the backend exists).
     pub fn regions(&self) -> &[Arc<Region>] {
         self.regions.get().map_or(&[], Vec::as_slice)

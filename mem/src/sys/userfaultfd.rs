@@ -84,11 +84,22 @@ const UFFDIO_WAKE: u64 = ior(0x02, std::mem::size_of::<UffdioRange>());
 const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
 const UFFDIO_MOVE: u64 = iowr(0x05, std::mem::size_of::<UffdioMove>());
+/// `struct uffdio_poison`.
+#[repr(C)]
+#[derive(Default)]
+struct UffdioPoison {
+    range: UffdioRange,
+    mode: u64,
+    updated: i64,
+}
+const UFFDIO_POISON: u64 = iowr(0x08, std::mem::size_of::<UffdioPoison>());
 /// `USERFAULTFD_IOC_NEW` = `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: u64 = ioc(0, 0x00, 0);
 
 /// `UFFD_FEATURE_MOVE`.
 pub const FEATURE_MOVE: u64 = 1 << 16;
+/// `UFFD_FEATURE_POISON`.
+pub const FEATURE_POISON: u64 = 1 << 14;
 /// `UFFDIO_REGISTER_MODE_MISSING`.
 pub const REGISTER_MODE_MISSING: u64 = 1;
 /// `UFFDIO_REGISTER_MODE_WP`.
@@ -295,6 +306,29 @@ impl RawUffd {
             })
     }
 
+    /// `UFFDIO_POISON` on the registered hole `[dst, dst+len)`, waking
+    /// waiters: accesses get `SIGBUS` (KVM: an `-EHWPOISON` memory fault)
+    /// until the range is zapped (`MADV_DONTNEED`).
+    ///
+    /// # Errors
+    /// [`PartialFill`] with the bytes done and the errno.
+    pub fn poison(&self, dst: usize, len: u64) -> Result<(), PartialFill> {
+        let mut p = UffdioPoison {
+            range: UffdioRange {
+                start: dst as u64,
+                len,
+            },
+            mode: 0,
+            updated: 0,
+        };
+        // A poison marker goes into a hole: no page and so no Rust
+        // reference is affected.
+        self.ioctl(UFFDIO_POISON, &mut p).map_err(|e| PartialFill {
+            done: p.updated.max(0) as u64,
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+        })
+    }
+
     /// Read up to `buf.len()` pending messages without blocking; returns how
     /// many were read (0 if none was pending).
     ///
@@ -331,6 +365,8 @@ mod tests {
         assert_eq!(UFFDIO_COPY, 0xc028aa03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xc020aa04);
         assert_eq!(UFFDIO_MOVE, 0xc028aa05);
+        // _IOWR(0xAA, 0x08, struct uffdio_poison): 32 bytes.
+        assert_eq!(UFFDIO_POISON, 0xc020aa08);
         assert_eq!(USERFAULTFD_IOC_NEW, 0xaa00);
         assert_eq!(std::mem::size_of::<UffdMsg>(), 32);
     }

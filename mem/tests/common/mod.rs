@@ -3,7 +3,10 @@
 
 #![allow(dead_code)]
 
-use mem::{GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig, RamRegion};
+use mem::{
+    GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig, RamRegion, ReclaimConfig,
+    SwapConfig, SwapTarget,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +18,39 @@ pub fn manager(budget: u64, threads: usize) -> Arc<MemoryManager> {
         budget_bytes: budget,
         handler_threads: threads,
         prezero_limit_bytes: None,
+        swap: None,
+        reclaim: ReclaimConfig::default(),
     })
     .expect("memory manager")
+}
+
+/// A manager with `budget` bytes, `threads` handler threads and a swap
+/// file of `swap` bytes in the system temp directory.
+pub fn swap_manager(
+    budget: u64,
+    threads: usize,
+    swap: u64,
+    background: bool,
+) -> Arc<MemoryManager> {
+    MemoryManager::new(MmConfig {
+        budget_bytes: budget,
+        handler_threads: threads,
+        prezero_limit_bytes: None,
+        swap: Some(SwapConfig {
+            target: SwapTarget::Dir(std::env::temp_dir()),
+            size_bytes: swap,
+        }),
+        reclaim: ReclaimConfig {
+            background,
+            ..ReclaimConfig::default()
+        },
+    })
+    .expect("memory manager with swap")
+}
+
+/// The value the tests write at word `w` of page `p` in generation `g`.
+pub fn pattern(p: u64, w: u64, g: u64) -> u64 {
+    (p << 32) ^ (w << 20) ^ g.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5555
 }
 
 /// Guest RAM accessor over one region, as a vCPU sees it.

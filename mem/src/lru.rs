@@ -1,0 +1,236 @@
+//! LRU generations, one set per VM, like MGLRU's `lru_gen_folio`.
+//!
+//! Each VM has up to [`NR_GENS`] generations, numbered by a sequence
+//! between `min_seq` (oldest) and `max_seq` (youngest). New and accessed
+//! folios go to the youngest generation; reclaim takes folios from the
+//! oldest one. Access information comes from reference sampling
+//! ([`crate::vmscan`]): a sampled folio that faults back is promoted to the
+//! youngest generation at once (`folio_inc_gen()`/`lru_gen_look_around()`
+//! find young PTEs the same way, through the accessed bit). Aging
+//! (`inc_max_seq()`) opens a new youngest generation whenever eviction
+//! reaches the current one, so promoted folios always land in a
+//! generation younger than the one being scanned.
+//!
+//! The links live in the folio records ([`crate::folio::LruLink`]), so the
+//! lists cost no memory of their own.
+//!
+//! # Context
+//! Everything here runs under the folio-table lock (`&mut FolioSlab`).
+
+use crate::folio::{FolioFlags, FolioSlab, NO_LINK};
+use crate::types::{FolioId, VmId};
+
+/// Generations per VM (`MAX_NR_GENS`).
+pub const NR_GENS: usize = 4;
+
+#[derive(Debug, Clone, Copy)]
+struct ListHead {
+    head: u32,
+    tail: u32,
+}
+
+impl Default for ListHead {
+    fn default() -> Self {
+        ListHead {
+            head: NO_LINK,
+            tail: NO_LINK,
+        }
+    }
+}
+
+/// The generations of one VM (`struct lru_gen_folio`).
+#[derive(Debug, Default)]
+pub struct LruVec {
+    lists: [ListHead; NR_GENS],
+    nr_pages: [u64; NR_GENS],
+    /// Oldest generation's sequence number.
+    pub min_seq: u64,
+    /// Youngest generation's sequence number.
+    pub max_seq: u64,
+}
+
+impl LruVec {
+    /// Pages on all lists.
+    pub fn nr_pages(&self) -> u64 {
+        self.nr_pages.iter().sum()
+    }
+}
+
+fn gen_of(seq: u64) -> usize {
+    (seq % NR_GENS as u64) as usize
+}
+
+impl FolioSlab {
+    fn folio_vm(&self, id: FolioId) -> usize {
+        self.get(id)
+            .and_then(|f| f.rmap)
+            .map_or(0, |r| r.vm.0 as usize)
+    }
+
+    fn lruvec(&mut self, vm: usize) -> &mut LruVec {
+        if self.lruvecs.len() <= vm {
+            self.lruvecs.resize_with(vm + 1, LruVec::default);
+        }
+        &mut self.lruvecs[vm]
+    }
+
+    /// Add to the youngest generation of its VM (`folio_add_lru()`).
+    pub fn lru_add(&mut self, id: FolioId) {
+        let vm = self.folio_vm(id);
+        let seq = self.lruvec(vm).max_seq;
+        self.lru_add_seq(id, seq);
+    }
+
+    /// Add to the tail of generation `seq` (clamped to the live range).
+    pub(crate) fn lru_add_seq(&mut self, id: FolioId, seq: u64) {
+        let vm = self.folio_vm(id);
+        let lv = self.lruvec(vm);
+        let gen = gen_of(seq.clamp(lv.min_seq, lv.max_seq));
+        let tail = lv.lists[gen].tail;
+        let f = self.live(id);
+        debug_assert!(!f.flags.contains(FolioFlags::LRU));
+        f.flags.insert(FolioFlags::LRU);
+        f.lru.prev = tail;
+        f.lru.next = NO_LINK;
+        f.flags.set_gen(gen);
+        let nr = f.nr_pages();
+        match tail {
+            NO_LINK => self.lruvecs[vm].lists[gen].head = id.0,
+            t => self.live(FolioId(t)).lru.next = id.0,
+        }
+        let lv = &mut self.lruvecs[vm];
+        lv.lists[gen].tail = id.0;
+        lv.nr_pages[gen] += nr;
+    }
+
+    /// Take off the LRU if on it (`lruvec_del_folio()`).
+    pub fn lru_del(&mut self, id: FolioId) {
+        let vm = self.folio_vm(id);
+        let f = self.live(id);
+        if !f.flags.contains(FolioFlags::LRU) {
+            return;
+        }
+        f.flags.remove(FolioFlags::LRU);
+        let (prev, next, gen) = (f.lru.prev, f.lru.next, f.flags.gen());
+        let nr = f.nr_pages();
+        f.lru.prev = NO_LINK;
+        f.lru.next = NO_LINK;
+        match prev {
+            NO_LINK => self.lruvecs[vm].lists[gen].head = next,
+            p => self.live(FolioId(p)).lru.next = next,
+        }
+        match next {
+            NO_LINK => self.lruvecs[vm].lists[gen].tail = prev,
+            n => self.live(FolioId(n)).lru.prev = prev,
+        }
+        self.lruvecs[vm].nr_pages[gen] -= nr;
+    }
+
+    /// An access was seen: move to the youngest generation
+    /// (`folio_inc_gen()` / `folio_activate()`). No-op if not on the LRU.
+    pub fn lru_promote(&mut self, id: FolioId) {
+        if self
+            .get(id)
+            .is_some_and(|f| f.flags.contains(FolioFlags::LRU))
+        {
+            self.lru_del(id);
+            self.lru_add(id);
+        }
+    }
+
+    /// Move to the tail of the generation after the oldest, to look at it
+    /// again later (`sort_folio()` rotating a folio it cannot evict yet).
+    pub(crate) fn lru_rotate(&mut self, id: FolioId) {
+        let vm = self.folio_vm(id);
+        let seq = self.lruvec(vm).min_seq + 1;
+        self.lru_del(id);
+        self.lru_add_seq(id, seq);
+    }
+
+    /// The oldest folio of `vm`, retiring empty old generations and aging
+    /// (opening a new youngest generation) when eviction would otherwise
+    /// scan the youngest one (`try_to_inc_min_seq()`, `inc_max_seq()`).
+    pub(crate) fn lru_oldest(&mut self, vm: VmId) -> Option<FolioId> {
+        let lv = self.lruvec(vm.0 as usize);
+        loop {
+            if lv.min_seq == lv.max_seq {
+                if lv.nr_pages() == 0 {
+                    return None;
+                }
+                lv.max_seq += 1;
+            }
+            let head = lv.lists[gen_of(lv.min_seq)].head;
+            if head != NO_LINK {
+                return Some(FolioId(head));
+            }
+            lv.min_seq += 1;
+        }
+    }
+
+    /// Open a new youngest generation if there is room (`inc_max_seq()`),
+    /// so that folios promoted from now on are told apart from those
+    /// promoted before. Called by the background reclaimer each round.
+    pub(crate) fn lru_age(&mut self, vm: VmId) {
+        let lv = self.lruvec(vm.0 as usize);
+        if lv.max_seq - lv.min_seq + 1 < NR_GENS as u64 && lv.nr_pages[gen_of(lv.max_seq)] > 0 {
+            lv.max_seq += 1;
+        }
+    }
+
+    /// Pages on `vm`'s LRU.
+    pub fn lru_pages(&self, vm: VmId) -> u64 {
+        self.lruvecs.get(vm.0 as usize).map_or(0, LruVec::nr_pages)
+    }
+
+    /// Every folio on an LRU, VM by VM, oldest generation first.
+    pub fn lru_iter(&self) -> impl Iterator<Item = FolioId> + '_ {
+        self.lruvecs.iter().flat_map(move |lv| {
+            (lv.min_seq..=lv.max_seq).flat_map(move |seq| {
+                let mut cur = lv.lists[gen_of(seq)].head;
+                std::iter::from_fn(move || {
+                    let id = (cur != NO_LINK).then_some(FolioId(cur))?;
+                    cur = self.get(id)?.lru.next;
+                    Some(id)
+                })
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::folio::{test_folio, FolioTable};
+    use crate::types::{FolioId, Order, VmId};
+
+    #[test]
+    fn promotion_and_aging_keep_recent_folios_young() {
+        let t = FolioTable::default();
+        let mut s = t.slab();
+        let ids: Vec<FolioId> = (0..4).map(|i| s.insert(test_folio(i, Order(0)))).collect();
+        for &id in &ids {
+            s.lru_add(id);
+        }
+        // Eviction reaches the youngest generation: it ages first.
+        assert_eq!(s.lru_oldest(VmId(0)), Some(ids[0]));
+        assert_eq!(s.lruvecs[0].max_seq, 1);
+        // An access moves ids[0] to the new youngest generation.
+        s.lru_promote(ids[0]);
+        assert_eq!(s.lru_oldest(VmId(0)), Some(ids[1]));
+        s.lru_rotate(ids[1]);
+        assert_eq!(s.lru_oldest(VmId(0)), Some(ids[2]));
+        s.lru_del(ids[2]);
+        s.lru_del(ids[3]);
+        // Generation 0 is empty now: retire it.
+        assert_eq!(s.lru_oldest(VmId(0)), Some(ids[0]));
+        assert_eq!(
+            s.lru_iter().collect::<Vec<_>>(),
+            vec![ids[0], ids[1]],
+            "oldest first"
+        );
+        assert_eq!(s.lru_pages(VmId(0)), 2);
+        s.lru_del(ids[0]);
+        s.lru_del(ids[1]);
+        assert_eq!(s.lru_oldest(VmId(0)), None);
+        assert_eq!(s.lru_pages(VmId(0)), 0);
+    }
+}

@@ -1,0 +1,647 @@
+//! The swap file: a private, preallocated file, read and written a slot
+//! (4 KiB) at a time or in contiguous runs, with a CRC32C per slot checked
+//! on every read.
+//!
+//! The file is created `O_TMPFILE` in a directory (`--swap-dir`) or at a
+//! path that must not exist yet (`--swap-file`) and is unlinked at once, so
+//! no other process can open it and it vanishes with the process. Mode
+//! 0600. It is opened `O_DIRECT` (the data lives in our pool already: the
+//! page cache would only double it) and preallocated with `fallocate`, so
+//! writes do not allocate blocks and ENOSPC cannot happen late.
+//!
+//! I/O goes through [`SwapFile::read`] and [`SwapFile::write`], which honour
+//! a fault-injection plan ([`FaultPlan`]): one relaxed atomic load on the
+//! normal path, so tests exercise the real code path and no compile-time
+//! switch is needed.
+//!
+//! Analogue of the swap file side of `mm/swapfile.c` (`swapon`) and of
+//! `mm/page_io.c` (`swap_writepage()`, `swap_read_folio()`).
+
+use crate::types::{SwapSlot, PAGE_SIZE};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+/// Slots per cluster, and so the smallest useful file: 2 MiB.
+pub const MIN_SWAP_BYTES: u64 = 2 << 20;
+
+/// Where the swap file goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwapTarget {
+    /// Create this file (it must not exist), then unlink it (`--swap-file`).
+    File(PathBuf),
+    /// Create an anonymous `O_TMPFILE` in this directory (`--swap-dir`).
+    Dir(PathBuf),
+}
+
+/// Swap settings of a [`crate::MmConfig`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwapConfig {
+    /// Where the file goes.
+    pub target: SwapTarget,
+    /// Its size (`--swap-size`), rounded down to whole 2 MiB clusters.
+    pub size_bytes: u64,
+}
+
+/// Errors creating the swap file.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapFileError {
+    /// The size is below one cluster.
+    #[error("swap size {size} bytes is below the minimum of {min} bytes")]
+    TooSmall {
+        /// Requested size.
+        size: u64,
+        /// Minimum.
+        min: u64,
+    },
+    /// `--swap-file` names an existing file; it is never overwritten.
+    #[error("swap file {0} already exists (refusing to overwrite it)")]
+    Exists(PathBuf),
+    /// The file could not be created or opened.
+    #[error("cannot create swap file in {0}")]
+    Create(PathBuf, #[source] io::Error),
+    /// The file system has no room for the whole file.
+    #[error("no space for a {size}-byte swap file in {path}")]
+    NoSpace {
+        /// Where.
+        path: PathBuf,
+        /// Requested size.
+        size: u64,
+        /// The `fallocate` error.
+        #[source]
+        source: io::Error,
+    },
+    /// Preallocation failed for another reason.
+    #[error("cannot preallocate swap file in {0}")]
+    Allocate(PathBuf, #[source] io::Error),
+}
+
+/// Errors of one swap read or write.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapIoError {
+    /// The device reported an error (`EIO` and the like).
+    #[error("swap I/O error at slot {slot}")]
+    Io {
+        /// First slot of the request.
+        slot: u32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file system is full (only possible for a sparse file).
+    #[error("swap file full at slot {0}")]
+    NoSpace(u32),
+    /// The read ended early (end of file): the data is not there.
+    #[error("short swap read at slot {slot}: {done} of {want} bytes")]
+    ShortRead {
+        /// First slot.
+        slot: u32,
+        /// Bytes read.
+        done: u64,
+        /// Bytes wanted.
+        want: u64,
+    },
+    /// Data read back does not match the checksum written with it.
+    #[error("swap checksum mismatch on {} of the pages from slot {slot}", bad.len())]
+    Checksum {
+        /// First slot.
+        slot: u32,
+        /// Indices (relative to `slot`) of the pages that failed.
+        bad: Vec<u16>,
+    },
+}
+
+/// The I/O direction a [`FaultPlan`] applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    /// Swapin reads.
+    Read,
+    /// Swap-out writes.
+    Write,
+}
+
+/// A fault to inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// The syscall fails with `EIO`.
+    Eio,
+    /// The syscall fails with `ENOSPC` (writes).
+    Enospc,
+    /// The read returns half the bytes asked for; the rest must be read
+    /// by a second call (the code handles genuine short reads this way).
+    ShortRead,
+    /// The read returns 0 bytes: end of file.
+    Truncated,
+    /// The read succeeds but one byte of the first page is flipped, as a
+    /// corrupting device would: the checksum must catch it.
+    Corrupt,
+}
+
+/// A fault-injection plan: after `skip` matching I/Os, inject `fault` into
+/// the next `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Which I/Os.
+    pub op: IoOp,
+    /// What to inject.
+    pub fault: InjectedFault,
+    /// Matching I/Os to let through first.
+    pub skip: u64,
+    /// Faults to inject.
+    pub count: u64,
+}
+
+/// I/O counters of the swap file.
+#[derive(Debug, Default)]
+pub struct SwapIoCounters {
+    /// Read requests and bytes.
+    pub reads: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Write requests.
+    pub writes: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Short transfers continued with another syscall.
+    pub short_retries: AtomicU64,
+    /// Errors (all kinds, including checksum mismatches).
+    pub errors: AtomicU64,
+    /// Faults injected.
+    pub injected: AtomicU64,
+}
+
+/// The open swap file.
+#[derive(Debug)]
+pub struct SwapFile {
+    file: File,
+    nr_slots: u64,
+    direct: bool,
+    plans: Mutex<Vec<FaultPlan>>,
+    armed: AtomicBool,
+    /// Counters.
+    pub counters: SwapIoCounters,
+}
+
+/// The checksum of one page.
+pub fn page_crc(page: &[u8]) -> u32 {
+    crc32c::crc32c(page)
+}
+
+impl SwapFile {
+    /// Create, unlink and preallocate the swap file.
+    ///
+    /// # Errors
+    /// See [`SwapFileError`].
+    pub fn create(config: &SwapConfig) -> Result<SwapFile, SwapFileError> {
+        let size = config.size_bytes / MIN_SWAP_BYTES * MIN_SWAP_BYTES;
+        if size < MIN_SWAP_BYTES {
+            return Err(SwapFileError::TooSmall {
+                size: config.size_bytes,
+                min: MIN_SWAP_BYTES,
+            });
+        }
+        let (file, direct, where_) = match &config.target {
+            SwapTarget::File(p) => open_unlinked(p)?,
+            SwapTarget::Dir(d) => open_tmpfile(d)?,
+        };
+        // SAFETY: fallocate takes no pointers; the fd is owned by `file`.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EFBIG) => SwapFileError::NoSpace {
+                    path: where_,
+                    size,
+                    source: e,
+                },
+                _ => SwapFileError::Allocate(where_, e),
+            });
+        }
+        Ok(SwapFile {
+            file,
+            nr_slots: size / PAGE_SIZE,
+            direct,
+            plans: Mutex::default(),
+            armed: AtomicBool::new(false),
+            counters: SwapIoCounters::default(),
+        })
+    }
+
+    /// Slots in the file.
+    pub fn nr_slots(&self) -> u64 {
+        self.nr_slots
+    }
+
+    /// Whether the file is read and written with `O_DIRECT`.
+    pub fn direct_io(&self) -> bool {
+        self.direct
+    }
+
+    /// Replace the fault-injection plans (an empty list disarms injection).
+    pub fn set_fault_plans(&self, plans: Vec<FaultPlan>) {
+        let mut p = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        self.armed.store(!plans.is_empty(), Relaxed);
+        *p = plans;
+    }
+
+    fn injected(&self, op: IoOp) -> Option<InjectedFault> {
+        if !self.armed.load(Relaxed) {
+            return None;
+        }
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let p = plans.iter_mut().find(|p| p.op == op && p.count > 0)?;
+        if p.skip > 0 {
+            p.skip -= 1;
+            return None;
+        }
+        p.count -= 1;
+        self.counters.injected.fetch_add(1, Relaxed);
+        Some(p.fault)
+    }
+
+    /// Read the slots `[slot, slot + buf.len() / 4 KiB)` into `buf` and check
+    /// each page against `crcs`.
+    ///
+    /// # Errors
+    /// See [`SwapIoError`]; on [`SwapIoError::Checksum`] the other pages of
+    /// `buf` are good.
+    ///
+    /// # Context
+    /// No locks held except the folio lock of the folio `buf` belongs to.
+    pub fn read(&self, slot: SwapSlot, buf: &mut [u8], crcs: &[u32]) -> Result<(), SwapIoError> {
+        debug_assert_eq!(buf.len() as u64, crcs.len() as u64 * PAGE_SIZE);
+        let c = &self.counters;
+        c.reads.fetch_add(1, Relaxed);
+        let r = self.read_all(slot, buf);
+        if r.is_ok() {
+            c.read_bytes.fetch_add(buf.len() as u64, Relaxed);
+        }
+        let r = r.and_then(|()| {
+            let bad: Vec<u16> = buf
+                .chunks(PAGE_SIZE as usize)
+                .zip(crcs)
+                .enumerate()
+                .filter(|(_, (page, &want))| page_crc(page) != want)
+                .map(|(i, _)| i as u16)
+                .collect();
+            match bad.is_empty() {
+                true => Ok(()),
+                false => Err(SwapIoError::Checksum { slot: slot.0, bad }),
+            }
+        });
+        if r.is_err() {
+            c.errors.fetch_add(1, Relaxed);
+        }
+        r
+    }
+
+    fn read_all(&self, slot: SwapSlot, buf: &mut [u8]) -> Result<(), SwapIoError> {
+        let fault = self.injected(IoOp::Read);
+        let want = buf.len();
+        let mut done = 0;
+        let mut first = true;
+        while done < want {
+            let n = match (first, fault) {
+                (true, Some(InjectedFault::Eio)) => Err(io::Error::from_raw_os_error(libc::EIO)),
+                (true, Some(InjectedFault::Enospc)) => {
+                    Err(io::Error::from_raw_os_error(libc::ENOSPC))
+                }
+                (true, Some(InjectedFault::Truncated)) => Ok(0),
+                (true, Some(InjectedFault::ShortRead)) => {
+                    // Half, keeping O_DIRECT's 512-byte granularity.
+                    let half = match want > PAGE_SIZE as usize {
+                        true => want / 2 / PAGE_SIZE as usize * PAGE_SIZE as usize,
+                        false => want / 2,
+                    };
+                    self.file.read_at(&mut buf[..half], slot.to_offset())
+                }
+                _ => self
+                    .file
+                    .read_at(&mut buf[done..], slot.to_offset() + done as u64),
+            };
+            first = false;
+            match n {
+                Ok(0) => {
+                    return Err(SwapIoError::ShortRead {
+                        slot: slot.0,
+                        done: done as u64,
+                        want: want as u64,
+                    })
+                }
+                Ok(n) => {
+                    done += n;
+                    if done < want {
+                        self.counters.short_retries.fetch_add(1, Relaxed);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(SwapIoError::Io {
+                        slot: slot.0,
+                        source,
+                    })
+                }
+            }
+        }
+        if fault == Some(InjectedFault::Corrupt) {
+            buf[17] ^= 0x5a;
+        }
+        Ok(())
+    }
+
+    /// Write `pages` (each a whole number of 4 KiB pages, in order) to
+    /// consecutive slots from `slot`, with one `pwritev` where possible.
+    /// Returns the checksum of every page written, for the swap map.
+    ///
+    /// # Errors
+    /// See [`SwapIoError`]; nothing written may be trusted then.
+    ///
+    /// # Context
+    /// No locks held except the folio locks of the folios written.
+    pub fn write(&self, slot: SwapSlot, pages: &[&[u8]]) -> Result<Vec<u32>, SwapIoError> {
+        let c = &self.counters;
+        c.writes.fetch_add(1, Relaxed);
+        let crcs = pages
+            .iter()
+            .flat_map(|b| b.chunks(PAGE_SIZE as usize))
+            .map(page_crc)
+            .collect();
+        let total: usize = pages.iter().map(|b| b.len()).sum();
+        let r = match self.injected(IoOp::Write) {
+            Some(InjectedFault::Enospc) => Err(SwapIoError::NoSpace(slot.0)),
+            Some(InjectedFault::Eio) => Err(SwapIoError::Io {
+                slot: slot.0,
+                source: io::Error::from_raw_os_error(libc::EIO),
+            }),
+            _ => self.write_all(slot, pages, total),
+        };
+        match r {
+            Ok(()) => {
+                c.write_bytes.fetch_add(total as u64, Relaxed);
+                Ok(crcs)
+            }
+            Err(e) => {
+                c.errors.fetch_add(1, Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    fn write_all(&self, slot: SwapSlot, pages: &[&[u8]], total: usize) -> Result<(), SwapIoError> {
+        let err = |source: io::Error| match source.raw_os_error() {
+            Some(libc::ENOSPC) => SwapIoError::NoSpace(slot.0),
+            _ => SwapIoError::Io {
+                slot: slot.0,
+                source,
+            },
+        };
+        let iov: Vec<libc::iovec> = pages
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: every iovec points into a live borrowed slice for its
+        // length; pwritev only reads them. Too many iovecs fail with EINVAL.
+        let n = unsafe {
+            libc::pwritev(
+                self.file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len().min(libc::c_int::MAX as usize) as libc::c_int,
+                slot.to_offset() as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // A short vectored write: finish buffer by buffer.
+        let mut done = n as usize;
+        if done < total {
+            self.counters.short_retries.fetch_add(1, Relaxed);
+        }
+        let mut start = 0;
+        for b in pages {
+            let end = start + b.len();
+            if done < end {
+                let from = done.max(start) - start;
+                let off = slot.to_offset() + done as u64;
+                self.file.write_all_at(&b[from..], off).map_err(err)?;
+                done = end;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// Open `path` as a new file (never an existing one), then unlink it.
+fn open_unlinked(path: &Path) -> Result<(File, bool, PathBuf), SwapFileError> {
+    let open = |direct: bool| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 })
+            .open(path)
+    };
+    let (file, direct) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(SwapFileError::Exists(path.to_owned()))
+        }
+        // No O_DIRECT on this file system (tmpfs): buffered I/O.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let _ = std::fs::remove_file(path);
+            (open(false).map_err(|e| create_err(path, e))?, false)
+        }
+        Err(e) => return Err(create_err(path, e)),
+    };
+    std::fs::remove_file(path).map_err(|e| create_err(path, e))?;
+    Ok((file, direct, path.to_owned()))
+}
+
+/// Open an unnamed `O_TMPFILE` in `dir`, or a named one unlinked at once
+/// where the file system lacks `O_TMPFILE`.
+fn open_tmpfile(dir: &Path) -> Result<(File, bool, PathBuf), SwapFileError> {
+    let open = |direct: bool| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(
+                libc::O_TMPFILE | libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 },
+            )
+            .open(dir)
+    };
+    match open(true) {
+        Ok(f) => return Ok((f, true, dir.to_owned())),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            if let Ok(f) = open(false) {
+                return Ok((f, false, dir.to_owned()));
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+        Err(e) => return Err(create_err(dir, e)),
+    }
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        ".foliovm-swap-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Relaxed)
+    );
+    let (f, direct, _) = open_unlinked(&dir.join(name))?;
+    Ok((f, direct, dir.to_owned()))
+}
+
+fn create_err(path: &Path, e: io::Error) -> SwapFileError {
+    SwapFileError::Create(path.to_owned(), e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp_config(size: u64) -> SwapConfig {
+        SwapConfig {
+            target: SwapTarget::Dir(std::env::temp_dir()),
+            size_bytes: size,
+        }
+    }
+
+    /// A page-aligned buffer (O_DIRECT needs one).
+    struct Aligned(*mut u8, usize);
+    impl Aligned {
+        fn new(pages: usize) -> Aligned {
+            let layout = std::alloc::Layout::from_size_align(pages * 4096, 4096).unwrap();
+            // SAFETY: the layout has a non-zero size.
+            let p = unsafe { std::alloc::alloc_zeroed(layout) };
+            assert!(!p.is_null());
+            Aligned(p, pages * 4096)
+        }
+    }
+    impl std::ops::Deref for Aligned {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            // SAFETY: `self.0` is a live allocation of `self.1` bytes owned by self.
+            unsafe { std::slice::from_raw_parts(self.0, self.1) }
+        }
+    }
+    impl std::ops::DerefMut for Aligned {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
+            unsafe { std::slice::from_raw_parts_mut(self.0, self.1) }
+        }
+    }
+    impl Drop for Aligned {
+        fn drop(&mut self) {
+            let layout = std::alloc::Layout::from_size_align(self.1, 4096).unwrap();
+            // SAFETY: allocated in `new` with this very layout.
+            unsafe { std::alloc::dealloc(self.0, layout) }
+        }
+    }
+
+    #[test]
+    fn too_small_and_existing_files_are_refused() {
+        assert!(matches!(
+            SwapFile::create(&tmp_config(4096)),
+            Err(SwapFileError::TooSmall { .. })
+        ));
+        let path = std::env::temp_dir().join(format!("foliovm-exists-{}", std::process::id()));
+        std::fs::write(&path, b"precious").unwrap();
+        let cfg = SwapConfig {
+            target: SwapTarget::File(path.clone()),
+            size_bytes: MIN_SWAP_BYTES,
+        };
+        assert!(matches!(
+            SwapFile::create(&cfg),
+            Err(SwapFileError::Exists(_))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_file(&path).unwrap();
+        let nodir = SwapConfig {
+            target: SwapTarget::Dir("/nonexistent/foliovm".into()),
+            size_bytes: MIN_SWAP_BYTES,
+        };
+        let e = SwapFile::create(&nodir).unwrap_err();
+        assert!(matches!(e, SwapFileError::Create(..)), "{e}");
+    }
+
+    #[test]
+    fn named_file_is_private_and_unlinked() {
+        let path = std::env::temp_dir().join(format!("foliovm-named-{}", std::process::id()));
+        let cfg = SwapConfig {
+            target: SwapTarget::File(path.clone()),
+            size_bytes: 3 * MIN_SWAP_BYTES + 5,
+        };
+        let f = SwapFile::create(&cfg).unwrap();
+        assert!(!path.exists(), "unlinked at once");
+        assert_eq!(f.nr_slots(), 3 * 512);
+        use std::os::unix::fs::MetadataExt;
+        let meta = f.file.metadata().unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(meta.nlink(), 0);
+    }
+
+    #[test]
+    fn roundtrip_checksums_and_injected_faults() {
+        let f = SwapFile::create(&tmp_config(MIN_SWAP_BYTES)).unwrap();
+        let mut a = Aligned::new(2);
+        a.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+        let mut b = Aligned::new(1);
+        b.fill(7);
+        let crcs = f.write(SwapSlot(4), &[&a, &b]).unwrap();
+        assert_eq!(crcs.len(), 3);
+        let mut r = Aligned::new(3);
+        f.read(SwapSlot(4), &mut r, &crcs).unwrap();
+        assert_eq!(&r[..8192], &a[..]);
+        assert_eq!(&r[8192..], &b[..]);
+
+        let plan = |op, fault| FaultPlan {
+            op,
+            fault,
+            skip: 0,
+            count: 1,
+        };
+        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::ShortRead)]);
+        r.fill(0);
+        f.read(SwapSlot(4), &mut r, &crcs).unwrap();
+        assert_eq!(&r[..8192], &a[..], "a short read is continued");
+        assert!(f.counters.short_retries.load(Relaxed) >= 1);
+
+        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::Corrupt)]);
+        match f.read(SwapSlot(4), &mut r, &crcs) {
+            Err(SwapIoError::Checksum { bad, .. }) => assert_eq!(bad, vec![0]),
+            other => panic!("{other:?}"),
+        }
+        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::Truncated)]);
+        assert!(matches!(
+            f.read(SwapSlot(4), &mut r, &crcs),
+            Err(SwapIoError::ShortRead { done: 0, .. })
+        ));
+        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::Eio)]);
+        assert!(matches!(
+            f.read(SwapSlot(4), &mut r, &crcs),
+            Err(SwapIoError::Io { .. })
+        ));
+        f.set_fault_plans(vec![plan(IoOp::Write, InjectedFault::Enospc)]);
+        assert!(matches!(
+            f.write(SwapSlot(0), &[&b]),
+            Err(SwapIoError::NoSpace(0))
+        ));
+        // Plans are used up: I/O works again.
+        f.read(SwapSlot(4), &mut r, &crcs).unwrap();
+        // A wrong checksum list is a mismatch, never silently accepted.
+        let mut wrong = crcs.clone();
+        wrong[2] ^= 1;
+        assert!(matches!(
+            f.read(SwapSlot(4), &mut r, &wrong),
+            Err(SwapIoError::Checksum { ref bad, .. }) if bad == &[2]
+        ));
+    }
+}

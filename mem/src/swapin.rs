@@ -1,0 +1,496 @@
+//! Lock-protected swapin: the fault path for `Swap` entries.
+//!
+//! Analogue of `do_swap_page()` with `swapcache_prepare()`, and of the
+//! swapin-marker design proposed on linux-mm:
+//!
+//! 1. Look the slot up in the swap cache. A folio there is under writeback
+//!    or being read: take a reference, sleep on its folio lock, and map it
+//!    back once the owner is done ([`refault_swapcache`]).
+//! 2. Otherwise allocate a folio, born locked, claim its slots in the swap
+//!    map and cache (only one faulter can; the others find the folio in
+//!    step 1 and sleep on its lock), and replace the entries with
+//!    `SwapinMarker(folio)` under the page-table lock. Faulters that see the
+//!    marker sleep on the folio lock too.
+//! 3. Read the slots into the folio's pool range with no page-table lock
+//!    held, verify each page's checksum, then under the page-table lock map
+//!    every page whose entry is still the marker (a discard may have
+//!    replaced some meanwhile: those are simply not mapped), poison pages
+//!    that failed, drop the slots and the swap cache entry, unlock, and wake.
+//!
+//! Nobody spins or sleep-polls: every wait is on a folio lock.
+//!
+//! # Context
+//! Runs on handler threads (or pin callers) with no lock held. Lock order:
+//! folio lock → page-table lock → swap lock → folio-table lock.
+
+use crate::buddy::{Block, BlockState};
+use crate::fault::{move_in, FaultOutcome};
+use crate::folio::{Folio, FolioFlags, LruLink};
+use crate::manager::Inner;
+use crate::pte::{Pte, PteState, PtlGuard};
+use crate::rmap::{self, full_mask, mask_test, PageMask, Rmap};
+use crate::swap_cache::SwapDevice;
+use crate::swap_file::SwapIoError;
+use crate::types::{FolioId, Order, PageIndex, PoolOffset, SwapSlot, PAGE_SIZE};
+use crate::vm::{log_error, Region};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+/// Sleep until `folio`'s lock is free, then drop the reference the caller
+/// took to keep it alive (`folio_wait_locked()` + `folio_put()`).
+///
+/// # Context
+/// No locks held; the caller holds one reference on `folio`.
+pub(crate) fn wait_on_folio(inner: &Inner, folio: FolioId) {
+    drop(inner.folios.lock(folio));
+    put_folio(inner, folio, 1);
+}
+
+fn put_folio(inner: &Inner, folio: FolioId, nr: u32) {
+    let freed = inner.folios.slab().put_refs(folio, nr);
+    if let Some(f) = freed {
+        inner.free_range(f);
+    }
+}
+
+/// Serve a fault on `Swap(slot)` at `idx`.
+///
+/// # Context
+/// No locks held.
+pub(crate) fn do_swap_page(
+    inner: &Inner,
+    region: &Region,
+    idx: PageIndex,
+    slot: SwapSlot,
+) -> FaultOutcome {
+    let Some(dev) = inner.swap.as_ref() else {
+        log_error(&format!("swap entry {slot:?} without a swap device"));
+        return FaultOutcome::Poisoned;
+    };
+    let t0 = Instant::now();
+    let cached = {
+        let st = dev.lock();
+        st.cache.lookup(slot).inspect(|&(f, _)| {
+            let mut slab = inner.folios.slab();
+            slab.get_ref(f);
+            slab.live(f).flags.insert(FolioFlags::REFAULTED);
+        })
+    };
+    if let Some((folio, base)) = cached {
+        let o = refault_swapcache(inner, dev, region, idx, folio, base);
+        if o == FaultOutcome::Refaulted {
+            let ns = t0.elapsed().as_nanos() as u64;
+            both(inner, region, |c| c.swapcache_latency.record(ns));
+        }
+        return o;
+    }
+    let o = swapin_read(inner, dev, region, idx, slot);
+    if o == FaultOutcome::Refaulted {
+        let ns = t0.elapsed().as_nanos() as u64;
+        both(inner, region, |c| c.swapin_latency.record(ns));
+    }
+    o
+}
+
+/// Apply `f` to the VM's and the manager's swap counters.
+pub(crate) fn both<R>(
+    inner: &Inner,
+    region: &Region,
+    f: impl Fn(&crate::stats::SwapCounters) -> R,
+) {
+    f(&region.counters.swap);
+    f(&inner.swap_counters);
+}
+
+/// Map back a folio found in the swap cache (refault during writeback, or
+/// a second faulter of a swapin). The caller took a reference on `folio`.
+fn refault_swapcache(
+    inner: &Inner,
+    dev: &SwapDevice,
+    region: &Region,
+    idx: PageIndex,
+    folio: FolioId,
+    base: SwapSlot,
+) -> FaultOutcome {
+    let lock = inner.folios.lock(folio);
+    // The owner is done; is the folio still cached for these slots?
+    let still = dev.lock().cache.lookup(base) == Some((folio, base));
+    let (order, rmap) = {
+        let slab = inner.folios.slab();
+        let f = slab.get(folio).expect("we hold a reference");
+        (f.order, f.rmap)
+    };
+    let here = rmap.is_some_and(|r| r.vm == region.vm && r.region == region.index);
+    if !still || !here {
+        drop(lock);
+        put_folio(inner, folio, 1);
+        return FaultOutcome::Retry;
+    }
+    let first = rmap.map_or(idx, |r| r.index);
+    let nr = order.nr_pages();
+    let mapped = {
+        let mut ptl = region.pt.lock(first);
+        let mask = match ptl.is_dead() {
+            true => [0; 8],
+            false => entries_mask(&ptl, first, nr, |k| Pte::swap(base.forward(k))),
+        };
+        map_folio_pages(inner, region, &mut ptl, folio, first, &mask);
+        mask
+    };
+    release_swap(inner, dev, folio, base, &mapped);
+    both(inner, region, |c| {
+        c.swapin_cache_folios.fetch_add(1, Relaxed)
+    });
+    drop(lock);
+    put_folio(inner, folio, 1);
+    let sub = idx.0.wrapping_sub(first.0);
+    match sub < nr && mask_test(&mapped, sub) {
+        true => FaultOutcome::Refaulted,
+        false => FaultOutcome::Retry,
+    }
+}
+
+/// Subpages `k` of `[first, first + nr)` whose entry equals `want(k)`.
+fn entries_mask(
+    ptl: &PtlGuard<'_>,
+    first: PageIndex,
+    nr: u64,
+    want: impl Fn(u64) -> Pte,
+) -> PageMask {
+    let mut m = [0u64; 8];
+    for k in 0..nr {
+        if ptl.pte(first.forward(k)) == want(k) {
+            m[(k / 64) as usize] |= 1 << (k % 64);
+        }
+    }
+    m
+}
+
+/// Map the subpages in `mask` of the unmapped, locked `folio` (its pages
+/// are in its pool range) at `first`: move them in, set `Present`, add
+/// the rmap and put the folio on the youngest generation.
+///
+/// # Context
+/// Folio lock and the page-table lock (`ptl`) held.
+pub(crate) fn map_folio_pages(
+    inner: &Inner,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    folio: FolioId,
+    first: PageIndex,
+    mask: &PageMask,
+) {
+    let Some((pool, order)) = inner.folios.slab().get(folio).map(|f| (f.pool, f.order)) else {
+        return;
+    };
+    let nr = order.nr_pages();
+    let n: u64 = (0..nr).filter(|&k| mask_test(mask, k)).count() as u64;
+    if n == 0 {
+        return;
+    }
+    // Bookkeeping first (the MOVE wakes the faulting threads).
+    {
+        let mut slab = inner.folios.slab();
+        rmap::add_anon_rmap(&mut slab, ptl, folio, mask);
+        slab.lru_add(folio);
+    }
+    if n == nr {
+        ptl.set_range(first, nr, Pte::present(folio, 0));
+        move_in(inner, region, first, pool, nr, false);
+    } else {
+        let mut k = 0;
+        while k < nr {
+            if !mask_test(mask, k) {
+                k += 1;
+                continue;
+            }
+            let run = (k..nr).take_while(|&j| mask_test(mask, j)).count() as u64;
+            ptl.set_range(first.forward(k), run, Pte::present(folio, k));
+            move_in(inner, region, first.forward(k), pool.subpage(k), run, false);
+            k += run;
+        }
+    }
+    region.counters.resident(order, n as i64);
+    both(inner, region, |c| {
+        c.swapped_pages.fetch_sub(n as i64, Relaxed)
+    });
+}
+
+/// After a swapin or a swap-cache refault: the entries in `replaced` were
+/// turned from swap (or marker) entries into something else by this call,
+/// so drop their slot counts; then take the folio out of the swap cache,
+/// which frees every slot nobody names any more, and drop the cache's
+/// reference.
+///
+/// # Context
+/// Folio lock held; no page-table lock.
+fn release_swap(
+    inner: &Inner,
+    dev: &SwapDevice,
+    folio: FolioId,
+    base: SwapSlot,
+    replaced: &PageMask,
+) {
+    let nr = inner
+        .folios
+        .slab()
+        .get(folio)
+        .map_or(1, |f| f.order.nr_pages());
+    {
+        let mut st = dev.lock();
+        for k in (0..nr).filter(|&k| mask_test(replaced, k)) {
+            if let Err(e) = st.swap_free_nr(base.forward(k), 1) {
+                log_error(&format!("swapin release: {e}"));
+            }
+        }
+        if let Err(e) = st.delete_from_swap_cache(base, nr) {
+            log_error(&format!("swapin release: {e}"));
+        }
+    }
+    let freed = {
+        let mut slab = inner.folios.slab();
+        let f = slab.live(folio);
+        f.swap = None;
+        f.flags.remove(FolioFlags::SWAPCACHE);
+        f.flags.remove(FolioFlags::REFAULTED);
+        slab.put_refs(folio, 1)
+    };
+    debug_assert!(freed.is_none(), "the caller still holds a reference");
+}
+
+/// Choose the swapin order at `idx` (entry `Swap(slot)`): the largest order
+/// whose aligned range is inside the table, holds contiguous aligned slots
+/// in order, and that the VM's readahead state allows. Analogue of
+/// `alloc_swap_folio()` + `can_swapin_thp()`, with the window of
+/// `swap_vma_readahead()` deciding how far to go.
+fn choose_swapin_order(
+    ptl: &PtlGuard<'_>,
+    region: &Region,
+    idx: PageIndex,
+    slot: SwapSlot,
+) -> Order {
+    let max = region.readahead_order(idx);
+    Order::all()
+        .rev()
+        .filter(|o| *o <= max)
+        .find(|&o| {
+            let first = idx.align_down(o);
+            let k = idx.0 - first.0;
+            let Some(base) = slot.0.checked_sub(k as u32) else {
+                return false;
+            };
+            (base as u64).is_multiple_of(o.nr_pages())
+                && first >= ptl.first()
+                && first.forward(o.nr_pages()) <= ptl.end()
+                && ptl.range_is(first, o.nr_pages(), Pte::swap(SwapSlot(base)))
+        })
+        .unwrap_or(Order::BASE)
+}
+
+/// Take a block for a swapin: any state will do, as the read overwrites
+/// it, and a block holding old data is best (no zeroing was wasted on it).
+fn alloc_swapin_block(inner: &Inner, order: Order) -> Option<Block> {
+    let mut buddy = inner.buddy();
+    inner.check_watermark(buddy.nr_free());
+    [
+        BlockState::NeedsZero,
+        BlockState::NeedsPopulate,
+        BlockState::Ready,
+    ]
+    .into_iter()
+    .find_map(|s| buddy.alloc(order, s))
+}
+
+/// Steps 2 and 3 of the module docs.
+fn swapin_read(
+    inner: &Inner,
+    dev: &SwapDevice,
+    region: &Region,
+    idx: PageIndex,
+    slot: SwapSlot,
+) -> FaultOutcome {
+    let order = {
+        let ptl = region.pt.lock(idx);
+        if ptl.is_dead() {
+            return FaultOutcome::Dead;
+        }
+        if ptl.pte(idx) != Pte::swap(slot) {
+            return FaultOutcome::Retry;
+        }
+        choose_swapin_order(&ptl, region, idx, slot)
+    };
+    let Some((order, block)) = Order::all()
+        .rev()
+        .filter(|o| *o <= order)
+        .find_map(|o| alloc_swapin_block(inner, o).map(|b| (o, b)))
+    else {
+        return FaultOutcome::NoMemory { oom: true };
+    };
+    region.readahead_done(idx, order);
+    let first = idx.align_down(order);
+    let base = SwapSlot(slot.0 - (idx.0 - first.0) as u32);
+    let nr = order.nr_pages();
+    let folio = new_swapin_folio(inner, region, first, block, base);
+    let lock = inner.folios.assume_locked(folio);
+    if !dev.lock().swapcache_prepare(base, nr, folio) {
+        // Another faulter owns these slots: find its folio next time. The
+        // folio was never visible, so nobody waits on its lock.
+        std::mem::forget(lock);
+        abandon(inner, folio, block);
+        return FaultOutcome::Retry;
+    }
+    // Place the markers, unless the entries changed since we looked.
+    let placed = {
+        let mut ptl = region.pt.lock(first);
+        let ok = !ptl.is_dead() && ptl.range_is(first, nr, Pte::swap(base));
+        if ok {
+            ptl.set_range(first, nr, Pte::new(PteState::SwapinMarker { folio }));
+        }
+        ok
+    };
+    if !placed {
+        release_swap(inner, dev, folio, base, &[0; 8]);
+        drop(lock);
+        put_folio(inner, folio, 1);
+        return FaultOutcome::Retry;
+    }
+    let bad = read_folio(inner, dev, region, block.offset, base, nr);
+    let (mapped, poisoned) = {
+        let mut ptl = region.pt.lock(first);
+        let marker = Pte::new(PteState::SwapinMarker { folio });
+        let marked = entries_mask(&ptl, first, nr, |_| marker);
+        let good: PageMask = std::array::from_fn(|w| marked[w] & !bad[w]);
+        let poison: PageMask = std::array::from_fn(|w| marked[w] & bad[w]);
+        map_folio_pages(inner, region, &mut ptl, folio, first, &good);
+        poison_pages(inner, region, &mut ptl, first, nr, &poison);
+        (good, poison)
+    };
+    // Every marker stood for one slot reference: mapped, poisoned or
+    // removed by a discard, the entry that named the slot is gone.
+    release_swap(inner, dev, folio, base, &full_mask(nr));
+    let n_mapped = (0..nr).filter(|&k| mask_test(&mapped, k)).count() as u64;
+    both(inner, region, |c| {
+        c.swapin_file_folios.fetch_add(1, Relaxed);
+        c.swapin_file_pages.fetch_add(n_mapped, Relaxed);
+    });
+    drop(lock);
+    put_folio(inner, folio, 1);
+    let k = idx.0 - first.0;
+    if mask_test(&mapped, k) {
+        FaultOutcome::Refaulted
+    } else if mask_test(&poisoned, k) {
+        FaultOutcome::Poisoned
+    } else {
+        FaultOutcome::Retry
+    }
+}
+
+/// A new folio for a swapin: born locked and in the swap cache (its
+/// references: ours and the cache's), mapped nowhere yet.
+fn new_swapin_folio(
+    inner: &Inner,
+    region: &Region,
+    first: PageIndex,
+    block: Block,
+    base: SwapSlot,
+) -> FolioId {
+    let mut flags = FolioFlags::default();
+    flags.insert(FolioFlags::LOCKED);
+    flags.insert(FolioFlags::SWAPCACHE);
+    inner.folios.slab().insert(Folio {
+        pool: block.offset,
+        order: block.order,
+        flags,
+        refcount: 2,
+        mapcount: 0,
+        pincount: 0,
+        page_mapped: None,
+        rmap: Some(Rmap {
+            vm: region.vm,
+            region: region.index,
+            index: first,
+            mapped: (0, 0),
+        }),
+        pool_state: BlockState::NeedsZero,
+        lru: LruLink::default(),
+        swap: Some(base),
+    })
+}
+
+/// Undo [`new_swapin_folio`] before anyone could see the folio.
+fn abandon(inner: &Inner, folio: FolioId, block: Block) {
+    let f = inner.folios.slab().remove(folio);
+    debug_assert_eq!(f.pool, block.offset);
+    if let Err(e) = inner.buddy().free(block.offset, block.order, block.state) {
+        log_error(&format!("swapin abandon: {e}"));
+    }
+}
+
+/// Read `nr` slots from `base` into the pool at `pool`; returns the pages
+/// that must not be mapped (all of them on an I/O error).
+///
+/// # Context
+/// Folio lock held; no page-table lock.
+fn read_folio(
+    inner: &Inner,
+    dev: &SwapDevice,
+    region: &Region,
+    pool: PoolOffset,
+    base: SwapSlot,
+    nr: u64,
+) -> PageMask {
+    let crcs: Vec<u32> = {
+        let st = dev.lock();
+        (0..nr).map(|k| st.map.crc(base.forward(k))).collect()
+    };
+    // SAFETY: the pool range belongs to the locked folio we just allocated;
+    // its pages are in the pool (mapped into no guest), and this is the only
+    // slice of it until the read returns.
+    let buf = unsafe { inner.pool.pages_mut(pool, nr) };
+    match dev.file.read(base, buf, &crcs) {
+        Ok(()) => [0; 8],
+        Err(e) => {
+            log_error(&format!(
+                "swapin of vm {:?} at slot {}: {e}",
+                region.vm, base.0
+            ));
+            both(inner, region, |c| c.read_errors.fetch_add(1, Relaxed));
+            match e {
+                SwapIoError::Checksum { bad, .. } => {
+                    let mut m = [0u64; 8];
+                    bad.iter()
+                        .for_each(|&k| m[(k / 64) as usize] |= 1 << (k % 64));
+                    m
+                }
+                _ => full_mask(nr),
+            }
+        }
+    }
+}
+
+/// Poison the guest pages of `mask` (their contents are lost): the guest
+/// gets `SIGBUS`/`-EHWPOISON` on access instead of wrong data.
+///
+/// # Context
+/// Page-table lock held; the entries are our swapin markers.
+fn poison_pages(
+    inner: &Inner,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    first: PageIndex,
+    nr: u64,
+    mask: &PageMask,
+) {
+    for k in (0..nr).filter(|&k| mask_test(mask, k)) {
+        let idx = first.forward(k);
+        ptl.set_pte(idx, Pte::new(PteState::Poisoned));
+        let addr = region.host_addr(idx).raw();
+        if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
+            log_error(&format!("UFFDIO_POISON at {addr:#x}: errno {}", e.errno));
+        }
+        both(inner, region, |c| {
+            c.poisoned_pages.fetch_add(1, Relaxed);
+            c.swapped_pages.fetch_sub(1, Relaxed);
+        });
+    }
+}

@@ -1,0 +1,650 @@
+//! Reclaim: reference sampling, victim choice on LRU generations, swap-out,
+//! the background reclaimer (`kswapd`) and direct reclaim.
+//!
+//! # Access information: reference sampling
+//! Neither the accessed bit nor `page_idle` is visible to us, so reclaim
+//! samples references the way NUMA balancing does with `PROT_NONE` hinting
+//! faults: a folio reaching the oldest generation is moved out of the guest
+//! into its own pool range (one `UFFDIO_MOVE`, a PMD move for 2 MiB) and
+//! its entries become `ProtNone`. It stays mapped in the rmap sense. An
+//! access faults, the handler moves it straight back (no I/O, no copy),
+//! clears `SAMPLED` and promotes the folio to the youngest generation
+//! ([`map_prot_none`]). A folio found still `ProtNone` when reclaim comes
+//! round to it again was not touched in between: it is the victim. Its data
+//! already sits in the pool, so swap-out needs no second unmap.
+//!
+//! # Swap-out ([`shrink_folio_list`])
+//! For each victim, with its folio lock (trylock) and then the page-table
+//! lock: check the entries are still `ProtNone`; if every page is zero,
+//! make the entries `Zero` and free the folio (no I/O); otherwise allocate
+//! contiguous slots and add the folio to the swap cache, set the entries to
+//! `Swap`, drop the rmap, and release the page-table lock. The writes then
+//! go out without page-table locks, batched into one `pwritev` per run of
+//! contiguous slots. On completion the folio leaves the swap cache and is
+//! freed unless a refaulter took a reference meanwhile (it maps the folio
+//! back from the cache). A failed write maps the folio back and frees the
+//! slots; a full swap file leaves the folio sampled and in place.
+//!
+//! # Who is reclaimed
+//! A VM above its `max_bytes` first; otherwise the VMs above their
+//! `min_bytes`, lowest `priority` first, then the one furthest above its
+//! minimum. No VM is ever taken below its minimum.
+//!
+//! Analogues: `shrink_folio_list()`, `pageout()`, `try_to_free_pages()`,
+//! `kswapd()`/`balance_pgdat()`, `change_prot_numa()`.
+
+use crate::buddy::BlockState;
+use crate::folio::{FolioFlags, FolioLockGuard};
+use crate::manager::Inner;
+use crate::pte::{Pte, PteState, PtlGuard};
+use crate::rmap;
+use crate::swap_cache::SwapDevice;
+use crate::swapin::{both, map_folio_pages};
+use crate::types::{FolioId, Order, PageIndex, PoolOffset, SwapSlot, VmId, PAGE_SIZE};
+use crate::vm::{log_error, Region, VmState};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Folios isolated per LRU scan step (`SWAP_CLUSTER_MAX`).
+const SCAN_BATCH: usize = 32;
+/// Pages a direct reclaim tries to free.
+const DIRECT_RECLAIM_PAGES: u64 = 256;
+/// Largest single swap write.
+const MAX_WRITE_BYTES: u64 = 4 << 20;
+/// How often the background reclaimer opens a new generation.
+const AGE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Per-VM reclaim limits, settable at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VmLimits {
+    /// Reclaim never takes the VM's resident memory below this.
+    pub min_bytes: u64,
+    /// The VM's resident memory is reclaimed down to this (a memcg-like
+    /// `memory.max`, enforced on its faults and by the background reclaimer).
+    pub max_bytes: Option<u64>,
+    /// Among VMs above their minimum, lower priorities are reclaimed first.
+    pub priority: i32,
+}
+
+/// Whether reclaim can free anything at all (it needs a swap device; zero
+/// folios could be dropped without one, but a guest rarely has many).
+pub(crate) fn can_reclaim(inner: &Inner) -> bool {
+    inner.swap.is_some()
+}
+
+/// Direct reclaim on the fault path: the pool is empty.
+///
+/// # Context
+/// Handler thread (or pin caller); no locks held.
+pub(crate) fn direct_reclaim(inner: &Inner, region: &Region) {
+    both(inner, region, |c| c.direct_reclaims.fetch_add(1, Relaxed));
+    inner.kick_kswapd();
+    try_to_free_pages(inner, None, DIRECT_RECLAIM_PAGES);
+}
+
+/// Reclaim the faulting VM down to its `max_bytes` before it gets more.
+///
+/// # Context
+/// Handler thread; no locks held.
+pub(crate) fn enforce_vm_max(inner: &Inner, region: &Region) {
+    if !can_reclaim(inner) {
+        return;
+    }
+    let Some(vm) = inner.vm(region.vm) else {
+        return;
+    };
+    let excess = vm.resident_pages().saturating_sub(vm.max_pages());
+    if excess > 0 {
+        inner.reclaimers.fetch_add(1, Relaxed);
+        shrink_vm(inner, &vm, excess + SCAN_BATCH as u64, vm.max_pages());
+        inner.reclaimers.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Free about `nr_pages` pages, from `vm` or from the VMs the policy picks.
+/// Returns the pages freed. Analogue of `try_to_free_pages()`.
+///
+/// # Context
+/// No locks held.
+pub(crate) fn try_to_free_pages(inner: &Inner, vm: Option<VmId>, nr_pages: u64) -> u64 {
+    inner.reclaimers.fetch_add(1, Relaxed);
+    let freed = free_pages_from(inner, vm, nr_pages);
+    inner.reclaimers.fetch_sub(1, Relaxed);
+    freed
+}
+
+fn free_pages_from(inner: &Inner, vm: Option<VmId>, nr_pages: u64) -> u64 {
+    let mut freed = 0;
+    let mut tried = HashSet::new();
+    while freed < nr_pages {
+        let victim = match vm {
+            Some(id) if !tried.contains(&id) => inner.vm(id),
+            Some(_) => None,
+            None => pick_vm(inner, &tried),
+        };
+        let Some(victim) = victim else { break };
+        let got = shrink_vm(inner, &victim, nr_pages - freed, victim.min_pages());
+        if got == 0 {
+            tried.insert(victim.id);
+        }
+        freed += got;
+    }
+    freed
+}
+
+/// The VM to reclaim from next, per the policy in the module docs.
+fn pick_vm(inner: &Inner, tried: &HashSet<VmId>) -> Option<Arc<VmState>> {
+    let slab_pages = |vm: &VmState| inner.folios.slab().lru_pages(vm.id);
+    inner
+        .live_vms()
+        .into_iter()
+        .filter(|v| !tried.contains(&v.id))
+        .filter(|v| v.resident_pages() > v.min_pages() && slab_pages(v) > 0)
+        .max_by_key(|v| {
+            let r = v.resident_pages();
+            let over_max = r.saturating_sub(v.max_pages());
+            (over_max, -(v.limits().priority as i64), r - v.min_pages())
+        })
+}
+
+/// Reclaim up to `nr` pages from `vm`, not going below `floor` resident
+/// pages. Returns the pages freed.
+fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
+    let (mut freed, mut scanned) = (0, 0);
+    // Each folio is at most sampled once and then evicted once per pass.
+    let budget = inner.folios.slab().lru_pages(vm.id) * 2 + SCAN_BATCH as u64;
+    while freed < nr && scanned < budget && vm.resident_pages() > floor {
+        let (evict, sample) = isolate_folios(inner, vm.id);
+        if evict.is_empty() && sample.is_empty() {
+            break;
+        }
+        scanned += (evict.len() + sample.len()) as u64;
+        for id in sample {
+            sample_folio(inner, id);
+            put_folio(inner, id);
+        }
+        freed += shrink_folio_list(inner, evict);
+    }
+    for c in [&vm.counters.swap, &inner.swap_counters] {
+        c.reclaim_scanned.fetch_add(scanned, Relaxed);
+        c.reclaimed_pages.fetch_add(freed, Relaxed);
+    }
+    freed
+}
+
+/// Take a batch off the oldest generation of `vm`: folios sampled and not
+/// touched since (victims, taken off the LRU), and folios not sampled yet
+/// (rotated to the next generation, to be sampled now). Both with a
+/// reference. Analogue of `isolate_folios()` + `sort_folio()`.
+fn isolate_folios(inner: &Inner, vm: VmId) -> (Vec<FolioId>, Vec<FolioId>) {
+    let (mut evict, mut sample) = (Vec::new(), Vec::new());
+    let mut slab = inner.folios.slab();
+    for _ in 0..SCAN_BATCH {
+        let Some(id) = slab.lru_oldest(vm) else { break };
+        let f = slab.get(id).expect("LRU folios are live");
+        let busy = f.flags.contains(FolioFlags::LOCKED)
+            || f.pincount > 0
+            || f.page_mapped.is_some()
+            || f.mapcount == 0;
+        let sampled = f.flags.contains(FolioFlags::SAMPLED);
+        if busy {
+            slab.lru_rotate(id);
+            continue;
+        }
+        slab.get_ref(id);
+        if sampled {
+            slab.lru_del(id);
+            evict.push(id);
+        } else {
+            slab.lru_rotate(id);
+            sample.push(id);
+        }
+    }
+    (evict, sample)
+}
+
+fn put_folio(inner: &Inner, id: FolioId) {
+    let freed = inner.folios.slab().put_refs(id, 1);
+    if let Some(f) = freed {
+        inner.free_range(f);
+    }
+}
+
+/// Put an isolated folio back on the youngest generation and drop the
+/// isolation reference (`folio_putback_lru()`).
+fn putback(inner: &Inner, id: FolioId) {
+    let freed = {
+        let mut slab = inner.folios.slab();
+        let live = slab.get(id).is_some_and(|f| f.mapcount > 0);
+        if live
+            && !slab
+                .get(id)
+                .is_some_and(|f| f.flags.contains(FolioFlags::LRU))
+        {
+            slab.lru_add(id);
+        }
+        slab.put_refs(id, 1)
+    };
+    if let Some(f) = freed {
+        inner.free_range(f);
+    }
+}
+
+/// Where a locked folio is mapped, if it can be unmapped now: its region
+/// and first page, order and pool range.
+fn victim_info(inner: &Inner, id: FolioId) -> Option<(Arc<Region>, PageIndex, Order, PoolOffset)> {
+    let (rmap, order, pool) = {
+        let slab = inner.folios.slab();
+        let f = slab.get(id)?;
+        let ok = f.pincount == 0 && f.page_mapped.is_none() && f.mapcount as u64 == f.nr_pages();
+        (ok.then_some(f.rmap)??, f.order, f.pool)
+    };
+    let region = inner.find_region(rmap.vm, rmap.region)?;
+    Some((region, rmap.index, order, pool))
+}
+
+/// Sample references: move the folio's present pages out to its pool range
+/// and make their entries `ProtNone` (`change_prot_numa()`).
+fn sample_folio(inner: &Inner, id: FolioId) {
+    let Some(_lock) = inner.folios.trylock(id) else {
+        return;
+    };
+    let Some((region, first, order, pool)) = victim_info(inner, id) else {
+        return;
+    };
+    let nr = order.nr_pages();
+    let mut ptl = region.pt.lock(first);
+    if ptl.is_dead() {
+        return;
+    }
+    let mut k = 0;
+    while k < nr {
+        if ptl.pte(first.forward(k)) != Pte::present(id, k) {
+            k += 1;
+            continue;
+        }
+        let run = (k..nr)
+            .take_while(|&j| ptl.pte(first.forward(j)) == Pte::present(id, j))
+            .count() as u64;
+        let moved = move_out(inner, &region, first.forward(k), pool.subpage(k), run);
+        if moved > 0 {
+            ptl.set_range(first.forward(k), moved, Pte::prot_none(id, k));
+        }
+        k += run;
+    }
+    if let Some(f) = inner.folios.slab().get_mut(id) {
+        f.flags.insert(FolioFlags::SAMPLED);
+        f.flags.remove(FolioFlags::REFERENCED);
+    }
+    both(inner, &region, |c| c.sampled_folios.fetch_add(1, Relaxed));
+}
+
+/// Move `nr` guest pages at `idx` out to the pool at `pool` (the atomic
+/// unmap). Returns how many pages, from the start, moved.
+///
+/// # Context
+/// Folio lock and page-table lock held; the guest pages are present pages
+/// of that folio and its pool range there is a hole.
+fn move_out(inner: &Inner, region: &Region, idx: PageIndex, pool: PoolOffset, nr: u64) -> u64 {
+    let src = region.host_addr(idx).raw();
+    let dst = inner.pool.host_addr(pool).raw();
+    let len = nr * PAGE_SIZE;
+    let mut done = 0;
+    for _ in 0..8 {
+        // SAFETY: the source pages are present guest pages of the locked
+        // folio, whose entries we hold under the page-table lock; moving them
+        // out is the atomic unmap (a vCPU touching them next faults and waits
+        // for this lock). The destination is the folio's own pool range, a
+        // hole while the folio is mapped, referenced by nobody.
+        let r = unsafe {
+            inner
+                .uffd
+                .move_pages(dst + done as usize, src + done as usize, len - done, 0)
+        };
+        match r {
+            Ok(()) => return nr,
+            Err(p) => {
+                done += p.done;
+                if p.errno != libc::EAGAIN && p.errno != libc::EBUSY {
+                    break;
+                }
+            }
+        }
+    }
+    done / PAGE_SIZE
+}
+
+/// A sampled folio was touched: move its `ProtNone` pages back into the
+/// guest and promote it (`do_numa_page()`).
+///
+/// # Context
+/// Page-table lock held (`ptl`); an entry names the folio, so it is live.
+pub(crate) fn map_prot_none(
+    inner: &Inner,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    folio: FolioId,
+) {
+    let (pool, order, first) = {
+        let mut slab = inner.folios.slab();
+        let f = slab.live(folio);
+        f.flags.remove(FolioFlags::SAMPLED);
+        f.flags.insert(FolioFlags::REFERENCED);
+        let first = f.rmap.expect("a mapped folio has an rmap").index;
+        let r = (f.pool, f.order, first);
+        slab.lru_promote(folio);
+        r
+    };
+    let nr = order.nr_pages();
+    let mut k = 0;
+    while k < nr {
+        let idx = first.forward(k);
+        if ptl.pte(idx) != Pte::prot_none(folio, k) {
+            k += 1;
+            continue;
+        }
+        let run = (k..nr)
+            .take_while(|&j| ptl.pte(first.forward(j)) == Pte::prot_none(folio, j))
+            .count() as u64;
+        ptl.set_range(idx, run, Pte::present(folio, k));
+        crate::fault::move_in(inner, region, idx, pool.subpage(k), run, false);
+        k += run;
+    }
+    both(inner, region, |c| c.sample_refaults.fetch_add(1, Relaxed));
+}
+
+/// A folio whose pages are unmapped and in the swap cache, waiting for its
+/// write. Holds the folio lock and the isolation reference.
+struct Writeback<'a> {
+    lock: FolioLockGuard<'a>,
+    region: Arc<Region>,
+    first: PageIndex,
+    base: SwapSlot,
+    nr: u64,
+    pool: PoolOffset,
+}
+
+/// What [`prepare_pageout`] did with a victim.
+enum Prepared<'a> {
+    /// Freed without I/O (zero-filled): pages.
+    Freed(u64),
+    /// Unmapped and in the swap cache: write it.
+    Writeback(Writeback<'a>),
+    /// Left alone (put back on the LRU).
+    Kept,
+}
+
+/// Reclaim the isolated `victims` (each with a reference). Returns the
+/// pages freed. Analogue of `shrink_folio_list()`.
+fn shrink_folio_list(inner: &Inner, victims: Vec<FolioId>) -> u64 {
+    let Some(dev) = inner.swap.as_ref() else {
+        victims.into_iter().for_each(|id| putback(inner, id));
+        return 0;
+    };
+    let mut freed = 0;
+    let mut wbs = Vec::new();
+    for id in victims {
+        match prepare_pageout(inner, dev, id) {
+            Prepared::Freed(n) => freed += n,
+            Prepared::Writeback(w) => wbs.push(w),
+            Prepared::Kept => {}
+        }
+    }
+    wbs.sort_by_key(|w| w.base);
+    let mut wbs = wbs.into_iter().peekable();
+    while let Some(w) = wbs.next() {
+        let mut bytes = w.nr * PAGE_SIZE;
+        let mut run = vec![w];
+        while let Some(next) = wbs.peek() {
+            let last = run.last().expect("a run is never empty");
+            if next.base != last.base.forward(last.nr)
+                || bytes + next.nr * PAGE_SIZE > MAX_WRITE_BYTES
+            {
+                break;
+            }
+            bytes += next.nr * PAGE_SIZE;
+            run.extend(wbs.next());
+        }
+        freed += pageout(inner, dev, run);
+    }
+    freed
+}
+
+/// Steps before the write, for one victim (see the module docs).
+fn prepare_pageout<'a>(inner: &'a Inner, dev: &SwapDevice, id: FolioId) -> Prepared<'a> {
+    let Some(lock) = inner.folios.trylock(id) else {
+        putback(inner, id);
+        return Prepared::Kept;
+    };
+    let Some((region, first, order, pool)) = victim_info(inner, id) else {
+        drop(lock);
+        putback(inner, id);
+        return Prepared::Kept;
+    };
+    let nr = order.nr_pages();
+    let mut ptl = region.pt.lock(first);
+    if ptl.is_dead() || !ptl.range_is(first, nr, Pte::prot_none(id, 0)) {
+        // Touched since it was sampled (or going away): keep it.
+        drop(ptl);
+        drop(lock);
+        putback(inner, id);
+        return Prepared::Kept;
+    }
+    // SAFETY: the folio is locked and all its pages sit in its pool range
+    // (the entries are `ProtNone` under the page-table lock we hold, so no
+    // fault can move them back); nothing writes there meanwhile.
+    let data: &[u8] = unsafe { inner.pool.pages_mut(pool, nr) };
+    if data.iter().all(|&b| b == 0) {
+        ptl.set_range(first, nr, Pte::new(PteState::Zero));
+        let freed = {
+            let mut slab = inner.folios.slab();
+            slab.live(id).flags.remove(FolioFlags::SAMPLED);
+            rmap::remove_rmap_ptes(&mut slab, &ptl, id, 0, nr, BlockState::NeedsPopulate).freed
+        };
+        debug_assert!(freed.is_none(), "we hold the isolation reference");
+        region.counters.resident(order, -(nr as i64));
+        drop(ptl);
+        both(inner, &region, |c| {
+            c.zero_dropped_pages.fetch_add(nr, Relaxed)
+        });
+        drop(lock);
+        put_folio(inner, id);
+        return Prepared::Freed(nr);
+    }
+    let Some(base) = dev.lock().add_to_swap(id, order) else {
+        drop(ptl);
+        both(inner, &region, |c| c.swap_full.fetch_add(1, Relaxed));
+        drop(lock);
+        putback(inner, id);
+        return Prepared::Kept;
+    };
+    ptl.set_range(first, nr, Pte::swap(base));
+    {
+        let mut slab = inner.folios.slab();
+        let f = slab.live(id);
+        f.swap = Some(base);
+        f.flags.insert(FolioFlags::SWAPCACHE);
+        f.flags.insert(FolioFlags::WRITEBACK);
+        f.flags.remove(FolioFlags::SAMPLED);
+        f.refcount += 1; // the swap cache's reference
+        let r = rmap::remove_rmap_ptes(&mut slab, &ptl, id, 0, nr, BlockState::NeedsZero);
+        debug_assert!(r.freed.is_none());
+    }
+    region.counters.resident(order, -(nr as i64));
+    drop(ptl);
+    both(inner, &region, |c| {
+        c.swapped_pages.fetch_add(nr as i64, Relaxed)
+    });
+    Prepared::Writeback(Writeback {
+        lock,
+        region,
+        first,
+        base,
+        nr,
+        pool,
+    })
+}
+
+/// Write a run of folios with contiguous slots, then finish each one,
+/// unlock it and drop the isolation reference. Returns the pages freed.
+///
+/// # Context
+/// Each folio's lock is held (in its [`Writeback`]); no other lock.
+fn pageout(inner: &Inner, dev: &SwapDevice, run: Vec<Writeback<'_>>) -> u64 {
+    let bufs: Vec<&[u8]> = run
+        .iter()
+        .map(|w| {
+            // SAFETY: as in `prepare_pageout`: the folio is locked, unmapped
+            // (its entries are `Swap`), and its pages are in its pool range.
+            let b: &[u8] = unsafe { inner.pool.pages_mut(w.pool, w.nr) };
+            b
+        })
+        .collect();
+    let result = dev.file.write(run[0].base, &bufs);
+    drop(bufs);
+    if let Err(e) = &result {
+        log_error(&format!("swap write at slot {}: {e}", run[0].base.0));
+    }
+    let mut freed = 0;
+    let mut off = 0;
+    for w in run {
+        let crcs = result.as_ref().ok().map(|c| &c[off..off + w.nr as usize]);
+        off += w.nr as usize;
+        freed += end_writeback(inner, dev, &w, crcs);
+        let id = w.lock.id();
+        drop(w);
+        put_folio(inner, id);
+    }
+    freed
+}
+
+/// Writeback of `w` finished (`folio_end_writeback()`): record checksums
+/// and leave the swap cache, or on failure (`crcs` is `None`) map the
+/// folio back. Returns the pages freed.
+fn end_writeback(inner: &Inner, dev: &SwapDevice, w: &Writeback<'_>, crcs: Option<&[u32]>) -> u64 {
+    let id = w.lock.id();
+    let Some(crcs) = crcs else {
+        let mask = {
+            let mut ptl = w.region.pt.lock(w.first);
+            let mut m = [0u64; 8];
+            for k in 0..w.nr {
+                if !ptl.is_dead() && ptl.pte(w.first.forward(k)) == Pte::swap(w.base.forward(k)) {
+                    m[(k / 64) as usize] |= 1 << (k % 64);
+                }
+            }
+            map_folio_pages(inner, &w.region, &mut ptl, id, w.first, &m);
+            m
+        };
+        let mut st = dev.lock();
+        for k in (0..w.nr).filter(|&k| rmap::mask_test(&mask, k)) {
+            let _ = st.swap_free_nr(w.base.forward(k), 1);
+        }
+        let _ = st.delete_from_swap_cache(w.base, w.nr);
+        let mut slab = inner.folios.slab();
+        let f = slab.live(id);
+        f.swap = None;
+        f.flags.remove(FolioFlags::SWAPCACHE);
+        f.flags.remove(FolioFlags::WRITEBACK);
+        let _ = slab.put_refs(id, 1);
+        drop(slab);
+        drop(st);
+        both(inner, &w.region, |c| c.write_errors.fetch_add(1, Relaxed));
+        return 0;
+    };
+    let refaulted = {
+        let mut st = dev.lock();
+        for (k, &c) in crcs.iter().enumerate() {
+            st.map.set_crc(w.base.forward(k as u64), c);
+        }
+        let mut slab = inner.folios.slab();
+        let f = slab.live(id);
+        f.flags.remove(FolioFlags::WRITEBACK);
+        // A refaulter waiting on the lock maps the folio from the cache
+        // (it marked the folio under the swap lock, which we hold).
+        let refaulted = f.flags.contains(FolioFlags::REFAULTED);
+        if !refaulted {
+            f.swap = None;
+            f.flags.remove(FolioFlags::SWAPCACHE);
+            let _ = slab.put_refs(id, 1);
+            drop(slab);
+            if let Err(e) = st.delete_from_swap_cache(w.base, w.nr) {
+                log_error(&format!("end of writeback: {e}"));
+            }
+        }
+        refaulted
+    };
+    both(inner, &w.region, |c| {
+        c.swapout_folios.fetch_add(1, Relaxed);
+        c.swapout_pages.fetch_add(w.nr, Relaxed);
+    });
+    match refaulted {
+        true => 0,
+        false => w.nr,
+    }
+}
+
+/// Body of the background reclaimer: keep free memory between the low and
+/// high watermarks, keep VMs under their maximum, and age the LRUs.
+pub(crate) fn kswapd_thread(inner: &Inner) {
+    let mut last_age = Instant::now();
+    while !inner.shutdown.load(Relaxed) {
+        inner.wait_kswapd(Duration::from_millis(50));
+        if inner.shutdown.load(Relaxed) {
+            return;
+        }
+        // Counted as a reclaim pass as a whole: VM records it holds may
+        // be the last references, and their teardown runs here too.
+        inner.reclaimers.fetch_add(1, Relaxed);
+        if last_age.elapsed() >= AGE_INTERVAL {
+            last_age = Instant::now();
+            let vms = inner.live_vms();
+            let mut slab = inner.folios.slab();
+            vms.iter().for_each(|v| slab.lru_age(v.id));
+        }
+        balance(inner);
+        inner.reclaimers.fetch_sub(1, Relaxed);
+    }
+}
+
+/// One round of background reclaim (`balance_pgdat()`).
+fn balance(inner: &Inner) {
+    for vm in inner.live_vms() {
+        let excess = vm.resident_pages().saturating_sub(vm.max_pages());
+        if excess > 0 {
+            inner.reclaimers.fetch_add(1, Relaxed);
+            shrink_vm(inner, &vm, excess, vm.max_pages());
+            inner.reclaimers.fetch_sub(1, Relaxed);
+        }
+    }
+    let free = inner.buddy().nr_free();
+    if free >= inner.watermarks.low {
+        return;
+    }
+    let mut free = free;
+    while free < inner.watermarks.high && !inner.shutdown.load(Relaxed) {
+        let got = try_to_free_pages(inner, None, inner.watermarks.high - free);
+        if got == 0 {
+            break;
+        }
+        free = inner.buddy().nr_free();
+    }
+}
+
+/// Reclaim for the API: about `bytes` from `vm` (or by policy from all),
+/// respecting minimums. Returns bytes freed.
+pub(crate) fn reclaim_bytes(inner: &Inner, vm: Option<VmId>, bytes: u64) -> u64 {
+    try_to_free_pages(inner, vm, bytes.div_ceil(PAGE_SIZE)) * PAGE_SIZE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_default_to_unlimited_and_unprotected() {
+        let l = VmLimits::default();
+        assert_eq!((l.min_bytes, l.max_bytes, l.priority), (0, None, 0));
+    }
+}

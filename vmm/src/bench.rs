@@ -61,10 +61,12 @@ fn touch_once(
         payload: GuestPayload::Workload(spec),
         mem_bytes: WorkloadLayout::min_mem(&parsed).next_multiple_of(2 << 20),
         vcpus,
+        limits: mem::VmLimits::default(),
     };
     let memory = MemoryConfig {
         backend,
         budget: None,
+        swap: None,
     };
     let source = match backend {
         MemBackendKind::Anon => MemorySource::Anon,

@@ -87,6 +87,9 @@ pub struct VmConfig {
     pub mem_bytes: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
+    /// Reclaim limits: minimum resident memory, optional maximum, priority
+    /// (folio backend with swap).
+    pub limits: mem::VmLimits,
 }
 
 /// How the process backs guest memory; shared by all its VMs.
@@ -97,6 +100,8 @@ pub struct MemoryConfig {
     /// Host memory budget of the memory manager in bytes (`None`: the sum
     /// of the VMs' memory). Only for the folio backend.
     pub budget: Option<u64>,
+    /// The swap file that lets guests' memory exceed the budget.
+    pub swap: Option<mem::SwapConfig>,
 }
 
 /// Everything one `foliovm run` does: one or more VMs sharing memory settings.
@@ -177,8 +182,31 @@ impl VmConfig {
                 self.vcpus, limits.max_vcpus
             )));
         }
-        Ok(())
+        check_limits(&self.limits, self.mem_bytes)
     }
+}
+
+/// Check per-VM reclaim limits against the VM's size.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming the offending value.
+pub fn check_limits(l: &mem::VmLimits, mem_bytes: u64) -> Result<(), ConfigError> {
+    if l.min_bytes > mem_bytes {
+        return Err(ConfigError::Invalid(format!(
+            "mem_min {} MiB exceeds the VM's {} MiB",
+            l.min_bytes >> 20,
+            mem_bytes >> 20
+        )));
+    }
+    if let Some(max) = l.max_bytes {
+        if max < l.min_bytes || max < 2 << 20 {
+            return Err(ConfigError::Invalid(format!(
+                "mem_max {} MiB must be at least 2 MiB and at least mem_min",
+                max >> 20
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl MemoryConfig {
@@ -187,6 +215,11 @@ impl MemoryConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the offending value.
     pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        if self.swap.is_some() && self.backend != MemBackendKind::Folio {
+            return Err(ConfigError::Invalid(
+                "a swap file needs the folio memory backend".into(),
+            ));
+        }
         let Some(b) = self.budget else {
             return Ok(());
         };
@@ -307,6 +340,86 @@ pub struct FoliovmSection {
     /// Host memory budget, e.g. `"384M"`.
     #[serde(default)]
     pub mem_budget: Option<String>,
+    /// Create the swap file here (it must not exist; it is unlinked at once).
+    #[serde(default)]
+    pub swap_file: Option<PathBuf>,
+    /// Or create an anonymous swap file in this directory.
+    #[serde(default)]
+    pub swap_dir: Option<PathBuf>,
+    /// Swap file size, e.g. `"2G"`.
+    #[serde(default)]
+    pub swap_size: Option<String>,
+    /// This VM's resident memory never goes below this under reclaim.
+    #[serde(default)]
+    pub mem_min: Option<String>,
+    /// This VM's resident memory is reclaimed down to this.
+    #[serde(default)]
+    pub mem_max: Option<String>,
+    /// Lower priorities are reclaimed first.
+    #[serde(default)]
+    pub priority: Option<i32>,
+}
+
+impl FoliovmSection {
+    fn has_memory_settings(&self) -> bool {
+        self.mem_backend.is_some()
+            || self.mem_budget.is_some()
+            || self.swap_file.is_some()
+            || self.swap_dir.is_some()
+            || self.swap_size.is_some()
+    }
+
+    fn has_vm_settings(&self) -> bool {
+        self.workload.is_some()
+            || self.mem_min.is_some()
+            || self.mem_max.is_some()
+            || self.priority.is_some()
+    }
+
+    fn limits(&self) -> Result<mem::VmLimits, ConfigError> {
+        Ok(mem::VmLimits {
+            min_bytes: self
+                .mem_min
+                .as_deref()
+                .map(parse_size)
+                .transpose()?
+                .unwrap_or(0),
+            max_bytes: self.mem_max.as_deref().map(parse_size).transpose()?,
+            priority: self.priority.unwrap_or(0),
+        })
+    }
+}
+
+/// The swap settings from `--swap-file`/`--swap-dir` and `--swap-size`.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] for a size without a place, both places, or a
+/// place without a size.
+pub fn swap_config(
+    file: Option<&std::path::Path>,
+    dir: Option<&std::path::Path>,
+    size: Option<&str>,
+) -> Result<Option<mem::SwapConfig>, ConfigError> {
+    let target = match (file, dir) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "give either a swap file or a swap directory, not both".into(),
+            ))
+        }
+        (Some(f), None) => mem::SwapTarget::File(f.to_path_buf()),
+        (None, Some(d)) => mem::SwapTarget::Dir(d.to_path_buf()),
+        (None, None) if size.is_some() => {
+            return Err(ConfigError::Invalid(
+                "a swap size needs a swap file or a swap directory".into(),
+            ))
+        }
+        (None, None) => return Ok(None),
+    };
+    let size = size.ok_or_else(|| ConfigError::Invalid("a swap file needs a swap size".into()))?;
+    Ok(Some(mem::SwapConfig {
+        target,
+        size_bytes: parse_size(size)?,
+    }))
 }
 
 /// One VM's sections: the whole single-VM file, or one entry of `vms`.
@@ -360,6 +473,11 @@ fn memory_settings(fv: &FoliovmSection) -> Result<MemoryConfig, ConfigError> {
     Ok(MemoryConfig {
         backend: fv.mem_backend.unwrap_or_default(),
         budget: fv.mem_budget.as_deref().map(parse_size).transpose()?,
+        swap: swap_config(
+            fv.swap_file.as_deref(),
+            fv.swap_dir.as_deref(),
+            fv.swap_size.as_deref(),
+        )?,
     })
 }
 
@@ -397,7 +515,9 @@ impl VmSections {
         let mem_bytes = mc.mem_size_mib.checked_mul(1 << 20).ok_or_else(|| {
             ConfigError::Invalid(format!("mem_size_mib {} is too large", mc.mem_size_mib))
         })?;
-        let workload = self.foliovm.and_then(|f| f.workload);
+        let fv = self.foliovm.unwrap_or_default();
+        let limits = fv.limits()?;
+        let workload = fv.workload;
         let payload = match (self.boot_source, workload) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
@@ -421,6 +541,7 @@ impl VmSections {
             payload,
             mem_bytes,
             vcpus,
+            limits,
         })
     }
 }
@@ -446,15 +567,24 @@ impl ConfigFile {
         if value.get("vms").is_some() {
             let file: MultiFile =
                 serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
-            let memory = memory_settings(&file.foliovm.unwrap_or_default())?;
+            let top = file.foliovm.unwrap_or_default();
+            if top.has_vm_settings() {
+                return Err(malformed(
+                    "workload, mem_min, mem_max and priority belong in each VM's foliovm section"
+                        .into(),
+                ));
+            }
+            let memory = memory_settings(&top)?;
             let mut vms = Vec::with_capacity(file.vms.len());
             for (i, sections) in file.vms.into_iter().enumerate() {
-                if let Some(fv) = &sections.foliovm {
-                    if fv.mem_backend.is_some() || fv.mem_budget.is_some() {
-                        return Err(malformed(format!(
-                            "vms[{i}]: mem_backend and mem_budget belong in the top-level foliovm section"
-                        )));
-                    }
+                if sections
+                    .foliovm
+                    .as_ref()
+                    .is_some_and(FoliovmSection::has_memory_settings)
+                {
+                    return Err(malformed(format!(
+                        "vms[{i}]: mem_backend, mem_budget and swap settings belong in the top-level foliovm section"
+                    )));
                 }
                 vms.push(sections.into_vm(format!("vm{i}"), &malformed, &mut warnings)?);
             }
@@ -544,6 +674,7 @@ mod tests {
             payload: GuestPayload::Workload("seq:1M".into()),
             mem_bytes: mem,
             vcpus,
+            limits: mem::VmLimits::default(),
         }
     }
 
@@ -567,6 +698,7 @@ mod tests {
         let mut m = MemoryConfig {
             backend: MemBackendKind::Anon,
             budget: Some(256 << 20),
+            swap: None,
         };
         let e = m.validate(&LIMITS).unwrap_err().to_string();
         assert!(e.contains("needs the folio memory backend"), "{e}");
@@ -594,7 +726,8 @@ mod tests {
             c.memory,
             MemoryConfig {
                 backend: MemBackendKind::Folio,
-                budget: Some(32 << 20)
+                budget: Some(32 << 20),
+                swap: None,
             }
         );
         let e = ConfigFile::parse(
@@ -664,6 +797,69 @@ mod tests {
             let e = r.unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn swap_and_limits() {
+        let text = r#"{
+          "foliovm": {"mem_budget": "384M", "swap_dir": "/var/tmp", "swap_size": "2G"},
+          "vms": [
+            {"name": "a", "machine-config": {"vcpu_count": 1, "mem_size_mib": 512},
+             "foliovm": {"workload": "seq:256M", "mem_min": "64M", "priority": 5}},
+            {"machine-config": {"vcpu_count": 1, "mem_size_mib": 512},
+             "foliovm": {"workload": "zipf:256M", "mem_max": "128M"}}
+          ]
+        }"#;
+        let (c, _) = ConfigFile::parse(text, Path::new("m.json")).unwrap();
+        assert_eq!(
+            c.memory.swap,
+            Some(mem::SwapConfig {
+                target: mem::SwapTarget::Dir("/var/tmp".into()),
+                size_bytes: 2 << 30
+            })
+        );
+        assert_eq!(
+            (c.vms[0].limits.min_bytes, c.vms[0].limits.priority),
+            (64 << 20, 5)
+        );
+        assert_eq!(c.vms[1].limits.max_bytes, Some(128 << 20));
+        assert!(c.validate(&LIMITS).is_ok());
+
+        let mut bad = c.clone();
+        bad.vms[0].limits.min_bytes = 1 << 30;
+        assert!(bad
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .contains("mem_min 1024 MiB exceeds"));
+        let mut anon = c.clone();
+        anon.memory.backend = MemBackendKind::Anon;
+        anon.memory.budget = None;
+        assert!(anon
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .contains("swap file needs the folio"));
+
+        for (f, d, s, want) in [
+            (Some("/a"), Some("/b"), Some("1G"), "not both"),
+            (None, None, Some("1G"), "needs a swap file"),
+            (Some("/a"), None, None, "needs a swap size"),
+            (None, Some("/b"), Some("lots"), "invalid size"),
+        ] {
+            let e = swap_config(f.map(Path::new), d.map(Path::new), s)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        assert_eq!(swap_config(None, None, None).unwrap(), None);
+        let e = ConfigFile::parse(
+            r#"{"foliovm": {"workload": "seq:1M"}, "vms": [{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}]}"#,
+            Path::new("m.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("belong in each VM"), "{e}");
     }
 
     #[test]

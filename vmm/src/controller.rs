@@ -3,7 +3,9 @@
 //! Lock order: `pending` → `source` → `vms`. The event loop thread takes
 //! `vms` only briefly to see whether every VM has stopped.
 
-use crate::api::routes::{ApiBackend, ApiError, BootSourceBody, InstanceInfo, MachineConfigBody};
+use crate::api::routes::{
+    ApiBackend, ApiError, BootSourceBody, InstanceInfo, LimitsBody, MachineConfigBody,
+};
 use crate::config::{GuestPayload, HostLimits, MemoryConfig, RunConfig, VmConfig};
 use crate::metrics::{MemSample, VmSample};
 use crate::pvm::HostQuirks;
@@ -284,6 +286,7 @@ impl ApiBackend for Controller {
             mem_bytes: p.machine.mem_size_mib << 20,
             vcpus: u8::try_from(p.machine.vcpu_count)
                 .map_err(|_| ApiError::bad("vcpu_count too large"))?,
+            limits: mem::VmLimits::default(),
         };
         let run = RunConfig::single(config.clone(), self.memory.clone());
         run.validate(&self.limits)
@@ -306,6 +309,46 @@ impl ApiBackend for Controller {
             let r = if paused { v.pause() } else { v.resume() };
             r.map_err(|e| ApiError::bad(e.to_string()))
         })
+    }
+
+    fn set_limits(&self, vm: &str, body: LimitsBody) -> Result<(), ApiError> {
+        self.with_vm(Some(vm), |v| {
+            let limits = mem::VmLimits {
+                min_bytes: body.mem_min_mib << 20,
+                max_bytes: body.mem_max_mib.map(|m| m << 20),
+                priority: body.priority,
+            };
+            crate::config::check_limits(&limits, v.config().mem_bytes)
+                .map_err(|e| ApiError::bad(e.to_string()))?;
+            let (mm, id) = v
+                .manager()
+                .ok_or_else(|| ApiError::bad("limits need the folio memory backend"))?;
+            mm.set_vm_limits(*id, limits)
+                .map_err(|e| ApiError::bad(e.to_string()))
+        })
+    }
+
+    fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<u64, ApiError> {
+        // Resolve the manager and VM id, then reclaim without holding `vms`
+        // (it blocks on swap I/O).
+        let (mm, id) = {
+            let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+            let pick = match vm {
+                Some(n) => vms
+                    .iter()
+                    .find(|v| v.name() == n)
+                    .ok_or_else(|| ApiError::not_found(format!("no VM named {n:?}")))?,
+                None => vms
+                    .first()
+                    .ok_or_else(|| ApiError::bad("no VM is running"))?,
+            };
+            let (mm, id) = pick
+                .manager()
+                .ok_or_else(|| ApiError::bad("reclaim needs the folio memory backend"))?;
+            (mm.clone(), vm.map(|_| *id))
+        };
+        mm.reclaim(id, bytes)
+            .map_err(|e| ApiError::bad(error_chain(&e)))
     }
 
     fn list_vms(&self) -> serde_json::Value {

@@ -108,6 +108,41 @@ fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
             }
             Ok(())
         }
+        CtlCmd::Limit {
+            vm,
+            min,
+            max,
+            priority,
+        } => {
+            let body = serde_json::json!({
+                "mem_min_mib": mib_arg(&min)?,
+                "mem_max_mib": max.as_deref().map(mib_arg).transpose()?,
+                "priority": priority,
+            });
+            call(
+                sock,
+                "PUT",
+                &format!("/vms/{vm}/limits"),
+                Some(&body.to_string()),
+            )?;
+            if !json {
+                println!(
+                    "limits of {vm}: min {min}, max {}, priority {priority}",
+                    max.as_deref().unwrap_or("none")
+                );
+            }
+            Ok(())
+        }
+        CtlCmd::Reclaim { size, vm } => {
+            let body = serde_json::json!({ "vm": vm, "mib": mib_arg(&size)? });
+            let r = call(sock, "PUT", "/reclaim", Some(&body.to_string()))?;
+            if json {
+                println!("{}", r.body);
+            } else {
+                println!("reclaimed {}", mib(&r.json()["reclaimed_bytes"]));
+            }
+            Ok(())
+        }
         CtlCmd::Resume { vm } => {
             call(
                 sock,
@@ -121,6 +156,12 @@ fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn mib_arg(s: &str) -> Result<u64, String> {
+    vmm::config::parse_size(s)
+        .map(|b| b >> 20)
+        .map_err(|e| e.to_string())
 }
 
 /// Run a ctl command; returns the process exit status.

@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use vmm::config::{
-    parse_size, ConfigFile, GuestPayload, MemBackendKind, MemoryConfig, RunConfig, VmConfig,
+    parse_size, swap_config, ConfigFile, GuestPayload, MemBackendKind, MemoryConfig, RunConfig,
+    VmConfig,
 };
 use vmm::workload::{WorkloadLayout, WorkloadSpec};
 
@@ -60,6 +61,28 @@ enum CtlCmd {
     /// Resume a paused VM.
     Resume {
         /// The VM (default: the only one).
+        vm: Option<String>,
+    },
+    /// Set a VM's reclaim limits.
+    Limit {
+        /// The VM.
+        vm: String,
+        /// Reclaim never takes its resident memory below this (e.g. 128M).
+        #[arg(long, default_value = "0")]
+        min: String,
+        /// Its resident memory is reclaimed down to this.
+        #[arg(long)]
+        max: Option<String>,
+        /// Lower priorities are reclaimed first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+    },
+    /// Reclaim memory now, to the swap file.
+    Reclaim {
+        /// How much, e.g. 256M.
+        size: String,
+        /// From this VM (default: the VMs reclaim policy picks).
+        #[arg(long)]
         vm: Option<String>,
     },
 }
@@ -129,6 +152,25 @@ struct RunArgs {
     /// Host memory the memory manager may use for this guest (default: --mem).
     #[arg(long)]
     mem_budget: Option<String>,
+    /// Swap guest memory beyond the budget to this file (created, must not
+    /// exist, unlinked at once). Needs --swap-size.
+    #[arg(long, conflicts_with = "swap_dir")]
+    swap_file: Option<PathBuf>,
+    /// Or to an anonymous file (O_TMPFILE) in this directory.
+    #[arg(long)]
+    swap_dir: Option<PathBuf>,
+    /// Swap file size, e.g. 2G.
+    #[arg(long)]
+    swap_size: Option<String>,
+    /// Reclaim never takes the guest's resident memory below this.
+    #[arg(long)]
+    mem_min: Option<String>,
+    /// The guest's resident memory is reclaimed down to this.
+    #[arg(long)]
+    mem_max: Option<String>,
+    /// Reclaim priority among guests (lower is reclaimed first).
+    #[arg(long, allow_negative_numbers = true)]
+    priority: Option<i32>,
     /// Serve the HTTP API on this Unix socket. Without --kernel, --workload
     /// or --config, wait for the VM to be configured and started through it
     /// (PUT /boot-source, PUT /machine-config, PUT /actions InstanceStart).
@@ -138,6 +180,11 @@ struct RunArgs {
 
 fn memory_config(a: &RunArgs) -> Result<MemoryConfig> {
     Ok(MemoryConfig {
+        swap: swap_config(
+            a.swap_file.as_deref(),
+            a.swap_dir.as_deref(),
+            a.swap_size.as_deref(),
+        )?,
         backend: a.mem_backend.unwrap_or_default(),
         budget: a
             .mem_budget
@@ -150,10 +197,17 @@ fn memory_config(a: &RunArgs) -> Result<MemoryConfig> {
 
 fn run_config(a: &RunArgs) -> Result<RunConfig> {
     if let Some(path) = &a.config {
-        if a.mem.is_some() || a.mem_budget.is_some() || a.mem_backend.is_some() {
+        let memory_flags = a.swap_file.is_some() || a.swap_dir.is_some() || a.swap_size.is_some();
+        let vm_flags = a.mem_min.is_some() || a.mem_max.is_some() || a.priority.is_some();
+        if a.mem.is_some()
+            || a.mem_budget.is_some()
+            || a.mem_backend.is_some()
+            || memory_flags
+            || vm_flags
+        {
             bail!(
-                "--mem, --mem-budget and --mem-backend cannot be combined with --config; \
-                 set machine-config.mem_size_mib, foliovm.mem_budget and foliovm.mem_backend"
+                "memory and swap flags cannot be combined with --config; \
+                 set machine-config.mem_size_mib and the foliovm section's mem_budget, mem_backend, swap_*, mem_min, mem_max, priority"
             );
         }
         let (config, warnings) = ConfigFile::load(path)?;
@@ -187,6 +241,22 @@ fn run_config(a: &RunArgs) -> Result<RunConfig> {
         payload,
         mem_bytes,
         vcpus,
+        limits: mem::VmLimits {
+            min_bytes: a
+                .mem_min
+                .as_deref()
+                .map(parse_size)
+                .transpose()
+                .context("invalid --mem-min")?
+                .unwrap_or(0),
+            max_bytes: a
+                .mem_max
+                .as_deref()
+                .map(parse_size)
+                .transpose()
+                .context("invalid --mem-max")?,
+            priority: a.priority.unwrap_or(0),
+        },
     };
     Ok(RunConfig::single(vm, memory))
 }

@@ -1,7 +1,7 @@
 //! Memory statistics as JSON (for the API) and in the Prometheus text
 //! format (for `GET /metrics`). One source for both: [`MemSample`].
 
-use mem::{FaultStats, Histogram, MmStats, Order, VmStats};
+use mem::{FaultStats, Histogram, MmStats, Order, SwapStats, VmStats};
 use serde_json::{json, Value};
 use std::fmt::Write;
 
@@ -69,6 +69,30 @@ fn faults(f: &FaultStats) -> Value {
     })
 }
 
+/// Swap and reclaim counters as JSON.
+pub fn swap_json(s: &SwapStats) -> Value {
+    json!({
+        "swapped_pages": s.swapped_pages,
+        "swapout_pages": s.swapout_pages,
+        "swapout_folios": s.swapout_folios,
+        "swapout_fallback_order0": s.swapout_fallback_order0,
+        "swapin_file_pages": s.swapin_file_pages,
+        "swapin_file_folios": s.swapin_file_folios,
+        "swapin_cache_folios": s.swapin_cache_folios,
+        "zero_dropped_pages": s.zero_dropped_pages,
+        "clean_dropped_pages": s.clean_dropped_pages,
+        "poisoned_pages": s.poisoned_pages,
+        "read_errors": s.read_errors,
+        "write_errors": s.write_errors,
+        "swap_full": s.swap_full,
+        "reclaim_scanned": s.reclaim_scanned,
+        "reclaimed_pages": s.reclaimed_pages,
+        "direct_reclaims": s.direct_reclaims,
+        "swapin_latency": latency(&s.swapin_latency),
+        "swapcache_latency": latency(&s.swapcache_latency),
+    })
+}
+
 /// One VM as JSON.
 pub fn vm_json(v: &VmSample) -> Value {
     let mut o = json!({
@@ -84,6 +108,12 @@ pub fn vm_json(v: &VmSample) -> Value {
             "faults": faults(&s.faults),
             "discarded_pages": s.discarded_pages,
             "pinned_pages": s.pinned_pages,
+            "swap": swap_json(&s.swap),
+            "limits": {
+                "min_bytes": s.limits.min_bytes,
+                "max_bytes": s.limits.max_bytes,
+                "priority": s.limits.priority,
+            },
         });
     }
     o
@@ -103,6 +133,13 @@ pub fn host_json(h: &MmStats) -> Value {
         "metadata_bytes": h.metadata_bytes,
         "guest_pages": h.guest_pages,
         "metadata_bytes_per_guest_page": h.metadata_bytes as f64 / h.guest_pages.max(1) as f64,
+        "swap": swap_json(&h.swap),
+        "swap_file": {
+            "total_bytes": h.swap_device.total_bytes,
+            "used_bytes": h.swap_device.used_bytes,
+            "swap_cache_pages": h.swap_device.cache_pages,
+            "direct_io": h.swap_device.direct_io,
+        },
     })
 }
 
@@ -147,6 +184,9 @@ impl MemSample {
         );
         let mut resident = Vec::new();
         let mut faults_rows = Vec::new();
+        let mut swapped = Vec::new();
+        let mut swapins = Vec::new();
+        let mut swapouts = Vec::new();
         for v in &self.vms {
             if let Some(s) = &v.stats {
                 for (o, b) in s.resident_bytes_by_order.iter().enumerate() {
@@ -155,7 +195,11 @@ impl MemSample {
                         *b as f64,
                     ));
                 }
-                faults_rows.push((format!("{{vm=\"{}\"}}", v.name), s.faults.events as f64));
+                let l = format!("{{vm=\"{}\"}}", v.name);
+                faults_rows.push((l.clone(), s.faults.events as f64));
+                swapped.push((l.clone(), (s.swap.swapped_pages * 4096) as f64));
+                swapins.push((l.clone(), s.swap.swapin_file_pages as f64));
+                swapouts.push((l, s.swap.swapout_pages as f64));
             }
         }
         metric(
@@ -169,6 +213,24 @@ impl MemSample {
             "counter",
             "userfaultfd faults served.",
             faults_rows,
+        );
+        metric(
+            "swapped_bytes",
+            "gauge",
+            "Guest memory in the swap file.",
+            swapped,
+        );
+        metric(
+            "swapin_pages_total",
+            "counter",
+            "Pages read back from the swap file.",
+            swapins,
+        );
+        metric(
+            "swapout_pages_total",
+            "counter",
+            "Pages written to the swap file.",
+            swapouts,
         );
         if let Some(h) = &self.host {
             let free = (0..Order::COUNT)

@@ -120,6 +120,8 @@ fn memory_backend(config: &VmConfig, source: &MemorySource) -> Result<GuestRam, 
             let vm = mm
                 .create_vm(&config.name)
                 .map_err(|e| mem_err(Box::new(e)))?;
+            mm.set_vm_limits(vm, config.limits)
+                .map_err(|e| mem_err(Box::new(e)))?;
             let backend = mm.backend(vm, &layout).map_err(|e| mem_err(Box::new(e)))?;
             GuestRam {
                 backend,
@@ -517,6 +519,10 @@ impl Vm {
                 wall,
             );
             r.host_huge_bytes = host_huge_bytes;
+            r.swap = self
+                .ram
+                .stats()
+                .map(|(_, v)| crate::metrics::swap_json(&v.swap));
             r
         });
         RunOutcome {

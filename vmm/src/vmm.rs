@@ -113,8 +113,9 @@ pub fn memory_source(run: &RunConfig) -> Result<MemorySource, VmmError> {
                 .budget
                 .unwrap_or(run.total_mem_bytes())
                 .next_multiple_of(2 << 20);
-            let mm = MemoryManager::new(MmConfig::with_budget(budget))
-                .map_err(|e| VmmError::Memory(Box::new(e)))?;
+            let mut config = MmConfig::with_budget(budget);
+            config.swap = run.memory.swap.clone();
+            let mm = MemoryManager::new(config).map_err(|e| VmmError::Memory(Box::new(e)))?;
             MemorySource::Folio(mm)
         }
     })

@@ -120,6 +120,30 @@ struct ActionBody {
     action_type: String,
 }
 
+/// `PUT /vms/{name}/limits` body: the VM's reclaim limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsBody {
+    /// Reclaim never takes the VM's resident memory below this (MiB).
+    #[serde(default)]
+    pub mem_min_mib: u64,
+    /// The VM's resident memory is reclaimed down to this (MiB).
+    #[serde(default)]
+    pub mem_max_mib: Option<u64>,
+    /// Lower priorities are reclaimed first.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// `PUT /reclaim` body.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReclaimBody {
+    #[serde(default)]
+    vm: Option<String>,
+    mib: u64,
+}
+
 /// `PATCH /vm` and `PATCH /vms/{name}` body.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -155,6 +179,11 @@ pub trait ApiBackend: Send + Sync {
     fn instance_start(&self) -> Result<(), ApiError>;
     /// Pause (`true`) or resume (`false`) a VM; `None` means the only one.
     fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError>;
+    /// Set a VM's reclaim limits.
+    fn set_limits(&self, vm: &str, limits: LimitsBody) -> Result<(), ApiError>;
+    /// Reclaim `bytes` now from `vm` (or the VMs policy picks); returns
+    /// the bytes freed.
+    fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<u64, ApiError>;
     /// `GET /vms`: every VM's name, state and size.
     fn list_vms(&self) -> serde_json::Value;
     /// `GET /vms/{name}`: one VM with its memory statistics.
@@ -288,6 +317,36 @@ fn dispatch(
             api.set_paused(Some(name), paused)
                 .map(|()| ApiResponse::no_content())
         }
+        ("PUT", ["vms", name, "limits"]) if valid_name(name) => {
+            let l: LimitsBody = parse(body)?;
+            if l.mem_max_mib.is_some_and(|m| m < l.mem_min_mib.max(2)) {
+                return Err(ApiError::bad(
+                    "mem_max_mib must be at least 2 and at least mem_min_mib",
+                ));
+            }
+            if l.mem_min_mib > (1 << 24) || l.mem_max_mib.is_some_and(|m| m > (1 << 24)) {
+                return Err(ApiError::bad(
+                    "limits are out of range (at most 16777216 MiB)",
+                ));
+            }
+            api.set_limits(name, l).map(|()| ApiResponse::no_content())
+        }
+        ("PUT", ["reclaim"]) => {
+            let r: ReclaimBody = parse(body)?;
+            if r.mib == 0 || r.mib > (1 << 24) {
+                return Err(ApiError::bad(format!(
+                    "mib {} is out of range 1..=16777216",
+                    r.mib
+                )));
+            }
+            if r.vm.as_deref().is_some_and(|n| !valid_name(n)) {
+                return Err(ApiError::bad("invalid VM name"));
+            }
+            let freed = api.reclaim(r.vm.as_deref(), r.mib << 20)?;
+            Ok(ApiResponse::json(
+                &serde_json::json!({ "reclaimed_bytes": freed }),
+            ))
+        }
         ("GET", ["stats"]) => Ok(ApiResponse::json(&api.stats())),
         ("GET", ["metrics"]) => Ok(ApiResponse {
             status: 200,
@@ -296,9 +355,12 @@ fn dispatch(
         }),
         (
             _,
-            ["" | "boot-source" | "machine-config" | "actions" | "vm" | "vms" | "stats" | "metrics"],
+            ["" | "boot-source" | "machine-config" | "actions" | "vm" | "vms" | "stats" | "metrics"
+            | "reclaim"],
         ) => Err(not_allowed(method, path)),
-        (_, ["vms", name]) if valid_name(name) => Err(not_allowed(method, path)),
+        (_, ["vms", name] | ["vms", name, "limits"]) if valid_name(name) => {
+            Err(not_allowed(method, path))
+        }
         _ => Err(ApiError::not_found(format!("no such resource: {path}"))),
     }
 }
@@ -372,6 +434,23 @@ mod tests {
                 }
             }
         }
+        fn set_limits(&self, vm: &str, l: LimitsBody) -> Result<(), ApiError> {
+            if vm != "vm0" {
+                return Err(ApiError::not_found(format!("no VM named {vm:?}")));
+            }
+            self.record(format!(
+                "limits {} {:?} {}",
+                l.mem_min_mib, l.mem_max_mib, l.priority
+            ));
+            Ok(())
+        }
+        fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<u64, ApiError> {
+            if vm.is_some_and(|v| v != "vm0") {
+                return Err(ApiError::not_found("no such VM"));
+            }
+            self.record(format!("reclaim {bytes}"));
+            Ok(bytes / 2)
+        }
         fn list_vms(&self) -> serde_json::Value {
             serde_json::json!([{"name": "vm0"}])
         }
@@ -419,9 +498,21 @@ mod tests {
             br#"{"action_type": "InstanceStart"}"#,
         );
         assert_eq!(r.status, 204);
-        assert_eq!(f.calls(), vec!["boot /k", "machine 2 1024", "start"]);
+        assert_eq!(f.calls()[..3], ["boot /k", "machine 2 1024", "start"]);
         let r = route(&f, "GET", "/", b"");
         assert!(r.body.contains("\"state\":\"Running\""), "{}", r.body);
+        let r = route(
+            &f,
+            "PUT",
+            "/vms/vm0/limits",
+            br#"{"mem_min_mib": 64, "priority": -1}"#,
+        );
+        assert_eq!(r.status, 204, "{}", r.body);
+        let r = route(&f, "PUT", "/reclaim", br#"{"mib": 8}"#);
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, r#"{"reclaimed_bytes":4194304}"#)
+        );
         let r = route(
             &f,
             "PUT",
@@ -519,6 +610,50 @@ mod tests {
             ("GET", "/vms/..%2f", b"", 404, "no such resource"),
             ("DELETE", "/boot-source", b"", 405, "not allowed"),
             ("GET", "/nope", b"", 404, "no such resource"),
+            (
+                "PUT",
+                "/vms/vm0/limits",
+                br#"{"mem_min_mib": 64, "mem_max_mib": 32}"#,
+                400,
+                "at least mem_min",
+            ),
+            (
+                "PUT",
+                "/vms/vm0/limits",
+                br#"{"mem_min_mib": -1}"#,
+                400,
+                "invalid value",
+            ),
+            (
+                "PUT",
+                "/vms/vm0/limits",
+                br#"{"min": 1}"#,
+                400,
+                "unknown field",
+            ),
+            (
+                "PUT",
+                "/vms/zz/limits",
+                br#"{"mem_min_mib": 1}"#,
+                404,
+                "no VM named",
+            ),
+            ("GET", "/vms/vm0/limits", b"", 405, "not allowed"),
+            ("PUT", "/reclaim", br#"{"mib": 0}"#, 400, "out of range"),
+            (
+                "PUT",
+                "/reclaim",
+                br#"{"vm": "a b", "mib": 1}"#,
+                400,
+                "invalid VM name",
+            ),
+            (
+                "PUT",
+                "/reclaim",
+                br#"{"vm": "zz", "mib": 1}"#,
+                404,
+                "no such VM",
+            ),
         ];
         for (m, p, b, status, want) in cases {
             let r = route(&f, m, p, b);

@@ -442,6 +442,8 @@ pub struct WorkloadResult {
     /// Guest RAM the host maps with 2 MiB pages at the end of the run
     /// (AnonHugePages of the guest regions in /proc/self/smaps).
     pub host_huge_bytes: u64,
+    /// The memory manager's swap counters for this VM (folio backend).
+    pub swap: Option<serde_json::Value>,
 }
 
 impl WorkloadResult {
@@ -475,6 +477,7 @@ impl WorkloadResult {
             wall_seconds: wall.as_secs_f64(),
             complete: reports.iter().all(|r| r.done),
             host_huge_bytes: 0,
+            swap: None,
         }
     }
 

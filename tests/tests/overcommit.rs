@@ -1,0 +1,56 @@
+//! Overcommit: two 512 MiB workload guests share a 384 MiB budget and a swap
+//! file; every page of both verifies, and every page of the sequential one
+//! went out to the swap file and came back several times.
+
+use foliovm_tests::{kvm_available, run_foliovm};
+use std::time::Duration;
+
+#[test]
+fn two_guests_over_budget_swap_and_verify_every_page() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("foliovm-oc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("vms.json");
+    let text = serde_json::json!({
+        "foliovm": {"mem_budget": "384M", "swap_dir": dir, "swap_size": "2G"},
+        "vms": [
+            {"name": "seq", "machine-config": {"vcpu_count": 1, "mem_size_mib": 520},
+             "foliovm": {"workload": "seq:512M,passes=3"}},
+            {"name": "zipf", "machine-config": {"vcpu_count": 1, "mem_size_mib": 520},
+             "foliovm": {"workload": "zipf:512M,ops=150000", "mem_min": "64M"}}
+        ]
+    });
+    std::fs::write(&cfg, text.to_string()).unwrap();
+    let out = run_foliovm(&["run", "--config", cfg.to_str().unwrap()], Duration::from_secs(600));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status);
+    let results: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("FOLIOVM-RESULT "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 2, "{stdout}");
+    let pages = (512u64 << 20) / 4096;
+    for r in &results {
+        assert_eq!(r["mismatches"], 0, "{r}");
+        assert_eq!(r["complete"], true, "{r}");
+        assert_eq!(r["backend"], "folio");
+        let swap = &r["swap"];
+        assert!(swap["swapout_pages"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(swap["poisoned_pages"], 0, "{r}");
+    }
+    let seq = results.iter().find(|r| r["vm"] == "seq").unwrap();
+    // Three passes and the final sweep each read every page; with less than
+    // 384 MiB for 1 GiB of guest memory, at least the last three find the
+    // page evicted.
+    let back = seq["swap"]["swapin_file_pages"].as_u64().unwrap();
+    assert!(back >= 2 * pages, "only {back} pages swapped in for {pages} pages: {seq}");
+    assert_eq!(seq["verified_pages"], 3 * pages);
+    // No swap file is left behind in the directory (it is O_TMPFILE).
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -23,10 +23,17 @@ fn two_guests_over_budget_swap_and_verify_every_page() {
         ]
     });
     std::fs::write(&cfg, text.to_string()).unwrap();
-    let out = run_foliovm(&["run", "--config", cfg.to_str().unwrap()], Duration::from_secs(600));
+    let out = run_foliovm(
+        &["run", "--config", cfg.to_str().unwrap()],
+        Duration::from_secs(600),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
     let results: Vec<serde_json::Value> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("FOLIOVM-RESULT "))
@@ -47,10 +54,17 @@ fn two_guests_over_budget_swap_and_verify_every_page() {
     // 384 MiB for 1 GiB of guest memory, at least the last three find the
     // page evicted.
     let back = seq["swap"]["swapin_file_pages"].as_u64().unwrap();
-    assert!(back >= 2 * pages, "only {back} pages swapped in for {pages} pages: {seq}");
+    assert!(
+        back >= 2 * pages,
+        "only {back} pages swapped in for {pages} pages: {seq}"
+    );
     assert_eq!(seq["verified_pages"], 3 * pages);
     // No swap file is left behind in the directory (it is O_TMPFILE).
-    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(left.len(), 1, "{left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

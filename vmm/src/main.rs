@@ -91,6 +91,19 @@ enum CtlCmd {
 enum BenchCmd {
     /// Touch fresh guest memory with the workload guest, on kernel anonymous
     /// memory (THP) and on foliovm's memory manager.
+    /// A working set twice the budget under kernel swap (cgroup v1 limit)
+    /// and under foliovm's swap, per pattern.
+    Overcommit {
+        /// Memory budget; the working set is twice this.
+        #[arg(long, default_value = "256M")]
+        budget: String,
+        /// Directory for the swap files (same disk for both setups).
+        #[arg(long, default_value = "/var/tmp")]
+        swap_dir: PathBuf,
+        /// Patterns, comma-separated.
+        #[arg(long, default_value = "seq,zipf,uniform")]
+        patterns: String,
+    },
     FirstTouch {
         /// Memory to touch.
         #[arg(long, default_value = "1G")]
@@ -106,6 +119,25 @@ enum BenchCmd {
 
 fn bench(cmd: BenchCmd) -> Result<i32> {
     match cmd {
+        BenchCmd::Overcommit {
+            budget,
+            swap_dir,
+            patterns,
+        } => {
+            let opts = vmm::bench::overcommit::OvercommitOpts {
+                budget: parse_size(&budget).context("invalid --budget")?,
+                swap_dir,
+                exe: std::env::current_exe().context("cannot find the foliovm executable")?,
+                patterns: patterns.split(',').map(str::to_string).collect(),
+            };
+            for p in &opts.patterns {
+                if !["seq", "zipf", "uniform"].contains(&p.as_str()) {
+                    bail!("unknown pattern {p:?}: expected seq, zipf or uniform");
+                }
+            }
+            print!("{}", vmm::bench::overcommit::overcommit(&opts));
+            Ok(0)
+        }
         BenchCmd::FirstTouch { size, vcpus, runs } => {
             let size = parse_size(&size).context("invalid --size")?;
             let (anon, folio) = vmm::bench::first_touch(size, vcpus, runs)?;

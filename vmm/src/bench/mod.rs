@@ -1,6 +1,8 @@
 //! `foliovm bench …`: benchmarks that run a baseline and foliovm in the same
 //! invocation and print both with their ratio. They are never timed tests.
 
+pub mod overcommit;
+
 use crate::config::{GuestPayload, MemBackendKind, MemoryConfig, RunConfig, VmConfig};
 use crate::vm::MemorySource;
 use crate::vmm::{run_all, RunOutcome, VmmError};

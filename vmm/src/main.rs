@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a Linux guest or run the built-in workload guest.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Benchmarks that measure a baseline in the same run and print the ratio.
     #[command(subcommand)]
     Bench(BenchCmd),

@@ -187,3 +187,24 @@ fn malformed_config_files() {
 fn nothing_to_run() {
     expect_error(&["run"], "nothing to run");
 }
+
+#[test]
+fn guest_exceptions_and_triple_faults_fail_with_one_line() {
+    if !kvm() {
+        return;
+    }
+    let (code, stderr) = foliovm(&["run", "--workload", "ud:4K"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("workload guest exception vector 6 on vCPU 0 at rip 0x"),
+        "{stderr}"
+    );
+    let (code, stderr) = foliovm(&["run", "--workload", "triple:8K", "--vcpus", "2"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("guest triple fault (KVM_EXIT_SHUTDOWN)"),
+        "{stderr}"
+    );
+    // One line: the reason, not a cascade.
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

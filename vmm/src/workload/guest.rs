@@ -36,6 +36,8 @@ foliovm_workload_start:
     je .Lfv_uniform
     cmp rax, 2
     je .Lfv_zipf
+    cmp rax, 3
+    je .Lfv_crash
 
     /* Sequential: r10 passes over every page. */
 .Lfv_seq_pass:
@@ -87,6 +89,10 @@ foliovm_workload_start:
     call .Lfv_touch
     dec r10
     jmp .Lfv_zipf
+
+    /* Diagnostic: an invalid opcode at CPL3. */
+.Lfv_crash:
+    ud2
 
     /* Final sweep: verify every page ever written. First record the
        main phase's TSC ticks. */

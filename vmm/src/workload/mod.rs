@@ -259,7 +259,12 @@ pub fn load(
         let tss = TSS_BASE + i * TSS_SIZE;
         write_obj(mem, exception_stack_top(i as usize), tss + 4, "TSS")?;
         write_obj(mem, 104u16, tss + 0x66, "TSS")?;
-        out.push((user_regs(p, i), user_sregs(base_sregs, &gdt, tss)));
+        let mut sregs = user_sregs(base_sregs, &gdt, tss);
+        if spec.pattern == (Pattern::Crash { triple: true }) {
+            // No IDT: the #UD cannot be delivered, nor the #DF it becomes.
+            sregs.idt.limit = 0;
+        }
+        out.push((user_regs(p, i), sregs));
     }
     Ok(out)
 }

@@ -6,6 +6,11 @@
 //! * `zipf:256M[,ops=N][,theta=0.99]` — zipfian page popularity, hottest pages
 //!   scattered over the range.
 //!
+//! * `ud:SIZE` and `triple:SIZE` — diagnostics: the guest executes `ud2`
+//!   at once; with `ud` the exception stub reports vector 6, with `triple`
+//!   the IDT is empty and the CPU triple-faults. Both end the run with an
+//!   error, which is what they exist to show.
+//!
 //! Every pattern takes `seed=N`. Each touch verifies the page's last content
 //! (if it was written before) and writes it again with the next epoch; a final
 //! sweep verifies every page written.
@@ -24,6 +29,11 @@ pub enum Pattern {
         /// Skew, in (0, 10].
         theta: f64,
     },
+    /// Diagnostic: execute `ud2`; `triple` leaves the IDT empty.
+    Crash {
+        /// Triple-fault instead of reporting the exception.
+        triple: bool,
+    },
 }
 
 impl Pattern {
@@ -33,6 +43,7 @@ impl Pattern {
             Pattern::Sequential => 0,
             Pattern::Uniform => 1,
             Pattern::Zipf { .. } => 2,
+            Pattern::Crash { .. } => 3,
         }
     }
 
@@ -42,6 +53,8 @@ impl Pattern {
             Pattern::Sequential => "seq",
             Pattern::Uniform => "uniform",
             Pattern::Zipf { .. } => "zipf",
+            Pattern::Crash { triple: false } => "ud",
+            Pattern::Crash { triple: true } => "triple",
         }
     }
 }
@@ -97,6 +110,8 @@ impl std::str::FromStr for WorkloadSpec {
             "seq" | "sequential" => Pattern::Sequential,
             "uniform" | "random" => Pattern::Uniform,
             "zipf" | "zipfian" => Pattern::Zipf { theta: 0.99 },
+            "ud" => Pattern::Crash { triple: false },
+            "triple" => Pattern::Crash { triple: true },
             other => return Err(SpecError::Pattern(other.to_string())),
         };
         let mut spec = WorkloadSpec {

@@ -30,6 +30,15 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Held for the whole of each Linux boot. Guest kernel code is emulated on
+/// a software KVM, and every guest timer tick costs emulated work, so a boot
+/// that shares its core slows down more than in proportion; boots in one
+/// test binary therefore run one at a time.
+pub fn linux_boot_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Whether KVM tests should run. Without /dev/kvm they are skipped, unless
 /// `FOLIOVM_REQUIRE_KVM=1`, in which case they fail loudly.
 pub fn kvm_available() -> bool {

@@ -12,6 +12,7 @@ fn linux_guest_boots_to_init_and_runs_a_command() {
     if !kvm_available() {
         return;
     }
+    let _serial = foliovm_tests::linux_boot_lock();
     let out_dir = repo_root().join("guest-images/out");
     let kernel = out_dir.join("vmlinux");
     // Uncompressed: gunzip at emulated CPL0 costs about a minute on kvm-pvm.
@@ -69,6 +70,7 @@ fn firecracker_api_sequence_boots_linux() {
     if !kvm_available() {
         return;
     }
+    let _serial = foliovm_tests::linux_boot_lock();
     let out_dir = repo_root().join("guest-images/out");
     let (kernel, initrd) = (out_dir.join("vmlinux"), out_dir.join("initramfs.cpio"));
     assert!(

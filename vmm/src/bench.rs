@@ -61,6 +61,7 @@ fn touch_once(
         vcpus,
         mem_backend: backend,
         mem_budget: None,
+        virtio: Default::default(),
     };
     let name = match backend {
         MemBackendKind::Anon => "anon",

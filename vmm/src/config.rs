@@ -90,6 +90,8 @@ pub struct VmConfig {
     /// Host memory budget of the memory manager in bytes (`None`: the
     /// guest's memory size). Only for the folio backend.
     pub mem_budget: Option<u64>,
+    /// Drives and balloon.
+    pub virtio: crate::virtio::VirtioConfig,
 }
 
 /// Parse a size: `4096K`, `512M`, `2G`, `1T`; a plain number means MiB (as QEMU's `-m`).
@@ -180,7 +182,7 @@ impl VmConfig {
                 self.vcpus, limits.max_vcpus
             )));
         }
-        Ok(())
+        self.virtio.validate(self.mem_bytes)
     }
 }
 
@@ -252,6 +254,12 @@ pub struct ConfigFile {
     /// foliovm extensions.
     #[serde(default)]
     pub foliovm: Option<FoliovmSection>,
+    /// Firecracker's drives.
+    #[serde(default)]
+    pub drives: Vec<crate::virtio::DriveSection>,
+    /// Firecracker's balloon.
+    #[serde(default)]
+    pub balloon: Option<crate::virtio::BalloonSection>,
     /// Firecracker sections foliovm does not implement yet; warned about.
     #[serde(flatten)]
     pub ignored: std::collections::BTreeMap<String, serde_json::Value>,
@@ -259,11 +267,9 @@ pub struct ConfigFile {
 
 /// Firecracker top-level sections that are accepted but not implemented.
 const FIRECRACKER_SECTIONS: &[&str] = &[
-    "drives",
     "network-interfaces",
     "logger",
     "metrics",
-    "balloon",
     "vsock",
     "mmds-config",
     "entropy",
@@ -312,6 +318,7 @@ impl ConfigFile {
         let mem_bytes = mc.mem_size_mib.checked_mul(1 << 20).ok_or_else(|| {
             ConfigError::Invalid(format!("mem_size_mib {} is too large", mc.mem_size_mib))
         })?;
+        let virtio = crate::virtio::from_sections(file.drives, file.balloon, &mut warnings)?;
         let fv = file.foliovm.unwrap_or_default();
         let mem_budget = fv.mem_budget.as_deref().map(parse_size).transpose()?;
         let mem_backend = fv.mem_backend.unwrap_or_default();
@@ -341,6 +348,7 @@ impl ConfigFile {
                 vcpus,
                 mem_backend,
                 mem_budget,
+                virtio,
             },
             warnings,
         ))
@@ -414,6 +422,7 @@ mod tests {
             vcpus,
             mem_backend: MemBackendKind::Anon,
             mem_budget: None,
+            virtio: Default::default(),
         }
     }
 
@@ -504,7 +513,8 @@ mod tests {
                 cmdline: Some("console=ttyS0 reboot=k panic=1 pci=off".into()),
             }
         );
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        // `network-interfaces` is warned about; `drives` is implemented.
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
     }
 
     #[test]

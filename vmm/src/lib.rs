@@ -8,6 +8,7 @@
 //! * [`workload`] — the built-in CPL3 workload guest.
 //! * [`vmm`] — building and running a VM.
 //! * [`bench`] — benchmarks with in-run baselines.
+//! * [`virtio`] — drives and the balloon (virtio-mmio).
 
 pub mod arch;
 pub mod bench;
@@ -15,5 +16,6 @@ pub mod config;
 pub mod kvm;
 pub mod pvm;
 pub mod stop;
+pub mod virtio;
 pub mod vmm;
 pub mod workload;

@@ -60,7 +60,7 @@ fn bench(cmd: BenchCmd) -> Result<i32> {
 #[derive(Args)]
 struct RunArgs {
     /// Firecracker-style JSON config file (boot-source, machine-config).
-    #[arg(long, conflicts_with_all = ["kernel", "workload", "initrd", "cmdline"])]
+    #[arg(long, conflicts_with_all = ["kernel", "workload", "initrd", "cmdline", "drive", "balloon"])]
     config: Option<PathBuf>,
     /// Kernel image: ELF vmlinux or bzImage.
     #[arg(long, conflicts_with = "workload")]
@@ -91,6 +91,14 @@ struct RunArgs {
     /// Host memory the memory manager may use for this guest (default: --mem).
     #[arg(long)]
     mem_budget: Option<String>,
+    /// A virtio-blk drive: PATH[,ro][,root][,id=NAME] (raw image; repeatable).
+    /// `root` makes it /dev/vda and adds root=/dev/vda. See docs/virtio.md.
+    #[arg(long, requires = "kernel")]
+    drive: Vec<String>,
+    /// A virtio-balloon with this initial target:
+    /// SIZE[,deflate_on_oom][,stats=SECS][,no_reporting].
+    #[arg(long, requires = "kernel")]
+    balloon: Option<String>,
 }
 
 fn run_config(a: &RunArgs) -> Result<VmConfig> {
@@ -137,6 +145,20 @@ fn run_config(a: &RunArgs) -> Result<VmConfig> {
             .map(parse_size)
             .transpose()
             .context("invalid --mem-budget")?,
+        virtio: vmm::virtio::VirtioConfig {
+            drives: a
+                .drive
+                .iter()
+                .enumerate()
+                .map(|(i, d)| vmm::virtio::parse_drive_flag(d, i))
+                .collect::<Result<_, _>>()?,
+            balloon: a
+                .balloon
+                .as_deref()
+                .map(vmm::virtio::parse_balloon_flag)
+                .transpose()
+                .context("invalid --balloon")?,
+        },
     })
 }
 

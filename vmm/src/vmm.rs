@@ -55,6 +55,9 @@ pub enum VmmError {
     /// MP table.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// Drives and balloon.
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::VirtioError),
     /// Guest memory.
     #[error("cannot allocate guest memory")]
     Memory(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -196,7 +199,12 @@ fn load_linux(
         Some(p) => Some(boot::load_initrd(mem, config.mem_bytes, k.end, p)?),
         None => None,
     };
-    let (extras, warning) = quirks.linux_cmdline_extras(config.vcpus);
+    let (mut extras, warning) = quirks.linux_cmdline_extras(config.vcpus);
+    extras.extend(
+        config
+            .virtio
+            .cmdline_extras(cmdline.unwrap_or(DEFAULT_CMDLINE)),
+    );
     if let Some(w) = warning {
         eprintln!("foliovm: warning: {w}");
     }
@@ -405,6 +413,18 @@ pub fn run_on(
     } else {
         EventFd::new(libc::EFD_NONBLOCK).map_err(host("cannot create reset eventfd"))?
     };
+    let mut mmio = Bus::new();
+    let virtio = match payload.linux {
+        true => Some(crate::virtio::attach(
+            &config.virtio,
+            &vm,
+            &mem,
+            ram.manager.clone(),
+            &mut mmio,
+            &mut events,
+        )?),
+        false => None,
+    };
     let signal = EventFd::new(libc::EFD_NONBLOCK).map_err(host("cannot create signal eventfd"))?;
     SIGNAL_FD.store(signal.as_raw_fd(), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -425,7 +445,7 @@ pub fn run_on(
 
     let ctx = Arc::new(VcpuContext {
         pio,
-        mmio: Bus::new(),
+        mmio,
         workload: payload.workload.as_ref().map(|(_, r)| r.clone()),
         stop: stop.clone(),
         mem: mem.clone(),
@@ -454,6 +474,9 @@ pub fn run_on(
         let _ = t.join();
     }
     SIGNAL_FD.store(-1, Ordering::SeqCst);
+    if let Some(v) = &virtio {
+        v.finish();
+    }
     let reason = stop
         .reason()
         .unwrap_or(ExitReason::Error("VM stopped without a reason".into()));

@@ -41,6 +41,22 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// The virtio-blk request path against raw pread/pwrite of the same
+    /// sizes on the same image file (page cache warm). Overwrites the image.
+    Blk {
+        /// Scratch image file (created with --size if missing).
+        #[arg(long, default_value = "/tmp/foliovm-bench-blk.img")]
+        image: PathBuf,
+        /// Image size when creating it.
+        #[arg(long, default_value = "256M")]
+        size: String,
+        /// Request size.
+        #[arg(long, default_value = "128K")]
+        req: String,
+        /// Passes per variant (the best counts).
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+    },
 }
 
 fn bench(cmd: BenchCmd) -> Result<i32> {
@@ -52,6 +68,26 @@ fn bench(cmd: BenchCmd) -> Result<i32> {
                 "{}",
                 vmm::bench::first_touch_report(size, vcpus, &anon, &folio)
             );
+            Ok(0)
+        }
+        BenchCmd::Blk {
+            image,
+            size,
+            req,
+            passes,
+        } => {
+            if !image.exists() {
+                let f = std::fs::File::create(&image)?;
+                f.set_len(parse_size(&size).context("invalid --size")?)?;
+            }
+            let req = u32::try_from(parse_size(&req).context("invalid --req")?)?;
+            let r = devices::virtio::block::bench::run(&image, req, passes)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!(
+                "foliovm bench blk: {} requests of {req} bytes",
+                image.display()
+            );
+            print!("{r}");
             Ok(0)
         }
     }

@@ -284,6 +284,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
             acked_features: self.driver_features,
         });
         self.live = true;
+        // Drivers may add buffers and notify before DRIVER_OK (Linux primes
+        // the balloon's stats queue in probe); those notifications found
+        // the device not live. Have the event loop look at every queue once.
+        for s in &self.queues {
+            let _ = s.notify.write(1);
+        }
         true
     }
 
@@ -463,6 +469,10 @@ mod tests {
         );
         assert!(t.is_live());
         assert_eq!(p.lock().unwrap().activated, Some(2));
+        // Activation asks the loop to look at every queue once.
+        for q in &t.queues {
+            assert_eq!(q.notify.read().unwrap(), 1);
+        }
         // A notification reaches the device via its eventfd and the loop.
         wr(&mut t, 0x050, 1);
         assert_eq!(t.queues[1].notify.read().unwrap(), 1);

@@ -6,6 +6,7 @@
 //! the image and guest memory, through vm-memory's bounds-checked slices,
 //! with each data buffer pinned for the duration ([`RamControl::pin`]).
 
+pub mod bench;
 pub mod request;
 
 use self::request::{status_buffer, Request, RequestKind, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK};

@@ -69,8 +69,8 @@ echo BALLOON-DONE
     )
 }
 
-fn tmpdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("foliovm-virtio-test-{}", std::process::id()));
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("foliovm-virtio-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -128,7 +128,7 @@ fn md5(data: &[u8], dir: &Path) -> String {
 fn marker<'a>(stdout: &'a str, name: &str) -> &'a str {
     stdout
         .lines()
-        .find_map(|l| l.trim().strip_prefix(name))
+        .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("no {name} line\nstdout:\n{stdout}"))
         .trim()
 }
@@ -154,7 +154,7 @@ fn linux_guest_uses_drives_and_balloon() {
         "guest images missing in {}: run guest-images/build.sh",
         out_dir.display()
     );
-    let dir = tmpdir();
+    let dir = tmpdir("guest");
     let root = rootfs(&dir, &initramfs);
     let scratch = dir.join("scratch.img");
     std::fs::write(&scratch, vec![0u8; 4 << 20]).unwrap();
@@ -281,5 +281,44 @@ fn linux_guest_uses_drives_and_balloon() {
         "free page reporting returned only {reported} bytes\n{stderr}"
     );
     assert_eq!(b(exit[0], "malformed"), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_drive_and_balloon_input_are_clear_errors() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = repo_root().join("guest-images/out/vmlinux");
+    let dir = tmpdir("bad");
+    let small = dir.join("small.img");
+    std::fs::write(&small, [0u8; 100]).unwrap();
+    let k = kernel.to_str().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--drive".into(), "/nonexistent/disk.img,id=data".into()],
+            "drive \"data\": cannot open drive image /nonexistent/disk.img",
+        ),
+        (
+            vec!["--drive".into(), small.display().to_string()],
+            "smaller than one 512-byte sector",
+        ),
+        (
+            vec!["--drive".into(), "x.img,fast".into()],
+            "unknown option \"fast\"",
+        ),
+        (
+            vec!["--balloon".into(), "1G".into()],
+            "balloon target 1024 MiB exceeds guest memory 256 MiB",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["run", "--kernel", k, "--mem", "256M"];
+        args.extend(extra.iter().map(String::as_str));
+        let out = run_foliovm(&args, Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -90,6 +90,8 @@ pub struct VmConfig {
     /// Reclaim limits: minimum resident memory, optional maximum, priority
     /// (folio backend with swap).
     pub limits: mem::VmLimits,
+    /// Drives and balloon.
+    pub virtio: crate::virtio::VirtioConfig,
 }
 
 /// How the process backs guest memory; shared by all its VMs.
@@ -182,7 +184,8 @@ impl VmConfig {
                 self.vcpus, limits.max_vcpus
             )));
         }
-        check_limits(&self.limits, self.mem_bytes)
+        check_limits(&self.limits, self.mem_bytes)?;
+        self.virtio.validate(self.mem_bytes)
     }
 }
 
@@ -439,6 +442,12 @@ pub struct VmSections {
     /// foliovm extensions.
     #[serde(default)]
     pub foliovm: Option<FoliovmSection>,
+    /// Firecracker's drives.
+    #[serde(default)]
+    pub drives: Vec<crate::virtio::DriveSection>,
+    /// Firecracker's balloon.
+    #[serde(default)]
+    pub balloon: Option<crate::virtio::BalloonSection>,
     /// Firecracker sections foliovm does not implement yet; warned about.
     #[serde(flatten)]
     pub ignored: std::collections::BTreeMap<String, serde_json::Value>,
@@ -455,11 +464,9 @@ struct MultiFile {
 
 /// Firecracker top-level sections that are accepted but not implemented.
 const FIRECRACKER_SECTIONS: &[&str] = &[
-    "drives",
     "network-interfaces",
     "logger",
     "metrics",
-    "balloon",
     "vsock",
     "mmds-config",
     "entropy",
@@ -515,6 +522,7 @@ impl VmSections {
         let mem_bytes = mc.mem_size_mib.checked_mul(1 << 20).ok_or_else(|| {
             ConfigError::Invalid(format!("mem_size_mib {} is too large", mc.mem_size_mib))
         })?;
+        let virtio = crate::virtio::from_sections(self.drives, self.balloon, warnings)?;
         let fv = self.foliovm.unwrap_or_default();
         let limits = fv.limits()?;
         let workload = fv.workload;
@@ -542,6 +550,7 @@ impl VmSections {
             mem_bytes,
             vcpus,
             limits,
+            virtio,
         })
     }
 }
@@ -675,6 +684,7 @@ mod tests {
             mem_bytes: mem,
             vcpus,
             limits: mem::VmLimits::default(),
+            virtio: Default::default(),
         }
     }
 
@@ -895,7 +905,8 @@ mod tests {
                 cmdline: Some("console=ttyS0 reboot=k panic=1 pci=off".into()),
             }
         );
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        // `network-interfaces` is warned about; `drives` is implemented.
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
     }
 
     #[test]

@@ -287,6 +287,7 @@ impl ApiBackend for Controller {
             vcpus: u8::try_from(p.machine.vcpu_count)
                 .map_err(|_| ApiError::bad("vcpu_count too large"))?,
             limits: mem::VmLimits::default(),
+            virtio: Default::default(),
         };
         let run = RunConfig::single(config.clone(), self.memory.clone());
         run.validate(&self.limits)

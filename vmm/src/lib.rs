@@ -9,6 +9,7 @@
 //! * [`vm`] — one VM and its lifecycle.
 //! * [`vmm`] — running VMs: shared memory, signals, the event loop.
 //! * [`bench`] — benchmarks with in-run baselines.
+//! * [`virtio`] — drives and the balloon (virtio-mmio).
 //! * [`api`], [`controller`], [`metrics`] — the API socket, what it controls, and its statistics.
 
 pub mod api;
@@ -20,6 +21,7 @@ pub mod kvm;
 pub mod metrics;
 pub mod pvm;
 pub mod stop;
+pub mod virtio;
 pub mod vm;
 pub mod vmm;
 pub mod workload;

@@ -104,6 +104,22 @@ enum BenchCmd {
         #[arg(long, default_value = "seq,zipf,uniform")]
         patterns: String,
     },
+    /// The virtio-blk request path against raw pread/pwrite of the same
+    /// sizes on the same image file (page cache warm). Overwrites the image.
+    Blk {
+        /// Scratch image file (created with --size if missing).
+        #[arg(long, default_value = "/tmp/foliovm-bench-blk.img")]
+        image: PathBuf,
+        /// Image size when creating it.
+        #[arg(long, default_value = "256M")]
+        size: String,
+        /// Request size.
+        #[arg(long, default_value = "128K")]
+        req: String,
+        /// Passes per variant (the best counts).
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+    },
     FirstTouch {
         /// Memory to touch.
         #[arg(long, default_value = "1G")]
@@ -138,6 +154,26 @@ fn bench(cmd: BenchCmd) -> Result<i32> {
             print!("{}", vmm::bench::overcommit::overcommit(&opts));
             Ok(0)
         }
+        BenchCmd::Blk {
+            image,
+            size,
+            req,
+            passes,
+        } => {
+            if !image.exists() {
+                let f = std::fs::File::create(&image)?;
+                f.set_len(parse_size(&size).context("invalid --size")?)?;
+            }
+            let req = u32::try_from(parse_size(&req).context("invalid --req")?)?;
+            let r = devices::virtio::block::bench::run(&image, req, passes)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!(
+                "foliovm bench blk: {} requests of {req} bytes",
+                image.display()
+            );
+            print!("{r}");
+            Ok(0)
+        }
         BenchCmd::FirstTouch { size, vcpus, runs } => {
             let size = parse_size(&size).context("invalid --size")?;
             let (anon, folio) = vmm::bench::first_touch(size, vcpus, runs)?;
@@ -153,7 +189,7 @@ fn bench(cmd: BenchCmd) -> Result<i32> {
 #[derive(Args)]
 struct RunArgs {
     /// Firecracker-style JSON config file (boot-source, machine-config).
-    #[arg(long, conflicts_with_all = ["kernel", "workload", "initrd", "cmdline"])]
+    #[arg(long, conflicts_with_all = ["kernel", "workload", "initrd", "cmdline", "drive", "balloon"])]
     config: Option<PathBuf>,
     /// Kernel image: ELF vmlinux or bzImage.
     #[arg(long, conflicts_with = "workload")]
@@ -200,6 +236,14 @@ struct RunArgs {
     /// The guest's resident memory is reclaimed down to this.
     #[arg(long)]
     mem_max: Option<String>,
+    /// A virtio-blk drive: PATH[,ro][,root][,id=NAME] (raw image; repeatable).
+    /// `root` makes it /dev/vda and adds root=/dev/vda. See docs/virtio.md.
+    #[arg(long, requires = "kernel")]
+    drive: Vec<String>,
+    /// A virtio-balloon with this initial target:
+    /// SIZE[,deflate_on_oom][,stats=SECS][,no_reporting].
+    #[arg(long, requires = "kernel")]
+    balloon: Option<String>,
     /// Reclaim priority among guests (lower is reclaimed first).
     #[arg(long, allow_negative_numbers = true)]
     priority: Option<i32>,
@@ -288,6 +332,20 @@ fn run_config(a: &RunArgs) -> Result<RunConfig> {
                 .transpose()
                 .context("invalid --mem-max")?,
             priority: a.priority.unwrap_or(0),
+        },
+        virtio: vmm::virtio::VirtioConfig {
+            drives: a
+                .drive
+                .iter()
+                .enumerate()
+                .map(|(i, d)| vmm::virtio::parse_drive_flag(d, i))
+                .collect::<Result<_, _>>()?,
+            balloon: a
+                .balloon
+                .as_deref()
+                .map(vmm::virtio::parse_balloon_flag)
+                .transpose()
+                .context("invalid --balloon")?,
         },
     };
     Ok(RunConfig::single(vm, memory))

@@ -151,7 +151,12 @@ fn load_linux(
         Some(p) => Some(boot::load_initrd(mem, config.mem_bytes, k.end, p)?),
         None => None,
     };
-    let (extras, warning) = quirks.linux_cmdline_extras(config.vcpus);
+    let (mut extras, warning) = quirks.linux_cmdline_extras(config.vcpus);
+    extras.extend(
+        config
+            .virtio
+            .cmdline_extras(cmdline.unwrap_or(DEFAULT_CMDLINE)),
+    );
     if let Some(w) = warning {
         eprintln!("foliovm: warning: {w}");
     }
@@ -288,6 +293,7 @@ pub struct Vm {
     unstarted: Vec<Vcpu>,
     workload: Option<(WorkloadSpec, Arc<WorkloadReport>)>,
     tsc_khz: Option<u32>,
+    virtio: Option<crate::virtio::VirtioDevices>,
     started: Option<Instant>,
     /// Holds the KVM VM (memslots, irqchip) open until after the vCPUs.
     _kvm: KvmVm,
@@ -347,9 +353,22 @@ impl Vm {
             stop: stop.clone(),
             reset,
         })));
+        let mut mmio = Bus::new();
+        let virtio = if linux {
+            Some(crate::virtio::attach(
+                &config.virtio,
+                &kvm,
+                &mem,
+                ram.manager.clone(),
+                &mut mmio,
+                events,
+            )?)
+        } else {
+            None
+        };
         let ctx = Arc::new(VcpuContext {
             pio,
-            mmio: Bus::new(),
+            mmio,
             workload: payload.workload.as_ref().map(|(_, r)| r.clone()),
             stop,
             gate: RunGate::default(),
@@ -362,6 +381,7 @@ impl Vm {
             threads: Vec::new(),
             unstarted: vcpus,
             workload: payload.workload,
+            virtio,
             started: None,
             _kvm: kvm,
             ram,
@@ -502,6 +522,9 @@ impl Vm {
             .stop
             .reason()
             .expect("a stop reason was just requested");
+        if let Some(v) = &self.virtio {
+            v.finish();
+        }
         let host_huge_bytes = self
             .ram
             .backend

@@ -44,6 +44,9 @@ pub enum VmmError {
     /// MP table.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// Drives and balloon.
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::VirtioError),
     /// Guest memory.
     #[error("cannot allocate guest memory")]
     Memory(#[source] Box<dyn std::error::Error + Send + Sync>),

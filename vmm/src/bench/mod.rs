@@ -64,6 +64,7 @@ fn touch_once(
         mem_bytes: WorkloadLayout::min_mem(&parsed).next_multiple_of(2 << 20),
         vcpus,
         limits: mem::VmLimits::default(),
+        virtio: Default::default(),
     };
     let memory = MemoryConfig {
         backend,

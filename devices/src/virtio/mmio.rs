@@ -1,0 +1,547 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, "modern"): a register
+//! window of 4 KiB per device. Analogue of Linux `drivers/virtio/virtio_mmio.c`
+//! seen from the device side.
+//!
+//! | offset | register | access |
+//! |---|---|---|
+//! | 0x000 | MagicValue `virt` | R |
+//! | 0x004 | Version (2) | R |
+//! | 0x008 | DeviceID | R |
+//! | 0x00c | VendorID | R |
+//! | 0x010 / 0x014 | DeviceFeatures / DeviceFeaturesSel | R / W |
+//! | 0x020 / 0x024 | DriverFeatures / DriverFeaturesSel | W |
+//! | 0x030 | QueueSel | W |
+//! | 0x034 | QueueNumMax | R |
+//! | 0x038 | QueueNum | W |
+//! | 0x044 | QueueReady | RW |
+//! | 0x050 | QueueNotify | W |
+//! | 0x060 / 0x064 | InterruptStatus / InterruptACK | R / W |
+//! | 0x070 | Status | RW |
+//! | 0x080..0x0a4 | QueueDesc, QueueDriver, QueueDevice (low, high) | W |
+//! | 0x0fc | ConfigGeneration | R |
+//! | 0x100.. | device configuration | RW |
+//!
+//! Device status lifecycle (virtio 1.x §3.1), as the transport enforces it:
+//! `Reset --ACK,DRIVER--> Negotiating --FEATURES_OK--> FeaturesOk
+//! --DRIVER_OK--> Live`; a write of 0 from any state resets.
+
+use super::{ActiveQueues, GuestMemoryMmap, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::BusDevice;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Size of a device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// Offset of QueueNotify, where the VMM places a KVM ioeventfd per queue.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4f4c_4f46; // "FOLO"
+
+const S_ACKNOWLEDGE: u32 = 1;
+const S_DRIVER: u32 = 2;
+const S_DRIVER_OK: u32 = 4;
+const S_FEATURES_OK: u32 = 8;
+const S_FAILED: u32 = 128;
+
+/// Queue configuration the driver writes before DRIVER_OK.
+struct QueueSlot {
+    queue: Queue,
+    /// Notification eventfd (also a KVM ioeventfd on QueueNotify).
+    notify: EventFd,
+}
+
+/// A virtio device's MMIO register window.
+pub struct MmioTransport<D: VirtioDevice> {
+    device: D,
+    mem: GuestMemoryMmap,
+    irq: IrqLine,
+    queues: Vec<QueueSlot>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    /// Whether the device holds the queues (DRIVER_OK was accepted).
+    live: bool,
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// A transport for `device`. `notify[i]` is signalled when the driver
+    /// notifies queue `i`; there must be one per queue.
+    ///
+    /// # Panics
+    /// If `notify` does not have one eventfd per queue, or the device does
+    /// not offer VIRTIO_F_VERSION_1 (programming errors).
+    pub fn new(device: D, mem: GuestMemoryMmap, irq: IrqLine, notify: Vec<EventFd>) -> Self {
+        let sizes = device.queue_max_sizes().to_vec();
+        assert_eq!(sizes.len(), notify.len(), "one notify eventfd per queue");
+        assert!(device.features() & (1 << VIRTIO_F_VERSION_1) != 0);
+        let queues = sizes
+            .iter()
+            .zip(notify)
+            .map(|(&max, notify)| QueueSlot {
+                queue: Queue::new(max).expect("queue sizes are powers of two"),
+                notify,
+            })
+            .collect();
+        MmioTransport {
+            device,
+            mem,
+            irq,
+            queues,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            live: false,
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device, mutably (queue processing, control from the VMM).
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// The interrupt line.
+    pub fn irq(&self) -> &IrqLine {
+        &self.irq
+    }
+
+    /// The notification eventfds, for the event loop and KVM ioeventfds.
+    pub fn notify_fds(&self) -> impl Iterator<Item = &EventFd> {
+        self.queues.iter().map(|q| &q.notify)
+    }
+
+    /// Signal a configuration change to the driver.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & S_DRIVER_OK != 0 {
+            self.irq.signal(super::INT_CONFIG);
+        }
+    }
+
+    /// Whether the driver has set DRIVER_OK and the device is running.
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        // Queue registers are frozen once the device is live.
+        if self.live {
+            return None;
+        }
+        self.queues
+            .get_mut(self.queue_sel as usize)
+            .map(|s| &mut s.queue)
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device.device_type(),
+            0x00c => VENDOR_ID,
+            0x010 => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |s| u32::from(s.queue.max_size())),
+            0x044 => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |s| u32::from(s.queue.ready())),
+            0x060 => self.irq.status(),
+            0x070 => self.status,
+            0x0fc => self.config_generation,
+            // SHMLenLow/High: no shared memory regions.
+            0x0b0 | 0x0b4 => u32::MAX,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x024 => self.driver_features_sel = v,
+            0x020 if self.status & S_FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            0x030 => self.queue_sel = v,
+            0x038 => {
+                if let Some(q) = self.selected() {
+                    // Queue::set_size ignores invalid sizes; is_valid()
+                    // at DRIVER_OK then refuses the queue.
+                    q.set_size(v as u16);
+                }
+            }
+            0x044 => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x050 => {
+                if let Some(s) = self.queues.get(v as usize) {
+                    // Only reached when KVM has no ioeventfd for this write.
+                    let _ = s.notify.write(1);
+                }
+            }
+            0x064 => self.irq.ack(v),
+            0x070 => self.write_status(v),
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => self.write_queue_addr(offset, v),
+            _ => {}
+        }
+    }
+
+    fn write_queue_addr(&mut self, offset: u64, v: u32) {
+        let Some(q) = self.selected() else { return };
+        let (lo, hi) = if offset & 4 == 0 {
+            (Some(v), None)
+        } else {
+            (None, Some(v))
+        };
+        match offset & !4 {
+            0x080 => q.set_desc_table_address(lo, hi),
+            0x090 => q.set_avail_ring_address(lo, hi),
+            _ => q.set_used_ring_address(lo, hi),
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let new = v & !self.status;
+        if new & S_FEATURES_OK != 0 {
+            // Reset --ACK,DRIVER--> Negotiating --FEATURES_OK--> FeaturesOk,
+            // only for a subset of what we offer that includes VERSION_1.
+            let ok = self.status & (S_ACKNOWLEDGE | S_DRIVER) == (S_ACKNOWLEDGE | S_DRIVER)
+                && self.driver_features & !self.device.features() == 0
+                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
+            if !ok {
+                self.status = v & !S_FEATURES_OK;
+                return;
+            }
+        }
+        if new & S_DRIVER_OK != 0 {
+            // FeaturesOk --DRIVER_OK--> Live, if every ready queue is valid.
+            if self.status & S_FEATURES_OK == 0 || !self.activate() {
+                self.status |= S_FAILED;
+                eprintln!(
+                    "foliovm: warning: virtio device type {}: driver set DRIVER_OK with an invalid queue setup",
+                    self.device.device_type()
+                );
+                return;
+            }
+        }
+        self.status = v;
+    }
+
+    fn activate(&mut self) -> bool {
+        let mem = &self.mem;
+        if self
+            .queues
+            .iter()
+            .any(|s| s.queue.ready() && !s.queue.is_valid(mem))
+        {
+            return false;
+        }
+        let event_idx = self.driver_features & (1 << super::VIRTIO_RING_F_EVENT_IDX) != 0;
+        // The device takes the configured queues; the transport keeps
+        // fresh ones of the same maximum size for after a reset.
+        let queues = self
+            .queues
+            .iter_mut()
+            .map(|s| {
+                s.queue.set_event_idx(event_idx);
+                let fresh = Queue::new(s.queue.max_size()).expect("same size as before");
+                std::mem::replace(&mut s.queue, fresh)
+            })
+            .collect();
+        self.device.activate(ActiveQueues {
+            queues,
+            mem: self.mem.clone(),
+            irq: self.irq.clone(),
+            acked_features: self.driver_features,
+        });
+        self.live = true;
+        // Drivers may add buffers and notify before DRIVER_OK (Linux primes
+        // the balloon's stats queue in probe); those notifications found
+        // the device not live. Have the event loop look at every queue once.
+        for s in &self.queues {
+            let _ = s.notify.write(1);
+        }
+        true
+    }
+
+    fn reset(&mut self) {
+        // Any state --0--> Reset.
+        if self.live {
+            self.device.reset();
+        }
+        self.live = false;
+        for s in &mut self.queues {
+            s.queue.reset();
+            // Drain a notification that raced with the reset.
+            let _ = s.notify.read();
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.irq.ack(u32::MAX);
+    }
+
+    /// An event-loop notification for queue `index`: consume it and let the
+    /// device process the queue.
+    pub fn notified(&mut self, index: usize) {
+        if let Some(s) = self.queues.get(index) {
+            let _ = s.notify.read();
+        }
+        if self.live {
+            self.device.process_queue(index);
+        }
+    }
+}
+
+impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            // Registers are 32-bit; anything else reads as zero.
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= 0x100 {
+            self.device.write_config(offset - 0x100, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        if offset.is_multiple_of(4) {
+            self.write_reg(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::queue::testing::memory;
+    use std::sync::{Arc, Mutex};
+
+    /// A device that records what the transport does to it.
+    #[derive(Default)]
+    struct Probe {
+        activated: Option<usize>,
+        resets: usize,
+        processed: Vec<usize>,
+        config: [u8; 8],
+    }
+
+    struct ProbeDev(Arc<Mutex<Probe>>);
+
+    impl VirtioDevice for ProbeDev {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn features(&self) -> u64 {
+            1 << VIRTIO_F_VERSION_1 | 1 << 3
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            crate::virtio::read_config_bytes(&self.0.lock().unwrap().config, offset, data);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            let mut p = self.0.lock().unwrap();
+            p.config[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        }
+        fn activate(&mut self, q: ActiveQueues) {
+            self.0.lock().unwrap().activated = Some(q.queues.len());
+        }
+        fn reset(&mut self) {
+            self.0.lock().unwrap().resets += 1;
+        }
+        fn process_queue(&mut self, index: usize) {
+            self.0.lock().unwrap().processed.push(index);
+        }
+    }
+
+    fn transport() -> (MmioTransport<ProbeDev>, Arc<Mutex<Probe>>) {
+        let p = Arc::new(Mutex::new(Probe::default()));
+        let fds = (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let t = MmioTransport::new(
+            ProbeDev(p.clone()),
+            memory(),
+            IrqLine::new(|| Ok(())),
+            fds.collect(),
+        );
+        (t, p)
+    }
+
+    fn rd(t: &mut MmioTransport<ProbeDev>, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn wr(t: &mut MmioTransport<ProbeDev>, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// The Linux driver's probe sequence, with the queue at `base`.
+    fn setup_queue(t: &mut MmioTransport<ProbeDev>, sel: u32, base: u64) {
+        wr(t, 0x030, sel);
+        wr(t, 0x038, 16);
+        wr(t, 0x080, base as u32);
+        wr(t, 0x084, 0);
+        wr(t, 0x090, (base + 0x100) as u32);
+        wr(t, 0x0a0, (base + 0x200) as u32);
+        wr(t, 0x044, 1);
+    }
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _) = transport();
+        assert_eq!(rd(&mut t, 0x000), 0x7472_6976);
+        assert_eq!(rd(&mut t, 0x004), 2);
+        assert_eq!(rd(&mut t, 0x008), 42);
+        wr(&mut t, 0x030, 1);
+        assert_eq!(rd(&mut t, 0x034), 8);
+        wr(&mut t, 0x030, 7);
+        assert_eq!(rd(&mut t, 0x034), 0, "a missing queue has size 0");
+        wr(&mut t, 0x014, 1);
+        assert_eq!(rd(&mut t, 0x010), 1, "VERSION_1 is bit 32");
+        wr(&mut t, 0x014, 0);
+        assert_eq!(rd(&mut t, 0x010), 1 << 3);
+        // Odd widths and offsets read as zero and do not panic.
+        let mut b = [0xffu8; 2];
+        t.read(0x002, &mut b);
+        assert_eq!(b, [0, 0]);
+        t.write(0x071, &[1]);
+    }
+
+    #[test]
+    fn negotiation_and_activation() {
+        let (mut t, p) = transport();
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER);
+        wr(&mut t, 0x024, 1);
+        wr(&mut t, 0x020, 1);
+        wr(&mut t, 0x024, 0);
+        wr(&mut t, 0x020, 1 << 3);
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        assert_ne!(rd(&mut t, 0x070) & S_FEATURES_OK, 0);
+        setup_queue(&mut t, 0, 0x1000);
+        wr(
+            &mut t,
+            0x070,
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
+        assert!(t.is_live());
+        assert_eq!(p.lock().unwrap().activated, Some(2));
+        // Activation asks the loop to look at every queue once.
+        for q in &t.queues {
+            assert_eq!(q.notify.read().unwrap(), 1);
+        }
+        // A notification reaches the device via its eventfd and the loop.
+        wr(&mut t, 0x050, 1);
+        assert_eq!(t.queues[1].notify.read().unwrap(), 1);
+        t.notified(1);
+        assert_eq!(p.lock().unwrap().processed, vec![1]);
+        // Reset.
+        wr(&mut t, 0x070, 0);
+        assert!(!t.is_live());
+        assert_eq!(p.lock().unwrap().resets, 1);
+        assert_eq!(rd(&mut t, 0x070), 0);
+        t.notified(0);
+        assert_eq!(p.lock().unwrap().processed, vec![1], "not live: no work");
+    }
+
+    #[test]
+    fn features_we_do_not_offer_are_refused() {
+        let (mut t, _) = transport();
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER);
+        wr(&mut t, 0x024, 1);
+        wr(&mut t, 0x020, 1);
+        wr(&mut t, 0x024, 0);
+        wr(&mut t, 0x020, 1 << 5);
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        assert_eq!(rd(&mut t, 0x070) & S_FEATURES_OK, 0);
+        // Legacy drivers (no VERSION_1) are refused too.
+        let (mut t, _) = transport();
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER);
+        wr(&mut t, 0x020, 1 << 3);
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        assert_eq!(rd(&mut t, 0x070) & S_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn an_invalid_queue_fails_the_device() {
+        let (mut t, p) = transport();
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER);
+        wr(&mut t, 0x024, 1);
+        wr(&mut t, 0x020, 1);
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        // Descriptor table outside guest memory.
+        setup_queue(&mut t, 0, 0x7000_0000);
+        wr(
+            &mut t,
+            0x070,
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
+        assert!(!t.is_live());
+        assert_ne!(rd(&mut t, 0x070) & S_FAILED, 0);
+        assert_eq!(p.lock().unwrap().activated, None);
+        // DRIVER_OK without FEATURES_OK fails as well.
+        let (mut t, _) = transport();
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK);
+        assert!(!t.is_live());
+    }
+
+    #[test]
+    fn config_space_and_interrupts() {
+        let (mut t, p) = transport();
+        t.write(0x104, &[9, 8]);
+        assert_eq!(p.lock().unwrap().config[4..6], [9, 8]);
+        let mut d = [0u8; 2];
+        t.read(0x104, &mut d);
+        assert_eq!(d, [9, 8]);
+        let g = rd(&mut t, 0x0fc);
+        t.config_changed();
+        assert_eq!(rd(&mut t, 0x0fc), g + 1);
+        t.irq().signal(super::super::INT_USED_RING);
+        assert_eq!(rd(&mut t, 0x060), 1);
+        wr(&mut t, 0x064, 1);
+        assert_eq!(rd(&mut t, 0x060), 0);
+    }
+}

@@ -1,0 +1,308 @@
+//! Descriptor chains, checked: what a device may trust about a chain the
+//! guest placed in a queue.
+//!
+//! virtio-queue's [`DescriptorChain`] iterator stops quietly on a bad next
+//! index, an unreadable descriptor or a loop (its TTL runs out). That is
+//! safe but hides the error, so [`parse_chain`] walks the chain itself
+//! through the iterator and turns every way a chain can be malformed into a
+//! [`ChainError`]: a truncated chain (the last descriptor still says NEXT),
+//! a buffer outside guest RAM, an empty chain. Devices then check the
+//! direction and size rules of their own request format.
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// The most descriptors a chain may have (the largest queue we offer).
+pub const MAX_CHAIN_LEN: usize = 1024;
+
+/// One buffer of a checked chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    /// Guest-physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable (the driver reads it back).
+    pub writable: bool,
+}
+
+/// A chain whose buffers all lie in guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// Head descriptor index, for the used ring.
+    pub head: u16,
+    /// The buffers in order.
+    pub buffers: Vec<Buffer>,
+}
+
+/// How a guest's descriptor chain can be malformed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    /// The head descriptor could not be read (bad index or table address).
+    #[error("descriptor chain {head} is empty or its table is unreadable")]
+    Empty {
+        /// Head index.
+        head: u16,
+    },
+    /// The chain ended on a descriptor that still has NEXT set: a loop, a
+    /// next index past the queue, or an unreadable descriptor.
+    #[error(
+        "descriptor chain {head} is truncated after {len} descriptors (loop or bad next index)"
+    )]
+    Truncated {
+        /// Head index.
+        head: u16,
+        /// Descriptors read.
+        len: usize,
+    },
+    /// A buffer lies (partly) outside guest RAM.
+    #[error("descriptor chain {head}: buffer {addr:#x}+{len:#x} is outside guest RAM")]
+    OutOfRange {
+        /// Head index.
+        head: u16,
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// A device-readable buffer follows a device-writable one.
+    #[error("descriptor chain {head}: a readable buffer follows a writable one")]
+    ReadAfterWrite {
+        /// Head index.
+        head: u16,
+    },
+}
+
+/// Walk and check `chain`.
+///
+/// # Errors
+/// [`ChainError`] naming what is wrong; the caller still owns `head` and
+/// must return it to the used ring.
+pub fn parse_chain(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+) -> Result<Chain, ChainError> {
+    let head = chain.head_index();
+    let mut buffers = Vec::new();
+    let mut last: Option<Descriptor> = None;
+    let mut seen_writable = false;
+    for d in chain {
+        if buffers.len() == MAX_CHAIN_LEN {
+            return Err(ChainError::Truncated {
+                head,
+                len: buffers.len(),
+            });
+        }
+        let b = Buffer {
+            addr: d.addr(),
+            len: d.len(),
+            writable: d.is_write_only(),
+        };
+        if !mem.check_range(b.addr, b.len as usize) {
+            return Err(ChainError::OutOfRange {
+                head,
+                addr: b.addr.0,
+                len: b.len,
+            });
+        }
+        if !b.writable && seen_writable {
+            return Err(ChainError::ReadAfterWrite { head });
+        }
+        seen_writable |= b.writable;
+        buffers.push(b);
+        last = Some(d);
+    }
+    match last {
+        None => Err(ChainError::Empty { head }),
+        Some(d) if d.has_next() => Err(ChainError::Truncated {
+            head,
+            len: buffers.len(),
+        }),
+        Some(_) => Ok(Chain { head, buffers }),
+    }
+}
+
+/// Pop the next available chain of `queue`: `Some(Ok)` for a checked
+/// chain, `Some(Err((head, e)))` for a malformed one, `None` when the ring
+/// is empty or unusable.
+pub fn pop_chain(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Option<Result<Chain, (u16, ChainError)>> {
+    let chain = queue.pop_descriptor_chain(mem)?;
+    let head = chain.head_index();
+    Some(parse_chain(chain, mem).map_err(|e| (head, e)))
+}
+
+/// Run `f` on every available chain of `queue`, put each on the used ring
+/// with the `(head, length)` `f` returns (`None`: the device keeps the
+/// chain for later), and re-enable notifications (with event index) until
+/// the ring stays empty. Returns whether the driver must be interrupted.
+pub fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut f: impl FnMut(Result<Chain, (u16, ChainError)>) -> Option<(u16, u32)>,
+) -> bool {
+    let mut used_any = false;
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            break;
+        }
+        let mut popped = false;
+        while let Some(c) = pop_chain(queue, mem) {
+            popped = true;
+            let Some((head, len)) = f(c) else { continue };
+            if queue.add_used(mem, head, len).is_err() {
+                // Only a corrupt used ring address gets here; the queue
+                // was checked at activation, so stop rather than spin.
+                return used_any;
+            }
+            used_any = true;
+        }
+        // More work since we last looked: go round again, unless this
+        // round found nothing to pop (a bogus avail index): then stop, or
+        // a hostile driver would keep this thread spinning.
+        match queue.enable_notification(mem) {
+            Ok(true) if popped => continue,
+            _ => break,
+        }
+    }
+    used_any && queue.needs_notification(mem).unwrap_or(true)
+}
+
+/// Test helpers: a guest memory and a queue in it, with raw descriptors.
+#[cfg(test)]
+pub(crate) mod testing {
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    /// 1 MiB of guest memory at 0; queues live in the first 64 KiB.
+    pub fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    /// A raw descriptor; `next` is used as given (the chain is not rewritten).
+    pub fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+    }
+
+    /// Put `descs` at the start of the table of a fresh 16-entry queue at
+    /// `base`, make descriptor 0 available, and return the queue.
+    pub fn queue_with(mem: &GuestMemoryMmap, base: u64, descs: &[RawDescriptor]) -> Queue {
+        let vq = MockSplitQueue::create(mem, GuestAddress(base), 16);
+        for (i, d) in descs.iter().enumerate() {
+            vq.desc_table().store(i as u16, *d).unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
+        vq.avail().idx().store(1u16.to_le());
+        vq.create_queue::<Queue>().unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use virtio_bindings::bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+
+    const N: u32 = VRING_DESC_F_NEXT;
+    const W: u32 = VRING_DESC_F_WRITE;
+
+    fn parse(descs: &[virtio_queue::desc::RawDescriptor]) -> Result<Chain, ChainError> {
+        let mem = memory();
+        let mut q = queue_with(&mem, 0, descs);
+        match pop_chain(&mut q, &mem).expect("one chain available") {
+            Ok(c) => Ok(c),
+            Err((head, e)) => {
+                assert_eq!(head, 0);
+                Err(e)
+            }
+        }
+    }
+
+    #[test]
+    fn a_good_chain_is_returned_in_order() {
+        let c = parse(&[
+            desc(0x10000, 16, N, 1),
+            desc(0x11000, 512, N | W, 2),
+            desc(0x12000, 1, W, 0),
+        ])
+        .unwrap();
+        assert_eq!(c.head, 0);
+        assert_eq!(c.buffers.len(), 3);
+        assert!(!c.buffers[0].writable && c.buffers[1].writable);
+        assert_eq!((c.buffers[1].addr.0, c.buffers[1].len), (0x11000, 512));
+    }
+
+    #[test]
+    fn out_of_range_buffers_are_refused() {
+        // Past the end of RAM, straddling it, and wrapping the address space.
+        for (addr, len) in [(2 << 20, 16), ((1 << 20) - 8, 16), (u64::MAX - 4, 16)] {
+            let e = parse(&[desc(addr, len, 0, 0)]).unwrap_err();
+            assert!(matches!(e, ChainError::OutOfRange { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn loops_and_bad_next_indexes_are_truncated_chains() {
+        // 0 -> 1 -> 0 -> ...: the TTL stops the walk; we report it.
+        let e = parse(&[desc(0x10000, 16, N, 1), desc(0x11000, 16, N, 0)]).unwrap_err();
+        assert!(matches!(e, ChainError::Truncated { .. }), "{e}");
+        // A self loop.
+        let e = parse(&[desc(0x10000, 16, N, 0)]).unwrap_err();
+        assert!(matches!(e, ChainError::Truncated { .. }), "{e}");
+        // A next index past the queue size.
+        let e = parse(&[desc(0x10000, 16, N, 999)]).unwrap_err();
+        assert!(matches!(e, ChainError::Truncated { len: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn wrong_direction_order_is_refused() {
+        let e = parse(&[desc(0x10000, 16, N | W, 1), desc(0x11000, 16, 0, 0)]).unwrap_err();
+        assert_eq!(e, ChainError::ReadAfterWrite { head: 0 });
+    }
+
+    #[test]
+    fn bad_indirect_tables_are_refused() {
+        // An indirect table whose length is not a multiple of 16, and one
+        // outside RAM: the walk yields nothing.
+        let e = parse(&[desc(0x10000, 15, VRING_DESC_F_INDIRECT, 0)]).unwrap_err();
+        assert_eq!(e, ChainError::Empty { head: 0 });
+        let e = parse(&[desc(8 << 20, 32, VRING_DESC_F_INDIRECT, 0)]).unwrap_err();
+        assert_eq!(e, ChainError::Empty { head: 0 });
+    }
+
+    #[test]
+    fn a_bogus_avail_index_yields_nothing() {
+        let mem = memory();
+        let vq = virtio_queue::mock::MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        // The driver claims 100 new chains in a 16-entry queue.
+        vq.avail().idx().store(100u16.to_le());
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert!(pop_chain(&mut q, &mem).is_none());
+        assert!(!drain_queue(&mut q, &mem, |_| unreachable!()));
+    }
+
+    #[test]
+    fn drain_completes_malformed_chains_too() {
+        let mem = memory();
+        let mut q = queue_with(&mem, 0, &[desc(0x10000, 16, N, 0)]);
+        let mut seen = Vec::new();
+        let notify = drain_queue(&mut q, &mem, |c| {
+            let head = match &c {
+                Ok(c) => c.head,
+                Err((h, _)) => *h,
+            };
+            seen.push(c.is_ok());
+            Some((head, 0))
+        });
+        assert_eq!(seen, vec![false]);
+        assert!(notify);
+        assert_eq!(q.next_used(), 1);
+    }
+}

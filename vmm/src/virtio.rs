@@ -1,0 +1,797 @@
+//! virtio-mmio devices of a VM: drives (virtio-blk) and the balloon.
+//!
+//! Everything the VMM does for virtio lives here: the configuration
+//! (`--drive`, `--balloon`, Firecracker's `drives` and `balloon` sections),
+//! placing each device's 4 KiB register window on the MMIO bus, its
+//! interrupt (a KVM irqfd on the in-kernel IOAPIC) and queue notifications
+//! (a KVM ioeventfd per queue, watched by the event loop, so requests run
+//! off the vCPU threads), and the `virtio_mmio.device=` words of the
+//! kernel command line.
+//!
+//! ```text
+//!  0xd000_0000  workload guest result page
+//!  0xd000_1000  virtio device 0 (IRQ 5)   root drive first, then drives,
+//!  0xd000_2000  virtio device 1 (IRQ 6)   then the balloon
+//!  ...          up to IRQ 23 (19 devices)
+//! ```
+//!
+//! Memory statistics: with a balloon, the VMM prints one line
+//! `FOLIOVM-MEMSTATS {json}` on stderr when the guest reaches a balloon
+//! target and when the VM ends (see `docs/virtio.md`).
+
+use crate::arch::layout::MMIO_DEVICES_START;
+use crate::config::{parse_size, ConfigError};
+use crate::kvm::{KvmError, KvmVm};
+use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonEvent, BalloonHandle};
+use devices::virtio::block::{Block, DiskImage};
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::{IrqLine, PinToken, RamControl, RamError, VirtioDevice};
+use devices::Bus;
+use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
+use mem::{MemoryManager, VmId, PAGE_SIZE};
+use serde::Deserialize;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+/// First IOAPIC pin for virtio devices (COM1 has 4).
+const FIRST_IRQ: u32 = 5;
+/// Last usable IOAPIC pin.
+const LAST_IRQ: u32 = 23;
+/// First virtio window, after the workload guest's result page.
+const FIRST_WINDOW: u64 = MMIO_DEVICES_START.raw() + 0x1000;
+
+/// One drive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// Name (GET_ID answer, log label).
+    pub id: String,
+    /// Raw image file on the host.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    pub read_only: bool,
+    /// Boot from it: it becomes `/dev/vda` and `root=/dev/vda` is added.
+    pub root: bool,
+}
+
+/// The balloon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BalloonSpec {
+    /// Device settings (initial target, features).
+    pub device: BalloonConfig,
+    /// Ask the guest for statistics this often (0: never; stats are then
+    /// not offered).
+    pub stats_interval_s: u32,
+}
+
+/// All virtio devices of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VirtioConfig {
+    /// Drives, in the order given (the root drive is placed first).
+    pub drives: Vec<DriveConfig>,
+    /// The balloon, if any.
+    pub balloon: Option<BalloonSpec>,
+}
+
+impl VirtioConfig {
+    /// Check the drives and balloon against each other and the guest.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the problem.
+    pub fn validate(&self, mem_bytes: u64) -> Result<(), ConfigError> {
+        let invalid = |s: String| Err(ConfigError::Invalid(s));
+        if self.drives.iter().filter(|d| d.root).count() > 1 {
+            return invalid("more than one drive has is_root_device set".into());
+        }
+        for (i, d) in self.drives.iter().enumerate() {
+            if self.drives[..i].iter().any(|o| o.id == d.id) {
+                return invalid(format!("two drives have the id {:?}", d.id));
+            }
+        }
+        let n = self.drives.len() + usize::from(self.balloon.is_some());
+        if n > (LAST_IRQ - FIRST_IRQ + 1) as usize {
+            return invalid(format!(
+                "{n} virtio devices; at most {} fit",
+                LAST_IRQ - FIRST_IRQ + 1
+            ));
+        }
+        if let Some(b) = &self.balloon {
+            if b.device.target_bytes > mem_bytes {
+                return invalid(format!(
+                    "balloon target {} MiB exceeds guest memory {} MiB",
+                    b.device.target_bytes >> 20,
+                    mem_bytes >> 20
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drives in device order: the root drive first.
+    fn ordered_drives(&self) -> Vec<&DriveConfig> {
+        let mut v: Vec<_> = self.drives.iter().collect();
+        v.sort_by_key(|d| !d.root);
+        v
+    }
+
+    /// Window base and IRQ of device `i`.
+    fn slot(i: usize) -> (u64, u32) {
+        (FIRST_WINDOW + i as u64 * MMIO_WINDOW, FIRST_IRQ + i as u32)
+    }
+
+    /// Kernel command-line words: one `virtio_mmio.device=` per device, and
+    /// `root=/dev/vda rw|ro` for a root drive unless `cmdline` names a root.
+    pub fn cmdline_extras(&self, cmdline: &str) -> Vec<String> {
+        let n = self.drives.len() + usize::from(self.balloon.is_some());
+        let mut v: Vec<String> = (0..n)
+            .map(|i| {
+                let (base, irq) = Self::slot(i);
+                format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+            })
+            .collect();
+        let kernel_part = cmdline.split(" -- ").next().unwrap_or("");
+        if let Some(root) = self.drives.iter().find(|d| d.root) {
+            if !kernel_part
+                .split_whitespace()
+                .any(|w| w.starts_with("root="))
+            {
+                v.push("root=/dev/vda".into());
+                v.push(if root.read_only { "ro" } else { "rw" }.into());
+            }
+        }
+        v
+    }
+}
+
+/// Parse `--drive PATH[,ro][,root][,id=NAME]`; `index` names unnamed drives.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] for an unknown option.
+pub fn parse_drive_flag(s: &str, index: usize) -> Result<DriveConfig, ConfigError> {
+    let mut parts = s.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "--drive {s:?}: expected PATH[,ro][,root][,id=NAME]"
+        ))
+    })?;
+    let mut d = DriveConfig {
+        id: format!("drive{index}"),
+        path: PathBuf::from(path),
+        read_only: false,
+        root: false,
+    };
+    for p in parts {
+        match p {
+            "ro" => d.read_only = true,
+            "rw" => d.read_only = false,
+            "root" => d.root = true,
+            _ if p.starts_with("id=") && p.len() > 3 => d.id = p[3..].to_string(),
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "--drive {s:?}: unknown option {p:?} (expected ro, root or id=NAME)"
+                )))
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// Parse `--balloon SIZE[,deflate_on_oom][,stats=SECS][,no_reporting]`.
+/// Free page reporting is on unless `no_reporting` is given.
+///
+/// # Errors
+/// [`ConfigError`] for a bad size or unknown option.
+pub fn parse_balloon_flag(s: &str) -> Result<BalloonSpec, ConfigError> {
+    let mut parts = s.split(',');
+    let size = parse_size(parts.next().unwrap_or(""))?;
+    let mut b = BalloonSpec {
+        device: BalloonConfig {
+            target_bytes: size,
+            deflate_on_oom: false,
+            stats: false,
+            free_page_reporting: true,
+        },
+        stats_interval_s: 0,
+    };
+    for p in parts {
+        match p {
+            "deflate_on_oom" => b.device.deflate_on_oom = true,
+            "no_reporting" => b.device.free_page_reporting = false,
+            _ if p.starts_with("stats=") => {
+                b.stats_interval_s = p[6..].parse().map_err(|_| {
+                    ConfigError::Invalid(format!("--balloon {s:?}: bad stats interval {p:?}"))
+                })?;
+                b.device.stats = b.stats_interval_s > 0;
+            }
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "--balloon {s:?}: unknown option {p:?} (expected deflate_on_oom, stats=SECS or no_reporting)"
+                )))
+            }
+        }
+    }
+    Ok(b)
+}
+
+/// Firecracker's `drives` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveSection {
+    /// Name.
+    pub drive_id: String,
+    /// Image path.
+    pub path_on_host: PathBuf,
+    /// Boot from it.
+    pub is_root_device: bool,
+    /// Refuse writes.
+    pub is_read_only: bool,
+    /// Firecracker's `partuuid` (root on a partition) is not supported.
+    #[serde(default)]
+    pub partuuid: Option<String>,
+    /// Accepted for compatibility; foliovm has one I/O engine.
+    #[serde(default)]
+    pub io_engine: Option<String>,
+    /// Accepted for compatibility; no caching modes.
+    #[serde(default)]
+    pub cache_type: Option<String>,
+    /// Not supported.
+    #[serde(default)]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+/// Firecracker's `balloon` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonSection {
+    /// Target in MiB.
+    pub amount_mib: u64,
+    /// Let the guest deflate under memory pressure.
+    pub deflate_on_oom: bool,
+    /// Statistics interval in seconds (0: no statistics).
+    #[serde(default)]
+    pub stats_polling_interval_s: u32,
+    /// Free page reporting (Firecracker 1.8+); foliovm's default is on.
+    #[serde(default)]
+    pub free_page_reporting: Option<bool>,
+    /// Free page hinting is not supported; only `false` is accepted.
+    #[serde(default)]
+    pub free_page_hinting: Option<bool>,
+}
+
+/// Turn the config file's sections into a [`VirtioConfig`]; warnings for
+/// accepted-but-ignored fields are appended to `warnings`.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] for unsupported settings.
+pub fn from_sections(
+    drives: Vec<DriveSection>,
+    balloon: Option<BalloonSection>,
+    warnings: &mut Vec<String>,
+) -> Result<VirtioConfig, ConfigError> {
+    let mut out = VirtioConfig::default();
+    for d in drives {
+        if d.partuuid.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "drive {:?}: partuuid is not supported (use a whole-disk filesystem image)",
+                d.drive_id
+            )));
+        }
+        if d.rate_limiter.is_some() || d.io_engine.is_some() || d.cache_type.is_some() {
+            warnings.push(format!(
+                "drive {:?}: rate_limiter, io_engine and cache_type are ignored",
+                d.drive_id
+            ));
+        }
+        out.drives.push(DriveConfig {
+            id: d.drive_id,
+            path: d.path_on_host,
+            read_only: d.is_read_only,
+            root: d.is_root_device,
+        });
+    }
+    if let Some(b) = balloon {
+        if b.free_page_hinting == Some(true) {
+            return Err(ConfigError::Invalid(
+                "balloon.free_page_hinting is not supported".into(),
+            ));
+        }
+        out.balloon = Some(BalloonSpec {
+            device: BalloonConfig {
+                target_bytes: b.amount_mib.checked_mul(1 << 20).ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "balloon amount_mib {} is too large",
+                        b.amount_mib
+                    ))
+                })?,
+                deflate_on_oom: b.deflate_on_oom,
+                stats: b.stats_polling_interval_s > 0,
+                free_page_reporting: b.free_page_reporting.unwrap_or(true),
+            },
+            stats_interval_s: b.stats_polling_interval_s,
+        });
+    }
+    Ok(out)
+}
+
+/// Errors attaching virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// A drive image is missing, unreadable or too small.
+    #[error("drive {id:?}")]
+    Disk {
+        /// Drive id.
+        id: String,
+        /// What is wrong with the image.
+        #[source]
+        source: devices::virtio::block::DiskError,
+    },
+    /// An eventfd or timerfd could not be created.
+    #[error("cannot create {what} for virtio device {index}")]
+    Host {
+        /// What.
+        what: &'static str,
+        /// Device index.
+        index: usize,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM refused the interrupt line.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+}
+
+/// Guest RAM as devices see it: pins and discards through the memory
+/// manager (folio backend), or plain `madvise` (anon backend).
+struct VmRam {
+    mem: GuestMemoryMmap,
+    manager: Option<(Arc<MemoryManager>, VmId)>,
+}
+
+impl RamControl for VmRam {
+    fn pin(&self, gpa: u64, len: u64) -> Result<Option<PinToken>, RamError> {
+        match &self.manager {
+            Some((mm, vm)) => mm
+                .pin(*vm, mem::GuestAddress(gpa), len)
+                .map(|g| Some(Box::new(g) as PinToken))
+                .map_err(|e| RamError::Backend(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    fn discard(&self, gpa: u64, len: u64) -> Result<u64, RamError> {
+        let out_of_range = RamError::OutOfRange { gpa, len };
+        match &self.manager {
+            Some((mm, vm)) => match mm.discard(*vm, mem::GuestAddress(gpa), len) {
+                Ok(o) => Ok(o.discarded_pages * PAGE_SIZE),
+                Err(mem::DiscardError::OutOfRange { .. } | mem::DiscardError::Unaligned { .. }) => {
+                    Err(out_of_range)
+                }
+                Err(e) => Err(RamError::Backend(e.to_string())),
+            },
+            None => {
+                // Anon backend: drop the pages; how many were resident is
+                // unknown, so the whole range is counted.
+                let slice = self
+                    .mem
+                    .get_slice(GuestAddress(gpa), len as usize)
+                    .map_err(|_| out_of_range)?;
+                // SAFETY: the range was bounds-checked by vm-memory against
+                // one private anonymous guest mapping; MADV_DONTNEED on it
+                // only makes the guest read zeros there next, which is what
+                // the guest asked for by giving the pages up.
+                let r = unsafe {
+                    libc::madvise(
+                        slice.ptr_guard_mut().as_ptr().cast(),
+                        len as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if r != 0 {
+                    return Err(RamError::Backend(
+                        std::io::Error::last_os_error().to_string(),
+                    ));
+                }
+                Ok(len)
+            }
+        }
+    }
+}
+
+/// Runs queue notifications of one device on the event loop.
+struct QueueEvents<D: VirtioDevice> {
+    transport: Arc<Mutex<MmioTransport<D>>>,
+    fds: Vec<i32>,
+}
+
+impl<D: VirtioDevice + 'static> MutEventSubscriber for QueueEvents<D> {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if let Some(i) = self.fds.iter().position(|&fd| fd == events.fd()) {
+            self.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .notified(i);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for &fd in &self.fds {
+            let _ = ops.add(Events::new_raw(fd, EventSet::IN));
+        }
+    }
+}
+
+/// Balloon side jobs on the event loop: statistics polling and memory
+/// statistics lines when the guest reaches a target.
+struct BalloonEvents {
+    handle: BalloonHandle,
+    /// Signalled by the device's event hook; the events wait in `pending`.
+    reached: EventFd,
+    pending: Arc<Mutex<Vec<BalloonEvent>>>,
+    timer: Option<TimerFd>,
+    stats: MemStats,
+}
+
+impl MutEventSubscriber for BalloonEvents {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.reached.as_raw_fd() {
+            let _ = self.reached.read();
+            let pending =
+                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+            for e in pending {
+                let name = match e {
+                    BalloonEvent::Activated => "balloon-activated",
+                    BalloonEvent::TargetReached => "balloon-target-reached",
+                    BalloonEvent::Stats => continue,
+                };
+                self.stats.print(name, Some(&self.handle));
+            }
+        } else if let Some(t) = &mut self.timer {
+            if events.fd() == t.as_raw_fd() {
+                let _ = t.wait();
+                self.handle.request_stats();
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new_raw(self.reached.as_raw_fd(), EventSet::IN));
+        if let Some(t) = &self.timer {
+            let _ = ops.add(Events::new_raw(t.as_raw_fd(), EventSet::IN));
+        }
+    }
+}
+
+/// Prints `FOLIOVM-MEMSTATS {json}` lines.
+#[derive(Clone)]
+pub struct MemStats {
+    manager: Option<(Arc<MemoryManager>, VmId)>,
+}
+
+impl MemStats {
+    /// The JSON of one line: the VM's memory-manager statistics and, if
+    /// given, the balloon's counters and latest guest statistics.
+    pub fn json(&self, event: &str, balloon: Option<&BalloonHandle>) -> serde_json::Value {
+        let mut v = serde_json::json!({ "event": event });
+        if let Some((mm, vm)) = &self.manager {
+            if let Some(s) = mm.vm_stats(*vm) {
+                v["resident_bytes"] = s.resident_bytes().into();
+                v["resident_bytes_by_order"] = s.resident_bytes_by_order.to_vec().into();
+                v["discarded_pages"] = s.discarded_pages.into();
+                v["discard_skipped_pinned"] = s.discard_skipped_pinned.into();
+            }
+            v["deferred_split_queue"] = mm.stats().deferred_split_queue.into();
+        }
+        if let Some(b) = balloon {
+            let c = b.counters();
+            v["balloon"] = serde_json::json!({
+                "target_bytes": c.target_bytes,
+                "actual_bytes": c.actual_bytes,
+                "inflated_bytes": c.inflated_bytes,
+                "deflated_bytes": c.deflated_bytes,
+                "inflate_returned_bytes": c.inflate_returned_bytes,
+                "reported_bytes": c.reported_bytes,
+                "report_returned_bytes": c.report_returned_bytes,
+                "malformed": c.malformed,
+                "targets_reached": c.targets_reached,
+                "guest_stats": b
+                    .stats()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
+                    .collect::<serde_json::Map<_, _>>(),
+            });
+        }
+        v
+    }
+
+    /// Print one line on stderr.
+    pub fn print(&self, event: &str, balloon: Option<&BalloonHandle>) {
+        eprintln!("FOLIOVM-MEMSTATS {}", self.json(event, balloon));
+    }
+}
+
+/// The VM's virtio devices, once attached.
+pub struct VirtioDevices {
+    /// The balloon, for the API (`set_target`) and statistics.
+    pub balloon: Option<BalloonHandle>,
+    stats: MemStats,
+}
+
+impl VirtioDevices {
+    /// The VM is over: print the final memory statistics line (with a balloon).
+    pub fn finish(&self) {
+        if let Some(b) = &self.balloon {
+            self.stats.print("exit", Some(b));
+        }
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Create every configured device, place it on `mmio`, wire its irqfd and
+/// ioeventfds, and register its queues with the event loop.
+///
+/// # Errors
+/// [`VirtioError`]: a bad drive image, or a host or KVM failure.
+pub fn attach(
+    config: &VirtioConfig,
+    vm: &KvmVm,
+    mem: &GuestMemoryMmap,
+    manager: Option<(Arc<MemoryManager>, VmId)>,
+    mmio: &mut Bus,
+    events: &mut dyn SubscriberOps<Subscriber = Subscriber>,
+) -> Result<VirtioDevices, VirtioError> {
+    let ram: Arc<dyn RamControl> = Arc::new(VmRam {
+        mem: mem.clone(),
+        manager: manager.clone(),
+    });
+    let stats = MemStats { manager };
+    let mut index = 0;
+    for d in config.ordered_drives() {
+        let disk =
+            DiskImage::open(&d.path, d.read_only, &d.id).map_err(|source| VirtioError::Disk {
+                id: d.id.clone(),
+                source,
+            })?;
+        let name = format!("drive {}", d.id);
+        let dev = Block::new(disk, ram.clone(), &name);
+        place(dev, index, vm, mem, mmio, events)?;
+        index += 1;
+    }
+    let mut balloon = None;
+    if let Some(spec) = &config.balloon {
+        let reached = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd", index))?;
+        let hook = reached.try_clone().map_err(host("eventfd", index))?;
+        let pending = Arc::new(Mutex::new(Vec::new()));
+        let queue = pending.clone();
+        let mut dev = Balloon::new(spec.device, ram.clone());
+        dev.set_event_hook(move |e| {
+            if e != BalloonEvent::Stats {
+                queue.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+                let _ = hook.write(1);
+            }
+        });
+        let t = place(dev, index, vm, mem, mmio, events)?;
+        let handle = BalloonHandle::new(t);
+        let timer = if spec.stats_interval_s > 0 {
+            let mut t = TimerFd::new().map_err(errno("timerfd", index))?;
+            let every = Duration::from_secs(spec.stats_interval_s.into());
+            t.reset(every, Some(every))
+                .map_err(errno("timerfd", index))?;
+            Some(t)
+        } else {
+            None
+        };
+        let sub: Subscriber = Arc::new(Mutex::new(BalloonEvents {
+            handle: handle.clone(),
+            reached,
+            pending,
+            timer,
+            stats: stats.clone(),
+        }));
+        events.add_subscriber(sub);
+        balloon = Some(handle);
+    }
+    Ok(VirtioDevices { balloon, stats })
+}
+
+fn host(what: &'static str, index: usize) -> impl Fn(std::io::Error) -> VirtioError {
+    move |source| VirtioError::Host {
+        what,
+        index,
+        source,
+    }
+}
+
+fn errno(what: &'static str, index: usize) -> impl Fn(vmm_sys_util::errno::Error) -> VirtioError {
+    move |e| VirtioError::Host {
+        what,
+        index,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+/// Put `dev` in slot `index`: transport on the bus, irqfd, ioeventfds.
+fn place<D: VirtioDevice + 'static>(
+    dev: D,
+    index: usize,
+    vm: &KvmVm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    events: &mut dyn SubscriberOps<Subscriber = Subscriber>,
+) -> Result<Arc<Mutex<MmioTransport<D>>>, VirtioError> {
+    let (base, irq) = VirtioConfig::slot(index);
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(host("irq eventfd", index))?;
+    vm.fd()
+        .register_irqfd(&irqfd, irq)
+        .map_err(|source| KvmError::Ioctl {
+            op: "KVM_IRQFD",
+            source,
+        })?;
+    let line = IrqLine::new(move || irqfd.write(1));
+    let nq = dev.queue_max_sizes().len();
+    let mut notify = Vec::with_capacity(nq);
+    for q in 0..nq {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(host("queue eventfd", index))?;
+        let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+        if let Err(e) = vm.fd().register_ioevent(&fd, &addr, q as u32) {
+            // The transport signals the same eventfd on a QueueNotify exit.
+            eprintln!("foliovm: warning: no KVM ioeventfd for virtio device {index} queue {q} ({e}); notifications take a VM exit");
+        }
+        notify.push(fd);
+    }
+    let fds = notify.iter().map(|f| f.as_raw_fd()).collect();
+    let t = Arc::new(Mutex::new(MmioTransport::new(
+        dev,
+        mem.clone(),
+        line,
+        notify,
+    )));
+    mmio.insert(t.clone(), base, MMIO_WINDOW)
+        .expect("virtio windows are disjoint and nothing else is placed there");
+    let sub: Subscriber = Arc::new(Mutex::new(QueueEvents {
+        transport: t.clone(),
+        fds,
+    }));
+    events.add_subscriber(sub);
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_flags() {
+        let d = parse_drive_flag("/img/root.ext4,ro,root,id=rootfs", 0).unwrap();
+        assert_eq!(
+            d,
+            DriveConfig {
+                id: "rootfs".into(),
+                path: "/img/root.ext4".into(),
+                read_only: true,
+                root: true
+            }
+        );
+        assert_eq!(parse_drive_flag("a.img", 3).unwrap().id, "drive3");
+        for bad in ["", ",ro", "a.img,fast", "a.img,id="] {
+            assert!(parse_drive_flag(bad, 0).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn balloon_flags() {
+        let b = parse_balloon_flag("64M,deflate_on_oom,stats=2").unwrap();
+        assert_eq!(b.device.target_bytes, 64 << 20);
+        assert!(b.device.deflate_on_oom && b.device.stats && b.device.free_page_reporting);
+        assert_eq!(b.stats_interval_s, 2);
+        assert!(
+            !parse_balloon_flag("0,no_reporting")
+                .unwrap()
+                .device
+                .free_page_reporting
+        );
+        assert!(parse_balloon_flag("1G,bogus").is_err());
+        assert!(parse_balloon_flag("lots").is_err());
+    }
+
+    #[test]
+    fn cmdline_and_layout() {
+        let c = VirtioConfig {
+            drives: vec![
+                parse_drive_flag("data.img", 0).unwrap(),
+                parse_drive_flag("root.img,root", 1).unwrap(),
+            ],
+            balloon: Some(parse_balloon_flag("0").unwrap()),
+        };
+        assert_eq!(c.ordered_drives()[0].id, "drive1", "root first");
+        assert_eq!(
+            c.cmdline_extras("console=ttyS0 -- echo root=x"),
+            vec![
+                "virtio_mmio.device=4K@0xd0001000:5",
+                "virtio_mmio.device=4K@0xd0002000:6",
+                "virtio_mmio.device=4K@0xd0003000:7",
+                "root=/dev/vda",
+                "rw"
+            ]
+        );
+        assert_eq!(
+            c.cmdline_extras("root=/dev/vdb").len(),
+            3,
+            "the user's root wins"
+        );
+        assert!(c.validate(256 << 20).is_ok());
+    }
+
+    #[test]
+    fn validation() {
+        let two_roots = VirtioConfig {
+            drives: vec![
+                parse_drive_flag("a,root", 0).unwrap(),
+                parse_drive_flag("b,root", 1).unwrap(),
+            ],
+            balloon: None,
+        };
+        assert!(two_roots
+            .validate(1 << 30)
+            .unwrap_err()
+            .to_string()
+            .contains("more than one"));
+        let dup = VirtioConfig {
+            drives: vec![
+                parse_drive_flag("a,id=x", 0).unwrap(),
+                parse_drive_flag("b,id=x", 1).unwrap(),
+            ],
+            balloon: None,
+        };
+        assert!(dup
+            .validate(1 << 30)
+            .unwrap_err()
+            .to_string()
+            .contains("two drives"));
+        let big = VirtioConfig {
+            drives: vec![],
+            balloon: Some(parse_balloon_flag("2G").unwrap()),
+        };
+        assert!(big
+            .validate(1 << 30)
+            .unwrap_err()
+            .to_string()
+            .contains("exceeds guest memory"));
+        let many = VirtioConfig {
+            drives: (0..20).map(|i| parse_drive_flag("a", i).unwrap()).collect(),
+            balloon: None,
+        };
+        assert!(many.validate(1 << 30).is_err());
+    }
+
+    #[test]
+    fn firecracker_sections() {
+        let drives: Vec<DriveSection> = serde_json::from_str(
+            r#"[{"drive_id": "rootfs", "path_on_host": "r.ext4", "is_root_device": true, "is_read_only": false}]"#,
+        )
+        .unwrap();
+        let balloon: BalloonSection = serde_json::from_str(
+            r#"{"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#,
+        )
+        .unwrap();
+        let mut w = Vec::new();
+        let c = from_sections(drives, Some(balloon), &mut w).unwrap();
+        assert!(w.is_empty());
+        assert!(c.drives[0].root && !c.drives[0].read_only);
+        let b = c.balloon.unwrap();
+        assert_eq!(b.device.target_bytes, 64 << 20);
+        assert!(b.device.stats && b.device.free_page_reporting && b.device.deflate_on_oom);
+        let hinting: BalloonSection = serde_json::from_str(
+            r#"{"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true}"#,
+        )
+        .unwrap();
+        assert!(from_sections(vec![], Some(hinting), &mut w).is_err());
+    }
+}

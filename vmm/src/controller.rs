@@ -312,6 +312,48 @@ impl ApiBackend for Controller {
         })
     }
 
+    fn set_balloon(&self, amount_mib: u64) -> Result<(), ApiError> {
+        self.with_vm(None, |v| {
+            if amount_mib << 20 > v.config().mem_bytes {
+                return Err(ApiError::bad(format!(
+                    "amount_mib {amount_mib} exceeds the guest's {} MiB",
+                    v.config().mem_bytes >> 20
+                )));
+            }
+            let b = v
+                .balloon()
+                .ok_or_else(|| ApiError::bad("the VM has no balloon (start it with --balloon)"))?;
+            b.set_target(amount_mib << 20);
+            Ok(())
+        })
+    }
+
+    fn balloon(&self, stats: bool) -> Result<serde_json::Value, ApiError> {
+        self.with_vm(None, |v| {
+            let b = v
+                .balloon()
+                .ok_or_else(|| ApiError::bad("the VM has no balloon (start it with --balloon)"))?;
+            if stats {
+                b.request_stats();
+                let mut m = serde_json::Map::new();
+                for (k, val) in b.stats() {
+                    m.insert(k.to_string(), serde_json::json!(val));
+                }
+                return Ok(serde_json::Value::Object(m));
+            }
+            let c = b.counters();
+            Ok(serde_json::json!({
+                "amount_mib": c.target_bytes >> 20,
+                "actual_mib": c.actual_bytes >> 20,
+                "inflated_bytes": c.inflated_bytes,
+                "deflated_bytes": c.deflated_bytes,
+                "inflate_returned_bytes": c.inflate_returned_bytes,
+                "reported_bytes": c.reported_bytes,
+                "report_returned_bytes": c.report_returned_bytes,
+            }))
+        })
+    }
+
     fn set_limits(&self, vm: &str, body: LimitsBody) -> Result<(), ApiError> {
         self.with_vm(Some(vm), |v| {
             let limits = mem::VmLimits {

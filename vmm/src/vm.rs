@@ -403,6 +403,11 @@ impl Vm {
         &self.ctx.stop
     }
 
+    /// The balloon, if the VM has one.
+    pub fn balloon(&self) -> Option<&devices::virtio::balloon::BalloonHandle> {
+        self.virtio.as_ref()?.balloon.as_ref()
+    }
+
     /// The memory manager and this VM's id in it (folio backend).
     pub fn manager(&self) -> Option<&(Arc<MemoryManager>, VmId)> {
         self.ram.manager.as_ref()

@@ -144,6 +144,13 @@ struct ReclaimBody {
     mib: u64,
 }
 
+/// Firecracker's `PATCH /balloon` body.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonUpdateBody {
+    amount_mib: u64,
+}
+
 /// `PATCH /vm` and `PATCH /vms/{name}` body.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,6 +186,11 @@ pub trait ApiBackend: Send + Sync {
     fn instance_start(&self) -> Result<(), ApiError>;
     /// Pause (`true`) or resume (`false`) a VM; `None` means the only one.
     fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError>;
+    /// Set the (only) VM's balloon target.
+    fn set_balloon(&self, amount_mib: u64) -> Result<(), ApiError>;
+    /// The balloon's target, size and counters (`GET /balloon`), or with
+    /// `stats` the guest's statistics (`GET /balloon/statistics`).
+    fn balloon(&self, stats: bool) -> Result<serde_json::Value, ApiError>;
     /// Set a VM's reclaim limits.
     fn set_limits(&self, vm: &str, limits: LimitsBody) -> Result<(), ApiError>;
     /// Reclaim `bytes` now from `vm` (or the VMs policy picks); returns
@@ -308,6 +320,19 @@ fn dispatch(
             api.set_paused(None, paused)
                 .map(|()| ApiResponse::no_content())
         }
+        ("PATCH", ["balloon"]) => {
+            let b: BalloonUpdateBody = parse(body)?;
+            if b.amount_mib > (1 << 24) {
+                return Err(ApiError::bad(format!(
+                    "amount_mib {} is out of range",
+                    b.amount_mib
+                )));
+            }
+            api.set_balloon(b.amount_mib)
+                .map(|()| ApiResponse::no_content())
+        }
+        ("GET", ["balloon"]) => api.balloon(false).map(|v| ApiResponse::json(&v)),
+        ("GET", ["balloon", "statistics"]) => api.balloon(true).map(|v| ApiResponse::json(&v)),
         ("GET", ["vms"]) => Ok(ApiResponse::json(&api.list_vms())),
         ("GET", ["vms", name]) if valid_name(name) => {
             api.vm_info(name).map(|v| ApiResponse::json(&v))
@@ -356,8 +381,9 @@ fn dispatch(
         (
             _,
             ["" | "boot-source" | "machine-config" | "actions" | "vm" | "vms" | "stats" | "metrics"
-            | "reclaim"],
+            | "reclaim" | "balloon"],
         ) => Err(not_allowed(method, path)),
+        (_, ["balloon", "statistics"]) => Err(not_allowed(method, path)),
         (_, ["vms", name] | ["vms", name, "limits"]) if valid_name(name) => {
             Err(not_allowed(method, path))
         }
@@ -433,6 +459,13 @@ mod tests {
                     Ok(())
                 }
             }
+        }
+        fn set_balloon(&self, mib: u64) -> Result<(), ApiError> {
+            self.record(format!("balloon {mib}"));
+            Ok(())
+        }
+        fn balloon(&self, _stats: bool) -> Result<serde_json::Value, ApiError> {
+            Err(ApiError::bad("no balloon"))
         }
         fn set_limits(&self, vm: &str, l: LimitsBody) -> Result<(), ApiError> {
             if vm != "vm0" {
@@ -640,6 +673,21 @@ mod tests {
             ),
             ("GET", "/vms/vm0/limits", b"", 405, "not allowed"),
             ("PUT", "/reclaim", br#"{"mib": 0}"#, 400, "out of range"),
+            (
+                "PATCH",
+                "/balloon",
+                br#"{"amount": 3}"#,
+                400,
+                "unknown field",
+            ),
+            (
+                "PATCH",
+                "/balloon",
+                br#"{"amount_mib": 99999999999}"#,
+                400,
+                "out of range",
+            ),
+            ("GET", "/balloon", b"", 400, "no balloon"),
             (
                 "PUT",
                 "/reclaim",

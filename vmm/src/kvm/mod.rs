@@ -16,6 +16,9 @@ pub enum KvmError {
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm (is KVM available and are you root?)")]
     Open(#[source] kvm_ioctls::Error),
+    /// KVM_SET_MSRS stopped at this MSR.
+    #[error("KVM refused to set boot MSR {0:#x}")]
+    MsrRefused(u32),
     /// A KVM ioctl failed.
     #[error("KVM {op} failed")]
     Ioctl {

@@ -133,12 +133,7 @@ impl Vcpu {
         let msrs = msr::boot_msrs();
         let n = self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
         if n != msrs.as_slice().len() {
-            let bad = msrs.as_slice()[n].index;
-            return Err(KvmError::Ioctl {
-                op: "KVM_SET_MSRS",
-                source: kvm_ioctls::Error::new(libc::EINVAL),
-            })
-            .inspect_err(|_| eprintln!("foliovm: KVM refused boot MSR {bad:#x}"));
+            return Err(KvmError::MsrRefused(msrs.as_slice()[n].index));
         }
         self.fd
             .set_fpu(&regs::boot_fpu())

@@ -17,12 +17,12 @@ case "${1:-}" in
 *) echo "usage: $0 [--no-boot]" >&2; exit 2 ;;
 esac
 
-# libclang-dev: bindgen (the userfaultfd crates); e2fsprogs: mkfs.ext4 for
-# the root-drive test.
+# e2fsprogs: mkfs.ext4 for the root-drive test. (No crate here uses bindgen,
+# so libclang-dev is not needed: mem issues its userfaultfd ioctls itself.)
 # The guest-image packages are installed by guest-images/build.sh itself.
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in build-essential libclang-dev pkg-config e2fsprogs; do
+for p in build-essential pkg-config e2fsprogs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if ((${#need[@]})); then

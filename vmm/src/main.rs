@@ -247,6 +247,12 @@ struct RunArgs {
     /// Reclaim priority among guests (lower is reclaimed first).
     #[arg(long, allow_negative_numbers = true)]
     priority: Option<i32>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn")]
+    log_level: tracing::Level,
+    /// Write logs to this file (appended) instead of stderr.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
     /// Serve the HTTP API on this Unix socket. Without --kernel, --workload
     /// or --config, wait for the VM to be configured and started through it
     /// (PUT /boot-source, PUT /machine-config, PUT /actions InstanceStart).
@@ -384,7 +390,36 @@ fn report(outcomes: &[vmm::vmm::RunOutcome]) -> i32 {
     status
 }
 
+/// Send `tracing` events at `level` or above to `file` (appended) or stderr.
+fn init_logging(level: tracing::Level, file: Option<&std::path::Path>) -> Result<()> {
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false);
+    match file {
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open log file {}", p.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .init();
+        }
+        None => {
+            use std::io::IsTerminal;
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .init()
+        }
+    }
+    Ok(())
+}
+
 fn run(a: &RunArgs) -> Result<Vec<vmm::vmm::RunOutcome>> {
+    init_logging(a.log_level, a.log_file.as_deref())?;
     let waits_for_api =
         a.api_sock.is_some() && a.kernel.is_none() && a.workload.is_none() && a.config.is_none();
     let (run, memory) = if waits_for_api {

@@ -374,6 +374,13 @@ impl Vm {
             gate: RunGate::default(),
             mem,
         });
+        tracing::info!(
+            vm = %config.name,
+            vcpus = config.vcpus,
+            mem_mib = config.mem_bytes >> 20,
+            backend = ram.backend.kind(),
+            "VM built"
+        );
         Ok(Vm {
             config: config.clone(),
             tsc_khz: vcpus[0].tsc_khz(),
@@ -432,6 +439,7 @@ impl Vm {
     /// [`VmmError::Host`] if a thread cannot be spawned (the VM is then
     /// asked to stop).
     pub fn start(&mut self) -> Result<(), VmmError> {
+        tracing::info!(vm = %self.config.name, "VM starting");
         self.started = Some(Instant::now());
         for v in self.unstarted.drain(..) {
             let ctx = self.ctx.clone();
@@ -481,6 +489,7 @@ impl Vm {
             }
             _ => return Err(VmStateError::NotRunning(self.config.name.clone())),
         }
+        tracing::info!(vm = %self.config.name, "pausing");
         self.ctx.gate.close();
         let live = || self.threads.iter().filter(|t| !t.is_finished()).count();
         if self.kick_until(|| self.ctx.gate.parked() >= live(), PAUSE_TIMEOUT) {
@@ -498,6 +507,7 @@ impl Vm {
     pub fn resume(&self) -> Result<(), VmStateError> {
         match self.state() {
             VmState::Paused => {
+                tracing::info!(vm = %self.config.name, "resuming");
                 self.ctx.gate.open();
                 Ok(())
             }
@@ -527,6 +537,7 @@ impl Vm {
             .stop
             .reason()
             .expect("a stop reason was just requested");
+        tracing::info!(vm = %self.config.name, %reason, wall_s = wall.as_secs_f64(), "VM stopped");
         if let Some(v) = &self.virtio {
             v.finish();
         }

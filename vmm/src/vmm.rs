@@ -151,6 +151,7 @@ impl MutEventSubscriber for SignalWatch {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.evt.read();
         let sig = SIGNAL_NUM.load(Ordering::SeqCst);
+        tracing::info!(signal = sig, "stopping every VM");
         self.controller.request_exit(ExitReason::Interrupted(sig));
     }
 

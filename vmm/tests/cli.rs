@@ -208,3 +208,40 @@ fn guest_exceptions_and_triple_faults_fail_with_one_line() {
     // One line: the reason, not a cascade.
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn logs_go_to_the_log_file_at_the_chosen_level() {
+    if !kvm() {
+        return;
+    }
+    let d = TempDir::new("log");
+    let log = d.0.join("foliovm.log");
+    let out = Command::new(env!("CARGO_BIN_EXE_foliovm"))
+        .args([
+            "run",
+            "--workload",
+            "seq:4M",
+            "--log-level",
+            "info",
+            "--log-file",
+        ])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("VM built") && text.contains("VM stopped"),
+        "{text}"
+    );
+    assert!(!text.contains('\x1b'), "no colour codes in a file: {text}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("VM built"));
+    expect_error(
+        &["run", "--workload", "seq:4M", "--log-level", "loud"],
+        "invalid value 'loud'",
+    );
+}

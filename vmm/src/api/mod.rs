@@ -84,6 +84,11 @@ fn serve(server: &tiny_http::Server, backend: &dyn ApiBackend) {
             .read_to_end(&mut body);
         let method = request.method().as_str().to_string();
         let resp = route(backend, &method, request.url(), &body);
+        if resp.status >= 400 {
+            tracing::info!(%method, url = request.url(), status = resp.status, body = %resp.body, "API request refused");
+        } else {
+            tracing::debug!(%method, url = request.url(), status = resp.status, "API request");
+        }
         let header =
             tiny_http::Header::from_bytes(&b"Content-Type"[..], resp.content_type.as_bytes())
                 .expect("a static ASCII header is valid");

@@ -254,7 +254,7 @@ impl VmState {
         let max = self.max_pages.load(Relaxed);
         VmLimits {
             min_bytes: self.min_pages.load(Relaxed) * PAGE_SIZE,
-            max_bytes: (max != u64::MAX).then_some(max * PAGE_SIZE),
+            max_bytes: (max != u64::MAX).then(|| max * PAGE_SIZE),
             priority: self.priority.load(Relaxed),
         }
     }

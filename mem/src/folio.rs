@@ -45,7 +45,7 @@ impl FolioFlags {
     pub const REFERENCED: FolioFlags = FolioFlags(1 << 8);
     /// On the deferred-split queue (`folio_test_partially_mapped()`).
     pub const DEFERRED_SPLIT: FolioFlags = FolioFlags(1 << 9);
-    /// Moved out to its pool range to sample accesses ([`crate::vmscan`]);
+    /// Moved out to its pool range to sample accesses (`vmscan`);
     /// its entries are `ProtNone` until a fault maps it back.
     pub const SAMPLED: FolioFlags = FolioFlags(1 << 10);
     /// A fault found the folio in the swap cache and waits on its lock to

@@ -4,7 +4,7 @@
 //! between `min_seq` (oldest) and `max_seq` (youngest). New and accessed
 //! folios go to the youngest generation; reclaim takes folios from the
 //! oldest one. Access information comes from reference sampling
-//! ([`crate::vmscan`]): a sampled folio that faults back is promoted to the
+//! (`vmscan`): a sampled folio that faults back is promoted to the
 //! youngest generation at once (`folio_inc_gen()`/`lru_gen_look_around()`
 //! find young PTEs the same way, through the accessed bit). Aging
 //! (`inc_max_seq()`) opens a new youngest generation whenever eviction

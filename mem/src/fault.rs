@@ -85,6 +85,14 @@ const MAX_RETRIES: u32 = 64;
 /// # Context
 /// Handler thread or pre-zeroing worker; no locks held.
 pub(crate) fn handle_fault(inner: &Inner, addr: usize, t0: Instant, first: bool) {
+    // The MOVE that serves a fault wakes the faulting thread before the
+    // handler's bookkeeping is done; `wait_idle` waits for this to drop.
+    inner.reclaimers.fetch_add(1, Relaxed);
+    serve_fault(inner, addr, t0, first);
+    inner.reclaimers.fetch_sub(1, Relaxed);
+}
+
+fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool) {
     let page = addr & !(PAGE_SIZE as usize - 1);
     let Some(region) = inner.lookup(page) else {
         // Not a guest page we serve (a region being torn down): let the

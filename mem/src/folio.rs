@@ -45,7 +45,7 @@ impl FolioFlags {
     pub const REFERENCED: FolioFlags = FolioFlags(1 << 8);
     /// On the deferred-split queue (`folio_test_partially_mapped()`).
     pub const DEFERRED_SPLIT: FolioFlags = FolioFlags(1 << 9);
-    /// Moved out to its pool range to sample accesses ([`crate::vmscan`]);
+    /// Moved out to its pool range to sample accesses (`vmscan`);
     /// its entries are `ProtNone` until a fault maps it back.
     pub const SAMPLED: FolioFlags = FolioFlags(1 << 10);
     /// A fault found the folio in the swap cache and waits on its lock to
@@ -199,6 +199,10 @@ impl FolioSlab {
         let f = self.slots[id.0 as usize]
             .take()
             .unwrap_or_else(|| panic!("folio {id:?} freed twice"));
+        debug_assert!(
+            !f.flags.contains(FolioFlags::LOCKED),
+            "freeing locked folio {id:?}: {f:?}"
+        );
         self.free_ids.push(id.0);
         self.nr_live -= 1;
         f
@@ -334,8 +338,10 @@ impl FolioTable {
 
     /// Take the folio lock if it is free (`folio_trylock()`).
     pub fn trylock(&self, id: FolioId) -> Option<FolioLockGuard<'_>> {
+        // Lazily: a guard built for a failed attempt would unlock the
+        // holder's lock when dropped.
         self.try_set_locked(id)
-            .then_some(FolioLockGuard { table: self, id })
+            .then(|| FolioLockGuard { table: self, id })
     }
 
     fn unlock(&self, id: FolioId) {
@@ -421,6 +427,21 @@ mod tests {
         assert_eq!(s.lru_iter().collect::<Vec<_>>(), vec![ids[1], ids[3]]);
         s.remove(ids[1]);
         assert_eq!(s.lru_iter().collect::<Vec<_>>(), vec![ids[3]]);
+    }
+
+    #[test]
+    fn failed_trylock_leaves_the_holder_locked() {
+        let t = FolioTable::default();
+        let id = t.slab().insert(test_folio(0, Order(0)));
+        let held = t.trylock(id).expect("free lock");
+        assert!(t.trylock(id).is_none());
+        assert!(
+            t.slab().get(id).unwrap().flags.contains(FolioFlags::LOCKED),
+            "a failed trylock must not unlock the holder"
+        );
+        assert!(t.trylock(id).is_none());
+        drop(held);
+        assert!(t.trylock(id).is_some());
     }
 
     #[test]

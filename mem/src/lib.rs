@@ -31,21 +31,40 @@
 //!
 //! # Lock order
 //! ```text
-//! folio lock                FolioTable::lock (sleeping; hashed wait queue)
+//! folio lock                FolioTable::lock (sleeping; hashed wait queue).
+//!   |                       Held across swap I/O (writeback, swapin read).
+//!   |                       Several at once only by trylock (reclaim).
 //!   page-table lock         PageTable::lock, one per 2 MiB of a region;
-//!   |                       never two at once; held across UFFDIO_MOVE/COPY
-//!   |                       of that range, never across I/O or a sleep
-//!   +-- folio-table lock    FolioTable::slab (leaf)
+//!   |                       never two at once; held across UFFDIO_MOVE/COPY/
+//!   |                       POISON of that range, never across I/O or a sleep
+//!   +-- swap lock           SwapDevice::state (swap map + swap cache)
+//!   |     +-- folio-table lock   (swap-cache lookup takes its reference)
+//!   +-- folio-table lock    FolioTable::slab (leaf; also guards the LRU lists)
 //!   +-- zone lock           Inner::buddy (leaf; never nested with the above)
 //!
 //! leaf locks taken alone:   Inner::regions (registry), Inner::vms,
-//!                           Inner::pending, Inner::kick
+//!                           Inner::pending, Inner::kick, Inner::kswapd_kick,
+//!                           SwapFile::plans (fault injection)
 //! inside folio_lock only:   wait-queue lock -> folio-table lock
 //! ```
-//! Handler threads take only page-table and leaf locks, and never wait on a
-//! lock that a thread touching guest memory can hold while faulting: no
-//! manager lock is held while guest memory is accessed.
+//! Handler threads take only page-table and leaf locks, and sleep only on
+//! folio locks whose holders never wait for a guest access: swap I/O is
+//! file I/O, and reclaim takes folio locks by trylock only. No manager lock
+//! is held while guest memory is accessed. Direct reclaim runs on the fault
+//! path with no lock held.
 //!
+//! # Swap and reclaim
+//! A `Swap(slot)` entry names a slot of the swap file ([`swap_file`],
+//! [`swap_map`]); the swap cache ([`swap_cache`]) maps slots to folios under
+//! writeback or being read. Swapin is lock-protected (see `swapin`):
+//! one faulter owns the I/O, others sleep on the folio lock, and a
+//! `SwapinMarker` tells a discard racing with the read apart. Reclaim
+//! samples references by moving folios out to `ProtNone` entries, keeps
+//! LRU generations per VM ([`lru`]), drops zero folios to `Zero`, and
+//! writes the rest in batches (see `vmscan`). A swapin whose data cannot
+//! be read intact poisons the guest pages (`UFFDIO_POISON`): the guest gets
+//! a memory error on access instead of wrong data.
+
 //! # Glossary
 //! * **folio** — an aligned block of `2^order` pool pages (order 0..=9),
 //!   mapped as a unit. Record: [`folio::Folio`].
@@ -57,6 +76,13 @@
 //! * **deferred split** — splitting a partially mapped large folio later,
 //!   off the fault path ([`split`]).
 //! * **Ready block** — a free block whose pool range is populated and zero.
+//! * **swap slot** — 4 KiB of the swap file ([`SwapSlot`]); a large folio
+//!   takes naturally aligned contiguous slots inside one 2 MiB cluster.
+//! * **swap cache** — slot → folio while the folio's swap I/O is in flight.
+//! * **sampling / `ProtNone`** — a folio moved out of the guest to see if
+//!   it is touched again (NUMA-hinting style); the fault that brings it
+//!   back is the reference.
+//! * **generation** — MGLRU-style LRU age; reclaim takes the oldest.
 
 pub mod anon;
 pub mod buddy;

@@ -4,7 +4,7 @@
 //! between `min_seq` (oldest) and `max_seq` (youngest). New and accessed
 //! folios go to the youngest generation; reclaim takes folios from the
 //! oldest one. Access information comes from reference sampling
-//! ([`crate::vmscan`]): a sampled folio that faults back is promoted to the
+//! (`vmscan`): a sampled folio that faults back is promoted to the
 //! youngest generation at once (`folio_inc_gen()`/`lru_gen_look_around()`
 //! find young PTEs the same way, through the accessed bit). Aging
 //! (`inc_max_seq()`) opens a new youngest generation whenever eviction
@@ -152,7 +152,7 @@ impl FolioSlab {
     /// scan the youngest one (`try_to_inc_min_seq()`, `inc_max_seq()`).
     pub(crate) fn lru_oldest(&mut self, vm: VmId) -> Option<FolioId> {
         let lv = self.lruvec(vm.0 as usize);
-        loop {
+        for _ in 0..=2 * NR_GENS {
             if lv.min_seq == lv.max_seq {
                 if lv.nr_pages() == 0 {
                     return None;
@@ -165,6 +165,8 @@ impl FolioSlab {
             }
             lv.min_seq += 1;
         }
+        debug_assert!(false, "LRU page count {} with empty lists", lv.nr_pages());
+        None
     }
 
     /// Open a new youngest generation if there is room (`inc_max_seq()`),

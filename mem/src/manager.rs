@@ -202,7 +202,8 @@ pub(crate) struct Inner {
     /// Swap and reclaim counters of all VMs.
     pub swap_counters: SwapCounters,
     pub watermarks: Watermarks,
-    /// Reclaim passes running now (for [`MemoryManager::wait_idle`]).
+    /// Reclaim passes and fault services running now (for
+    /// [`MemoryManager::wait_idle`]).
     pub reclaimers: AtomicU64,
     /// Background reclaimer wake-up flag. Leaf.
     kswapd_kick: Mutex<bool>,
@@ -665,7 +666,7 @@ impl MemoryManager {
 
     /// Wait until the pre-zeroing worker has prepared every free block (up
     /// to the configured limit), the deferred-split queue is empty and no
-    /// reclaim pass is running.
+    /// reclaim pass or fault service is running.
     /// Returns false at the timeout. For benchmarks and tests.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let start = Instant::now();

@@ -63,7 +63,7 @@ pub enum PteState {
     /// Still mapped in the rmap sense (counted in the mapcount) but moved
     /// out to the folio's pool range to sample accesses, like a NUMA
     /// hinting `PROT_NONE` pte: a fault moves it back and marks the folio
-    /// referenced ([`crate::vmscan`]).
+    /// referenced (`vmscan`).
     ProtNone {
         /// The folio.
         folio: FolioId,

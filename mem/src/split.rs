@@ -86,14 +86,25 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
                 } else {
                     // The first mapped piece keeps the id (and our reference).
                     kept_id = true;
+                    // The LRU counts pages by order: re-add after resizing.
+                    let on_lru = slab
+                        .get(id)
+                        .is_some_and(|f| f.flags.contains(FolioFlags::LRU));
+                    slab.lru_del(id);
                     let f = slab.get_mut(id).expect("we hold a reference");
+                    // References beyond the mappings (ours, and a
+                    // reclaimer's isolation reference) stay with the id.
+                    let extra = f.refcount - f.mapcount;
                     f.pool = pool.subpage(sub);
                     f.order = order;
-                    f.refcount = nr as u32 + 1;
+                    f.refcount = nr as u32 + extra;
                     f.mapcount = nr as u32;
                     f.page_mapped = None;
                     f.rmap = Some(piece);
                     f.pool_state = BlockState::NeedsPopulate;
+                    if on_lru {
+                        slab.lru_add(id);
+                    }
                     id
                 };
                 for k in 0..nr {

@@ -122,7 +122,11 @@ impl SwapState {
     /// [`SwapMapError`] on a bookkeeping bug (a slot was not cached).
     pub fn delete_from_swap_cache(&mut self, base: SwapSlot, nr: u64) -> Result<u64, SwapMapError> {
         let removed = self.cache.remove(base);
-        debug_assert!(removed.is_some_and(|(_, n)| n as u64 == nr));
+        debug_assert!(
+            removed.is_some_and(|(_, n)| n as u64 == nr),
+            "delete {base:?}+{nr}: removed {removed:?}, map {:?}",
+            self.map.state(base)
+        );
         let mut freed = 0;
         for k in 0..nr {
             freed += self.map.clear_cache(base.forward(k))? as u64;

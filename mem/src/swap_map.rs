@@ -35,7 +35,7 @@ struct SwapCount(u8);
 const HAS_CACHE: u8 = 0x80;
 const COUNT_MASK: u8 = 0x7f;
 
-/// A decoded [`SwapCount`].
+/// A decoded `SwapCount`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotState {
     /// Not allocated.

@@ -419,7 +419,11 @@ fn new_swapin_folio(
 
 /// Undo [`new_swapin_folio`] before anyone could see the folio.
 fn abandon(inner: &Inner, folio: FolioId, block: Block) {
-    let f = inner.folios.slab().remove(folio);
+    let f = {
+        let mut slab = inner.folios.slab();
+        slab.live(folio).flags.remove(FolioFlags::LOCKED);
+        slab.remove(folio)
+    };
     debug_assert_eq!(f.pool, block.offset);
     if let Err(e) = inner.buddy().free(block.offset, block.order, block.state) {
         log_error(&format!("swapin abandon: {e}"));

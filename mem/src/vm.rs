@@ -232,6 +232,8 @@ pub struct VmState {
     pub(crate) min_pages: AtomicU64,
     pub(crate) max_pages: AtomicU64,
     pub(crate) priority: AtomicI32,
+    /// Pages isolated for eviction right now (reserved against `min_pages`).
+    pub(crate) reclaiming: AtomicU64,
 }
 
 impl VmState {
@@ -246,6 +248,7 @@ impl VmState {
             min_pages: AtomicU64::new(0),
             max_pages: AtomicU64::new(u64::MAX),
             priority: AtomicI32::new(0),
+            reclaiming: AtomicU64::new(0),
         }
     }
 
@@ -254,7 +257,7 @@ impl VmState {
         let max = self.max_pages.load(Relaxed);
         VmLimits {
             min_bytes: self.min_pages.load(Relaxed) * PAGE_SIZE,
-            max_bytes: (max != u64::MAX).then_some(max * PAGE_SIZE),
+            max_bytes: (max != u64::MAX).then(|| max * PAGE_SIZE),
             priority: self.priority.load(Relaxed),
         }
     }

@@ -155,8 +155,10 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
     let (mut freed, mut scanned) = (0, 0);
     // Each folio is at most sampled once and then evicted once per pass.
     let budget = inner.folios.slab().lru_pages(vm.id) * 2 + SCAN_BATCH as u64;
-    while freed < nr && scanned < budget && vm.resident_pages() > floor {
-        let (evict, sample) = isolate_folios(inner, vm.id);
+    while freed < nr && scanned < budget {
+        // Pages other reclaimers are taking from this VM count against the
+        // floor too, so that concurrent reclaim cannot undershoot it.
+        let (evict, sample, reserved) = isolate_folios(inner, vm, floor);
         if evict.is_empty() && sample.is_empty() {
             break;
         }
@@ -166,6 +168,7 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
             put_folio(inner, id);
         }
         freed += shrink_folio_list(inner, evict);
+        vm.reclaiming.fetch_sub(reserved, Relaxed);
     }
     for c in [&vm.counters.swap, &inner.swap_counters] {
         c.reclaim_scanned.fetch_add(scanned, Relaxed);
@@ -177,12 +180,18 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
 /// Take a batch off the oldest generation of `vm`: folios sampled and not
 /// touched since (victims, taken off the LRU), and folios not sampled yet
 /// (rotated to the next generation, to be sampled now). Both with a
-/// reference. Analogue of `isolate_folios()` + `sort_folio()`.
-fn isolate_folios(inner: &Inner, vm: VmId) -> (Vec<FolioId>, Vec<FolioId>) {
+/// reference. Victims are only taken while the VM stays above `floor`
+/// resident pages; their pages are reserved in `vm.reclaiming` (returned as
+/// the third value) until the caller is done with them.
+/// Analogue of `isolate_folios()` + `sort_folio()`.
+fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64) -> (Vec<FolioId>, Vec<FolioId>, u64) {
     let (mut evict, mut sample) = (Vec::new(), Vec::new());
+    let mut reserved = 0;
     let mut slab = inner.folios.slab();
     for _ in 0..SCAN_BATCH {
-        let Some(id) = slab.lru_oldest(vm) else { break };
+        let Some(id) = slab.lru_oldest(vm.id) else {
+            break;
+        };
         let f = slab.get(id).expect("LRU folios are live");
         let busy = f.flags.contains(FolioFlags::LOCKED)
             || f.pincount > 0
@@ -193,16 +202,26 @@ fn isolate_folios(inner: &Inner, vm: VmId) -> (Vec<FolioId>, Vec<FolioId>) {
             slab.lru_rotate(id);
             continue;
         }
-        slab.get_ref(id);
         if sampled {
+            let nr = f.nr_pages();
+            let taken = vm.reclaiming.fetch_add(nr, Relaxed) + nr;
+            if vm.resident_pages() < floor + taken {
+                // Evicting it would take the VM below its minimum.
+                vm.reclaiming.fetch_sub(nr, Relaxed);
+                slab.lru_rotate(id);
+                break;
+            }
+            reserved += nr;
+            slab.get_ref(id);
             slab.lru_del(id);
             evict.push(id);
         } else {
+            slab.get_ref(id);
             slab.lru_rotate(id);
             sample.push(id);
         }
     }
-    (evict, sample)
+    (evict, sample, reserved)
 }
 
 fn put_folio(inner: &Inner, id: FolioId) {

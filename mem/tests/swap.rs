@@ -50,3 +50,68 @@ fn guest_larger_than_budget_round_trips_through_swap() {
     let st = mm.stats();
     assert_eq!(st.swap_device.used_bytes, 0, "teardown frees every slot");
 }
+
+#[test]
+fn vm_limits_protect_minimums_and_cap_maximums() {
+    use mem::VmLimits;
+    let mm = swap_manager(12 * MIB, 3, 128 * MIB, true);
+    let guest = 12 * MIB;
+    let mk = |name: &str, limits: VmLimits| {
+        let vm = mm.create_vm(name).unwrap();
+        mm.set_vm_limits(vm, limits).unwrap();
+        let b = mm.backend(vm, &[(GuestAddress(0), guest)]).unwrap();
+        (vm, b)
+    };
+    // A is protected (4 MiB minimum, high priority); C may hold 2 MiB.
+    let (a, ba) = mk(
+        "a",
+        VmLimits {
+            min_bytes: 4 * MIB,
+            max_bytes: None,
+            priority: 10,
+        },
+    );
+    let (c, bc) = mk(
+        "c",
+        VmLimits {
+            min_bytes: 0,
+            max_bytes: Some(2 * MIB),
+            priority: 0,
+        },
+    );
+    let (d, bd) = mk("d", VmLimits::default());
+    let rams = [Ram::of(&*ba), Ram::of(&*bc), Ram::of(&*bd)];
+    let pages = guest / PAGE_SIZE;
+    std::thread::scope(|s| {
+        for (i, ram) in rams.iter().enumerate() {
+            s.spawn(move || {
+                for g in 0..2 {
+                    for p in 0..pages {
+                        ram.write(p * PAGE_SIZE, pattern(p, i as u64, g));
+                    }
+                    for p in 0..pages {
+                        assert_eq!(
+                            ram.read(p * PAGE_SIZE),
+                            pattern(p, i as u64, g),
+                            "vm {i} page {p}"
+                        );
+                    }
+                }
+            });
+        }
+    });
+    // A keeps its minimum hot: touch its first 4 MiB, then squeeze.
+    for p in 0..(4 * MIB / PAGE_SIZE) {
+        assert_eq!(rams[0].read(p * PAGE_SIZE), pattern(p, 0, 1));
+    }
+    mm.reclaim(None, 64 * MIB).unwrap();
+    let res = |vm| mm.vm_stats(vm).unwrap().resident_bytes();
+    assert!(res(a) >= 4 * MIB, "A fell below its minimum: {}", res(a));
+    assert!(
+        res(c) <= 2 * MIB + 2 * MIB,
+        "C above its maximum: {}",
+        res(c)
+    );
+    assert_eq!(mm.vm_stats(c).unwrap().limits.max_bytes, Some(2 * MIB));
+    let _ = d;
+}

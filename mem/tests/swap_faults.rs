@@ -1,0 +1,224 @@
+//! Fault injection into the swap file's I/O: a failed or corrupt swapin
+//! never maps wrong data (the page is poisoned and reads fail), a short read
+//! is completed, and a failed or impossible swap-out maps the folio back.
+
+mod common;
+
+use common::*;
+use mem::{FaultPlan, GuestAddress, InjectedFault, IoOp, MemoryManager, VmId, PAGE_SIZE};
+use std::sync::Arc;
+
+const GUEST: u64 = 8 * MIB;
+
+/// A VM with `GUEST` bytes written with `pattern(.., 0)` and then wholly
+/// reclaimed (swapped out), and its RAM.
+fn swapped_vm(mm: &Arc<MemoryManager>) -> (VmId, Arc<mem::FolioBackend>, Ram) {
+    let vm = mm.create_vm("faults").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), GUEST)]).unwrap();
+    let ram = Ram::of(&*b);
+    for p in 0..GUEST / PAGE_SIZE {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 0));
+    }
+    // Twice: the first pass samples, the second evicts.
+    for _ in 0..4 {
+        mm.reclaim(Some(vm), GUEST).unwrap();
+    }
+    assert!(mm.vm_stats(vm).unwrap().resident_bytes() < GUEST / 4);
+    (vm, b, ram)
+}
+
+/// Read a word of our own memory without risking SIGBUS: a poisoned page
+/// makes the read fail instead.
+fn try_read(addr: usize) -> Option<u64> {
+    let mut v = 0u64;
+    let local = libc::iovec {
+        iov_base: (&mut v as *mut u64).cast(),
+        iov_len: 8,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: 8,
+    };
+    // SAFETY: `local` points at a live u64; `remote` is only read by the
+    // kernel, which reports a fault as an error instead of signalling.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    (n == 8).then_some(v)
+}
+
+fn plan(op: IoOp, fault: InjectedFault) -> Vec<FaultPlan> {
+    vec![FaultPlan {
+        op,
+        fault,
+        skip: 0,
+        count: 1,
+    }]
+}
+
+fn check_poisoning(fault: InjectedFault) {
+    let mm = swap_manager(4 * MIB, 2, 64 * MIB, false);
+    let (vm, b, ram) = swapped_vm(&mm);
+    let victim = 777;
+    mm.inject_swap_faults(plan(IoOp::Read, fault)).unwrap();
+    let addr = |p: u64| ram.0.host_addr.add(p * PAGE_SIZE).raw();
+    assert_eq!(
+        try_read(addr(victim)),
+        None,
+        "{fault:?}: a failed swapin must not map data"
+    );
+    assert_eq!(try_read(addr(victim)), None, "still poisoned");
+    // Every other page reads back right, or is poisoned: the failed read
+    // covered the whole folio being swapped in (readahead may have made it
+    // larger than one page), never more.
+    let mut poisoned = Vec::new();
+    for p in 0..GUEST / PAGE_SIZE {
+        match try_read(addr(p)) {
+            Some(v) => assert_eq!(v, pattern(p, 0, 0), "page {p}"),
+            None => poisoned.push(p),
+        }
+    }
+    let s = mm.vm_stats(vm).unwrap().swap;
+    assert_eq!(s.read_errors, 1);
+    assert_eq!(s.poisoned_pages, poisoned.len() as u64);
+    assert!(poisoned.contains(&victim));
+    let (lo, hi) = (poisoned[0], *poisoned.last().unwrap());
+    assert!(
+        hi - lo < 512 && lo / 512 == hi / 512,
+        "one folio: {poisoned:?}"
+    );
+    if fault == InjectedFault::Corrupt {
+        // Only the page whose checksum failed: the rest of the folio maps.
+        assert_eq!(poisoned, vec![poisoned[0]]);
+    }
+    // A discard clears the poison: the pages read as zero again.
+    for &p in &poisoned {
+        mm.discard(vm, ram.gpa(p * PAGE_SIZE), PAGE_SIZE).unwrap();
+        assert_eq!(try_read(addr(p)), Some(0));
+    }
+    ram.write(victim * PAGE_SIZE, 42);
+    assert_eq!(ram.read(victim * PAGE_SIZE), 42);
+    settle_and_check(&mm);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
+#[test]
+fn eio_on_swapin_poisons_the_page() {
+    check_poisoning(InjectedFault::Eio);
+}
+
+#[test]
+fn checksum_mismatch_poisons_the_page() {
+    check_poisoning(InjectedFault::Corrupt);
+}
+
+#[test]
+fn truncated_read_poisons_the_page() {
+    check_poisoning(InjectedFault::Truncated);
+}
+
+#[test]
+fn short_reads_are_completed() {
+    let mm = swap_manager(4 * MIB, 2, 64 * MIB, false);
+    let (vm, _b, ram) = swapped_vm(&mm);
+    mm.inject_swap_faults(vec![FaultPlan {
+        op: IoOp::Read,
+        fault: InjectedFault::ShortRead,
+        skip: 0,
+        count: 50,
+    }])
+    .unwrap();
+    for p in 0..GUEST / PAGE_SIZE {
+        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 0), "page {p}");
+    }
+    let st = mm.stats().swap_device;
+    assert!(st.injected_faults > 0);
+    // Every injected short read needed a second read to complete.
+    assert!(st.short_retries >= st.injected_faults, "{st:?}");
+    assert_eq!(mm.vm_stats(vm).unwrap().swap.poisoned_pages, 0);
+}
+
+#[test]
+fn failed_swap_writes_map_the_folio_back() {
+    let mm = swap_manager(16 * MIB, 2, 64 * MIB, false);
+    let vm = mm.create_vm("enospc").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), GUEST)]).unwrap();
+    let ram = Ram::of(&*b);
+    for p in 0..GUEST / PAGE_SIZE {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 1));
+    }
+    for fault in [InjectedFault::Enospc, InjectedFault::Eio] {
+        mm.inject_swap_faults(vec![FaultPlan {
+            op: IoOp::Write,
+            fault,
+            skip: 0,
+            count: u64::MAX,
+        }])
+        .unwrap();
+        let before = mm.vm_stats(vm).unwrap().resident_bytes();
+        for _ in 0..4 {
+            assert_eq!(mm.reclaim(Some(vm), GUEST).unwrap(), 0, "{fault:?}");
+        }
+        let s = mm.vm_stats(vm).unwrap();
+        assert!(s.swap.write_errors > 0);
+        assert_eq!(s.swap.swapped_pages, 0);
+        assert_eq!(s.resident_bytes(), before, "folios were mapped back");
+        for p in 0..GUEST / PAGE_SIZE {
+            assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 1), "page {p}");
+        }
+    }
+    // Disarmed, the same folios swap out and back in.
+    mm.inject_swap_faults(Vec::new()).unwrap();
+    let mut freed = 0;
+    for _ in 0..4 {
+        freed += mm.reclaim(Some(vm), GUEST).unwrap();
+    }
+    assert!(freed >= GUEST / 2, "freed {freed}");
+    for p in 0..GUEST / PAGE_SIZE {
+        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 1), "page {p}");
+    }
+    settle_and_check(&mm);
+}
+
+#[test]
+fn a_full_swap_file_leaves_memory_in_place() {
+    // 2 MiB of swap for 8 MiB of guest: most folios cannot go out.
+    let mm = swap_manager(16 * MIB, 2, 2 * MIB, false);
+    let vm = mm.create_vm("full").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), GUEST)]).unwrap();
+    let ram = Ram::of(&*b);
+    for p in 0..GUEST / PAGE_SIZE {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 2));
+    }
+    let mut freed = 0;
+    for _ in 0..4 {
+        freed += mm.reclaim(Some(vm), GUEST).unwrap();
+    }
+    assert!(freed <= 2 * MIB, "freed {freed}");
+    let s = mm.vm_stats(vm).unwrap().swap;
+    assert!(s.swap_full > 0);
+    for p in 0..GUEST / PAGE_SIZE {
+        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 2), "page {p}");
+    }
+    settle_and_check(&mm);
+}
+
+#[test]
+fn swap_file_errors_are_clear() {
+    let cfg = |target, size| mem::MmConfig {
+        swap: Some(mem::SwapConfig {
+            target,
+            size_bytes: size,
+        }),
+        ..mem::MmConfig::with_budget(4 * MIB)
+    };
+    let e = MemoryManager::new(cfg(mem::SwapTarget::Dir(std::env::temp_dir()), 4096)).unwrap_err();
+    let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+    assert!(chain.contains("below the minimum"), "{chain}");
+    let e =
+        MemoryManager::new(cfg(mem::SwapTarget::Dir("/nonexistent".into()), 8 * MIB)).unwrap_err();
+    assert!(
+        matches!(e, mem::MmError::Swap(mem::SwapFileError::Create(..))),
+        "{e:?}"
+    );
+}

@@ -1,0 +1,158 @@
+//! Many host threads fault the same swapped pages while reclaim swaps them
+//! out again and a discarder drops ranges under them: every word read must
+//! be the last one written (zero after a discard), and at the end the swap
+//! counts, the swap cache and the allocator must balance.
+
+mod common;
+
+use common::*;
+use mem::{GuestAddress, PAGE_SIZE};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, RwLock};
+
+const VCPUS: u64 = 6;
+const PAGES: u64 = 4096; // 16 MiB of guest RAM
+const BUDGET: u64 = 4 * MIB; // a quarter of it
+const CHUNK: u64 = 16;
+const OPS: u64 = 40_000;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+struct Shared {
+    ram: Ram,
+    chunks: Vec<RwLock<()>>,
+    expected: Vec<AtomicU64>,
+    stop: AtomicBool,
+    window: AtomicU64,
+}
+
+fn vcpu(s: &Shared, t: u64, seed: u64) {
+    let mut rng = Rng(seed);
+    for i in 1..=OPS {
+        // A window wandering over all of memory, four times the budget:
+        // the threads keep faulting the same swapped-out pages together.
+        let window = (i / 300 * 211) % (PAGES - 256);
+        if t == 0 {
+            s.window.store(window, SeqCst);
+        }
+        let page = window + rng.below(256);
+        let off = page * PAGE_SIZE + t * 8;
+        let slot = &s.expected[(page * VCPUS + t) as usize];
+        let _g = s.chunks[(page / CHUNK) as usize].read().unwrap();
+        assert_eq!(
+            s.ram.read(off),
+            slot.load(SeqCst),
+            "vcpu {t} page {page} op {i}"
+        );
+        if rng.below(2) == 0 {
+            let v = (i << 8) | (t + 1);
+            s.ram.write(off, v);
+            slot.store(v, SeqCst);
+        }
+    }
+}
+
+fn reclaimer(s: &Shared, mm: &mem::MemoryManager, vm: mem::VmId) -> u64 {
+    let mut freed = 0;
+    while !s.stop.load(SeqCst) {
+        freed += mm.reclaim(Some(vm), 512 * 1024).unwrap();
+    }
+    freed
+}
+
+fn discarder(s: &Shared, mm: &mem::MemoryManager, vm: mem::VmId) -> u64 {
+    let mut rng = Rng(77);
+    let mut n = 0;
+    while !s.stop.load(SeqCst) {
+        let c = (s.window.load(SeqCst) / CHUNK + rng.below(16)).min(PAGES / CHUNK - 1);
+        let _g = s.chunks[c as usize].write().unwrap();
+        mm.discard(vm, s.ram.gpa(c * CHUNK * PAGE_SIZE), CHUNK * PAGE_SIZE)
+            .unwrap();
+        for p in c * CHUNK..(c + 1) * CHUNK {
+            for t in 0..VCPUS {
+                s.expected[(p * VCPUS + t) as usize].store(0, SeqCst);
+            }
+        }
+        n += 1;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    n
+}
+
+#[test]
+fn racing_swapins_swapouts_and_discards_keep_every_word() {
+    // No background reclaimer: direct reclaim and the explicit reclaimer
+    // thread do all the work, so the manager is quiescent when they stop.
+    let mm = swap_manager(BUDGET, 3, 64 * MIB, false);
+    let vm = mm.create_vm("swap-race").unwrap();
+    let b = mm
+        .backend(vm, &[(GuestAddress(1 << 32), PAGES * PAGE_SIZE)])
+        .unwrap();
+    let s = Arc::new(Shared {
+        ram: Ram::of(&*b),
+        chunks: (0..PAGES / CHUNK).map(|_| RwLock::new(())).collect(),
+        expected: (0..PAGES * VCPUS).map(|_| AtomicU64::new(0)).collect(),
+        stop: AtomicBool::new(false),
+        window: AtomicU64::new(0),
+    });
+    let vcpus: Vec<_> = (0..VCPUS)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || vcpu(&s, t, 0x1234_5678 + t * 7919))
+        })
+        .collect();
+    let r = {
+        let (s, mm) = (s.clone(), mm.clone());
+        std::thread::spawn(move || reclaimer(&s, &mm, vm))
+    };
+    let d = {
+        let (s, mm) = (s.clone(), mm.clone());
+        std::thread::spawn(move || discarder(&s, &mm, vm))
+    };
+    for v in vcpus {
+        v.join().unwrap();
+    }
+    s.stop.store(true, SeqCst);
+    let freed = r.join().unwrap();
+    let discards = d.join().unwrap();
+    // Final sweep over every word: faults everything back in once more.
+    for p in 0..PAGES {
+        for t in 0..VCPUS {
+            let want = s.expected[(p * VCPUS + t) as usize].load(SeqCst);
+            assert_eq!(s.ram.read(p * PAGE_SIZE + t * 8), want, "page {p} slot {t}");
+        }
+    }
+    let st = mm.vm_stats(vm).unwrap().swap;
+    eprintln!("freed {freed} bytes, {discards} discards, {st:#?}");
+    assert!(
+        st.swapout_pages > PAGES,
+        "reclaim swapped out {}",
+        st.swapout_pages
+    );
+    assert!(
+        st.swapin_file_pages > PAGES,
+        "swapins {}",
+        st.swapin_file_pages
+    );
+    assert!(st.sample_refaults > 0);
+    assert!(discards > 10);
+    assert_eq!(st.read_errors + st.write_errors + st.poisoned_pages, 0);
+    // With the VM alive: every Swap entry names a slot with count 1, no
+    // slot is unnamed, the swap cache is empty, the allocator balances.
+    settle_and_check(&mm);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+    assert_eq!(mm.stats().swap_device.used_bytes, 0);
+}

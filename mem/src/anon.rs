@@ -47,7 +47,18 @@ impl AnonMapping {
     /// # Errors
     /// [`AnonError::Mmap`] if the kernel refuses the mapping.
     pub fn new(len: u64) -> Result<Self, AnonError> {
+        Self::with_offset(len, 0)
+    }
+
+    /// Like [`AnonMapping::new`], but starting `offset` bytes (a multiple of
+    /// 4 KiB below 2 MiB) past the 2 MiB boundary.
+    ///
+    /// # Errors
+    /// [`AnonError::Mmap`] if the kernel refuses the mapping.
+    pub fn with_offset(len: u64, offset: u64) -> Result<Self, AnonError> {
+        debug_assert!(offset < HUGE_PAGE_SIZE && offset.is_multiple_of(4096));
         let align = HUGE_PAGE_SIZE as usize;
+        let len = len + offset;
         let len_usize = usize::try_from(len).map_err(|_| AnonError::Mmap {
             size: len,
             source: io::Error::from_raw_os_error(libc::ENOMEM),
@@ -77,7 +88,8 @@ impl AnonMapping {
             });
         }
         let reserve_addr = p as usize;
-        let addr = (reserve_addr + align - 1) & !(align - 1);
+        let addr = ((reserve_addr + align - 1) & !(align - 1)) + offset as usize;
+        let len_usize = len_usize - offset as usize;
         // SAFETY: [addr, addr+len) lies inside the reservation we own and have
         // not handed out; madvise only changes the THP policy of that range.
         unsafe {

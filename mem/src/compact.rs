@@ -164,10 +164,10 @@ fn settle_worker(inner: &Inner) {
 }
 
 /// Wait (bounded) for the pre-zeroing worker to make a rebuilt block ready.
-fn wait_ready_pmd(inner: &Inner) {
+pub(crate) fn wait_ready_pmd(inner: &Inner) {
     let t0 = Instant::now();
     while ready_pmd_blocks(inner) == 0
-        && free_pmd_blocks(inner) > 0
+        && (free_pmd_blocks(inner) > 0 || inner.isolated_pages.load(Relaxed) > 0)
         && t0.elapsed() < Duration::from_secs(2)
     {
         inner.wait_for_memory(Duration::from_millis(20));
@@ -176,6 +176,9 @@ fn wait_ready_pmd(inner: &Inner) {
 
 /// Tables of `region` that [`collapse`] would take.
 fn collapse_candidates(inner: &Inner, region: &Region) -> Vec<PageIndex> {
+    if region.pull_source().is_some() {
+        return Vec::new();
+    }
     (0..region.pt.nr_tables())
         .map(|t| PageIndex(t * PTRS_PER_TABLE))
         .filter(|&first| scan_table(inner, region, first).is_some())

@@ -21,7 +21,7 @@ use crate::vm::{Region, VmState};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Errors from [`crate::MemoryManager::discard`].
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DiscardError {
     /// No VM has this id.
     #[error("no VM {0:?}")]
@@ -67,18 +67,57 @@ pub(crate) fn discard(
             len,
         });
     }
-    let (region, first) = vm.region_of(gpa, len).ok_or(DiscardError::OutOfRange {
+    let range = DiscardError::OutOfRange {
         gpa: gpa.raw(),
         len,
-    })?;
-    let end = first.forward(len / PAGE_SIZE);
+    };
+    vm.region_of(gpa, len).ok_or(range.clone())?;
     let mut out = DiscardOutcome::default();
+    let (mut at, end) = (gpa.raw(), gpa.raw() + len);
+    // A relocation may move the range to a new region under us: then look
+    // it up again and go on from where the old region's tables were gone.
+    while at < end {
+        let (region, first) =
+            crate::relocate::table_home(vm, GuestAddress(at)).ok_or(range.clone())?;
+        let in_region = region.size() - first.to_offset();
+        let last = first.forward((end - at).min(in_region) / PAGE_SIZE);
+        at = match discard_in(inner, &region, first, last, &mut out) {
+            None => region.guest_base.raw() + last.to_offset(),
+            Some(moved) => region.guest_base.raw() + moved.to_offset(),
+        };
+    }
+    Ok(out)
+}
+
+/// Discard pages `[first, end)` of `region`. Returns the first page not
+/// done if the region was relocated meanwhile.
+fn discard_in(
+    inner: &Inner,
+    region: &Region,
+    first: PageIndex,
+    end: PageIndex,
+    out: &mut DiscardOutcome,
+) -> Option<PageIndex> {
+    let before = *out;
     let mut idx = first;
+    let mut moved = None;
     while idx < end {
+        if region
+            .pull_source()
+            .is_some_and(|_| crate::relocate::table_pending(region, idx))
+        {
+            // Still in the source: look the home up again.
+            moved = Some(idx);
+            break;
+        }
         let mut ptl = region.pt.lock(idx);
         let stop = end.min(ptl.end());
+        if ptl.is_moved() {
+            moved = Some(idx);
+            break;
+        }
         if !ptl.is_dead() && ptl.nr_used() > 0 {
-            if let Err((at, folio)) = discard_table(inner, region, &mut ptl, idx, stop, &mut out) {
+            if let Err((at, folio)) = discard_table(inner, region, &mut ptl, idx, stop, out) {
                 // A migration or collapse owns the entry: wait for it on the
                 // folio lock (the entry keeps the folio alive until then).
                 inner.folios.slab().get_ref(folio);
@@ -92,13 +131,16 @@ pub(crate) fn discard(
         idx = stop;
     }
     let c = &region.counters;
-    c.discarded_pages.fetch_add(out.discarded_pages, Relaxed);
-    c.discard_skipped_pinned
-        .fetch_add(out.skipped_pinned_pages, Relaxed);
-    if out.partial_folios > 0 {
+    c.discarded_pages
+        .fetch_add(out.discarded_pages - before.discarded_pages, Relaxed);
+    c.discard_skipped_pinned.fetch_add(
+        out.skipped_pinned_pages - before.skipped_pinned_pages,
+        Relaxed,
+    );
+    if out.partial_folios > before.partial_folios {
         inner.kick_worker();
     }
-    Ok(out)
+    moved
 }
 
 /// Discard `[from, to)` inside the table locked by `ptl`. Stops at a

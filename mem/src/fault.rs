@@ -159,6 +159,9 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool) {
 /// No locks held. Takes the page-table lock of `idx`, then leaf locks; may
 /// sleep on a folio lock and do swap I/O (never with a page-table lock held).
 pub(crate) fn fault_in(inner: &Inner, region: &Region, idx: PageIndex) -> FaultOutcome {
+    if !crate::relocate::ensure_pulled(inner, region, idx) {
+        return FaultOutcome::Retry;
+    }
     let mut ptl = region.pt.lock(idx);
     if ptl.is_dead() {
         return FaultOutcome::Dead;

@@ -98,6 +98,7 @@ mod pin;
 pub mod pool;
 mod prezero;
 pub mod pte;
+pub mod relocate;
 pub mod rmap;
 pub mod smaps;
 mod split;
@@ -119,6 +120,7 @@ pub use manager::{
 };
 pub use migrate::MigrateError;
 pub use pin::{PinError, PinGuard};
+pub use relocate::{RelocateError, RelocateOp, RelocateReport, RelocateSwitch};
 pub use stats::{
     FaultStats, Histogram, MigrationStats, MmStats, SwapDeviceStats, SwapStats, VmStats,
 };

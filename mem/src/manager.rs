@@ -13,6 +13,7 @@ use crate::pin::{self, PinError, PinGuard};
 use crate::pool::Pool;
 use crate::prezero;
 use crate::pte::PteState;
+use crate::relocate::{RelocateError, RelocateOp, RelocateReport, RelocateSwitch};
 use crate::stats::{FaultCounters, MmStats, VmCounters, VmStats, WorkerCounters};
 use crate::stats::{SwapCounters, SwapDeviceStats};
 use crate::swap_cache::SwapDevice;
@@ -24,6 +25,7 @@ use crate::sys::EventFd;
 use crate::types::{GuestAddress, Order, VmId, PAGE_SIZE};
 use crate::vm::{log_error, FolioBackend, Region, VmState};
 use crate::vmscan::{self, VmLimits};
+use crate::RamRegion;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -228,6 +230,12 @@ impl Inner {
         r.page_of_host(addr).map(|_| r.clone())
     }
 
+    /// Make `r` findable by host address (faults on it are served).
+    pub fn register_region(&self, r: &Arc<Region>) {
+        let mut map = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        map.insert(r.host_base().raw(), r.clone());
+    }
+
     pub fn unregister_region(&self, r: &Region) {
         let mut map = self.regions.write().unwrap_or_else(|e| e.into_inner());
         map.remove(&r.host_base().raw());
@@ -236,7 +244,7 @@ impl Inner {
     /// Region `index` of VM `vm`, if the VM is alive.
     pub fn find_region(&self, vm: crate::types::VmId, index: u32) -> Option<Arc<Region>> {
         let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
-        vms.get(&vm)?.regions().get(index as usize).cloned()
+        vms.get(&vm)?.region_by_id(index)
     }
 
     /// Return a freed folio range to the allocator.
@@ -464,28 +472,45 @@ impl MemoryManager {
         vm: VmId,
         layout: &[(GuestAddress, u64)],
     ) -> Result<Arc<FolioBackend>, BackendError> {
+        self.backend_with_offset(vm, layout, 0)
+    }
+
+    /// [`MemoryManager::backend`] with every host mapping placed
+    /// `host_offset` bytes past a 2 MiB boundary (a multiple of 4 KiB below
+    /// 2 MiB). A misaligned mapping cannot be PMD-mapped on the host: this
+    /// exists to show what relocation `--to-aligned` repairs.
+    ///
+    /// # Errors
+    /// See [`BackendError`]; [`BackendError::BadLayout`] for a bad offset.
+    pub fn backend_with_offset(
+        self: &Arc<Self>,
+        vm: VmId,
+        layout: &[(GuestAddress, u64)],
+        host_offset: u64,
+    ) -> Result<Arc<FolioBackend>, BackendError> {
+        if !host_offset.is_multiple_of(PAGE_SIZE) || host_offset >= crate::anon::HUGE_PAGE_SIZE {
+            return Err(BackendError::BadLayout {
+                guest_base: 0,
+                size: host_offset,
+            });
+        }
         let state = self.inner.vm(vm).ok_or(BackendError::NoSuchVm(vm))?;
         check_layout(layout)?;
+        if state.created.swap(true, Relaxed) {
+            return Err(BackendError::AlreadyCreated(vm));
+        }
         let mut regions = Vec::with_capacity(layout.len());
-        for (i, &(base, size)) in layout.iter().enumerate() {
-            let map = AnonMapping::new(size).map_err(BackendError::Mmap)?;
-            let r = Region::new(vm, i as u32, base, map, state.counters.clone());
+        for &(base, size) in layout {
+            let map = AnonMapping::with_offset(size, host_offset).map_err(BackendError::Mmap)?;
+            let id = state.next_region.fetch_add(1, Relaxed);
+            let r = Region::new(vm, id, base, map, state.counters.clone());
             regions.push(Arc::new(r));
         }
+        regions.sort_by_key(|r| r.guest_base);
         let ram = regions.iter().map(|r| r.ram_region()).collect();
-        state
-            .regions
-            .set(regions)
-            .map_err(|_| BackendError::AlreadyCreated(vm))?;
+        *state.regions.write().unwrap_or_else(|e| e.into_inner()) = regions;
         for r in state.regions() {
-            {
-                let mut map = self
-                    .inner
-                    .regions
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner());
-                map.insert(r.host_base().raw(), r.clone());
-            }
+            self.inner.register_region(&r);
             self.inner
                 .uffd
                 .register(
@@ -612,6 +637,34 @@ impl MemoryManager {
         Ok(compact::compact(&self.inner, vm, progress))
     }
 
+    /// Relocate the region holding `gpa` of `vm` to a new host range while
+    /// the guest runs ([`crate::relocate`]). `switch` is called once (twice
+    /// if a later step fails and is undone) with the regions whose memslots
+    /// the VMM must swap; it must pause the vCPUs, switch, and resume.
+    /// `progress(done, total)` reports 2 MiB tables moved.
+    ///
+    /// # Errors
+    /// [`RelocateError`]; nothing changed (failures after the switch are
+    /// undone, with a second switch back), except for
+    /// [`RelocateError::UndoFailed`].
+    pub fn relocate(
+        &self,
+        vm: VmId,
+        gpa: GuestAddress,
+        op: RelocateOp,
+        switch: &mut dyn FnMut(&RelocateSwitch) -> Result<(), String>,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<RelocateReport, RelocateError> {
+        let state = self.inner.vm(vm).ok_or(RelocateError::NoSuchVm(vm))?;
+        crate::relocate::relocate(&self.inner, &state, gpa, op, switch, progress)
+    }
+
+    /// The VM's guest RAM regions now (they change with relocation).
+    pub fn vm_regions(&self, vm: VmId) -> Option<Vec<RamRegion>> {
+        let state = self.inner.vm(vm)?;
+        Some(state.regions().iter().map(|r| r.ram_region()).collect())
+    }
+
     /// Migrate every folio mapped in `[gpa, gpa + len)` of `vm` to a new
     /// pool block (the folio-migration primitive, for tests and drills).
     /// Returns `(migrated, not migrated)`; failures were undone.
@@ -632,6 +685,7 @@ impl MemoryManager {
         let mut ids = Vec::new();
         let mut idx = first;
         while idx < end {
+            crate::relocate::ensure_pulled(&self.inner, &region, idx);
             let ptl = region.pt.lock(idx);
             let stop = end.min(ptl.end());
             for i in idx.0..stop.0 {

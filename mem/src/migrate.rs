@@ -135,7 +135,11 @@ fn migrate_inner(inner: &Inner, id: FolioId, target: Block) -> Result<FolioId, M
         } else if f.mapcount == 0
             && f.flags.contains(FolioFlags::SWAPCACHE)
             && !f.flags.contains(FolioFlags::WRITEBACK)
+            && f.refcount == 2
         {
+            // Only the cache's reference and ours: a refaulter holding one
+            // is waiting to map this very folio and take it out of the
+            // cache, and must find it there.
             Ok(false)
         } else {
             Err(MigrateError::Unmovable)
@@ -250,6 +254,11 @@ fn migrate_mapped(
         }
     }
     ptl.set_range(first, nr, Pte::new(PteState::Migration { folio: id }));
+    if target.order == Order::PMD {
+        // Free the now empty PTE table of a PTE-mapped 2 MiB range (see
+        // `compact`), so that the target moves in as one PMD.
+        let _ = crate::sys::dontneed(region.host_addr(first).raw(), Order::PMD.bytes() as usize);
+    }
     drop(ptl);
 
     // Step 3: copy, no page-table lock.

@@ -14,7 +14,7 @@ use crate::folio::FolioFlags;
 use crate::manager::Inner;
 use crate::pte::PteState;
 use crate::types::{FolioId, GuestAddress, HostAddr, PageIndex, VmId, PAGE_SIZE};
-use crate::vm::{Region, VmState};
+use crate::vm::{Region, RegionState, VmState};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,15 +71,35 @@ pub(crate) fn pin(
     gpa: GuestAddress,
     len: u64,
 ) -> Result<PinGuard, PinError> {
+    let mut tries = 0;
+    loop {
+        match pin_once(inner, vm.clone(), gpa, len) {
+            // A relocation moved the range under us (the old region's table
+            // is gone, and the new region is the VM's as soon as the
+            // relocation flips them): pin again where it is now.
+            Err((PinError::Dead, Some(r))) if tries < 10_000 && r.state() != RegionState::New => {
+                tries += 1;
+                std::thread::yield_now();
+            }
+            r => return r.map_err(|(e, _)| e),
+        }
+    }
+}
+
+fn pin_once(
+    inner: &Arc<Inner>,
+    vm: Arc<VmState>,
+    gpa: GuestAddress,
+    len: u64,
+) -> Result<PinGuard, (PinError, Option<Arc<Region>>)> {
     let range = PinError::OutOfRange {
         gpa: gpa.raw(),
         len,
     };
     if len == 0 {
-        return Err(range);
+        return Err((range, None));
     }
-    let (region, first) = vm.region_of(gpa, len).ok_or(range)?;
-    let region = region.clone();
+    let (region, first) = vm.region_of(gpa, len).ok_or((range, None))?;
     let last = PageIndex::from_offset(first.to_offset() + (gpa.raw() % PAGE_SIZE) + len - 1);
     let mut guard = PinGuard {
         inner: inner.clone(),
@@ -91,7 +111,10 @@ pub(crate) fn pin(
     };
     let mut idx = first;
     while idx <= last {
-        pin_page(&guard.inner, &guard.region, idx, &mut guard.pins)?;
+        if let Err(e) = pin_page(&guard.inner, &guard.region, idx, &mut guard.pins) {
+            let r = guard.region.clone();
+            return Err((e, Some(r)));
+        }
         idx = idx.forward(1);
     }
     guard

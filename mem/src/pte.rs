@@ -200,6 +200,13 @@ pub enum Pmd {
     Table(Box<[Pte; PTRS_PER_TABLE as usize]>),
 }
 
+/// The entries of one table in transit between regions.
+#[derive(Debug)]
+pub struct TableContent {
+    pmd: Pmd,
+    nr_used: u16,
+}
+
 /// One 2 MiB table and its state; the data under a page-table lock.
 #[derive(Debug, Default)]
 pub struct PtTable {
@@ -208,6 +215,9 @@ pub struct PtTable {
     nr_used: u16,
     /// Set at VM teardown: nothing may be installed any more.
     dead: bool,
+    /// Its entries moved to another region's table (relocation): like
+    /// `dead` for installs, but the range lives on elsewhere.
+    moved: bool,
 }
 
 /// The page tables of one guest RAM region.
@@ -291,9 +301,18 @@ impl PtlGuard<'_> {
     pub fn end(&self) -> PageIndex {
         self.end
     }
-    /// Whether the region is being torn down.
+    /// Whether nothing may be installed: the region is being torn down, or
+    /// this table's entries moved to another region.
     pub fn is_dead(&self) -> bool {
-        self.guard.dead
+        self.guard.dead || self.guard.moved
+    }
+    /// Whether this table's entries moved to another region (relocation).
+    pub fn is_moved(&self) -> bool {
+        self.guard.moved
+    }
+    /// Mark the entries moved away (they were taken by a relocation).
+    pub fn set_moved(&mut self) {
+        self.guard.moved = true;
     }
     /// Mark the region dead: no further installs.
     pub fn set_dead(&mut self) {
@@ -429,6 +448,35 @@ impl PtlGuard<'_> {
         self.guard.pmd = Pmd::None;
         self.guard.nr_used = 0;
         out
+    }
+
+    /// Take every entry out as one value (the table becomes empty): what a
+    /// relocation moves to another region's table.
+    pub fn take_table(&mut self) -> TableContent {
+        let c = TableContent {
+            pmd: std::mem::take(&mut self.guard.pmd),
+            nr_used: self.guard.nr_used,
+        };
+        self.guard.nr_used = 0;
+        c
+    }
+
+    /// Install entries taken by [`PtlGuard::take_table`].
+    /// Invariant: this table is empty and at least as long as the source.
+    pub fn put_table(&mut self, c: TableContent) {
+        debug_assert_eq!(self.guard.nr_used, 0);
+        debug_assert!(
+            !matches!(c.pmd, Pmd::Huge(_)) || self.end.0 - self.first.0 == PTRS_PER_TABLE
+        );
+        self.guard.pmd = c.pmd;
+        self.guard.nr_used = c.nr_used;
+    }
+
+    /// Allow installs again after [`PtlGuard::set_dead`] (a relocation
+    /// undone moves tables back into a region it had emptied).
+    pub fn set_alive(&mut self) {
+        self.guard.dead = false;
+        self.guard.moved = false;
     }
 
     /// Whether the table is one PMD-level entry mapping a whole folio.

@@ -365,6 +365,8 @@ pub struct WorkerCounters {
     pub relocations: AtomicU64,
     /// Relocations that failed and were undone.
     pub relocations_undone: AtomicU64,
+    /// Present bytes moved by relocations.
+    pub relocate_moved_bytes: AtomicU64,
 }
 
 /// Manager-wide statistics.

@@ -120,12 +120,21 @@ fn refault_swapcache(
         let f = slab.get(folio).expect("we hold a reference");
         (f.order, f.rmap)
     };
-    let here = rmap.is_some_and(|r| r.vm == region.vm && r.region == region.index);
-    if !still || !here {
+    if !still {
         drop(lock);
         put_folio(inner, folio, 1);
         return FaultOutcome::Retry;
     }
+    // A relocation may have moved the folio's entries (and rmap) to another
+    // region meanwhile: map it back there, where its entries are. The
+    // waiter that got the lock is the one that must take the folio out of
+    // the swap cache, whatever it finds.
+    let here = rmap.is_some_and(|r| r.vm == region.vm && r.region == region.index);
+    let owner = match here {
+        true => None,
+        false => rmap.and_then(|r| inner.find_region(r.vm, r.region)),
+    };
+    let region = owner.as_deref().unwrap_or(region);
     let first = rmap.map_or(idx, |r| r.index);
     let nr = order.nr_pages();
     let mapped = {
@@ -144,7 +153,7 @@ fn refault_swapcache(
     drop(lock);
     put_folio(inner, folio, 1);
     let sub = idx.0.wrapping_sub(first.0);
-    match sub < nr && mask_test(&mapped, sub) {
+    match here && sub < nr && mask_test(&mapped, sub) {
         true => FaultOutcome::Refaulted,
         false => FaultOutcome::Retry,
     }

@@ -17,8 +17,9 @@ use crate::types::{FolioId, GuestAddress, HostAddr, PageIndex, VmId, PAGE_SIZE};
 use crate::types::{Order, SwapSlot};
 use crate::vmscan::VmLimits;
 use crate::{GuestMemoryBackend, RamRegion};
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, AtomicUsize};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Swapin readahead streams tracked per region.
 const RA_STREAMS: usize = 4;
@@ -28,7 +29,7 @@ const RA_STREAMS: usize = 4;
 pub struct Region {
     /// Owning VM.
     pub vm: VmId,
-    /// Index in the VM's layout (the rmap's region number).
+    /// The region's id in its VM, never reused (the rmap's region number).
     pub index: u32,
     /// Guest-physical base.
     pub guest_base: GuestAddress,
@@ -41,6 +42,24 @@ pub struct Region {
     /// when unused. Heuristic state; races only cost a smaller window.
     ra: [AtomicU64; RA_STREAMS],
     ra_next: AtomicUsize,
+    /// Whether the VM uses this region ([`RegionState`]).
+    state: AtomicU8,
+    /// While a relocation moves tables into this region: where they are
+    /// still ([`crate::relocate`]). Faults pull a table before serving it.
+    pub(crate) pull: RwLock<Option<Arc<crate::relocate::PullSource>>>,
+    pulling: AtomicBool,
+}
+
+/// Where a region is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RegionState {
+    /// Created by a relocation, not yet the VM's memory.
+    New = 0,
+    /// The VM's memory.
+    Live = 1,
+    /// Replaced by a relocation: its tables move out (or back, on undo).
+    Retired = 2,
 }
 
 impl Region {
@@ -61,7 +80,37 @@ impl Region {
             counters,
             ra: Default::default(),
             ra_next: AtomicUsize::new(0),
+            state: AtomicU8::new(RegionState::Live as u8),
+            pull: RwLock::new(None),
+            pulling: AtomicBool::new(false),
         }
+    }
+
+    /// Its state.
+    pub fn state(&self) -> RegionState {
+        match self.state.load(SeqCst) {
+            0 => RegionState::New,
+            1 => RegionState::Live,
+            _ => RegionState::Retired,
+        }
+    }
+
+    pub(crate) fn set_state(&self, s: RegionState) {
+        self.state.store(s as u8, SeqCst);
+    }
+
+    /// The pull source while tables are still elsewhere.
+    pub(crate) fn pull_source(&self) -> Option<Arc<crate::relocate::PullSource>> {
+        if !self.pulling.load(SeqCst) {
+            return None;
+        }
+        self.pull.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set_pull(&self, p: Option<Arc<crate::relocate::PullSource>>) {
+        let mut g = self.pull.write().unwrap_or_else(|e| e.into_inner());
+        self.pulling.store(p.is_some(), SeqCst);
+        *g = p;
     }
 
     fn ra_stream(&self, idx: PageIndex) -> Option<(usize, u8)> {
@@ -224,8 +273,15 @@ pub struct VmState {
     /// Its name.
     pub name: String,
     pub(crate) inner: Arc<Inner>,
-    /// Regions, set once by [`crate::MemoryManager::backend`].
-    pub(crate) regions: OnceLock<Vec<Arc<Region>>>,
+    /// Regions by guest address: the live ones, and during a relocation
+    /// also the new or retired ones ([`RegionState`]).
+    pub(crate) regions: RwLock<Vec<Arc<Region>>>,
+    /// Set once the backend exists.
+    pub(crate) created: AtomicBool,
+    /// Next region id.
+    pub(crate) next_region: AtomicU32,
+    /// One relocation at a time.
+    pub(crate) relocation: Mutex<()>,
     /// Counters.
     pub counters: Arc<VmCounters>,
     /// Reclaim limits ([`VmLimits`]), in pages; `u64::MAX`: no maximum.
@@ -243,7 +299,10 @@ impl VmState {
             id,
             name: name.to_owned(),
             inner,
-            regions: OnceLock::new(),
+            regions: RwLock::new(Vec::new()),
+            created: AtomicBool::new(false),
+            next_region: AtomicU32::new(0),
+            relocation: Mutex::new(()),
             counters: Arc::new(VmCounters::default()),
             min_pages: AtomicU64::new(0),
             max_pages: AtomicU64::new(u64::MAX),
@@ -289,14 +348,46 @@ impl VmState {
             .sum()
     }
 
-    /// The regions (empty before the backend exists).
-    pub fn regions(&self) -> &[Arc<Region>] {
-        self.regions.get().map_or(&[], Vec::as_slice)
+    /// Every region, new and retired ones included (empty before the
+    /// backend exists).
+    pub fn all_regions(&self) -> Vec<Arc<Region>> {
+        self.regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    /// The region holding `[gpa, gpa + len)` entirely, and the first page.
-    pub fn region_of(&self, gpa: GuestAddress, len: u64) -> Option<(&Arc<Region>, PageIndex)> {
-        self.regions().iter().find_map(|r| {
+    pub(crate) fn add_region(&self, r: Arc<Region>) {
+        let mut v = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        v.push(r);
+        v.sort_by_key(|r| r.guest_base);
+    }
+
+    pub(crate) fn remove_region(&self, id: u32) {
+        let mut v = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        v.retain(|r| r.index != id);
+    }
+
+    /// The live regions: the VM's memory now.
+    pub fn regions(&self) -> Vec<Arc<Region>> {
+        let mut v = self.all_regions();
+        v.retain(|r| r.state() == RegionState::Live);
+        v
+    }
+
+    /// Region `id`, whatever its state.
+    pub fn region_by_id(&self, id: u32) -> Option<Arc<Region>> {
+        self.regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|r| r.index == id)
+            .cloned()
+    }
+
+    /// The live region holding `[gpa, gpa + len)` entirely, and the first page.
+    pub fn region_of(&self, gpa: GuestAddress, len: u64) -> Option<(Arc<Region>, PageIndex)> {
+        self.regions().into_iter().find_map(|r| {
             let first = r.page_of_guest(gpa)?;
             let off = gpa.raw() - r.guest_base.raw();
             (off.checked_add(len)? <= r.size()).then_some((r, first))
@@ -308,8 +399,8 @@ impl Drop for VmState {
     fn drop(&mut self) {
         let inner = self.inner.clone();
         let mut freed = Vec::new();
-        for r in self.regions() {
-            inner.unregister_region(r);
+        for r in self.all_regions() {
+            inner.unregister_region(&r);
             freed.extend(r.unmap_all(&inner));
             if let Err(e) = inner
                 .uffd

@@ -1,0 +1,712 @@
+//! Region relocation: move a guest region's host backing to a new host
+//! range while the guest runs (DESIGN §4.9). The uses: re-align a region so
+//! that its 2 MiB folios can be PMD-mapped, merge two adjacent regions into
+//! one memslot, grow a region.
+//!
+//! # Switch, then pull
+//! 1. *Prepare*: map the new range, register it MISSING on the userfaultfd,
+//!    and create its region with every 2 MiB table marked *pending*: its
+//!    entries are still in a source region ([`PullSource`]).
+//! 2. *Switch*: the new region becomes the VM's, the sources are retired,
+//!    and the VMM's callback points the KVM memslot (and anything else that
+//!    addresses guest memory) at the new range. This is the only pause of
+//!    the vCPUs, and it does not depend on the region's size.
+//! 3. *Pull*: every table moves, one at a time, by this thread, or first by
+//!    a fault on it (the fault path pulls a pending table before serving
+//!    it). A pull takes the new table's lock, then the source table's lock
+//!    (the one place two page-table locks nest: destination, then source),
+//!    trylocks every folio mapped there and every swap-cache folio of its
+//!    swap entries, moves the present pages with `UFFDIO_MOVE`, rewrites
+//!    those folios' rmap (region and index), re-poisons poisoned pages, and
+//!    moves the whole table of entries (PMD-level entries stay one entry).
+//!    Swap entries, `Zero` and sampled-out entries move as they are. A
+//!    `Migration` or `SwapinMarker` entry, or a folio lock held elsewhere,
+//!    makes the pull drop every lock and sleep on that folio's lock, then
+//!    start the table again. A pinned folio fails the relocation.
+//! 4. *Commit*: the sources are unregistered and unmapped. If they were not
+//!    2 MiB aligned, their 2 MiB folios arrived PTE-mapped; each is migrated
+//!    into a fresh THP block so it moves in as one PMD.
+//!
+//! # Undo
+//! A failure before the switch drops the new region. After it, the moved
+//! tables go back: the new region's pending tables are closed, every
+//! source gets a [`PullSource`] naming the tables now in the new region,
+//! the callback switches back, and the sources pull those tables back the
+//! same way. Every step is tested with injected failures.
+
+use crate::anon::{AnonError, AnonMapping, HUGE_PAGE_SIZE};
+use crate::inject::FaultPoint;
+use crate::manager::Inner;
+use crate::pte::{PteState, PTRS_PER_TABLE};
+use crate::sys;
+use crate::sys::userfaultfd::REGISTER_MODE_MISSING;
+use crate::types::{FolioId, GuestAddress, PageIndex, VmId, PAGE_SIZE};
+use crate::vm::{log_error, Region, RegionState, VmState};
+use crate::RamRegion;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What a relocation does to the region holding its guest address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelocateOp {
+    /// Move it to a fresh 2 MiB-aligned host range of the same size.
+    ToAligned,
+    /// Merge it with the adjacent region holding this guest address into
+    /// one region (one memslot).
+    MergeWith(GuestAddress),
+    /// Move it to a larger host range (the tail is unpopulated memory).
+    Grow(u64),
+}
+
+/// Errors from [`crate::MemoryManager::relocate`]. Nothing changed when
+/// one is returned (a failure after the switch was undone).
+#[derive(Debug, thiserror::Error)]
+pub enum RelocateError {
+    /// No VM has this id.
+    #[error("no VM {0:?}")]
+    NoSuchVm(VmId),
+    /// No live region holds this guest address.
+    #[error("no guest RAM region holds guest address {0:#x}")]
+    NoSuchRegion(u64),
+    /// Another relocation of this VM is running.
+    #[error("a relocation of this VM is already running")]
+    Busy,
+    /// The request cannot be met (sizes, adjacency, alignment).
+    #[error("cannot relocate: {0}")]
+    BadRequest(String),
+    /// The new host range could not be mapped.
+    #[error("cannot map the new host range")]
+    Map(#[source] AnonError),
+    /// The new host range could not be registered on the userfaultfd.
+    #[error("cannot register the new host range on userfaultfd")]
+    Register(#[source] std::io::Error),
+    /// The VMM's memslot switch failed.
+    #[error("memslot switch failed: {0}")]
+    Switch(String),
+    /// A folio of the region is pinned for device I/O.
+    #[error("a folio at guest page {0} is pinned for device I/O")]
+    Pinned(u64),
+    /// `UFFDIO_MOVE` refused to move pages.
+    #[error("moving guest pages failed: errno {0}")]
+    Move(i32),
+    /// An injected failure at this step.
+    #[error("injected failure at {0:?}")]
+    Injected(FaultPoint),
+    /// Undoing a failed relocation failed as well: the VM's memory is
+    /// split between two host ranges and the VM must be stopped.
+    #[error("relocation failed ({0}) and could not be undone; stop the VM")]
+    UndoFailed(String),
+}
+
+/// The regions the VMM must switch its memslots between.
+#[derive(Debug, Clone)]
+pub struct RelocateSwitch {
+    /// The regions the VM uses now (remove their memslots).
+    pub old: Vec<RamRegion>,
+    /// The regions it uses from now on (add memslots for them).
+    pub new: Vec<RamRegion>,
+    /// Whether this switch undoes a failed relocation.
+    pub undo: bool,
+}
+
+/// What a relocation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelocateReport {
+    /// The regions before.
+    pub old: Vec<RamRegion>,
+    /// The region after.
+    pub new: Option<RamRegion>,
+    /// Time inside the VMM's switch callback, ns (the vCPU pause).
+    pub switch_ns: u64,
+    /// 2 MiB tables moved.
+    pub tables: u64,
+    /// Of those, pulled first by a fault.
+    pub pulled_by_faults: u64,
+    /// Bytes of present guest pages moved.
+    pub moved_bytes: u64,
+    /// 2 MiB folios migrated into THP blocks to be PMD-mapped.
+    pub remapped_huge: u64,
+    /// Wall time, ns.
+    pub elapsed_ns: u64,
+}
+
+/// Source regions with their table shift (see [`PullSource`]).
+type Sources = Vec<(Arc<Region>, i64)>;
+
+/// Where a region's pending tables still are.
+#[derive(Debug)]
+pub(crate) struct PullSource {
+    /// Source regions and their table shift: table `t` of the destination
+    /// is table `t - shift` of the source.
+    sources: Vec<(Arc<Region>, i64)>,
+    /// Per destination table: still in the source.
+    pending: Box<[AtomicBool]>,
+    /// Tables pulled by faults.
+    by_faults: std::sync::atomic::AtomicU64,
+}
+
+impl PullSource {
+    fn new(
+        sources: Vec<(Arc<Region>, i64)>,
+        nr_tables: u64,
+        pending: impl Fn(u64) -> bool,
+    ) -> Self {
+        PullSource {
+            sources,
+            pending: (0..nr_tables)
+                .map(|t| AtomicBool::new(pending(t)))
+                .collect(),
+            by_faults: Default::default(),
+        }
+    }
+
+    fn source_of(&self, t: u64) -> Option<(&Arc<Region>, u64)> {
+        self.sources.iter().find_map(|(r, shift)| {
+            let st = t as i64 - shift;
+            (st >= 0 && (st as u64) < r.pt.nr_tables()).then_some((r, st as u64))
+        })
+    }
+
+    fn is_pending(&self, t: u64) -> bool {
+        self.pending.get(t as usize).is_some_and(|p| p.load(SeqCst))
+    }
+}
+
+/// The region whose table holds the entry of guest page `gpa` now: during
+/// a relocation the entries are in the source until a pull moves them,
+/// whichever region the vCPUs use. Operations by guest address (discard)
+/// work on the entries where they are.
+pub(crate) fn table_home(vm: &VmState, gpa: GuestAddress) -> Option<(Arc<Region>, PageIndex)> {
+    // A pull may move the table between two looks (pending in one region,
+    // then moved out of the other): look again; every pull ends.
+    for _ in 0..1000 {
+        let mut holders = 0;
+        let home = vm.all_regions().into_iter().find_map(|r| {
+            let idx = r.page_of_guest(gpa)?;
+            holders += 1;
+            // Pending changes only under the destination's table lock.
+            let ptl = r.pt.lock(idx);
+            let pending = r
+                .pull_source()
+                .is_some_and(|p| p.is_pending(idx.0 / PTRS_PER_TABLE));
+            (!pending && !ptl.is_moved()).then_some((r.clone(), idx))
+        });
+        if home.is_some() || holders == 0 {
+            return home;
+        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+/// Whether the table holding `idx` of `region` is still in a source.
+pub(crate) fn table_pending(region: &Region, idx: PageIndex) -> bool {
+    region
+        .pull_source()
+        .is_some_and(|p| p.is_pending(idx.0 / PTRS_PER_TABLE))
+}
+
+/// Pull the table holding `idx` into `region` if it is still pending.
+/// Called by the fault path, discard and migration before they read it.
+///
+/// # Context
+/// No locks held.
+pub(crate) fn ensure_pulled(inner: &Inner, region: &Region, idx: PageIndex) -> bool {
+    let Some(p) = region.pull_source() else {
+        return true;
+    };
+    let t = idx.0 / PTRS_PER_TABLE;
+    if !p.is_pending(t) {
+        return true;
+    }
+    match pull_table(inner, region, &p, t, false) {
+        Ok(moved) => {
+            if moved {
+                p.by_faults.fetch_add(1, Relaxed);
+            }
+            true
+        }
+        Err(e) => {
+            log_error(&format!("pull of table {t} on a fault: {e}"));
+            false
+        }
+    }
+}
+
+/// What one table pull moved: present bytes.
+fn pull_table(
+    inner: &Inner,
+    dst: &Region,
+    p: &PullSource,
+    t: u64,
+    inject: bool,
+) -> Result<bool, RelocateError> {
+    loop {
+        let first = PageIndex(t * PTRS_PER_TABLE);
+        let mut dptl = dst.pt.lock(first);
+        if !p.is_pending(t) {
+            return Ok(false);
+        }
+        let Some((src, st)) = p.source_of(t) else {
+            p.pending[t as usize].store(false, SeqCst);
+            return Ok(false);
+        };
+        let sfirst = PageIndex(st * PTRS_PER_TABLE);
+        let mut sptl = src.pt.lock(sfirst);
+        let n = sptl.end().0 - sfirst.0;
+        // Dropped last: references outlive the folio locks below.
+        let mut refs = Refs(inner, Vec::new());
+        let mut locks = Vec::new();
+        let mut fix: HashSet<FolioId> = HashSet::new();
+        let mut wait = None;
+        for k in 0..n {
+            let folio = match sptl.pte(sfirst.forward(k)).state() {
+                PteState::Present { folio, .. } | PteState::ProtNone { folio, .. } => {
+                    let pinned = inner
+                        .folios
+                        .slab()
+                        .get(folio)
+                        .is_some_and(|f| f.pincount > 0);
+                    if pinned {
+                        return Err(RelocateError::Pinned(sfirst.0 + k));
+                    }
+                    folio
+                }
+                PteState::Migration { folio } | PteState::SwapinMarker { folio } => {
+                    wait = Some(folio);
+                    break;
+                }
+                PteState::Swap { slot } => {
+                    // A folio in the swap cache for it (under writeback, or
+                    // read and waiting for a refault) has its rmap here too.
+                    // Referenced under the swap lock, as a lookup must.
+                    let cached = inner.swap.as_ref().and_then(|d| {
+                        let st = d.lock();
+                        st.cache.lookup(slot).inspect(|&(g, _)| {
+                            if !fix.contains(&g) {
+                                inner.folios.slab().get_ref(g);
+                                refs.1.push(g);
+                            }
+                        })
+                    });
+                    match cached {
+                        Some((g, _)) => g,
+                        None => continue,
+                    }
+                }
+                _ => continue,
+            };
+            if fix.contains(&folio) {
+                continue;
+            }
+            match inner.folios.trylock(folio) {
+                Some(l) => {
+                    locks.push(l);
+                    fix.insert(folio);
+                }
+                None => {
+                    wait = Some(folio);
+                    break;
+                }
+            }
+        }
+        if let Some(f) = wait {
+            // Sleep on the busy folio with no lock held, then start over.
+            inner.folios.slab().get_ref(f);
+            drop(locks);
+            drop(sptl);
+            drop(dptl);
+            crate::swapin::wait_on_folio(inner, f);
+            continue;
+        }
+        if inject && inner.inject.hit(FaultPoint::RelocateMove) {
+            return Err(RelocateError::Injected(FaultPoint::RelocateMove));
+        }
+        // Move the present runs, host range to host range.
+        let mut moved: Vec<(u64, u64)> = Vec::new();
+        let mut k = 0;
+        let mut err = None;
+        while k < n {
+            let present = |k: u64| {
+                matches!(
+                    sptl.pte(sfirst.forward(k)).state(),
+                    PteState::Present { .. }
+                )
+            };
+            if !present(k) {
+                if sptl.pte(sfirst.forward(k)).state() == PteState::Poisoned {
+                    let addr = dst.host_addr(first.forward(k)).raw();
+                    if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
+                        log_error(&format!("relocation: re-poison at {addr:#x}: {}", e.errno));
+                    }
+                    let _ =
+                        sys::dontneed(src.host_addr(sfirst.forward(k)).raw(), PAGE_SIZE as usize);
+                }
+                k += 1;
+                continue;
+            }
+            let run = (k..n).take_while(|&j| present(j)).count() as u64;
+            if let Err(e) = move_host(
+                inner,
+                dst.host_addr(first.forward(k)).raw(),
+                src.host_addr(sfirst.forward(k)).raw(),
+                run,
+            ) {
+                err = Some(e);
+                break;
+            }
+            moved.push((k, run));
+            k += run;
+        }
+        if let Some(e) = err {
+            for (k, run) in moved {
+                let back = move_host(
+                    inner,
+                    src.host_addr(sfirst.forward(k)).raw(),
+                    dst.host_addr(first.forward(k)).raw(),
+                    run,
+                );
+                if let Err(e) = back {
+                    log_error(&format!("relocation: moving pages back failed: errno {e}"));
+                }
+            }
+            return Err(RelocateError::Move(e));
+        }
+        {
+            let mut slab = inner.folios.slab();
+            for f in &fix {
+                if let Some(r) = slab.get_mut(*f).and_then(|f| f.rmap.as_mut()) {
+                    r.region = dst.index;
+                    r.index = PageIndex(r.index.0 - sfirst.0 + first.0);
+                }
+            }
+        }
+        dptl.set_alive();
+        dptl.put_table(sptl.take_table());
+        sptl.set_moved();
+        p.pending[t as usize].store(false, SeqCst);
+        let bytes: u64 = moved_bytes(&dptl, first, n);
+        inner.workers.relocate_moved_bytes.fetch_add(bytes, Relaxed);
+        return Ok(true);
+    }
+}
+
+/// References taken on swap-cache folios during a pull, put on drop.
+struct Refs<'a>(&'a Inner, Vec<FolioId>);
+
+impl Drop for Refs<'_> {
+    fn drop(&mut self) {
+        let freed: Vec<_> = {
+            let mut slab = self.0.folios.slab();
+            self.1.iter().filter_map(|&f| slab.put_refs(f, 1)).collect()
+        };
+        freed.into_iter().for_each(|f| self.0.free_range(f));
+    }
+}
+
+fn moved_bytes(ptl: &crate::pte::PtlGuard<'_>, first: PageIndex, n: u64) -> u64 {
+    (0..n)
+        .filter(|&k| matches!(ptl.pte(first.forward(k)).state(), PteState::Present { .. }))
+        .count() as u64
+        * PAGE_SIZE
+}
+
+/// Move `nr` present guest pages from host `src` to host `dst` (both
+/// registered guest ranges; `dst` empty there). Returns the errno.
+fn move_host(inner: &Inner, dst: usize, src: usize, nr: u64) -> Result<(), i32> {
+    let len = nr * PAGE_SIZE;
+    let mut done = 0u64;
+    for _ in 0..16 {
+        // SAFETY: both ranges are guest ranges of one VM whose entries we
+        // hold under their page-table locks, with the folios mapped there
+        // locked: the source pages are ours to move, the destination is a
+        // hole nobody else installs into (its table is pending, and pending
+        // tables are installed only by a pull holding this lock).
+        let r = unsafe {
+            inner
+                .uffd
+                .move_pages(dst + done as usize, src + done as usize, len - done, 0)
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(p) => {
+                done += p.done;
+                if p.errno != libc::EAGAIN && p.errno != libc::EBUSY {
+                    return Err(p.errno);
+                }
+            }
+        }
+    }
+    Err(libc::EBUSY)
+}
+
+/// The sources and the size of the new region for `op` on `r`.
+fn plan(
+    vm: &VmState,
+    r: Arc<Region>,
+    op: RelocateOp,
+) -> Result<(Sources, GuestAddress, u64), RelocateError> {
+    let bad = |s: String| Err(RelocateError::BadRequest(s));
+    match op {
+        RelocateOp::ToAligned => {
+            let size = r.size();
+            Ok((vec![(r.clone(), 0)], r.guest_base, size))
+        }
+        RelocateOp::Grow(size) => {
+            if size <= r.size() || !size.is_multiple_of(PAGE_SIZE) {
+                return bad(format!(
+                    "new size {size:#x} must be a multiple of 4 KiB above the current {:#x}",
+                    r.size()
+                ));
+            }
+            let end = r.guest_base.raw() + size;
+            let clash = vm.regions().into_iter().any(|o| {
+                o.index != r.index && o.guest_base.raw() < end && o.guest_base > r.guest_base
+            });
+            if clash {
+                return bad(format!("growing to {size:#x} overlaps the next region"));
+            }
+            Ok((vec![(r.clone(), 0)], r.guest_base, size))
+        }
+        RelocateOp::MergeWith(other) => {
+            let (o, _) = vm
+                .region_of(other, 1)
+                .ok_or(RelocateError::NoSuchRegion(other.raw()))?;
+            if o.index == r.index {
+                return bad("a region cannot merge with itself".into());
+            }
+            let (a, b) = match r.guest_base < o.guest_base {
+                true => (r, o),
+                false => (o, r),
+            };
+            if a.guest_base.raw() + a.size() != b.guest_base.raw() {
+                return bad(format!(
+                    "regions at {:#x} and {:#x} are not adjacent",
+                    a.guest_base.raw(),
+                    b.guest_base.raw()
+                ));
+            }
+            if !a.size().is_multiple_of(HUGE_PAGE_SIZE) {
+                return bad(format!(
+                    "the lower region's size {:#x} is not a multiple of 2 MiB",
+                    a.size()
+                ));
+            }
+            let shift = (a.size() / HUGE_PAGE_SIZE) as i64;
+            let size = a.size() + b.size();
+            Ok((vec![(a.clone(), 0), (b, shift)], a.guest_base, size))
+        }
+    }
+}
+
+/// Run a relocation (module docs).
+pub(crate) fn relocate(
+    inner: &Inner,
+    vm: &VmState,
+    gpa: GuestAddress,
+    op: RelocateOp,
+    switch: &mut dyn FnMut(&RelocateSwitch) -> Result<(), String>,
+    progress: crate::compact::Progress<'_>,
+) -> Result<RelocateReport, RelocateError> {
+    let t0 = Instant::now();
+    let _one = vm.relocation.try_lock().map_err(|_| RelocateError::Busy)?;
+    let bytes0 = inner.workers.relocate_moved_bytes.load(Relaxed);
+    let (r, _) = vm
+        .region_of(gpa, 1)
+        .ok_or(RelocateError::NoSuchRegion(gpa.raw()))?;
+    let (sources, base, size) = plan(vm, r, op)?;
+    if sources.iter().any(|(s, _)| s.pull_source().is_some()) {
+        return Err(RelocateError::Busy);
+    }
+    let old: Vec<RamRegion> = sources.iter().map(|(s, _)| s.ram_region()).collect();
+    if inner.inject.hit(FaultPoint::RelocatePrepare) {
+        return Err(RelocateError::Injected(FaultPoint::RelocatePrepare));
+    }
+    let map = AnonMapping::new(size).map_err(RelocateError::Map)?;
+    let id = vm.next_region.fetch_add(1, Relaxed);
+    let dst = Arc::new(Region::new(vm.id, id, base, map, vm.counters.clone()));
+    dst.set_state(RegionState::New);
+    let nt = dst.pt.nr_tables();
+    let pull = Arc::new(PullSource::new(sources.clone(), nt, |_| true));
+    dst.set_pull(Some(pull.clone()));
+    inner.register_region(&dst);
+    if let Err(e) = inner.uffd.register(
+        dst.host_base().raw(),
+        dst.size() as usize,
+        REGISTER_MODE_MISSING,
+    ) {
+        inner.unregister_region(&dst);
+        return Err(RelocateError::Register(e));
+    }
+    vm.add_region(dst.clone());
+    let drop_dst = |dst: &Arc<Region>| {
+        vm.remove_region(dst.index);
+        inner.unregister_region(dst);
+        let _ = inner
+            .uffd
+            .unregister(dst.host_base().raw(), dst.size() as usize);
+    };
+
+    // The switch: the only pause.
+    let sw = RelocateSwitch {
+        old: old.clone(),
+        new: vec![dst.ram_region()],
+        undo: false,
+    };
+    let ts = Instant::now();
+    let switched = match inner.inject.hit(FaultPoint::RelocateSwitch) {
+        true => Err(format!(
+            "injected failure at {:?}",
+            FaultPoint::RelocateSwitch
+        )),
+        false => switch(&sw),
+    };
+    let switch_ns = ts.elapsed().as_nanos() as u64;
+    if let Err(e) = switched {
+        dst.set_pull(None);
+        drop_dst(&dst);
+        return Err(RelocateError::Switch(e));
+    }
+    // Only now do lookups by guest address find the new region: nothing
+    // may pull a table while the vCPUs can still reach the old range.
+    // (Faults on the new range, possible from the switch on, pull.)
+    dst.set_state(RegionState::Live);
+    sources
+        .iter()
+        .for_each(|(s, _)| s.set_state(RegionState::Retired));
+
+    // Pull every table.
+    let mut failure = None;
+    progress(0, nt);
+    for t in 0..nt {
+        if let Err(e) = pull_table(inner, &dst, &pull, t, true) {
+            failure = Some(e);
+            break;
+        }
+        progress(t + 1, nt);
+    }
+    if failure.is_none() && inner.inject.hit(FaultPoint::RelocateCommit) {
+        failure = Some(RelocateError::Injected(FaultPoint::RelocateCommit));
+    }
+    if let Some(e) = failure {
+        undo(inner, &dst, &sources, &pull, switch)
+            .map_err(|u| RelocateError::UndoFailed(format!("{e}; undo: {u}")))?;
+        drop_dst(&dst);
+        inner.workers.relocations_undone.fetch_add(1, Relaxed);
+        return Err(e);
+    }
+
+    // Commit.
+    dst.set_pull(None);
+    for (s, _) in &sources {
+        vm.remove_region(s.index);
+        inner.unregister_region(s);
+        if let Err(e) = inner
+            .uffd
+            .unregister(s.host_base().raw(), s.size() as usize)
+        {
+            log_error(&format!("relocation: unregister old range: {e}"));
+        }
+    }
+    let misaligned = sources
+        .iter()
+        .any(|(s, _)| !(s.host_base().raw() as u64).is_multiple_of(HUGE_PAGE_SIZE));
+    let remapped_huge = match misaligned {
+        true => remap_huge(inner, &dst),
+        false => 0,
+    };
+    inner.workers.relocations.fetch_add(1, Relaxed);
+    Ok(RelocateReport {
+        old,
+        new: Some(dst.ram_region()),
+        switch_ns,
+        tables: nt,
+        pulled_by_faults: pull.by_faults.load(Relaxed),
+        moved_bytes: inner.workers.relocate_moved_bytes.load(Relaxed) - bytes0,
+        remapped_huge,
+        elapsed_ns: t0.elapsed().as_nanos() as u64,
+    })
+}
+
+/// Move the tables already in `dst` back to the sources, switching the
+/// VMM back first (module docs).
+fn undo(
+    inner: &Inner,
+    dst: &Arc<Region>,
+    sources: &[(Arc<Region>, i64)],
+    pull: &PullSource,
+    switch: &mut dyn FnMut(&RelocateSwitch) -> Result<(), String>,
+) -> Result<(), String> {
+    // Switch back first: until then the vCPUs use the new range and may
+    // still pull tables into it on their faults.
+    let sw = RelocateSwitch {
+        old: vec![dst.ram_region()],
+        new: sources.iter().map(|(s, _)| s.ram_region()).collect(),
+        undo: true,
+    };
+    switch(&sw)?;
+    // Close the tables still pending: they never left the sources.
+    for t in 0..dst.pt.nr_tables() {
+        let mut ptl = dst.pt.lock(PageIndex(t * PTRS_PER_TABLE));
+        if pull.is_pending(t) {
+            ptl.set_dead();
+            pull.pending[t as usize].store(false, SeqCst);
+        }
+    }
+    let back: Vec<Arc<PullSource>> = sources
+        .iter()
+        .map(|(s, shift)| {
+            let dst_has = |st: u64| {
+                let t = st as i64 + shift;
+                t >= 0 && (t as u64) < dst.pt.nr_tables() && {
+                    let ptl = dst.pt.lock(PageIndex(t as u64 * PTRS_PER_TABLE));
+                    !ptl.is_dead()
+                }
+            };
+            let p = Arc::new(PullSource::new(
+                vec![(dst.clone(), -shift)],
+                s.pt.nr_tables(),
+                dst_has,
+            ));
+            s.set_pull(Some(p.clone()));
+            p
+        })
+        .collect();
+    dst.set_pull(None);
+    sources
+        .iter()
+        .for_each(|(s, _)| s.set_state(RegionState::Live));
+    dst.set_state(RegionState::Retired);
+    for ((s, _), p) in sources.iter().zip(&back) {
+        for st in 0..s.pt.nr_tables() {
+            pull_table(inner, s, p, st, false).map_err(|e| e.to_string())?;
+        }
+        s.set_pull(None);
+    }
+    Ok(())
+}
+
+/// Migrate every 2 MiB folio of `region` into a fresh THP block, so that
+/// it is PMD-mapped at its (now aligned) host address. Returns how many.
+fn remap_huge(inner: &Inner, region: &Region) -> u64 {
+    let mut n = 0;
+    for t in 0..region.pt.nr_tables() {
+        let folio = {
+            let ptl = region.pt.lock(PageIndex(t * PTRS_PER_TABLE));
+            match ptl.is_huge() {
+                true => ptl.pte(PageIndex(t * PTRS_PER_TABLE)).mapped_folio(),
+                false => None,
+            }
+        };
+        if let Some((f, _)) = folio {
+            // A target that is one THP in the pool, or the copy is in vain.
+            crate::compact::wait_ready_pmd(inner);
+            if crate::migrate::migrate_folio(inner, f).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    n
+}

@@ -1,0 +1,351 @@
+//! Region relocation from host threads: the "vCPUs" address guest RAM
+//! through a view that the switch callback replaces while they are held
+//! off (the write lock is the pause), as the VMM does with its memslots.
+
+mod common;
+
+use common::*;
+use mem::{
+    FaultPoint, GuestAddress, InjectPlan, MemoryManager, RamRegion, RelocateError, RelocateOp,
+    RelocateSwitch, PAGE_SIZE,
+};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, RwLock};
+
+/// The guest's view of its RAM: regions by guest address.
+struct View(RwLock<Vec<RamRegion>>);
+
+impl View {
+    fn new(r: &[RamRegion]) -> View {
+        View(RwLock::new(r.to_vec()))
+    }
+    fn ram_at(v: &[RamRegion], gpa: u64) -> (Ram, u64) {
+        let r = v
+            .iter()
+            .find(|r| gpa >= r.guest_base.raw() && gpa < r.guest_base.raw() + r.size)
+            .expect("gpa in a region");
+        (Ram(*r), gpa - r.guest_base.raw())
+    }
+    fn read(&self, gpa: u64) -> u64 {
+        let v = self.0.read().unwrap();
+        let (ram, off) = View::ram_at(&v, gpa);
+        ram.read(off)
+    }
+    fn write(&self, gpa: u64, val: u64) {
+        let v = self.0.read().unwrap();
+        let (ram, off) = View::ram_at(&v, gpa);
+        ram.write(off, val)
+    }
+    /// The switch callback: hold the vCPUs off, swap the regions.
+    fn switch(&self, sw: &RelocateSwitch) -> Result<(), String> {
+        let mut v = self.0.write().unwrap();
+        v.retain(|r| !sw.old.contains(r));
+        v.extend(sw.new.iter().copied());
+        v.sort_by_key(|r| r.guest_base);
+        Ok(())
+    }
+}
+
+fn fill(view: &View, base: u64, pages: u64, g: u64) {
+    for p in 0..pages {
+        for w in [0, 1, 511] {
+            view.write(base + p * PAGE_SIZE + w * 8, pattern(p, w, g));
+        }
+    }
+}
+
+fn verify(view: &View, base: u64, pages: u64, g: u64, what: &str) {
+    for p in 0..pages {
+        for w in [0, 1, 511] {
+            assert_eq!(
+                view.read(base + p * PAGE_SIZE + w * 8),
+                pattern(p, w, g),
+                "{what}: page {p} word {w}"
+            );
+        }
+    }
+}
+
+fn relocate(
+    mm: &MemoryManager,
+    vm: mem::VmId,
+    view: &View,
+    gpa: u64,
+    op: RelocateOp,
+) -> Result<mem::RelocateReport, RelocateError> {
+    mm.relocate(
+        vm,
+        GuestAddress(gpa),
+        op,
+        &mut |sw| view.switch(sw),
+        &|_, _| {},
+    )
+}
+
+#[test]
+fn to_aligned_makes_misaligned_2m_folios_pmd_mapped() {
+    let mm = manager(64 * MIB, 2);
+    let vm = mm.create_vm("align").unwrap();
+    let b = mm
+        .backend_with_offset(vm, &[(GuestAddress(0), 16 * MIB)], 4096)
+        .unwrap();
+    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
+    let pages = 16 * MIB / PAGE_SIZE;
+    fill(&view, 0, pages, 1);
+    let old = mm.vm_regions(vm).unwrap()[0];
+    assert_eq!(old.host_addr.raw() % (2 << 20), 4096);
+    assert_eq!(anon_huge_kb(old.host_addr.raw()), 0, "misaligned: no PMDs");
+    let rep = relocate(&mm, vm, &view, 0, RelocateOp::ToAligned).unwrap();
+    eprintln!("{rep:?}");
+    let new = rep.new.unwrap();
+    assert_eq!(mm.vm_regions(vm).unwrap(), vec![new]);
+    assert_eq!(new.host_addr.raw() % (2 << 20), 0);
+    assert_eq!(rep.tables, 8);
+    assert_eq!(rep.remapped_huge, 8, "every 2 MiB folio remapped as a PMD");
+    verify(&view, 0, pages, 1, "after relocation");
+    let huge = anon_huge_kb(new.host_addr.raw());
+    assert!(huge >= 16 * 1024, "PMD-mapped after relocation: {huge} kB");
+    settle_and_check(&mm);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
+#[test]
+fn every_failed_step_is_undone() {
+    let mm = swap_manager(24 * MIB, 2, 64 * MIB, false);
+    let vm = mm.create_vm("undo").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 16 * MIB)]).unwrap();
+    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
+    let pages = 16 * MIB / PAGE_SIZE;
+    fill(&view, 0, pages, 1);
+    // Some of it swapped out, so swap entries move (and move back) too.
+    assert!(mm.reclaim(Some(vm), 4 * MIB).unwrap() > 0);
+    let before = mm.vm_regions(vm).unwrap();
+    for (point, skip) in [
+        (FaultPoint::RelocatePrepare, 0),
+        (FaultPoint::RelocateSwitch, 0),
+        (FaultPoint::RelocateMove, 0),
+        (FaultPoint::RelocateMove, 5),
+        (FaultPoint::RelocateCommit, 0),
+    ] {
+        mm.inject_faults(vec![InjectPlan {
+            point,
+            skip,
+            count: 1,
+        }]);
+        let e = relocate(&mm, vm, &view, 0, RelocateOp::ToAligned).unwrap_err();
+        let expected = match &e {
+            RelocateError::Injected(p) => *p == point,
+            RelocateError::Switch(_) => point == FaultPoint::RelocateSwitch,
+            _ => false,
+        };
+        assert!(expected, "{point:?}: {e}");
+        assert_eq!(mm.vm_regions(vm).unwrap(), before, "{point:?} undone");
+        assert_eq!(*view.0.read().unwrap(), before);
+        verify(&view, 0, pages, 1, &format!("after failed {point:?}"));
+        settle_and_check(&mm);
+    }
+    mm.inject_faults(vec![]);
+    assert_eq!(mm.stats().migration.relocations_undone, 3);
+    relocate(&mm, vm, &view, 0, RelocateOp::ToAligned).unwrap();
+    verify(&view, 0, pages, 1, "relocated");
+    settle_and_check(&mm);
+}
+
+#[test]
+fn merge_and_grow() {
+    let mm = manager(64 * MIB, 2);
+    let vm = mm.create_vm("merge").unwrap();
+    let b = mm
+        .backend(
+            vm,
+            &[(GuestAddress(0), 4 * MIB), (GuestAddress(4 * MIB), 6 * MIB)],
+        )
+        .unwrap();
+    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
+    let pages = 10 * MIB / PAGE_SIZE;
+    fill(&view, 0, pages, 3);
+    // Not adjacent / not a region / shrinking: refused, nothing changes.
+    assert!(matches!(
+        relocate(&mm, vm, &view, 0, RelocateOp::Grow(2 * MIB)),
+        Err(RelocateError::BadRequest(_))
+    ));
+    assert!(matches!(
+        relocate(&mm, vm, &view, 0, RelocateOp::Grow(8 * MIB)),
+        Err(RelocateError::BadRequest(_))
+    ));
+    assert!(matches!(
+        relocate(&mm, vm, &view, 64 * MIB, RelocateOp::ToAligned),
+        Err(RelocateError::NoSuchRegion(_))
+    ));
+    let rep = relocate(
+        &mm,
+        vm,
+        &view,
+        0,
+        RelocateOp::MergeWith(GuestAddress(4 * MIB)),
+    )
+    .unwrap();
+    let r = mm.vm_regions(vm).unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].guest_base, r[0].size), (GuestAddress(0), 10 * MIB));
+    assert_eq!(rep.tables, 5);
+    verify(&view, 0, pages, 3, "merged");
+    let rep = relocate(&mm, vm, &view, 0, RelocateOp::Grow(12 * MIB)).unwrap();
+    assert_eq!(rep.new.unwrap().size, 12 * MIB);
+    verify(&view, 0, pages, 3, "grown");
+    // The new tail is ordinary memory.
+    fill(&view, 10 * MIB, 512, 4);
+    verify(&view, 10 * MIB, 512, 4, "tail");
+    settle_and_check(&mm);
+}
+
+/// Everything at once on one region: vCPU threads write and verify while a
+/// relocator, a migrator, a compactor, a reclaimer and a discarder run.
+#[test]
+fn racing_relocation_migration_compaction_reclaim_and_swapin_keep_every_word() {
+    const VCPUS: u64 = 4;
+    const PAGES: u64 = 2048; // 8 MiB
+    const OPS: u64 = 60_000;
+    let mm = swap_manager(6 * MIB, 3, 64 * MIB, false);
+    let vm = mm.create_vm("race").unwrap();
+    let b = mm
+        .backend_with_offset(vm, &[(GuestAddress(0), PAGES * PAGE_SIZE)], 8192)
+        .unwrap();
+    let view = Arc::new(View::new(mem::GuestMemoryBackend::regions(&*b)));
+    let expected: Arc<Vec<AtomicU64>> =
+        Arc::new((0..PAGES * VCPUS).map(|_| AtomicU64::new(0)).collect());
+    let chunks: Arc<Vec<RwLock<()>>> = Arc::new((0..PAGES / 16).map(|_| RwLock::new(())).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops_done = Arc::new(AtomicU64::new(0));
+    {
+        // Watchdog: a stall dumps the manager's state before the harness
+        // times out.
+        let (mm, ops_done, stop) = (mm.clone(), ops_done.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut last = 0;
+            while !stop.load(SeqCst) {
+                std::thread::sleep(std::time::Duration::from_secs(10));
+                let now = ops_done.load(SeqCst);
+                if now == last && !stop.load(SeqCst) {
+                    eprintln!(
+                        "STALL at {now} ops: {:#?}\n{:#?}",
+                        mm.stats(),
+                        mm.vm_stats(vm)
+                    );
+                }
+                last = now;
+            }
+        });
+    }
+    let vcpus: Vec<_> = (0..VCPUS)
+        .map(|t| {
+            let (view, expected, chunks) = (view.clone(), expected.clone(), chunks.clone());
+            let ops_done = ops_done.clone();
+            std::thread::spawn(move || {
+                let mut x = 0x9e37_79b9u64 + t;
+                for i in 1..=OPS {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let window = (i / 500 * 97) % (PAGES - 128);
+                    let page = window + x % 128;
+                    let slot = &expected[(page * VCPUS + t) as usize];
+                    let gpa = page * PAGE_SIZE + t * 8;
+                    let _c = chunks[(page / 16) as usize].read().unwrap();
+                    assert_eq!(
+                        view.read(gpa),
+                        slot.load(SeqCst),
+                        "vcpu {t} page {page} op {i}"
+                    );
+                    ops_done.fetch_add(1, SeqCst);
+                    if x & 1 == 0 {
+                        let v = (i << 8) | (t + 1);
+                        view.write(gpa, v);
+                        slot.store(v, SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    let spawn = |f: Box<dyn Fn(u64) + Send>| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(SeqCst) {
+                f(n);
+                n += 1;
+            }
+            n
+        })
+    };
+    let relocator = {
+        let (mm, view) = (mm.clone(), view.clone());
+        spawn(Box::new(move |_| {
+            match relocate(&mm, vm, &view, 0, RelocateOp::ToAligned) {
+                Ok(_) | Err(RelocateError::Pinned(_)) => {}
+                Err(e) => panic!("relocation: {e}"),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }))
+    };
+    let migrator = {
+        let mm = mm.clone();
+        spawn(Box::new(move |n| {
+            let off = (n * 64 * PAGE_SIZE) % (PAGES * PAGE_SIZE);
+            mm.migrate_range(vm, GuestAddress(off), 64 * PAGE_SIZE)
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }))
+    };
+    let compactor = {
+        let mm = mm.clone();
+        spawn(Box::new(move |_| {
+            mm.compact(Some(vm), &|_, _| {}).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }))
+    };
+    let reclaimer = {
+        let mm = mm.clone();
+        spawn(Box::new(move |_| {
+            mm.reclaim(Some(vm), 256 * 1024).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }))
+    };
+    let discarder = {
+        let (mm, expected, chunks) = (mm.clone(), expected.clone(), chunks.clone());
+        spawn(Box::new(move |n| {
+            let c = (n * 37) % (PAGES / 16);
+            let _g = chunks[c as usize].write().unwrap();
+            mm.discard(vm, GuestAddress(c * 16 * PAGE_SIZE), 16 * PAGE_SIZE)
+                .unwrap();
+            for p in c * 16..(c + 1) * 16 {
+                for t in 0..VCPUS {
+                    expected[(p * VCPUS + t) as usize].store(0, SeqCst);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(3));
+        }))
+    };
+    for v in vcpus {
+        v.join().unwrap();
+    }
+    stop.store(true, SeqCst);
+    let counts: Vec<u64> = [relocator, migrator, compactor, reclaimer, discarder]
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    for p in 0..PAGES {
+        for t in 0..VCPUS {
+            let want = expected[(p * VCPUS + t) as usize].load(SeqCst);
+            assert_eq!(view.read(p * PAGE_SIZE + t * 8), want, "page {p} slot {t}");
+        }
+    }
+    let s = mm.stats();
+    eprintln!("rounds {counts:?}\n{:#?}\n{:#?}", s.migration, s.swap);
+    assert!(s.migration.relocations >= 3, "{:?}", s.migration);
+    assert!(s.migration.migrated > 100);
+    assert!(s.swap.swapout_pages > 0 && s.swap.swapin_file_pages > 0);
+    settle_and_check(&mm);
+}

@@ -217,10 +217,15 @@ fn kernel_child(ws: u64, threads: u64, ops: u64) {
     let pages = ws / PAGE_SIZE;
     populate(base as usize, pages);
     for p in PATTERNS {
-        let cpu0 = cpu_time();
+        let (cpu0, vm0) = (cpu_time(), vmstat_swap());
         let r = run_pattern(base as usize, pages, p, threads, ops);
-        let cpu = (cpu_time() - cpu0).as_secs_f64();
-        println!("RESULT {} {r} {cpu}", p.name());
+        let (cpu, vm1) = ((cpu_time() - cpu0).as_secs_f64(), vmstat_swap());
+        println!(
+            "RESULT {} {r} {cpu} {} {}",
+            p.name(),
+            vm1.0 - vm0.0,
+            vm1.1 - vm0.1
+        );
     }
 }
 
@@ -235,8 +240,11 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// One pattern's kernel result: rate, CPU seconds, pages swapped in and out.
+type KernelResult = (Pattern, f64, f64, u64, u64);
+
 /// The kernel baseline: host swap file + cgroup v1 limit + child process.
-fn kernel_baseline(a: &Args, ws: u64) -> Result<Vec<(Pattern, f64, f64)>, String> {
+fn kernel_baseline(a: &Args, ws: u64) -> Result<Vec<KernelResult>, String> {
     let swap = a
         .dir
         .join(format!("foliovm-bench-{}.swap", std::process::id()));
@@ -278,13 +286,15 @@ fn kernel_baseline(a: &Args, ws: u64) -> Result<Vec<(Pattern, f64, f64)>, String
             return Err(format!("kernel child failed: {}", out.status));
         }
         let text = String::from_utf8_lossy(&out.stdout);
-        let res: Vec<(Pattern, f64, f64)> = text
+        let res: Vec<KernelResult> = text
             .lines()
             .filter_map(|l| {
                 let mut w = l.split_whitespace();
                 (w.next()? == "RESULT").then_some(())?;
                 let p = Pattern::parse(w.next()?)?;
-                Some((p, w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+                let mut num = || w.next()?.parse::<f64>().ok();
+                let (r, cpu, si, so) = (num()?, num()?, num()?, num()?);
+                Some((p, r, cpu, si as u64, so as u64))
             })
             .collect();
         match res.len() {
@@ -356,6 +366,18 @@ fn foliovm(a: &Args, ws: u64) -> Result<FolioResult, String> {
         swapcache: s.swap.swapcache_latency,
         summary: summary + &per_pattern,
     })
+}
+
+/// Host-wide `pswpin` and `pswpout` from `/proc/vmstat` (the kernel
+/// baseline's swap traffic, as nothing else on the host swaps).
+fn vmstat_swap() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (get("pswpin "), get("pswpout "))
 }
 
 /// User + system CPU time of this process so far (all its threads).
@@ -496,13 +518,21 @@ fn main() {
         }
         Ok(r) => {
             println!("kernel baseline: a plain host process (not a KVM guest) in a cgroup v1 limit with a host swap file");
-            let cpu: Vec<String> = r
+            let lines: Vec<String> = r
                 .iter()
-                .map(|x| format!("{} {:.2} s", x.0.name(), x.2))
+                .map(|x| {
+                    format!(
+                        "\n  {:<10} cpu {:.2} s; pswpin {}, pswpout {}",
+                        x.0.name(),
+                        x.2,
+                        x.3,
+                        x.4
+                    )
+                })
                 .collect();
             println!(
-                "kernel child cpu (user+sys of the process): {}",
-                cpu.join(", ")
+                "kernel child (user+sys cpu of the process, /proc/vmstat deltas):{}",
+                lines.concat()
             );
         }
     }

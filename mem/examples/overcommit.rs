@@ -166,6 +166,8 @@ struct Args {
     threads: u64,
     dir: PathBuf,
     ops: u64,
+    /// Skip the kernel baseline (for profiling foliovm alone; no ratios).
+    skip_kernel: bool,
 }
 
 fn args() -> Args {
@@ -174,8 +176,13 @@ fn args() -> Args {
         threads: 4,
         dir: PathBuf::from("/var/tmp"),
         ops: 200_000,
+        skip_kernel: false,
     };
-    let v: Vec<String> = std::env::args().skip(1).collect();
+    let mut v: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = v.iter().position(|x| x == "--skip-kernel") {
+        a.skip_kernel = true;
+        v.remove(i);
+    }
     for w in v.chunks(2) {
         let val = w.get(1).map(String::as_str).unwrap_or("");
         match w[0].as_str() {
@@ -210,8 +217,15 @@ fn kernel_child(ws: u64, threads: u64, ops: u64) {
     let pages = ws / PAGE_SIZE;
     populate(base as usize, pages);
     for p in PATTERNS {
+        let (cpu0, vm0) = (cpu_time(), vmstat_swap());
         let r = run_pattern(base as usize, pages, p, threads, ops);
-        println!("RESULT {} {r}", p.name());
+        let (cpu, vm1) = ((cpu_time() - cpu0).as_secs_f64(), vmstat_swap());
+        println!(
+            "RESULT {} {r} {cpu} {} {}",
+            p.name(),
+            vm1.0 - vm0.0,
+            vm1.1 - vm0.1
+        );
     }
 }
 
@@ -226,8 +240,11 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// One pattern's kernel result: rate, CPU seconds, pages swapped in and out.
+type KernelResult = (Pattern, f64, f64, u64, u64);
+
 /// The kernel baseline: host swap file + cgroup v1 limit + child process.
-fn kernel_baseline(a: &Args, ws: u64) -> Result<Vec<(Pattern, f64)>, String> {
+fn kernel_baseline(a: &Args, ws: u64) -> Result<Vec<KernelResult>, String> {
     let swap = a
         .dir
         .join(format!("foliovm-bench-{}.swap", std::process::id()));
@@ -269,12 +286,15 @@ fn kernel_baseline(a: &Args, ws: u64) -> Result<Vec<(Pattern, f64)>, String> {
             return Err(format!("kernel child failed: {}", out.status));
         }
         let text = String::from_utf8_lossy(&out.stdout);
-        let res: Vec<(Pattern, f64)> = text
+        let res: Vec<KernelResult> = text
             .lines()
             .filter_map(|l| {
                 let mut w = l.split_whitespace();
                 (w.next()? == "RESULT").then_some(())?;
-                Some((Pattern::parse(w.next()?)?, w.next()?.parse().ok()?))
+                let p = Pattern::parse(w.next()?)?;
+                let mut num = || w.next()?.parse::<f64>().ok();
+                let (r, cpu, si, so) = (num()?, num()?, num()?, num()?);
+                Some((p, r, cpu, si as u64, so as u64))
             })
             .collect();
         match res.len() {
@@ -316,8 +336,13 @@ fn foliovm(a: &Args, ws: u64) -> Result<FolioResult, String> {
     let pages = ws / PAGE_SIZE;
     populate(base, pages);
     let mut rates = Vec::new();
+    let mut per_pattern = String::new();
     for p in PATTERNS {
-        rates.push((p, run_pattern(base, pages, p, a.threads, a.ops)));
+        let (before, cpu0) = (mm.stats(), cpu_time());
+        let rate = run_pattern(base, pages, p, a.threads, a.ops);
+        let (after, cpu1) = (mm.stats(), cpu_time());
+        per_pattern += &pattern_summary(p, &before, &after, cpu1 - cpu0);
+        rates.push((p, rate));
     }
     let s = mm.stats();
     let summary = format!(
@@ -339,8 +364,59 @@ fn foliovm(a: &Args, ws: u64) -> Result<FolioResult, String> {
         rates,
         swapin: s.swap.swapin_latency,
         swapcache: s.swap.swapcache_latency,
-        summary,
+        summary: summary + &per_pattern,
     })
+}
+
+/// Host-wide `pswpin` and `pswpout` from `/proc/vmstat` (the kernel
+/// baseline's swap traffic, as nothing else on the host swaps).
+fn vmstat_swap() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (get("pswpin "), get("pswpout "))
+}
+
+/// User + system CPU time of this process so far (all its threads).
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// What foliovm did during one pattern: counter deltas and CPU time.
+fn pattern_summary(p: Pattern, b: &mem::MmStats, a: &mem::MmStats, cpu: Duration) -> String {
+    let (sb, sa) = (&b.swap, &a.swap);
+    let d = |f: fn(&mem::SwapStats) -> u64| f(sa) - f(sb);
+    let (dv_b, dv_a) = (&b.swap_device, &a.swap_device);
+    let writes = dv_a.writes - dv_b.writes;
+    let wbytes = dv_a.write_bytes - dv_b.write_bytes;
+    format!(
+        "\n  {:<10} cpu {:.2} s; swapin {} pages in {} reads (+{} cache), swapout {} pages in {} \
+         writes (avg {} KiB), clean-dropped {}, order-0 fallbacks {}, sampled {} (refaulted {}), \
+         direct reclaims {}",
+        p.name(),
+        cpu.as_secs_f64(),
+        d(|s| s.swapin_file_pages),
+        d(|s| s.swapin_file_folios),
+        d(|s| s.swapin_cache_folios),
+        d(|s| s.swapout_pages),
+        writes,
+        (wbytes / writes.max(1)) >> 10,
+        d(|s| s.clean_dropped_pages),
+        d(|s| s.swapout_fallback_order0),
+        d(|s| s.sampled_folios),
+        d(|s| s.sample_refaults),
+        d(|s| s.direct_reclaims),
+    )
 }
 
 /// p50/p99 of 4 KiB O_DIRECT preads at random offsets of a fresh file.
@@ -402,7 +478,10 @@ fn main() {
         a.ops,
         a.dir.display()
     );
-    let kernel = kernel_baseline(&a, ws);
+    let kernel = match a.skip_kernel {
+        true => Err("skipped (--skip-kernel)".to_string()),
+        false => kernel_baseline(&a, ws),
+    };
     let folio = foliovm(&a, ws);
     let raw = raw_pread(&a.dir);
     println!(
@@ -433,10 +512,29 @@ fn main() {
             ratio
         );
     }
-    if let Err(e) = &kernel {
-        println!("kernel baseline (plain process, cgroup v1 + host swap file) did not run: {e}");
-    } else {
-        println!("kernel baseline: a plain host process (not a KVM guest) in a cgroup v1 limit with a host swap file");
+    match &kernel {
+        Err(e) => {
+            println!("kernel baseline (plain process, cgroup v1 + host swap file) did not run: {e}")
+        }
+        Ok(r) => {
+            println!("kernel baseline: a plain host process (not a KVM guest) in a cgroup v1 limit with a host swap file");
+            let lines: Vec<String> = r
+                .iter()
+                .map(|x| {
+                    format!(
+                        "\n  {:<10} cpu {:.2} s; pswpin {}, pswpout {}",
+                        x.0.name(),
+                        x.2,
+                        x.3,
+                        x.4
+                    )
+                })
+                .collect();
+            println!(
+                "kernel child (user+sys cpu of the process, /proc/vmstat deltas):{}",
+                lines.concat()
+            );
+        }
     }
     match &folio {
         Ok(r) => {

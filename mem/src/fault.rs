@@ -17,40 +17,58 @@ use crate::manager::Inner;
 use crate::pte::{PteState, PtlGuard};
 use crate::rmap::{self, Rmap};
 use crate::stats::FaultCounters;
-use crate::sys::poll2;
 use crate::sys::userfaultfd::{PartialFill, UffdMsg, EVENT_PAGEFAULT};
+use crate::sys::{poll2, ExclusiveWait};
 use crate::types::{Order, PageIndex, PoolOffset, PAGE_SIZE};
 use crate::vm::{log_error, Region};
 use crate::{swapin, vmscan};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-/// Messages read per `read(2)` of the userfaultfd.
-const BATCH: usize = 64;
 /// `MOVE` retries on `EAGAIN`/`EBUSY` before a page falls back to `COPY`.
 const MAX_MOVE_RETRIES: u32 = 8;
 
-/// Body of a handler thread: poll, read a batch of events, serve each.
+/// Body of a handler thread: wait for events, read and serve them one at a
+/// time until none is left.
+///
+/// Each handler waits on an epoll instance of its own that holds the
+/// userfaultfd with `EPOLLEXCLUSIVE`, so a new fault wakes one idle
+/// handler instead of all of them (with plain `poll` every fault woke
+/// every handler, and all but one found nothing to read). Messages are
+/// read one per `read(2)`: a handler that blocks in a swapin read must not
+/// sit on further faults that another handler could serve meanwhile.
 pub(crate) fn handler_thread(inner: &Inner) {
-    let mut buf = [UffdMsg::default(); BATCH];
+    let wait = ExclusiveWait::new(inner.uffd.raw(), inner.stop_fd.raw());
+    if let Err(e) = &wait {
+        log_error(&format!("epoll for a handler thread: {e}; using poll"));
+    }
+    let mut buf = [UffdMsg::default(); 1];
     while !inner.shutdown.load(Relaxed) {
-        let (ready, stop) = poll2(inner.uffd.raw(), inner.stop_fd.raw(), 1000);
+        let (ready, stop) = match &wait {
+            Ok(w) => w.wait(1000),
+            Err(_) => poll2(inner.uffd.raw(), inner.stop_fd.raw(), 1000),
+        };
         if stop || inner.shutdown.load(Relaxed) {
             return;
         }
         if !ready {
             continue;
         }
-        let n = match inner.uffd.read_msgs(&mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                log_error(&format!("userfaultfd read: {e}"));
-                continue;
+        loop {
+            let n = match inner.uffd.read_msgs(&mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    log_error(&format!("userfaultfd read: {e}"));
+                    break;
+                }
+            };
+            if n == 0 || inner.shutdown.load(Relaxed) {
+                break;
             }
-        };
-        let start = Instant::now();
-        for msg in buf[..n].iter().filter(|m| m.event == EVENT_PAGEFAULT) {
-            handle_fault(inner, msg.address as usize, start, true);
+            let start = Instant::now();
+            for msg in buf[..n].iter().filter(|m| m.event == EVENT_PAGEFAULT) {
+                handle_fault(inner, msg.address as usize, start, true);
+            }
         }
     }
 }

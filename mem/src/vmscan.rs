@@ -18,7 +18,10 @@
 //! lock: check the entries are still `ProtNone`; if every page is zero,
 //! make the entries `Zero` and free the folio (no I/O); otherwise allocate
 //! contiguous slots and add the folio to the swap cache, set the entries to
-//! `Swap`, drop the rmap, and release the page-table lock. The writes then
+//! `Swap`, drop the rmap, and release the page-table lock. A large folio
+//! that finds no contiguous run while enough single slots are free is
+//! split and goes out as order-0 folios (counted in
+//! `swapout_fallback_order0`). The writes then
 //! go out without page-table locks, batched into one `pwritev` per run of
 //! contiguous slots. On completion the folio leaves the swap cache and is
 //! freed unless a refaulter took a reference meanwhile (it maps the folio
@@ -34,10 +37,10 @@
 //! `kswapd()`/`balance_pgdat()`, `change_prot_numa()`.
 
 use crate::buddy::BlockState;
-use crate::folio::{FolioFlags, FolioLockGuard};
+use crate::folio::{Folio, FolioFlags, FolioLockGuard, LruLink};
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
-use crate::rmap;
+use crate::rmap::{self, Rmap};
 use crate::swap_cache::SwapDevice;
 use crate::swapin::{both, map_folio_pages};
 use crate::types::{FolioId, Order, PageIndex, PoolOffset, SwapSlot, VmId, PAGE_SIZE};
@@ -395,8 +398,9 @@ struct Writeback<'a> {
 enum Prepared<'a> {
     /// Freed without I/O (zero-filled): pages.
     Freed(u64),
-    /// Unmapped and in the swap cache: write it.
-    Writeback(Writeback<'a>),
+    /// Unmapped and in the swap cache: write it (several order-0 pieces
+    /// when it was split for lack of contiguous slots).
+    Writeback(Vec<Writeback<'a>>),
     /// Left alone (put back on the LRU).
     Kept,
 }
@@ -413,7 +417,7 @@ fn shrink_folio_list(inner: &Inner, victims: Vec<FolioId>) -> u64 {
     for id in victims {
         match prepare_pageout(inner, dev, id) {
             Prepared::Freed(n) => freed += n,
-            Prepared::Writeback(w) => wbs.push(w),
+            Prepared::Writeback(w) => wbs.extend(w),
             Prepared::Kept => {}
         }
     }
@@ -478,12 +482,87 @@ fn prepare_pageout<'a>(inner: &'a Inner, dev: &SwapDevice, id: FolioId) -> Prepa
         put_folio(inner, id);
         return Prepared::Freed(nr);
     }
+    match add_to_swap_locked(inner, dev, lock, &region, &mut ptl, first, order, pool) {
+        Ok(w) => Prepared::Writeback(vec![w]),
+        // Splitting only pays if the pages can get slots of their own.
+        Err(lock) if order > Order::BASE && dev.lock().map.nr_free() >= nr => {
+            swap_out_split(inner, dev, lock, &region, ptl, first, order, pool)
+        }
+        Err(lock) => {
+            drop(ptl);
+            both(inner, &region, |c| c.swap_full.fetch_add(1, Relaxed));
+            drop(lock);
+            putback(inner, id);
+            Prepared::Kept
+        }
+    }
+}
+
+/// The order-0 fallback of a large victim that found no contiguous slots:
+/// split it and swap out each page on its own slot
+/// (`THP_SWPOUT_FALLBACK`). Pages left without a slot stay sampled out.
+///
+/// # Context
+/// Folio lock (`lock`) and the page-table lock (`ptl`) held; both are
+/// released here.
+#[allow(clippy::too_many_arguments)]
+fn swap_out_split<'a>(
+    inner: &'a Inner,
+    dev: &SwapDevice,
+    lock: FolioLockGuard<'a>,
+    region: &Arc<Region>,
+    mut ptl: PtlGuard<'_>,
+    first: PageIndex,
+    order: Order,
+    pool: PoolOffset,
+) -> Prepared<'a> {
+    let pieces = split_for_swap(inner, region, &mut ptl, lock, first, order, pool);
+    both(inner, region, |c| {
+        c.swapout_fallback_order0.fetch_add(1, Relaxed)
+    });
+    let (mut wbs, mut kept) = (Vec::new(), Vec::new());
+    for (k, piece) in (0..).zip(pieces) {
+        let (idx, at) = (first.forward(k), pool.subpage(k));
+        match add_to_swap_locked(inner, dev, piece, region, &mut ptl, idx, Order::BASE, at) {
+            Ok(w) => wbs.push(w),
+            Err(piece) => kept.push(piece),
+        }
+    }
+    drop(ptl);
+    if !kept.is_empty() {
+        both(inner, region, |c| c.swap_full.fetch_add(1, Relaxed));
+    }
+    for piece in kept {
+        let pid = piece.id();
+        drop(piece);
+        putback(inner, pid);
+    }
+    Prepared::Writeback(wbs)
+}
+
+/// Allocate slots for the locked, sampled-out folio of `lock` (its entries
+/// `[first, first + 2^order)` are `ProtNone`), put it in the swap cache,
+/// point the entries at the slots and drop its rmap (`add_to_swap()` and
+/// `try_to_unmap()`). `Err` gives the lock back when the swap file has no
+/// suitable run of slots.
+///
+/// # Context
+/// Folio lock (`lock`) and the page-table lock (`ptl`) held.
+#[allow(clippy::too_many_arguments)]
+fn add_to_swap_locked<'a>(
+    inner: &'a Inner,
+    dev: &SwapDevice,
+    lock: FolioLockGuard<'a>,
+    region: &Arc<Region>,
+    ptl: &mut PtlGuard<'_>,
+    first: PageIndex,
+    order: Order,
+    pool: PoolOffset,
+) -> Result<Writeback<'a>, FolioLockGuard<'a>> {
+    let id = lock.id();
+    let nr = order.nr_pages();
     let Some(base) = dev.lock().add_to_swap(id, order) else {
-        drop(ptl);
-        both(inner, &region, |c| c.swap_full.fetch_add(1, Relaxed));
-        drop(lock);
-        putback(inner, id);
-        return Prepared::Kept;
+        return Err(lock);
     };
     ptl.set_range(first, nr, Pte::swap(base));
     {
@@ -494,22 +573,91 @@ fn prepare_pageout<'a>(inner: &'a Inner, dev: &SwapDevice, id: FolioId) -> Prepa
         f.flags.insert(FolioFlags::WRITEBACK);
         f.flags.remove(FolioFlags::SAMPLED);
         f.refcount += 1; // the swap cache's reference
-        let r = rmap::remove_rmap_ptes(&mut slab, &ptl, id, 0, nr, BlockState::NeedsZero);
+        let r = rmap::remove_rmap_ptes(&mut slab, ptl, id, 0, nr, BlockState::NeedsZero);
         debug_assert!(r.freed.is_none());
     }
     region.counters.resident(order, -(nr as i64));
-    drop(ptl);
-    both(inner, &region, |c| {
+    both(inner, region, |c| {
         c.swapped_pages.fetch_add(nr as i64, Relaxed)
     });
-    Prepared::Writeback(Writeback {
+    Ok(Writeback {
         lock,
-        region,
+        region: region.clone(),
         first,
         base,
         nr,
         pool,
     })
+}
+
+/// Split the locked, isolated, sampled-out folio of `lock` (all its
+/// entries `ProtNone`) into order-0 folios, each locked and isolated (off
+/// the LRU, with an isolation reference) and still sampled out. The first
+/// keeps the id. Returns their locks, in page order. Analogue of
+/// `split_folio_to_list()` in `shrink_folio_list()`.
+///
+/// # Context
+/// Folio lock (`lock`) and the page-table lock (`ptl`) held.
+fn split_for_swap<'a>(
+    inner: &'a Inner,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    lock: FolioLockGuard<'a>,
+    first: PageIndex,
+    order: Order,
+    pool: PoolOffset,
+) -> Vec<FolioLockGuard<'a>> {
+    let id = lock.id();
+    let nr = order.nr_pages();
+    let mut pieces = vec![lock];
+    let mut new = Vec::with_capacity(nr as usize - 1);
+    let mut slab = inner.folios.slab();
+    let f = slab.live(id);
+    debug_assert!(!f.flags.contains(FolioFlags::LRU), "victims are isolated");
+    debug_assert_eq!(f.mapcount as u64, nr, "victims are wholly mapped");
+    let rmap = f.rmap.expect("a mapped folio has an rmap");
+    // References beyond the mappings (the isolation reference) stay with
+    // the id; every other piece gets one of its own.
+    let extra = f.refcount - f.mapcount;
+    let (mut flags, pool_state) = (f.flags, f.pool_state);
+    flags.remove(FolioFlags::DEFERRED_SPLIT);
+    f.order = Order::BASE;
+    f.refcount = 1 + extra;
+    f.mapcount = 1;
+    f.rmap = Some(Rmap {
+        mapped: (0, 1),
+        ..rmap
+    });
+    for k in 1..nr {
+        let idx = first.forward(k);
+        let pid = slab.insert(Folio {
+            pool: pool.subpage(k),
+            order: Order::BASE,
+            flags,
+            refcount: 2,
+            mapcount: 1,
+            pincount: 0,
+            page_mapped: None,
+            rmap: Some(Rmap {
+                index: idx,
+                mapped: (0, 1),
+                ..rmap
+            }),
+            pool_state,
+            lru: LruLink::default(),
+            swap: None,
+        });
+        ptl.set_pte(idx, Pte::prot_none(pid, 0));
+        new.push(pid);
+    }
+    drop(slab);
+    // Born locked (`flags` has LOCKED) and reachable only through entries
+    // under the page-table lock we hold: the locks are ours.
+    pieces.extend(new.into_iter().map(|pid| inner.folios.assume_locked(pid)));
+    region.counters.resident(order, -(nr as i64));
+    region.counters.resident(Order::BASE, nr as i64);
+    inner.workers.folios_split.fetch_add(1, Relaxed);
+    pieces
 }
 
 /// Write a run of folios with contiguous slots, then finish each one,

@@ -115,3 +115,70 @@ fn vm_limits_protect_minimums_and_cap_maximums() {
     assert_eq!(mm.vm_stats(c).unwrap().limits.max_bytes, Some(2 * MIB));
     let _ = d;
 }
+
+/// A 2 MiB folio that finds no 512 contiguous free slots, while enough
+/// single slots are free, is split and swapped out page by page (order-0
+/// fallback), and every page comes back intact.
+#[test]
+fn large_folio_without_contiguous_slots_falls_back_to_order_0() {
+    // Three swap clusters for four 2 MiB folios; the guest fits the
+    // budget, so only explicit reclaim swaps.
+    let mm = swap_manager(16 * MIB, 2, 6 * MIB, false);
+    let vm = mm.create_vm("fallback").unwrap();
+    let guest = 8 * MIB;
+    let b = mm.backend(vm, &[(GuestAddress(0), guest)]).unwrap();
+    let ram = Ram::of(&*b);
+    let pages = guest / PAGE_SIZE;
+    let check = |p: u64| {
+        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 0), "page {p}");
+        let last = ram.read(p * PAGE_SIZE + 4088);
+        assert_eq!(last, pattern(p, 511, 0), "page {p}");
+    };
+    for p in 0..pages {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 0));
+        ram.write(p * PAGE_SIZE + 4088, pattern(p, 511, 0));
+    }
+    let s = mm.vm_stats(vm).unwrap();
+    assert_eq!(s.resident_bytes_by_order[9], guest, "four PMD folios");
+    // Sample all four, then evict them oldest first: three fill the three
+    // clusters as order-9 runs; for the last no slot is left at all, so
+    // it is not split (that would gain nothing) and stays.
+    mm.reclaim(Some(vm), 8 * MIB).unwrap();
+    let first = mm.vm_stats(vm).unwrap().swap;
+    assert_eq!(
+        (first.swapout_folios, first.swapout_fallback_order0),
+        (3, 0),
+        "{first:#?}"
+    );
+    // Single-page swapins of every third page of the first 6 MiB (far
+    // enough apart that readahead does not join them) punch 512 holes
+    // into the clusters: enough slots, but no 512-slot run.
+    for p in (0..6 * MIB / PAGE_SIZE).step_by(3) {
+        check(p);
+    }
+    // The handler counts a swapin after the move that wakes the reader.
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    let before = mm.vm_stats(vm).unwrap().swap;
+    assert_eq!(
+        (before.swapin_file_pages, before.swapin_file_folios),
+        (512, 512),
+        "{before:#?}"
+    );
+    // The last 2 MiB folio (sampled, untouched) is the victim now.
+    mm.reclaim(Some(vm), 2 * MIB).unwrap();
+    let after = mm.vm_stats(vm).unwrap().swap;
+    assert_eq!(after.swapout_fallback_order0, 1, "{after:#?}");
+    assert!(
+        after.swapout_folios - before.swapout_folios >= 512,
+        "its pages went out as order-0 folios: {after:#?}"
+    );
+    assert!(mm.stats().folios_split >= 1);
+    // Everything reads back intact, through the order-0 slots too.
+    for p in 0..pages {
+        check(p);
+    }
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+    assert_eq!(mm.stats().swap_device.used_bytes, 0);
+}

@@ -111,3 +111,58 @@ pub fn poll2(a: std::os::fd::RawFd, b: std::os::fd::RawFd, timeout_ms: i32) -> (
     }
     (fds[0].revents != 0, fds[1].revents != 0)
 }
+
+/// An epoll instance of one thread that waits for one of two fds, with the
+/// first added exclusively (`EPOLLEXCLUSIVE`): a wake-up on it (a new
+/// userfaultfd event) wakes one idle waiter, not every thread polling it.
+#[derive(Debug)]
+pub struct ExclusiveWait(std::os::fd::OwnedFd);
+
+impl ExclusiveWait {
+    /// Wait for `work` (exclusively: one waiter woken per event) or `stop`
+    /// (every waiter sees it).
+    ///
+    /// # Errors
+    /// The errno of `epoll_create1(2)` or `epoll_ctl(2)`.
+    pub fn new(work: std::os::fd::RawFd, stop: std::os::fd::RawFd) -> io::Result<ExclusiveWait> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: epoll_create1 takes only flags; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
+        let ep = ExclusiveWait(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        for (raw, events, token) in [
+            (work, libc::EPOLLIN | libc::EPOLLEXCLUSIVE, 0u64),
+            (stop, libc::EPOLLIN, 1u64),
+        ] {
+            let mut ev = libc::epoll_event {
+                events: events as u32,
+                u64: token,
+            };
+            // SAFETY: `ev` is a live epoll_event the kernel only reads; the
+            // epoll fd is ours and `raw` is a caller-owned open fd.
+            let rc =
+                unsafe { libc::epoll_ctl(ep.0.as_raw_fd(), libc::EPOLL_CTL_ADD, raw, &mut ev) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(ep)
+    }
+
+    /// Wait up to `timeout_ms`. Returns `(work_ready, stop_ready)`.
+    pub fn wait(&self, timeout_ms: i32) -> (bool, bool) {
+        use std::os::fd::AsRawFd;
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        // SAFETY: `evs` is a live, writable array of two epoll_event structs
+        // and we pass its length.
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), 2, timeout_ms) };
+        let got = &evs[..n.max(0) as usize];
+        (
+            got.iter().any(|e| e.u64 == 0),
+            got.iter().any(|e| e.u64 == 1),
+        )
+    }
+}

@@ -8,6 +8,7 @@ use crate::api::routes::{
 };
 use crate::config::{GuestPayload, HostLimits, MemoryConfig, RunConfig, VmConfig};
 use crate::metrics::{MemSample, VmSample};
+use crate::operations::{Job, Operations};
 use crate::pvm::HostQuirks;
 use crate::stop::ExitReason;
 use crate::vm::{MemorySource, Vm, VmState};
@@ -33,7 +34,11 @@ pub struct Controller {
     source: Mutex<Option<MemorySource>>,
     vms: Mutex<Vec<Vm>>,
     exit: AtomicBool,
+    ops: Operations,
 }
+
+/// Reclaim runs in steps of this many bytes, reporting progress after each.
+const RECLAIM_STEP: u64 = 4 << 20;
 
 fn state_name(s: VmState) -> &'static str {
     match s {
@@ -70,6 +75,7 @@ impl Controller {
             source: Mutex::new(None),
             vms: Mutex::new(Vec::new()),
             exit: AtomicBool::new(false),
+            ops: Operations::default(),
         }
     }
 
@@ -371,9 +377,10 @@ impl ApiBackend for Controller {
         })
     }
 
-    fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<u64, ApiError> {
-        // Resolve the manager and VM id, then reclaim without holding `vms`
-        // (it blocks on swap I/O).
+    fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<Job, ApiError> {
+        // Resolve the manager and VM id now, so that a bad request is
+        // refused before anything runs; the job holds neither `vms` nor
+        // any VM (reclaim blocks on swap I/O).
         let (mm, id) = {
             let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
             let pick = match vm {
@@ -390,8 +397,31 @@ impl ApiBackend for Controller {
                 .ok_or_else(|| ApiError::bad("reclaim needs the folio memory backend"))?;
             (mm.clone(), vm.map(|_| *id))
         };
-        mm.reclaim(id, bytes)
-            .map_err(|e| ApiError::bad(error_chain(&e)))
+        if mm.config().swap.is_none() {
+            return Err(ApiError::bad(
+                "reclaim needs a swap file (start foliovm with --swap-dir or --swap-file)",
+            ));
+        }
+        // mem's reclaim, driven in steps so that progress shows; it stops
+        // early when a step frees nothing (nothing more is reclaimable).
+        Ok(Job::new("reclaim", "bytes", bytes, move |progress| {
+            let mut freed = 0;
+            while freed < bytes {
+                let got = mm
+                    .reclaim(id, RECLAIM_STEP.min(bytes - freed))
+                    .map_err(|e| error_chain(&e))?;
+                if got == 0 {
+                    break;
+                }
+                freed += got;
+                progress.advance(got);
+            }
+            Ok(serde_json::json!({ "reclaimed_bytes": freed }))
+        }))
+    }
+
+    fn operations(&self) -> &Operations {
+        &self.ops
     }
 
     fn list_vms(&self) -> serde_json::Value {

@@ -31,6 +31,8 @@
 //!
 //! # Lock order
 //! ```text
+//! budget lock               MemoryManager::budget_lock (set_budget only;
+//!   |                       held across its reclaim, so above everything)
 //! folio lock                FolioTable::lock (sleeping; hashed wait queue).
 //!   |                       Held across swap I/O (writeback, swapin read).
 //!   |                       Several at once only by trylock (reclaim).
@@ -89,6 +91,7 @@ pub mod buddy;
 mod discard;
 mod fault;
 pub mod folio;
+mod hotplug;
 pub mod lru;
 mod manager;
 mod pin;
@@ -109,6 +112,7 @@ mod vm;
 mod vmscan;
 
 pub use discard::{DiscardError, DiscardOutcome};
+pub use hotplug::{BudgetChange, BudgetError};
 pub use manager::{
     BackendError, MemoryManager, MmConfig, MmError, ReclaimConfig, ReclaimError, VmError,
 };

@@ -24,8 +24,10 @@ use crate::vmscan;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-/// Rounds of reclaim-then-offline before lowering the budget gives up.
-const MAX_ROUNDS: usize = 8;
+/// Rounds of offline-then-reclaim before lowering the budget gives up.
+/// Running guests fault some of what reclaim frees back in before it
+/// goes offline, so a round may gain little; rounds go on while they gain.
+const MAX_ROUNDS: usize = 64;
 
 /// Errors from [`crate::MemoryManager::set_budget`]. The budget is
 /// unchanged after every one of them.
@@ -175,7 +177,9 @@ fn lower(
         return Err(cannot(want - free - reclaimable));
     }
     let (mut taken, mut reclaimed) = (0, 0);
+    let mut stalled = 0;
     for _ in 0..MAX_ROUNDS {
+        let before = taken;
         let blocks = inner.buddy().offline(want - taken);
         for b in &blocks {
             // The block is offline: nothing allocates or prepares it, so
@@ -188,18 +192,23 @@ fn lower(
         if taken == want {
             return Ok(reclaimed);
         }
-        if swap {
-            let got = vmscan::reclaim_bytes(inner, None, (want - taken) * PAGE_SIZE) / PAGE_SIZE;
-            reclaimed += got;
-            if got > 0 {
-                continue;
+        let got = if swap {
+            vmscan::reclaim_bytes(inner, None, (want - taken) * PAGE_SIZE) / PAGE_SIZE
+        } else {
+            0
+        };
+        reclaimed += got;
+        if got == 0 && taken == before {
+            stalled += 1;
+            // Blocks the pre-zeroing worker holds come back shortly; after
+            // that, nothing more will come.
+            if stalled > 2 || inner.isolated_pages.load(Relaxed) == 0 {
+                break;
             }
+            inner.wait_for_memory(Duration::from_millis(20));
+        } else {
+            stalled = 0;
         }
-        // Blocks the pre-zeroing worker holds come back shortly.
-        if inner.isolated_pages.load(Relaxed) == 0 {
-            break;
-        }
-        inner.wait_for_memory(Duration::from_millis(20));
     }
     // Undo: everything this call took goes back online.
     inner.buddy().online(taken).map_err(BudgetError::Online)?;

@@ -187,7 +187,7 @@ fn ctl(vm: &ApiVm, args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn long_operations_report_progress_through_the_socket() {
+fn reclaim_operations_and_the_budget_through_the_socket() {
     if !kvm_available() {
         return;
     }
@@ -287,4 +287,54 @@ fn long_operations_report_progress_through_the_socket() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(vm.call("GET", "/", None).json()["state"], "Running");
+
+    // The host budget, at run time: 128 MiB (the guest's memory) at start.
+    let b = vm.call("GET", "/budget", None).json();
+    assert_eq!(
+        (b["budget_bytes"].as_u64(), b["max_budget_bytes"].as_u64()),
+        (Some(128 << 20), Some(128 << 20)),
+        "{b}"
+    );
+    let r = vm.call("PUT", "/budget", Some(r#"{"budget_mib": 256}"#));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.fault().unwrap().contains("above the pool"), "{}", r.body);
+    let r = vm.call("PUT", "/vms/vm0/limits", Some(r#"{"mem_min_mib": 48}"#));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = vm.call("PUT", "/budget", Some(r#"{"budget_mib": 32}"#));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.fault().unwrap().contains("minimums"), "{}", r.body);
+    assert_eq!(
+        vm.call("GET", "/budget", None).json()["budget_bytes"],
+        128 << 20,
+        "refused changes change nothing"
+    );
+    let r = vm.call("PUT", "/budget", Some(r#"{"budget_mib": 64}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["previous_budget_bytes"], 128 << 20, "{}", r.body);
+    let stats = vm.call("GET", "/stats", None).json();
+    assert_eq!(stats["host"]["budget_bytes"], 64 << 20, "{stats}");
+    // The guest keeps running inside the lower budget, through swap.
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = vm.call("GET", "/stats", None).json();
+    let resident = stats["vms"][0]["memory"]["resident_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        resident <= 64 << 20,
+        "{resident} resident over a 64 MiB budget"
+    );
+    assert_eq!(stats["vms"][0]["state"], "Running");
+    let out = ctl(&vm, &["budget", "128M"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "budget 128M (was 64M), reclaimed 0M\n"
+    );
+    let out = ctl(&vm, &["--json", "budget"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["budget_bytes"], 128 << 20, "{v}");
 }

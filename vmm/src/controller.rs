@@ -201,6 +201,19 @@ impl Controller {
         }
     }
 
+    /// The shared memory manager, for the host budget.
+    fn manager_for_budget(&self) -> Result<std::sync::Arc<mem::MemoryManager>, ApiError> {
+        match &*self.source.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(MemorySource::Folio(mm)) => Ok(mm.clone()),
+            Some(MemorySource::Anon) => Err(ApiError::bad(
+                "the host budget needs the folio memory backend",
+            )),
+            None => Err(ApiError::bad(
+                "no memory manager yet: it is created with the first VM (InstanceStart)",
+            )),
+        }
+    }
+
     fn started(&self) -> bool {
         !self
             .vms
@@ -422,6 +435,40 @@ impl ApiBackend for Controller {
 
     fn operations(&self) -> &Operations {
         &self.ops
+    }
+
+    fn budget(&self) -> Result<serde_json::Value, ApiError> {
+        let mm = self.manager_for_budget()?;
+        let s = mm.stats();
+        Ok(serde_json::json!({
+            "budget_bytes": s.budget_bytes,
+            "max_budget_bytes": s.pool_bytes,
+            "free_bytes": s.free_bytes,
+        }))
+    }
+
+    fn set_budget(&self, bytes: u64) -> Result<serde_json::Value, ApiError> {
+        let mm = self.manager_for_budget()?;
+        let c = mm.set_budget(bytes).map_err(|e| match e {
+            // The request is valid, but the VMs' memory cannot make room now.
+            mem::BudgetError::CannotFree { .. } => ApiError {
+                status: 409,
+                message: e.to_string(),
+            },
+            mem::BudgetError::Online(_) => ApiError::internal(error_chain(&e)),
+            _ => ApiError::bad(e.to_string()),
+        })?;
+        tracing::info!(
+            old_mib = c.old_bytes >> 20,
+            new_mib = c.new_bytes >> 20,
+            reclaimed_mib = c.reclaimed_bytes >> 20,
+            "host budget changed"
+        );
+        Ok(serde_json::json!({
+            "budget_bytes": c.new_bytes,
+            "previous_budget_bytes": c.old_bytes,
+            "reclaimed_bytes": c.reclaimed_bytes,
+        }))
     }
 
     fn list_vms(&self) -> serde_json::Value {

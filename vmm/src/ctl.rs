@@ -143,6 +143,37 @@ fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
             }
             Ok(())
         }
+        CtlCmd::Budget { size: None } => {
+            let r = call(sock, "GET", "/budget", None)?;
+            if json {
+                println!("{}", r.body);
+            } else {
+                let v = r.json();
+                println!(
+                    "budget {} (at most {}), free {}",
+                    mib(&v["budget_bytes"]),
+                    mib(&v["max_budget_bytes"]),
+                    mib(&v["free_bytes"])
+                );
+            }
+            Ok(())
+        }
+        CtlCmd::Budget { size: Some(size) } => {
+            let body = serde_json::json!({ "budget_mib": mib_arg(&size)? });
+            let r = call(sock, "PUT", "/budget", Some(&body.to_string()))?;
+            if json {
+                println!("{}", r.body);
+            } else {
+                let v = r.json();
+                println!(
+                    "budget {} (was {}), reclaimed {}",
+                    mib(&v["budget_bytes"]),
+                    mib(&v["previous_budget_bytes"]),
+                    mib(&v["reclaimed_bytes"])
+                );
+            }
+            Ok(())
+        }
         CtlCmd::Resume { vm } => {
             call(
                 sock,

@@ -154,6 +154,13 @@ struct ReclaimBody {
     run_async: bool,
 }
 
+/// `PUT /budget` body: the host budget of the memory manager.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetBody {
+    budget_mib: u64,
+}
+
 /// Firecracker's `PATCH /balloon` body.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,6 +217,11 @@ pub trait ApiBackend: Send + Sync {
     fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<Job, ApiError>;
     /// The registry of long operations.
     fn operations(&self) -> &Operations;
+    /// `GET /budget`: the host budget, its maximum and free memory.
+    fn budget(&self) -> Result<serde_json::Value, ApiError>;
+    /// Set the host budget; answers the old and new budget and what was
+    /// reclaimed to lower it.
+    fn set_budget(&self, bytes: u64) -> Result<serde_json::Value, ApiError>;
     /// `GET /vms`: every VM's name, state and size.
     fn list_vms(&self) -> serde_json::Value;
     /// `GET /vms/{name}`: one VM with its memory statistics.
@@ -419,6 +431,18 @@ fn dispatch(
             let job = api.reclaim(r.vm.as_deref(), r.mib << 20)?;
             run_job(api, job, r.run_async)
         }
+        ("GET", ["budget"]) => api.budget().map(|v| ApiResponse::json(&v)),
+        ("PUT", ["budget"]) => {
+            let b: BudgetBody = parse(body)?;
+            if b.budget_mib == 0 || b.budget_mib > (1 << 24) {
+                return Err(ApiError::bad(format!(
+                    "budget_mib {} is out of range 1..=16777216",
+                    b.budget_mib
+                )));
+            }
+            api.set_budget(b.budget_mib << 20)
+                .map(|v| ApiResponse::json(&v))
+        }
         ("GET", ["operations"]) => Ok(ApiResponse::json(&api.operations().list())),
         ("GET", ["operations", id]) => operation_id(id)
             .and_then(|id| api.operations().get(id))
@@ -433,7 +457,7 @@ fn dispatch(
         (
             _,
             ["" | "boot-source" | "machine-config" | "actions" | "vm" | "vms" | "stats" | "metrics"
-            | "reclaim" | "balloon" | "operations"],
+            | "reclaim" | "balloon" | "operations" | "budget"],
         ) => Err(not_allowed(method, path)),
         (_, ["operations", id]) if operation_id(id).is_some() => Err(not_allowed(method, path)),
         (_, ["balloon", "statistics"]) => Err(not_allowed(method, path)),
@@ -548,6 +572,16 @@ mod tests {
         fn operations(&self) -> &Operations {
             &self.ops
         }
+        fn budget(&self) -> Result<serde_json::Value, ApiError> {
+            Ok(serde_json::json!({"budget_bytes": 1u64 << 30, "max_budget_bytes": 1u64 << 30}))
+        }
+        fn set_budget(&self, bytes: u64) -> Result<serde_json::Value, ApiError> {
+            if bytes > 1 << 30 {
+                return Err(ApiError::bad("above the pool"));
+            }
+            self.record(format!("budget {bytes}"));
+            Ok(serde_json::json!({"budget_bytes": bytes}))
+        }
         fn list_vms(&self) -> serde_json::Value {
             serde_json::json!([{"name": "vm0"}])
         }
@@ -610,6 +644,17 @@ mod tests {
             (r.status, r.body.as_str()),
             (200, r#"{"reclaimed_bytes":4194304}"#)
         );
+        let r = route(&f, "PUT", "/budget", br#"{"budget_mib": 512}"#);
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, r#"{"budget_bytes":536870912}"#)
+        );
+        assert_eq!(
+            f.calls().last().map(String::as_str),
+            Some("budget 536870912")
+        );
+        let r = route(&f, "GET", "/budget", b"");
+        assert_eq!(r.status, 200);
         let r = route(
             &f,
             "PUT",
@@ -737,6 +782,42 @@ mod tests {
             ),
             ("GET", "/vms/vm0/limits", b"", 405, "not allowed"),
             ("PUT", "/reclaim", br#"{"mib": 0}"#, 400, "out of range"),
+            (
+                "PUT",
+                "/budget",
+                br#"{"budget_mib": 0}"#,
+                400,
+                "out of range",
+            ),
+            (
+                "PUT",
+                "/budget",
+                br#"{"budget_mib": 16777217}"#,
+                400,
+                "out of range",
+            ),
+            (
+                "PUT",
+                "/budget",
+                br#"{"budget_mib": 4096}"#,
+                400,
+                "above the pool",
+            ),
+            ("PUT", "/budget", br#"{"mib": 64}"#, 400, "unknown field"),
+            (
+                "PUT",
+                "/budget",
+                br#"{"budget_mib": "1G"}"#,
+                400,
+                "invalid type",
+            ),
+            (
+                "PATCH",
+                "/budget",
+                br#"{"budget_mib": 64}"#,
+                405,
+                "not allowed",
+            ),
             (
                 "PATCH",
                 "/balloon",

@@ -324,6 +324,13 @@ impl ApiBackend for Controller {
             .map_err(|e| ApiError::internal(error_chain(&e)))
     }
 
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        self.with_vm(None, |v| {
+            v.send_ctrl_alt_del()
+                .map_err(|e| ApiError::bad(error_chain(&e)))
+        })
+    }
+
     fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError> {
         self.with_vm(vm, |v| {
             let r = if paused { v.pause() } else { v.resume() };

@@ -201,6 +201,8 @@ pub trait ApiBackend: Send + Sync {
     fn machine_config(&self) -> MachineConfigBody;
     /// Build and start the configured VM.
     fn instance_start(&self) -> Result<(), ApiError>;
+    /// Press Ctrl+Alt+Del on the (only) VM's keyboard.
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError>;
     /// Pause (`true`) or resume (`false`) a VM; `None` means the only one.
     fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError>;
     /// Set the (only) VM's balloon target.
@@ -370,9 +372,7 @@ fn dispatch(
             match a.action_type.as_str() {
                 "InstanceStart" => api.instance_start().map(|()| ApiResponse::no_content()),
                 "FlushMetrics" => Ok(ApiResponse::no_content()),
-                "SendCtrlAltDel" => Err(ApiError::bad(
-                    "SendCtrlAltDel is not supported: foliovm's i8042 has no keyboard; reboot from the guest instead",
-                )),
+                "SendCtrlAltDel" => api.send_ctrl_alt_del().map(|()| ApiResponse::no_content()),
                 other => Err(ApiError::bad(format!("unknown action_type {other:?}"))),
             }
         }
@@ -530,6 +530,13 @@ mod tests {
             self.record("start".into());
             Ok(())
         }
+        fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+            if !*self.started.lock().unwrap() {
+                return Err(ApiError::bad("the microVM has not been started"));
+            }
+            self.record("ctrl-alt-del".into());
+            Ok(())
+        }
         fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError> {
             match vm {
                 Some(n) if n != "vm0" => Err(ApiError::not_found(format!("no VM named {n:?}"))),
@@ -630,6 +637,14 @@ mod tests {
         );
         assert_eq!(r.status, 204);
         assert_eq!(f.calls()[..3], ["boot /k", "machine 2 1024", "start"]);
+        let r = route(
+            &f,
+            "PUT",
+            "/actions",
+            br#"{"action_type": "SendCtrlAltDel"}"#,
+        );
+        assert_eq!(r.status, 204, "{}", r.body);
+        assert_eq!(f.calls()[3], "ctrl-alt-del");
         let r = route(&f, "GET", "/", b"");
         assert!(r.body.contains("\"state\":\"Running\""), "{}", r.body);
         let r = route(
@@ -738,7 +753,7 @@ mod tests {
                 "/actions",
                 br#"{"action_type": "SendCtrlAltDel"}"#,
                 400,
-                "not supported",
+                "not been started",
             ),
             ("PATCH", "/vm", br#"{"state": "Sleeping"}"#, 400, "Paused"),
             (

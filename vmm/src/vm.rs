@@ -20,7 +20,7 @@ use crate::vmm::{host, RunOutcome, Subscriber, VmmError};
 use crate::workload::{self, WorkloadLayout, WorkloadReport, WorkloadSpec};
 use devices::legacy::{SerialDevice, SerialInput, I8042};
 use devices::{Bus, EventFdTrigger};
-use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use mem::anon::AnonBackend;
 use mem::{GuestMemoryBackend, MemoryManager, MmStats, RamRegion, VmId, VmStats};
@@ -266,6 +266,53 @@ fn legacy_devices(
     Ok((reset_watch, keyboard))
 }
 
+/// The event loop as a VM build sees it: every subscriber added through
+/// it is remembered, so that a failed build can take them all off again.
+struct Registrations<'a> {
+    events: &'a mut dyn SubscriberOps<Subscriber = Subscriber>,
+    added: Vec<SubscriberId>,
+}
+
+impl<'a> Registrations<'a> {
+    fn new(events: &'a mut dyn SubscriberOps<Subscriber = Subscriber>) -> Self {
+        Registrations {
+            events,
+            added: Vec::new(),
+        }
+    }
+
+    /// Remove every subscriber added through `self`, newest first.
+    fn roll_back(self) {
+        for id in self.added.into_iter().rev() {
+            // Only ids this build added are removed; each exactly once.
+            let _ = self.events.remove_subscriber(id);
+        }
+    }
+}
+
+impl SubscriberOps for Registrations<'_> {
+    type Subscriber = Subscriber;
+
+    fn add_subscriber(&mut self, subscriber: Subscriber) -> SubscriberId {
+        let id = self.events.add_subscriber(subscriber);
+        self.added.push(id);
+        id
+    }
+
+    fn remove_subscriber(&mut self, id: SubscriberId) -> event_manager::Result<Subscriber> {
+        self.added.retain(|a| *a != id);
+        self.events.remove_subscriber(id)
+    }
+
+    fn subscriber_mut(&mut self, id: SubscriberId) -> event_manager::Result<&mut Subscriber> {
+        self.events.subscriber_mut(id)
+    }
+
+    fn event_ops(&mut self, id: SubscriberId) -> event_manager::Result<EventOps<'_>> {
+        self.events.event_ops(id)
+    }
+}
+
 /// Errors changing a VM's run state.
 #[derive(Debug, thiserror::Error)]
 pub enum VmStateError {
@@ -332,6 +379,22 @@ impl Vm {
     /// # Errors
     /// Any setup failure, naming what failed.
     pub fn build(
+        config: &VmConfig,
+        source: &MemorySource,
+        quirks: &HostQuirks,
+        events: &mut dyn SubscriberOps<Subscriber = Subscriber>,
+    ) -> Result<Vm, VmmError> {
+        // A build that fails after its devices subscribed takes them off
+        // the event loop again (a retried InstanceStart registers anew).
+        let mut reg = Registrations::new(events);
+        let vm = Self::build_on(config, source, quirks, &mut reg);
+        if vm.is_err() {
+            reg.roll_back();
+        }
+        vm
+    }
+
+    fn build_on(
         config: &VmConfig,
         source: &MemorySource,
         quirks: &HostQuirks,
@@ -654,5 +717,48 @@ fn load_payload(
             sregs,
         ),
         GuestPayload::Workload(spec) => load_workload(mem, config, spec, sregs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Subscribes one eventfd.
+    struct Watch(EventFd);
+
+    impl MutEventSubscriber for Watch {
+        fn process(&mut self, _: Events, _: &mut EventOps) {}
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new_raw(self.0.as_raw_fd(), EventSet::IN))
+                .expect("a fresh fd registers");
+        }
+    }
+
+    fn watch() -> Subscriber {
+        Arc::new(Mutex::new(Watch(EventFd::new(libc::EFD_NONBLOCK).unwrap())))
+    }
+
+    #[test]
+    fn a_failed_build_takes_its_subscribers_off_the_loop() {
+        let mut events = crate::vmm::event_manager().unwrap();
+        let kept = events.add_subscriber(watch());
+        let mut reg = Registrations::new(&mut events);
+        let a = reg.add_subscriber(watch());
+        let b = reg.add_subscriber(watch());
+        let c = reg.add_subscriber(watch());
+        // A subscriber the build removed itself is not removed twice.
+        reg.remove_subscriber(b).unwrap();
+        reg.roll_back();
+        for id in [a, b, c] {
+            assert!(
+                events.subscriber_mut(id).is_err(),
+                "{id:?} is still on the loop"
+            );
+        }
+        assert!(
+            events.subscriber_mut(kept).is_ok(),
+            "others' subscribers stay"
+        );
     }
 }

@@ -95,6 +95,8 @@ pub struct FreeAreaStats {
     pub total_pages: u64,
     /// Base pages taken offline (not part of the usable budget).
     pub offline_pages: u64,
+    /// Free base pages parked in isolated pageblocks (not allocatable).
+    pub isolated_pages: u64,
 }
 
 impl FreeAreaStats {
@@ -126,7 +128,15 @@ pub struct Buddy {
     /// Offline blocks: first pfn -> order.
     offline: BTreeMap<u64, Order>,
     offline_pages: u64,
+    /// Isolated pageblocks (first pfn) and the free blocks parked in them,
+    /// like `MIGRATE_ISOLATE` pageblocks: frees into them do not reach the
+    /// free lists until the pageblock is released.
+    isolated: BTreeMap<u64, Vec<(u64, Order, BlockState)>>,
+    isolated_pages: u64,
 }
+
+/// Pages in a pageblock: the unit of isolation and compaction (2 MiB).
+pub const PAGEBLOCK_PAGES: u64 = Order::PMD.nr_pages();
 
 impl Buddy {
     /// A pool of `nr_pages` pages, all free in `state`, carved into the
@@ -139,6 +149,8 @@ impl Buddy {
             ready_pages: 0,
             offline: BTreeMap::new(),
             offline_pages: 0,
+            isolated: BTreeMap::new(),
+            isolated_pages: 0,
         };
         let mut pfn = 0;
         while pfn < nr_pages {
@@ -193,6 +205,37 @@ impl Buddy {
             order,
             state,
         })
+    }
+
+    /// Allocate a block of `order` from the smallest free block that fits,
+    /// whatever its state, preferring the least prepared at equal size:
+    /// for a migration target, which the copy overwrites entirely, so
+    /// compaction fills holes instead of splitting fresh 2 MiB blocks.
+    pub fn alloc_smallest(&mut self, order: Order) -> Option<Block> {
+        let (from, state) = Order::all().filter(|o| *o >= order).find_map(|o| {
+            BlockState::ALL
+                .into_iter()
+                .rev()
+                .find(|s| !self.free[o.index()][s.index()].is_empty())
+                .map(|s| (o, s))
+        })?;
+        let pfn = *self.free[from.index()][state.index()].iter().next()?;
+        self.remove(pfn, from);
+        let mut cur = from;
+        while cur > order {
+            cur = cur.lower()?;
+            self.insert(pfn + cur.nr_pages(), cur, state);
+        }
+        Some(Block {
+            offset: PoolOffset::from_pfn(pfn),
+            order,
+            state,
+        })
+    }
+
+    /// Whether the pageblock at `pb` is one free block.
+    pub fn pageblock_is_free(&self, pb: u64) -> bool {
+        self.is_free_at(pb, Order::PMD)
     }
 
     /// Take the largest free block that is not `Ready`, for the pre-zeroing
@@ -267,11 +310,18 @@ impl Buddy {
         {
             return Err(bad);
         }
-        if self.overlaps_free(pfn, order.nr_pages()) {
+        if self.overlaps_free(pfn, order.nr_pages()) || self.overlaps_parked(pfn, order.nr_pages())
+        {
             return Err(FreeError::DoubleFree {
                 pfn,
                 order: order.0,
             });
+        }
+        let pb = pfn - pfn % PAGEBLOCK_PAGES;
+        if let Some(parked) = self.isolated.get_mut(&pb) {
+            parked.push((pfn, order, state));
+            self.isolated_pages += order.nr_pages();
+            return Ok(());
         }
         let (mut order, mut state) = (order, state);
         while order < Order::PMD {
@@ -357,6 +407,85 @@ impl Buddy {
         self.offline_pages
     }
 
+    fn overlaps_parked(&self, pfn: u64, nr: u64) -> bool {
+        let pb = pfn - pfn % PAGEBLOCK_PAGES;
+        self.isolated.get(&pb).is_some_and(|parked| {
+            parked
+                .iter()
+                .any(|&(p, o, _)| p < pfn + nr && pfn < p + o.nr_pages())
+        })
+    }
+
+    /// Isolate the pageblock starting at `pb` (a multiple of
+    /// [`PAGEBLOCK_PAGES`] inside the pool): its free blocks leave the free
+    /// lists, and blocks freed into it later are parked too, until
+    /// [`Buddy::unisolate_pageblock`]. Returns false if it is already
+    /// isolated or not a whole pageblock of the pool.
+    /// Analogue of `start_isolate_page_range()`.
+    pub fn isolate_pageblock(&mut self, pb: u64) -> bool {
+        if !pb.is_multiple_of(PAGEBLOCK_PAGES)
+            || pb + PAGEBLOCK_PAGES > self.nr_pages
+            || self.isolated.contains_key(&pb)
+        {
+            return false;
+        }
+        let mut parked = Vec::new();
+        for o in Order::all() {
+            for s in BlockState::ALL {
+                let pfns: Vec<u64> = self.free[o.index()][s.index()]
+                    .range(pb..pb + PAGEBLOCK_PAGES)
+                    .copied()
+                    .collect();
+                for pfn in pfns {
+                    self.remove(pfn, o);
+                    parked.push((pfn, o, s));
+                    self.isolated_pages += o.nr_pages();
+                }
+            }
+        }
+        self.isolated.insert(pb, parked);
+        true
+    }
+
+    /// Release an isolated pageblock: its parked blocks are freed (and
+    /// merge). Returns the pages released.
+    pub fn unisolate_pageblock(&mut self, pb: u64) -> u64 {
+        let Some(parked) = self.isolated.remove(&pb) else {
+            return 0;
+        };
+        let mut n = 0;
+        for (pfn, o, s) in parked {
+            self.isolated_pages -= o.nr_pages();
+            n += o.nr_pages();
+            if let Err(e) = self.free(PoolOffset::from_pfn(pfn), o, s) {
+                debug_assert!(false, "parked block {pfn:#x}: {e}");
+            }
+        }
+        n
+    }
+
+    /// Free pages (on the free lists) in each pageblock of the pool, for
+    /// choosing compaction sources. A pageblock holding offline memory
+    /// counts 0: it cannot be emptied into a free 2 MiB block.
+    pub fn free_pages_per_pageblock(&self) -> Vec<u64> {
+        let mut out = vec![0; (self.nr_pages / PAGEBLOCK_PAGES) as usize];
+        for o in Order::all() {
+            for s in BlockState::ALL {
+                for &pfn in &self.free[o.index()][s.index()] {
+                    if let Some(c) = out.get_mut((pfn / PAGEBLOCK_PAGES) as usize) {
+                        *c += o.nr_pages();
+                    }
+                }
+            }
+        }
+        for &pfn in self.offline.keys() {
+            if let Some(c) = out.get_mut((pfn / PAGEBLOCK_PAGES) as usize) {
+                *c = 0;
+            }
+        }
+        out
+    }
+
     /// Free base pages (all states).
     pub fn nr_free(&self) -> u64 {
         self.free_pages
@@ -369,6 +498,7 @@ impl Buddy {
             ready_pages: self.ready_pages,
             total_pages: self.nr_pages,
             offline_pages: self.offline_pages,
+            isolated_pages: self.isolated_pages,
             ..Default::default()
         };
         for o in Order::all() {
@@ -420,6 +550,19 @@ impl Buddy {
             return Err(format!(
                 "offline counter {} but set {offline}",
                 self.offline_pages
+            ));
+        }
+        let mut parked_pages = 0;
+        for parked in self.isolated.values() {
+            for &(pfn, o, _) in parked {
+                blocks.push((pfn, o.nr_pages()));
+                parked_pages += o.nr_pages();
+            }
+        }
+        if parked_pages != self.isolated_pages {
+            return Err(format!(
+                "isolated counter {} but parked {parked_pages}",
+                self.isolated_pages
             ));
         }
         blocks.sort_unstable();
@@ -587,6 +730,25 @@ mod tests {
     }
 
     #[test]
+    fn offline_memory_and_isolated_pageblocks_get_along() {
+        let mut b = Buddy::new(1024, R);
+        // 100 pages offline: all in one pageblock, which compaction skips.
+        let taken = b.offline(100);
+        let pb = taken[0].offset.pfn() / PAGEBLOCK_PAGES;
+        assert!(taken.iter().all(|t| t.offset.pfn() / PAGEBLOCK_PAGES == pb));
+        assert_eq!(b.free_pages_per_pageblock()[pb as usize], 0);
+        // Onlined into an isolated pageblock, the pages are parked and
+        // merge when it is released.
+        assert!(b.isolate_pageblock(pb * PAGEBLOCK_PAGES));
+        assert_eq!(b.online(100), Ok(100));
+        assert_eq!(b.nr_offline(), 0);
+        b.check().unwrap();
+        assert_eq!(b.unisolate_pageblock(pb * PAGEBLOCK_PAGES), 512);
+        assert_eq!(b.stats().free_blocks[9], 2);
+        b.check().unwrap();
+    }
+
+    #[test]
     fn offline_prefers_blocks_that_need_work() {
         let mut b = Buddy::new(1024, BlockState::NeedsZero);
         let t = b.take_unprepared().unwrap();
@@ -595,6 +757,39 @@ mod tests {
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].state, BlockState::NeedsZero);
         assert_eq!(b.stats().ready_pages, 512);
+    }
+
+    #[test]
+    fn isolated_pageblock_parks_frees_until_released() {
+        let mut b = Buddy::new(1024, R);
+        let held: Vec<_> = (0..4).map(|_| b.alloc(Order(0), R).unwrap()).collect();
+        assert!(held.iter().all(|h| h.offset.pfn() < 512));
+        assert_eq!(b.stats().free_pages, 1020);
+        assert!(b.isolate_pageblock(0));
+        assert!(!b.isolate_pageblock(0), "isolated twice");
+        assert!(!b.isolate_pageblock(3), "not a pageblock");
+        let s = b.stats();
+        assert_eq!((s.free_pages, s.isolated_pages), (512, 508));
+        // Nothing of the isolated pageblock is handed out.
+        let x = b.alloc(Order(0), R).unwrap();
+        assert!(x.offset.pfn() >= 512);
+        b.free(x.offset, x.order, R).unwrap();
+        for h in &held {
+            b.free(h.offset, h.order, R).unwrap();
+        }
+        assert!(matches!(
+            b.free(held[0].offset, Order(0), R),
+            Err(FreeError::DoubleFree { .. })
+        ));
+        assert_eq!(b.stats().isolated_pages, 512);
+        b.check().unwrap();
+        assert_eq!(b.unisolate_pageblock(0), 512);
+        let s = b.stats();
+        assert_eq!(
+            (s.free_blocks[9], s.free_pages, s.isolated_pages),
+            (2, 1024, 0)
+        );
+        b.check().unwrap();
     }
 
     #[derive(Debug, Clone)]

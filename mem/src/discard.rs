@@ -78,7 +78,15 @@ pub(crate) fn discard(
         let mut ptl = region.pt.lock(idx);
         let stop = end.min(ptl.end());
         if !ptl.is_dead() && ptl.nr_used() > 0 {
-            discard_table(inner, region, &mut ptl, idx, stop, &mut out);
+            if let Err((at, folio)) = discard_table(inner, region, &mut ptl, idx, stop, &mut out) {
+                // A migration or collapse owns the entry: wait for it on the
+                // folio lock (the entry keeps the folio alive until then).
+                inner.folios.slab().get_ref(folio);
+                drop(ptl);
+                crate::swapin::wait_on_folio(inner, folio);
+                idx = at;
+                continue;
+            }
         }
         drop(ptl);
         idx = stop;
@@ -93,7 +101,8 @@ pub(crate) fn discard(
     Ok(out)
 }
 
-/// Discard `[from, to)` inside the table locked by `ptl`.
+/// Discard `[from, to)` inside the table locked by `ptl`. Stops at a
+/// `Migration` entry, returning its page and folio for the caller to wait.
 ///
 /// # Context
 /// Page-table lock held; takes the folio-table and zone locks (not nested).
@@ -104,7 +113,7 @@ fn discard_table(
     from: PageIndex,
     to: PageIndex,
     out: &mut DiscardOutcome,
-) {
+) -> Result<(), (PageIndex, FolioId)> {
     let mut i = from;
     while i < to {
         let pte = ptl.pte(i);
@@ -112,10 +121,11 @@ fn discard_table(
             PteState::Present { folio, subpage } | PteState::ProtNone { folio, subpage } => {
                 (folio, subpage)
             }
-            PteState::None | PteState::Migration { .. } => {
+            PteState::None => {
                 i = i.forward(1);
                 continue;
             }
+            PteState::Migration { folio } => return Err((i, folio)),
             _ => {
                 discard_unmapped(inner, region, ptl, i, pte);
                 out.discarded_pages += 1;
@@ -156,6 +166,7 @@ fn discard_table(
         out.partial_folios += removal.queued_split as u64;
         i = i.forward(nr);
     }
+    Ok(())
 }
 
 /// Discard one page that no folio maps: a swap entry (its slot reference

@@ -234,6 +234,14 @@ impl FolioSlab {
         })
     }
 
+    /// Every live folio with its id.
+    pub fn iter(&self) -> impl Iterator<Item = (FolioId, &Folio)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.as_ref().map(|f| (FolioId(i as u32), f)))
+    }
+
     /// Live folios.
     pub fn nr_live(&self) -> u64 {
         self.nr_live

@@ -88,12 +88,15 @@
 
 pub mod anon;
 pub mod buddy;
+mod compact;
 mod discard;
 mod fault;
 pub mod folio;
 mod hotplug;
+pub mod inject;
 pub mod lru;
 mod manager;
+mod migrate;
 mod pin;
 pub mod pool;
 mod prezero;
@@ -111,13 +114,18 @@ mod types;
 mod vm;
 mod vmscan;
 
+pub use compact::CompactReport;
 pub use discard::{DiscardError, DiscardOutcome};
 pub use hotplug::{BudgetChange, BudgetError};
+pub use inject::{FaultPoint, InjectPlan};
 pub use manager::{
     BackendError, MemoryManager, MmConfig, MmError, ReclaimConfig, ReclaimError, VmError,
 };
+pub use migrate::MigrateError;
 pub use pin::{PinError, PinGuard};
-pub use stats::{FaultStats, Histogram, MmStats, SwapDeviceStats, SwapStats, VmStats};
+pub use stats::{
+    FaultStats, Histogram, MigrationStats, MmStats, SwapDeviceStats, SwapStats, VmStats,
+};
 pub use swap_file::{FaultPlan, InjectedFault, IoOp, SwapConfig, SwapFileError, SwapTarget};
 pub use types::{
     FolioId, GuestAddress, HostAddr, Order, PageIndex, PoolOffset, SwapSlot, VmId, PAGE_SIZE,

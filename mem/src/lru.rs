@@ -103,6 +103,26 @@ impl FolioSlab {
         lv.nr_pages[gen] += nr;
     }
 
+    /// Put `new` on the LRU where `old` is, and take `old` off
+    /// (`folio_migrate_flags()` keeping the generation). No-op for `new` if
+    /// `old` is not on the LRU.
+    pub(crate) fn lru_replace(&mut self, old: FolioId, new: FolioId) {
+        let Some(gen) = self
+            .get(old)
+            .filter(|f| f.flags.contains(FolioFlags::LRU))
+            .map(|f| f.flags.gen())
+        else {
+            return;
+        };
+        self.lru_del(old);
+        let vm = self.folio_vm(new);
+        let lv = self.lruvec(vm);
+        let seq = (lv.min_seq..=lv.max_seq)
+            .find(|&s| gen_of(s) == gen)
+            .unwrap_or(lv.max_seq);
+        self.lru_add_seq(new, seq);
+    }
+
     /// Take off the LRU if on it (`lruvec_del_folio()`).
     pub fn lru_del(&mut self, id: FolioId) {
         let vm = self.folio_vm(id);

@@ -3,10 +3,13 @@
 
 use crate::anon::{AnonError, AnonMapping};
 use crate::buddy::{BlockState, Buddy};
+use crate::compact::{self, CompactReport};
 use crate::discard::{self, DiscardError, DiscardOutcome};
 use crate::fault;
 use crate::folio::{FolioTable, FreedRange};
 use crate::hotplug::{BudgetChange, BudgetError};
+use crate::inject::{InjectPlan, Injector};
+use crate::migrate;
 use crate::pin::{self, PinError, PinGuard};
 use crate::pool::Pool;
 use crate::prezero;
@@ -209,6 +212,8 @@ pub(crate) struct Inner {
     /// Background reclaimer wake-up flag. Leaf.
     kswapd_kick: Mutex<bool>,
     kswapd_cv: Condvar,
+    /// Armed fault points of migration and relocation (tests, drills).
+    pub inject: Injector,
 }
 
 impl Inner {
@@ -394,6 +399,7 @@ impl MemoryManager {
             reclaimers: AtomicU64::new(0),
             kswapd_kick: Mutex::new(false),
             kswapd_cv: Condvar::new(),
+            inject: Injector::default(),
         });
         let mm = Arc::new(MemoryManager {
             inner,
@@ -608,6 +614,74 @@ impl MemoryManager {
         Ok(())
     }
 
+    /// Arm fault points in migration, collapse and relocation (tests and
+    /// drills); an empty list disarms them.
+    pub fn inject_faults(&self, plans: Vec<InjectPlan>) {
+        self.inner.inject.set(plans);
+    }
+
+    /// Compact: rebuild free 2 MiB pool blocks and collapse `vm`'s (or
+    /// every VM's) ranges of small folios into 2 MiB folios mapped as PMDs.
+    /// `progress(done, total)` reports collapse candidates handled.
+    ///
+    /// # Errors
+    /// [`VmError::NoSuchVm`].
+    ///
+    /// # Context
+    /// Blocks while it copies; call it from a thread that may block.
+    pub fn compact(
+        &self,
+        vm: Option<VmId>,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<CompactReport, VmError> {
+        if let Some(id) = vm {
+            self.inner.vm(id).ok_or(VmError::NoSuchVm(id))?;
+        }
+        Ok(compact::compact(&self.inner, vm, progress))
+    }
+
+    /// Migrate every folio mapped in `[gpa, gpa + len)` of `vm` to a new
+    /// pool block (the folio-migration primitive, for tests and drills).
+    /// Returns `(migrated, not migrated)`; failures were undone.
+    ///
+    /// # Errors
+    /// [`VmError::NoSuchVm`].
+    pub fn migrate_range(
+        &self,
+        vm: VmId,
+        gpa: GuestAddress,
+        len: u64,
+    ) -> Result<(u64, u64), VmError> {
+        let state = self.inner.vm(vm).ok_or(VmError::NoSuchVm(vm))?;
+        let Some((region, first)) = state.region_of(gpa, len) else {
+            return Ok((0, 0));
+        };
+        let end = first.forward(len.div_ceil(PAGE_SIZE));
+        let mut ids = Vec::new();
+        let mut idx = first;
+        while idx < end {
+            let ptl = region.pt.lock(idx);
+            let stop = end.min(ptl.end());
+            for i in idx.0..stop.0 {
+                if let Some((f, _)) = ptl.pte(crate::PageIndex(i)).mapped_folio() {
+                    if ids.last() != Some(&f) {
+                        ids.push(f);
+                    }
+                }
+            }
+            idx = stop;
+        }
+        ids.dedup();
+        let (mut ok, mut failed) = (0, 0);
+        for id in ids {
+            match migrate::migrate_folio(&self.inner, id) {
+                Ok(_) => ok += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        Ok((ok, failed))
+    }
+
     /// Manager-wide statistics.
     pub fn stats(&self) -> MmStats {
         let inner = &self.inner;
@@ -620,6 +694,7 @@ impl MemoryManager {
             collapse_failed: inner.workers.collapse_failed.load(Relaxed),
             folios_split: inner.workers.folios_split.load(Relaxed),
             split_freed_pages: inner.workers.split_freed_pages.load(Relaxed),
+            migration: inner.workers.migration(),
             ..Default::default()
         };
         let (buddy_meta, fa) = {
@@ -740,6 +815,7 @@ impl MemoryManager {
                 .sum()
         };
         let isolated = self.inner.isolated_pages.load(Relaxed);
+        let isolated = isolated + fa.isolated_pages;
         if fa.free_pages + folio_pages + isolated + fa.offline_pages != fa.total_pages {
             return Err(format!(
                 "free {} + folios {folio_pages} + isolated {isolated} + offline {} != pool {}",

@@ -20,8 +20,19 @@ use std::sync::atomic::Ordering::Relaxed;
 /// # Context
 /// Pre-zeroing worker; no locks held.
 pub(crate) fn deferred_split_scan(inner: &Inner) {
-    while let Some((id, rmap)) = next_queued(inner) {
-        split_one(inner, id, rmap);
+    loop {
+        // Counted busy before the queue is popped, so that `wait_idle`
+        // never sees an empty queue and no split in flight while a split
+        // still holds the ranges it frees.
+        inner.reclaimers.fetch_add(1, Relaxed);
+        let next = next_queued(inner);
+        if let Some((id, rmap)) = next {
+            split_one(inner, id, rmap);
+        }
+        inner.reclaimers.fetch_sub(1, Relaxed);
+        if next.is_none() {
+            return;
+        }
     }
 }
 

@@ -341,6 +341,30 @@ pub struct WorkerCounters {
     pub folios_split: AtomicU64,
     /// Pages returned to the allocator by those splits.
     pub split_freed_pages: AtomicU64,
+    /// Folios migrated.
+    pub migrate_success: AtomicU64,
+    /// Of those, unmapped swap-cache folios.
+    pub migrate_swapcache: AtomicU64,
+    /// Migrations that failed or were refused (and were undone).
+    pub migrate_failed: AtomicU64,
+    /// Folios skipped because they were pinned.
+    pub migrate_skipped_pinned: AtomicU64,
+    /// Bytes copied by migration and collapse.
+    pub migrate_copy_bytes: AtomicU64,
+    /// Time spent copying them, ns.
+    pub migrate_copy_ns: AtomicU64,
+    /// Free 2 MiB blocks rebuilt by compaction.
+    pub compact_blocks: AtomicU64,
+    /// Compaction attempts on a pageblock that failed (undone).
+    pub compact_failed: AtomicU64,
+    /// Guest ranges collapsed into one 2 MiB folio.
+    pub collapsed: AtomicU64,
+    /// Collapse attempts that failed or were refused (undone).
+    pub collapse_aborted: AtomicU64,
+    /// Region relocations completed.
+    pub relocations: AtomicU64,
+    /// Relocations that failed and were undone.
+    pub relocations_undone: AtomicU64,
 }
 
 /// Manager-wide statistics.
@@ -385,6 +409,56 @@ pub struct MmStats {
     pub swap: SwapStats,
     /// The swap device.
     pub swap_device: SwapDeviceStats,
+    /// Migration, compaction, collapse and relocation.
+    pub migration: MigrationStats,
+}
+
+/// Migration, compaction, collapse and relocation counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationStats {
+    /// Folios migrated.
+    pub migrated: u64,
+    /// Of those, unmapped swap-cache folios.
+    pub migrated_swapcache: u64,
+    /// Migrations that failed or were refused (undone).
+    pub failed: u64,
+    /// Folios skipped because they were pinned.
+    pub skipped_pinned: u64,
+    /// Bytes copied by migration and collapse.
+    pub copy_bytes: u64,
+    /// Time spent copying, ns.
+    pub copy_ns: u64,
+    /// Free 2 MiB blocks rebuilt by compaction.
+    pub compact_blocks: u64,
+    /// Pageblocks whose compaction failed (undone).
+    pub compact_failed: u64,
+    /// Guest ranges collapsed into one 2 MiB folio.
+    pub collapsed: u64,
+    /// Collapse attempts undone or refused.
+    pub collapse_aborted: u64,
+    /// Region relocations completed.
+    pub relocations: u64,
+    /// Relocations that failed and were undone.
+    pub relocations_undone: u64,
+}
+
+impl WorkerCounters {
+    pub(crate) fn migration(&self) -> MigrationStats {
+        MigrationStats {
+            migrated: self.migrate_success.load(Relaxed),
+            migrated_swapcache: self.migrate_swapcache.load(Relaxed),
+            failed: self.migrate_failed.load(Relaxed),
+            skipped_pinned: self.migrate_skipped_pinned.load(Relaxed),
+            copy_bytes: self.migrate_copy_bytes.load(Relaxed),
+            copy_ns: self.migrate_copy_ns.load(Relaxed),
+            compact_blocks: self.compact_blocks.load(Relaxed),
+            compact_failed: self.compact_failed.load(Relaxed),
+            collapsed: self.collapsed.load(Relaxed),
+            collapse_aborted: self.collapse_aborted.load(Relaxed),
+            relocations: self.relocations.load(Relaxed),
+            relocations_undone: self.relocations_undone.load(Relaxed),
+        }
+    }
 }
 
 impl MmStats {

@@ -63,6 +63,19 @@ impl SwapCache {
         Some(r)
     }
 
+    /// Point the cache record of `[base, ..)` at `new` instead of `old`
+    /// (`folio_migrate_mapping()` for a swap-cache folio). Returns false,
+    /// changing nothing, if `old` does not cache `base`.
+    pub fn replace_folio(&mut self, base: SwapSlot, old: FolioId, new: FolioId) -> bool {
+        match self.map.get_mut(&base.0) {
+            Some((f, _)) if *f == old => {
+                *f = new;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Pages cached.
     pub fn nr_pages(&self) -> u64 {
         self.nr_pages

@@ -306,7 +306,13 @@ fn sample_folio(inner: &Inner, id: FolioId) {
 /// # Context
 /// Folio lock and page-table lock held; the guest pages are present pages
 /// of that folio and its pool range there is a hole.
-fn move_out(inner: &Inner, region: &Region, idx: PageIndex, pool: PoolOffset, nr: u64) -> u64 {
+pub(crate) fn move_out(
+    inner: &Inner,
+    region: &Region,
+    idx: PageIndex,
+    pool: PoolOffset,
+    nr: u64,
+) -> u64 {
     let src = region.host_addr(idx).raw();
     let dst = inner.pool.host_addr(pool).raw();
     let len = nr * PAGE_SIZE;

@@ -1,0 +1,549 @@
+//! Compaction: rebuild free 2 MiB blocks from fragmented pool memory
+//! (`compact_zone()` with `MIGRATE_ISOLATE` pageblocks), then collapse
+//! guest ranges mapped by small folios into one 2 MiB folio mapped as a
+//! PMD (`khugepaged`'s `collapse_huge_page()`).
+//!
+//! # Pool compaction
+//! The pageblocks (2 MiB of pool) with the most free pages and some used
+//! ones are the cheapest to empty. One at a time: isolate it (its free
+//! blocks leave the free lists and pages freed into it are parked), migrate
+//! every folio in it to blocks elsewhere ([`crate::migrate`]), release it:
+//! the parked pages merge into one free order-9 block, which the
+//! pre-zeroing worker turns into a zeroed THP. If any folio cannot move
+//! (pinned, locked, no target) the pageblock is released as it is.
+//!
+//! # Collapse
+//! For a 2 MiB-aligned guest range whose entries are all present pages of
+//! small folios (up to [`MAX_PTES_NONE`] holes, no swap entries): take a
+//! ready order-9 block and create the new folio locked; trylock every small
+//! folio; under the page-table lock move them out and set every entry to
+//! `Migration(new)`, so faulters on the range (holes included) sleep on
+//! the new folio's lock; copy each small folio into place with no
+//! page-table lock; then under the lock map the new folio as one PMD and
+//! drop the small folios. Any failure restores the entries exactly.
+//!
+//! # Context
+//! No locks held on entry. Several folio locks are held at once only by
+//! trylock (the rule of the crate docs).
+
+use crate::buddy::{BlockState, PAGEBLOCK_PAGES};
+use crate::fault::move_in;
+use crate::folio::{Folio, FolioFlags, FolioLockGuard, LruLink};
+use crate::inject::FaultPoint;
+use crate::manager::Inner;
+use crate::migrate::{copy_pool, migrate_folio, MigrateError};
+use crate::pte::{Pte, PteState, PTRS_PER_TABLE};
+use crate::rmap::{self, Rmap};
+use crate::sys;
+use crate::types::{FolioId, Order, PageIndex, VmId};
+use crate::vm::Region;
+use crate::vmscan::move_out;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Holes (`None`/`Zero` entries) a collapse may fill with zeroes, of 512
+/// (`khugepaged/max_ptes_none`; the kernel's default 511 would let a
+/// collapse grow a guest's footprint 512-fold).
+pub const MAX_PTES_NONE: u64 = 64;
+
+/// What a compaction run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// 2 MiB folios mapped in the VM(s) before.
+    pub pmd_folios_before: u64,
+    /// And after.
+    pub pmd_folios_after: u64,
+    /// Free 2 MiB pool blocks before.
+    pub free_pmd_blocks_before: u64,
+    /// And after.
+    pub free_pmd_blocks_after: u64,
+    /// Pageblocks emptied into free 2 MiB blocks.
+    pub blocks_rebuilt: u64,
+    /// Folios migrated to do that.
+    pub folios_migrated: u64,
+    /// Folios that could not move because they were pinned.
+    pub skipped_pinned: u64,
+    /// Guest ranges collapsed into 2 MiB folios.
+    pub collapsed: u64,
+    /// Collapse candidates left alone (busy, no memory, failed and undone).
+    pub collapse_skipped: u64,
+    /// Bytes copied.
+    pub copied_bytes: u64,
+    /// Wall time, ns.
+    pub elapsed_ns: u64,
+}
+
+/// Progress of a long operation: units done of a total.
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+/// Run compaction for `vm` (or all VMs): rebuild enough free 2 MiB blocks
+/// for its collapse candidates, then collapse them. `progress(done, total)`
+/// is called per candidate.
+pub(crate) fn compact(inner: &Inner, vm: Option<VmId>, progress: Progress<'_>) -> CompactReport {
+    let t0 = Instant::now();
+    inner.reclaimers.fetch_add(1, Relaxed);
+    let regions = vm_regions(inner, vm);
+    let mut rep = CompactReport {
+        pmd_folios_before: pmd_folios(&regions),
+        free_pmd_blocks_before: free_pmd_blocks(inner),
+        ..Default::default()
+    };
+    let copied0 = inner.workers.migrate_copy_bytes.load(Relaxed);
+    let candidates: Vec<(Arc<Region>, PageIndex)> = regions
+        .iter()
+        .flat_map(|r| {
+            collapse_candidates(inner, r)
+                .into_iter()
+                .map(|i| (r.clone(), i))
+        })
+        .collect();
+    let total = candidates.len() as u64;
+    progress(0, total);
+    for (n, (region, first)) in candidates.iter().enumerate() {
+        if ready_pmd_blocks(inner) == 0 {
+            compact_pool(inner, 1, &mut rep);
+            wait_ready_pmd(inner);
+        }
+        match collapse(inner, region, *first) {
+            Ok(()) => rep.collapsed += 1,
+            Err(_) => rep.collapse_skipped += 1,
+        }
+        progress(n as u64 + 1, total);
+    }
+    if candidates.is_empty() {
+        // Nothing to collapse: still rebuild free 2 MiB blocks for faults.
+        compact_pool(inner, u64::MAX, &mut rep);
+    }
+    inner.reclaimers.fetch_sub(1, Relaxed);
+    settle_worker(inner);
+    rep.pmd_folios_after = pmd_folios(&regions);
+    rep.free_pmd_blocks_after = free_pmd_blocks(inner);
+    rep.copied_bytes = inner.workers.migrate_copy_bytes.load(Relaxed) - copied0;
+    rep.elapsed_ns = t0.elapsed().as_nanos() as u64;
+    rep
+}
+
+fn vm_regions(inner: &Inner, vm: Option<VmId>) -> Vec<Arc<Region>> {
+    inner
+        .live_vms()
+        .into_iter()
+        .filter(|v| vm.is_none_or(|id| v.id == id))
+        .flat_map(|v| v.regions().to_vec())
+        .collect()
+}
+
+/// 2 MiB folios mapped in `regions` (whole PMD-level tables).
+fn pmd_folios(regions: &[Arc<Region>]) -> u64 {
+    regions
+        .iter()
+        .map(|r| {
+            (0..r.pt.nr_tables())
+                .filter(|t| r.pt.lock(PageIndex(t * PTRS_PER_TABLE)).is_huge())
+                .count() as u64
+        })
+        .sum()
+}
+
+fn free_pmd_blocks(inner: &Inner) -> u64 {
+    inner.buddy().stats().free_blocks[Order::PMD.index()]
+}
+
+fn ready_pmd_blocks(inner: &Inner) -> u64 {
+    inner.buddy().stats().ready_blocks[Order::PMD.index()]
+}
+
+/// Wait (bounded) until the pre-zeroing worker holds no block, so that the
+/// free-block counts of a report include the blocks it is preparing.
+fn settle_worker(inner: &Inner) {
+    let t0 = Instant::now();
+    while inner.isolated_pages.load(Relaxed) > 0 && t0.elapsed() < Duration::from_secs(2) {
+        inner.wait_for_memory(Duration::from_millis(10));
+    }
+}
+
+/// Wait (bounded) for the pre-zeroing worker to make a rebuilt block ready.
+fn wait_ready_pmd(inner: &Inner) {
+    let t0 = Instant::now();
+    while ready_pmd_blocks(inner) == 0
+        && free_pmd_blocks(inner) > 0
+        && t0.elapsed() < Duration::from_secs(2)
+    {
+        inner.wait_for_memory(Duration::from_millis(20));
+    }
+}
+
+/// Tables of `region` that [`collapse`] would take.
+fn collapse_candidates(inner: &Inner, region: &Region) -> Vec<PageIndex> {
+    (0..region.pt.nr_tables())
+        .map(|t| PageIndex(t * PTRS_PER_TABLE))
+        .filter(|&first| scan_table(inner, region, first).is_some())
+        .collect()
+}
+
+/// Empty up to `want` pageblocks into free 2 MiB blocks.
+pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
+    let mut done = 0;
+    let mut tried = HashSet::new();
+    while done < want {
+        // The pageblock with the most free pages (fewest to move) now.
+        let best = inner
+            .buddy()
+            .free_pages_per_pageblock()
+            .into_iter()
+            .enumerate()
+            .map(|(pb, free)| (pb as u64 * PAGEBLOCK_PAGES, free))
+            .filter(|&(pb, free)| free > 0 && free < PAGEBLOCK_PAGES && !tried.contains(&pb))
+            .max_by_key(|&(pb, free)| (free, std::cmp::Reverse(pb)));
+        let Some((pb, free)) = best else { break };
+        tried.insert(pb);
+        // Room elsewhere for what lives here (the target allocations; the
+        // pageblock gives as much back once released).
+        let used = PAGEBLOCK_PAGES - free;
+        if inner.buddy().nr_free() < used + free {
+            break;
+        }
+        if !inner.buddy().isolate_pageblock(pb) {
+            continue;
+        }
+        // The folios living here now (earlier rounds may have moved some in).
+        let here: Vec<FolioId> = {
+            let slab = inner.folios.slab();
+            slab.iter()
+                .filter(|(_, f)| f.pool.pfn() - f.pool.pfn() % PAGEBLOCK_PAGES == pb)
+                .map(|(id, _)| id)
+                .collect()
+        };
+        let mut ok = true;
+        for &id in &here {
+            // Freed (or reused elsewhere) since the pass: skip it.
+            let here = inner
+                .folios
+                .slab()
+                .get(id)
+                .is_some_and(|f| f.pool.pfn() - f.pool.pfn() % PAGEBLOCK_PAGES == pb);
+            if !here {
+                continue;
+            }
+            match migrate_folio(inner, id) {
+                Ok(_) => rep.folios_migrated += 1,
+                Err(MigrateError::Unmovable) if inner.folios.slab().get(id).is_none() => {}
+                Err(e) => {
+                    if e == MigrateError::Pinned {
+                        rep.skipped_pinned += 1;
+                    }
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        inner.buddy().unisolate_pageblock(pb);
+        inner.kick_worker();
+        let freed = ok && inner.buddy().pageblock_is_free(pb);
+        match freed {
+            true => {
+                done += 1;
+                rep.blocks_rebuilt += 1;
+                inner.workers.compact_blocks.fetch_add(1, Relaxed);
+            }
+            false => _ = inner.workers.compact_failed.fetch_add(1, Relaxed),
+        }
+    }
+}
+
+/// One small folio inside a collapse range: id, first subpage's offset in
+/// the range, order.
+type Member = (FolioId, u64, Order);
+
+/// Entries of the table at `first` if it can be collapsed, with its member
+/// folios (each fully mapped inside the range, unpinned, not partial).
+fn scan_table(inner: &Inner, region: &Region, first: PageIndex) -> Option<(Vec<Pte>, Vec<Member>)> {
+    let ptl = region.pt.lock(first);
+    if ptl.is_dead() || ptl.is_huge() || ptl.end().0 - first.0 < PTRS_PER_TABLE {
+        return None;
+    }
+    let ptes: Vec<Pte> = (0..PTRS_PER_TABLE)
+        .map(|k| ptl.pte(first.forward(k)))
+        .collect();
+    let mut holes = 0;
+    let mut members: Vec<Member> = Vec::new();
+    let slab = inner.folios.slab();
+    for (k, p) in ptes.iter().enumerate() {
+        match p.state() {
+            PteState::None | PteState::Zero => holes += 1,
+            PteState::Present { folio, subpage } | PteState::ProtNone { folio, subpage } => {
+                if subpage != 0 {
+                    continue;
+                }
+                let f = slab.get(folio)?;
+                let whole = f.page_mapped.is_none()
+                    && f.mapcount as u64 == f.nr_pages()
+                    && f.pincount == 0
+                    && f.order < Order::PMD
+                    && !f.flags.contains(FolioFlags::SWAPCACHE)
+                    && f.rmap.is_some_and(|r| r.index == first.forward(k as u64));
+                if !whole {
+                    return None;
+                }
+                members.push((folio, k as u64, f.order));
+            }
+            _ => return None,
+        }
+    }
+    (holes <= MAX_PTES_NONE && !members.is_empty()).then_some((ptes, members))
+}
+
+/// Collapse the table at `first` into one 2 MiB folio (module docs).
+pub(crate) fn collapse(
+    inner: &Inner,
+    region: &Region,
+    first: PageIndex,
+) -> Result<(), MigrateError> {
+    let r = collapse_inner(inner, region, first);
+    match r {
+        Ok(()) => inner.workers.collapsed.fetch_add(1, Relaxed),
+        Err(_) => inner.workers.collapse_aborted.fetch_add(1, Relaxed),
+    };
+    r
+}
+
+fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<(), MigrateError> {
+    let (ptes, members) = scan_table(inner, region, first).ok_or(MigrateError::Busy)?;
+    // References keep the members alive while we gather their locks.
+    {
+        let mut slab = inner.folios.slab();
+        members.iter().for_each(|m| slab.get_ref(m.0));
+    }
+    let put_all = |members: &[Member]| {
+        let mut slab = inner.folios.slab();
+        let freed: Vec<_> = members
+            .iter()
+            .filter_map(|m| slab.put_refs(m.0, 1))
+            .collect();
+        drop(slab);
+        freed.into_iter().for_each(|f| inner.free_range(f));
+    };
+    let target = {
+        let hit = inner.inject.hit(FaultPoint::MigrateAlloc);
+        let b = (!hit).then(|| inner.buddy().alloc(Order::PMD, BlockState::Ready));
+        match b.flatten() {
+            Some(b) => b,
+            None => {
+                put_all(&members);
+                return Err(MigrateError::NoMemory);
+            }
+        }
+    };
+    let mut locks: Vec<FolioLockGuard<'_>> = Vec::with_capacity(members.len());
+    for m in &members {
+        match inner.folios.trylock(m.0) {
+            Some(l) => locks.push(l),
+            None => break,
+        }
+    }
+    // The new folio, born locked, owns the target block from here on: its
+    // last reference frees it, whoever drops it.
+    let new = inner.folios.slab().insert(Folio {
+        pool: target.offset,
+        order: Order::PMD,
+        flags: {
+            let mut f = FolioFlags::default();
+            f.insert(FolioFlags::LOCKED);
+            f
+        },
+        refcount: 1,
+        mapcount: 0,
+        pincount: 0,
+        page_mapped: None,
+        rmap: Some(Rmap {
+            vm: region.vm,
+            region: region.index,
+            index: first,
+            mapped: (0, 0),
+        }),
+        pool_state: BlockState::NeedsZero,
+        lru: LruLink::default(),
+        swap: None,
+    });
+    let new_lock = inner.folios.assume_locked(new);
+    let abort = |locks: Vec<FolioLockGuard<'_>>, new_lock: FolioLockGuard<'_>, e| {
+        drop(new_lock);
+        drop(locks);
+        if let Some(f) = inner.folios.slab().put_refs(new, 1) {
+            inner.free_range(f);
+        }
+        put_all(&members);
+        Err(e)
+    };
+    if locks.len() < members.len() {
+        return abort(locks, new_lock, MigrateError::Busy);
+    }
+    let mut ptl = region.pt.lock(first);
+    let same = !ptl.is_dead()
+        && ptes
+            .iter()
+            .enumerate()
+            .all(|(k, p)| ptl.pte(first.forward(k as u64)) == *p);
+    if !same {
+        drop(ptl);
+        return abort(locks, new_lock, MigrateError::Busy);
+    }
+    if inner.inject.hit(FaultPoint::MigrateUnmap) {
+        drop(ptl);
+        return abort(
+            locks,
+            new_lock,
+            MigrateError::Failed(FaultPoint::MigrateUnmap),
+        );
+    }
+    // Unmap every present run into its folio's pool range.
+    let pools: HashMap<FolioId, crate::types::PoolOffset> = {
+        let slab = inner.folios.slab();
+        members
+            .iter()
+            .map(|m| (m.0, slab.get(m.0).expect("we hold a reference").pool))
+            .collect()
+    };
+    let mut moved: Vec<(u64, u64)> = Vec::new();
+    let mut unmap_ok = true;
+    for &(id, k0, order) in &members {
+        let pool = pools[&id];
+        let nr = order.nr_pages();
+        let mut j = 0;
+        while j < nr && unmap_ok {
+            if ptes[(k0 + j) as usize] != Pte::present(id, j) {
+                j += 1;
+                continue;
+            }
+            let run = (j..nr)
+                .take_while(|&i| ptes[(k0 + i) as usize] == Pte::present(id, i))
+                .count() as u64;
+            let got = move_out(inner, region, first.forward(k0 + j), pool.subpage(j), run);
+            if got > 0 {
+                moved.push((k0 + j, got));
+            }
+            unmap_ok = got == run;
+            j += run;
+        }
+    }
+    let restore_moved = |moved: &[(u64, u64)]| {
+        for &(k, n) in moved {
+            let (id, sub) = ptes[k as usize]
+                .mapped_folio()
+                .expect("moved pages were present");
+            move_in(
+                inner,
+                region,
+                first.forward(k),
+                pools[&id].subpage(sub as u64),
+                n,
+                false,
+            );
+        }
+    };
+    if !unmap_ok {
+        restore_moved(&moved);
+        drop(ptl);
+        return abort(
+            locks,
+            new_lock,
+            MigrateError::Failed(FaultPoint::MigrateUnmap),
+        );
+    }
+    ptl.set_range(
+        first,
+        PTRS_PER_TABLE,
+        Pte::new(PteState::Migration { folio: new }),
+    );
+    // The host range is empty now but keeps its PTE table, which would make
+    // the final MOVE split the THP; MADV_DONTNEED on an empty range frees
+    // the table (CONFIG_PT_RECLAIM), so the new folio moves in as one PMD.
+    if let Err(e) = sys::dontneed(region.host_addr(first).raw(), Order::PMD.bytes() as usize) {
+        crate::vm::log_error(&format!("collapse: dontneed: {e}"));
+    }
+    drop(ptl);
+
+    let copy_failed = inner.inject.hit(FaultPoint::MigrateCopy);
+    if !copy_failed {
+        for &(id, k0, order) in &members {
+            // SAFETY: the member is locked and all its pages are in its pool
+            // range (entries are `Migration(new)`); the target block belongs
+            // to the new folio, which is locked and mapped nowhere. The
+            // target's other pages stay zero (a `Ready` block).
+            unsafe {
+                copy_pool(
+                    inner,
+                    pools[&id],
+                    target.offset.subpage(k0),
+                    order.nr_pages(),
+                )
+            };
+        }
+    }
+
+    let mut ptl = region.pt.lock(first);
+    if ptl.is_dead() {
+        // Torn down meanwhile: teardown skipped our entries; drop the
+        // members' mappings ourselves.
+        let mut slab = inner.folios.slab();
+        for &(id, _, order) in &members {
+            let nr = order.nr_pages();
+            let r = rmap::remove_rmap_ptes(&mut slab, &ptl, id, 0, nr, BlockState::NeedsZero);
+            debug_assert!(r.freed.is_none());
+            region.counters.resident(order, -(nr as i64));
+        }
+        drop(slab);
+        drop(ptl);
+        return abort(locks, new_lock, MigrateError::Unmovable);
+    }
+    if copy_failed || inner.inject.hit(FaultPoint::MigrateRemap) {
+        for (k, p) in ptes.iter().enumerate() {
+            ptl.set_pte(first.forward(k as u64), *p);
+        }
+        restore_moved(&moved);
+        drop(ptl);
+        let point = match copy_failed {
+            true => FaultPoint::MigrateCopy,
+            false => FaultPoint::MigrateRemap,
+        };
+        return abort(locks, new_lock, MigrateError::Failed(point));
+    }
+    {
+        let mut slab = inner.folios.slab();
+        for &(id, _, order) in &members {
+            let nr = order.nr_pages();
+            slab.lru_del(id);
+            let r = rmap::remove_rmap_ptes(&mut slab, &ptl, id, 0, nr, BlockState::NeedsZero);
+            debug_assert!(r.freed.is_none(), "we hold a reference");
+            region.counters.resident(order, -(nr as i64));
+        }
+        let f = slab.live(new);
+        f.refcount += PTRS_PER_TABLE as u32;
+        f.mapcount = PTRS_PER_TABLE as u32;
+        f.pool_state = BlockState::NeedsPopulate;
+        for fl in [
+            FolioFlags::UPTODATE,
+            FolioFlags::EXCLUSIVE,
+            FolioFlags::DIRTY,
+            FolioFlags::REFERENCED,
+        ] {
+            f.flags.insert(fl);
+        }
+        if let Some(r) = f.rmap.as_mut() {
+            r.mapped = (0, PTRS_PER_TABLE as u16);
+        }
+        slab.lru_add(new);
+    }
+    ptl.set_range(first, PTRS_PER_TABLE, Pte::present(new, 0));
+    move_in(inner, region, first, target.offset, PTRS_PER_TABLE, false);
+    region.counters.resident(Order::PMD, PTRS_PER_TABLE as i64);
+    drop(ptl);
+    drop(new_lock);
+    drop(locks);
+    if let Some(f) = inner.folios.slab().put_refs(new, 1) {
+        inner.free_range(f);
+    }
+    put_all(&members);
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! Fault injection into the steps of migration, collapse and relocation,
+//! so that every undo path can be driven by a test (the swap file has its
+//! own injection in [`crate::swap_file`]).
+
+use std::sync::Mutex;
+
+/// A step that can be made to fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    /// Migration/collapse: allocating the target folio.
+    MigrateAlloc,
+    /// Migration/collapse: unmapping the source (entries → `Migration`).
+    MigrateUnmap,
+    /// Migration/collapse: copying the contents.
+    MigrateCopy,
+    /// Migration/collapse: mapping the target.
+    MigrateRemap,
+    /// Relocation: mapping and registering the new host range.
+    RelocatePrepare,
+    /// Relocation: the VMM's memslot switch (the callback is not called).
+    RelocateSwitch,
+    /// Relocation: moving one 2 MiB table to the new range.
+    RelocateMove,
+    /// Relocation: after every table moved, before the old range goes.
+    RelocateCommit,
+}
+
+/// Armed fault points: each fails its next `count` passes after `skip`
+/// successful ones.
+#[derive(Debug, Default)]
+pub(crate) struct Injector {
+    plans: Mutex<Vec<InjectPlan>>,
+}
+
+/// One armed fault point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InjectPlan {
+    /// Where.
+    pub point: FaultPoint,
+    /// Passes that succeed first.
+    pub skip: u32,
+    /// Passes that fail after those.
+    pub count: u32,
+}
+
+impl Injector {
+    /// Replace the armed plans (empty: disarm).
+    pub fn set(&self, plans: Vec<InjectPlan>) {
+        *self.plans.lock().unwrap_or_else(|e| e.into_inner()) = plans;
+    }
+
+    /// Whether this pass through `point` must fail.
+    pub fn hit(&self, point: FaultPoint) -> bool {
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = plans.iter_mut().find(|p| p.point == point && p.count > 0) else {
+            return false;
+        };
+        if p.skip > 0 {
+            p.skip -= 1;
+            return false;
+        }
+        p.count -= 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fails_after_skip_for_count_passes() {
+        let i = Injector::default();
+        i.set(vec![InjectPlan {
+            point: FaultPoint::MigrateCopy,
+            skip: 1,
+            count: 2,
+        }]);
+        let got: Vec<bool> = (0..5).map(|_| i.hit(FaultPoint::MigrateCopy)).collect();
+        assert_eq!(got, [false, true, true, false, false]);
+        assert!(!i.hit(FaultPoint::MigrateUnmap));
+    }
+}

@@ -1,0 +1,425 @@
+//! Folio migration: move a folio's contents to another pool block while
+//! the guest runs. Analogue of `migrate_pages()` / `migrate_folio()`.
+//!
+//! For a mapped folio `f` (DESIGN §4.8), with `f` locked:
+//! 1. take the target block (the caller allocates it);
+//! 2. under the page-table lock, move `f`'s present pages out of the guest
+//!    to `f`'s pool range (the atomic unmap) and set every entry to
+//!    `Migration(f)`; drop the page-table lock;
+//! 3. copy the pool pages to the target with no page-table lock held
+//!    (faulters on the range sleep on `f`'s lock meanwhile);
+//! 4. under the page-table lock again, create the new folio record with
+//!    `f`'s rmap, flags and LRU generation, move it into the guest, set
+//!    the entries `Present` (or `ProtNone` for pages that were sampled
+//!    out), drop `f`'s mapping; unlock `f`, whose waiters retry and find
+//!    the new folio. `f` is freed with its last reference.
+//!
+//! An unmapped swap-cache folio (a refault is waiting for it) is copied and
+//! the swap cache's pointer is moved to the new folio under the swap lock,
+//! as `folio_migrate_mapping()` does for the swap address space.
+//!
+//! Every failure after step 2 moves `f` back in and restores the entries
+//! exactly as they were. Pinned and partially mapped folios are skipped.
+//!
+//! # Context
+//! The caller holds a reference and the folio lock of the source, and no
+//! page-table lock. Lock order as in the crate docs.
+
+use crate::buddy::{Block, BlockState};
+use crate::fault::move_in;
+use crate::folio::{Folio, FolioFlags, FreedRange, LruLink};
+use crate::inject::FaultPoint;
+use crate::manager::Inner;
+use crate::pte::{Pte, PteState};
+use crate::rmap::{self, mask_test, PageMask, Rmap};
+use crate::types::{FolioId, Order, PoolOffset, PAGE_SIZE};
+use crate::vm::Region;
+use crate::vmscan::move_out;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Why a folio was not migrated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateError {
+    /// Pinned for device access (`folio_maybe_dma_pinned()`).
+    Pinned,
+    /// Locked by someone else, or its entries are changing.
+    Busy,
+    /// Partially mapped (waiting for deferred split).
+    Partial,
+    /// Neither fully mapped nor an idle swap-cache folio, or its VM is gone.
+    Unmovable,
+    /// No target block.
+    NoMemory,
+    /// A step failed (injected); everything was restored.
+    Failed(FaultPoint),
+}
+
+/// Take a block of `order` to migrate into: any state will do, since the
+/// copy overwrites every page, so the smallest free block that fits is
+/// taken (holes first); a 2 MiB folio prefers a `Ready` block, which is one
+/// THP in the pool and keeps it PMD-mapped.
+///
+/// # Context
+/// No lock held; takes the zone lock.
+pub(crate) fn alloc_target(inner: &Inner, order: Order) -> Option<Block> {
+    if inner.inject.hit(FaultPoint::MigrateAlloc) {
+        return None;
+    }
+    let mut buddy = inner.buddy();
+    if order == Order::PMD {
+        if let Some(b) = buddy.alloc(order, BlockState::Ready) {
+            return Some(b);
+        }
+    }
+    buddy.alloc_smallest(order)
+}
+
+/// Copy `nr` pool pages from `src` to `dst`.
+///
+/// # Safety
+/// Both ranges are owned by the caller for the duration: `src` belongs to a
+/// locked folio whose pages all sit in the pool (unmapped from the guest),
+/// `dst` to a block or new folio nobody else can reach; they do not overlap.
+pub(crate) unsafe fn copy_pool(inner: &Inner, src: PoolOffset, dst: PoolOffset, nr: u64) {
+    let t0 = std::time::Instant::now();
+    // SAFETY: see the function contract; both ranges lie inside the pool
+    // mapping (folio and block ranges are pool ranges).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            inner.pool.host_addr(src).as_ptr(),
+            inner.pool.host_addr(dst).as_ptr(),
+            (nr * PAGE_SIZE) as usize,
+        );
+    }
+    let w = &inner.workers;
+    w.migrate_copy_bytes.fetch_add(nr * PAGE_SIZE, Relaxed);
+    w.migrate_copy_ns
+        .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+}
+
+/// Migrate the locked folio `id` into `target` (same order). Returns the
+/// new folio; on any error `target` has been freed and `id` is unchanged.
+pub(crate) fn migrate_locked(
+    inner: &Inner,
+    id: FolioId,
+    target: Block,
+) -> Result<FolioId, MigrateError> {
+    let r = migrate_inner(inner, id, target);
+    match r {
+        Ok(_) => inner.workers.migrate_success.fetch_add(1, Relaxed),
+        Err(MigrateError::Pinned) => inner.workers.migrate_skipped_pinned.fetch_add(1, Relaxed),
+        Err(_) => inner.workers.migrate_failed.fetch_add(1, Relaxed),
+    };
+    r
+}
+
+fn free_target(inner: &Inner, target: Block) {
+    inner.free_range(FreedRange {
+        pool: target.offset,
+        order: target.order,
+        state: BlockState::NeedsZero,
+    });
+}
+
+fn migrate_inner(inner: &Inner, id: FolioId, target: Block) -> Result<FolioId, MigrateError> {
+    let (f_order, rmap, kind) = {
+        let slab = inner.folios.slab();
+        let f = slab.get(id).expect("the caller holds a reference");
+        debug_assert!(f.flags.contains(FolioFlags::LOCKED));
+        let kind = if f.pincount > 0 {
+            Err(MigrateError::Pinned)
+        } else if f.page_mapped.is_some() {
+            Err(MigrateError::Partial)
+        } else if f.mapcount as u64 == f.nr_pages() && !f.flags.contains(FolioFlags::SWAPCACHE) {
+            Ok(true)
+        } else if f.mapcount == 0
+            && f.flags.contains(FolioFlags::SWAPCACHE)
+            && !f.flags.contains(FolioFlags::WRITEBACK)
+        {
+            Ok(false)
+        } else {
+            Err(MigrateError::Unmovable)
+        };
+        (f.order, f.rmap, kind)
+    };
+    debug_assert_eq!(f_order, target.order);
+    let mapped = match kind {
+        Ok(m) => m,
+        Err(e) => {
+            free_target(inner, target);
+            return Err(e);
+        }
+    };
+    let region = rmap.and_then(|r| inner.find_region(r.vm, r.region));
+    let r = match (mapped, region, rmap) {
+        (true, Some(region), Some(rmap)) => migrate_mapped(inner, &region, id, rmap, target),
+        (false, _, _) => migrate_swapcache(inner, id, target),
+        _ => Err(MigrateError::Unmovable),
+    };
+    if r.is_err() {
+        free_target(inner, target);
+    }
+    r
+}
+
+/// Pages of `id` at `first..` that are present in the guest (the rest are
+/// sampled out to the pool), or `None` if an entry is neither.
+fn guest_mask(
+    ptl: &crate::pte::PtlGuard<'_>,
+    id: FolioId,
+    first: crate::PageIndex,
+    nr: u64,
+) -> Option<PageMask> {
+    let mut m = [0u64; 8];
+    for k in 0..nr {
+        let p = ptl.pte(first.forward(k));
+        if p == Pte::present(id, k) {
+            m[(k / 64) as usize] |= 1 << (k % 64);
+        } else if p != Pte::prot_none(id, k) {
+            return None;
+        }
+    }
+    Some(m)
+}
+
+/// Runs `(first subpage, pages)` of set bits of `mask` below `nr`.
+pub(crate) fn runs(mask: &PageMask, nr: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut k = 0;
+    while k < nr {
+        if !mask_test(mask, k) {
+            k += 1;
+            continue;
+        }
+        let n = (k..nr).take_while(|&j| mask_test(mask, j)).count() as u64;
+        out.push((k, n));
+        k += n;
+    }
+    out
+}
+
+/// Set entries `first + k` to `present(k)` where `in_guest` has bit k and
+/// `prot_none(k)` elsewhere, moving the guest pages in from `pool`.
+///
+/// # Context
+/// Page-table lock held; the folio owning `pool` is locked or new.
+fn map_back(
+    inner: &Inner,
+    region: &Region,
+    ptl: &mut crate::pte::PtlGuard<'_>,
+    (folio, pool): (FolioId, PoolOffset),
+    first: crate::PageIndex,
+    nr: u64,
+    in_guest: &PageMask,
+) {
+    ptl.set_range(first, nr, Pte::prot_none(folio, 0));
+    for (k, n) in runs(in_guest, nr) {
+        ptl.set_range(first.forward(k), n, Pte::present(folio, k));
+        move_in(inner, region, first.forward(k), pool.subpage(k), n, false);
+    }
+}
+
+fn migrate_mapped(
+    inner: &Inner,
+    region: &Region,
+    id: FolioId,
+    rmap: Rmap,
+    target: Block,
+) -> Result<FolioId, MigrateError> {
+    let (first, nr) = (rmap.index, target.order.nr_pages());
+    let pool = inner.folios.slab().live(id).pool;
+    let mut ptl = region.pt.lock(first);
+    if ptl.is_dead() {
+        return Err(MigrateError::Unmovable);
+    }
+    let in_guest = guest_mask(&ptl, id, first, nr).ok_or(MigrateError::Busy)?;
+    if inner.inject.hit(FaultPoint::MigrateUnmap) {
+        return Err(MigrateError::Failed(FaultPoint::MigrateUnmap));
+    }
+    // Step 2: the atomic unmap.
+    let mut out: PageMask = [0; 8];
+    for (k, n) in runs(&in_guest, nr) {
+        let moved = move_out(inner, region, first.forward(k), pool.subpage(k), n);
+        (k..k + moved).for_each(|j| out[(j / 64) as usize] |= 1 << (j % 64));
+        if moved < n {
+            // Put back what moved; the entries never changed.
+            for (j, m) in runs(&out, nr) {
+                move_in(inner, region, first.forward(j), pool.subpage(j), m, false);
+            }
+            return Err(MigrateError::Failed(FaultPoint::MigrateUnmap));
+        }
+    }
+    ptl.set_range(first, nr, Pte::new(PteState::Migration { folio: id }));
+    drop(ptl);
+
+    // Step 3: copy, no page-table lock.
+    let copy_failed = inner.inject.hit(FaultPoint::MigrateCopy);
+    if !copy_failed {
+        // SAFETY: `id` is locked and all its pages are in its pool range
+        // (entries are `Migration`, so no fault moves them back); `target`
+        // was allocated for this call and is reachable by nobody else.
+        unsafe { copy_pool(inner, pool, target.offset, nr) };
+    }
+
+    // Step 4: remap (or undo).
+    let mut ptl = region.pt.lock(first);
+    if ptl.is_dead() {
+        // Torn down meanwhile: teardown skipped our entries, so drop the
+        // mapping the folio still counts.
+        let freed = {
+            let mut slab = inner.folios.slab();
+            rmap::remove_rmap_ptes(&mut slab, &ptl, id, 0, nr, BlockState::NeedsZero).freed
+        };
+        debug_assert!(freed.is_none(), "the caller holds a reference");
+        region.counters.resident(target.order, -(nr as i64));
+        return Err(MigrateError::Unmovable);
+    }
+    debug_assert!(ptl.range_is(first, nr, Pte::new(PteState::Migration { folio: id })));
+    if copy_failed || inner.inject.hit(FaultPoint::MigrateRemap) {
+        map_back(inner, region, &mut ptl, (id, pool), first, nr, &in_guest);
+        let point = match copy_failed {
+            true => FaultPoint::MigrateCopy,
+            false => FaultPoint::MigrateRemap,
+        };
+        return Err(MigrateError::Failed(point));
+    }
+    let new = {
+        let mut slab = inner.folios.slab();
+        let old = slab.live(id);
+        let mut flags = old.flags;
+        for f in [
+            FolioFlags::LOCKED,
+            FolioFlags::LRU,
+            FolioFlags::DEFERRED_SPLIT,
+            FolioFlags::PINNED,
+        ] {
+            flags.remove(f);
+        }
+        let new = slab.insert(Folio {
+            pool: target.offset,
+            order: target.order,
+            flags,
+            refcount: nr as u32,
+            mapcount: nr as u32,
+            pincount: 0,
+            page_mapped: None,
+            rmap: Some(Rmap {
+                mapped: (0, nr as u16),
+                ..rmap
+            }),
+            pool_state: BlockState::NeedsPopulate,
+            lru: LruLink::default(),
+            swap: None,
+        });
+        slab.lru_replace(id, new);
+        let r = rmap::remove_rmap_ptes(&mut slab, &ptl, id, 0, nr, BlockState::NeedsZero);
+        debug_assert!(r.freed.is_none(), "the caller holds a reference");
+        new
+    };
+    map_back(
+        inner,
+        region,
+        &mut ptl,
+        (new, target.offset),
+        first,
+        nr,
+        &in_guest,
+    );
+    Ok(new)
+}
+
+fn migrate_swapcache(inner: &Inner, id: FolioId, target: Block) -> Result<FolioId, MigrateError> {
+    let Some(dev) = inner.swap.as_ref() else {
+        return Err(MigrateError::Unmovable);
+    };
+    let nr = target.order.nr_pages();
+    let pool = inner.folios.slab().live(id).pool;
+    if inner.inject.hit(FaultPoint::MigrateCopy) {
+        return Err(MigrateError::Failed(FaultPoint::MigrateCopy));
+    }
+    // SAFETY: `id` is locked, unmapped and not under I/O (WRITEBACK clear
+    // under its lock), so its pages sit in its pool range untouched;
+    // `target` is ours alone.
+    unsafe { copy_pool(inner, pool, target.offset, nr) };
+    if inner.inject.hit(FaultPoint::MigrateRemap) {
+        return Err(MigrateError::Failed(FaultPoint::MigrateRemap));
+    }
+    let mut st = dev.lock();
+    let mut slab = inner.folios.slab();
+    let old = slab.live(id);
+    let Some(base) = old.swap else {
+        return Err(MigrateError::Unmovable);
+    };
+    let mut flags = FolioFlags::default();
+    for f in [
+        FolioFlags::SWAPCACHE,
+        FolioFlags::REFAULTED,
+        FolioFlags::UPTODATE,
+        FolioFlags::DIRTY,
+        FolioFlags::EXCLUSIVE,
+    ] {
+        if old.flags.contains(f) {
+            flags.insert(f);
+        }
+    }
+    let rmap = old.rmap;
+    let new = slab.insert(Folio {
+        pool: target.offset,
+        order: target.order,
+        flags,
+        refcount: 1, // the swap cache's reference
+        mapcount: 0,
+        pincount: 0,
+        page_mapped: None,
+        rmap,
+        pool_state: BlockState::NeedsZero,
+        lru: LruLink::default(),
+        swap: Some(base),
+    });
+    if !st.cache.replace_folio(base, id, new) {
+        let f = slab.remove(new);
+        debug_assert_eq!(f.pool, target.offset);
+        return Err(MigrateError::Busy);
+    }
+    let old = slab.live(id);
+    old.swap = None;
+    old.flags.remove(FolioFlags::SWAPCACHE);
+    old.flags.remove(FolioFlags::REFAULTED);
+    old.pool_state = BlockState::NeedsZero;
+    let freed = slab.put_refs(id, 1);
+    debug_assert!(freed.is_none(), "the caller holds a reference");
+    inner.workers.migrate_swapcache.fetch_add(1, Relaxed);
+    Ok(new)
+}
+
+/// Migrate folio `id` to a newly allocated block: take a reference and the
+/// folio lock (by trylock: compaction must not wait behind swap I/O).
+///
+/// # Context
+/// No locks held.
+pub(crate) fn migrate_folio(inner: &Inner, id: FolioId) -> Result<FolioId, MigrateError> {
+    let order = {
+        let mut slab = inner.folios.slab();
+        let Some(f) = slab.get(id) else {
+            return Err(MigrateError::Unmovable);
+        };
+        let o = f.order;
+        slab.get_ref(id);
+        o
+    };
+    let r = match inner.folios.trylock(id) {
+        None => Err(MigrateError::Busy),
+        Some(lock) => match alloc_target(inner, order) {
+            None => Err(MigrateError::NoMemory),
+            Some(t) => {
+                let r = migrate_locked(inner, id, t);
+                drop(lock);
+                r
+            }
+        },
+    };
+    if let Some(f) = inner.folios.slab().put_refs(id, 1) {
+        inner.free_range(f);
+    }
+    r
+}

@@ -1,0 +1,178 @@
+//! Folio migration, compaction and collapse, from host threads: data
+//! survives, every injected failure is undone, accounting balances.
+
+mod common;
+
+use common::*;
+use mem::{FaultPoint, GuestAddress, InjectPlan, PAGE_SIZE};
+
+const TABLE: u64 = 512 * PAGE_SIZE;
+
+fn fill(ram: &Ram, pages: u64, g: u64) {
+    for p in 0..pages {
+        for w in [0, 1, 511] {
+            ram.write(p * PAGE_SIZE + w * 8, pattern(p, w, g));
+        }
+    }
+}
+
+fn verify(ram: &Ram, pages: u64, g: u64, what: &str) {
+    for p in 0..pages {
+        for w in [0, 1, 511] {
+            assert_eq!(
+                ram.read(p * PAGE_SIZE + w * 8),
+                pattern(p, w, g),
+                "{what}: page {p} word {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn migration_keeps_data_and_every_failed_step_is_undone() {
+    let mm = manager(64 * MIB, 2);
+    let vm = mm.create_vm("migrate").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 16 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    let pages = 16 * MIB / PAGE_SIZE;
+    fill(&ram, pages, 1);
+    settle_and_check(&mm);
+    // 8 order-9 folios: all migrate, the data stays.
+    let (ok, failed) = mm.migrate_range(vm, GuestAddress(0), 16 * MIB).unwrap();
+    assert_eq!((ok, failed), (8, 0));
+    verify(&ram, pages, 1, "after migration");
+    assert_eq!(mm.stats().migration.migrated, 8);
+    settle_and_check(&mm);
+    for point in [
+        FaultPoint::MigrateAlloc,
+        FaultPoint::MigrateUnmap,
+        FaultPoint::MigrateCopy,
+        FaultPoint::MigrateRemap,
+    ] {
+        mm.inject_faults(vec![InjectPlan {
+            point,
+            skip: 0,
+            count: 1,
+        }]);
+        let (ok, failed) = mm.migrate_range(vm, GuestAddress(0), TABLE).unwrap();
+        assert_eq!((ok, failed), (0, 1), "{point:?} must fail the migration");
+        verify(&ram, pages, 1, &format!("after a failed {point:?}"));
+        // The range is mapped as before: writes land and read back.
+        fill(&ram, 512, 2);
+        verify(&ram, 512, 2, &format!("writes after {point:?}"));
+        fill(&ram, 512, 1);
+        settle_and_check(&mm);
+    }
+    mm.inject_faults(vec![]);
+    let (ok, _) = mm.migrate_range(vm, GuestAddress(0), TABLE).unwrap();
+    assert_eq!(ok, 1);
+    verify(&ram, pages, 1, "final");
+    let huge = anon_huge_kb(ram.0.host_addr.raw());
+    assert!(
+        huge >= 16 * 1024,
+        "migrated 2 MiB folios stay PMD-mapped: {huge} kB"
+    );
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
+/// Turn table `t` into small folios: discard one page (the folio is split
+/// into aligned pieces) and fault it back as an order-0 folio.
+fn shatter(mm: &mem::MemoryManager, vm: mem::VmId, ram: &Ram, t: u64, g: u64) {
+    let p = t * 512 + 1;
+    mm.discard(vm, ram.gpa(p * PAGE_SIZE), PAGE_SIZE).unwrap();
+    settle_and_check(mm);
+    for w in [0, 1, 511] {
+        ram.write(p * PAGE_SIZE + w * 8, pattern(p, w, g));
+    }
+}
+
+#[test]
+fn collapse_builds_pmd_folios_and_undoes_failures() {
+    let mm = manager(64 * MIB, 2);
+    let vm = mm.create_vm("collapse").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 8 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    let pages = 8 * MIB / PAGE_SIZE;
+    fill(&ram, pages, 1);
+    for t in 0..4 {
+        shatter(&mm, vm, &ram, t, 1);
+    }
+    verify(&ram, pages, 1, "shattered");
+    let before = mm.vm_stats(vm).unwrap().resident_bytes_by_order[9];
+    assert_eq!(before, 0, "every table is small folios now");
+    // Each failed step leaves the small folios mapped with their data.
+    for point in [
+        FaultPoint::MigrateAlloc,
+        FaultPoint::MigrateUnmap,
+        FaultPoint::MigrateCopy,
+        FaultPoint::MigrateRemap,
+    ] {
+        mm.inject_faults(vec![InjectPlan {
+            point,
+            skip: 0,
+            count: 1,
+        }]);
+        let rep = mm.compact(Some(vm), &|_, _| {}).unwrap();
+        assert_eq!(rep.collapsed, 3, "{point:?}: one of four fails: {rep:?}");
+        assert_eq!(rep.pmd_folios_after, rep.pmd_folios_before + 3);
+        verify(&ram, pages, 1, &format!("after {point:?}"));
+        settle_and_check(&mm);
+        // Shatter the three again for the next round.
+        for t in 0..4 {
+            if mm.vm_stats(vm).unwrap().resident_bytes_by_order[9] > 0 {
+                shatter(&mm, vm, &ram, t, 1);
+            }
+        }
+        let s = mm.vm_stats(vm).unwrap();
+        assert_eq!(s.resident_bytes_by_order[9], 0, "{s:?}");
+    }
+    mm.inject_faults(vec![]);
+    let rep = mm.compact(Some(vm), &|_, _| {}).unwrap();
+    assert_eq!((rep.pmd_folios_before, rep.pmd_folios_after), (0, 4));
+    verify(&ram, pages, 1, "collapsed");
+    assert_eq!(mm.vm_stats(vm).unwrap().resident_bytes_by_order[9], 8 * MIB);
+    let huge = anon_huge_kb(ram.0.host_addr.raw());
+    assert!(
+        huge >= 8 * 1024,
+        "collapsed folios are PMD-mapped: {huge} kB"
+    );
+    settle_and_check(&mm);
+}
+
+#[test]
+fn compaction_rebuilds_free_2m_blocks_from_scattered_pages() {
+    let budget = 16 * MIB;
+    let mm = manager(budget, 2);
+    let vm = mm.create_vm("fragment").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), budget)]).unwrap();
+    let ram = Ram::of(&*b);
+    let pages = budget / PAGE_SIZE;
+    fill(&ram, pages, 1);
+    // Free 3 pages of every 4 all over the pool: lots of free memory, no
+    // free 2 MiB block. What is left fits in 2 of the 8 pageblocks, so
+    // compaction can rebuild up to 6.
+    for p in (0..pages).filter(|p| p % 4 != 0) {
+        mm.discard(vm, ram.gpa(p * PAGE_SIZE), PAGE_SIZE).unwrap();
+    }
+    settle_and_check(&mm);
+    let s = mm.stats();
+    assert_eq!(s.free_bytes_by_order[9], 0, "{s:?}");
+    assert!(s.free_bytes >= budget / 2);
+    let rep = mm.compact(None, &|_, _| {}).unwrap();
+    eprintln!("{rep:?} {:?}", mm.stats().migration);
+    assert!(
+        rep.free_pmd_blocks_after >= rep.free_pmd_blocks_before + 5,
+        "{rep:?}"
+    );
+    assert!(rep.folios_migrated > 0);
+    for p in 0..pages {
+        let g = if p % 4 == 0 { Some(1) } else { None };
+        for w in [0, 1, 511] {
+            let want = g.map_or(0, |g| pattern(p, w, g));
+            assert_eq!(ram.read(p * PAGE_SIZE + w * 8), want, "page {p}");
+        }
+    }
+    settle_and_check(&mm);
+}

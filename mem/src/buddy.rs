@@ -7,6 +7,12 @@
 //! fault path only takes [`BlockState::Ready`] blocks; the pre-zeroing
 //! worker ([`crate::prezero`]) turns the others into `Ready`.
 //!
+//! Blocks can also be taken *offline* ([`Buddy::offline`]): out of the
+//! allocator for good, until [`Buddy::online`] gives them back. That is how
+//! the usable budget shrinks below the pool size at run time, the way
+//! memory hot-unplug isolates free pageblocks (`offline_pages()` in
+//! `mm/memory_hotplug.c`) before the range goes away.
+//!
 //! # Context
 //! All methods run under the zone lock (`Inner::buddy`), a leaf lock.
 
@@ -87,6 +93,8 @@ pub struct FreeAreaStats {
     pub ready_pages: u64,
     /// Pool size in base pages.
     pub total_pages: u64,
+    /// Base pages taken offline (not part of the usable budget).
+    pub offline_pages: u64,
     /// Free base pages parked in isolated pageblocks (not allocatable).
     pub isolated_pages: u64,
 }
@@ -107,8 +115,9 @@ impl FreeAreaStats {
     }
 }
 
-/// The buddy allocator. Invariant: free blocks never overlap and the free
-/// page count equals the sum over the free lists.
+/// The buddy allocator. Invariant: free and offline blocks never overlap,
+/// and the free (offline) page count equals the sum over the free lists
+/// (the offline set).
 #[derive(Debug)]
 pub struct Buddy {
     /// `free[order][state]`: first pfns of free blocks.
@@ -116,6 +125,9 @@ pub struct Buddy {
     nr_pages: u64,
     free_pages: u64,
     ready_pages: u64,
+    /// Offline blocks: first pfn -> order.
+    offline: BTreeMap<u64, Order>,
+    offline_pages: u64,
     /// Isolated pageblocks (first pfn) and the free blocks parked in them,
     /// like `MIGRATE_ISOLATE` pageblocks: frees into them do not reach the
     /// free lists until the pageblock is released.
@@ -135,6 +147,8 @@ impl Buddy {
             nr_pages,
             free_pages: 0,
             ready_pages: 0,
+            offline: BTreeMap::new(),
+            offline_pages: 0,
             isolated: BTreeMap::new(),
             isolated_pages: 0,
         };
@@ -327,6 +341,72 @@ impl Buddy {
         Ok(())
     }
 
+    /// Take up to `nr_pages` free pages offline, and return the blocks
+    /// taken: the worst-prepared blocks first (data to zero, then holes,
+    /// then ready ones), the largest that fit first, splitting a larger
+    /// block only for the last few pages. Fewer pages are taken when fewer
+    /// are free. The caller may drop the blocks' host pages: offline
+    /// blocks come back from [`Buddy::online`] as `NeedsPopulate`.
+    ///
+    /// Analogue of isolating free pageblocks in `offline_pages()`.
+    pub fn offline(&mut self, nr_pages: u64) -> Vec<Block> {
+        let mut taken = Vec::new();
+        let mut left = nr_pages;
+        'next: while left > 0 {
+            let fit = Order::all()
+                .rev()
+                .find(|o| o.nr_pages() <= left)
+                .unwrap_or(Order::BASE);
+            for order in Order::all().rev().filter(|o| *o <= fit) {
+                let worst_first = BlockState::ALL.into_iter().rev();
+                for state in worst_first {
+                    if let Some(b) = self.alloc(order, state) {
+                        self.offline.insert(b.offset.pfn(), b.order);
+                        self.offline_pages += b.order.nr_pages();
+                        left -= b.order.nr_pages();
+                        taken.push(b);
+                        continue 'next;
+                    }
+                }
+            }
+            break;
+        }
+        taken
+    }
+
+    /// Bring up to `nr_pages` offline pages back as free `NeedsPopulate`
+    /// memory (an offline block larger than what is left is split, and
+    /// its other half stays offline). Returns the pages brought back.
+    ///
+    /// # Errors
+    /// [`FreeError`] if an offline block overlaps a free one, which the
+    /// invariant rules out; that block stays offline.
+    pub fn online(&mut self, nr_pages: u64) -> Result<u64, FreeError> {
+        let mut back = 0;
+        while back < nr_pages {
+            let Some((pfn, mut order)) = self.offline.pop_first() else {
+                break;
+            };
+            while order.nr_pages() > nr_pages - back {
+                let Some(lower) = order.lower() else { break };
+                order = lower;
+                self.offline.insert(pfn + order.nr_pages(), order);
+            }
+            if let Err(e) = self.free(PoolOffset::from_pfn(pfn), order, BlockState::NeedsPopulate) {
+                self.offline.insert(pfn, order);
+                return Err(e);
+            }
+            self.offline_pages -= order.nr_pages();
+            back += order.nr_pages();
+        }
+        Ok(back)
+    }
+
+    /// Offline base pages.
+    pub fn nr_offline(&self) -> u64 {
+        self.offline_pages
+    }
+
     fn overlaps_parked(&self, pfn: u64, nr: u64) -> bool {
         let pb = pfn - pfn % PAGEBLOCK_PAGES;
         self.isolated.get(&pb).is_some_and(|parked| {
@@ -385,7 +465,8 @@ impl Buddy {
     }
 
     /// Free pages (on the free lists) in each pageblock of the pool, for
-    /// choosing compaction sources.
+    /// choosing compaction sources. A pageblock holding offline memory
+    /// counts 0: it cannot be emptied into a free 2 MiB block.
     pub fn free_pages_per_pageblock(&self) -> Vec<u64> {
         let mut out = vec![0; (self.nr_pages / PAGEBLOCK_PAGES) as usize];
         for o in Order::all() {
@@ -395,6 +476,11 @@ impl Buddy {
                         *c += o.nr_pages();
                     }
                 }
+            }
+        }
+        for &pfn in self.offline.keys() {
+            if let Some(c) = out.get_mut((pfn / PAGEBLOCK_PAGES) as usize) {
+                *c = 0;
             }
         }
         out
@@ -411,6 +497,7 @@ impl Buddy {
             free_pages: self.free_pages,
             ready_pages: self.ready_pages,
             total_pages: self.nr_pages,
+            offline_pages: self.offline_pages,
             isolated_pages: self.isolated_pages,
             ..Default::default()
         };
@@ -426,7 +513,7 @@ impl Buddy {
     pub fn metadata_bytes(&self) -> u64 {
         let blocks: u64 = self.free.iter().flatten().map(|s| s.len() as u64).sum();
         // A BTreeSet<u64> costs about 8 bytes per key plus node overhead.
-        blocks * 16 + std::mem::size_of::<Self>() as u64
+        blocks * 16 + self.offline.len() as u64 * 24 + std::mem::size_of::<Self>() as u64
     }
 
     /// Check the invariants: blocks aligned, inside the pool, disjoint, and
@@ -451,6 +538,20 @@ impl Buddy {
                 }
             }
         }
+        let mut offline = 0;
+        for (&pfn, o) in &self.offline {
+            if pfn % o.nr_pages() != 0 || pfn + o.nr_pages() > self.nr_pages {
+                return Err(format!("bad offline block pfn {pfn:#x} order {}", o.0));
+            }
+            blocks.push((pfn, o.nr_pages()));
+            offline += o.nr_pages();
+        }
+        if offline != self.offline_pages {
+            return Err(format!(
+                "offline counter {} but set {offline}",
+                self.offline_pages
+            ));
+        }
         let mut parked_pages = 0;
         for parked in self.isolated.values() {
             for &(pfn, o, _) in parked {
@@ -466,7 +567,10 @@ impl Buddy {
         }
         blocks.sort_unstable();
         if let Some(w) = blocks.windows(2).find(|w| w[0].0 + w[0].1 > w[1].0) {
-            return Err(format!("free blocks overlap: {:?} {:?}", w[0], w[1]));
+            return Err(format!(
+                "free or offline blocks overlap: {:?} {:?}",
+                w[0], w[1]
+            ));
         }
         if free != self.free_pages || ready != self.ready_pages {
             return Err(format!(
@@ -585,6 +689,77 @@ mod tests {
     }
 
     #[test]
+    fn offline_takes_free_memory_out_and_online_gives_it_back() {
+        let mut b = Buddy::new(1024, R);
+        let held = b.alloc(Order(0), R).unwrap();
+        // 1023 free: an order-9 block and 1+2+...+256 left of the other.
+        let taken = b.offline(600);
+        let pages: u64 = taken.iter().map(|t| t.order.nr_pages()).sum();
+        assert_eq!((pages, b.nr_offline()), (600, 600));
+        assert_eq!(b.nr_free(), 1023 - 600);
+        b.check().unwrap();
+        // Offline memory is never handed out.
+        let mut got = Vec::new();
+        while let Some(x) = b.alloc(Order(0), R) {
+            assert!(
+                taken
+                    .iter()
+                    .all(|t| !(t.offset.pfn()..t.offset.pfn() + t.order.nr_pages())
+                        .contains(&x.offset.pfn())),
+                "allocated offline page {x:?}"
+            );
+            got.push(x);
+        }
+        assert_eq!(got.len() as u64, 1023 - 600);
+        // Asking for more than is free takes what there is.
+        assert!(b.offline(5).is_empty());
+        for x in got {
+            b.free(x.offset, x.order, R).unwrap();
+        }
+        // Online part of it (splitting offline blocks), then the rest.
+        assert_eq!(b.online(100), Ok(100));
+        assert_eq!((b.nr_offline(), b.nr_free()), (500, 523));
+        b.check().unwrap();
+        assert_eq!(b.online(10_000), Ok(500));
+        b.free(held.offset, held.order, R).unwrap();
+        assert_eq!((b.nr_offline(), b.nr_free()), (0, 1024));
+        b.check().unwrap();
+        // Onlined memory needs populating before a fault may take it.
+        assert_eq!(b.stats().ready_pages, 0);
+        assert_eq!(b.stats().free_blocks[9], 2);
+    }
+
+    #[test]
+    fn offline_memory_and_isolated_pageblocks_get_along() {
+        let mut b = Buddy::new(1024, R);
+        // 100 pages offline: all in one pageblock, which compaction skips.
+        let taken = b.offline(100);
+        let pb = taken[0].offset.pfn() / PAGEBLOCK_PAGES;
+        assert!(taken.iter().all(|t| t.offset.pfn() / PAGEBLOCK_PAGES == pb));
+        assert_eq!(b.free_pages_per_pageblock()[pb as usize], 0);
+        // Onlined into an isolated pageblock, the pages are parked and
+        // merge when it is released.
+        assert!(b.isolate_pageblock(pb * PAGEBLOCK_PAGES));
+        assert_eq!(b.online(100), Ok(100));
+        assert_eq!(b.nr_offline(), 0);
+        b.check().unwrap();
+        assert_eq!(b.unisolate_pageblock(pb * PAGEBLOCK_PAGES), 512);
+        assert_eq!(b.stats().free_blocks[9], 2);
+        b.check().unwrap();
+    }
+
+    #[test]
+    fn offline_prefers_blocks_that_need_work() {
+        let mut b = Buddy::new(1024, BlockState::NeedsZero);
+        let t = b.take_unprepared().unwrap();
+        b.free(t.offset, t.order, R).unwrap();
+        let taken = b.offline(512);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].state, BlockState::NeedsZero);
+        assert_eq!(b.stats().ready_pages, 512);
+    }
+
+    #[test]
     fn isolated_pageblock_parks_frees_until_released() {
         let mut b = Buddy::new(1024, R);
         let held: Vec<_> = (0..4).map(|_| b.alloc(Order(0), R).unwrap()).collect();
@@ -621,6 +796,8 @@ mod tests {
     enum Op {
         Alloc(u8),
         Free(usize),
+        Offline(u16),
+        Online(u16),
     }
 
     fn ops() -> impl Strategy<Value = Vec<Op>> {
@@ -628,6 +805,18 @@ mod tests {
             prop_oneof![
                 (0u8..=9).prop_map(Op::Alloc),
                 any::<usize>().prop_map(Op::Free)
+            ],
+            1..200,
+        )
+    }
+
+    fn ops_with_offline() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(
+            prop_oneof![
+                (0u8..=9).prop_map(Op::Alloc),
+                any::<usize>().prop_map(Op::Free),
+                (0u16..1200).prop_map(Op::Offline),
+                (0u16..1200).prop_map(Op::Online),
             ],
             1..200,
         )
@@ -656,7 +845,7 @@ mod tests {
                         let blk = held.swap_remove(i % held.len());
                         prop_assert!(b.free(blk.offset, blk.order, R).is_ok());
                     }
-                    Op::Free(_) => {}
+                    Op::Free(_) | Op::Offline(_) | Op::Online(_) => {}
                 }
                 let used: u64 = held.iter().map(|h| h.order.nr_pages()).sum();
                 prop_assert_eq!(b.stats().free_pages + used, pages);
@@ -668,6 +857,43 @@ mod tests {
             // Everything merged back: same block count as a fresh allocator.
             let fresh = Buddy::new(pages, R).stats().free_blocks;
             prop_assert_eq!(b.stats().free_blocks, fresh);
+        }
+    }
+
+    proptest! {
+        /// Offline and online interleaved with allocation: offline pages
+        /// are never allocated, and free + held + offline = pool.
+        #[test]
+        fn offline_online_keeps_invariants(pages in 1u64..3000, ops in ops_with_offline()) {
+            let mut b = Buddy::new(pages, R);
+            let mut held: Vec<Block> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Alloc(o) => {
+                        if let Some(blk) = b.alloc(Order(o), R) {
+                            held.push(blk);
+                        }
+                    }
+                    Op::Free(i) if !held.is_empty() => {
+                        let blk = held.swap_remove(i % held.len());
+                        prop_assert!(b.free(blk.offset, blk.order, R).is_ok());
+                    }
+                    Op::Free(_) => {}
+                    Op::Offline(n) => {
+                        let (free, off) = (b.nr_free(), b.nr_offline());
+                        let got: u64 = b.offline(u64::from(n)).iter().map(|t| t.order.nr_pages()).sum();
+                        prop_assert_eq!(got, u64::from(n).min(free));
+                        prop_assert_eq!(b.nr_offline(), off + got);
+                    }
+                    Op::Online(n) => {
+                        let off = b.nr_offline();
+                        prop_assert_eq!(b.online(u64::from(n)), Ok(u64::from(n).min(off)));
+                    }
+                }
+                let used: u64 = held.iter().map(|h| h.order.nr_pages()).sum();
+                prop_assert_eq!(b.nr_free() + used + b.nr_offline(), pages);
+                prop_assert!(b.check().is_ok(), "{:?}", b.check());
+            }
         }
     }
 }

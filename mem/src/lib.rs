@@ -31,6 +31,8 @@
 //!
 //! # Lock order
 //! ```text
+//! budget lock               MemoryManager::budget_lock (set_budget only;
+//!   |                       held across its reclaim, so above everything)
 //! folio lock                FolioTable::lock (sleeping; hashed wait queue).
 //!   |                       Held across swap I/O (writeback, swapin read).
 //!   |                       Several at once only by trylock (reclaim).
@@ -90,6 +92,7 @@ mod compact;
 mod discard;
 mod fault;
 pub mod folio;
+mod hotplug;
 pub mod inject;
 pub mod lru;
 mod manager;
@@ -114,6 +117,7 @@ mod vmscan;
 
 pub use compact::CompactReport;
 pub use discard::{DiscardError, DiscardOutcome};
+pub use hotplug::{BudgetChange, BudgetError};
 pub use inject::{FaultPoint, InjectPlan};
 pub use manager::{
     BackendError, MemoryManager, MmConfig, MmError, ReclaimConfig, ReclaimError, VmError,

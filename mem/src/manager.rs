@@ -7,6 +7,7 @@ use crate::compact::{self, CompactReport};
 use crate::discard::{self, DiscardError, DiscardOutcome};
 use crate::fault;
 use crate::folio::{FolioTable, FreedRange};
+use crate::hotplug::{BudgetChange, BudgetError};
 use crate::inject::{InjectPlan, Injector};
 use crate::migrate;
 use crate::pin::{self, PinError, PinGuard};
@@ -352,6 +353,9 @@ pub struct MemoryManager {
     inner: Arc<Inner>,
     config: MmConfig,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Serialises [`MemoryManager::set_budget`]; outermost, held across
+    /// its reclaim.
+    budget_lock: Mutex<()>,
 }
 
 impl MemoryManager {
@@ -409,6 +413,7 @@ impl MemoryManager {
             inner,
             config,
             threads: Mutex::default(),
+            budget_lock: Mutex::default(),
         });
         mm.spawn_threads()?;
         Ok(mm)
@@ -600,6 +605,29 @@ impl MemoryManager {
         Ok(vmscan::reclaim_bytes(&self.inner, vm, bytes))
     }
 
+    /// Set the host budget: the pool memory the VMs may use, at most the
+    /// pool mapped at start ([`MmConfig::budget_bytes`]). Lowering it takes
+    /// free memory offline and gives its host pages back, reclaiming first
+    /// (never below a VM's minimum) when too little is free; raising it
+    /// brings offline memory back.
+    ///
+    /// # Errors
+    /// [`BudgetError`]; the budget is unchanged then (reclaim that ran
+    /// before a late failure stays done).
+    ///
+    /// # Context
+    /// Blocks for reclaim's swap I/O; not for vCPU or handler threads.
+    pub fn set_budget(&self, bytes: u64) -> Result<BudgetChange, BudgetError> {
+        let _serial = self.budget_lock.lock().unwrap_or_else(|e| e.into_inner());
+        crate::hotplug::set_budget(&self.inner, bytes)
+    }
+
+    /// The host budget now, in bytes (the pool size unless lowered with
+    /// [`MemoryManager::set_budget`]).
+    pub fn budget_bytes(&self) -> u64 {
+        crate::hotplug::budget_bytes(&self.inner)
+    }
+
     /// Inject faults into the swap file's I/O (tests and fault drills). An
     /// empty list disarms injection.
     ///
@@ -728,6 +756,7 @@ impl MemoryManager {
             (b.metadata_bytes(), b.stats())
         };
         s.set_free_area(&fa);
+        s.budget_bytes = (fa.total_pages - fa.offline_pages) * PAGE_SIZE;
         let slab_meta = {
             let slab = inner.folios.slab();
             s.folios_by_order = slab.count_by_order();
@@ -841,10 +870,10 @@ impl MemoryManager {
         };
         let isolated = self.inner.isolated_pages.load(Relaxed);
         let isolated = isolated + fa.isolated_pages;
-        if fa.free_pages + folio_pages + isolated != fa.total_pages {
+        if fa.free_pages + folio_pages + isolated + fa.offline_pages != fa.total_pages {
             return Err(format!(
-                "free {} + folios {folio_pages} + isolated {isolated} != pool {}",
-                fa.free_pages, fa.total_pages
+                "free {} + folios {folio_pages} + isolated {isolated} + offline {} != pool {}",
+                fa.free_pages, fa.offline_pages, fa.total_pages
             ));
         }
         Ok(())

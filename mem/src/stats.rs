@@ -372,8 +372,11 @@ pub struct WorkerCounters {
 /// Manager-wide statistics.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MmStats {
-    /// Pool size in bytes (the budget).
+    /// Pool size in bytes (the largest budget).
     pub pool_bytes: u64,
+    /// The budget now: the pool less offline memory
+    /// ([`crate::MemoryManager::set_budget`]).
+    pub budget_bytes: u64,
     /// Free memory by order (all free blocks), in bytes.
     pub free_bytes_by_order: [u64; Order::COUNT],
     /// Free, pre-zeroed (ready) memory by order, in bytes.

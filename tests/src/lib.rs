@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The `foliovm` binary built by the same `cargo test` invocation: it sits
@@ -106,16 +107,21 @@ pub struct ApiVm {
     pub child: std::process::Child,
     /// The API socket.
     pub sock: PathBuf,
-    readers: Vec<std::thread::JoinHandle<Vec<u8>>>,
+    /// stdout and stderr so far.
+    output: [Arc<Mutex<Vec<u8>>>; 2],
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn drain<R: std::io::Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+fn drain<R: std::io::Read + Send + 'static>(
+    r: Option<R>,
+    buf: Arc<Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(mut r) = r {
-            let _ = r.read_to_end(&mut buf);
+        let Some(mut r) = r else { return };
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = r.read(&mut chunk) {
+            buf.lock().unwrap().extend_from_slice(&chunk[..n]);
         }
-        buf
     })
 }
 
@@ -133,10 +139,15 @@ impl ApiVm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn foliovm");
-        let readers = vec![drain(child.stdout.take()), drain(child.stderr.take())];
+        let output = [Arc::default(), Arc::default()];
+        let readers = vec![
+            drain(child.stdout.take(), Arc::clone(&output[0])),
+            drain(child.stderr.take(), Arc::clone(&output[1])),
+        ];
         let vm = ApiVm {
             child,
             sock,
+            output,
             readers,
         };
         let start = Instant::now();
@@ -175,6 +186,24 @@ impl ApiVm {
         total
     }
 
+    /// Wait (up to `limit`) until a line of the child's stdout is `line`;
+    /// panics with the output so far otherwise.
+    pub fn wait_for_line(&self, line: &str, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let out = String::from_utf8_lossy(&self.output[0].lock().unwrap()).into_owned();
+            if out.lines().any(|l| l.trim() == line) {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no line {line:?} within {limit:?}; stdout:\n{out}\nstderr:\n{}",
+                String::from_utf8_lossy(&self.output[1].lock().unwrap())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Wait for the process to exit (up to `limit`) and return its output.
     pub fn wait(mut self, limit: Duration) -> Output {
         let start = Instant::now();
@@ -188,11 +217,11 @@ impl ApiVm {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        let mut out = self.readers.drain(..).map(|r| r.join().expect("reader"));
-        let (stdout, stderr) = (
-            out.next().unwrap_or_default(),
-            out.next().unwrap_or_default(),
-        );
+        for r in self.readers.drain(..) {
+            r.join().expect("reader");
+        }
+        let stdout = std::mem::take(&mut *self.output[0].lock().unwrap());
+        let stderr = std::mem::take(&mut *self.output[1].lock().unwrap());
         Output {
             status,
             stdout,

@@ -156,3 +156,185 @@ fn api_waits_for_configuration_and_refuses_incomplete_starts() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Follow `GET /operations/{id}` until the operation is no longer running.
+fn wait_operation(vm: &ApiVm, id: u64) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let r = vm.call("GET", &format!("/operations/{id}"), None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let op = r.json();
+        if op["state"] != "running" {
+            return op;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "operation {id} still running: {op}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ctl(vm: &ApiVm, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(foliovm_tests::foliovm_bin())
+        .arg("ctl")
+        .arg("--api-sock")
+        .arg(&vm.sock)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run foliovm ctl")
+}
+
+#[test]
+fn reclaim_operations_and_the_budget_through_the_socket() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = ApiVm::spawn(
+        "ops",
+        &[
+            "run",
+            "--workload",
+            "seq:96M,passes=1000000",
+            "--mem",
+            "128M",
+            "--swap-dir",
+            "/var/tmp",
+            "--swap-size",
+            "256M",
+        ],
+    );
+    // Let the guest populate its memory first.
+    let start = std::time::Instant::now();
+    while vm.call("GET", "/stats", None).json()["vms"][0]["memory"]["resident_bytes"]
+        .as_u64()
+        .unwrap()
+        < 64 << 20
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "guest never faulted 64 MiB in"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let r = vm.call(
+        "PUT",
+        "/reclaim",
+        Some(r#"{"vm": "vm0", "mib": 32, "async": true}"#),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = r.json();
+    let id = op["id"].as_u64().expect("an operation id");
+    assert_eq!(op["kind"], "reclaim");
+    assert_eq!(op["progress"]["total"], 32 << 20);
+    assert_eq!(op["progress"]["unit"], "bytes");
+    let op = wait_operation(&vm, id);
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let freed = op["result"]["reclaimed_bytes"].as_u64().unwrap();
+    assert!(freed >= 16 << 20, "reclaimed only {freed} bytes: {op}");
+    assert_eq!(op["progress"]["done"].as_u64(), Some(freed), "{op}");
+    let listed = vm.call("GET", "/operations", None).json();
+    assert!(
+        listed.as_array().unwrap().iter().any(|o| o["id"] == id),
+        "{listed}"
+    );
+    // The reclaimed memory went to the swap file.
+    let stats = vm.call("GET", "/stats", None).json();
+    let swap = &stats["vms"][0]["memory"]["swap"];
+    assert!(
+        swap["swapout_pages"].as_u64().unwrap() + swap["zero_dropped_pages"].as_u64().unwrap()
+            >= freed / 4096,
+        "{swap}"
+    );
+
+    // Refused requests start no operation.
+    let before = listed.as_array().unwrap().len();
+    for (body, status) in [
+        (r#"{"vm": "nope", "mib": 8, "async": true}"#, 404),
+        (r#"{"mib": 8, "async": 1}"#, 400),
+    ] {
+        let r = vm.call("PUT", "/reclaim", Some(body));
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+    }
+    assert_eq!(vm.call("GET", "/operations/999", None).status, 404);
+    let after = vm.call("GET", "/operations", None).json();
+    assert_eq!(after.as_array().unwrap().len(), before, "{after}");
+
+    // `ctl reclaim` follows the operation; in a pipe it prints one line.
+    let out = ctl(&vm, &["reclaim", "8M", "--vm", "vm0"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout:?}");
+    assert!(
+        lines[0].starts_with("reclaimed ") && lines[0].ends_with('M'),
+        "{stdout:?}"
+    );
+    let out = ctl(&vm, &["--json", "reclaim", "4M"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ctl --json prints JSON");
+    assert!(v["reclaimed_bytes"].as_u64().is_some(), "{v}");
+    let out = ctl(&vm, &["reclaim", "4M", "--vm", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no VM named"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(vm.call("GET", "/", None).json()["state"], "Running");
+
+    // The host budget, at run time: 128 MiB (the guest's memory) at start.
+    let b = vm.call("GET", "/budget", None).json();
+    assert_eq!(
+        (b["budget_bytes"].as_u64(), b["max_budget_bytes"].as_u64()),
+        (Some(128 << 20), Some(128 << 20)),
+        "{b}"
+    );
+    let r = vm.call("PUT", "/budget", Some(r#"{"budget_mib": 256}"#));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.fault().unwrap().contains("above the pool"), "{}", r.body);
+    let r = vm.call("PUT", "/vms/vm0/limits", Some(r#"{"mem_min_mib": 48}"#));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = vm.call("PUT", "/budget", Some(r#"{"budget_mib": 32}"#));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.fault().unwrap().contains("minimums"), "{}", r.body);
+    assert_eq!(
+        vm.call("GET", "/budget", None).json()["budget_bytes"],
+        128 << 20,
+        "refused changes change nothing"
+    );
+    let r = vm.call("PUT", "/budget", Some(r#"{"budget_mib": 64}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["previous_budget_bytes"], 128 << 20, "{}", r.body);
+    let stats = vm.call("GET", "/stats", None).json();
+    assert_eq!(stats["host"]["budget_bytes"], 64 << 20, "{stats}");
+    // The guest keeps running inside the lower budget, through swap.
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = vm.call("GET", "/stats", None).json();
+    let resident = stats["vms"][0]["memory"]["resident_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        resident <= 64 << 20,
+        "{resident} resident over a 64 MiB budget"
+    );
+    assert_eq!(stats["vms"][0]["state"], "Running");
+    let out = ctl(&vm, &["budget", "128M"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "budget 128M (was 64M), reclaimed 0M\n"
+    );
+    let out = ctl(&vm, &["--json", "budget"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["budget_bytes"], 128 << 20, "{v}");
+}

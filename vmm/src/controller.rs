@@ -8,6 +8,7 @@ use crate::api::routes::{
 };
 use crate::config::{GuestPayload, HostLimits, MemoryConfig, RunConfig, VmConfig};
 use crate::metrics::{MemSample, VmSample};
+use crate::operations::{Job, Operations};
 use crate::pvm::HostQuirks;
 use crate::stop::ExitReason;
 use crate::vm::{MemorySource, Vm, VmState};
@@ -33,7 +34,11 @@ pub struct Controller {
     source: Mutex<Option<MemorySource>>,
     vms: Mutex<Vec<Vm>>,
     exit: AtomicBool,
+    ops: Operations,
 }
+
+/// Reclaim runs in steps of this many bytes, reporting progress after each.
+const RECLAIM_STEP: u64 = 4 << 20;
 
 fn state_name(s: VmState) -> &'static str {
     match s {
@@ -70,6 +75,7 @@ impl Controller {
             source: Mutex::new(None),
             vms: Mutex::new(Vec::new()),
             exit: AtomicBool::new(false),
+            ops: Operations::default(),
         }
     }
 
@@ -195,6 +201,19 @@ impl Controller {
         }
     }
 
+    /// The shared memory manager, for the host budget.
+    fn manager_for_budget(&self) -> Result<std::sync::Arc<mem::MemoryManager>, ApiError> {
+        match &*self.source.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(MemorySource::Folio(mm)) => Ok(mm.clone()),
+            Some(MemorySource::Anon) => Err(ApiError::bad(
+                "the host budget needs the folio memory backend",
+            )),
+            None => Err(ApiError::bad(
+                "no memory manager yet: it is created with the first VM (InstanceStart)",
+            )),
+        }
+    }
+
     fn started(&self) -> bool {
         !self
             .vms
@@ -305,6 +324,13 @@ impl ApiBackend for Controller {
             .map_err(|e| ApiError::internal(error_chain(&e)))
     }
 
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        self.with_vm(None, |v| {
+            v.send_ctrl_alt_del()
+                .map_err(|e| ApiError::bad(error_chain(&e)))
+        })
+    }
+
     fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError> {
         self.with_vm(vm, |v| {
             let r = if paused { v.pause() } else { v.resume() };
@@ -371,9 +397,10 @@ impl ApiBackend for Controller {
         })
     }
 
-    fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<u64, ApiError> {
-        // Resolve the manager and VM id, then reclaim without holding `vms`
-        // (it blocks on swap I/O).
+    fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<Job, ApiError> {
+        // Resolve the manager and VM id now, so that a bad request is
+        // refused before anything runs; the job holds neither `vms` nor
+        // any VM (reclaim blocks on swap I/O).
         let (mm, id) = {
             let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
             let pick = match vm {
@@ -390,8 +417,65 @@ impl ApiBackend for Controller {
                 .ok_or_else(|| ApiError::bad("reclaim needs the folio memory backend"))?;
             (mm.clone(), vm.map(|_| *id))
         };
-        mm.reclaim(id, bytes)
-            .map_err(|e| ApiError::bad(error_chain(&e)))
+        if mm.config().swap.is_none() {
+            return Err(ApiError::bad(
+                "reclaim needs a swap file (start foliovm with --swap-dir or --swap-file)",
+            ));
+        }
+        // mem's reclaim, driven in steps so that progress shows; it stops
+        // early when a step frees nothing (nothing more is reclaimable).
+        Ok(Job::new("reclaim", "bytes", bytes, move |progress| {
+            let mut freed = 0;
+            while freed < bytes {
+                let got = mm
+                    .reclaim(id, RECLAIM_STEP.min(bytes - freed))
+                    .map_err(|e| error_chain(&e))?;
+                if got == 0 {
+                    break;
+                }
+                freed += got;
+                progress.advance(got);
+            }
+            Ok(serde_json::json!({ "reclaimed_bytes": freed }))
+        }))
+    }
+
+    fn operations(&self) -> &Operations {
+        &self.ops
+    }
+
+    fn budget(&self) -> Result<serde_json::Value, ApiError> {
+        let mm = self.manager_for_budget()?;
+        let s = mm.stats();
+        Ok(serde_json::json!({
+            "budget_bytes": s.budget_bytes,
+            "max_budget_bytes": s.pool_bytes,
+            "free_bytes": s.free_bytes,
+        }))
+    }
+
+    fn set_budget(&self, bytes: u64) -> Result<serde_json::Value, ApiError> {
+        let mm = self.manager_for_budget()?;
+        let c = mm.set_budget(bytes).map_err(|e| match e {
+            // The request is valid, but the VMs' memory cannot make room now.
+            mem::BudgetError::CannotFree { .. } => ApiError {
+                status: 409,
+                message: e.to_string(),
+            },
+            mem::BudgetError::Online(_) => ApiError::internal(error_chain(&e)),
+            _ => ApiError::bad(e.to_string()),
+        })?;
+        tracing::info!(
+            old_mib = c.old_bytes >> 20,
+            new_mib = c.new_bytes >> 20,
+            reclaimed_mib = c.reclaimed_bytes >> 20,
+            "host budget changed"
+        );
+        Ok(serde_json::json!({
+            "budget_bytes": c.new_bytes,
+            "previous_budget_bytes": c.old_bytes,
+            "reclaimed_bytes": c.reclaimed_bytes,
+        }))
     }
 
     fn list_vms(&self) -> serde_json::Value {

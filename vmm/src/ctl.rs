@@ -134,12 +134,43 @@ fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
             Ok(())
         }
         CtlCmd::Reclaim { size, vm } => {
-            let body = serde_json::json!({ "vm": vm, "mib": mib_arg(&size)? });
-            let r = call(sock, "PUT", "/reclaim", Some(&body.to_string()))?;
+            let body = serde_json::json!({ "vm": vm, "mib": mib_arg(&size)?, "async": true });
+            let result = follow(sock, &body.to_string(), "/reclaim", "reclaiming")?;
+            if json {
+                println!("{result}");
+            } else {
+                println!("reclaimed {}", mib(&result["reclaimed_bytes"]));
+            }
+            Ok(())
+        }
+        CtlCmd::Budget { size: None } => {
+            let r = call(sock, "GET", "/budget", None)?;
             if json {
                 println!("{}", r.body);
             } else {
-                println!("reclaimed {}", mib(&r.json()["reclaimed_bytes"]));
+                let v = r.json();
+                println!(
+                    "budget {} (at most {}), free {}",
+                    mib(&v["budget_bytes"]),
+                    mib(&v["max_budget_bytes"]),
+                    mib(&v["free_bytes"])
+                );
+            }
+            Ok(())
+        }
+        CtlCmd::Budget { size: Some(size) } => {
+            let body = serde_json::json!({ "budget_mib": mib_arg(&size)? });
+            let r = call(sock, "PUT", "/budget", Some(&body.to_string()))?;
+            if json {
+                println!("{}", r.body);
+            } else {
+                let v = r.json();
+                println!(
+                    "budget {} (was {}), reclaimed {}",
+                    mib(&v["budget_bytes"]),
+                    mib(&v["previous_budget_bytes"]),
+                    mib(&v["reclaimed_bytes"])
+                );
             }
             Ok(())
         }
@@ -156,6 +187,67 @@ fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Start a long operation with `PUT path` (the body asks for `"async":
+/// true`) and follow it to its end: a progress bar when stdout is a
+/// terminal, nothing in a pipe. Returns the operation's result.
+fn follow(sock: &Path, body: &str, path: &str, what: &str) -> Result<Value, String> {
+    let op = call(sock, "PUT", path, Some(body))?.json();
+    let id = op["id"]
+        .as_u64()
+        .ok_or_else(|| format!("the API answered without an operation id: {op}"))?;
+    let bar = std::io::stdout()
+        .is_terminal()
+        .then(|| progress_bar(&op, what));
+    let mut op = op;
+    loop {
+        if let Some(b) = &bar {
+            b.set_length(op["progress"]["total"].as_u64().unwrap_or(0));
+            b.set_position(op["progress"]["done"].as_u64().unwrap_or(0));
+        }
+        match op["state"].as_str() {
+            Some("running") => {}
+            Some("succeeded") => {
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                return Ok(op["result"].clone());
+            }
+            _ => {
+                if let Some(b) = bar {
+                    b.abandon();
+                }
+                return Err(format!(
+                    "operation {id} failed: {}",
+                    op["error"].as_str().unwrap_or("no reason given")
+                ));
+            }
+        }
+        std::thread::sleep(POLL);
+        op = call(sock, "GET", &format!("/operations/{id}"), None)?.json();
+    }
+}
+
+/// How often `follow` asks for progress.
+const POLL: Duration = Duration::from_millis(100);
+
+fn progress_bar(op: &Value, what: &str) -> indicatif::ProgressBar {
+    let bytes = op["progress"]["unit"] == "bytes";
+    let template = if bytes {
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {elapsed}"
+    } else {
+        "{msg} [{bar:40}] {pos}/{len} {elapsed}"
+    };
+    let style = indicatif::ProgressStyle::with_template(template)
+        .expect("a static template is valid")
+        .progress_chars("=> ");
+    indicatif::ProgressBar::with_draw_target(
+        op["progress"]["total"].as_u64(),
+        indicatif::ProgressDrawTarget::stdout(),
+    )
+    .with_style(style)
+    .with_message(what.to_string())
 }
 
 fn mib_arg(s: &str) -> Result<u64, String> {

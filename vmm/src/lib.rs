@@ -11,6 +11,7 @@
 //! * [`bench`] — benchmarks with in-run baselines.
 //! * [`virtio`] — drives and the balloon (virtio-mmio).
 //! * [`api`], [`controller`], [`metrics`] — the API socket, what it controls, and its statistics.
+//! * [`operations`] — long API operations with progress (`GET /operations/{id}`).
 
 pub mod api;
 pub mod arch;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod controller;
 pub mod kvm;
 pub mod metrics;
+pub mod operations;
 pub mod pvm;
 pub mod stop;
 pub mod virtio;

@@ -85,6 +85,13 @@ enum CtlCmd {
         #[arg(long)]
         vm: Option<String>,
     },
+    /// Show the host memory budget, or set it (e.g. 512M): lowering it
+    /// reclaims what does not fit; it can go back up to the pool mapped at
+    /// start.
+    Budget {
+        /// The new budget (default: show it).
+        size: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

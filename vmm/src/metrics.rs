@@ -123,6 +123,7 @@ pub fn vm_json(v: &VmSample) -> Value {
 pub fn host_json(h: &MmStats) -> Value {
     json!({
         "pool_bytes": h.pool_bytes,
+        "budget_bytes": h.budget_bytes,
         "free_bytes": h.free_bytes,
         "free_bytes_by_order": by_order(&h.free_bytes_by_order),
         "prezeroed_bytes_by_order": by_order(&h.ready_bytes_by_order),
@@ -244,8 +245,14 @@ impl MemSample {
             metric(
                 "pool_bytes",
                 "gauge",
-                "Host memory budget (pool size).",
+                "Pool size: the largest host memory budget.",
                 vec![(String::new(), h.pool_bytes as f64)],
+            );
+            metric(
+                "budget_bytes",
+                "gauge",
+                "Host memory budget now (the pool less offline memory).",
+                vec![(String::new(), h.budget_bytes as f64)],
             );
             metric(
                 "pool_free_bytes",

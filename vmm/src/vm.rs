@@ -20,7 +20,7 @@ use crate::vmm::{host, RunOutcome, Subscriber, VmmError};
 use crate::workload::{self, WorkloadLayout, WorkloadReport, WorkloadSpec};
 use devices::legacy::{SerialDevice, SerialInput, I8042};
 use devices::{Bus, EventFdTrigger};
-use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use mem::anon::AnonBackend;
 use mem::{GuestMemoryBackend, MemoryManager, MmStats, RamRegion, VmId, VmStats};
@@ -40,6 +40,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 const COM1: u64 = 0x3f8;
 const COM1_IRQ: u32 = 4;
 const I8042_PORT: u64 = 0x60;
+const I8042_KBD_IRQ: u32 = 1;
 /// How long pause() waits for every vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -215,19 +216,29 @@ impl MutEventSubscriber for Control {
     }
 }
 
-/// Legacy devices for a Linux guest: COM1 and the i8042 reset line.
-fn legacy_devices(
-    vm: &KvmVm,
-    pio: &mut Bus,
-    events: &mut dyn SubscriberOps<Subscriber = Subscriber>,
-) -> Result<EventFd, VmmError> {
-    let irq = EventFdTrigger::new().map_err(host("cannot create serial irq eventfd"))?;
+/// The i8042 as the VM keeps it, to send Ctrl+Alt+Del.
+type Keyboard = Arc<Mutex<I8042<EventFdTrigger>>>;
+
+/// An eventfd registered as KVM irqfd for `gsi`.
+fn irqfd(vm: &KvmVm, gsi: u32, what: &str) -> Result<EventFdTrigger, VmmError> {
+    let irq = EventFdTrigger::new().map_err(host(what))?;
     vm.fd()
-        .register_irqfd(&irq.0, COM1_IRQ)
+        .register_irqfd(&irq.0, gsi)
         .map_err(|source| KvmError::Ioctl {
             op: "KVM_IRQFD",
             source,
         })?;
+    Ok(irq)
+}
+
+/// Legacy devices for a Linux guest: COM1 and the i8042 (reset line and
+/// keyboard). Returns the reset eventfd to watch and the i8042.
+fn legacy_devices(
+    vm: &KvmVm,
+    pio: &mut Bus,
+    events: &mut dyn SubscriberOps<Subscriber = Subscriber>,
+) -> Result<(EventFd, Keyboard), VmmError> {
+    let irq = irqfd(vm, COM1_IRQ, "cannot create serial irq eventfd")?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(irq, std::io::stdout())));
     pio.insert(serial.clone(), COM1, 8)
         .expect("COM1 is the first device on an empty bus");
@@ -248,13 +259,62 @@ fn legacy_devices(
         .0
         .try_clone()
         .map_err(host("cannot clone reset eventfd"))?;
-    pio.insert(Arc::new(Mutex::new(I8042::new(reset))), I8042_PORT, 5)
+    let kbd_irq = irqfd(vm, I8042_KBD_IRQ, "cannot create keyboard irq eventfd")?;
+    let keyboard = Arc::new(Mutex::new(I8042::new(reset, kbd_irq)));
+    pio.insert(keyboard.clone(), I8042_PORT, 5)
         .expect("i8042 ports do not overlap COM1");
-    Ok(reset_watch)
+    Ok((reset_watch, keyboard))
+}
+
+/// The event loop as a VM build sees it: every subscriber added through
+/// it is remembered, so that a failed build can take them all off again.
+struct Registrations<'a> {
+    events: &'a mut dyn SubscriberOps<Subscriber = Subscriber>,
+    added: Vec<SubscriberId>,
+}
+
+impl<'a> Registrations<'a> {
+    fn new(events: &'a mut dyn SubscriberOps<Subscriber = Subscriber>) -> Self {
+        Registrations {
+            events,
+            added: Vec::new(),
+        }
+    }
+
+    /// Remove every subscriber added through `self`, newest first.
+    fn roll_back(self) {
+        for id in self.added.into_iter().rev() {
+            // Only ids this build added are removed; each exactly once.
+            let _ = self.events.remove_subscriber(id);
+        }
+    }
+}
+
+impl SubscriberOps for Registrations<'_> {
+    type Subscriber = Subscriber;
+
+    fn add_subscriber(&mut self, subscriber: Subscriber) -> SubscriberId {
+        let id = self.events.add_subscriber(subscriber);
+        self.added.push(id);
+        id
+    }
+
+    fn remove_subscriber(&mut self, id: SubscriberId) -> event_manager::Result<Subscriber> {
+        self.added.retain(|a| *a != id);
+        self.events.remove_subscriber(id)
+    }
+
+    fn subscriber_mut(&mut self, id: SubscriberId) -> event_manager::Result<&mut Subscriber> {
+        self.events.subscriber_mut(id)
+    }
+
+    fn event_ops(&mut self, id: SubscriberId) -> event_manager::Result<EventOps<'_>> {
+        self.events.event_ops(id)
+    }
 }
 
 /// Errors changing a VM's run state.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum VmStateError {
     /// The VM has not been started.
     #[error("VM {0:?} is not running")]
@@ -270,6 +330,17 @@ pub enum VmStateError {
     /// The vCPUs did not park in time.
     #[error("VM {0:?}: vCPUs did not pause within 5 s")]
     PauseTimeout(String),
+    /// The VM has no i8042 keyboard (a workload guest).
+    #[error("VM {0:?} has no keyboard (only Linux guests have an i8042)")]
+    NoKeyboard(String),
+    /// The keyboard refused the keys.
+    #[error("VM {name:?} cannot take Ctrl+Alt+Del")]
+    Keyboard {
+        /// The VM.
+        name: String,
+        /// Why.
+        source: devices::legacy::I8042Error,
+    },
 }
 
 /// A VM's run state, as the API reports it.
@@ -294,6 +365,7 @@ pub struct Vm {
     workload: Option<(WorkloadSpec, Arc<WorkloadReport>)>,
     tsc_khz: Option<u32>,
     virtio: Option<crate::virtio::VirtioDevices>,
+    keyboard: Option<Keyboard>,
     started: Option<Instant>,
     /// Holds the KVM VM (memslots, irqchip) open until after the vCPUs.
     _kvm: KvmVm,
@@ -307,6 +379,22 @@ impl Vm {
     /// # Errors
     /// Any setup failure, naming what failed.
     pub fn build(
+        config: &VmConfig,
+        source: &MemorySource,
+        quirks: &HostQuirks,
+        events: &mut dyn SubscriberOps<Subscriber = Subscriber>,
+    ) -> Result<Vm, VmmError> {
+        // A build that fails after its devices subscribed takes them off
+        // the event loop again (a retried InstanceStart registers anew).
+        let mut reg = Registrations::new(events);
+        let vm = Self::build_on(config, source, quirks, &mut reg);
+        if vm.is_err() {
+            reg.roll_back();
+        }
+        vm
+    }
+
+    fn build_on(
         config: &VmConfig,
         source: &MemorySource,
         quirks: &HostQuirks,
@@ -344,10 +432,13 @@ impl Vm {
         }
         let stop = Arc::new(StopSignal::new().map_err(host("cannot create stop eventfd"))?);
         let mut pio = Bus::new();
-        let reset = if linux {
-            legacy_devices(&kvm, &mut pio, events)?
+        let (reset, keyboard) = if linux {
+            let (reset, keyboard) = legacy_devices(&kvm, &mut pio, events)?;
+            (reset, Some(keyboard))
         } else {
-            EventFd::new(libc::EFD_NONBLOCK).map_err(host("cannot create reset eventfd"))?
+            let reset =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(host("cannot create reset eventfd"))?;
+            (reset, None)
         };
         events.add_subscriber(Arc::new(Mutex::new(Control {
             stop: stop.clone(),
@@ -389,6 +480,7 @@ impl Vm {
             unstarted: vcpus,
             workload: payload.workload,
             virtio,
+            keyboard,
             started: None,
             _kvm: kvm,
             ram,
@@ -519,6 +611,37 @@ impl Vm {
         }
     }
 
+    /// Press Ctrl+Alt+Del on the VM's keyboard (Firecracker's
+    /// `SendCtrlAltDel`); a Linux guest reboots, which ends the VM.
+    ///
+    /// # Errors
+    /// [`VmStateError`] if the VM is not running, has no keyboard, or its
+    /// guest has not enabled the keyboard.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), VmStateError> {
+        match self.state() {
+            VmState::Running => {}
+            VmState::Paused => {
+                return Err(VmStateError::Already {
+                    name: self.config.name.clone(),
+                    state: "paused",
+                })
+            }
+            _ => return Err(VmStateError::NotRunning(self.config.name.clone())),
+        }
+        let kbd = self
+            .keyboard
+            .as_ref()
+            .ok_or_else(|| VmStateError::NoKeyboard(self.config.name.clone()))?;
+        tracing::info!(vm = %self.config.name, "sending Ctrl+Alt+Del");
+        kbd.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send_ctrl_alt_del()
+            .map_err(|source| VmStateError::Keyboard {
+                name: self.config.name.clone(),
+                source,
+            })
+    }
+
     /// Stop the vCPUs (the stop reason must already be set, or `fallback`
     /// is used), join them and summarise the run.
     pub fn finish(mut self, fallback: ExitReason) -> RunOutcome {
@@ -594,5 +717,48 @@ fn load_payload(
             sregs,
         ),
         GuestPayload::Workload(spec) => load_workload(mem, config, spec, sregs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Subscribes one eventfd.
+    struct Watch(EventFd);
+
+    impl MutEventSubscriber for Watch {
+        fn process(&mut self, _: Events, _: &mut EventOps) {}
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new_raw(self.0.as_raw_fd(), EventSet::IN))
+                .expect("a fresh fd registers");
+        }
+    }
+
+    fn watch() -> Subscriber {
+        Arc::new(Mutex::new(Watch(EventFd::new(libc::EFD_NONBLOCK).unwrap())))
+    }
+
+    #[test]
+    fn a_failed_build_takes_its_subscribers_off_the_loop() {
+        let mut events = crate::vmm::event_manager().unwrap();
+        let kept = events.add_subscriber(watch());
+        let mut reg = Registrations::new(&mut events);
+        let a = reg.add_subscriber(watch());
+        let b = reg.add_subscriber(watch());
+        let c = reg.add_subscriber(watch());
+        // A subscriber the build removed itself is not removed twice.
+        reg.remove_subscriber(b).unwrap();
+        reg.roll_back();
+        for id in [a, b, c] {
+            assert!(
+                events.subscriber_mut(id).is_err(),
+                "{id:?} is still on the loop"
+            );
+        }
+        assert!(
+            events.subscriber_mut(kept).is_ok(),
+            "others' subscribers stay"
+        );
     }
 }

@@ -5,8 +5,15 @@
 //! `{"fault_message": "..."}`): `GET /`, `PUT /boot-source`,
 //! `PUT /machine-config`, `GET /machine-config`, `PUT /actions`,
 //! `PATCH /vm`. foliovm's own: `GET /vms`, `GET /vms/{name}`,
-//! `PATCH /vms/{name}`, `GET /stats`, `GET /metrics`.
+//! `PATCH /vms/{name}`, `PUT /vms/{name}/limits`, `PUT /reclaim`,
+//! `GET /operations`, `GET /operations/{id}`, `GET /stats`, `GET /metrics`.
+//!
+//! Long requests (`PUT /reclaim`) take `"async": true` in their body: they
+//! then answer `202 Accepted` at once with the operation (its `id`,
+//! `state` and `progress`), which `GET /operations/{id}` follows. Without
+//! it they answer when done, as before.
 
+use crate::operations::{Job, OperationId, Operations, SpawnError};
 use serde::{Deserialize, Serialize};
 
 /// Largest request body accepted.
@@ -142,6 +149,16 @@ struct ReclaimBody {
     #[serde(default)]
     vm: Option<String>,
     mib: u64,
+    /// Answer at once with an operation id instead of when done.
+    #[serde(default, rename = "async")]
+    run_async: bool,
+}
+
+/// `PUT /budget` body: the host budget of the memory manager.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetBody {
+    budget_mib: u64,
 }
 
 /// Firecracker's `PATCH /balloon` body.
@@ -184,6 +201,8 @@ pub trait ApiBackend: Send + Sync {
     fn machine_config(&self) -> MachineConfigBody;
     /// Build and start the configured VM.
     fn instance_start(&self) -> Result<(), ApiError>;
+    /// Press Ctrl+Alt+Del on the (only) VM's keyboard.
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError>;
     /// Pause (`true`) or resume (`false`) a VM; `None` means the only one.
     fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError>;
     /// Set the (only) VM's balloon target.
@@ -193,9 +212,18 @@ pub trait ApiBackend: Send + Sync {
     fn balloon(&self, stats: bool) -> Result<serde_json::Value, ApiError>;
     /// Set a VM's reclaim limits.
     fn set_limits(&self, vm: &str, limits: LimitsBody) -> Result<(), ApiError>;
-    /// Reclaim `bytes` now from `vm` (or the VMs policy picks); returns
-    /// the bytes freed.
-    fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<u64, ApiError>;
+    /// A job that reclaims `bytes` from `vm` (or the VMs the policy
+    /// picks), with progress in bytes; its result is
+    /// `{"reclaimed_bytes": N}`. Unknown VMs and a manager without swap
+    /// are refused here, before anything runs.
+    fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<Job, ApiError>;
+    /// The registry of long operations.
+    fn operations(&self) -> &Operations;
+    /// `GET /budget`: the host budget, its maximum and free memory.
+    fn budget(&self) -> Result<serde_json::Value, ApiError>;
+    /// Set the host budget; answers the old and new budget and what was
+    /// reclaimed to lower it.
+    fn set_budget(&self, bytes: u64) -> Result<serde_json::Value, ApiError>;
     /// `GET /vms`: every VM's name, state and size.
     fn list_vms(&self) -> serde_json::Value;
     /// `GET /vms/{name}`: one VM with its memory statistics.
@@ -258,6 +286,41 @@ fn not_allowed(method: &str, path: &str) -> ApiError {
     }
 }
 
+/// Run `job` now (200 with its result) or, with `run_async`, on a thread
+/// of its own (202 with the operation).
+fn run_job(api: &dyn ApiBackend, job: Job, run_async: bool) -> Result<ApiResponse, ApiError> {
+    if !run_async {
+        let kind = job.kind();
+        return job
+            .run_now()
+            .map(|v| ApiResponse::json(&v))
+            .map_err(|e| ApiError::internal(format!("{kind} failed: {e}")));
+    }
+    match api.operations().spawn(job) {
+        Ok(op) => Ok(ApiResponse {
+            status: 202,
+            ..ApiResponse::json(&op)
+        }),
+        Err(e @ SpawnError::TooMany(_)) => Err(ApiError {
+            status: 429,
+            message: e.to_string(),
+        }),
+        Err(e @ SpawnError::Thread(_)) => Err(ApiError::internal(format!(
+            "{e}: {}",
+            std::error::Error::source(&e).map_or(String::new(), |c| c.to_string())
+        ))),
+    }
+}
+
+fn operation_id(s: &str) -> Option<OperationId> {
+    // Digits only: `+1` and `01` name no operation.
+    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) || s.starts_with('0')
+    {
+        return None;
+    }
+    s.parse().ok().map(OperationId)
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -309,9 +372,7 @@ fn dispatch(
             match a.action_type.as_str() {
                 "InstanceStart" => api.instance_start().map(|()| ApiResponse::no_content()),
                 "FlushMetrics" => Ok(ApiResponse::no_content()),
-                "SendCtrlAltDel" => Err(ApiError::bad(
-                    "SendCtrlAltDel is not supported: foliovm's i8042 has no keyboard; reboot from the guest instead",
-                )),
+                "SendCtrlAltDel" => api.send_ctrl_alt_del().map(|()| ApiResponse::no_content()),
                 other => Err(ApiError::bad(format!("unknown action_type {other:?}"))),
             }
         }
@@ -367,11 +428,26 @@ fn dispatch(
             if r.vm.as_deref().is_some_and(|n| !valid_name(n)) {
                 return Err(ApiError::bad("invalid VM name"));
             }
-            let freed = api.reclaim(r.vm.as_deref(), r.mib << 20)?;
-            Ok(ApiResponse::json(
-                &serde_json::json!({ "reclaimed_bytes": freed }),
-            ))
+            let job = api.reclaim(r.vm.as_deref(), r.mib << 20)?;
+            run_job(api, job, r.run_async)
         }
+        ("GET", ["budget"]) => api.budget().map(|v| ApiResponse::json(&v)),
+        ("PUT", ["budget"]) => {
+            let b: BudgetBody = parse(body)?;
+            if b.budget_mib == 0 || b.budget_mib > (1 << 24) {
+                return Err(ApiError::bad(format!(
+                    "budget_mib {} is out of range 1..=16777216",
+                    b.budget_mib
+                )));
+            }
+            api.set_budget(b.budget_mib << 20)
+                .map(|v| ApiResponse::json(&v))
+        }
+        ("GET", ["operations"]) => Ok(ApiResponse::json(&api.operations().list())),
+        ("GET", ["operations", id]) => operation_id(id)
+            .and_then(|id| api.operations().get(id))
+            .map(|v| ApiResponse::json(&v))
+            .ok_or_else(|| ApiError::not_found(format!("no operation {id:?}"))),
         ("GET", ["stats"]) => Ok(ApiResponse::json(&api.stats())),
         ("GET", ["metrics"]) => Ok(ApiResponse {
             status: 200,
@@ -381,8 +457,9 @@ fn dispatch(
         (
             _,
             ["" | "boot-source" | "machine-config" | "actions" | "vm" | "vms" | "stats" | "metrics"
-            | "reclaim" | "balloon"],
+            | "reclaim" | "balloon" | "operations" | "budget"],
         ) => Err(not_allowed(method, path)),
+        (_, ["operations", id]) if operation_id(id).is_some() => Err(not_allowed(method, path)),
         (_, ["balloon", "statistics"]) => Err(not_allowed(method, path)),
         (_, ["vms", name] | ["vms", name, "limits"]) if valid_name(name) => {
             Err(not_allowed(method, path))
@@ -394,13 +471,15 @@ fn dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     /// A backend that records every change it is asked to make.
     #[derive(Default)]
     struct Fake {
-        calls: Mutex<Vec<String>>,
+        calls: Arc<Mutex<Vec<String>>>,
         started: Mutex<bool>,
+        ops: Operations,
     }
 
     impl Fake {
@@ -451,6 +530,13 @@ mod tests {
             self.record("start".into());
             Ok(())
         }
+        fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+            if !*self.started.lock().unwrap() {
+                return Err(ApiError::bad("the microVM has not been started"));
+            }
+            self.record("ctrl-alt-del".into());
+            Ok(())
+        }
         fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError> {
             match vm {
                 Some(n) if n != "vm0" => Err(ApiError::not_found(format!("no VM named {n:?}"))),
@@ -477,12 +563,31 @@ mod tests {
             ));
             Ok(())
         }
-        fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<u64, ApiError> {
+        fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<Job, ApiError> {
             if vm.is_some_and(|v| v != "vm0") {
                 return Err(ApiError::not_found("no such VM"));
             }
-            self.record(format!("reclaim {bytes}"));
-            Ok(bytes / 2)
+            let calls = self.calls.clone();
+            // Frees half of what is asked, in two steps.
+            Ok(Job::new("reclaim", "bytes", bytes, move |p| {
+                calls.lock().unwrap().push(format!("reclaim {bytes}"));
+                p.advance(bytes / 4);
+                p.advance(bytes / 4);
+                Ok(serde_json::json!({ "reclaimed_bytes": p.done() }))
+            }))
+        }
+        fn operations(&self) -> &Operations {
+            &self.ops
+        }
+        fn budget(&self) -> Result<serde_json::Value, ApiError> {
+            Ok(serde_json::json!({"budget_bytes": 1u64 << 30, "max_budget_bytes": 1u64 << 30}))
+        }
+        fn set_budget(&self, bytes: u64) -> Result<serde_json::Value, ApiError> {
+            if bytes > 1 << 30 {
+                return Err(ApiError::bad("above the pool"));
+            }
+            self.record(format!("budget {bytes}"));
+            Ok(serde_json::json!({"budget_bytes": bytes}))
         }
         fn list_vms(&self) -> serde_json::Value {
             serde_json::json!([{"name": "vm0"}])
@@ -532,6 +637,14 @@ mod tests {
         );
         assert_eq!(r.status, 204);
         assert_eq!(f.calls()[..3], ["boot /k", "machine 2 1024", "start"]);
+        let r = route(
+            &f,
+            "PUT",
+            "/actions",
+            br#"{"action_type": "SendCtrlAltDel"}"#,
+        );
+        assert_eq!(r.status, 204, "{}", r.body);
+        assert_eq!(f.calls()[3], "ctrl-alt-del");
         let r = route(&f, "GET", "/", b"");
         assert!(r.body.contains("\"state\":\"Running\""), "{}", r.body);
         let r = route(
@@ -546,6 +659,17 @@ mod tests {
             (r.status, r.body.as_str()),
             (200, r#"{"reclaimed_bytes":4194304}"#)
         );
+        let r = route(&f, "PUT", "/budget", br#"{"budget_mib": 512}"#);
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, r#"{"budget_bytes":536870912}"#)
+        );
+        assert_eq!(
+            f.calls().last().map(String::as_str),
+            Some("budget 536870912")
+        );
+        let r = route(&f, "GET", "/budget", b"");
+        assert_eq!(r.status, 200);
         let r = route(
             &f,
             "PUT",
@@ -629,7 +753,7 @@ mod tests {
                 "/actions",
                 br#"{"action_type": "SendCtrlAltDel"}"#,
                 400,
-                "not supported",
+                "not been started",
             ),
             ("PATCH", "/vm", br#"{"state": "Sleeping"}"#, 400, "Paused"),
             (
@@ -674,6 +798,42 @@ mod tests {
             ("GET", "/vms/vm0/limits", b"", 405, "not allowed"),
             ("PUT", "/reclaim", br#"{"mib": 0}"#, 400, "out of range"),
             (
+                "PUT",
+                "/budget",
+                br#"{"budget_mib": 0}"#,
+                400,
+                "out of range",
+            ),
+            (
+                "PUT",
+                "/budget",
+                br#"{"budget_mib": 16777217}"#,
+                400,
+                "out of range",
+            ),
+            (
+                "PUT",
+                "/budget",
+                br#"{"budget_mib": 4096}"#,
+                400,
+                "above the pool",
+            ),
+            ("PUT", "/budget", br#"{"mib": 64}"#, 400, "unknown field"),
+            (
+                "PUT",
+                "/budget",
+                br#"{"budget_mib": "1G"}"#,
+                400,
+                "invalid type",
+            ),
+            (
+                "PATCH",
+                "/budget",
+                br#"{"budget_mib": 64}"#,
+                405,
+                "not allowed",
+            ),
+            (
                 "PATCH",
                 "/balloon",
                 br#"{"amount": 3}"#,
@@ -714,6 +874,98 @@ mod tests {
     }
 
     #[test]
+    fn async_reclaim_answers_202_and_is_followed_to_its_result() {
+        let f = Fake::default();
+        let r = route(&f, "PUT", "/reclaim", br#"{"mib": 8, "async": true}"#);
+        assert_eq!(r.status, 202, "{}", r.body);
+        let op: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(
+            (op["id"].as_u64(), op["kind"].as_str()),
+            (Some(1), Some("reclaim"))
+        );
+        assert_eq!(op["progress"]["total"], 8 << 20);
+        assert_eq!(op["progress"]["unit"], "bytes");
+        let mut done = serde_json::Value::Null;
+        for _ in 0..500 {
+            let r = route(&f, "GET", "/operations/1", b"");
+            assert_eq!(r.status, 200, "{}", r.body);
+            done = serde_json::from_str(&r.body).unwrap();
+            if done["state"] != "running" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_eq!(done["result"]["reclaimed_bytes"], 4 << 20);
+        assert_eq!(done["progress"]["done"], 4 << 20);
+        assert_eq!(f.calls(), ["reclaim 8388608"]);
+        let list = route(&f, "GET", "/operations", b"");
+        let list: serde_json::Value = serde_json::from_str(&list.body).unwrap();
+        assert_eq!(list.as_array().map(Vec::len), Some(1));
+        assert_eq!(list[0]["id"], 1);
+        // Without "async" the same request answers when done.
+        let r = route(&f, "PUT", "/reclaim", br#"{"mib": 2, "async": false}"#);
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, r#"{"reclaimed_bytes":1048576}"#)
+        );
+    }
+
+    #[test]
+    fn bad_operation_requests_change_nothing() {
+        let f = Fake::default();
+        let cases: &[(&str, &str, &[u8], u16, &str)] = &[
+            ("GET", "/operations/1", b"", 404, "no operation"),
+            ("GET", "/operations/01", b"", 404, "no operation"),
+            ("GET", "/operations/x", b"", 404, "no operation"),
+            (
+                "GET",
+                "/operations/99999999999999999999",
+                b"",
+                404,
+                "no operation",
+            ),
+            ("DELETE", "/operations/1", b"", 405, "not allowed"),
+            ("PUT", "/operations", b"{}", 405, "not allowed"),
+            (
+                "PUT",
+                "/reclaim",
+                br#"{"mib": 8, "async": "yes"}"#,
+                400,
+                "invalid type",
+            ),
+            (
+                "PUT",
+                "/reclaim",
+                br#"{"mib": 8, "async": true, "x": 1}"#,
+                400,
+                "unknown field",
+            ),
+            (
+                "PUT",
+                "/reclaim",
+                br#"{"vm": "zz", "mib": 8, "async": true}"#,
+                404,
+                "no such VM",
+            ),
+            (
+                "PUT",
+                "/reclaim",
+                br#"{"mib": 0, "async": true}"#,
+                400,
+                "out of range",
+            ),
+        ];
+        for (m, p, b, status, want) in cases {
+            let r = route(&f, m, p, b);
+            assert_eq!(r.status, *status, "{m} {p}: {}", r.body);
+            assert!(fault(&r).contains(want), "{m} {p}: {}", r.body);
+        }
+        assert!(f.calls().is_empty(), "{:?}", f.calls());
+        assert_eq!(route(&f, "GET", "/operations", b"").body, "[]");
+    }
+
+    #[test]
     fn metrics_are_text() {
         let f = Fake::default();
         let r = route(&f, "GET", "/metrics", b"");
@@ -736,6 +988,7 @@ mod tests {
             let f = Fake::default();
             let r = route(&f, method, &path, &body);
             proptest::prop_assert!([200u16, 204, 400, 404, 405, 413].contains(&r.status), "{}", r.status);
+            proptest::prop_assert!(f.ops.list() == serde_json::json!([]), "no operation from a bad request");
             if r.status >= 400 {
                 proptest::prop_assert!(f.calls().is_empty());
                 let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();

@@ -1,0 +1,217 @@
+//! Changing the host budget at run time: the pool stays one mapping of
+//! the size given at start, and a lower budget takes part of it *offline*.
+//!
+//! Analogue of memory hot-unplug (`offline_pages()` in
+//! `mm/memory_hotplug.c`): free blocks are isolated from the allocator
+//! ([`crate::buddy::Buddy::offline`]); when too few are free, reclaim
+//! frees more first (hot-unplug migrates instead; here the swap file takes
+//! the data). Offline blocks give their host pages back (`MADV_DONTNEED`).
+//! Raising the budget onlines blocks again (`online_pages()`); they come
+//! back as holes for the pre-zeroing worker to populate.
+//!
+//! ```text
+//!   pool (mapped once, budget max)
+//!   +----------------------------+--------------+
+//!   | usable: free + folios      |   offline    |   budget = pool - offline
+//!   +----------------------------+--------------+
+//! ```
+//! Invariant: free + folios + isolated + offline = pool pages.
+
+use crate::buddy::FreeError;
+use crate::manager::Inner;
+use crate::types::PAGE_SIZE;
+use crate::vmscan;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+/// Rounds of offline-then-reclaim before lowering the budget gives up.
+/// Running guests fault some of what reclaim frees back in before it
+/// goes offline, so a round may gain little; rounds go on while they gain.
+const MAX_ROUNDS: usize = 64;
+
+/// Errors from [`crate::MemoryManager::set_budget`]. The budget is
+/// unchanged after every one of them.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BudgetError {
+    /// The budget is zero or not a whole number of 4 KiB pages.
+    #[error("budget {0} bytes is not a positive multiple of 4 KiB")]
+    Unaligned(u64),
+    /// The budget is above the pool mapped at start.
+    #[error("budget {requested} bytes is above the pool of {max} bytes mapped at start")]
+    AboveMax {
+        /// The budget asked for.
+        requested: u64,
+        /// The pool size, the largest budget possible.
+        max: u64,
+    },
+    /// The budget is below what the VMs' minimums and pinned pages hold.
+    #[error("budget {requested} bytes is below the {needed} bytes that VM minimums and pinned pages keep resident")]
+    BelowMinimums {
+        /// The budget asked for.
+        requested: u64,
+        /// What the VMs' minimums (or pinned pages, when more) add up to.
+        needed: u64,
+    },
+    /// Not enough memory can be freed: without a swap file only free
+    /// memory can go offline; with one, reclaim found too little.
+    #[error(
+        "cannot lower the budget to {requested} bytes: {short} bytes more would have to be freed{}",
+        why_not(.swap)
+    )]
+    CannotFree {
+        /// The budget asked for.
+        requested: u64,
+        /// Bytes missing.
+        short: u64,
+        /// Whether a swap file exists.
+        swap: bool,
+    },
+    /// The allocator refused an offline block back (a bug).
+    #[error("the allocator refused offline memory back")]
+    Online(#[source] FreeError),
+}
+
+fn why_not(swap: &bool) -> &'static str {
+    if *swap {
+        ", and reclaim cannot free them"
+    } else {
+        ", and there is no swap file to reclaim to"
+    }
+}
+
+/// What [`set_budget`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetChange {
+    /// The budget before.
+    pub old_bytes: u64,
+    /// The budget now.
+    pub new_bytes: u64,
+    /// Bytes reclaimed to make room (lowering only).
+    pub reclaimed_bytes: u64,
+}
+
+/// The usable budget in bytes: pool minus offline memory.
+pub(crate) fn budget_bytes(inner: &Inner) -> u64 {
+    (inner.pool.nr_pages() - inner.buddy().nr_offline()) * PAGE_SIZE
+}
+
+/// Set the usable budget to `bytes`.
+///
+/// # Context
+/// Callers serialise calls (the manager's budget lock). No other lock
+/// held; blocks for reclaim's swap I/O when lowering.
+pub(crate) fn set_budget(inner: &Inner, bytes: u64) -> Result<BudgetChange, BudgetError> {
+    let pool = inner.pool.nr_pages();
+    if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) {
+        return Err(BudgetError::Unaligned(bytes));
+    }
+    let target = bytes / PAGE_SIZE;
+    if target > pool {
+        return Err(BudgetError::AboveMax {
+            requested: bytes,
+            max: pool * PAGE_SIZE,
+        });
+    }
+    let vms = inner.live_vms();
+    let needed: u64 = vms
+        .iter()
+        .map(|v| {
+            let pinned = v.counters.pinned_pages.load(Relaxed).max(0) as u64;
+            v.min_pages().max(pinned)
+        })
+        .sum();
+    if target < needed {
+        return Err(BudgetError::BelowMinimums {
+            requested: bytes,
+            needed: needed * PAGE_SIZE,
+        });
+    }
+    let old = pool - inner.buddy().nr_offline();
+    let change = |reclaimed: u64| BudgetChange {
+        old_bytes: old * PAGE_SIZE,
+        new_bytes: bytes,
+        reclaimed_bytes: reclaimed * PAGE_SIZE,
+    };
+    if target >= old {
+        // online_pages(): the pre-zeroing worker prepares them, then
+        // retries faults parked for lack of memory.
+        inner
+            .buddy()
+            .online(target - old)
+            .map_err(BudgetError::Online)?;
+        inner.kick_worker();
+        return Ok(change(0));
+    }
+    lower(inner, old - target, bytes, &vms).map(change)
+}
+
+/// Take `want` pages offline, reclaiming when too few are free. Returns
+/// the pages reclaimed; on failure every page this call took is online
+/// again.
+fn lower(
+    inner: &Inner,
+    want: u64,
+    requested: u64,
+    vms: &[std::sync::Arc<crate::vm::VmState>],
+) -> Result<u64, BudgetError> {
+    let swap = inner.swap.is_some();
+    // Refuse up front what cannot work, so that nothing is reclaimed for
+    // nothing: free memory plus what reclaim may take above minimums.
+    let reclaimable: u64 = if swap {
+        vms.iter()
+            .map(|v| {
+                let pinned = v.counters.pinned_pages.load(Relaxed).max(0) as u64;
+                v.resident_pages().saturating_sub(v.min_pages().max(pinned))
+            })
+            .sum()
+    } else {
+        0
+    };
+    let free = inner.buddy().nr_free() + inner.isolated_pages.load(Relaxed);
+    let cannot = |short: u64| BudgetError::CannotFree {
+        requested,
+        short: short * PAGE_SIZE,
+        swap,
+    };
+    if want > free + reclaimable {
+        return Err(cannot(want - free - reclaimable));
+    }
+    let (mut taken, mut reclaimed) = (0, 0);
+    let mut stalled = 0;
+    for _ in 0..MAX_ROUNDS {
+        let before = taken;
+        let blocks = inner.buddy().offline(want - taken);
+        for b in &blocks {
+            // The block is offline: nothing allocates or prepares it, so
+            // its host pages can go. A failure only leaves them populated.
+            if let Err(e) = inner.pool.drop_pages(b.offset, b.order.nr_pages()) {
+                crate::vm::log_error(&format!("dropping offline {b:?}: {e}"));
+            }
+            taken += b.order.nr_pages();
+        }
+        if taken == want {
+            return Ok(reclaimed);
+        }
+        let got = if swap {
+            vmscan::reclaim_bytes(inner, None, (want - taken) * PAGE_SIZE) / PAGE_SIZE
+        } else {
+            0
+        };
+        reclaimed += got;
+        if got == 0 && taken == before {
+            stalled += 1;
+            // Blocks the pre-zeroing worker holds come back shortly; after
+            // that, nothing more will come.
+            if stalled > 2 || inner.isolated_pages.load(Relaxed) == 0 {
+                break;
+            }
+            inner.wait_for_memory(Duration::from_millis(20));
+        } else {
+            stalled = 0;
+        }
+    }
+    // Undo: everything this call took goes back online.
+    inner.buddy().online(taken).map_err(BudgetError::Online)?;
+    inner.kick_worker();
+    Err(cannot(want - taken))
+}

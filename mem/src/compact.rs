@@ -187,6 +187,14 @@ fn collapse_candidates(inner: &Inner, region: &Region) -> Vec<PageIndex> {
 
 /// Empty up to `want` pageblocks into free 2 MiB blocks.
 pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
+    // Folios by pageblock, in one pass over the folio table, kept current
+    // with the folios this run creates (a pageblock emptied earlier may
+    // receive some); folios faulted in meanwhile make a pageblock fail.
+    let pb_of = |pool: crate::types::PoolOffset| pool.pfn() - pool.pfn() % PAGEBLOCK_PAGES;
+    let mut by_pb: HashMap<u64, Vec<FolioId>> = HashMap::new();
+    for (id, f) in inner.folios.slab().iter() {
+        by_pb.entry(pb_of(f.pool)).or_default().push(id);
+    }
     let mut done = 0;
     let mut tried = HashSet::new();
     while done < want {
@@ -210,14 +218,7 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
         if !inner.buddy().isolate_pageblock(pb) {
             continue;
         }
-        // The folios living here now (earlier rounds may have moved some in).
-        let here: Vec<FolioId> = {
-            let slab = inner.folios.slab();
-            slab.iter()
-                .filter(|(_, f)| f.pool.pfn() - f.pool.pfn() % PAGEBLOCK_PAGES == pb)
-                .map(|(id, _)| id)
-                .collect()
-        };
+        let here = by_pb.remove(&pb).unwrap_or_default();
         let mut ok = true;
         for &id in &here {
             // Freed (or reused elsewhere) since the pass: skip it.
@@ -230,7 +231,12 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
                 continue;
             }
             match migrate_folio(inner, id) {
-                Ok(_) => rep.folios_migrated += 1,
+                Ok(new) => {
+                    rep.folios_migrated += 1;
+                    if let Some(f) = inner.folios.slab().get(new) {
+                        by_pb.entry(pb_of(f.pool)).or_default().push(new);
+                    }
+                }
                 Err(MigrateError::Unmovable) if inner.folios.slab().get(id).is_none() => {}
                 Err(e) => {
                     if e == MigrateError::Pinned {

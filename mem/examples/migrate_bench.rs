@@ -43,7 +43,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |k: &str| args.iter().position(|a| a == k).map(|i| args[i + 1].clone());
+    let arg = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .map(|i| args[i + 1].clone())
+    };
     let size = arg("--size").map_or(1 << 30, |s| parse_size(&s));
     let runs: usize = arg("--runs").map_or(3, |s| s.parse().expect("runs"));
     let pages = size / PAGE;

@@ -128,9 +128,15 @@ fn drain<R: std::io::Read + Send + 'static>(
 impl ApiVm {
     /// Start `foliovm run <args> --api-sock <tmp>` and wait for the socket.
     pub fn spawn(tag: &str, args: &[&str]) -> ApiVm {
+        ApiVm::spawn_env(tag, &[], args)
+    }
+
+    /// [`ApiVm::spawn`] with extra environment variables.
+    pub fn spawn_env(tag: &str, env: &[(&str, &str)], args: &[&str]) -> ApiVm {
         let sock = std::env::temp_dir().join(format!("foliovm-{tag}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&sock);
         let mut child = Command::new(foliovm_bin())
+            .envs(env.iter().copied())
             .args(args)
             .arg("--api-sock")
             .arg(&sock)

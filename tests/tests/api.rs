@@ -338,3 +338,101 @@ fn reclaim_operations_and_the_budget_through_the_socket() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["budget_bytes"], 128 << 20, "{v}");
 }
+
+/// Relocation and compaction, driven through the socket again and again
+/// while a 2-vCPU workload guest writes and verifies its memory under
+/// pressure (swap entries and swap-cache folios present): every page
+/// verifies, and the relocation repairs the deliberately misaligned host
+/// mapping so that 2 MiB folios end up PMD-mapped.
+#[test]
+fn relocation_and_compaction_under_a_running_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = ApiVm::spawn_env(
+        "reloc",
+        &[("FOLIOVM_MEM_HOST_OFFSET", "8K")],
+        &[
+            "run",
+            "--workload",
+            "seq:80M,passes=40",
+            "--vcpus",
+            "2",
+            "--mem",
+            "128M",
+            "--mem-budget",
+            "64M",
+            "--swap-dir",
+            "/var/tmp",
+            "--swap-size",
+            "256M",
+        ],
+    );
+    let stats = |vm: &ApiVm| vm.call("GET", "/stats", None).json();
+    // Wait for memory pressure: pages on the swap file.
+    let start = std::time::Instant::now();
+    while stats(&vm)["vms"][0]["memory"]["swap"]["swapped_pages"]
+        .as_i64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never swapped: {}",
+            stats(&vm)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (mut relocations, mut compactions) = (0, 0);
+    let mut pauses = Vec::new();
+    while vm.call("GET", "/vms/vm0", None).json()["state"] == "Running" && relocations < 20 {
+        let r = vm.call("PUT", "/vms/vm0/relocate", Some(r#"{"to_aligned": true}"#));
+        if r.status == 400 && r.body.contains("not running") {
+            break; // the guest finished
+        }
+        assert_eq!(r.status, 200, "relocate: {}", r.body);
+        let v = r.json();
+        assert_eq!(
+            v["new"]["host_addr"].as_u64().unwrap() % (2 << 20),
+            0,
+            "{v}"
+        );
+        pauses.push(v["pause_us"].as_f64().unwrap());
+        relocations += 1;
+        let c = vm.call("PUT", "/vms/vm0/compact", Some("{}"));
+        if c.status == 200 {
+            compactions += 1;
+            assert!(
+                c.json()["pmd_folios_after"].as_u64().is_some(),
+                "{}",
+                c.body
+            );
+        } else {
+            assert!(
+                c.body.contains("not running") || c.body.contains("no VM"),
+                "compact: {}",
+                c.body
+            );
+        }
+    }
+    let out = vm.wait(Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res = result_line(&out);
+    eprintln!("{relocations} relocations (pauses {pauses:?} us), {compactions} compactions; {res}");
+    assert_eq!(res["mismatches"], 0, "{res}");
+    assert!(
+        relocations >= 3,
+        "only {relocations} relocations ran during the workload"
+    );
+    assert!(compactions >= 1);
+    // 2 MiB folios are PMD-mapped after the first to-aligned relocation
+    // (the misaligned mapping had none).
+    assert!(
+        res["host_huge_bytes"].as_u64().unwrap_or(0) > 0,
+        "no PMD mappings after relocation: {res}"
+    );
+}

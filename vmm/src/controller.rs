@@ -4,7 +4,7 @@
 //! `vms` only briefly to see whether every VM has stopped.
 
 use crate::api::routes::{
-    ApiBackend, ApiError, BootSourceBody, InstanceInfo, LimitsBody, MachineConfigBody,
+    ApiBackend, ApiError, BootSourceBody, InstanceInfo, LimitsBody, MachineConfigBody, RelocateBody,
 };
 use crate::config::{GuestPayload, HostLimits, MemoryConfig, RunConfig, VmConfig};
 use crate::metrics::{MemSample, VmSample};
@@ -444,6 +444,33 @@ impl ApiBackend for Controller {
         &self.ops
     }
 
+    fn compact(&self, vm: &str) -> Result<Job, ApiError> {
+        let (mm, id) = self.with_vm(Some(vm), |v| {
+            v.manager()
+                .cloned()
+                .ok_or_else(|| ApiError::bad("compaction needs the folio memory backend"))
+        })?;
+        Ok(Job::new("compact", "ranges", 0, move |progress| {
+            let rep = mm
+                .compact(Some(id), &|done, total| {
+                    progress.set_total(total);
+                    progress.set_done(done);
+                })
+                .map_err(|e| error_chain(&e))?;
+            Ok(compact_json(&rep))
+        }))
+    }
+
+    fn relocate(&self, vm: &str, body: &RelocateBody) -> Result<serde_json::Value, ApiError> {
+        let op = body.op()?;
+        self.with_vm(Some(vm), |v| {
+            let rep = v
+                .relocate(body.region_gpa, op, &|_, _| {})
+                .map_err(ApiError::bad)?;
+            Ok(relocate_json(&rep))
+        })
+    }
+
     fn budget(&self) -> Result<serde_json::Value, ApiError> {
         let mm = self.manager_for_budget()?;
         let s = mm.stats();
@@ -499,6 +526,46 @@ impl ApiBackend for Controller {
     fn metrics(&self) -> String {
         self.sample().to_prometheus()
     }
+}
+
+/// `PUT /vms/{name}/compact`'s result.
+fn compact_json(r: &mem::CompactReport) -> serde_json::Value {
+    serde_json::json!({
+        "pmd_folios_before": r.pmd_folios_before,
+        "pmd_folios_after": r.pmd_folios_after,
+        "free_2m_blocks_before": r.free_pmd_blocks_before,
+        "free_2m_blocks_after": r.free_pmd_blocks_after,
+        "blocks_rebuilt": r.blocks_rebuilt,
+        "folios_migrated": r.folios_migrated,
+        "skipped_pinned": r.skipped_pinned,
+        "collapsed": r.collapsed,
+        "collapse_skipped": r.collapse_skipped,
+        "copied_bytes": r.copied_bytes,
+        "elapsed_ms": r.elapsed_ns as f64 / 1e6,
+    })
+}
+
+/// `PUT /vms/{name}/relocate`'s result.
+fn relocate_json(r: &mem::RelocateReport) -> serde_json::Value {
+    let region = |x: &mem::RamRegion| {
+        serde_json::json!({
+            "guest_base": x.guest_base.raw(),
+            "host_addr": x.host_addr.raw(),
+            "size": x.size,
+        })
+    };
+    let gib = r.new.map_or(0.0, |n| n.size as f64 / (1u64 << 30) as f64);
+    serde_json::json!({
+        "old": r.old.iter().map(region).collect::<Vec<_>>(),
+        "new": r.new.as_ref().map(region),
+        "pause_us": r.switch_ns as f64 / 1e3,
+        "pause_us_per_gib": if gib > 0.0 { r.switch_ns as f64 / 1e3 / gib } else { 0.0 },
+        "tables": r.tables,
+        "pulled_by_faults": r.pulled_by_faults,
+        "moved_bytes": r.moved_bytes,
+        "remapped_huge": r.remapped_huge,
+        "elapsed_ms": r.elapsed_ns as f64 / 1e6,
+    })
 }
 
 /// An error and its causes on one line.

@@ -174,6 +174,63 @@ fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
             }
             Ok(())
         }
+        CtlCmd::Compact { vm } => {
+            let result = follow(
+                sock,
+                r#"{"async": true}"#,
+                &format!("/vms/{vm}/compact"),
+                "compacting",
+            )?;
+            if json {
+                println!("{result}");
+            } else {
+                println!(
+                    "2M folios {} -> {}, free 2M blocks {} -> {}, {} folios migrated, {} ranges collapsed",
+                    result["pmd_folios_before"],
+                    result["pmd_folios_after"],
+                    result["free_2m_blocks_before"],
+                    result["free_2m_blocks_after"],
+                    result["folios_migrated"],
+                    result["collapsed"]
+                );
+            }
+            Ok(())
+        }
+        CtlCmd::Relocate {
+            vm,
+            region,
+            to_aligned,
+            merge_with,
+            grow,
+        } => {
+            let body = serde_json::json!({
+                "region_gpa": gpa_arg(&region)?,
+                "to_aligned": to_aligned,
+                "merge_with_gpa": merge_with.as_deref().map(gpa_arg).transpose()?,
+                "grow_mib": grow.as_deref().map(mib_arg).transpose()?,
+            });
+            let r = call(
+                sock,
+                "PUT",
+                &format!("/vms/{vm}/relocate"),
+                Some(&body.to_string()),
+            )?;
+            if json {
+                println!("{}", r.body);
+            } else {
+                let v = r.json();
+                println!(
+                    "relocated to host {:#x}: pause {:.0}us ({:.0}us/GiB), {} tables, {} moved, {} 2M folios remapped as PMDs",
+                    v["new"]["host_addr"].as_u64().unwrap_or(0),
+                    v["pause_us"].as_f64().unwrap_or(0.0),
+                    v["pause_us_per_gib"].as_f64().unwrap_or(0.0),
+                    v["tables"],
+                    mib(&v["moved_bytes"]),
+                    v["remapped_huge"]
+                );
+            }
+            Ok(())
+        }
         CtlCmd::Resume { vm } => {
             call(
                 sock,
@@ -192,6 +249,15 @@ fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
 /// Start a long operation with `PUT path` (the body asks for `"async":
 /// true`) and follow it to its end: a progress bar when stdout is a
 /// terminal, nothing in a pipe. Returns the operation's result.
+/// A guest-physical address: decimal or 0x-hex.
+fn gpa_arg(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("invalid guest address {s:?}"))
+}
+
 fn follow(sock: &Path, body: &str, path: &str, what: &str) -> Result<Value, String> {
     let op = call(sock, "PUT", path, Some(body))?.json();
     let id = op["id"]

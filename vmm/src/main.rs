@@ -92,6 +92,31 @@ enum CtlCmd {
         /// The new budget (default: show it).
         size: Option<String>,
     },
+    /// Compact a VM's memory: rebuild free 2 MiB blocks in the pool and
+    /// collapse ranges of small folios into 2 MiB folios mapped as PMDs.
+    Compact {
+        /// The VM.
+        vm: String,
+    },
+    /// Move a guest RAM region's host backing while the VM runs.
+    #[command(group(clap::ArgGroup::new("op").required(true).args(["to_aligned", "merge_with", "grow"])))]
+    Relocate {
+        /// The VM.
+        vm: String,
+        /// A guest-physical address inside the region (default 0).
+        #[arg(long, default_value = "0")]
+        region: String,
+        /// Move it to a 2 MiB-aligned host range (its 2 MiB folios become
+        /// PMD-mapped).
+        #[arg(long)]
+        to_aligned: bool,
+        /// Merge it with the adjacent region holding this guest address.
+        #[arg(long)]
+        merge_with: Option<String>,
+        /// Grow it to this size (e.g. 1G).
+        #[arg(long)]
+        grow: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -123,13 +123,33 @@ fn memory_backend(config: &VmConfig, source: &MemorySource) -> Result<GuestRam, 
                 .map_err(|e| mem_err(Box::new(e)))?;
             mm.set_vm_limits(vm, config.limits)
                 .map_err(|e| mem_err(Box::new(e)))?;
-            let backend = mm.backend(vm, &layout).map_err(|e| mem_err(Box::new(e)))?;
+            let offset = host_offset().map_err(|e| mem_err(e.into()))?;
+            let backend = mm
+                .backend_with_offset(vm, &layout, offset)
+                .map_err(|e| mem_err(Box::new(e)))?;
             GuestRam {
                 backend,
                 manager: Some((mm.clone(), vm)),
             }
         }
     })
+}
+
+/// `FOLIOVM_MEM_HOST_OFFSET=SIZE` (a multiple of 4 KiB below 2 MiB) maps
+/// the folio backend's guest RAM that far past a 2 MiB boundary: a
+/// diagnostic knob that shows what `foliovm ctl relocate --to-aligned`
+/// repairs (a misaligned mapping cannot be PMD-mapped on the host).
+fn host_offset() -> Result<u64, String> {
+    let Ok(v) = std::env::var("FOLIOVM_MEM_HOST_OFFSET") else {
+        return Ok(0);
+    };
+    let b = crate::config::parse_size(&v).map_err(|e| format!("FOLIOVM_MEM_HOST_OFFSET: {e}"))?;
+    if b % 4096 != 0 || b >= 2 << 20 {
+        return Err(format!(
+            "FOLIOVM_MEM_HOST_OFFSET={v}: must be a multiple of 4K below 2M"
+        ));
+    }
+    Ok(b)
 }
 
 /// What the payload needs from the VM.
@@ -463,7 +483,7 @@ impl Vm {
             workload: payload.workload.as_ref().map(|(_, r)| r.clone()),
             stop,
             gate: RunGate::default(),
-            mem,
+            mem: std::sync::RwLock::new(mem),
         });
         tracing::info!(
             vm = %config.name,
@@ -560,7 +580,10 @@ impl Vm {
             for t in self.threads.iter().filter(|t| !t.is_finished()) {
                 let _ = t.kill(SIGRTMIN());
             }
-            std::thread::sleep(Duration::from_micros(200));
+            // Parking vCPUs wake us; re-kick after 1 ms for one that was
+            // not yet in KVM_RUN when its signal came.
+            let live = || self.threads.iter().filter(|t| !t.is_finished()).count();
+            self.ctx.gate.wait_parked(live, Duration::from_millis(1));
         }
         true
     }
@@ -609,6 +632,73 @@ impl Vm {
             }),
             _ => Err(VmStateError::NotRunning(self.config.name.clone())),
         }
+    }
+
+    /// Relocate the guest RAM region holding `gpa` to a new host range
+    /// while the guest runs ([`mem::relocate`]). The switch pauses the
+    /// vCPUs (unless the VM is paused already), swaps the KVM memslots and
+    /// the vCPUs' view of guest memory, and resumes them.
+    ///
+    /// Refused for VMs with virtio devices: their queues hold a fixed
+    /// view of guest memory by host address (not rebuilt yet).
+    ///
+    /// # Errors
+    /// A message naming why: not the folio backend, virtio devices, the VM
+    /// not running, or the [`mem::RelocateError`].
+    pub fn relocate(
+        &self,
+        gpa: u64,
+        op: mem::RelocateOp,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<mem::RelocateReport, String> {
+        let (mm, id) = self
+            .ram
+            .manager
+            .as_ref()
+            .ok_or("relocation needs the folio memory backend (--mem-backend folio)")?;
+        if self.virtio.is_some() {
+            return Err(
+                "relocation of a VM with virtio devices is not supported yet: \
+                        their queues address guest memory through a fixed host mapping"
+                    .into(),
+            );
+        }
+        let paused = match self.state() {
+            VmState::Running => false,
+            VmState::Paused => true,
+            s => return Err(format!("VM {} is {s:?}, not running", self.config.name)),
+        };
+        let mut switch = |sw: &mem::RelocateSwitch| -> Result<(), String> {
+            if !paused {
+                self.pause().map_err(|e| e.to_string())?;
+            }
+            // SAFETY: the memory manager keeps the new ranges mapped while
+            // their slots exist (see `KvmVm::switch_memory`).
+            let r = unsafe { self._kvm.switch_memory(&sw.old, &sw.new) }
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    let now = mm.vm_regions(*id).unwrap_or_default();
+                    let mut view: Vec<RamRegion> = now
+                        .into_iter()
+                        .filter(|r| !sw.old.contains(r) && !sw.new.contains(r))
+                        .chain(sw.new.iter().copied())
+                        .collect();
+                    view.sort_by_key(|r| r.guest_base);
+                    let m = guest_memory(&view).map_err(|e| e.to_string())?;
+                    *self.ctx.mem.write().unwrap_or_else(|p| p.into_inner()) = m;
+                    Ok(())
+                });
+            if !paused {
+                let _ = self.resume();
+            }
+            r
+        };
+        tracing::info!(vm = %self.config.name, gpa, ?op, "relocating");
+        let rep = mm
+            .relocate(*id, mem::GuestAddress(gpa), op, &mut switch, progress)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(vm = %self.config.name, switch_us = rep.switch_ns / 1000, "relocated");
+        Ok(rep)
     }
 
     /// Press Ctrl+Alt+Del on the VM's keyboard (Firecracker's
@@ -664,10 +754,12 @@ impl Vm {
         if let Some(v) = &self.virtio {
             v.finish();
         }
-        let host_huge_bytes = self
-            .ram
-            .backend
-            .regions()
+        // Where guest RAM is now (a relocation may have moved it).
+        let regions = match &self.ram.manager {
+            Some((mm, id)) => mm.vm_regions(*id).unwrap_or_default(),
+            None => self.ram.backend.regions().to_vec(),
+        };
+        let host_huge_bytes = regions
             .iter()
             .map(|r| mem::smaps::anon_huge_bytes(r.host_addr.raw()).unwrap_or(0))
             .sum();

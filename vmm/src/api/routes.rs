@@ -154,6 +154,54 @@ struct ReclaimBody {
     run_async: bool,
 }
 
+/// `PUT /vms/{name}/compact` body (may be empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompactBody {
+    /// Answer at once with an operation id instead of when done.
+    #[serde(default, rename = "async")]
+    run_async: bool,
+}
+
+/// `PUT /vms/{name}/relocate` body: which region, and exactly one of the
+/// three operations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelocateBody {
+    /// A guest-physical address inside the region (default 0).
+    #[serde(default)]
+    pub region_gpa: u64,
+    /// Move it to a 2 MiB-aligned host range.
+    #[serde(default)]
+    pub to_aligned: bool,
+    /// Merge it with the adjacent region holding this address.
+    #[serde(default)]
+    pub merge_with_gpa: Option<u64>,
+    /// Grow it to this size (MiB).
+    #[serde(default)]
+    pub grow_mib: Option<u64>,
+}
+
+impl RelocateBody {
+    /// The operation it asks for.
+    ///
+    /// # Errors
+    /// Not exactly one operation, or an out-of-range size.
+    pub fn op(&self) -> Result<mem::RelocateOp, ApiError> {
+        match (self.to_aligned, self.merge_with_gpa, self.grow_mib) {
+            (true, None, None) => Ok(mem::RelocateOp::ToAligned),
+            (false, Some(g), None) => Ok(mem::RelocateOp::MergeWith(mem::GuestAddress(g))),
+            (false, None, Some(m)) if m > 0 && m <= 1 << 24 => Ok(mem::RelocateOp::Grow(m << 20)),
+            (false, None, Some(m)) => Err(ApiError::bad(format!(
+                "grow_mib {m} is out of range 1..=16777216"
+            ))),
+            _ => Err(ApiError::bad(
+                "give exactly one of to_aligned, merge_with_gpa, grow_mib",
+            )),
+        }
+    }
+}
+
 /// `PUT /budget` body: the host budget of the memory manager.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,6 +267,15 @@ pub trait ApiBackend: Send + Sync {
     fn reclaim(&self, vm: Option<&str>, bytes: u64) -> Result<Job, ApiError>;
     /// The registry of long operations.
     fn operations(&self) -> &Operations;
+    /// A job that compacts `vm`'s memory (rebuild free 2 MiB blocks, collapse
+    /// small folios into 2 MiB ones); its result reports the 2 MiB folios
+    /// before and after.
+    fn compact(&self, vm: &str) -> Result<Job, ApiError>;
+
+    /// Relocate a region of `vm` while it runs; answers when done (the
+    /// switch holds the VM, so it is not an operation).
+    fn relocate(&self, vm: &str, body: &RelocateBody) -> Result<serde_json::Value, ApiError>;
+
     /// `GET /budget`: the host budget, its maximum and free memory.
     fn budget(&self) -> Result<serde_json::Value, ApiError>;
     /// Set the host budget; answers the old and new budget and what was
@@ -417,6 +474,19 @@ fn dispatch(
             }
             api.set_limits(name, l).map(|()| ApiResponse::no_content())
         }
+        ("PUT", ["vms", name, "compact"]) if valid_name(name) => {
+            let c: CompactBody = match body.iter().all(u8::is_ascii_whitespace) {
+                true => CompactBody::default(),
+                false => parse(body)?,
+            };
+            let job = api.compact(name)?;
+            run_job(api, job, c.run_async)
+        }
+        ("PUT", ["vms", name, "relocate"]) if valid_name(name) => {
+            let r: RelocateBody = parse(body)?;
+            r.op()?;
+            api.relocate(name, &r).map(|v| ApiResponse::json(&v))
+        }
         ("PUT", ["reclaim"]) => {
             let r: ReclaimBody = parse(body)?;
             if r.mib == 0 || r.mib > (1 << 24) {
@@ -461,7 +531,9 @@ fn dispatch(
         ) => Err(not_allowed(method, path)),
         (_, ["operations", id]) if operation_id(id).is_some() => Err(not_allowed(method, path)),
         (_, ["balloon", "statistics"]) => Err(not_allowed(method, path)),
-        (_, ["vms", name] | ["vms", name, "limits"]) if valid_name(name) => {
+        (_, ["vms", name] | ["vms", name, "limits" | "compact" | "relocate"])
+            if valid_name(name) =>
+        {
             Err(not_allowed(method, path))
         }
         _ => Err(ApiError::not_found(format!("no such resource: {path}"))),
@@ -578,6 +650,24 @@ mod tests {
         }
         fn operations(&self) -> &Operations {
             &self.ops
+        }
+        fn compact(&self, vm: &str) -> Result<Job, ApiError> {
+            if vm != "vm0" {
+                return Err(ApiError::not_found(format!("no VM named {vm:?}")));
+            }
+            let calls = self.calls.clone();
+            Ok(Job::new("compact", "ranges", 2, move |p| {
+                calls.lock().unwrap().push("compact".into());
+                p.set_done(2);
+                Ok(serde_json::json!({ "pmd_folios_after": 2 }))
+            }))
+        }
+        fn relocate(&self, vm: &str, body: &RelocateBody) -> Result<serde_json::Value, ApiError> {
+            if vm != "vm0" {
+                return Err(ApiError::not_found(format!("no VM named {vm:?}")));
+            }
+            self.record(format!("relocate {:?}", body.op()?));
+            Ok(serde_json::json!({ "tables": 1 }))
         }
         fn budget(&self) -> Result<serde_json::Value, ApiError> {
             Ok(serde_json::json!({"budget_bytes": 1u64 << 30, "max_budget_bytes": 1u64 << 30}))
@@ -862,6 +952,44 @@ mod tests {
                 404,
                 "no such VM",
             ),
+            ("PUT", "/vms/vm0/relocate", b"{}", 400, "exactly one"),
+            (
+                "PUT",
+                "/vms/vm0/relocate",
+                br#"{"to_aligned": true, "grow_mib": 8}"#,
+                400,
+                "exactly one",
+            ),
+            (
+                "PUT",
+                "/vms/vm0/relocate",
+                br#"{"grow_mib": 0}"#,
+                400,
+                "out of range",
+            ),
+            (
+                "PUT",
+                "/vms/vm0/relocate",
+                br#"{"to_aligned": true, "region": 0}"#,
+                400,
+                "unknown field",
+            ),
+            (
+                "PUT",
+                "/vms/zz/relocate",
+                br#"{"to_aligned": true}"#,
+                404,
+                "no VM named",
+            ),
+            ("GET", "/vms/vm0/relocate", b"", 405, "not allowed"),
+            (
+                "PUT",
+                "/vms/vm0/compact",
+                br#"{"sync": 1}"#,
+                400,
+                "unknown field",
+            ),
+            ("PUT", "/vms/zz/compact", b"", 404, "no VM named"),
         ];
         for (m, p, b, status, want) in cases {
             let r = route(&f, m, p, b);
@@ -871,6 +999,39 @@ mod tests {
         assert!(f.calls().is_empty(), "{:?}", f.calls());
         let big = vec![b' '; MAX_BODY + 1];
         assert_eq!(route(&f, "PUT", "/boot-source", &big).status, 413);
+    }
+
+    #[test]
+    fn compact_and_relocate_reach_the_backend() {
+        let f = Fake::default();
+        let r = route(&f, "PUT", "/vms/vm0/compact", b"");
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, r#"{"pmd_folios_after":2}"#)
+        );
+        let r = route(&f, "PUT", "/vms/vm0/compact", br#"{"async": true}"#);
+        assert_eq!(r.status, 202, "{}", r.body);
+        let r = route(&f, "PUT", "/vms/vm0/relocate", br#"{"to_aligned": true}"#);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = route(
+            &f,
+            "PUT",
+            "/vms/vm0/relocate",
+            br#"{"region_gpa": 0, "merge_with_gpa": 4294967296}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = route(&f, "PUT", "/vms/vm0/relocate", br#"{"grow_mib": 64}"#);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let calls = f.calls();
+        assert_eq!(&calls[0], "compact");
+        assert_eq!(
+            &calls[calls.len() - 3..],
+            [
+                "relocate ToAligned",
+                "relocate MergeWith(GuestAddress(4294967296))",
+                "relocate Grow(67108864)"
+            ]
+        );
     }
 
     #[test]

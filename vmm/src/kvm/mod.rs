@@ -38,6 +38,8 @@ fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
 pub struct KvmVm {
     kvm: Kvm,
     fd: VmFd,
+    /// Memslot of each guest RAM region now (they change on relocation).
+    slots: std::sync::Mutex<Vec<(u32, RamRegion)>>,
 }
 
 impl KvmVm {
@@ -48,7 +50,11 @@ impl KvmVm {
     pub fn new() -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
-        Ok(KvmVm { kvm, fd })
+        Ok(KvmVm {
+            kvm,
+            fd,
+            slots: Default::default(),
+        })
     }
 
     /// The VM fd.
@@ -85,19 +91,83 @@ impl KvmVm {
     /// Every region's host mapping must stay mapped for as long as this VM
     /// exists (the caller keeps the memory backend alive longer than the VM).
     pub unsafe fn set_memory(&self, regions: &[RamRegion]) -> Result<(), KvmError> {
-        for (slot, r) in regions.iter().enumerate() {
+        for r in regions {
+            // SAFETY: the caller's contract.
+            unsafe { self.add_slot(*r)? };
+        }
+        Ok(())
+    }
+
+    /// Register `r` in a free memslot.
+    ///
+    /// # Safety
+    /// As [`KvmVm::set_memory`].
+    unsafe fn add_slot(&self, r: RamRegion) -> Result<(), KvmError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (0..)
+            .find(|s| slots.iter().all(|(t, _)| t != s))
+            .unwrap_or(0);
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: r.guest_base.raw(),
+            memory_size: r.size,
+            userspace_addr: r.host_addr.raw() as u64,
+        };
+        // SAFETY: the caller guarantees the host range stays mapped while
+        // the slot exists; regions do not overlap (GuestMemoryBackend
+        // invariant, kept by relocation), so KVM accepts the slot.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        slots.push((slot, r));
+        Ok(())
+    }
+
+    /// Replace the memslots of `old` regions by slots for `new` ones (a
+    /// relocation's switch). The vCPUs must be out of `KVM_RUN`.
+    ///
+    /// # Errors
+    /// [`KvmError::Ioctl`]; on error the old slots are restored.
+    ///
+    /// # Safety
+    /// The `new` host ranges stay mapped while their slots exist. The
+    /// memory manager unmaps a region only after the relocation that
+    /// retired it switched its slot away, or when the VM's memory goes,
+    /// after this KVM VM.
+    pub unsafe fn switch_memory(
+        &self,
+        old: &[RamRegion],
+        new: &[RamRegion],
+    ) -> Result<(), KvmError> {
+        let removed: Vec<(u32, RamRegion)> = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let (gone, keep) = slots.drain(..).partition(|(_, r)| old.contains(r));
+            *slots = keep;
+            gone
+        };
+        for (slot, r) in &removed {
             let region = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot: *slot,
                 flags: 0,
                 guest_phys_addr: r.guest_base.raw(),
-                memory_size: r.size,
+                memory_size: 0,
                 userspace_addr: r.host_addr.raw() as u64,
             };
-            // SAFETY: the caller guarantees the host range stays mapped for
-            // the VM's lifetime; regions do not overlap (GuestMemoryBackend
-            // invariant), so KVM accepts each slot independently.
+            // SAFETY: deleting a slot (size 0) makes KVM drop its mapping
+            // of the old range; it touches no memory.
             unsafe { self.fd.set_user_memory_region(region) }
                 .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        for r in new {
+            // SAFETY: the caller's contract.
+            if let Err(e) = unsafe { self.add_slot(*r) } {
+                for (_, o) in &removed {
+                    // SAFETY: the old ranges are still mapped (the switch
+                    // failed, so the relocation is undone).
+                    let _ = unsafe { self.add_slot(*o) };
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }

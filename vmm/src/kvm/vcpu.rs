@@ -22,8 +22,9 @@ pub struct VcpuContext {
     pub stop: Arc<StopSignal>,
     /// Where vCPUs park while the VM is paused.
     pub gate: RunGate,
-    /// Guest memory, to read an exception frame for a report.
-    pub mem: GuestMemoryMmap,
+    /// Guest memory, to read an exception frame for a report (replaced
+    /// when a relocation moves guest RAM).
+    pub mem: std::sync::RwLock<GuestMemoryMmap>,
 }
 
 /// Where vCPU threads park while their VM is paused.
@@ -61,6 +62,17 @@ impl RunGate {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).closed
     }
 
+    /// Sleep until at least `n()` vCPUs are parked or `timeout` passes
+    /// (woken by each vCPU that parks). Returns whether they are.
+    pub fn wait_parked(&self, n: impl Fn() -> usize, timeout: std::time::Duration) -> bool {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (st, _) = self
+            .cv
+            .wait_timeout_while(st, timeout, |s| s.parked < n())
+            .unwrap_or_else(|p| p.into_inner());
+        st.parked >= n()
+    }
+
     /// vCPUs parked now.
     pub fn parked(&self) -> usize {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).parked
@@ -77,6 +89,8 @@ impl RunGate {
             return false;
         }
         st.parked += 1;
+        // Tell a pauser waiting in `wait_parked`.
+        self.cv.notify_all();
         while st.closed && !stop.is_stopping() {
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
@@ -321,6 +335,8 @@ fn exception_frame(ctx: &VcpuContext, index: usize) -> [u64; 6] {
     for (i, w) in frame.iter_mut().enumerate() {
         *w = ctx
             .mem
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .read_obj(vm_memory::GuestAddress(top - 48 + i as u64 * 8))
             .unwrap_or(0);
     }

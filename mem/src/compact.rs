@@ -185,6 +185,51 @@ fn collapse_candidates(inner: &Inner, region: &Region) -> Vec<PageIndex> {
         .collect()
 }
 
+/// How often the background compactor looks.
+const KCOMPACTD_INTERVAL: Duration = Duration::from_millis(500);
+/// Ranges it collapses per round at most (`khugepaged/pages_to_scan`).
+const KCOMPACTD_COLLAPSE_PER_ROUND: usize = 8;
+
+/// Body of the background compactor (`kcompactd` + `khugepaged`): when
+/// faults had to fall back to smaller folios since the last round (no free
+/// 2 MiB block although memory was free), rebuild a few 2 MiB blocks and
+/// collapse a few ranges of small folios. Idle otherwise.
+pub(crate) fn kcompactd_thread(inner: &Inner) {
+    let mut seen = inner.faults.order_fallback.load(Relaxed);
+    while !inner.shutdown.load(Relaxed) {
+        inner.wait_kcompactd(KCOMPACTD_INTERVAL);
+        let now = inner.faults.order_fallback.load(Relaxed);
+        if inner.shutdown.load(Relaxed) || now == seen {
+            continue;
+        }
+        inner.reclaimers.fetch_add(1, Relaxed);
+        let mut rep = CompactReport::default();
+        compact_pool(inner, 4, &mut rep);
+        // Rebuilt blocks become THPs on the pre-zeroing worker first.
+        wait_ready_pmd(inner);
+        let regions = vm_regions(inner, None);
+        let mut left = KCOMPACTD_COLLAPSE_PER_ROUND;
+        let mut unfinished = false;
+        'outer: for r in &regions {
+            for first in collapse_candidates(inner, r) {
+                if left == 0 || inner.shutdown.load(Relaxed) || ready_pmd_blocks(inner) == 0 {
+                    unfinished = true;
+                    break 'outer;
+                }
+                let _ = collapse(inner, r, first);
+                left -= 1;
+            }
+        }
+        // Come back next round for what is left (a collapse that made
+        // progress may have more to do), otherwise wait for new fallbacks.
+        if !unfinished || left == KCOMPACTD_COLLAPSE_PER_ROUND {
+            seen = now;
+        }
+        inner.workers.kcompactd_rounds.fetch_add(1, Relaxed);
+        inner.reclaimers.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Empty up to `want` pageblocks into free 2 MiB blocks.
 pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
     // Folios by pageblock, in one pass over the folio table, kept current

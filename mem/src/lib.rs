@@ -34,11 +34,15 @@
 //! budget lock               MemoryManager::budget_lock (set_budget only;
 //!   |                       held across its reclaim, so above everything)
 //! folio lock                FolioTable::lock (sleeping; hashed wait queue).
-//!   |                       Held across swap I/O (writeback, swapin read).
-//!   |                       Several at once only by trylock (reclaim).
+//!   |                       Held across swap I/O (writeback, swapin read)
+//!   |                       and a migration's copy. Several at once only by
+//!   |                       trylock (reclaim, collapse, relocation pull), or
+//!   |                       on a new folio nobody can reach yet.
 //!   page-table lock         PageTable::lock, one per 2 MiB of a region;
-//!   |                       never two at once; held across UFFDIO_MOVE/COPY/
-//!   |                       POISON of that range, never across I/O or a sleep
+//!   |                       two at once only in a relocation pull: the new
+//!   |                       region's table, then the old region's; held
+//!   |                       across UFFDIO_MOVE/COPY/POISON of that range,
+//!   |                       never across I/O or a sleep
 //!   +-- swap lock           SwapDevice::state (swap map + swap cache)
 //!   |     +-- folio-table lock   (swap-cache lookup takes its reference)
 //!   +-- folio-table lock    FolioTable::slab (leaf; also guards the LRU lists)
@@ -85,6 +89,13 @@
 //!   it is touched again (NUMA-hinting style); the fault that brings it
 //!   back is the reference.
 //! * **generation** — MGLRU-style LRU age; reclaim takes the oldest.
+//! * **migration entry** — `Migration(folio)`: the page's folio is being
+//!   copied to a new block (`migrate`) or collapsed into
+//!   a 2 MiB folio (`compact`); faulters sleep on the
+//!   folio's lock.
+//! * **pageblock** — 2 MiB of pool, the unit compaction isolates and empties.
+//! * **relocation** — moving a region's host backing ([`relocate`]): switch
+//!   the VMM's memslot, then pull the 2 MiB tables of entries across.
 
 pub mod anon;
 pub mod buddy;

@@ -216,6 +216,9 @@ pub(crate) struct Inner {
     kswapd_cv: Condvar,
     /// Armed fault points of migration and relocation (tests, drills).
     pub inject: Injector,
+    /// Background compaction wake-up flag. Leaf.
+    kcompactd_kick: Mutex<bool>,
+    kcompactd_cv: Condvar,
 }
 
 impl Inner {
@@ -318,6 +321,31 @@ impl Inner {
         *k = false;
     }
 
+    /// Wake the background compactor.
+    pub fn kick_kcompactd(&self) {
+        *self
+            .kcompactd_kick
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = true;
+        self.kcompactd_cv.notify_one();
+    }
+
+    /// Background compactor side: wait for a kick or `timeout`.
+    pub fn wait_kcompactd(&self, timeout: Duration) {
+        let mut k = self
+            .kcompactd_kick
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !*k {
+            k = self
+                .kcompactd_cv
+                .wait_timeout(k, timeout)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *k = false;
+    }
+
     /// Kick the background reclaimer if free memory is below the low mark.
     pub fn check_watermark(&self, free_pages: u64) {
         if free_pages < self.watermarks.low && self.swap.is_some() {
@@ -408,6 +436,8 @@ impl MemoryManager {
             kswapd_kick: Mutex::new(false),
             kswapd_cv: Condvar::new(),
             inject: Injector::default(),
+            kcompactd_kick: Mutex::new(false),
+            kcompactd_cv: Condvar::new(),
         });
         let mm = Arc::new(MemoryManager {
             inner,
@@ -443,6 +473,12 @@ impl MemoryManager {
                 .map_err(MmError::Thread)?;
             threads.push(t);
         }
+        let inner = self.inner.clone();
+        let t = std::thread::Builder::new()
+            .name("mm-kcompactd".into())
+            .spawn(move || compact::kcompactd_thread(&inner))
+            .map_err(MmError::Thread)?;
+        threads.push(t);
         Ok(())
     }
 
@@ -977,6 +1013,7 @@ impl Drop for MemoryManager {
         self.inner.shutdown.store(true, Relaxed);
         self.inner.stop_fd.signal();
         self.inner.kick_worker();
+        self.inner.kick_kcompactd();
         for t in self
             .threads
             .lock()

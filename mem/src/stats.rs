@@ -367,6 +367,8 @@ pub struct WorkerCounters {
     pub relocations_undone: AtomicU64,
     /// Present bytes moved by relocations.
     pub relocate_moved_bytes: AtomicU64,
+    /// Rounds of the background compactor.
+    pub kcompactd_rounds: AtomicU64,
 }
 
 /// Manager-wide statistics.
@@ -442,6 +444,9 @@ pub struct MigrationStats {
     pub relocations: u64,
     /// Relocations that failed and were undone.
     pub relocations_undone: u64,
+    /// Rounds of the background compactor (after faults fell back to
+    /// smaller folios).
+    pub kcompactd_rounds: u64,
 }
 
 impl WorkerCounters {
@@ -459,6 +464,7 @@ impl WorkerCounters {
             collapse_aborted: self.collapse_aborted.load(Relaxed),
             relocations: self.relocations.load(Relaxed),
             relocations_undone: self.relocations_undone.load(Relaxed),
+            kcompactd_rounds: self.kcompactd_rounds.load(Relaxed),
         }
     }
 }

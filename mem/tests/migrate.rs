@@ -176,3 +176,71 @@ fn compaction_rebuilds_free_2m_blocks_from_scattered_pages() {
     }
     settle_and_check(&mm);
 }
+
+#[test]
+fn background_compaction_repairs_fallbacks() {
+    let budget = 16 * MIB;
+    let mm = manager(budget, 2);
+    let vm = mm.create_vm("kcompactd").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 24 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    fill(&ram, budget / PAGE_SIZE, 1);
+    for p in (0..budget / PAGE_SIZE).filter(|p| p % 4 != 0) {
+        mm.discard(vm, ram.gpa(p * PAGE_SIZE), PAGE_SIZE).unwrap();
+    }
+    settle_and_check(&mm);
+    assert_eq!(mm.stats().free_bytes_by_order[9], 0);
+    // A fresh 2 MiB range: no free 2 MiB block, so its faults fall back
+    // to small folios.
+    let base = budget / PAGE_SIZE;
+    for p in base..base + 512 {
+        for w in [0, 1, 511] {
+            ram.write(p * PAGE_SIZE + w * 8, pattern(p, w, 2));
+        }
+    }
+    assert!(mm.stats().faults.order_fallback > 0);
+    // The background compactor rebuilds free blocks and collapses it.
+    let t0 = std::time::Instant::now();
+    while mm.vm_stats(vm).unwrap().resident_bytes_by_order[9] < 2 * MIB {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "never collapsed: {:?}",
+            mm.stats().migration
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let m = mm.stats().migration;
+    assert!(
+        m.kcompactd_rounds >= 1 && m.compact_blocks >= 1 && m.collapsed >= 1,
+        "{m:?}"
+    );
+    for p in base..base + 512 {
+        for w in [0, 1, 511] {
+            assert_eq!(
+                ram.read(p * PAGE_SIZE + w * 8),
+                pattern(p, w, 2),
+                "page {p}"
+            );
+        }
+    }
+    settle_and_check(&mm);
+}
+
+#[test]
+fn pinned_folios_are_skipped_and_counted() {
+    let mm = manager(32 * MIB, 2);
+    let vm = mm.create_vm("pinned").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    fill(&ram, 1024, 1);
+    let pin = mm.pin(vm, GuestAddress(8192), 4096).unwrap();
+    let (ok, failed) = mm.migrate_range(vm, GuestAddress(0), 4 * MIB).unwrap();
+    assert_eq!((ok, failed), (1, 1), "the pinned 2 MiB folio stays");
+    assert_eq!(mm.stats().migration.skipped_pinned, 1);
+    verify(&ram, 1024, 1, "after migration around a pin");
+    drop(pin);
+    let (ok, failed) = mm.migrate_range(vm, GuestAddress(0), TABLE).unwrap();
+    assert_eq!((ok, failed), (1, 0), "unpinned, it moves");
+    verify(&ram, 1024, 1, "after");
+    settle_and_check(&mm);
+}

@@ -192,6 +192,12 @@ impl Buddy {
         let from = Order::all()
             .filter(|o| *o >= order)
             .find(|o| !self.free[o.index()][state.index()].is_empty())?;
+        self.take_split(from, state, order)
+    }
+
+    /// Take the first free block of `from` in `state` and split it down to
+    /// `order` (`expand()`), handing the upper halves back.
+    fn take_split(&mut self, from: Order, state: BlockState, order: Order) -> Option<Block> {
         let pfn = *self.free[from.index()][state.index()].iter().next()?;
         self.remove(pfn, from);
         let mut cur = from;
@@ -219,18 +225,7 @@ impl Buddy {
                 .find(|s| !self.free[o.index()][s.index()].is_empty())
                 .map(|s| (o, s))
         })?;
-        let pfn = *self.free[from.index()][state.index()].iter().next()?;
-        self.remove(pfn, from);
-        let mut cur = from;
-        while cur > order {
-            cur = cur.lower()?;
-            self.insert(pfn + cur.nr_pages(), cur, state);
-        }
-        Some(Block {
-            offset: PoolOffset::from_pfn(pfn),
-            order,
-            state,
-        })
+        self.take_split(from, state, order)
     }
 
     /// Whether the pageblock at `pb` is one free block.

@@ -384,7 +384,7 @@ fn relocation_and_compaction_under_a_running_guest() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let (mut relocations, mut compactions) = (0, 0);
-    let mut pauses = Vec::new();
+    let (mut pauses, mut remapped) = (Vec::new(), Vec::new());
     while vm.call("GET", "/vms/vm0", None).json()["state"] == "Running" && relocations < 20 {
         let r = vm.call("PUT", "/vms/vm0/relocate", Some(r#"{"to_aligned": true}"#));
         if r.status == 400 && r.body.contains("not running") {
@@ -398,7 +398,16 @@ fn relocation_and_compaction_under_a_running_guest() {
             "{v}"
         );
         pauses.push(v["pause_us"].as_f64().unwrap());
+        remapped.push(v["remapped_huge"].as_u64().unwrap());
         relocations += 1;
+        let s = stats(&vm);
+        if s["vms"][0]["state"] == "Running" {
+            assert!(
+                s["host"]["migration"]["relocations"].as_u64().unwrap() >= relocations,
+                "{}",
+                s["host"]["migration"]
+            );
+        }
         let c = vm.call("PUT", "/vms/vm0/compact", Some("{}"));
         if c.status == 200 {
             compactions += 1;
@@ -422,17 +431,19 @@ fn relocation_and_compaction_under_a_running_guest() {
         String::from_utf8_lossy(&out.stderr)
     );
     let res = result_line(&out);
-    eprintln!("{relocations} relocations (pauses {pauses:?} us), {compactions} compactions; {res}");
+    eprintln!(
+        "{relocations} relocations (pauses {pauses:?} us, 2M folios remapped {remapped:?}), {compactions} compactions; {res}"
+    );
     assert_eq!(res["mismatches"], 0, "{res}");
     assert!(
         relocations >= 3,
         "only {relocations} relocations ran during the workload"
     );
     assert!(compactions >= 1);
-    // 2 MiB folios are PMD-mapped after the first to-aligned relocation
-    // (the misaligned mapping had none).
-    assert!(
-        res["host_huge_bytes"].as_u64().unwrap_or(0) > 0,
-        "no PMD mappings after relocation: {res}"
-    );
+    // The first relocation moved the RAM off its misaligned host range and
+    // remapped its resident 2 MiB folios as PMDs; later ones found them
+    // aligned already. (How much is PMD-mapped at the very end depends on
+    // what reclaim left resident, so it is printed, not asserted.)
+    assert!(remapped[0] > 0, "nothing remapped as PMDs: {remapped:?}");
+    assert!(remapped[1..].iter().all(|&n| n == 0), "{remapped:?}");
 }

@@ -141,6 +141,18 @@ pub fn host_json(h: &MmStats) -> Value {
             "swap_cache_pages": h.swap_device.cache_pages,
             "direct_io": h.swap_device.direct_io,
         },
+        "migration": {
+            "migrated_folios": h.migration.migrated,
+            "migrated_swapcache_folios": h.migration.migrated_swapcache,
+            "failed": h.migration.failed,
+            "skipped_pinned": h.migration.skipped_pinned,
+            "copied_bytes": h.migration.copy_bytes,
+            "compacted_2m_blocks": h.migration.compact_blocks,
+            "collapsed_2m_folios": h.migration.collapsed,
+            "relocations": h.migration.relocations,
+            "relocations_undone": h.migration.relocations_undone,
+            "background_compaction_rounds": h.migration.kcompactd_rounds,
+        },
     })
 }
 
@@ -260,6 +272,36 @@ impl MemSample {
                 "Free pool memory, by free block size.",
                 free,
             );
+            let m = &h.migration;
+            for (name, help, v) in [
+                (
+                    "migrated_folios_total",
+                    "Folios migrated to new pool blocks.",
+                    m.migrated,
+                ),
+                (
+                    "compacted_blocks_total",
+                    "Free 2 MiB pool blocks rebuilt by compaction.",
+                    m.compact_blocks,
+                ),
+                (
+                    "collapsed_folios_total",
+                    "Guest ranges collapsed into 2 MiB folios.",
+                    m.collapsed,
+                ),
+                (
+                    "relocations_total",
+                    "Region relocations completed.",
+                    m.relocations,
+                ),
+                (
+                    "relocations_undone_total",
+                    "Region relocations that failed and were undone.",
+                    m.relocations_undone,
+                ),
+            ] {
+                metric(name, "counter", help, vec![(String::new(), v as f64)]);
+            }
             metric(
                 "metadata_bytes",
                 "gauge",

@@ -228,6 +228,23 @@ impl Buddy {
         self.take_split(from, state, order)
     }
 
+    /// Free pages (on the free lists) of the pageblock at `pb`.
+    pub fn pageblock_free_pages(&self, pb: u64) -> u64 {
+        Order::all()
+            .map(|o| {
+                BlockState::ALL
+                    .iter()
+                    .map(|s| {
+                        self.free[o.index()][s.index()]
+                            .range(pb..pb + PAGEBLOCK_PAGES)
+                            .count() as u64
+                    })
+                    .sum::<u64>()
+                    * o.nr_pages()
+            })
+            .sum()
+    }
+
     /// Whether the pageblock at `pb` is one free block.
     pub fn pageblock_is_free(&self, pb: u64) -> bool {
         self.is_free_at(pb, Order::PMD)

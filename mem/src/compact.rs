@@ -31,14 +31,14 @@ use crate::fault::move_in;
 use crate::folio::{Folio, FolioFlags, FolioLockGuard, LruLink};
 use crate::inject::FaultPoint;
 use crate::manager::Inner;
-use crate::migrate::{copy_pool, migrate_folio, MigrateError};
+use crate::migrate::{copy_pool, migrate_batch_for_compaction, MigrateError};
 use crate::pte::{Pte, PteState, PTRS_PER_TABLE};
 use crate::rmap::{self, Rmap};
 use crate::sys;
 use crate::types::{FolioId, Order, PageIndex, VmId};
 use crate::vm::Region;
 use crate::vmscan::move_out;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +63,8 @@ pub struct CompactReport {
     pub blocks_rebuilt: u64,
     /// Folios migrated to do that.
     pub folios_migrated: u64,
+    /// Their bytes.
+    pub migrated_bytes: u64,
     /// Folios that could not move because they were pinned.
     pub skipped_pinned: u64,
     /// Guest ranges collapsed into 2 MiB folios.
@@ -71,7 +73,8 @@ pub struct CompactReport {
     pub collapse_skipped: u64,
     /// Bytes copied.
     pub copied_bytes: u64,
-    /// Wall time, ns.
+    /// Wall time of the work, ns (not counting the wait for the
+    /// pre-zeroing worker before the "after" counts).
     pub elapsed_ns: u64,
 }
 
@@ -117,11 +120,11 @@ pub(crate) fn compact(inner: &Inner, vm: Option<VmId>, progress: Progress<'_>) -
         compact_pool(inner, u64::MAX, &mut rep);
     }
     inner.reclaimers.fetch_sub(1, Relaxed);
+    rep.elapsed_ns = t0.elapsed().as_nanos() as u64;
     settle_worker(inner);
     rep.pmd_folios_after = pmd_folios(&regions);
     rep.free_pmd_blocks_after = free_pmd_blocks(inner);
     rep.copied_bytes = inner.workers.migrate_copy_bytes.load(Relaxed) - copied0;
-    rep.elapsed_ns = t0.elapsed().as_nanos() as u64;
     rep
 }
 
@@ -241,19 +244,25 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
         by_pb.entry(pb_of(f.pool)).or_default().push(id);
     }
     let mut done = 0;
-    let mut tried = HashSet::new();
-    while done < want {
-        // The pageblock with the most free pages (fewest to move) now.
-        let best = inner
-            .buddy()
-            .free_pages_per_pageblock()
-            .into_iter()
-            .enumerate()
-            .map(|(pb, free)| (pb as u64 * PAGEBLOCK_PAGES, free))
-            .filter(|&(pb, free)| free > 0 && free < PAGEBLOCK_PAGES && !tried.contains(&pb))
-            .max_by_key(|&(pb, free)| (free, std::cmp::Reverse(pb)));
-        let Some((pb, free)) = best else { break };
-        tried.insert(pb);
+    // Candidates, the pageblocks with the most free pages (fewest to move)
+    // first; each one's count is looked at again when its turn comes.
+    let mut order: Vec<(u64, u64)> = inner
+        .buddy()
+        .free_pages_per_pageblock()
+        .into_iter()
+        .enumerate()
+        .map(|(pb, free)| (pb as u64 * PAGEBLOCK_PAGES, free))
+        .filter(|&(_, free)| free > 0 && free < PAGEBLOCK_PAGES)
+        .collect();
+    order.sort_by_key(|&(pb, free)| (std::cmp::Reverse(free), pb));
+    for (pb, _) in order {
+        if done >= want {
+            break;
+        }
+        let free = inner.buddy().pageblock_free_pages(pb);
+        if free == 0 || free == PAGEBLOCK_PAGES {
+            continue;
+        }
         // Room elsewhere for what lives here (the target allocations; the
         // pageblock gives as much back once released).
         let used = PAGEBLOCK_PAGES - free;
@@ -263,32 +272,38 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
         if !inner.buddy().isolate_pageblock(pb) {
             continue;
         }
-        let here = by_pb.remove(&pb).unwrap_or_default();
+        // Still here (not freed, nor reused elsewhere, since the pass).
+        let here: Vec<(FolioId, u64)> = {
+            let slab = inner.folios.slab();
+            by_pb
+                .remove(&pb)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|id| {
+                    let f = slab.get(id)?;
+                    (pb_of(f.pool) == pb).then_some((id, f.order.bytes()))
+                })
+                .collect()
+        };
+        let ids: Vec<FolioId> = here.iter().map(|h| h.0).collect();
         let mut ok = true;
-        for &id in &here {
-            // Freed (or reused elsewhere) since the pass: skip it.
-            let here = inner
-                .folios
-                .slab()
-                .get(id)
-                .is_some_and(|f| f.pool.pfn() - f.pool.pfn() % PAGEBLOCK_PAGES == pb);
-            if !here {
-                continue;
-            }
-            match migrate_folio(inner, id) {
+        for ((id, bytes), r) in here.iter().zip(migrate_batch_for_compaction(inner, &ids)) {
+            let id = *id;
+            match r {
                 Ok(new) => {
                     rep.folios_migrated += 1;
+                    rep.migrated_bytes += bytes;
                     if let Some(f) = inner.folios.slab().get(new) {
                         by_pb.entry(pb_of(f.pool)).or_default().push(new);
                     }
                 }
                 Err(MigrateError::Unmovable) if inner.folios.slab().get(id).is_none() => {}
                 Err(e) => {
+                    // The batch went on; this pageblock stays in use.
                     if e == MigrateError::Pinned {
                         rep.skipped_pinned += 1;
                     }
                     ok = false;
-                    break;
                 }
             }
         }

@@ -33,7 +33,7 @@ use crate::manager::Inner;
 use crate::pte::{Pte, PteState};
 use crate::rmap::{self, mask_test, PageMask, Rmap};
 use crate::types::{FolioId, Order, PoolOffset, PAGE_SIZE};
-use crate::vm::Region;
+use crate::vm::{log_error, Region};
 use crate::vmscan::move_out;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -399,6 +399,135 @@ fn migrate_swapcache(inner: &Inner, id: FolioId, target: Block) -> Result<FolioI
     debug_assert!(freed.is_none(), "the caller holds a reference");
     inner.workers.migrate_swapcache.fetch_add(1, Relaxed);
     Ok(new)
+}
+
+/// Migrate the small folios `ids` of one pageblock for compaction (all
+/// have a reference from the caller's list, none locked). A fully mapped
+/// small folio whose pages are all in the guest has no data in the pool:
+/// its pages live at the guest address and its pool range is a hole.
+/// Moving it to another pool range needs no unmap and no copy, only its
+/// record's pool range changes, to a range made a hole first; the targets
+/// of the whole batch are made holes with one `process_madvise`, so the
+/// TLB flushes are batched too. Anything else (a 2 MiB folio, whose block
+/// should stay one THP; pages sampled out to the pool; a swap-cache folio)
+/// is copied by [`migrate_folio`]. Returns per folio the new id or why not.
+///
+/// # Context
+/// No locks held.
+pub(crate) fn migrate_batch_for_compaction(
+    inner: &Inner,
+    ids: &[FolioId],
+) -> Vec<Result<FolioId, MigrateError>> {
+    // Targets for the small ones, made holes together.
+    let targets: Vec<Option<Block>> = ids
+        .iter()
+        .map(|&id| {
+            let order = inner.folios.slab().get(id).map(|f| f.order)?;
+            (order < Order::PMD)
+                .then(|| alloc_target(inner, order))
+                .flatten()
+        })
+        .collect();
+    let ranges: Vec<(usize, usize)> = targets
+        .iter()
+        .flatten()
+        .map(|t| {
+            (
+                inner.pool.host_addr(t.offset).raw(),
+                t.order.bytes() as usize,
+            )
+        })
+        .collect();
+    if let Err(e) = crate::sys::dontneed_many(&ranges) {
+        log_error(&format!("compaction: dontneed of targets: {e}"));
+        targets
+            .iter()
+            .flatten()
+            .for_each(|t| free_target(inner, *t));
+        return ids.iter().map(|&id| migrate_folio(inner, id)).collect();
+    }
+    ids.iter()
+        .zip(targets)
+        .map(|(&id, target)| {
+            let Some(target) = target else {
+                return migrate_folio(inner, id);
+            };
+            // Freed since the caller listed it (its id may even name
+            // another folio now, which `relabel` checks like any other).
+            let live = {
+                let mut slab = inner.folios.slab();
+                let live = slab.get(id).is_some();
+                if live {
+                    slab.get_ref(id);
+                }
+                live
+            };
+            if !live {
+                free_target(inner, target);
+                return Err(MigrateError::Unmovable);
+            }
+            let r = relabel(inner, id, target);
+            if let Some(f) = inner.folios.slab().put_refs(id, 1) {
+                inner.free_range(f);
+            }
+            match r {
+                Some(r) => r,
+                None => {
+                    free_target(inner, target);
+                    migrate_folio(inner, id)
+                }
+            }
+        })
+        .collect()
+}
+
+/// Re-label `id`'s pool range to `target` (a hole of its order); `None`
+/// when the folio must be copied instead (the caller keeps `target`).
+/// The caller holds a reference.
+fn relabel(inner: &Inner, id: FolioId, target: Block) -> Option<Result<FolioId, MigrateError>> {
+    let _lock = inner.folios.trylock(id)?;
+    let (nr, rmap) = {
+        let slab = inner.folios.slab();
+        let f = slab.get(id)?;
+        if f.pincount > 0 {
+            return None;
+        }
+        let whole = f.page_mapped.is_none()
+            && f.mapcount as u64 == f.nr_pages()
+            && f.order == target.order
+            && !f.flags.contains(FolioFlags::SWAPCACHE);
+        if !whole {
+            return None;
+        }
+        (f.nr_pages(), f.rmap?)
+    };
+    let region = inner.find_region(rmap.vm, rmap.region)?;
+    // The page-table lock orders this against discard, which reads the
+    // pool range under it without the folio lock.
+    let ptl = region.pt.lock(rmap.index);
+    let in_guest = !ptl.is_dead()
+        && guest_mask(&ptl, id, rmap.index, nr).is_some_and(|m| runs(&m, nr) == vec![(0, nr)]);
+    if !in_guest {
+        return None;
+    }
+    let old = {
+        let mut slab = inner.folios.slab();
+        let f = slab.get_mut(id)?;
+        let old = (f.pool, f.order);
+        f.pool = target.offset;
+        f.pool_state = BlockState::NeedsPopulate;
+        old
+    };
+    drop(ptl);
+    inner.free_range(FreedRange {
+        pool: old.0,
+        order: old.1,
+        state: BlockState::NeedsPopulate,
+    });
+    let w = &inner.workers;
+    w.migrate_success.fetch_add(1, Relaxed);
+    w.migrate_relabelled.fetch_add(1, Relaxed);
+    Some(Ok(id))
 }
 
 /// Migrate folio `id` to a newly allocated block: take a reference and the

@@ -345,6 +345,8 @@ pub struct WorkerCounters {
     pub migrate_success: AtomicU64,
     /// Of those, unmapped swap-cache folios.
     pub migrate_swapcache: AtomicU64,
+    /// Of those, small mapped folios moved by re-labelling their pool range.
+    pub migrate_relabelled: AtomicU64,
     /// Migrations that failed or were refused (and were undone).
     pub migrate_failed: AtomicU64,
     /// Folios skipped because they were pinned.
@@ -424,6 +426,9 @@ pub struct MigrationStats {
     pub migrated: u64,
     /// Of those, unmapped swap-cache folios.
     pub migrated_swapcache: u64,
+    /// Of those, small mapped folios moved by re-labelling their pool range
+    /// (their data lives in the guest; nothing is copied).
+    pub relabelled: u64,
     /// Migrations that failed or were refused (undone).
     pub failed: u64,
     /// Folios skipped because they were pinned.
@@ -454,6 +459,7 @@ impl WorkerCounters {
         MigrationStats {
             migrated: self.migrate_success.load(Relaxed),
             migrated_swapcache: self.migrate_swapcache.load(Relaxed),
+            relabelled: self.migrate_relabelled.load(Relaxed),
             failed: self.migrate_failed.load(Relaxed),
             skipped_pinned: self.migrate_skipped_pinned.load(Relaxed),
             copy_bytes: self.migrate_copy_bytes.load(Relaxed),

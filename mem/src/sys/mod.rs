@@ -35,6 +35,56 @@ pub fn dontneed(addr: usize, len: usize) -> io::Result<()> {
     madvise(addr, len, libc::MADV_DONTNEED)
 }
 
+/// `MADV_DONTNEED` on many ranges of our own address space in one
+/// `process_madvise(2)` per 1024 ranges, so that the kernel batches the
+/// TLB flushes (one `madvise` each would flush each). Falls back to one
+/// `madvise` per range where `process_madvise` is refused.
+///
+/// # Errors
+/// The errno of the fallback `madvise`.
+pub fn dontneed_many(ranges: &[(usize, usize)]) -> io::Result<()> {
+    // SAFETY: pidfd_open on our own pid has no memory effects; the result
+    // is checked and the fd closed below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) } as i32;
+    for chunk in ranges.chunks(1024) {
+        let iov: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|&(a, l)| libc::iovec {
+                iov_base: a as *mut libc::c_void,
+                iov_len: l,
+            })
+            .collect();
+        let done = if pidfd >= 0 {
+            // SAFETY: `iov` describes ranges of our own mappings that the
+            // caller owns and no reference points into; MADV_DONTNEED only
+            // drops their pages. The kernel reads `iov` for the call only.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    pidfd,
+                    iov.as_ptr(),
+                    iov.len(),
+                    libc::MADV_DONTNEED,
+                    0,
+                )
+            }
+        } else {
+            -1
+        };
+        let total: usize = chunk.iter().map(|r| r.1).sum();
+        if done < 0 || done as usize != total {
+            for &(a, l) in chunk {
+                dontneed(a, l)?;
+            }
+        }
+    }
+    if pidfd >= 0 {
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(pidfd) };
+    }
+    Ok(())
+}
+
 /// Fault in every page of `[addr, addr+len)` writable, without touching it
 /// from user space. Populated pages are left as they are.
 ///

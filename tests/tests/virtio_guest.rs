@@ -17,7 +17,7 @@
 //! inflates, which is how the script waits for the re-inflation. Free page
 //! reporting runs at the guest's `page_reporting_order`, 4 MiB by default
 //! here (tinyconfig has no hugetlbfs, so pageblock_order is MAX_ORDER - 1);
-//! the script lowers it to 2 MiB, the host's folio size, so that the 8 MiB
+//! the script lowers it to 2 MiB, the host's folio size, so that the 32 MiB
 //! it dirties and frees is reported promptly.
 
 use foliovm_tests::{kvm_available, repo_root, run_foliovm};
@@ -32,7 +32,7 @@ const MIB: u64 = 1 << 20;
 const BALLOON_MIB: u64 = 8;
 const FILL_MIB: u64 = 12;
 /// What the guest dirties and frees for free page reporting to return.
-const REPORT_FILL_MIB: u64 = 8;
+const REPORT_FILL_MIB: u64 = 32;
 
 /// The guest's script, run by /init after " -- ".
 fn guest_script() -> String {
@@ -62,7 +62,7 @@ echo BALLOON-INFLATED after $i s
 echo 9 > /sys/module/page_reporting/parameters/page_reporting_order
 dd if=/dev/zero of=/tmp/fill bs=1M count={REPORT_FILL_MIB} 2>/dev/null
 rm /tmp/fill
-sleep 15
+sleep 20
 echo BALLOON-DONE
 "#,
         balloon_kib = BALLOON_MIB * 1024

@@ -439,9 +439,7 @@ fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<()
     let abort = |locks: Vec<FolioLockGuard<'_>>, new_lock: FolioLockGuard<'_>, e| {
         drop(new_lock);
         drop(locks);
-        if let Some(f) = inner.folios.slab().put_refs(new, 1) {
-            inner.free_range(f);
-        }
+        inner.put_folio(new, 1);
         put_all(&members);
         Err(e)
     };
@@ -610,9 +608,7 @@ fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<()
     drop(ptl);
     drop(new_lock);
     drop(locks);
-    if let Some(f) = inner.folios.slab().put_refs(new, 1) {
-        inner.free_range(f);
-    }
+    inner.put_folio(new, 1);
     put_all(&members);
     Ok(())
 }

@@ -261,6 +261,18 @@ impl Inner {
         self.kick_worker();
     }
 
+    /// Drop `nr` references on `id` (`folio_put_refs()`) and return its pool
+    /// range to the allocator if that was the last.
+    ///
+    /// # Context
+    /// Takes the folio-table lock, then (after it) the zone lock.
+    pub fn put_folio(&self, id: crate::types::FolioId, nr: u32) {
+        let freed = self.folios.slab().put_refs(id, nr);
+        if let Some(f) = freed {
+            self.free_range(f);
+        }
+    }
+
     /// Wake the pre-zeroing worker.
     pub fn kick_worker(&self) {
         *self.kick.lock().unwrap_or_else(|e| e.into_inner()) = true;

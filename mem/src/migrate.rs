@@ -467,9 +467,7 @@ pub(crate) fn migrate_batch_for_compaction(
                 return Err(MigrateError::Unmovable);
             }
             let r = relabel(inner, id, target);
-            if let Some(f) = inner.folios.slab().put_refs(id, 1) {
-                inner.free_range(f);
-            }
+            inner.put_folio(id, 1);
             match r {
                 Some(r) => r,
                 None => {
@@ -556,8 +554,6 @@ pub(crate) fn migrate_folio(inner: &Inner, id: FolioId) -> Result<FolioId, Migra
             }
         },
     };
-    if let Some(f) = inner.folios.slab().put_refs(id, 1) {
-        inner.free_range(f);
-    }
+    inner.put_folio(id, 1);
     r
 }

@@ -43,14 +43,7 @@ use std::time::Instant;
 /// No locks held; the caller holds one reference on `folio`.
 pub(crate) fn wait_on_folio(inner: &Inner, folio: FolioId) {
     drop(inner.folios.lock(folio));
-    put_folio(inner, folio, 1);
-}
-
-fn put_folio(inner: &Inner, folio: FolioId, nr: u32) {
-    let freed = inner.folios.slab().put_refs(folio, nr);
-    if let Some(f) = freed {
-        inner.free_range(f);
-    }
+    inner.put_folio(folio, 1);
 }
 
 /// Serve a fault on `Swap(slot)` at `idx`.
@@ -122,7 +115,7 @@ fn refault_swapcache(
     };
     if !still {
         drop(lock);
-        put_folio(inner, folio, 1);
+        inner.put_folio(folio, 1);
         return FaultOutcome::Retry;
     }
     // A relocation may have moved the folio's entries (and rmap) to another
@@ -151,7 +144,7 @@ fn refault_swapcache(
         c.swapin_cache_folios.fetch_add(1, Relaxed)
     });
     drop(lock);
-    put_folio(inner, folio, 1);
+    inner.put_folio(folio, 1);
     let sub = idx.0.wrapping_sub(first.0);
     match here && sub < nr && mask_test(&mapped, sub) {
         true => FaultOutcome::Refaulted,
@@ -360,7 +353,7 @@ fn swapin_read(
     if !placed {
         release_swap(inner, dev, folio, base, &[0; 8]);
         drop(lock);
-        put_folio(inner, folio, 1);
+        inner.put_folio(folio, 1);
         return FaultOutcome::Retry;
     }
     let bad = read_folio(inner, dev, region, block.offset, base, nr);
@@ -383,7 +376,7 @@ fn swapin_read(
         c.swapin_file_pages.fetch_add(n_mapped, Relaxed);
     });
     drop(lock);
-    put_folio(inner, folio, 1);
+    inner.put_folio(folio, 1);
     let k = idx.0 - first.0;
     if mask_test(&mapped, k) {
         FaultOutcome::Refaulted

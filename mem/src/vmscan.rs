@@ -168,7 +168,7 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
         scanned += (evict.len() + sample.len()) as u64;
         for id in sample {
             sample_folio(inner, id);
-            put_folio(inner, id);
+            inner.put_folio(id, 1);
         }
         freed += shrink_folio_list(inner, evict);
         vm.reclaiming.fetch_sub(reserved, Relaxed);
@@ -225,13 +225,6 @@ fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64) -> (Vec<FolioId>, Vec
         }
     }
     (evict, sample, reserved)
-}
-
-fn put_folio(inner: &Inner, id: FolioId) {
-    let freed = inner.folios.slab().put_refs(id, 1);
-    if let Some(f) = freed {
-        inner.free_range(f);
-    }
 }
 
 /// Put an isolated folio back on the youngest generation and drop the
@@ -479,7 +472,7 @@ fn prepare_pageout<'a>(inner: &'a Inner, dev: &SwapDevice, id: FolioId) -> Prepa
             c.zero_dropped_pages.fetch_add(nr, Relaxed)
         });
         drop(lock);
-        put_folio(inner, id);
+        inner.put_folio(id, 1);
         return Prepared::Freed(nr);
     }
     match add_to_swap_locked(inner, dev, lock, &region, &mut ptl, first, order, pool) {
@@ -688,7 +681,7 @@ fn pageout(inner: &Inner, dev: &SwapDevice, run: Vec<Writeback<'_>>) -> u64 {
         freed += end_writeback(inner, dev, &w, crcs);
         let id = w.lock.id();
         drop(w);
-        put_folio(inner, id);
+        inner.put_folio(id, 1);
     }
     freed
 }

@@ -588,22 +588,25 @@ impl Vm {
         true
     }
 
+    /// `Ok` if the VM is running (not paused, not stopped).
+    fn check_running(&self) -> Result<(), VmStateError> {
+        match self.state() {
+            VmState::Running => Ok(()),
+            VmState::Paused => Err(VmStateError::Already {
+                name: self.config.name.clone(),
+                state: "paused",
+            }),
+            _ => Err(VmStateError::NotRunning(self.config.name.clone())),
+        }
+    }
+
     /// Park every vCPU; returns once all are parked.
     ///
     /// # Errors
     /// [`VmStateError`] if the VM is not running, already paused, or its
     /// vCPUs do not park within 5 s.
     pub fn pause(&self) -> Result<(), VmStateError> {
-        match self.state() {
-            VmState::Running => {}
-            VmState::Paused => {
-                return Err(VmStateError::Already {
-                    name: self.config.name.clone(),
-                    state: "paused",
-                })
-            }
-            _ => return Err(VmStateError::NotRunning(self.config.name.clone())),
-        }
+        self.check_running()?;
         tracing::info!(vm = %self.config.name, "pausing");
         self.ctx.gate.close();
         let live = || self.threads.iter().filter(|t| !t.is_finished()).count();
@@ -708,16 +711,7 @@ impl Vm {
     /// [`VmStateError`] if the VM is not running, has no keyboard, or its
     /// guest has not enabled the keyboard.
     pub fn send_ctrl_alt_del(&self) -> Result<(), VmStateError> {
-        match self.state() {
-            VmState::Running => {}
-            VmState::Paused => {
-                return Err(VmStateError::Already {
-                    name: self.config.name.clone(),
-                    state: "paused",
-                })
-            }
-            _ => return Err(VmStateError::NotRunning(self.config.name.clone())),
-        }
+        self.check_running()?;
         let kbd = self
             .keyboard
             .as_ref()

@@ -74,6 +74,22 @@ impl Pool {
     pub fn prepare(&self, off: PoolOffset, order: Order, state: BlockState) -> io::Result<bool> {
         let addr = self.host_addr(off).raw();
         let len = order.bytes() as usize;
+        if order == Order::PMD {
+            // What the block holds does not matter, only that it ends up
+            // zero and one THP: drop the range (its PTE table goes with it,
+            // CONFIG_PT_RECLAIM) and fault in a fresh THP, which the kernel
+            // zeroes. Cheaper than filling holes, zeroing and collapsing
+            // (a 2 MiB copy), and it takes the mmap lock only for reading,
+            // where MADV_COLLAPSE takes it for writing and stalls every
+            // fault and madvise of the process meanwhile.
+            sys::dontneed(addr, len)?;
+            sys::populate_write(addr, len)?;
+            // A no-op on the THP just faulted in (the range is PMD-mapped,
+            // the kernel only looks); when the kernel fell back to small
+            // pages (no free THP on the host) it tries to collapse them. The
+            // block is zero either way.
+            return Ok(sys::collapse(addr, len).is_ok());
+        }
         // Fill holes with zeroed pages; populated pages are left alone.
         sys::populate_write(addr, len)?;
         if state == BlockState::NeedsZero {
@@ -81,11 +97,6 @@ impl Pool {
             // and no Rust reference points into it, and populate_write just
             // made every page present and writable.
             unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
-        }
-        if order == Order::PMD {
-            // Merged halves are PTE-mapped: make them one THP again so the
-            // block moves to a guest as one PMD. A no-op if it already is.
-            return Ok(sys::collapse(addr, len).is_ok());
         }
         Ok(false)
     }

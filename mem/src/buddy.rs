@@ -122,6 +122,10 @@ impl FreeAreaStats {
 pub struct Buddy {
     /// `free[order][state]`: first pfns of free blocks.
     free: [[BTreeSet<u64>; NR_STATES]; Order::COUNT],
+    /// Per page: the free block that starts there, if any (`PageBuddy`
+    /// and `buddy_order()` of the page's `struct page`), so that lookups
+    /// by address need no search of the free lists.
+    head: Vec<Head>,
     nr_pages: u64,
     free_pages: u64,
     ready_pages: u64,
@@ -135,6 +139,40 @@ pub struct Buddy {
     isolated_pages: u64,
 }
 
+/// A page's entry in [`Buddy::head`]: 0 when no free block starts at the
+/// page, else the block's order + 1 in the low nibble and its state above,
+/// with [`Head::PARKED`] set for a block parked in an isolated pageblock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head(u8);
+
+impl Head {
+    const NONE: Head = Head(0);
+    const PARKED: u8 = 0x80;
+
+    fn new(order: Order, state: BlockState) -> Head {
+        Head((order.0 + 1) | ((state as u8) << 4))
+    }
+
+    fn parked(order: Order) -> Head {
+        Head((order.0 + 1) | Head::PARKED)
+    }
+
+    /// The order of the block starting here, free or parked.
+    fn any_order(self) -> Option<Order> {
+        (self.0 != 0).then(|| Order((self.0 & 0xf) - 1))
+    }
+
+    /// The order of the free block (on the free lists) starting here.
+    fn order(self) -> Option<Order> {
+        self.any_order().filter(|_| self.0 & Head::PARKED == 0)
+    }
+
+    /// The state of the free block starting here, if it has `order`.
+    fn state_if(self, order: Order) -> Option<BlockState> {
+        (self.order() == Some(order)).then(|| BlockState::ALL[((self.0 >> 4) & 0x7) as usize])
+    }
+}
+
 /// Pages in a pageblock: the unit of isolation and compaction (2 MiB).
 pub const PAGEBLOCK_PAGES: u64 = Order::PMD.nr_pages();
 
@@ -144,6 +182,7 @@ impl Buddy {
     pub fn new(nr_pages: u64, state: BlockState) -> Buddy {
         let mut b = Buddy {
             free: Default::default(),
+            head: vec![Head::NONE; nr_pages as usize],
             nr_pages,
             free_pages: 0,
             ready_pages: 0,
@@ -166,6 +205,7 @@ impl Buddy {
 
     fn insert(&mut self, pfn: u64, order: Order, state: BlockState) {
         self.free[order.index()][state.index()].insert(pfn);
+        self.head[pfn as usize] = Head::new(order, state);
         self.free_pages += order.nr_pages();
         if state == BlockState::Ready {
             self.ready_pages += order.nr_pages();
@@ -173,9 +213,9 @@ impl Buddy {
     }
 
     fn remove(&mut self, pfn: u64, order: Order) -> Option<BlockState> {
-        let state = BlockState::ALL
-            .into_iter()
-            .find(|s| self.free[order.index()][s.index()].remove(&pfn))?;
+        let state = self.head.get(pfn as usize)?.state_if(order)?;
+        self.free[order.index()][state.index()].remove(&pfn);
+        self.head[pfn as usize] = Head::NONE;
         self.free_pages -= order.nr_pages();
         if state == BlockState::Ready {
             self.ready_pages -= order.nr_pages();
@@ -230,18 +270,11 @@ impl Buddy {
 
     /// Free pages (on the free lists) of the pageblock at `pb`.
     pub fn pageblock_free_pages(&self, pb: u64) -> u64 {
-        Order::all()
-            .map(|o| {
-                BlockState::ALL
-                    .iter()
-                    .map(|s| {
-                        self.free[o.index()][s.index()]
-                            .range(pb..pb + PAGEBLOCK_PAGES)
-                            .count() as u64
-                    })
-                    .sum::<u64>()
-                    * o.nr_pages()
-            })
+        let end = (pb + PAGEBLOCK_PAGES).min(self.nr_pages);
+        self.head[pb.min(end) as usize..end as usize]
+            .iter()
+            .filter_map(|h| h.order())
+            .map(|o| o.nr_pages())
             .sum()
     }
 
@@ -277,24 +310,23 @@ impl Buddy {
     }
 
     fn is_free_at(&self, pfn: u64, order: Order) -> bool {
-        BlockState::ALL
-            .iter()
-            .any(|s| self.free[order.index()][s.index()].contains(&pfn))
+        self.head
+            .get(pfn as usize)
+            .is_some_and(|h| h.order() == Some(order))
     }
 
-    /// Whether any free block overlaps `[pfn, pfn + nr)`.
-    fn overlaps_free(&self, pfn: u64, nr: u64) -> bool {
-        Order::all().any(|o| {
-            // A free block of order o overlapping the range starts in
-            // (pfn - 2^o, pfn + nr).
-            let lo = pfn.saturating_sub(o.nr_pages() - 1);
-            BlockState::ALL.iter().any(|s| {
-                self.free[o.index()][s.index()]
-                    .range(lo..pfn + nr)
-                    .next()
-                    .is_some()
+    /// Whether any free or parked block overlaps `[pfn, pfn + nr)` (inside
+    /// the pool): one that starts inside it, or one aligned below it that
+    /// reaches in.
+    fn overlaps_free_or_parked(&self, pfn: u64, nr: u64) -> bool {
+        let starts_inside = self.head[pfn as usize..(pfn + nr) as usize]
+            .iter()
+            .any(|h| *h != Head::NONE);
+        starts_inside
+            || Order::all().any(|o| {
+                let base = pfn - pfn % o.nr_pages();
+                base < pfn && self.head[base as usize].any_order() == Some(o)
             })
-        })
     }
 
     /// Free a block and merge it with free buddies.
@@ -322,8 +354,7 @@ impl Buddy {
         {
             return Err(bad);
         }
-        if self.overlaps_free(pfn, order.nr_pages()) || self.overlaps_parked(pfn, order.nr_pages())
-        {
+        if self.overlaps_free_or_parked(pfn, order.nr_pages()) {
             return Err(FreeError::DoubleFree {
                 pfn,
                 order: order.0,
@@ -332,6 +363,7 @@ impl Buddy {
         let pb = pfn - pfn % PAGEBLOCK_PAGES;
         if let Some(parked) = self.isolated.get_mut(&pb) {
             parked.push((pfn, order, state));
+            self.head[pfn as usize] = Head::parked(order);
             self.isolated_pages += order.nr_pages();
             return Ok(());
         }
@@ -419,15 +451,6 @@ impl Buddy {
         self.offline_pages
     }
 
-    fn overlaps_parked(&self, pfn: u64, nr: u64) -> bool {
-        let pb = pfn - pfn % PAGEBLOCK_PAGES;
-        self.isolated.get(&pb).is_some_and(|parked| {
-            parked
-                .iter()
-                .any(|&(p, o, _)| p < pfn + nr && pfn < p + o.nr_pages())
-        })
-    }
-
     /// Isolate the pageblock starting at `pb` (a multiple of
     /// [`PAGEBLOCK_PAGES`] inside the pool): its free blocks leave the free
     /// lists, and blocks freed into it later are parked too, until
@@ -451,6 +474,7 @@ impl Buddy {
                 for pfn in pfns {
                     self.remove(pfn, o);
                     parked.push((pfn, o, s));
+                    self.head[pfn as usize] = Head::parked(o);
                     self.isolated_pages += o.nr_pages();
                 }
             }
@@ -467,6 +491,7 @@ impl Buddy {
         };
         let mut n = 0;
         for (pfn, o, s) in parked {
+            self.head[pfn as usize] = Head::NONE;
             self.isolated_pages -= o.nr_pages();
             n += o.nr_pages();
             if let Err(e) = self.free(PoolOffset::from_pfn(pfn), o, s) {
@@ -525,7 +550,10 @@ impl Buddy {
     pub fn metadata_bytes(&self) -> u64 {
         let blocks: u64 = self.free.iter().flatten().map(|s| s.len() as u64).sum();
         // A BTreeSet<u64> costs about 8 bytes per key plus node overhead.
-        blocks * 16 + self.offline.len() as u64 * 24 + std::mem::size_of::<Self>() as u64
+        blocks * 16
+            + self.offline.len() as u64 * 24
+            + self.head.len() as u64
+            + std::mem::size_of::<Self>() as u64
     }
 
     /// Check the invariants: blocks aligned, inside the pool, disjoint, and
@@ -542,6 +570,9 @@ impl Buddy {
                     if pfn % o.nr_pages() != 0 || pfn + o.nr_pages() > self.nr_pages {
                         return Err(format!("bad block pfn {pfn:#x} order {}", o.0));
                     }
+                    if self.head[pfn as usize].state_if(o) != Some(s) {
+                        return Err(format!("pfn {pfn:#x}: head map disagrees with free list"));
+                    }
                     blocks.push((pfn, o.nr_pages()));
                     free += o.nr_pages();
                     if s == BlockState::Ready {
@@ -550,6 +581,7 @@ impl Buddy {
                 }
             }
         }
+        let nr_free_blocks = blocks.len();
         let mut offline = 0;
         for (&pfn, o) in &self.offline {
             if pfn % o.nr_pages() != 0 || pfn + o.nr_pages() > self.nr_pages {
@@ -567,9 +599,19 @@ impl Buddy {
         let mut parked_pages = 0;
         for parked in self.isolated.values() {
             for &(pfn, o, _) in parked {
+                if self.head[pfn as usize] != Head::parked(o) {
+                    return Err(format!("parked pfn {pfn:#x}: head map disagrees"));
+                }
                 blocks.push((pfn, o.nr_pages()));
                 parked_pages += o.nr_pages();
             }
+        }
+        let heads = self.head.iter().filter(|h| **h != Head::NONE).count();
+        let parked_blocks: usize = self.isolated.values().map(Vec::len).sum();
+        if heads != nr_free_blocks + parked_blocks {
+            return Err(format!(
+                "{heads} head entries for {nr_free_blocks} free and {parked_blocks} parked blocks"
+            ));
         }
         if parked_pages != self.isolated_pages {
             return Err(format!(

@@ -18,6 +18,7 @@ use crate::lru::LruVec;
 use crate::rmap::Rmap;
 use crate::types::{FolioId, Order, PoolOffset, SwapSlot};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Folio flags (`PG_*`).
@@ -276,6 +277,10 @@ impl FolioSlab {
 struct WaitQueue {
     lock: Mutex<()>,
     cv: Condvar,
+    /// Sleepers on this queue (any folio hashing here), changed under
+    /// `lock`: unlock skips the wake-up when there are none, like
+    /// `PG_waiters` lets `folio_unlock()` skip `folio_wake_bit()`.
+    waiters: AtomicU32,
 }
 
 const WAIT_TABLE_SIZE: usize = 64;
@@ -326,13 +331,23 @@ impl FolioTable {
     /// # Context
     /// The caller holds a reference on the folio and no page-table lock.
     pub fn lock(&self, id: FolioId) -> FolioLockGuard<'_> {
+        if self.try_set_locked(id) {
+            return FolioLockGuard { table: self, id };
+        }
         let q = self.queue(id);
         let mut g = q.lock.lock().unwrap_or_else(|e| e.into_inner());
-        // Lost wake-ups are impossible: the flag is tested with the queue
-        // lock held, and unlock takes the queue lock before notifying.
+        // Lost wake-ups are impossible: a sleeper counts itself in
+        // `waiters` before it tests the flag (both with the queue lock
+        // held); unlock clears the flag and then reads `waiters`. The two
+        // flag accesses are ordered by the folio-table lock, so an unlock
+        // that cleared the flag after our test sees our count, and takes
+        // the queue lock (which we hold until we sleep) before notifying.
+        q.waiters.fetch_add(1, SeqCst);
         while !self.try_set_locked(id) {
             g = q.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
+        q.waiters.fetch_sub(1, SeqCst);
+        drop(g);
         FolioLockGuard { table: self, id }
     }
 
@@ -357,6 +372,9 @@ impl FolioTable {
             f.flags.remove(FolioFlags::LOCKED);
         }
         let q = self.queue(id);
+        if q.waiters.load(SeqCst) == 0 {
+            return;
+        }
         let _g = q.lock.lock().unwrap_or_else(|e| e.into_inner());
         q.cv.notify_all();
     }

@@ -36,6 +36,14 @@ fn touch(r: &RamRegion, pages: u64, stride: u64, v: u64) {
     }
 }
 
+/// With `PERF_CTL_FIFO` set (`perf record --control fifo:PATH -D -1`),
+/// profile only the compaction itself.
+fn perf_ctl(cmd: &str) {
+    if let Ok(path) = std::env::var("PERF_CTL_FIFO") {
+        std::fs::write(path, format!("{cmd}\n")).expect("perf control fifo");
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -50,13 +58,21 @@ fn main() {
     };
     let size = arg("--size").map_or(1 << 30, |s| parse_size(&s));
     let runs: usize = arg("--runs").map_or(3, |s| s.parse().expect("runs"));
+    // `--only compact` or `--only relocate` (for profiling one part).
+    let only = arg("--only");
+    let (do_reloc, do_compact) = match only.as_deref() {
+        None => (true, true),
+        Some("relocate") => (true, false),
+        Some("compact") => (false, true),
+        Some(o) => panic!("--only: unknown part {o:?} (relocate or compact)"),
+    };
     let pages = size / PAGE;
     let gib = size as f64 / (1u64 << 30) as f64;
     let mm = MemoryManager::new(MmConfig::with_budget(2 * size + (64 << 20))).expect("manager");
 
     // Relocation.
     let (mut pauses, mut totals, mut huge_migrate) = (Vec::new(), Vec::new(), Vec::new());
-    for run in 0..runs {
+    for run in (0..runs).filter(|_| do_reloc) {
         let vm = mm.create_vm(&format!("reloc{run}")).unwrap();
         let b = mm.backend(vm, &[(GuestAddress(0), size)]).unwrap();
         let view = Arc::new(RwLock::new(b.regions()[0]));
@@ -100,13 +116,15 @@ fn main() {
         mm.destroy_vm(vm).unwrap();
         mm.wait_idle(Duration::from_secs(60));
     }
-    println!(
+    if do_reloc {
+        println!(
         "relocation of {} MiB (2 MiB folios): pause {:.1} us per GiB (median of {runs}; goal <= 1000), whole relocation {:.1} ms; runs {:?} us/GiB",
         size >> 20,
         median(pauses.clone()),
         median(totals),
         pauses.iter().map(|p| p.round()).collect::<Vec<_>>()
     );
+    }
 
     // Compaction against memcpy.
     let src = vec![1u8; size as usize];
@@ -119,7 +137,7 @@ fn main() {
     }
     std::hint::black_box(&dst);
     let mut compact = Vec::new();
-    for run in 0..runs {
+    for run in (0..runs).filter(|_| do_compact) {
         let vm = mm.create_vm(&format!("frag{run}")).unwrap();
         let b = mm.backend(vm, &[(GuestAddress(0), size)]).unwrap();
         let r = b.regions()[0];
@@ -128,7 +146,9 @@ fn main() {
             mm.discard(vm, GuestAddress(p * PAGE), PAGE).unwrap();
         }
         mm.wait_idle(Duration::from_secs(60));
+        perf_ctl("enable");
         let rep = mm.compact(None, &|_, _| {}).unwrap();
+        perf_ctl("disable");
         let copy_s = rep.elapsed_ns as f64 / 1e9;
         compact.push(rep.migrated_bytes as f64 / copy_s / 1e9);
         eprintln!(
@@ -145,13 +165,19 @@ fn main() {
         mm.destroy_vm(vm).unwrap();
         mm.wait_idle(Duration::from_secs(60));
     }
-    let (c, m, h) = (median(compact), median(memcpy), median(huge_migrate));
-    println!(
+    let m = median(memcpy);
+    if do_compact {
+        let c = median(compact);
+        println!(
         "compaction (4 KiB folios): {c:.2} GB/s of guest memory migrated (whole run) vs memcpy {m:.2} GB/s: {:.0}% (goal >= 50%)",
         c / m * 100.0
     );
-    println!(
-        "migration of 2 MiB folios: {h:.2} GB/s vs memcpy {m:.2} GB/s: {:.0}%",
-        h / m * 100.0
-    );
+    }
+    if do_reloc {
+        let h = median(huge_migrate);
+        println!(
+            "migration of 2 MiB folios: {h:.2} GB/s vs memcpy {m:.2} GB/s: {:.0}%",
+            h / m * 100.0
+        );
+    }
 }

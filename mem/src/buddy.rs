@@ -489,6 +489,22 @@ impl Buddy {
         let Some(parked) = self.isolated.remove(&pb) else {
             return 0;
         };
+        let whole: u64 = parked.iter().map(|p| p.1.nr_pages()).sum();
+        if whole == PAGEBLOCK_PAGES {
+            // Emptied: the parked blocks tile the pageblock (they never
+            // overlap), so they merge into one order-9 block, whose state
+            // is the worst of theirs (and never a `Ready` THP).
+            let state = parked
+                .iter()
+                .map(|p| p.2)
+                .fold(BlockState::NeedsPopulate, BlockState::max);
+            for &(pfn, _, _) in &parked {
+                self.head[pfn as usize] = Head::NONE;
+            }
+            self.isolated_pages -= PAGEBLOCK_PAGES;
+            self.insert(pb, Order::PMD, state);
+            return PAGEBLOCK_PAGES;
+        }
         let mut n = 0;
         for (pfn, o, s) in parked {
             self.head[pfn as usize] = Head::NONE;

@@ -261,6 +261,23 @@ impl Inner {
         self.kick_worker();
     }
 
+    /// [`Inner::free_range`] for many ranges, under one zone lock.
+    pub fn free_ranges(&self, ranges: &[FreedRange]) {
+        if ranges.is_empty() {
+            return;
+        }
+        {
+            let mut buddy = self.buddy();
+            for f in ranges {
+                if let Err(e) = buddy.free(f.pool, f.order, f.state) {
+                    log_error(&format!("free of {f:?}: {e}"));
+                    debug_assert!(false, "free of {f:?}: {e}");
+                }
+            }
+        }
+        self.kick_worker();
+    }
+
     /// Drop `nr` references on `id` (`folio_put_refs()`) and return its pool
     /// range to the allocator if that was the last.
     ///
@@ -275,8 +292,12 @@ impl Inner {
 
     /// Wake the pre-zeroing worker.
     pub fn kick_worker(&self) {
-        *self.kick.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.kick_cv.notify_one();
+        let mut k = self.kick.lock().unwrap_or_else(|e| e.into_inner());
+        // Already kicked: the worker sees the flag before it sleeps again,
+        // so a second wake-up (a futex syscall) would be wasted.
+        if !std::mem::replace(&mut *k, true) {
+            self.kick_cv.notify_one();
+        }
     }
 
     /// Worker side: wait for a kick or `timeout`.

@@ -418,16 +418,38 @@ pub(crate) fn migrate_batch_for_compaction(
     inner: &Inner,
     ids: &[FolioId],
 ) -> Vec<Result<FolioId, MigrateError>> {
-    // Targets for the small ones, made holes together.
-    let targets: Vec<Option<Block>> = ids
-        .iter()
-        .map(|&id| {
-            let order = inner.folios.slab().get(id).map(|f| f.order)?;
-            (order < Order::PMD)
-                .then(|| alloc_target(inner, order))
-                .flatten()
-        })
-        .collect();
+    // One pass under the folio-table lock: the small folios still alive
+    // (their ids may even name other folios now, which `relabel` checks
+    // like any other), each with a reference.
+    let orders: Vec<Option<Order>> = {
+        let mut slab = inner.folios.slab();
+        ids.iter()
+            .map(|&id| {
+                let order = slab.get(id)?.order;
+                slab.get_ref(id);
+                Some(order)
+            })
+            .collect()
+    };
+    // Targets for the small ones, in one pass under the zone lock.
+    let targets: Vec<Option<Block>> = {
+        let injected: Vec<bool> = orders
+            .iter()
+            .map(|o| {
+                o.is_some_and(|o| o < Order::PMD) && inner.inject.hit(FaultPoint::MigrateAlloc)
+            })
+            .collect();
+        let mut buddy = inner.buddy();
+        orders
+            .iter()
+            .zip(injected)
+            .map(|(o, hit)| match o {
+                Some(o) if *o < Order::PMD && !hit => buddy.alloc_smallest(*o),
+                _ => None,
+            })
+            .collect()
+    };
+    // Made holes together: one flush for the batch.
     let ranges: Vec<(usize, usize)> = targets
         .iter()
         .flatten()
@@ -438,51 +460,67 @@ pub(crate) fn migrate_batch_for_compaction(
             )
         })
         .collect();
-    if let Err(e) = crate::sys::dontneed_many(&ranges) {
-        log_error(&format!("compaction: dontneed of targets: {e}"));
-        targets
-            .iter()
-            .flatten()
-            .for_each(|t| free_target(inner, *t));
-        return ids.iter().map(|&id| migrate_folio(inner, id)).collect();
-    }
-    ids.iter()
+    let holes = match crate::sys::dontneed_many(&ranges) {
+        Ok(()) => true,
+        Err(e) => {
+            log_error(&format!("compaction: dontneed of targets: {e}"));
+            false
+        }
+    };
+    let mut freed: Vec<FreedRange> = Vec::new();
+    let out = ids
+        .iter()
+        .zip(orders)
         .zip(targets)
-        .map(|(&id, target)| {
-            let Some(target) = target else {
-                return migrate_folio(inner, id);
-            };
-            // Freed since the caller listed it (its id may even name
-            // another folio now, which `relabel` checks like any other).
-            let live = {
-                let mut slab = inner.folios.slab();
-                let live = slab.get(id).is_some();
-                if live {
-                    slab.get_ref(id);
+        .map(|((&id, order), target)| {
+            if order.is_none() {
+                if let Some(t) = target {
+                    freed.push(unused_target(t));
                 }
-                live
-            };
-            if !live {
-                free_target(inner, target);
                 return Err(MigrateError::Unmovable);
             }
-            let r = relabel(inner, id, target);
-            inner.put_folio(id, 1);
-            match r {
-                Some(r) => r,
+            let r = match target.filter(|_| holes) {
+                Some(t) => match relabel(inner, id, t) {
+                    Some((r, old)) => {
+                        freed.push(old);
+                        Ok(r)
+                    }
+                    None => {
+                        freed.push(unused_target(t));
+                        migrate_folio(inner, id)
+                    }
+                },
                 None => {
-                    free_target(inner, target);
+                    if let Some(t) = target {
+                        freed.push(unused_target(t));
+                    }
                     migrate_folio(inner, id)
                 }
-            }
+            };
+            inner.put_folio(id, 1);
+            r
         })
-        .collect()
+        .collect();
+    // The old ranges (parked in the isolated pageblock) and unused targets
+    // go back under one zone lock.
+    inner.free_ranges(&freed);
+    out
 }
 
-/// Re-label `id`'s pool range to `target` (a hole of its order); `None`
-/// when the folio must be copied instead (the caller keeps `target`).
-/// The caller holds a reference.
-fn relabel(inner: &Inner, id: FolioId, target: Block) -> Option<Result<FolioId, MigrateError>> {
+/// A target left unused goes back with whatever the pool holds there.
+fn unused_target(t: Block) -> FreedRange {
+    FreedRange {
+        pool: t.offset,
+        order: t.order,
+        state: BlockState::NeedsZero,
+    }
+}
+
+/// Re-label `id`'s pool range to `target` (a hole of its order); returns
+/// the folio and its old range, for the caller to free, or `None` when the
+/// folio must be copied instead (the caller keeps `target`). The caller
+/// holds a reference.
+fn relabel(inner: &Inner, id: FolioId, target: Block) -> Option<(FolioId, FreedRange)> {
     let _lock = inner.folios.trylock(id)?;
     let (nr, rmap) = {
         let slab = inner.folios.slab();
@@ -517,15 +555,17 @@ fn relabel(inner: &Inner, id: FolioId, target: Block) -> Option<Result<FolioId, 
         old
     };
     drop(ptl);
-    inner.free_range(FreedRange {
-        pool: old.0,
-        order: old.1,
-        state: BlockState::NeedsPopulate,
-    });
     let w = &inner.workers;
     w.migrate_success.fetch_add(1, Relaxed);
     w.migrate_relabelled.fetch_add(1, Relaxed);
-    Some(Ok(id))
+    Some((
+        id,
+        FreedRange {
+            pool: old.0,
+            order: old.1,
+            state: BlockState::NeedsPopulate,
+        },
+    ))
 }
 
 /// Migrate folio `id` to a newly allocated block: take a reference and the

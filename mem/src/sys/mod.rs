@@ -43,6 +43,18 @@ pub fn dontneed(addr: usize, len: usize) -> io::Result<()> {
 /// # Errors
 /// The errno of the fallback `madvise`.
 pub fn dontneed_many(ranges: &[(usize, usize)]) -> io::Result<()> {
+    // Adjacent ranges become one: the kernel pays a VMA lookup and a page
+    // walk per range.
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(sorted.len());
+    for (a, l) in sorted {
+        match merged.last_mut() {
+            Some(m) if m.0 + m.1 == a => m.1 += l,
+            _ => merged.push((a, l)),
+        }
+    }
+    let ranges = &merged;
     // SAFETY: pidfd_open on our own pid has no memory effects; the result
     // is checked and the fd closed below.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) } as i32;

@@ -192,18 +192,22 @@ impl ApiVm {
         total
     }
 
+    /// Whether a line of the child's stdout so far is `line`.
+    pub fn has_line(&self, line: &str) -> bool {
+        String::from_utf8_lossy(&self.output[0].lock().unwrap())
+            .lines()
+            .any(|l| l.trim() == line)
+    }
+
     /// Wait (up to `limit`) until a line of the child's stdout is `line`;
     /// panics with the output so far otherwise.
     pub fn wait_for_line(&self, line: &str, limit: Duration) {
         let start = Instant::now();
-        loop {
-            let out = String::from_utf8_lossy(&self.output[0].lock().unwrap()).into_owned();
-            if out.lines().any(|l| l.trim() == line) {
-                return;
-            }
+        while !self.has_line(line) {
             assert!(
                 start.elapsed() < limit,
-                "no line {line:?} within {limit:?}; stdout:\n{out}\nstderr:\n{}",
+                "no line {line:?} within {limit:?}; stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&self.output[0].lock().unwrap()),
                 String::from_utf8_lossy(&self.output[1].lock().unwrap())
             );
             std::thread::sleep(Duration::from_millis(100));

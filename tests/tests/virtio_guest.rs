@@ -7,6 +7,9 @@
 //! * it writes 512 KiB to a scratch drive, and the host checks the image's
 //!   checksum against the guest's; it reads a read-only drive of random
 //!   bytes and prints its checksum; a write to it is refused;
+//! * while the guest writes and reads back a drive in a loop, the host
+//!   relocates its RAM to new host mappings through the API, again and
+//!   again: the drive's queues follow the memory (every read-back matches);
 //! * the balloon inflates at boot, then the guest unbinds its driver
 //!   (deflate), dirties and frees memory, and binds it again: the
 //!   re-inflation returns resident memory, as the memory manager's
@@ -20,7 +23,7 @@
 //! the script lowers it to 2 MiB, the host's folio size, so that the 32 MiB
 //! it dirties and frees is reported promptly.
 
-use foliovm_tests::{kvm_available, repo_root, run_foliovm};
+use foliovm_tests::{kvm_available, repo_root, run_foliovm, ApiVm};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +36,8 @@ const BALLOON_MIB: u64 = 8;
 const FILL_MIB: u64 = 12;
 /// What the guest dirties and frees for free page reporting to return.
 const REPORT_FILL_MIB: u64 = 32;
+/// Write-and-read-back rounds on a drive while the host relocates RAM.
+const RELOC_IO_ROUNDS: u32 = 20;
 
 /// The guest's script, run by /init after " -- ".
 fn guest_script() -> String {
@@ -45,6 +50,18 @@ echo BLK-RO $(dd if=/dev/zero of=/dev/vdc bs=512 count=1 2>&1 | head -1)
 echo BLK-DD-START $(cut -d' ' -f1 /proc/uptime)
 dd if=/dev/vdb of=/dev/null bs=1M count=4 iflag=direct 2>/dev/null
 echo BLK-DD-END $(cut -d' ' -f1 /proc/uptime)
+echo RELOC-IO-START
+sleep 2
+ok=0; bad=0; i=0
+while [ $i -lt {RELOC_IO_ROUNDS} ]; do
+  dd if=/bin/busybox of=/dev/vdb bs=64k count=4 skip=$((i % 4)) seek=16 conv=fsync 2>/dev/null
+  A=$(dd if=/bin/busybox bs=64k count=4 skip=$((i % 4)) 2>/dev/null | md5sum)
+  B=$(dd if=/dev/vdb bs=64k count=4 skip=16 iflag=direct 2>/dev/null | md5sum)
+  if [ "$A" = "$B" ]; then ok=$((ok + 1)); else bad=$((bad + 1)); fi
+  i=$((i + 1))
+done
+echo RELOC-IO ok=$ok bad=$bad
+echo RELOC-IO-END
 B=/sys/bus/virtio/drivers/virtio_balloon
 D=$(ls $B | grep virtio)
 echo $D > $B/unbind
@@ -186,7 +203,21 @@ fn linux_guest_uses_drives_and_balloon() {
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let start = Instant::now();
-    let out = run_foliovm(&args, LIMIT);
+    let vm = ApiVm::spawn("virtio-guest", &args);
+    // Relocate guest RAM while the guest does drive I/O.
+    vm.wait_for_line("RELOC-IO-START", LIMIT);
+    let (mut relocated, mut refused) = (0, Vec::new());
+    while !vm.has_line("RELOC-IO-END")
+        && vm.call("GET", "/vms/vm0", None).json()["state"] == "Running"
+    {
+        let r = vm.call("PUT", "/vms/vm0/relocate", Some(r#"{"to_aligned": true}"#));
+        match r.status {
+            200 => relocated += 1,
+            _ => refused.push(r.body),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = vm.wait(LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!(
@@ -201,6 +232,18 @@ fn linux_guest_uses_drives_and_balloon() {
         out.status.success(),
         "exit {:?}\nstderr:\n{stderr}",
         out.status
+    );
+
+    // Relocation under drive I/O: the queues followed the memory.
+    eprintln!("relocations during drive I/O: {relocated} done, refused: {refused:?}");
+    assert_eq!(
+        marker(&stdout, "RELOC-IO"),
+        format!("ok={RELOC_IO_ROUNDS} bad=0"),
+        "{stdout}"
+    );
+    assert!(
+        relocated >= 3,
+        "only {relocated} relocations; refused: {refused:?}"
     );
 
     // Root filesystem on a drive.

@@ -24,7 +24,7 @@ use crate::config::{parse_size, ConfigError};
 use crate::kvm::{KvmError, KvmVm};
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonEvent, BalloonHandle};
 use devices::virtio::block::{Block, DiskImage};
-use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::mmio::{MemorySwitch, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{IrqLine, PinToken, RamControl, RamError, VirtioDevice};
 use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -350,6 +350,7 @@ pub enum VirtioError {
 /// Guest RAM as devices see it: pins and discards through the memory
 /// manager (folio backend), or plain `madvise` (anon backend).
 struct VmRam {
+    /// Used by the anon backend only, whose memory never relocates.
     mem: GuestMemoryMmap,
     manager: Option<(Arc<MemoryManager>, VmId)>,
 }
@@ -521,9 +522,23 @@ pub struct VirtioDevices {
     /// The balloon, for the API (`set_target`) and statistics.
     pub balloon: Option<BalloonHandle>,
     stats: MemStats,
+    /// Every device's transport, for guest memory switches.
+    transports: Vec<Arc<Mutex<dyn MemorySwitch>>>,
 }
 
 impl VirtioDevices {
+    /// Guest memory moved (region relocation, vCPUs paused): every device
+    /// addresses its queues through `mem` from now on. Each transport is
+    /// locked in turn, so no device is in the middle of a request; the
+    /// event loop runs their queues under the same locks.
+    pub fn set_memory(&self, mem: &GuestMemoryMmap) {
+        for t in &self.transports {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_memory(mem.clone());
+        }
+    }
+
     /// The VM is over: print the final memory statistics line (with a balloon).
     pub fn finish(&self) {
         if let Some(b) = &self.balloon {
@@ -553,6 +568,7 @@ pub fn attach(
     });
     let stats = MemStats { manager };
     let mut index = 0;
+    let mut transports: Vec<Arc<Mutex<dyn MemorySwitch>>> = Vec::new();
     for d in config.ordered_drives() {
         let disk =
             DiskImage::open(&d.path, d.read_only, &d.id).map_err(|source| VirtioError::Disk {
@@ -561,7 +577,7 @@ pub fn attach(
             })?;
         let name = format!("drive {}", d.id);
         let dev = Block::new(disk, ram.clone(), &name);
-        place(dev, index, vm, mem, mmio, events)?;
+        transports.push(place(dev, index, vm, mem, mmio, events)?);
         index += 1;
     }
     let mut balloon = None;
@@ -578,6 +594,7 @@ pub fn attach(
             }
         });
         let t = place(dev, index, vm, mem, mmio, events)?;
+        transports.push(t.clone());
         let handle = BalloonHandle::new(t);
         let timer = if spec.stats_interval_s > 0 {
             let mut t = TimerFd::new().map_err(errno("timerfd", index))?;
@@ -598,7 +615,11 @@ pub fn attach(
         events.add_subscriber(sub);
         balloon = Some(handle);
     }
-    Ok(VirtioDevices { balloon, stats })
+    Ok(VirtioDevices {
+        balloon,
+        stats,
+        transports,
+    })
 }
 
 fn host(what: &'static str, index: usize) -> impl Fn(std::io::Error) -> VirtioError {

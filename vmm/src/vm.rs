@@ -640,14 +640,13 @@ impl Vm {
     /// Relocate the guest RAM region holding `gpa` to a new host range
     /// while the guest runs ([`mem::relocate`]). The switch pauses the
     /// vCPUs (unless the VM is paused already), swaps the KVM memslots and
-    /// the vCPUs' view of guest memory, and resumes them.
-    ///
-    /// Refused for VMs with virtio devices: their queues hold a fixed
-    /// view of guest memory by host address (not rebuilt yet).
+    /// the vCPUs' and the virtio devices' view of guest memory (each
+    /// device transport locked in turn, so none is mid-request), and
+    /// resumes them.
     ///
     /// # Errors
-    /// A message naming why: not the folio backend, virtio devices, the VM
-    /// not running, or the [`mem::RelocateError`].
+    /// A message naming why: not the folio backend, the VM not running, or
+    /// the [`mem::RelocateError`].
     pub fn relocate(
         &self,
         gpa: u64,
@@ -659,13 +658,6 @@ impl Vm {
             .manager
             .as_ref()
             .ok_or("relocation needs the folio memory backend (--mem-backend folio)")?;
-        if self.virtio.is_some() {
-            return Err(
-                "relocation of a VM with virtio devices is not supported yet: \
-                        their queues address guest memory through a fixed host mapping"
-                    .into(),
-            );
-        }
         let paused = match self.state() {
             VmState::Running => false,
             VmState::Paused => true,
@@ -688,6 +680,9 @@ impl Vm {
                         .collect();
                     view.sort_by_key(|r| r.guest_base);
                     let m = guest_memory(&view).map_err(|e| e.to_string())?;
+                    if let Some(v) = &self.virtio {
+                        v.set_memory(&m);
+                    }
                     *self.ctx.mem.write().unwrap_or_else(|p| p.into_inner()) = m;
                     Ok(())
                 });

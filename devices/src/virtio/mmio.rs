@@ -352,6 +352,23 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     }
 }
 
+/// A transport whose guest memory can be switched (region relocation),
+/// type-erased so that the VMM can hold every device's.
+pub trait MemorySwitch: Send {
+    /// Use `mem` from now on, for the transport's queue checks and the
+    /// device's queues.
+    fn set_memory(&mut self, mem: GuestMemoryMmap);
+}
+
+impl<D: VirtioDevice> MemorySwitch for MmioTransport<D> {
+    fn set_memory(&mut self, mem: GuestMemoryMmap) {
+        if self.live {
+            self.device.set_memory(mem.clone());
+        }
+        self.mem = mem;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +380,7 @@ mod tests {
     struct Probe {
         activated: Option<usize>,
         resets: usize,
+        memory_switches: usize,
         processed: Vec<usize>,
         config: [u8; 8],
     }
@@ -391,6 +409,9 @@ mod tests {
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
+        }
+        fn set_memory(&mut self, _mem: GuestMemoryMmap) {
+            self.0.lock().unwrap().memory_switches += 1;
         }
         fn process_queue(&mut self, index: usize) {
             self.0.lock().unwrap().processed.push(index);
@@ -469,6 +490,9 @@ mod tests {
         );
         assert!(t.is_live());
         assert_eq!(p.lock().unwrap().activated, Some(2));
+        // A memory switch reaches a live device (not a reset one, below).
+        MemorySwitch::set_memory(&mut t, memory());
+        assert_eq!(p.lock().unwrap().memory_switches, 1);
         // Activation asks the loop to look at every queue once.
         for q in &t.queues {
             assert_eq!(q.notify.read().unwrap(), 1);
@@ -485,6 +509,12 @@ mod tests {
         assert_eq!(rd(&mut t, 0x070), 0);
         t.notified(0);
         assert_eq!(p.lock().unwrap().processed, vec![1], "not live: no work");
+        MemorySwitch::set_memory(&mut t, memory());
+        assert_eq!(
+            p.lock().unwrap().memory_switches,
+            1,
+            "not live: kept for activation"
+        );
     }
 
     #[test]

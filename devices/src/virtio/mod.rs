@@ -169,6 +169,10 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, queues: ActiveQueues);
     /// The driver reset the device: drop the queues, keep the backing.
     fn reset(&mut self);
+    /// Guest memory moved to another host mapping (region relocation):
+    /// address the queues through `mem` from now on. Called with the
+    /// transport locked, so never in the middle of processing a queue.
+    fn set_memory(&mut self, mem: GuestMemoryMmap);
     /// The guest notified queue `index` (an ioeventfd fired).
     fn process_queue(&mut self, index: usize);
 }

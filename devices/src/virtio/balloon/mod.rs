@@ -406,6 +406,12 @@ impl VirtioDevice for Balloon {
         self.actual = 0;
     }
 
+    fn set_memory(&mut self, mem: GuestMemoryMmap) {
+        if let Some((a, _)) = &mut self.active {
+            a.mem = mem;
+        }
+    }
+
     fn process_queue(&mut self, index: usize) {
         let Some((mut active, roles)) = self.active.take() else {
             return;

@@ -379,6 +379,12 @@ impl VirtioDevice for Block {
         self.active = None;
     }
 
+    fn set_memory(&mut self, mem: GuestMemoryMmap) {
+        if let Some(a) = &mut self.active {
+            a.mem = mem;
+        }
+    }
+
     fn process_queue(&mut self, index: usize) {
         let Some(mut active) = self.active.take() else {
             return;
@@ -612,5 +618,41 @@ mod tests {
         assert!(e.to_string().contains("not a regular file"), "{e}");
         let (_t, p) = image(1536 + 100);
         assert_eq!(DiskImage::open(&p, true, "x").unwrap().nsectors(), 3);
+    }
+
+    #[test]
+    fn after_set_memory_requests_are_served_from_the_new_mapping() {
+        let (_t, p) = image(8 * 512);
+        let mut r = rig(&p, false);
+        // A read of sector 3 waits in the queue of the first mapping.
+        let mut h = [0u8; 16];
+        h[8..16].copy_from_slice(&3u64.to_le_bytes());
+        r.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        r.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let q = queue_with(&r.mem, 0, &rw(false, 512));
+        r.dev.activate(ActiveQueues {
+            queues: vec![q],
+            mem: r.mem.clone(),
+            irq: IrqLine::new(|| Ok(())),
+            acked_features: 0,
+        });
+        // Guest memory moves to another host mapping (relocation): same
+        // contents, new host addresses.
+        let moved = memory();
+        let mut all = vec![0u8; 1 << 20];
+        r.mem.read_slice(&mut all, GuestAddress(0)).unwrap();
+        moved.write_slice(&all, GuestAddress(0)).unwrap();
+        r.dev.set_memory(moved.clone());
+        r.dev.process_queue(0);
+        let st: u8 = moved.read_obj(GuestAddress(STATUS)).unwrap();
+        let mut buf = [0u8; 512];
+        moved.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert_eq!(st, S_OK);
+        assert!(
+            buf.iter().all(|&b| b == 3),
+            "the data landed in the new mapping"
+        );
+        let old: u8 = r.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        assert_eq!(old, 0xff, "the old mapping is not written after the switch");
     }
 }

@@ -146,6 +146,7 @@ fn racing_swapins_swapouts_and_discards_keep_every_word() {
         st.swapin_file_pages
     );
     assert!(st.sample_refaults > 0);
+    assert!(st.copied_in_pages > 0, "order-0 installs by COPY raced too");
     assert!(discards > 10);
     assert_eq!(st.read_errors + st.write_errors + st.poisoned_pages, 0);
     // With the VM alive: every Swap entry names a slot with count 1, no
@@ -154,5 +155,11 @@ fn racing_swapins_swapouts_and_discards_keep_every_word() {
     drop(b);
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);
-    assert_eq!(mm.stats().swap_device.used_bytes, 0);
+    let st = mm.stats();
+    assert_eq!(st.swap_device.used_bytes, 0);
+    assert_eq!(
+        st.pool_stale_pages, 0,
+        "no stale pool copy outlives its folio"
+    );
+    assert_eq!(st.pool_zap_pages, st.swap.copied_in_pages);
 }

@@ -103,11 +103,17 @@ impl ZapQueue {
     /// Any; the caller owns the range (folio lock or page-table lock of
     /// its mapping held, or the folio is being freed).
     pub fn ensure_hole(&self, pool: &Pool, off: PoolOffset, nr: u64) {
+        self.ensure_holes(pool, [(off, nr)]);
+    }
+
+    /// [`ZapQueue::ensure_hole`] for many ranges `(offset, pages)` under
+    /// one lock (for batched frees).
+    pub fn ensure_holes(&self, pool: &Pool, ranges: impl IntoIterator<Item = (PoolOffset, u64)>) {
         if self.pending.load(Relaxed) == 0 {
             return;
         }
         let mut q = self.lock();
-        if overlaps(&q, off, nr) {
+        if ranges.into_iter().any(|(off, nr)| overlaps(&q, off, nr)) {
             self.forced.fetch_add(1, Relaxed);
             self.drain_locked(&mut q, pool);
         }

@@ -100,6 +100,7 @@
 //!   the VMM's memslot, then pull the 2 MiB tables of entries across.
 
 pub mod anon;
+pub mod bench;
 pub mod buddy;
 mod compact;
 mod discard;

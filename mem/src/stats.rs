@@ -49,6 +49,17 @@ impl Histogram {
         self.buckets.iter().sum()
     }
 
+    /// The samples recorded after `earlier` (a snapshot of the same
+    /// histogram taken before this one).
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        let old = |i: usize| earlier.buckets.get(i).copied().unwrap_or(0);
+        Histogram {
+            buckets: (0..self.buckets.len())
+                .map(|i| self.buckets[i].saturating_sub(old(i)))
+                .collect(),
+        }
+    }
+
     /// Upper bound (ns) of the bucket holding quantile `q` (0.0..=1.0).
     pub fn quantile_ns(&self, q: f64) -> u64 {
         let target = (self.count() as f64 * q).ceil().max(1.0) as u64;
@@ -524,5 +535,9 @@ mod tests {
         assert_eq!(s.buckets[10], 1); // 1500 in [1024, 2048)
         assert_eq!(s.quantile_ns(0.5), 2048);
         assert_eq!(s.quantile_ns(1.0), 1 << 20);
+        h.record(3000);
+        let d = h.snapshot().since(&s);
+        assert_eq!(d.count(), 1);
+        assert_eq!(d.quantile_ns(0.5), 4096);
     }
 }

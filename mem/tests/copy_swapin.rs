@@ -13,21 +13,11 @@ use mem::{GuestAddress, PAGE_SIZE};
 const GUEST: u64 = 16 * MIB;
 const PAGES: u64 = GUEST / PAGE_SIZE;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Read `n` random pages (order-0 swapins: random faults get no readahead)
 /// and check each against `want`.
 fn random_reads(ram: &Ram, want: &[u64], rng: &mut Rng, n: u64) {
     for _ in 0..n {
-        let p = rng.next() % PAGES;
+        let p = rng.below(PAGES);
         assert_eq!(ram.read(p * PAGE_SIZE), want[p as usize], "page {p}");
     }
 }

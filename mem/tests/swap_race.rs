@@ -16,19 +16,6 @@ const BUDGET: u64 = 4 * MIB; // a quarter of it
 const CHUNK: u64 = 16;
 const OPS: u64 = 40_000;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 struct Shared {
     ram: Ram,
     chunks: Vec<RwLock<()>>,

@@ -265,6 +265,8 @@ fn move_back(
     let Some(pool) = pool else {
         return BlockState::NeedsZero;
     };
+    // The pool range may still hold a stale copy from a COPY install.
+    inner.zapq.ensure_hole(&inner.pool, pool, nr);
     let src = region.host_addr(idx).raw();
     let dst = inner.pool.host_addr(pool).raw();
     let len = nr * PAGE_SIZE;

@@ -139,6 +139,9 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool) {
             o => break o,
         }
     };
+    // The faulting thread runs again already; zap stale pool copies here,
+    // with no lock held, once a batch has gathered.
+    inner.zapq.drain_if_full(&inner.pool);
     match outcome {
         FaultOutcome::NoMemory { .. } | FaultOutcome::Retry => {
             let oom = matches!(outcome, FaultOutcome::NoMemory { oom: true });
@@ -356,6 +359,60 @@ pub(crate) fn move_in(
         fallback_page(inner, region, dst + off, src_off, errno, zero_ok);
         done += PAGE_SIZE;
         retries = 0;
+    }
+}
+
+/// Runs of at most this many pages are installed from the pool by `COPY`
+/// (no TLB flush; the stale pool copy is zapped later in a batch, see
+/// `gather`); longer runs by `MOVE`, whose one flush covers the run.
+pub(crate) const COPY_MAX_PAGES: u64 = 1;
+
+/// Install `nr` pages of a folio whose data sits in its pool range at
+/// `pool` at the guest pages from `idx` (swapin, swap-cache refault,
+/// sampled-out refault): short runs by `COPY`, queueing the pool copy for
+/// the batched zap, longer ones by `MOVE` ([`move_in`]).
+///
+/// # Context
+/// As [`move_in`]: the page-table lock covering the guest range is held,
+/// the entries say the pages are ours to install, and the folio's pool
+/// range holds its data and is referenced by nothing else.
+pub(crate) fn install_from_pool(
+    inner: &Inner,
+    region: &Region,
+    idx: PageIndex,
+    pool: PoolOffset,
+    nr: u64,
+) {
+    if nr > COPY_MAX_PAGES {
+        move_in(inner, region, idx, pool, nr, false);
+        return;
+    }
+    let dst = region.host_addr(idx).raw();
+    let src = inner.pool.host_addr(pool).raw();
+    // SAFETY: `src` is the folio's populated pool range, which this call
+    // owns (see # Context) and which nothing writes meanwhile; `dst` is a
+    // hole owned under the page-table lock, with no Rust reference into it.
+    let r = unsafe { inner.uffd.copy(dst, src, nr * PAGE_SIZE) };
+    let copied = match &r {
+        Ok(()) => nr,
+        Err(p) => p.done / PAGE_SIZE,
+    };
+    if copied > 0 {
+        // The data lives in the guest now; the pool copy is stale.
+        inner.zapq.push(pool, copied);
+        for c in [&region.counters.swap, &inner.swap_counters] {
+            c.copied_in_pages.fetch_add(copied, Relaxed);
+        }
+    }
+    if copied < nr {
+        move_in(
+            inner,
+            region,
+            idx.forward(copied),
+            pool.subpage(copied),
+            nr - copied,
+            false,
+        );
     }
 }
 

@@ -47,6 +47,8 @@
 //!   |     +-- folio-table lock   (swap-cache lookup takes its reference)
 //!   +-- folio-table lock    FolioTable::slab (leaf; also guards the LRU lists)
 //!   +-- zone lock           Inner::buddy (leaf; never nested with the above)
+//!   +-- zap-queue lock      Inner::zapq (leaf; held across one
+//!                           process_madvise of stale pool ranges, see `gather`)
 //!
 //! leaf locks taken alone:   Inner::regions (registry), Inner::vms,
 //!                           Inner::pending, Inner::kick, Inner::kswapd_kick,
@@ -98,11 +100,13 @@
 //!   the VMM's memslot, then pull the 2 MiB tables of entries across.
 
 pub mod anon;
+pub mod bench;
 pub mod buddy;
 mod compact;
 mod discard;
 mod fault;
 pub mod folio;
+mod gather;
 mod hotplug;
 pub mod inject;
 pub mod lru;

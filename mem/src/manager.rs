@@ -7,6 +7,7 @@ use crate::compact::{self, CompactReport};
 use crate::discard::{self, DiscardError, DiscardOutcome};
 use crate::fault;
 use crate::folio::{FolioTable, FreedRange};
+use crate::gather::ZapQueue;
 use crate::hotplug::{BudgetChange, BudgetError};
 use crate::inject::{InjectPlan, Injector};
 use crate::migrate;
@@ -184,6 +185,9 @@ pub(crate) struct Inner {
     /// The zone lock. Leaf.
     pub buddy: Mutex<Buddy>,
     pub folios: FolioTable,
+    /// Stale pool copies of folios installed by COPY, waiting for one
+    /// batched zap (`gather`). Leaf.
+    pub zapq: ZapQueue,
     /// Registered guest regions by host start. Leaf, never held while faulting.
     regions: RwLock<BTreeMap<usize, Arc<Region>>>,
     /// Live VMs. Leaf.
@@ -253,6 +257,9 @@ impl Inner {
 
     /// Return a freed folio range to the allocator.
     pub fn free_range(&self, f: FreedRange) {
+        // A range still queued for its zap must not be handed out again.
+        self.zapq
+            .ensure_hole(&self.pool, f.pool, f.order.nr_pages());
         if let Err(e) = self.buddy().free(f.pool, f.order, f.state) {
             // A double free is a bug; refuse it rather than corrupt the lists.
             log_error(&format!("free of {f:?}: {e}"));
@@ -449,6 +456,7 @@ impl MemoryManager {
             uffd,
             pool,
             folios: FolioTable::default(),
+            zapq: ZapQueue::default(),
             regions: RwLock::default(),
             vms: Mutex::default(),
             next_vm: AtomicU32::new(0),
@@ -817,6 +825,10 @@ impl MemoryManager {
             collapse_failed: inner.workers.collapse_failed.load(Relaxed),
             folios_split: inner.workers.folios_split.load(Relaxed),
             split_freed_pages: inner.workers.split_freed_pages.load(Relaxed),
+            pool_zap_batches: inner.zapq.batches.load(Relaxed),
+            pool_zap_pages: inner.zapq.pages.load(Relaxed),
+            pool_zap_forced: inner.zapq.forced.load(Relaxed),
+            pool_stale_pages: inner.zapq.stale_pages(),
             migration: inner.workers.migration(),
             ..Default::default()
         };

@@ -49,6 +49,17 @@ impl Histogram {
         self.buckets.iter().sum()
     }
 
+    /// The samples recorded after `earlier` (a snapshot of the same
+    /// histogram taken before this one).
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        let old = |i: usize| earlier.buckets.get(i).copied().unwrap_or(0);
+        Histogram {
+            buckets: (0..self.buckets.len())
+                .map(|i| self.buckets[i].saturating_sub(old(i)))
+                .collect(),
+        }
+    }
+
     /// Upper bound (ns) of the bucket holding quantile `q` (0.0..=1.0).
     pub fn quantile_ns(&self, q: f64) -> u64 {
         let target = (self.count() as f64 * q).ceil().max(1.0) as u64;
@@ -153,6 +164,9 @@ pub struct SwapCounters {
     pub swapin_file_folios: AtomicU64,
     /// Folios mapped back from the swap cache (refault during writeback).
     pub swapin_cache_folios: AtomicU64,
+    /// Pages installed from the pool by `UFFDIO_COPY` (no TLB flush) rather
+    /// than `UFFDIO_MOVE`: swapins, swap-cache and sampled-out refaults.
+    pub copied_in_pages: AtomicU64,
     /// Pages reclaimed as `Zero` entries without I/O.
     pub zero_dropped_pages: AtomicU64,
     /// Pages reclaimed without a write because the file copy was valid.
@@ -193,6 +207,7 @@ impl SwapCounters {
             swapin_file_pages: l(&self.swapin_file_pages),
             swapin_file_folios: l(&self.swapin_file_folios),
             swapin_cache_folios: l(&self.swapin_cache_folios),
+            copied_in_pages: l(&self.copied_in_pages),
             zero_dropped_pages: l(&self.zero_dropped_pages),
             clean_dropped_pages: l(&self.clean_dropped_pages),
             poisoned_pages: l(&self.poisoned_pages),
@@ -221,6 +236,7 @@ pub struct SwapStats {
     pub swapin_file_pages: u64,
     pub swapin_file_folios: u64,
     pub swapin_cache_folios: u64,
+    pub copied_in_pages: u64,
     pub zero_dropped_pages: u64,
     pub clean_dropped_pages: u64,
     pub poisoned_pages: u64,
@@ -407,6 +423,14 @@ pub struct MmStats {
     pub folios_split: u64,
     /// Pages those splits freed.
     pub split_freed_pages: u64,
+    /// Batched zaps of stale pool copies (one TLB flush each).
+    pub pool_zap_batches: u64,
+    /// Pages those zaps dropped.
+    pub pool_zap_pages: u64,
+    /// Zaps forced early because a path needed a queued range empty.
+    pub pool_zap_forced: u64,
+    /// Stale pool pages queued now (host memory beyond the budget).
+    pub pool_stale_pages: u64,
     /// Metadata bytes: page tables, folio table, allocator, per-VM records.
     pub metadata_bytes: u64,
     /// Guest pages of all VMs.
@@ -511,5 +535,9 @@ mod tests {
         assert_eq!(s.buckets[10], 1); // 1500 in [1024, 2048)
         assert_eq!(s.quantile_ns(0.5), 2048);
         assert_eq!(s.quantile_ns(1.0), 1 << 20);
+        h.record(3000);
+        let d = h.snapshot().since(&s);
+        assert_eq!(d.count(), 1);
+        assert_eq!(d.quantile_ns(0.5), 4096);
     }
 }

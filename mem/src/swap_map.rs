@@ -8,7 +8,11 @@
 //! write; per-order cursors hand out consecutive slots, so consecutive
 //! order-0 swap-outs also land next to each other and can be written as one
 //! I/O. Clusters that become free go back to a free list; partly used ones
-//! wait on a per-order "nonfull" list.
+//! wait on a per-order "nonfull" list. While at least an eighth of the
+//! clusters are free, a cursor that meets a used slot moves to a free
+//! cluster instead of filling the holes of a sparse one (random swapins
+//! leave clusters sparse, and filling them cut every write to a page or
+//! two); below that, holes are filled as before.
 //!
 //! # Context
 //! Everything here runs under the swap lock (`SwapDevice::state`).
@@ -157,12 +161,23 @@ impl SwapMap {
         if let Some(pos) = self.next[o].take() {
             let c = (pos / SLOTS_PER_CLUSTER) as u32;
             if self.clusters[c as usize].order == Some(order) {
-                let found = self
-                    .scan(c, pos % SLOTS_PER_CLUSTER, order)
-                    .or_else(|| self.scan(c, 0, order));
+                let from = pos % SLOTS_PER_CLUSTER;
+                let found = match self.plenty_free() {
+                    // Only the run right after the last one: it extends
+                    // that write. Otherwise a fresh cluster (below) keeps
+                    // the next swap-outs adjacent, where the holes of a
+                    // sparse cluster would cut them into one write each.
+                    true => self.scan(c, from, order).filter(|&s| s == pos),
+                    false => self.scan(c, from, order).or_else(|| self.scan(c, 0, order)),
+                };
                 if let Some(s) = found {
                     return Some(self.take(s, order));
                 }
+            }
+        }
+        if self.plenty_free() {
+            if let Some(s) = self.alloc_free_cluster(order) {
+                return Some(s);
             }
         }
         while let Some(c) = self.nonfull[o].pop_front() {
@@ -174,13 +189,27 @@ impl SwapMap {
                 }
             }
         }
-        if let Some(c) = self.free_clusters.pop() {
-            self.clusters[c as usize].order = Some(order);
-            let s = self.scan(c, 0, order).expect("a free cluster has room");
-            return Some(self.take(s, order));
+        if let Some(s) = self.alloc_free_cluster(order) {
+            return Some(s);
         }
         // No free cluster: use holes in clusters of other orders.
         self.alloc_fragmented(order)
+    }
+
+    /// Whether at least an eighth of the clusters are free: then a new
+    /// run of swap-outs starts a free cluster rather than filling holes.
+    /// Below that, holes are filled so that free clusters stay for large
+    /// folios.
+    fn plenty_free(&self) -> bool {
+        self.free_clusters.len() * 8 >= self.clusters.len()
+    }
+
+    /// The first run of a free cluster, which then serves `order`.
+    fn alloc_free_cluster(&mut self, order: Order) -> Option<SwapSlot> {
+        let c = self.free_clusters.pop()?;
+        self.clusters[c as usize].order = Some(order);
+        let s = self.scan(c, 0, order).expect("a free cluster has room");
+        Some(self.take(s, order))
     }
 
     /// Last resort: any hole of the right alignment in any used cluster
@@ -365,6 +394,43 @@ mod tests {
                 cached: true
             }
         );
+        m.check().unwrap();
+    }
+
+    #[test]
+    fn swap_outs_after_a_sparse_cluster_stay_adjacent_while_clusters_are_free() {
+        let mut m = SwapMap::new(16 * SLOTS_PER_CLUSTER);
+        let first: Vec<SwapSlot> = (0..SLOTS_PER_CLUSTER)
+            .map(|_| m.alloc(Order(0)).unwrap())
+            .collect();
+        // Swapins free every other slot of the first cluster.
+        for s in first.iter().step_by(2) {
+            m.clear_cache(*s).unwrap();
+            m.put(*s).unwrap();
+        }
+        // The next swap-outs go to a fresh cluster in a row (one write),
+        // not into the holes one slot apart.
+        let a = m.alloc(Order(0)).unwrap();
+        let run: Vec<SwapSlot> = (0..8).map(|_| m.alloc(Order(0)).unwrap()).collect();
+        assert!(
+            a.0 as u64 >= SLOTS_PER_CLUSTER,
+            "{a:?} is in a fresh cluster"
+        );
+        for (k, s) in run.iter().enumerate() {
+            assert_eq!(*s, a.forward(k as u64 + 1));
+        }
+        m.check().unwrap();
+    }
+
+    #[test]
+    fn holes_are_filled_once_free_clusters_are_scarce() {
+        let mut m = SwapMap::new(4 * SLOTS_PER_CLUSTER);
+        for _ in 0..4 * SLOTS_PER_CLUSTER {
+            m.alloc(Order(0)).unwrap();
+        }
+        m.clear_cache(SwapSlot(5)).unwrap();
+        m.put(SwapSlot(5)).unwrap();
+        assert_eq!(m.alloc(Order(0)), Some(SwapSlot(5)));
         m.check().unwrap();
     }
 

@@ -24,7 +24,7 @@
 //! folio lock → page-table lock → swap lock → folio-table lock.
 
 use crate::buddy::{Block, BlockState};
-use crate::fault::{move_in, FaultOutcome};
+use crate::fault::{install_from_pool, FaultOutcome};
 use crate::folio::{Folio, FolioFlags, LruLink};
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
@@ -169,8 +169,9 @@ fn entries_mask(
 }
 
 /// Map the subpages in `mask` of the unmapped, locked `folio` (its pages
-/// are in its pool range) at `first`: move them in, set `Present`, add
-/// the rmap and put the folio on the youngest generation.
+/// are in its pool range) at `first`: install them (`COPY` or `MOVE`, see
+/// [`install_from_pool`]), set `Present`, add the rmap and put the folio on
+/// the youngest generation.
 ///
 /// # Context
 /// Folio lock and the page-table lock (`ptl`) held.
@@ -198,7 +199,7 @@ pub(crate) fn map_folio_pages(
     }
     if n == nr {
         ptl.set_range(first, nr, Pte::present(folio, 0));
-        move_in(inner, region, first, pool, nr, false);
+        install_from_pool(inner, region, first, pool, nr);
     } else {
         let mut k = 0;
         while k < nr {
@@ -208,7 +209,7 @@ pub(crate) fn map_folio_pages(
             }
             let run = (k..nr).take_while(|&j| mask_test(mask, j)).count() as u64;
             ptl.set_range(first.forward(k), run, Pte::present(folio, k));
-            move_in(inner, region, first.forward(k), pool.subpage(k), run, false);
+            install_from_pool(inner, region, first.forward(k), pool.subpage(k), run);
             k += run;
         }
     }

@@ -309,6 +309,8 @@ pub(crate) fn move_out(
     pool: PoolOffset,
     nr: u64,
 ) -> u64 {
+    // The pool range may still hold a stale copy from a COPY install.
+    inner.zapq.ensure_hole(&inner.pool, pool, nr);
     let src = region.host_addr(idx).raw();
     let dst = inner.pool.host_addr(pool).raw();
     let len = nr * PAGE_SIZE;
@@ -337,8 +339,9 @@ pub(crate) fn move_out(
     done / PAGE_SIZE
 }
 
-/// A sampled folio was touched: move its `ProtNone` pages back into the
-/// guest and promote it (`do_numa_page()`).
+/// A sampled folio was touched: install its `ProtNone` pages back into the
+/// guest (by `COPY` or `MOVE`, see `fault::install_from_pool`) and promote
+/// it (`do_numa_page()`).
 ///
 /// # Context
 /// Page-table lock held (`ptl`); an entry names the folio, so it is live.
@@ -370,7 +373,7 @@ pub(crate) fn map_prot_none(
             .take_while(|&j| ptl.pte(first.forward(j)) == Pte::prot_none(folio, j))
             .count() as u64;
         ptl.set_range(idx, run, Pte::present(folio, k));
-        crate::fault::move_in(inner, region, idx, pool.subpage(k), run, false);
+        crate::fault::install_from_pool(inner, region, idx, pool.subpage(k), run);
         k += run;
     }
     both(inner, region, |c| c.sample_refaults.fetch_add(1, Relaxed));
@@ -770,6 +773,8 @@ pub(crate) fn kswapd_thread(inner: &Inner) {
             vms.iter().for_each(|v| slab.lru_age(v.id));
         }
         balance(inner);
+        // Stale pool copies left below a full batch go now.
+        inner.zapq.drain(&inner.pool);
         inner.reclaimers.fetch_sub(1, Relaxed);
     }
 }

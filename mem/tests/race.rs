@@ -16,20 +16,6 @@ const CHUNK: u64 = 16; // discard granularity, pages
 const OPS: u64 = 200_000;
 const MIN_DISCARDS: u64 = 100;
 
-/// A tiny deterministic PRNG (xorshift), so failures reproduce by seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 struct Shared {
     ram: Ram,
     /// One lock per discard chunk: vCPUs hold it shared while they write and

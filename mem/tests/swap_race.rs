@@ -16,19 +16,6 @@ const BUDGET: u64 = 4 * MIB; // a quarter of it
 const CHUNK: u64 = 16;
 const OPS: u64 = 40_000;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 struct Shared {
     ram: Ram,
     chunks: Vec<RwLock<()>>,
@@ -146,6 +133,7 @@ fn racing_swapins_swapouts_and_discards_keep_every_word() {
         st.swapin_file_pages
     );
     assert!(st.sample_refaults > 0);
+    assert!(st.copied_in_pages > 0, "order-0 installs by COPY raced too");
     assert!(discards > 10);
     assert_eq!(st.read_errors + st.write_errors + st.poisoned_pages, 0);
     // With the VM alive: every Swap entry names a slot with count 1, no
@@ -154,5 +142,11 @@ fn racing_swapins_swapouts_and_discards_keep_every_word() {
     drop(b);
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);
-    assert_eq!(mm.stats().swap_device.used_bytes, 0);
+    let st = mm.stats();
+    assert_eq!(st.swap_device.used_bytes, 0);
+    assert_eq!(
+        st.pool_stale_pages, 0,
+        "no stale pool copy outlives its folio"
+    );
+    assert_eq!(st.pool_zap_pages, st.swap.copied_in_pages);
 }

@@ -121,8 +121,6 @@ enum CtlCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Touch fresh guest memory with the workload guest, on kernel anonymous
-    /// memory (THP) and on foliovm's memory manager.
     /// A working set twice the budget under kernel swap (cgroup v1 limit)
     /// and under foliovm's swap, per pattern.
     Overcommit {
@@ -135,6 +133,23 @@ enum BenchCmd {
         /// Patterns, comma-separated.
         #[arg(long, default_value = "seq,zipf,uniform")]
         patterns: String,
+        /// Also run the patterns from host threads (no KVM) under both
+        /// setups: `auto` when the kernel baseline with a KVM guest did not
+        /// run, `always`, or `never`.
+        #[arg(long, default_value = "auto")]
+        host_threads: vmm::bench::overcommit::HostThreads,
+        /// Accessing threads of the host-thread run.
+        #[arg(long, default_value_t = 4)]
+        threads: u64,
+        /// Accesses of the host-thread run's zipf and uniform patterns.
+        #[arg(long, default_value_t = 200_000)]
+        ops: u64,
+    },
+    /// The kernel-side child of the host-thread overcommit run (internal).
+    #[command(hide = true)]
+    OvercommitChild {
+        /// Working set, threads, ops, patterns.
+        values: Vec<String>,
     },
     /// The virtio-blk request path against raw pread/pwrite of the same
     /// sizes on the same image file (page cache warm). Overwrites the image.
@@ -152,6 +167,8 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         passes: usize,
     },
+    /// Touch fresh guest memory with the workload guest, on kernel anonymous
+    /// memory (THP) and on foliovm's memory manager.
     FirstTouch {
         /// Memory to touch.
         #[arg(long, default_value = "1G")]
@@ -171,12 +188,18 @@ fn bench(cmd: BenchCmd) -> Result<i32> {
             budget,
             swap_dir,
             patterns,
+            host_threads,
+            threads,
+            ops,
         } => {
             let opts = vmm::bench::overcommit::OvercommitOpts {
                 budget: parse_size(&budget).context("invalid --budget")?,
                 swap_dir,
                 exe: std::env::current_exe().context("cannot find the foliovm executable")?,
                 patterns: patterns.split(',').map(str::to_string).collect(),
+                host: host_threads,
+                host_threads: threads,
+                host_ops: ops,
             };
             for p in &opts.patterns {
                 if !["seq", "zipf", "uniform"].contains(&p.as_str()) {
@@ -184,6 +207,10 @@ fn bench(cmd: BenchCmd) -> Result<i32> {
                 }
             }
             print!("{}", vmm::bench::overcommit::overcommit(&opts));
+            Ok(0)
+        }
+        BenchCmd::OvercommitChild { values } => {
+            mem::bench::kernel_child(&values).map_err(anyhow::Error::msg)?;
             Ok(0)
         }
         BenchCmd::Blk {

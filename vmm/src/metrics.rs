@@ -79,6 +79,7 @@ pub fn swap_json(s: &SwapStats) -> Value {
         "swapin_file_pages": s.swapin_file_pages,
         "swapin_file_folios": s.swapin_file_folios,
         "swapin_cache_folios": s.swapin_cache_folios,
+        "copied_in_pages": s.copied_in_pages,
         "zero_dropped_pages": s.zero_dropped_pages,
         "clean_dropped_pages": s.clean_dropped_pages,
         "poisoned_pages": s.poisoned_pages,

@@ -53,6 +53,21 @@ pub fn pattern(p: u64, w: u64, g: u64) -> u64 {
     (p << 32) ^ (w << 20) ^ g.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5555
 }
 
+/// A tiny deterministic PRNG (xorshift), so failures reproduce by seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 /// Guest RAM accessor over one region, as a vCPU sees it.
 #[derive(Clone, Copy)]
 pub struct Ram(pub RamRegion);

@@ -5,6 +5,11 @@
 //! when both ran; a baseline that did not run (the kernel OOM-kills KVM
 //! guests under a cgroup v1 limit on this host, see DESIGN.md §2) is said
 //! so, and no ratio is printed for it.
+//!
+//! When (a) cannot run with a KVM guest (or always, on request), the same
+//! patterns also run from host threads under both setups ([`mem::bench`]):
+//! anonymous memory in the cgroup against foliovm's `mem` with userfaultfd,
+//! which gives the ratio a real kernel baseline.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -23,7 +28,40 @@ pub struct OvercommitOpts {
     pub exe: PathBuf,
     /// Patterns to run.
     pub patterns: Vec<String>,
+    /// When to run the host-thread comparison.
+    pub host: HostThreads,
+    /// Accessing threads of the host-thread comparison.
+    pub host_threads: u64,
+    /// Accesses of its `uniform` and `zipfian` patterns.
+    pub host_ops: u64,
 }
+
+/// When `foliovm bench overcommit` also runs the patterns from host threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostThreads {
+    /// When the kernel baseline with a KVM guest did not run for a pattern.
+    Auto,
+    /// Always, as a second table.
+    Always,
+    /// Never.
+    Never,
+}
+
+impl std::str::FromStr for HostThreads {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(HostThreads::Auto),
+            "always" => Ok(HostThreads::Always),
+            "never" => Ok(HostThreads::Never),
+            o => Err(format!("expected auto, always or never, not {o:?}")),
+        }
+    }
+}
+
+/// The arguments before the four values of [`mem::bench::kernel_child`]:
+/// `foliovm bench overcommit-child`.
+pub const CHILD_ARGS: [&str; 2] = ["bench", "overcommit-child"];
 
 /// One pattern under one setup.
 #[derive(Debug, Clone)]
@@ -184,11 +222,13 @@ pub fn overcommit(opts: &OvercommitOpts) -> String {
     if let Err(e) = &kernel {
         s += &format!("  (a) kernel swap could not be set up: {e}\n");
     }
+    let mut kernel_ran = true;
     for p in &opts.patterns {
         let a = match &kernel {
             Ok(_) => run_kernel(opts, ws, p),
             Err(e) => Outcome::Failed(e.clone()),
         };
+        kernel_ran &= matches!(a, Outcome::Ran { .. });
         let b = run_folio(opts, ws, p);
         s += &format!("  {p}:\n");
         for (label, o) in [("(a) kernel swap, cgroup v1", &a), ("(b) foliovm swap", &b)] {
@@ -219,14 +259,79 @@ pub fn overcommit(opts: &OvercommitOpts) -> String {
             );
         }
     }
+    // The host-thread run sets up its own swap file and cgroup.
+    drop(kernel);
+    let run_host = match opts.host {
+        HostThreads::Always => true,
+        HostThreads::Never => false,
+        HostThreads::Auto => !kernel_ran,
+    };
+    if run_host {
+        s += match kernel_ran {
+            false => {
+                "(a) did not run with a KVM guest, so the same patterns also ran from host \
+                 threads (no KVM) under both setups: anonymous memory in the cgroup against \
+                 foliovm's mem with userfaultfd. These ratios have a real kernel baseline.\n"
+            }
+            true => "The same patterns from host threads (no KVM), as a second table:\n",
+        };
+        s += &mem::bench::run(&host_opts(opts)).to_string();
+    }
     s
+}
+
+/// The host-thread comparison's settings for these options.
+fn host_opts(opts: &OvercommitOpts) -> mem::bench::HostBenchOpts {
+    mem::bench::HostBenchOpts {
+        budget: opts.budget,
+        threads: opts.host_threads,
+        dir: opts.swap_dir.clone(),
+        ops: opts.host_ops,
+        patterns: opts
+            .patterns
+            .iter()
+            .filter_map(|p| mem::bench::Pattern::parse(p))
+            .collect(),
+        skip_kernel: false,
+        child: mem::bench::ChildCommand {
+            exe: opts.exe.clone(),
+            args: CHILD_ARGS.iter().map(|a| a.to_string()).collect(),
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn specs_cover_twice_the_pages() {
-        assert_eq!(super::spec("seq", 512 << 20), "seq:536870912B,passes=3");
-        assert_eq!(super::spec("zipf", 8192), "zipf:8192B,ops=4");
+        assert_eq!(spec("seq", 512 << 20), "seq:536870912B,passes=3");
+        assert_eq!(spec("zipf", 8192), "zipf:8192B,ops=4");
+    }
+
+    #[test]
+    fn host_thread_modes_parse() {
+        assert_eq!("auto".parse(), Ok(HostThreads::Auto));
+        assert_eq!("always".parse(), Ok(HostThreads::Always));
+        assert_eq!("never".parse(), Ok(HostThreads::Never));
+        assert!("sometimes".parse::<HostThreads>().is_err());
+    }
+
+    #[test]
+    fn host_run_takes_the_guest_pattern_names_and_re_enters_foliovm() {
+        let o = OvercommitOpts {
+            budget: 128 << 20,
+            swap_dir: "/var/tmp".into(),
+            exe: "/usr/bin/foliovm".into(),
+            patterns: vec!["seq".into(), "zipf".into(), "uniform".into()],
+            host: HostThreads::Auto,
+            host_threads: 4,
+            host_ops: 1000,
+        };
+        let h = host_opts(&o);
+        assert_eq!(h.patterns, mem::bench::Pattern::ALL.to_vec());
+        assert_eq!(h.child.args, ["bench", "overcommit-child"]);
+        assert_eq!((h.budget, h.threads, h.ops), (128 << 20, 4, 1000));
     }
 }

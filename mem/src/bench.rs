@@ -1,0 +1,844 @@
+//! The overcommit benchmark from host threads (no KVM): a working set twice
+//! the memory budget, touched in three patterns, under two setups in one
+//! run, so that foliovm's swap gets a real kernel baseline on hosts where a
+//! KVM guest cannot run under kernel swap (DESIGN.md §2):
+//!
+//! * kernel — plain anonymous memory in a child process placed in a cgroup
+//!   v1 memory cgroup limited to the budget, with a host swap file on the
+//!   same disk (created, `mkswap`/`swapon`ed and removed here; needs root,
+//!   `/sys/fs/cgroup/memory` and `swapon` on a file);
+//! * foliovm — the [`MemoryManager`] with the same budget and its own swap
+//!   file in the same directory, faults served by its handler threads.
+//!
+//! Each access reads and writes one word of a 4 KiB page. `sequential`
+//! makes two passes over each thread's share of the working set; `uniform`
+//! and `zipfian` (θ = 0.99, ranks scattered over the pages) make `ops`
+//! accesses. The report ([`HostBenchReport`]) gives accesses per second per
+//! pattern and setup, the ratio foliovm/kernel with its goal only where
+//! both ran, foliovm's swapin latency from the file and from the swap cache
+//! per pattern, and raw `O_DIRECT` preads of the same sizes on the same disk.
+//!
+//! Used by `mem/examples/overcommit.rs` and by `foliovm bench overcommit`.
+//! The kernel side runs in a child process: the caller names the command
+//! that re-enters [`kernel_child`] ([`ChildCommand`]).
+
+use crate::{
+    GuestAddress, GuestMemoryBackend, Histogram, MemoryManager, MmConfig, MmStats, ReclaimConfig,
+    SwapConfig, SwapStats, SwapTarget, PAGE_SIZE,
+};
+use std::fmt;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// An access pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Two passes over each thread's share of the working set.
+    Sequential,
+    /// Zipf-distributed pages (θ = 0.99), ranks scattered.
+    Zipfian,
+    /// Uniformly random pages.
+    Uniform,
+}
+
+impl Pattern {
+    /// Every pattern, in the order they run.
+    pub const ALL: [Pattern; 3] = [Pattern::Sequential, Pattern::Zipfian, Pattern::Uniform];
+
+    /// The name printed and accepted.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::Sequential => "sequential",
+            Pattern::Zipfian => "zipfian",
+            Pattern::Uniform => "uniform",
+        }
+    }
+
+    /// Parse a name, or the workload guest's short name (`seq`, `zipf`).
+    pub fn parse(s: &str) -> Option<Pattern> {
+        match s {
+            "seq" => Some(Pattern::Sequential),
+            "zipf" => Some(Pattern::Zipfian),
+            _ => Pattern::ALL.into_iter().find(|p| p.name() == s),
+        }
+    }
+
+    /// The issue's goal for the ratio foliovm/kernel.
+    pub fn goal(self) -> f64 {
+        match self {
+            Pattern::Sequential => 2.0,
+            Pattern::Zipfian => 1.3,
+            Pattern::Uniform => 1.0,
+        }
+    }
+}
+
+/// How to start the kernel-side child: `exe args… <ws> <threads> <ops>
+/// <patterns>`, which must call [`kernel_child`] with the four values.
+#[derive(Clone, Debug)]
+pub struct ChildCommand {
+    /// The executable (usually `std::env::current_exe()`).
+    pub exe: PathBuf,
+    /// Arguments before the four values.
+    pub args: Vec<String>,
+}
+
+/// Settings of one run.
+#[derive(Clone, Debug)]
+pub struct HostBenchOpts {
+    /// Budget: cgroup limit for the kernel, pool for foliovm (rounded down
+    /// to 2 MiB). The working set is twice this.
+    pub budget: u64,
+    /// Accessing threads.
+    pub threads: u64,
+    /// Directory of both swap files (the same disk for both).
+    pub dir: PathBuf,
+    /// Accesses of `uniform` and `zipfian`, all threads together.
+    pub ops: u64,
+    /// Patterns to run, in order.
+    pub patterns: Vec<Pattern>,
+    /// Skip the kernel baseline (profiling foliovm alone; no ratios).
+    pub skip_kernel: bool,
+    /// The kernel-side child.
+    pub child: ChildCommand,
+}
+
+impl HostBenchOpts {
+    fn working_set(&self) -> u64 {
+        2 * (self.budget / (2 << 20) * (2 << 20))
+    }
+}
+
+/// One pattern under the kernel baseline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelRun {
+    /// The pattern.
+    pub pattern: Pattern,
+    /// Accesses per second.
+    pub ops_per_sec: f64,
+    /// User + system CPU seconds of the child.
+    pub cpu_secs: f64,
+    /// Pages swapped in and out (`/proc/vmstat` deltas).
+    pub pswpin: u64,
+    /// See `pswpin`.
+    pub pswpout: u64,
+}
+
+/// One pattern under foliovm.
+#[derive(Clone, Debug)]
+pub struct FolioPattern {
+    /// The pattern.
+    pub pattern: Pattern,
+    /// Accesses per second.
+    pub ops_per_sec: f64,
+    /// Swapins from the file during the pattern, fault to mapped.
+    pub swapin: Histogram,
+    /// Refaults from the swap cache during the pattern.
+    pub swapcache: Histogram,
+    /// Swap reads, and pages they read.
+    pub reads: u64,
+    /// See `reads`.
+    pub read_pages: u64,
+    /// Counters of the pattern, one line.
+    pub detail: String,
+}
+
+impl FolioPattern {
+    /// Mean bytes per swap read (4 KiB when there was none).
+    pub fn mean_read_bytes(&self) -> u64 {
+        (self.read_pages / self.reads.max(1)).max(1) * PAGE_SIZE
+    }
+}
+
+/// The foliovm side.
+#[derive(Clone, Debug)]
+pub struct FolioRun {
+    /// Per pattern, in run order.
+    pub patterns: Vec<FolioPattern>,
+    /// Totals of the whole run, one line.
+    pub summary: String,
+}
+
+/// Latency of raw `O_DIRECT` preads of one size.
+#[derive(Clone, Debug)]
+pub struct RawPread {
+    /// Bytes per read.
+    pub bytes: u64,
+    /// Median and 99th percentile, or why it did not run.
+    pub result: Result<(Duration, Duration), String>,
+}
+
+/// Everything one run measured.
+#[derive(Debug)]
+pub struct HostBenchReport {
+    /// The settings.
+    pub opts: HostBenchOpts,
+    /// The kernel baseline, or why it did not run.
+    pub kernel: Result<Vec<KernelRun>, String>,
+    /// foliovm, or why it did not run.
+    pub folio: Result<FolioRun, String>,
+    /// Raw preads of the sizes foliovm's swapins read.
+    pub raw: Vec<RawPread>,
+}
+
+/// Run the patterns under both setups (the kernel first) and measure raw
+/// preads of the sizes foliovm read.
+pub fn run(opts: &HostBenchOpts) -> HostBenchReport {
+    let kernel = match opts.skip_kernel {
+        true => Err("skipped".to_string()),
+        false => kernel_baseline(opts),
+    };
+    let folio = foliovm(opts);
+    let mut sizes = vec![PAGE_SIZE];
+    if let Ok(f) = &folio {
+        for p in &f.patterns {
+            let b = p.mean_read_bytes().next_power_of_two().min(1 << 20);
+            if !sizes.contains(&b) {
+                sizes.push(b);
+            }
+        }
+    }
+    let raw = sizes
+        .into_iter()
+        .map(|bytes| RawPread {
+            bytes,
+            result: raw_pread(&opts.dir, bytes),
+        })
+        .collect();
+    HostBenchReport {
+        opts: opts.clone(),
+        kernel,
+        folio,
+        raw,
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Zipf over `n` ranks (Gray et al., "Quickly generating billion-record
+/// synthetic databases"), ranks scattered over pages by an odd multiplier.
+struct Zipf {
+    n: u64,
+    theta: f64,
+    alpha: f64,
+    zetan: f64,
+    eta: f64,
+}
+
+impl Zipf {
+    fn new(n: u64, theta: f64) -> Zipf {
+        let zeta = |k: u64| (1..=k).map(|i| 1.0 / (i as f64).powf(theta)).sum::<f64>();
+        let zetan = zeta(n);
+        let zeta2 = zeta(2);
+        Zipf {
+            n,
+            theta,
+            alpha: 1.0 / (1.0 - theta),
+            zetan,
+            eta: (1.0 - (2.0 / n as f64).powf(1.0 - theta)) / (1.0 - zeta2 / zetan),
+        }
+    }
+    fn sample(&self, rng: &mut Rng) -> u64 {
+        let u = rng.unit();
+        let uz = u * self.zetan;
+        let rank = if uz < 1.0 {
+            0
+        } else if uz < 1.0 + 0.5f64.powf(self.theta) {
+            1
+        } else {
+            ((self.n as f64) * (self.eta * u - self.eta + 1.0).powf(self.alpha)) as u64
+        };
+        // Scatter ranks over the working set (n is a power of two).
+        (rank.min(self.n - 1).wrapping_mul(0x9E37_79B9_7F4A_7C15 | 1)) % self.n
+    }
+}
+
+/// Run `pattern` over `pages` pages at `base` from `threads` threads;
+/// returns accesses per second.
+///
+/// # Safety
+/// `[base, base + pages * 4 KiB)` is a live read-write mapping for the
+/// whole call, and nothing else accesses the words the threads use.
+unsafe fn run_pattern(base: usize, pages: u64, pattern: Pattern, threads: u64, ops: u64) -> f64 {
+    let zipf = Zipf::new(pages, 0.99);
+    let start = Instant::now();
+    let total: u64 = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let zipf = &zipf;
+                s.spawn(move || {
+                    let mut rng = Rng(0x1234_5678_9abc_def1 ^ (t + 1).wrapping_mul(0x9E37_79B9));
+                    let (lo, hi) = (pages * t / threads, pages * (t + 1) / threads);
+                    let n = match pattern {
+                        Pattern::Sequential => 2 * (hi - lo),
+                        _ => ops / threads,
+                    };
+                    for i in 0..n {
+                        let p = match pattern {
+                            Pattern::Sequential => lo + i % (hi - lo),
+                            Pattern::Uniform => rng.next() % pages,
+                            Pattern::Zipfian => zipf.sample(&mut rng),
+                        };
+                        let addr =
+                            (base + (p * PAGE_SIZE) as usize + (t as usize % 512) * 8) as *mut u64;
+                        // SAFETY: inside the mapping (the caller's contract);
+                        // each thread owns its own word of every page.
+                        unsafe {
+                            let v = std::ptr::read_volatile(addr);
+                            std::ptr::write_volatile(addr, v.wrapping_add(1));
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Write every page once (the first touch, not timed in the results).
+///
+/// # Safety
+/// As for [`run_pattern`].
+unsafe fn populate(base: usize, pages: u64) {
+    for p in 0..pages {
+        // SAFETY: inside the mapping (the caller's contract).
+        unsafe { std::ptr::write_volatile((base + (p * PAGE_SIZE) as usize) as *mut u64, p) };
+    }
+}
+
+/// The child's arguments: working set, threads, ops, patterns.
+fn parse_child_args(args: &[String]) -> Result<(u64, u64, u64, Vec<Pattern>), String> {
+    let [ws, threads, ops, patterns] = args else {
+        return Err(format!(
+            "expected <ws> <threads> <ops> <patterns>, got {args:?}"
+        ));
+    };
+    let num = |s: &String| s.parse::<u64>().map_err(|e| format!("{s:?}: {e}"));
+    let patterns = patterns
+        .split(',')
+        .map(|p| Pattern::parse(p).ok_or(format!("unknown pattern {p:?}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((num(ws)?, num(threads)?, num(ops)?, patterns))
+}
+
+fn result_line(r: &KernelRun) -> String {
+    format!(
+        "RESULT {} {} {} {} {}",
+        r.pattern.name(),
+        r.ops_per_sec,
+        r.cpu_secs,
+        r.pswpin,
+        r.pswpout
+    )
+}
+
+fn parse_result_line(l: &str) -> Option<KernelRun> {
+    let mut w = l.split_whitespace();
+    (w.next()? == "RESULT").then_some(())?;
+    let pattern = Pattern::parse(w.next()?)?;
+    let mut num = || w.next()?.parse::<f64>().ok();
+    let (ops_per_sec, cpu_secs, si, so) = (num()?, num()?, num()?, num()?);
+    w.next().is_none().then_some(KernelRun {
+        pattern,
+        ops_per_sec,
+        cpu_secs,
+        pswpin: si as u64,
+        pswpout: so as u64,
+    })
+}
+
+/// The kernel-side child: wait until the parent has put this process in
+/// the cgroup (a line on stdin), then map, populate and run the patterns,
+/// printing one `RESULT` line each. `args` are the four values the parent
+/// appended to [`ChildCommand`].
+///
+/// # Errors
+/// Bad arguments, or the mapping failed.
+pub fn kernel_child(args: &[String]) -> Result<(), String> {
+    let (ws, threads, ops, patterns) = parse_child_args(args)?;
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    // SAFETY: a fresh private anonymous mapping, owned by this process and
+    // never unmapped (the process exits after the run).
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            ws as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    let pages = ws / PAGE_SIZE;
+    // SAFETY: the mapping above is live and only these calls touch it.
+    unsafe { populate(base as usize, pages) };
+    for pattern in patterns {
+        let (cpu0, vm0) = (cpu_time(), vmstat_swap());
+        // SAFETY: as for populate.
+        let ops_per_sec = unsafe { run_pattern(base as usize, pages, pattern, threads, ops) };
+        let (cpu, vm1) = ((cpu_time() - cpu0).as_secs_f64(), vmstat_swap());
+        let r = KernelRun {
+            pattern,
+            ops_per_sec,
+            cpu_secs: cpu,
+            pswpin: vm1.0 - vm0.0,
+            pswpout: vm1.1 - vm0.1,
+        };
+        println!("{}", result_line(&r));
+    }
+    Ok(())
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+/// The kernel baseline: host swap file + cgroup v1 limit + child process.
+/// Whatever was set up is torn down again.
+fn kernel_baseline(o: &HostBenchOpts) -> Result<Vec<KernelRun>, String> {
+    let ws = o.working_set();
+    let id = std::process::id();
+    let swap = o.dir.join(format!("foliovm-bench-{id}.swap"));
+    let cg = PathBuf::from(format!("/sys/fs/cgroup/memory/foliovm-bench-{id}"));
+    let result = (|| {
+        let f = std::fs::File::create(&swap).map_err(|e| format!("{}: {e}", swap.display()))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate on a file we own; no pointers.
+        if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, (2 * ws) as libc::off_t) } != 0 {
+            return Err(format!("fallocate: {}", std::io::Error::last_os_error()));
+        }
+        drop(f);
+        std::fs::set_permissions(&swap, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
+        run_cmd(Command::new("mkswap").arg(&swap))?;
+        run_cmd(Command::new("swapon").arg(&swap))?;
+        std::fs::create_dir(&cg).map_err(|e| format!("{}: {e}", cg.display()))?;
+        std::fs::write(cg.join("memory.limit_in_bytes"), o.budget.to_string())
+            .map_err(|e| format!("memory.limit_in_bytes: {e}"))?;
+        let names: Vec<&str> = o.patterns.iter().map(|p| p.name()).collect();
+        let mut child = Command::new(&o.child.exe)
+            .args(&o.child.args)
+            .args([
+                ws.to_string(),
+                o.threads.to_string(),
+                o.ops.to_string(),
+                names.join(","),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", o.child.exe.display()))?;
+        std::fs::write(cg.join("cgroup.procs"), child.id().to_string())
+            .map_err(|e| format!("cgroup.procs: {e}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(b"go\n").map_err(|e| e.to_string())?;
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("the kernel-side child failed: {}", out.status));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let res: Vec<KernelRun> = text.lines().filter_map(parse_result_line).collect();
+        match res.len() == o.patterns.len() {
+            true => Ok(res),
+            false => Err(format!("the kernel-side child printed {text:?}")),
+        }
+    })();
+    let _ = std::fs::remove_dir(&cg);
+    let _ = run_cmd(Command::new("swapoff").arg(&swap));
+    let _ = std::fs::remove_file(&swap);
+    result
+}
+
+fn foliovm(o: &HostBenchOpts) -> Result<FolioRun, String> {
+    let ws = o.working_set();
+    let mm = MemoryManager::new(MmConfig {
+        budget_bytes: ws / 2,
+        handler_threads: (2 * o.threads as usize).max(4),
+        prezero_limit_bytes: None,
+        swap: Some(SwapConfig {
+            target: SwapTarget::Dir(o.dir.clone()),
+            size_bytes: 2 * ws,
+        }),
+        reclaim: ReclaimConfig::default(),
+    })
+    .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
+    let vm = mm.create_vm("bench").map_err(|e| e.to_string())?;
+    let b = mm
+        .backend(vm, &[(GuestAddress(0), ws)])
+        .map_err(|e| e.to_string())?;
+    let base = b.regions()[0].host_addr.raw();
+    let pages = ws / PAGE_SIZE;
+    // SAFETY: the backend's region is a live mapping of `ws` bytes until
+    // `b` drops below, and only these calls access it.
+    unsafe { populate(base, pages) };
+    let mut patterns = Vec::new();
+    for &p in &o.patterns {
+        let (before, cpu0) = (mm.stats(), cpu_time());
+        // SAFETY: as for populate.
+        let rate = unsafe { run_pattern(base, pages, p, o.threads, o.ops) };
+        let (after, cpu1) = (mm.stats(), cpu_time());
+        patterns.push(folio_pattern(p, rate, &before, &after, cpu1 - cpu0));
+    }
+    let s = mm.stats();
+    let summary = format!(
+        "swapout {} pages, swapin {} pages in {} reads (+{} from swap cache), zero-dropped {}, \
+         sampled {} folios ({} refaulted), direct reclaims {}, installed by COPY {} pages \
+         (stale pool copies zapped in {} batches), metadata {:.2} B/guest page",
+        s.swap.swapout_pages,
+        s.swap.swapin_file_pages,
+        s.swap.swapin_file_folios,
+        s.swap.swapin_cache_folios,
+        s.swap.zero_dropped_pages,
+        s.swap.sampled_folios,
+        s.swap.sample_refaults,
+        s.swap.direct_reclaims,
+        s.swap.copied_in_pages,
+        s.pool_zap_batches,
+        s.metadata_bytes_per_guest_page(),
+    );
+    drop(b);
+    let _ = mm.destroy_vm(vm);
+    Ok(FolioRun { patterns, summary })
+}
+
+/// What foliovm did during one pattern: counter deltas and CPU time.
+fn folio_pattern(p: Pattern, rate: f64, b: &MmStats, a: &MmStats, cpu: Duration) -> FolioPattern {
+    let (sb, sa) = (&b.swap, &a.swap);
+    let d = |f: fn(&SwapStats) -> u64| f(sa) - f(sb);
+    let writes = a.swap_device.writes - b.swap_device.writes;
+    let wbytes = a.swap_device.write_bytes - b.swap_device.write_bytes;
+    let detail = format!(
+        "cpu {:.2} s; swapin {} pages in {} reads (+{} cache), swapout {} pages in {} \
+         writes (avg {} KiB), clean-dropped {}, order-0 fallbacks {}, sampled {} (refaulted {}), \
+         direct reclaims {}, by COPY {} pages",
+        cpu.as_secs_f64(),
+        d(|s| s.swapin_file_pages),
+        d(|s| s.swapin_file_folios),
+        d(|s| s.swapin_cache_folios),
+        d(|s| s.swapout_pages),
+        writes,
+        (wbytes / writes.max(1)) >> 10,
+        d(|s| s.clean_dropped_pages),
+        d(|s| s.swapout_fallback_order0),
+        d(|s| s.sampled_folios),
+        d(|s| s.sample_refaults),
+        d(|s| s.direct_reclaims),
+        d(|s| s.copied_in_pages),
+    );
+    FolioPattern {
+        pattern: p,
+        ops_per_sec: rate,
+        swapin: sa.swapin_latency.since(&sb.swapin_latency),
+        swapcache: sa.swapcache_latency.since(&sb.swapcache_latency),
+        reads: d(|s| s.swapin_file_folios),
+        read_pages: d(|s| s.swapin_file_pages),
+        detail,
+    }
+}
+
+/// Host-wide `pswpin` and `pswpout` from `/proc/vmstat` (the kernel
+/// baseline's swap traffic, as nothing else on the host swaps).
+fn vmstat_swap() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (get("pswpin "), get("pswpout "))
+}
+
+/// User + system CPU time of this process so far (all its threads).
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// p50/p99 of `bytes`-sized `O_DIRECT` preads at random aligned offsets of
+/// a fresh 256 MiB file in `dir`.
+fn raw_pread(dir: &Path, bytes: u64) -> Result<(Duration, Duration), String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let path = dir.join(format!("foliovm-bench-{}.raw", std::process::id()));
+    let size: u64 = 256 << 20;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let _ = std::fs::remove_file(&path);
+    let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).map_err(|e| e.to_string())?;
+    // SAFETY: non-zero layout; freed below with the same layout.
+    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+    if buf.is_null() {
+        return Err("out of memory".into());
+    }
+    // SAFETY: `buf` is a live allocation of 1 MiB, used only through this
+    // slice until it is freed.
+    let chunk = unsafe { std::slice::from_raw_parts_mut(buf, 1 << 20) };
+    let mut run = || {
+        for off in (0..size).step_by(1 << 20) {
+            chunk.fill((off >> 20) as u8);
+            f.write_all_at(chunk, off).map_err(|e| e.to_string())?;
+        }
+        let mut rng = Rng(42);
+        let n = (2000 * PAGE_SIZE / bytes).clamp(200, 2000);
+        let mut lat = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let off = rng.next() % (size / bytes) * bytes;
+            let t = Instant::now();
+            f.read_exact_at(&mut chunk[..bytes as usize], off)
+                .map_err(|e| e.to_string())?;
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        Ok((lat[lat.len() / 2], lat[lat.len() * 99 / 100]))
+    };
+    let r = run();
+    // SAFETY: allocated above with `layout`; the slice is dead.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    r
+}
+
+/// The ratio column and the verdict for one pattern: a ratio only when
+/// both setups ran.
+pub fn verdict(p: Pattern, kernel: Option<f64>, folio: Option<f64>) -> (String, String) {
+    match (kernel, folio) {
+        (Some(k), Some(f)) if k > 0.0 => {
+            let r = f / k;
+            let v = if r >= p.goal() { "met" } else { "MISSED" };
+            (format!("{r:.2}x"), v.to_string())
+        }
+        (None, _) => ("-".into(), "no kernel baseline".into()),
+        (Some(_), None) => ("-".into(), "foliovm did not run".into()),
+        (Some(_), Some(_)) => ("-".into(), "the kernel baseline made no progress".into()),
+    }
+}
+
+fn us(ns: u64) -> String {
+    format!("{:.0} µs", ns as f64 / 1000.0)
+}
+
+impl fmt::Display for HostBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.opts;
+        let ws = o.working_set();
+        writeln!(
+            f,
+            "overcommit from host threads (no KVM): budget {} MiB, working set {} MiB, {} threads, \
+             {} ops (uniform/zipfian), swap files in {}",
+            ws >> 21,
+            ws >> 20,
+            o.threads,
+            o.ops,
+            o.dir.display()
+        )?;
+        writeln!(
+            f,
+            "  kernel: a plain host process (not a KVM guest) on anonymous memory in a cgroup v1 \
+             limit, with a host swap file; foliovm: the mem crate, uffd handler threads, own swap file"
+        )?;
+        writeln!(
+            f,
+            "  {:<11} {:>14} {:>14} {:>7} {:>7}  verdict",
+            "pattern", "kernel acc/s", "foliovm acc/s", "ratio", "goal"
+        )?;
+        for &p in &o.patterns {
+            let k = self
+                .kernel
+                .as_ref()
+                .ok()
+                .and_then(|r| r.iter().find(|x| x.pattern == p).map(|x| x.ops_per_sec));
+            let fv = self.folio.as_ref().ok().and_then(|r| {
+                r.patterns
+                    .iter()
+                    .find(|x| x.pattern == p)
+                    .map(|x| x.ops_per_sec)
+            });
+            let num = |v: Option<f64>| v.map_or("did not run".to_string(), |v| format!("{v:.0}"));
+            let (ratio, v) = verdict(p, k, fv);
+            writeln!(
+                f,
+                "  {:<11} {:>14} {:>14} {:>7} {:>6.1}x  {v}",
+                p.name(),
+                num(k),
+                num(fv),
+                ratio,
+                p.goal()
+            )?;
+        }
+        self.fmt_kernel(f)?;
+        self.fmt_folio(f)
+    }
+}
+
+impl HostBenchReport {
+    fn fmt_kernel(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kernel {
+            Err(e) => writeln!(f, "  kernel baseline did not run: {e} (no ratio printed)"),
+            Ok(r) => {
+                writeln!(f, "  kernel child (user+sys CPU, /proc/vmstat deltas):")?;
+                for x in r {
+                    writeln!(
+                        f,
+                        "    {:<10} cpu {:.2} s; pswpin {}, pswpout {}",
+                        x.pattern.name(),
+                        x.cpu_secs,
+                        x.pswpin,
+                        x.pswpout
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn fmt_folio(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = match &self.folio {
+            Err(e) => return writeln!(f, "  foliovm did not run: {e}"),
+            Ok(r) => r,
+        };
+        let raw = |bytes: u64| {
+            let x = self.raw.iter().find(|x| x.bytes == bytes)?;
+            Some(match &x.result {
+                Ok((p50, p99)) => format!(
+                    "raw {} KiB O_DIRECT pread p50 {} p99 {}",
+                    bytes >> 10,
+                    us(p50.as_nanos() as u64),
+                    us(p99.as_nanos() as u64)
+                ),
+                Err(e) => format!("raw pread did not run: {e}"),
+            })
+        };
+        writeln!(
+            f,
+            "  foliovm latency per pattern (log2 buckets: upper bounds), against raw preads of the same size:"
+        )?;
+        for p in &r.patterns {
+            let size = p.mean_read_bytes().next_power_of_two().min(1 << 20);
+            writeln!(
+                f,
+                "    {:<10} swapin from file: {} reads, avg {} KiB, p50 <= {}, p99 <= {}; {}",
+                p.pattern.name(),
+                p.swapin.count(),
+                p.mean_read_bytes() >> 10,
+                us(p.swapin.quantile_ns(0.5)),
+                us(p.swapin.quantile_ns(0.99)),
+                raw(size).unwrap_or_default()
+            )?;
+            writeln!(
+                f,
+                "    {:<10} refault from swap cache: {} refaults, p50 <= {}, p99 <= {}",
+                "",
+                p.swapcache.count(),
+                us(p.swapcache.quantile_ns(0.5)),
+                us(p.swapcache.quantile_ns(0.99)),
+            )?;
+        }
+        writeln!(f, "  foliovm: {}", r.summary)?;
+        for p in &r.patterns {
+            writeln!(f, "    {:<10} {}", p.pattern.name(), p.detail)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_parse_long_and_short_names() {
+        for p in Pattern::ALL {
+            assert_eq!(Pattern::parse(p.name()), Some(p));
+        }
+        assert_eq!(Pattern::parse("seq"), Some(Pattern::Sequential));
+        assert_eq!(Pattern::parse("zipf"), Some(Pattern::Zipfian));
+        assert_eq!(Pattern::parse("random"), None);
+    }
+
+    #[test]
+    fn result_lines_round_trip_and_junk_is_refused() {
+        let r = KernelRun {
+            pattern: Pattern::Zipfian,
+            ops_per_sec: 154010.5,
+            cpu_secs: 0.98,
+            pswpin: 30033,
+            pswpout: 24811,
+        };
+        assert_eq!(parse_result_line(&result_line(&r)), Some(r));
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3"), None);
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 5"), None);
+        assert_eq!(parse_result_line("RESULT bogus 1 2 3 4"), None);
+        assert_eq!(parse_result_line("zipfian 1 2 3 4"), None);
+        assert_eq!(parse_result_line("RESULT uniform x 2 3 4"), None);
+    }
+
+    #[test]
+    fn child_args_need_four_values() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            parse_child_args(&a(&["1048576", "4", "1000", "seq,uniform"])),
+            Ok((
+                1 << 20,
+                4,
+                1000,
+                vec![Pattern::Sequential, Pattern::Uniform]
+            ))
+        );
+        assert!(parse_child_args(&a(&["1048576", "4", "1000"])).is_err());
+        assert!(parse_child_args(&a(&["1M", "4", "1000", "seq"])).is_err());
+        assert!(parse_child_args(&a(&["1048576", "4", "1000", "seq,nope"])).is_err());
+    }
+
+    #[test]
+    fn no_ratio_without_both_setups() {
+        let v = |k, f| verdict(Pattern::Zipfian, k, f);
+        assert_eq!(v(Some(100.0), Some(200.0)), ("2.00x".into(), "met".into()));
+        assert_eq!(
+            v(Some(100.0), Some(120.0)),
+            ("1.20x".into(), "MISSED".into())
+        );
+        assert_eq!(v(None, Some(120.0)).0, "-");
+        assert_eq!(v(Some(100.0), None).0, "-");
+        assert_eq!(v(Some(0.0), Some(1.0)).0, "-");
+        assert_eq!(verdict(Pattern::Uniform, Some(100.0), Some(100.0)).1, "met");
+    }
+}

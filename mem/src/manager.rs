@@ -273,6 +273,11 @@ impl Inner {
         if ranges.is_empty() {
             return;
         }
+        // As in `free_range`: no range still queued for its zap goes back.
+        self.zapq.ensure_holes(
+            &self.pool,
+            ranges.iter().map(|f| (f.pool, f.order.nr_pages())),
+        );
         {
             let mut buddy = self.buddy();
             for f in ranges {

@@ -28,7 +28,8 @@ pub enum BlockState {
     Ready,
     /// Pages are zero where present but some may be holes (they were moved
     /// to a guest and freed there), or an order-9 block is not one THP.
-    /// Preparing it needs populate (and collapse), not zeroing.
+    /// Preparing it needs populate (an order-9 block: a fresh THP), not
+    /// zeroing.
     NeedsPopulate,
     /// Pages may hold old guest data (moved back from a guest on discard).
     /// Preparing it needs zeroing.

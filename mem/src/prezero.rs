@@ -4,8 +4,9 @@
 //! Like a `kcompactd`/`khugepaged`-style kernel thread: it isolates one
 //! unprepared block at a time from the buddy allocator (so the fault path
 //! never sees it half-prepared), prepares it in the pool without any lock
-//! held (populate holes, zero pages that held guest data, collapse 2 MiB
-//! blocks into THPs), and frees it back as `Ready`.
+//! held (populate holes and zero pages that held guest data; a 2 MiB block
+//! is dropped and faulted in again as a fresh THP, which the kernel zeroes),
+//! and frees it back as `Ready`.
 
 use crate::buddy::BlockState;
 use crate::fault::handle_fault;

@@ -78,7 +78,7 @@ pub(crate) fn discard(
     // it up again and go on from where the old region's tables were gone.
     while at < end {
         let (region, first) =
-            crate::relocate::table_home(vm, GuestAddress(at)).ok_or(range.clone())?;
+            crate::relocate::table_home(inner, vm, GuestAddress(at)).ok_or(range.clone())?;
         let in_region = region.size() - first.to_offset();
         let last = first.forward((end - at).min(in_region) / PAGE_SIZE);
         at = match discard_in(inner, &region, first, last, &mut out) {

@@ -178,11 +178,18 @@ impl PullSource {
 /// a relocation the entries are in the source until a pull moves them,
 /// whichever region the vCPUs use. Operations by guest address (discard)
 /// work on the entries where they are.
-pub(crate) fn table_home(vm: &VmState, gpa: GuestAddress) -> Option<(Arc<Region>, PageIndex)> {
+pub(crate) fn table_home(
+    inner: &Inner,
+    vm: &VmState,
+    gpa: GuestAddress,
+) -> Option<(Arc<Region>, PageIndex)> {
     // A pull may move the table between two looks (pending in one region,
-    // then moved out of the other): look again; every pull ends.
+    // then moved out of the other): look again; every pull ends. A table
+    // still pending in a live destination is pulled here rather than
+    // waited for, as a fault would.
     for _ in 0..1000 {
         let mut holders = 0;
+        let mut to_pull = None;
         let home = vm.all_regions().into_iter().find_map(|r| {
             let idx = r.page_of_guest(gpa)?;
             holders += 1;
@@ -191,12 +198,18 @@ pub(crate) fn table_home(vm: &VmState, gpa: GuestAddress) -> Option<(Arc<Region>
             let pending = r
                 .pull_source()
                 .is_some_and(|p| p.is_pending(idx.0 / PTRS_PER_TABLE));
+            if pending && r.state() == RegionState::Live {
+                to_pull = Some((r.clone(), idx));
+            }
             (!pending && !ptl.is_moved()).then_some((r.clone(), idx))
         });
         if home.is_some() || holders == 0 {
             return home;
         }
-        std::thread::yield_now();
+        match to_pull {
+            Some((r, idx)) => _ = ensure_pulled(inner, &r, idx),
+            None => std::thread::yield_now(),
+        }
     }
     None
 }

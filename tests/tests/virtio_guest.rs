@@ -9,7 +9,7 @@
 //!   bytes and prints its checksum; a write to it is refused;
 //! * while the guest writes and reads back a drive in a loop, the host
 //!   relocates its RAM to new host mappings through the API, again and
-//!   again: the drive's queues follow the memory (every read-back matches);
+//!   again (once a second): the drive's queues follow the memory (every read-back matches);
 //! * the balloon inflates at boot, then the guest unbinds its driver
 //!   (deflate), dirties and frees memory, and binds it again: the
 //!   re-inflation returns resident memory, as the memory manager's
@@ -215,7 +215,7 @@ fn linux_guest_uses_drives_and_balloon() {
             200 => relocated += 1,
             _ => refused.push(r.body),
         }
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(1000));
     }
     let out = vm.wait(LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -257,23 +257,15 @@ impl Inner {
 
     /// Return a freed folio range to the allocator.
     pub fn free_range(&self, f: FreedRange) {
-        // A range still queued for its zap must not be handed out again.
-        self.zapq
-            .ensure_hole(&self.pool, f.pool, f.order.nr_pages());
-        if let Err(e) = self.buddy().free(f.pool, f.order, f.state) {
-            // A double free is a bug; refuse it rather than corrupt the lists.
-            log_error(&format!("free of {f:?}: {e}"));
-            debug_assert!(false, "free of {f:?}: {e}");
-        }
-        self.kick_worker();
+        self.free_ranges(std::slice::from_ref(&f));
     }
 
-    /// [`Inner::free_range`] for many ranges, under one zone lock.
+    /// Return freed folio ranges to the allocator, under one zone lock.
     pub fn free_ranges(&self, ranges: &[FreedRange]) {
         if ranges.is_empty() {
             return;
         }
-        // As in `free_range`: no range still queued for its zap goes back.
+        // A range still queued for its zap must not be handed out again.
         self.zapq.ensure_holes(
             &self.pool,
             ranges.iter().map(|f| (f.pool, f.order.nr_pages())),
@@ -282,6 +274,8 @@ impl Inner {
             let mut buddy = self.buddy();
             for f in ranges {
                 if let Err(e) = buddy.free(f.pool, f.order, f.state) {
+                    // A double free is a bug; refuse it rather than corrupt
+                    // the lists.
                     log_error(&format!("free of {f:?}: {e}"));
                     debug_assert!(false, "free of {f:?}: {e}");
                 }

@@ -114,11 +114,7 @@ pub(crate) fn migrate_locked(
 }
 
 fn free_target(inner: &Inner, target: Block) {
-    inner.free_range(FreedRange {
-        pool: target.offset,
-        order: target.order,
-        state: BlockState::NeedsZero,
-    });
+    inner.free_range(unused_target(target));
 }
 
 fn migrate_inner(inner: &Inner, id: FolioId, target: Block) -> Result<FolioId, MigrateError> {

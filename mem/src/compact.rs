@@ -411,6 +411,11 @@ fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<()
             None => break,
         }
     }
+    // Their data moves into a new folio (or, on undo, back by MOVE, which
+    // drops write protection): none stays clean.
+    for l in &locks {
+        inner.clear_clean(l.id());
+    }
     // The new folio, born locked, owns the target block from here on: its
     // last reference frees it, whoever drops it.
     let new = inner.folios.slab().insert(Folio {

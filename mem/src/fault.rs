@@ -17,7 +17,9 @@ use crate::manager::Inner;
 use crate::pte::{PteState, PtlGuard};
 use crate::rmap::{self, Rmap};
 use crate::stats::FaultCounters;
-use crate::sys::userfaultfd::{PartialFill, UffdMsg, EVENT_PAGEFAULT};
+use crate::sys::userfaultfd::{
+    PartialFill, UffdMsg, COPY_MODE_WP, EVENT_PAGEFAULT, PAGEFAULT_FLAG_WP, PAGEFAULT_FLAG_WRITE,
+};
 use crate::sys::{poll2, ExclusiveWait};
 use crate::types::{Order, PageIndex, PoolOffset, PAGE_SIZE};
 use crate::vm::{log_error, Region};
@@ -67,7 +69,13 @@ pub(crate) fn handler_thread(inner: &Inner) {
             }
             let start = Instant::now();
             for msg in buf[..n].iter().filter(|m| m.event == EVENT_PAGEFAULT) {
-                handle_fault(inner, msg.address as usize, start, true);
+                let addr = msg.address as usize;
+                if msg.flags & PAGEFAULT_FLAG_WP != 0 {
+                    handle_wp_fault(inner, addr);
+                } else {
+                    let write = msg.flags & PAGEFAULT_FLAG_WRITE != 0;
+                    handle_fault(inner, addr, start, true, write);
+                }
             }
         }
     }
@@ -98,19 +106,57 @@ const MAX_RETRIES: u32 = 64;
 
 /// Serve the MISSING fault at host address `addr`, parking it when there is
 /// no memory even after direct reclaim. `first` is false for retries of
-/// parked faults.
+/// parked faults; `write` says whether the access was a write (a parked
+/// fault is retried as one).
 ///
 /// # Context
 /// Handler thread or pre-zeroing worker; no locks held.
-pub(crate) fn handle_fault(inner: &Inner, addr: usize, t0: Instant, first: bool) {
+pub(crate) fn handle_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool) {
     // The MOVE that serves a fault wakes the faulting thread before the
     // handler's bookkeeping is done; `wait_idle` waits for this to drop.
     inner.reclaimers.fetch_add(1, Relaxed);
-    serve_fault(inner, addr, t0, first);
+    serve_fault(inner, addr, t0, first, write);
     inner.reclaimers.fetch_sub(1, Relaxed);
 }
 
-fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool) {
+/// Serve a WP fault at host address `addr`: the first write to a page
+/// installed write-protected because its folio was clean
+/// ([`crate::folio::FolioFlags::CLEAN`]). Under the page-table lock, the
+/// folio stops being clean (its slot is released: the file copy is about
+/// to be stale), then the protection is lifted, which wakes the writer.
+/// Anywhere else (a page no longer present, the pool, a region going
+/// away) the protection is just lifted.
+///
+/// # Context
+/// Handler thread; no locks held.
+pub(crate) fn handle_wp_fault(inner: &Inner, addr: usize) {
+    let page = addr & !(PAGE_SIZE as usize - 1);
+    let lift = || {
+        if let Err(e) = inner.uffd.write_protect(page, PAGE_SIZE, false) {
+            log_error(&format!("UFFDIO_WRITEPROTECT off at {page:#x}: {e}"));
+            let _ = inner.uffd.wake(page, PAGE_SIZE as usize);
+        }
+    };
+    let Some((region, idx)) = inner
+        .lookup(page)
+        .and_then(|r| r.page_of_host(page).map(|i| (r, i)))
+    else {
+        lift();
+        return;
+    };
+    let ptl = region.pt.lock(idx);
+    if let PteState::Present { folio, .. } = ptl.pte(idx).state() {
+        if inner.clear_clean(folio) {
+            crate::swapin::both(inner, &region, |c| {
+                c.clean_dirtied_pages.fetch_add(1, Relaxed)
+            });
+        }
+    }
+    lift();
+    drop(ptl);
+}
+
+fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool) {
     let page = addr & !(PAGE_SIZE as usize - 1);
     let Some(region) = inner.lookup(page) else {
         // Not a guest page we serve (a region being torn down): let the
@@ -129,7 +175,7 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool) {
     vmscan::enforce_vm_max(inner, &region);
     let (mut retries, mut reclaimed) = (0, false);
     let outcome = loop {
-        match fault_in(inner, &region, idx) {
+        match fault_in(inner, &region, idx, write) {
             FaultOutcome::Retry if retries < MAX_RETRIES => retries += 1,
             FaultOutcome::NoMemory { oom: true } if !reclaimed && vmscan::can_reclaim(inner) => {
                 // Direct reclaim, then try once more (`__alloc_pages_slowpath()`).
@@ -173,13 +219,19 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool) {
     inner.faults.latency.record(ns);
 }
 
-/// Make page `idx` of `region` present (without parking or reclaiming).
-/// Used by the handlers and by [`crate::pin`].
+/// Make page `idx` of `region` present (without parking or reclaiming),
+/// for a write access if `write` (otherwise a swapped-in page may be kept
+/// clean and write-protected). Used by the handlers and by [`crate::pin`].
 ///
 /// # Context
 /// No locks held. Takes the page-table lock of `idx`, then leaf locks; may
 /// sleep on a folio lock and do swap I/O (never with a page-table lock held).
-pub(crate) fn fault_in(inner: &Inner, region: &Region, idx: PageIndex) -> FaultOutcome {
+pub(crate) fn fault_in(
+    inner: &Inner,
+    region: &Region,
+    idx: PageIndex,
+    write: bool,
+) -> FaultOutcome {
     if !crate::relocate::ensure_pulled(inner, region, idx) {
         return FaultOutcome::Retry;
     }
@@ -206,12 +258,12 @@ pub(crate) fn fault_in(inner: &Inner, region: &Region, idx: PageIndex) -> FaultO
             }
         }
         PteState::ProtNone { folio, .. } => {
-            vmscan::map_prot_none(inner, region, &mut ptl, folio);
+            vmscan::map_prot_none(inner, region, &mut ptl, folio, write);
             FaultOutcome::Refaulted
         }
         PteState::Swap { slot } => {
             drop(ptl);
-            swapin::do_swap_page(inner, region, idx, slot)
+            swapin::do_swap_page(inner, region, idx, slot, write)
         }
         PteState::SwapinMarker { folio } | PteState::Migration { folio } => {
             // The folio is alive while an entry names it: pin it, drop the
@@ -370,7 +422,9 @@ pub(crate) const COPY_MAX_PAGES: u64 = 1;
 /// Install `nr` pages of a folio whose data sits in its pool range at
 /// `pool` at the guest pages from `idx` (swapin, swap-cache refault,
 /// sampled-out refault): short runs by `COPY`, queueing the pool copy for
-/// the batched zap, longer ones by `MOVE` ([`move_in`]).
+/// the batched zap, longer ones by `MOVE` ([`move_in`]). With `wp`, `COPY`
+/// installs the pages write-protected; returns whether every page was
+/// installed so (always false without `wp`).
 ///
 /// # Context
 /// As [`move_in`]: the page-table lock covering the guest range is held,
@@ -382,17 +436,19 @@ pub(crate) fn install_from_pool(
     idx: PageIndex,
     pool: PoolOffset,
     nr: u64,
-) {
+    wp: bool,
+) -> bool {
     if nr > COPY_MAX_PAGES {
         move_in(inner, region, idx, pool, nr, false);
-        return;
+        return false;
     }
     let dst = region.host_addr(idx).raw();
     let src = inner.pool.host_addr(pool).raw();
+    let mode = if wp { COPY_MODE_WP } else { 0 };
     // SAFETY: `src` is the folio's populated pool range, which this call
     // owns (see # Context) and which nothing writes meanwhile; `dst` is a
     // hole owned under the page-table lock, with no Rust reference into it.
-    let r = unsafe { inner.uffd.copy(dst, src, nr * PAGE_SIZE) };
+    let r = unsafe { inner.uffd.copy_mode(dst, src, nr * PAGE_SIZE, mode) };
     let copied = match &r {
         Ok(()) => nr,
         Err(p) => p.done / PAGE_SIZE,
@@ -414,6 +470,7 @@ pub(crate) fn install_from_pool(
             false,
         );
     }
+    wp && copied == nr
 }
 
 /// Serve one page that `MOVE` refused with `errno`.

@@ -52,6 +52,16 @@ impl FolioFlags {
     /// A fault found the folio in the swap cache and waits on its lock to
     /// map it back: the end of writeback must leave it there.
     pub const REFAULTED: FolioFlags = FolioFlags(1 << 11);
+    /// Clean since its swapin: the order-0 folio owns one count on slot
+    /// `swap`, whose file copy equals its data, and is not in the swap
+    /// cache. Its guest page is write-protected (`UFFDIO_COPY_MODE_WP`), so
+    /// the first write raises a WP fault, which clears the flag and frees
+    /// the slot under the page-table lock before lifting the protection.
+    /// Reclaim drops a clean folio without a write, back to `Swap(slot)`.
+    /// Analogue of a mapped swap-cache folio without `PG_dirty`. Changed
+    /// only under the page-table lock of its mapping (or with the folio
+    /// unmapped and locked).
+    pub const CLEAN: FolioFlags = FolioFlags(1 << 12);
 
     /// The LRU generation (bits 13..15: sequence number modulo
     /// [`crate::lru::NR_GENS`]), meaningful while `LRU` is set.
@@ -148,6 +158,9 @@ pub struct FreedRange {
     pub order: Order,
     /// State for [`crate::buddy::Buddy::free`].
     pub state: BlockState,
+    /// The slot a [`FolioFlags::CLEAN`] folio owned a count on: freed with
+    /// the range.
+    pub clean_slot: Option<SwapSlot>,
 }
 
 /// The slab of folio records; only reachable through the folio-table lock.
@@ -232,6 +245,7 @@ impl FolioSlab {
             pool: f.pool,
             order: f.order,
             state: f.pool_state,
+            clean_slot: f.swap.filter(|_| f.flags.contains(FolioFlags::CLEAN)),
         })
     }
 

@@ -6,7 +6,7 @@ use crate::buddy::{BlockState, Buddy};
 use crate::compact::{self, CompactReport};
 use crate::discard::{self, DiscardError, DiscardOutcome};
 use crate::fault;
-use crate::folio::{FolioTable, FreedRange};
+use crate::folio::{FolioFlags, FolioTable, FreedRange};
 use crate::gather::ZapQueue;
 use crate::hotplug::{BudgetChange, BudgetError};
 use crate::inject::{InjectPlan, Injector};
@@ -24,7 +24,7 @@ use crate::swap_map::SlotState;
 use crate::sys::userfaultfd::FEATURE_POISON;
 use crate::sys::userfaultfd::{RawUffd, FEATURE_MOVE, REGISTER_MODE_MISSING, REGISTER_MODE_WP};
 use crate::sys::EventFd;
-use crate::types::{GuestAddress, Order, VmId, PAGE_SIZE};
+use crate::types::{GuestAddress, Order, SwapSlot, VmId, PAGE_SIZE};
 use crate::vm::{log_error, FolioBackend, Region, VmState};
 use crate::vmscan::{self, VmLimits};
 use crate::RamRegion;
@@ -177,6 +177,10 @@ pub enum BackendError {
     Register(#[source] io::Error),
 }
 
+/// How guest regions are registered: missing faults, and WP faults for
+/// the write protection of clean folios ([`FolioFlags::CLEAN`]).
+pub(crate) const GUEST_REGISTER_MODE: u64 = REGISTER_MODE_MISSING | REGISTER_MODE_WP;
+
 /// Shared state of the manager, reachable from its threads.
 #[derive(Debug)]
 pub(crate) struct Inner {
@@ -188,6 +192,11 @@ pub(crate) struct Inner {
     /// Stale pool copies of folios installed by COPY, waiting for one
     /// batched zap (`gather`). Leaf.
     pub zapq: ZapQueue,
+    /// Slots of clean folios that were freed or dirtied, waiting for their
+    /// count to be dropped under the swap lock ([`Inner::drain_clean_slots`]).
+    /// A queue, so that any path may release one whatever locks it holds.
+    /// Leaf.
+    pub clean_frees: Mutex<Vec<SwapSlot>>,
     /// Registered guest regions by host start. Leaf, never held while faulting.
     regions: RwLock<BTreeMap<usize, Arc<Region>>>,
     /// Live VMs. Leaf.
@@ -265,6 +274,9 @@ impl Inner {
         if ranges.is_empty() {
             return;
         }
+        for slot in ranges.iter().filter_map(|f| f.clean_slot) {
+            self.release_clean_slot(slot);
+        }
         // A range still queued for its zap must not be handed out again.
         self.zapq.ensure_holes(
             &self.pool,
@@ -282,6 +294,59 @@ impl Inner {
             }
         }
         self.kick_worker();
+    }
+
+    /// Queue the count a clean folio held on `slot` for release (the folio
+    /// was freed, or written, or lost its write protection).
+    ///
+    /// # Context
+    /// Any; takes a leaf lock.
+    pub fn release_clean_slot(&self, slot: SwapSlot) {
+        self.clean_frees
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(slot);
+    }
+
+    /// Drop the counts queued by [`Inner::release_clean_slot`].
+    ///
+    /// # Context
+    /// The swap lock is held (`st`).
+    pub fn drain_clean_slots(&self, st: &mut crate::swap_cache::SwapState) {
+        let slots =
+            std::mem::take(&mut *self.clean_frees.lock().unwrap_or_else(|e| e.into_inner()));
+        for slot in slots {
+            if let Err(e) = st.swap_free_nr(slot, 1) {
+                log_error(&format!("release of clean slot {slot:?}: {e}"));
+            }
+        }
+    }
+
+    /// Take away the clean state of folio `id`, if it has it, releasing its
+    /// slot: a path is about to move its pages without write protection.
+    ///
+    /// Returns whether it was clean. The flag is tested and cleared under
+    /// the folio-table lock, so of racing callers one releases the slot.
+    ///
+    /// # Context
+    /// Any lock but the folio-table lock may be held; takes it and a leaf
+    /// lock.
+    pub fn clear_clean(&self, id: crate::types::FolioId) -> bool {
+        let slot = {
+            let mut slab = self.folios.slab();
+            let Some(f) = slab.get_mut(id) else {
+                return false;
+            };
+            if !f.flags.contains(FolioFlags::CLEAN) {
+                return false;
+            }
+            f.flags.remove(FolioFlags::CLEAN);
+            f.swap.take()
+        };
+        if let Some(slot) = slot {
+            self.release_clean_slot(slot);
+        }
+        true
     }
 
     /// Drop `nr` references on `id` (`folio_put_refs()`) and return its pool
@@ -456,6 +521,7 @@ impl MemoryManager {
             pool,
             folios: FolioTable::default(),
             zapq: ZapQueue::default(),
+            clean_frees: Mutex::default(),
             regions: RwLock::default(),
             vms: Mutex::default(),
             next_vm: AtomicU32::new(0),
@@ -594,11 +660,7 @@ impl MemoryManager {
             self.inner.register_region(&r);
             self.inner
                 .uffd
-                .register(
-                    r.host_base().raw(),
-                    r.size() as usize,
-                    REGISTER_MODE_MISSING,
-                )
+                .register(r.host_base().raw(), r.size() as usize, GUEST_REGISTER_MODE)
                 .map_err(BackendError::Register)?;
         }
         Ok(Arc::new(FolioBackend {
@@ -965,6 +1027,7 @@ impl MemoryManager {
         let Some(dev) = self.inner.swap.as_ref() else {
             return Ok(());
         };
+        self.inner.drain_clean_slots(&mut dev.lock());
         let mut named = 0u64;
         let mut swapped_counter = 0i64;
         for vm in self.inner.live_vms() {
@@ -997,7 +1060,25 @@ impl MemoryManager {
                 }
             }
         }
+        // Clean folios own a count on their slot each.
+        let clean: Vec<SwapSlot> = {
+            let slab = self.inner.folios.slab();
+            slab.iter()
+                .filter(|(_, f)| f.flags.contains(FolioFlags::CLEAN))
+                .filter_map(|(_, f)| f.swap)
+                .collect()
+        };
         let st = dev.lock();
+        for &slot in &clean {
+            let s = st.map.state(slot);
+            if s != (SlotState::Used {
+                count: 1,
+                cached: false,
+            }) {
+                return Err(format!("clean folio's slot {slot:?} is {s:?}"));
+            }
+        }
+        let clean = clean.len() as u64;
         st.map.check()?;
         if st.cache.nr_pages() != 0 {
             return Err(format!(
@@ -1005,9 +1086,9 @@ impl MemoryManager {
                 st.cache.nr_pages()
             ));
         }
-        if st.map.nr_used() != named {
+        if st.map.nr_used() != named + clean {
             return Err(format!(
-                "{} slots used, {named} named by swap entries",
+                "{} slots used, {named} named by swap entries and {clean} by clean folios",
                 st.map.nr_used()
             ));
         }

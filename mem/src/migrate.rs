@@ -104,6 +104,10 @@ pub(crate) fn migrate_locked(
     id: FolioId,
     target: Block,
 ) -> Result<FolioId, MigrateError> {
+    // The target's pages (or, on undo, the old ones) go back into the
+    // guest by MOVE, which does not keep the write protection of a clean
+    // folio: it stops being clean.
+    inner.clear_clean(id);
     let r = migrate_inner(inner, id, target);
     match r {
         Ok(_) => inner.workers.migrate_success.fetch_add(1, Relaxed),
@@ -509,6 +513,7 @@ fn unused_target(t: Block) -> FreedRange {
         pool: t.offset,
         order: t.order,
         state: BlockState::NeedsZero,
+        clean_slot: None,
     }
 }
 
@@ -560,6 +565,7 @@ fn relabel(inner: &Inner, id: FolioId, target: Block) -> Option<(FolioId, FreedR
             pool: old.0,
             order: old.1,
             state: BlockState::NeedsPopulate,
+            clean_slot: None,
         },
     ))
 }

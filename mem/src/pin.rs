@@ -156,7 +156,7 @@ fn pin_page(
             return Ok(());
         }
         drop(ptl);
-        match fault_in(inner, region, idx) {
+        match fault_in(inner, region, idx, true) {
             FaultOutcome::Dead => return Err(PinError::Dead),
             FaultOutcome::NoMemory { oom } => {
                 if oom && crate::vmscan::can_reclaim(inner) {

@@ -86,6 +86,6 @@ fn prepare_one(inner: &Inner) -> bool {
 fn retry_parked(inner: &Inner) {
     let parked = std::mem::take(&mut *inner.pending.lock().unwrap_or_else(|e| e.into_inner()));
     for addr in parked {
-        handle_fault(inner, addr, Instant::now(), false);
+        handle_fault(inner, addr, Instant::now(), false, true);
     }
 }

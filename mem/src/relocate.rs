@@ -39,7 +39,6 @@ use crate::inject::FaultPoint;
 use crate::manager::Inner;
 use crate::pte::{PteState, PTRS_PER_TABLE};
 use crate::sys;
-use crate::sys::userfaultfd::REGISTER_MODE_MISSING;
 use crate::types::{FolioId, GuestAddress, PageIndex, VmId, PAGE_SIZE};
 use crate::vm::{log_error, Region, RegionState, VmState};
 use crate::RamRegion;
@@ -316,6 +315,9 @@ fn pull_table(
             }
             match inner.folios.trylock(folio) {
                 Some(l) => {
+                    // Its pages move by MOVE, which does not keep the write
+                    // protection of a clean folio.
+                    inner.clear_clean(folio);
                     locks.push(l);
                     fix.insert(folio);
                 }
@@ -548,7 +550,7 @@ pub(crate) fn relocate(
     if let Err(e) = inner.uffd.register(
         dst.host_base().raw(),
         dst.size() as usize,
-        REGISTER_MODE_MISSING,
+        crate::manager::GUEST_REGISTER_MODE,
     ) {
         inner.unregister_region(&dst);
         return Err(RelocateError::Register(e));

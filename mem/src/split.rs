@@ -77,6 +77,7 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
                         pool: pool.subpage(sub),
                         order,
                         state: pool_state,
+                        clean_slot: None,
                     });
                     continue;
                 }

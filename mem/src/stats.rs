@@ -171,6 +171,11 @@ pub struct SwapCounters {
     pub zero_dropped_pages: AtomicU64,
     /// Pages reclaimed without a write because the file copy was valid.
     pub clean_dropped_pages: AtomicU64,
+    /// Pages swapped in by a read fault and kept clean (write-protected,
+    /// their slot kept).
+    pub clean_kept_pages: AtomicU64,
+    /// Clean pages written afterwards (a WP fault freed their slot).
+    pub clean_dirtied_pages: AtomicU64,
     /// Guest pages poisoned after a failed swapin.
     pub poisoned_pages: AtomicU64,
     /// Failed swap writes (the folio was mapped back).
@@ -210,6 +215,8 @@ impl SwapCounters {
             copied_in_pages: l(&self.copied_in_pages),
             zero_dropped_pages: l(&self.zero_dropped_pages),
             clean_dropped_pages: l(&self.clean_dropped_pages),
+            clean_kept_pages: l(&self.clean_kept_pages),
+            clean_dirtied_pages: l(&self.clean_dirtied_pages),
             poisoned_pages: l(&self.poisoned_pages),
             write_errors: l(&self.write_errors),
             read_errors: l(&self.read_errors),
@@ -239,6 +246,8 @@ pub struct SwapStats {
     pub copied_in_pages: u64,
     pub zero_dropped_pages: u64,
     pub clean_dropped_pages: u64,
+    pub clean_kept_pages: u64,
+    pub clean_dirtied_pages: u64,
     pub poisoned_pages: u64,
     pub write_errors: u64,
     pub read_errors: u64,

@@ -55,6 +55,7 @@ pub(crate) fn do_swap_page(
     region: &Region,
     idx: PageIndex,
     slot: SwapSlot,
+    write: bool,
 ) -> FaultOutcome {
     let Some(dev) = inner.swap.as_ref() else {
         log_error(&format!("swap entry {slot:?} without a swap device"));
@@ -77,7 +78,7 @@ pub(crate) fn do_swap_page(
         }
         return o;
     }
-    let o = swapin_read(inner, dev, region, idx, slot);
+    let o = swapin_read(inner, dev, region, idx, slot, write);
     if o == FaultOutcome::Refaulted {
         let ns = t0.elapsed().as_nanos() as u64;
         both(inner, region, |c| c.swapin_latency.record(ns));
@@ -136,7 +137,7 @@ fn refault_swapcache(
             true => [0; 8],
             false => entries_mask(&ptl, first, nr, |k| Pte::swap(base.forward(k))),
         };
-        map_folio_pages(inner, region, &mut ptl, folio, first, &mask);
+        map_folio_pages(inner, region, &mut ptl, folio, first, &mask, false);
         mask
     };
     release_swap(inner, dev, folio, base, &mapped);
@@ -170,8 +171,9 @@ fn entries_mask(
 
 /// Map the subpages in `mask` of the unmapped, locked `folio` (its pages
 /// are in its pool range) at `first`: install them (`COPY` or `MOVE`, see
-/// [`install_from_pool`]), set `Present`, add the rmap and put the folio on
-/// the youngest generation.
+/// [`install_from_pool`]; write-protected if `wp`), set `Present`, add the
+/// rmap and put the folio on the youngest generation. Returns whether the
+/// whole folio was mapped write-protected.
 ///
 /// # Context
 /// Folio lock and the page-table lock (`ptl`) held.
@@ -182,14 +184,15 @@ pub(crate) fn map_folio_pages(
     folio: FolioId,
     first: PageIndex,
     mask: &PageMask,
-) {
+    wp: bool,
+) -> bool {
     let Some((pool, order)) = inner.folios.slab().get(folio).map(|f| (f.pool, f.order)) else {
-        return;
+        return false;
     };
     let nr = order.nr_pages();
     let n: u64 = (0..nr).filter(|&k| mask_test(mask, k)).count() as u64;
     if n == 0 {
-        return;
+        return false;
     }
     // Bookkeeping first (the MOVE wakes the faulting threads).
     {
@@ -197,9 +200,10 @@ pub(crate) fn map_folio_pages(
         rmap::add_anon_rmap(&mut slab, ptl, folio, mask);
         slab.lru_add(folio);
     }
+    let mut protected = false;
     if n == nr {
         ptl.set_range(first, nr, Pte::present(folio, 0));
-        install_from_pool(inner, region, first, pool, nr);
+        protected = install_from_pool(inner, region, first, pool, nr, wp);
     } else {
         let mut k = 0;
         while k < nr {
@@ -209,7 +213,7 @@ pub(crate) fn map_folio_pages(
             }
             let run = (k..nr).take_while(|&j| mask_test(mask, j)).count() as u64;
             ptl.set_range(first.forward(k), run, Pte::present(folio, k));
-            install_from_pool(inner, region, first.forward(k), pool.subpage(k), run);
+            install_from_pool(inner, region, first.forward(k), pool.subpage(k), run, false);
             k += run;
         }
     }
@@ -217,6 +221,7 @@ pub(crate) fn map_folio_pages(
     both(inner, region, |c| {
         c.swapped_pages.fetch_sub(n as i64, Relaxed)
     });
+    protected
 }
 
 /// After a swapin or a swap-cache refault: the entries in `replaced` were
@@ -256,6 +261,29 @@ fn release_swap(
         f.swap = None;
         f.flags.remove(FolioFlags::SWAPCACHE);
         f.flags.remove(FolioFlags::REFAULTED);
+        slab.put_refs(folio, 1)
+    };
+    debug_assert!(freed.is_none(), "the caller still holds a reference");
+}
+
+/// After the swapin of an order-0 `folio` from `base`, mapped
+/// write-protected: take it out of the swap cache but keep the slot's
+/// count, which passes from the swap entry to the folio, and mark it
+/// [`FolioFlags::CLEAN`].
+///
+/// # Context
+/// Folio lock and the page-table lock of its mapping held.
+fn keep_slot_clean(inner: &Inner, dev: &SwapDevice, folio: FolioId, base: SwapSlot) {
+    if let Err(e) = dev.lock().delete_from_swap_cache(base, 1) {
+        log_error(&format!("swapin keep clean: {e}"));
+    }
+    let freed = {
+        let mut slab = inner.folios.slab();
+        let f = slab.live(folio);
+        debug_assert_eq!(f.swap, Some(base));
+        f.flags.remove(FolioFlags::SWAPCACHE);
+        f.flags.remove(FolioFlags::REFAULTED);
+        f.flags.insert(FolioFlags::CLEAN);
         slab.put_refs(folio, 1)
     };
     debug_assert!(freed.is_none(), "the caller still holds a reference");
@@ -311,6 +339,7 @@ fn swapin_read(
     region: &Region,
     idx: PageIndex,
     slot: SwapSlot,
+    write: bool,
 ) -> FaultOutcome {
     let order = {
         let ptl = region.pt.lock(idx);
@@ -358,19 +387,30 @@ fn swapin_read(
         return FaultOutcome::Retry;
     }
     let bad = read_folio(inner, dev, region, block.offset, base, nr);
-    let (mapped, poisoned) = {
+    // A single page read for a read access stays clean: mapped
+    // write-protected, it keeps its slot until written or dropped.
+    let keep_clean = !write && order == Order::BASE;
+    let (mapped, poisoned, clean) = {
         let mut ptl = region.pt.lock(first);
         let marker = Pte::new(PteState::SwapinMarker { folio });
         let marked = entries_mask(&ptl, first, nr, |_| marker);
         let good: PageMask = std::array::from_fn(|w| marked[w] & !bad[w]);
         let poison: PageMask = std::array::from_fn(|w| marked[w] & bad[w]);
-        map_folio_pages(inner, region, &mut ptl, folio, first, &good);
+        let clean = map_folio_pages(inner, region, &mut ptl, folio, first, &good, keep_clean);
         poison_pages(inner, region, &mut ptl, first, nr, &poison);
-        (good, poison)
+        if clean {
+            // Under the page-table lock, so that a WP fault (which needs
+            // it) sees the folio clean only once it owns the slot.
+            keep_slot_clean(inner, dev, folio, base);
+            both(inner, region, |c| c.clean_kept_pages.fetch_add(1, Relaxed));
+        }
+        (good, poison, clean)
     };
-    // Every marker stood for one slot reference: mapped, poisoned or
-    // removed by a discard, the entry that named the slot is gone.
-    release_swap(inner, dev, folio, base, &full_mask(nr));
+    if !clean {
+        // Every marker stood for one slot reference: mapped, poisoned or
+        // removed by a discard, the entry that named the slot is gone.
+        release_swap(inner, dev, folio, base, &full_mask(nr));
+    }
     let n_mapped = (0..nr).filter(|&k| mask_test(&mapped, k)).count() as u64;
     both(inner, region, |c| {
         c.swapin_file_folios.fetch_add(1, Relaxed);

@@ -274,6 +274,11 @@ fn sample_folio(inner: &Inner, id: FolioId) {
     if ptl.is_dead() {
         return;
     }
+    let clean = inner
+        .folios
+        .slab()
+        .get(id)
+        .is_some_and(|f| f.flags.contains(FolioFlags::CLEAN));
     let mut k = 0;
     while k < nr {
         if ptl.pte(first.forward(k)) != Pte::present(id, k) {
@@ -286,6 +291,14 @@ fn sample_folio(inner: &Inner, id: FolioId) {
         let moved = move_out(inner, &region, first.forward(k), pool.subpage(k), run);
         if moved > 0 {
             ptl.set_range(first.forward(k), moved, Pte::prot_none(id, k));
+            if clean {
+                // A kernel whose MOVE keeps the uffd-wp bit leaves the pool
+                // page protected; nothing must write-fault in the pool.
+                let at = inner.pool.host_addr(pool.subpage(k)).raw();
+                if let Err(e) = inner.uffd.write_protect(at, moved * PAGE_SIZE, false) {
+                    log_error(&format!("UFFDIO_WRITEPROTECT off in the pool: {e}"));
+                }
+            }
         }
         k += run;
     }
@@ -350,17 +363,26 @@ pub(crate) fn map_prot_none(
     region: &Region,
     ptl: &mut PtlGuard<'_>,
     folio: FolioId,
+    write: bool,
 ) {
-    let (pool, order, first) = {
+    let (pool, order, first, mut clean) = {
         let mut slab = inner.folios.slab();
         let f = slab.live(folio);
         f.flags.remove(FolioFlags::SAMPLED);
         f.flags.insert(FolioFlags::REFERENCED);
         let first = f.rmap.expect("a mapped folio has an rmap").index;
-        let r = (f.pool, f.order, first);
+        let r = (f.pool, f.order, first, f.flags.contains(FolioFlags::CLEAN));
         slab.lru_promote(folio);
         r
     };
+    // A clean folio goes back write-protected, unless this is its write.
+    if clean && write {
+        inner.clear_clean(folio);
+        both(inner, region, |c| {
+            c.clean_dirtied_pages.fetch_add(1, Relaxed)
+        });
+        clean = false;
+    }
     let nr = order.nr_pages();
     let mut k = 0;
     while k < nr {
@@ -373,7 +395,12 @@ pub(crate) fn map_prot_none(
             .take_while(|&j| ptl.pte(first.forward(j)) == Pte::prot_none(folio, j))
             .count() as u64;
         ptl.set_range(idx, run, Pte::present(folio, k));
-        crate::fault::install_from_pool(inner, region, idx, pool.subpage(k), run);
+        let protected =
+            crate::fault::install_from_pool(inner, region, idx, pool.subpage(k), run, clean);
+        if clean && !protected {
+            inner.clear_clean(folio);
+            clean = false;
+        }
         k += run;
     }
     both(inner, region, |c| c.sample_refaults.fetch_add(1, Relaxed));
@@ -457,6 +484,12 @@ fn prepare_pageout<'a>(inner: &'a Inner, dev: &SwapDevice, id: FolioId) -> Prepa
         putback(inner, id);
         return Prepared::Kept;
     }
+    if let Some(freed) = drop_clean(inner, id, &region, &mut ptl, first, order) {
+        drop(ptl);
+        drop(lock);
+        inner.put_folio(id, 1);
+        return Prepared::Freed(freed);
+    }
     // SAFETY: the folio is locked and all its pages sit in its pool range
     // (the entries are `ProtNone` under the page-table lock we hold, so no
     // fault can move them back); nothing writes there meanwhile.
@@ -492,6 +525,45 @@ fn prepare_pageout<'a>(inner: &'a Inner, dev: &SwapDevice, id: FolioId) -> Prepa
             Prepared::Kept
         }
     }
+}
+
+/// Reclaim a clean victim without I/O: its file copy is valid (it was
+/// write-protected in the guest from its swapin until sampled out), so its
+/// entries point back at its slot, whose count passes from the folio to
+/// them, and the folio goes. Returns the pages freed, or `None` if the
+/// folio is not clean. The caller drops the locks and the isolation
+/// reference, which frees the folio.
+///
+/// # Context
+/// Folio lock and the page-table lock (`ptl`) held; the entries are
+/// `ProtNone`.
+fn drop_clean(
+    inner: &Inner,
+    id: FolioId,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    first: PageIndex,
+    order: Order,
+) -> Option<u64> {
+    let nr = order.nr_pages();
+    let mut slab = inner.folios.slab();
+    let f = slab.live(id);
+    if !f.flags.contains(FolioFlags::CLEAN) {
+        return None;
+    }
+    let slot = f.swap.take().expect("a clean folio owns a slot");
+    f.flags.remove(FolioFlags::CLEAN);
+    f.flags.remove(FolioFlags::SAMPLED);
+    ptl.set_range(first, nr, Pte::swap(slot));
+    let r = rmap::remove_rmap_ptes(&mut slab, ptl, id, 0, nr, BlockState::NeedsZero);
+    debug_assert!(r.freed.is_none(), "we hold the isolation reference");
+    drop(slab);
+    region.counters.resident(order, -(nr as i64));
+    both(inner, region, |c| {
+        c.swapped_pages.fetch_add(nr as i64, Relaxed);
+        c.clean_dropped_pages.fetch_add(nr, Relaxed);
+    });
+    Some(nr)
 }
 
 /// The order-0 fallback of a large victim that found no contiguous slots:
@@ -557,7 +629,12 @@ fn add_to_swap_locked<'a>(
 ) -> Result<Writeback<'a>, FolioLockGuard<'a>> {
     let id = lock.id();
     let nr = order.nr_pages();
-    let Some(base) = dev.lock().add_to_swap(id, order) else {
+    let base = {
+        let mut st = dev.lock();
+        inner.drain_clean_slots(&mut st);
+        st.add_to_swap(id, order)
+    };
+    let Some(base) = base else {
         return Err(lock);
     };
     ptl.set_range(first, nr, Pte::swap(base));
@@ -703,7 +780,7 @@ fn end_writeback(inner: &Inner, dev: &SwapDevice, w: &Writeback<'_>, crcs: Optio
                     m[(k / 64) as usize] |= 1 << (k % 64);
                 }
             }
-            map_folio_pages(inner, &w.region, &mut ptl, id, w.first, &m);
+            map_folio_pages(inner, &w.region, &mut ptl, id, w.first, &m, false);
             m
         };
         let mut st = dev.lock();

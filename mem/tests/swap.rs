@@ -151,10 +151,12 @@ fn large_folio_without_contiguous_slots_falls_back_to_order_0() {
         "{first:#?}"
     );
     // Single-page swapins of every third page of the first 6 MiB (far
-    // enough apart that readahead does not join them) punch 512 holes
-    // into the clusters: enough slots, but no 512-slot run.
+    // enough apart that readahead does not join them), each then written,
+    // punch 512 holes into the clusters: enough slots, but no 512-slot
+    // run. (A page only read keeps its slot: it stays clean.)
     for p in (0..6 * MIB / PAGE_SIZE).step_by(3) {
         check(p);
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 0));
     }
     // The handler counts a swapin after the move that wakes the reader.
     assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
@@ -163,6 +165,11 @@ fn large_folio_without_contiguous_slots_falls_back_to_order_0() {
         (before.swapin_file_pages, before.swapin_file_folios),
         (512, 512),
         "{before:#?}"
+    );
+    assert_eq!(
+        (before.clean_kept_pages, before.clean_dirtied_pages),
+        (512, 512),
+        "read swapins stay clean until their write: {before:#?}"
     );
     // The last 2 MiB folio (sampled, untouched) is the victim now.
     mm.reclaim(Some(vm), 2 * MIB).unwrap();
@@ -181,4 +188,73 @@ fn large_folio_without_contiguous_slots_falls_back_to_order_0() {
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);
     assert_eq!(mm.stats().swap_device.used_bytes, 0);
+}
+
+/// A page swapped in by a read stays clean (write-protected, its slot
+/// kept): reclaimed again, it goes back to that slot without a write.
+/// A page written after its swapin is written out again. Both read back
+/// right, and the slot accounting balances throughout.
+#[test]
+fn clean_pages_are_reclaimed_without_a_write() {
+    let mm = swap_manager(16 * MIB, 2, 32 * MIB, false);
+    let vm = mm.create_vm("clean").unwrap();
+    let guest = 4 * MIB;
+    let b = mm.backend(vm, &[(GuestAddress(0), guest)]).unwrap();
+    let ram = Ram::of(&*b);
+    let pages = guest / PAGE_SIZE;
+    let gen_of = |p: u64| u64::from(p % 6 == 3);
+    let check = |p: u64, g: u64| {
+        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, g), "page {p}");
+        assert_eq!(
+            ram.read(p * PAGE_SIZE + 4088),
+            pattern(p, 511, g),
+            "page {p}"
+        );
+    };
+    for p in 0..pages {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 0));
+        ram.write(p * PAGE_SIZE + 4088, pattern(p, 511, 0));
+    }
+    mm.reclaim(Some(vm), guest).unwrap();
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    assert_eq!(mm.vm_stats(vm).unwrap().resident_bytes(), 0, "all swapped");
+    // Every third page (apart, so each swaps in alone) is read; every
+    // other one of those is then written.
+    let touched: Vec<u64> = (0..pages).step_by(3).collect();
+    for &p in &touched {
+        check(p, 0);
+        if gen_of(p) == 1 {
+            ram.write(p * PAGE_SIZE, pattern(p, 0, 1));
+            ram.write(p * PAGE_SIZE + 4088, pattern(p, 511, 1));
+        }
+    }
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    mm.check_accounting().unwrap();
+    let before = mm.vm_stats(vm).unwrap().swap;
+    let written = touched.iter().filter(|&&p| gen_of(p) == 1).count() as u64;
+    let clean = touched.len() as u64 - written;
+    assert_eq!(before.clean_kept_pages, touched.len() as u64, "{before:#?}");
+    assert_eq!(before.clean_dirtied_pages, written, "{before:#?}");
+    // Reclaim them all again.
+    mm.reclaim(Some(vm), guest).unwrap();
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    mm.check_accounting().unwrap();
+    let after = mm.vm_stats(vm).unwrap().swap;
+    assert_eq!(mm.vm_stats(vm).unwrap().resident_bytes(), 0, "all swapped");
+    assert_eq!(
+        after.clean_dropped_pages - before.clean_dropped_pages,
+        clean,
+        "the clean ones went without I/O: {after:#?}"
+    );
+    assert_eq!(
+        after.swapout_pages - before.swapout_pages,
+        written,
+        "only the written ones were written: {after:#?}"
+    );
+    // Everything reads back, the written pages with their new contents.
+    for p in 0..pages {
+        check(p, if touched.contains(&p) { gen_of(p) } else { 0 });
+    }
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    mm.check_accounting().unwrap();
 }

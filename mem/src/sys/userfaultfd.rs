@@ -93,6 +93,18 @@ struct UffdioPoison {
     updated: i64,
 }
 const UFFDIO_POISON: u64 = iowr(0x08, std::mem::size_of::<UffdioPoison>());
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, std::mem::size_of::<UffdioWriteprotect>());
+/// `UFFDIO_WRITEPROTECT_MODE_WP`.
+const WRITEPROTECT_MODE_WP: u64 = 1;
+/// `UFFDIO_COPY_MODE_WP`: the new page is write-protected.
+pub const COPY_MODE_WP: u64 = 1 << 1;
 /// `USERFAULTFD_IOC_NEW` = `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: u64 = ioc(0, 0x00, 0);
 
@@ -110,6 +122,8 @@ pub const MOVE_MODE_ALLOW_SRC_HOLES: u64 = 2;
 pub const EVENT_PAGEFAULT: u8 = 0x12;
 /// `UFFD_PAGEFAULT_FLAG_WRITE`.
 pub const PAGEFAULT_FLAG_WRITE: u64 = 1;
+/// `UFFD_PAGEFAULT_FLAG_WP`: a write to a write-protected page.
+pub const PAGEFAULT_FLAG_WP: u64 = 2;
 
 /// `struct uffd_msg`, as read from the fd (32 bytes).
 #[repr(C)]
@@ -271,17 +285,55 @@ impl RawUffd {
     /// `src` must be readable for `len` bytes and `dst` must be owned by
     /// the caller with no Rust reference into it.
     pub unsafe fn copy(&self, dst: usize, src: usize, len: u64) -> Result<(), PartialFill> {
+        // SAFETY: the caller's contract is ours.
+        unsafe { self.copy_mode(dst, src, len, 0) }
+    }
+
+    /// [`RawUffd::copy`] with `mode` (`COPY_MODE_WP`: the new pages are
+    /// write-protected, and a write to them raises a WP fault).
+    ///
+    /// # Errors
+    /// [`PartialFill`] with the bytes copied and the errno.
+    ///
+    /// # Safety
+    /// As [`RawUffd::copy`].
+    pub unsafe fn copy_mode(
+        &self,
+        dst: usize,
+        src: usize,
+        len: u64,
+        mode: u64,
+    ) -> Result<(), PartialFill> {
         let mut c = UffdioCopy {
             dst: dst as u64,
             src: src as u64,
             len,
-            mode: 0,
+            mode,
             copy: 0,
         };
         self.ioctl(UFFDIO_COPY, &mut c).map_err(|e| PartialFill {
             done: c.copy.max(0) as u64,
             errno: e.raw_os_error().unwrap_or(libc::EIO),
         })
+    }
+
+    /// `UFFDIO_WRITEPROTECT` of the WP-registered range `[start, start+len)`:
+    /// protect it, or (`protect == false`) lift the protection and wake the
+    /// writers blocked on it.
+    ///
+    /// # Errors
+    /// The errno of `UFFDIO_WRITEPROTECT`.
+    pub fn write_protect(&self, start: usize, len: u64, protect: bool) -> io::Result<()> {
+        let mut w = UffdioWriteprotect {
+            range: UffdioRange {
+                start: start as u64,
+                len,
+            },
+            mode: if protect { WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        // Changing protections moves no data and cannot invalidate any Rust
+        // reference, so this needs no unsafe contract.
+        self.ioctl(UFFDIO_WRITEPROTECT, &mut w)
     }
 
     /// `UFFDIO_ZEROPAGE` on the registered range `[dst, dst+len)`, waking waiters.
@@ -376,5 +428,76 @@ mod tests {
         let u = RawUffd::open(FEATURE_MOVE).expect("userfaultfd with UFFD_FEATURE_MOVE");
         let mut buf = [UffdMsg::default(); 4];
         assert_eq!(u.read_msgs(&mut buf).unwrap(), 0);
+    }
+
+    /// Two private anonymous mappings of `pages` pages.
+    fn anon(pages: usize) -> usize {
+        // SAFETY: a fresh private anonymous mapping aliases nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as usize
+    }
+
+    /// Whether a write from another thread to `addr` raises a WP fault
+    /// (answered by lifting the protection, so the writer finishes).
+    fn write_faults_wp(u: &RawUffd, addr: usize) -> bool {
+        let t = std::thread::spawn(move || {
+            // SAFETY: a page of a live test mapping that nothing else touches.
+            unsafe { (addr as *mut u8).add(8).write_volatile(7) };
+        });
+        let mut saw = false;
+        let t0 = std::time::Instant::now();
+        while !t.is_finished() && t0.elapsed() < std::time::Duration::from_secs(5) {
+            let mut buf = [UffdMsg::default(); 1];
+            if u.read_msgs(&mut buf).unwrap() == 1 {
+                assert_eq!(buf[0].event, EVENT_PAGEFAULT);
+                assert_ne!(buf[0].flags & PAGEFAULT_FLAG_WP, 0, "a WP fault");
+                assert_eq!(buf[0].address as usize & !4095, addr);
+                saw = true;
+                u.write_protect(addr, 4096, false).unwrap();
+            }
+            std::thread::yield_now();
+        }
+        t.join().unwrap();
+        saw
+    }
+
+    /// What clean-page tracking relies on: a page installed by
+    /// `COPY_MODE_WP` raises a WP fault on its first write, and a page that
+    /// `UFFDIO_MOVE` takes out of the guest is never left write-protected
+    /// in the pool unnoticed (we lift the protection there ourselves).
+    #[test]
+    fn copy_with_wp_faults_on_the_first_write_only() {
+        let u = RawUffd::open(FEATURE_MOVE).unwrap();
+        let (guest, pool, src) = (anon(4), anon(4), anon(1));
+        u.register(guest, 4 * 4096, REGISTER_MODE_MISSING | REGISTER_MODE_WP)
+            .unwrap();
+        u.register(pool, 4 * 4096, REGISTER_MODE_WP).unwrap();
+        // SAFETY: `src` is a live page of this test; `guest` is a hole.
+        unsafe {
+            (src as *mut u8).write_volatile(42);
+            u.copy_mode(guest, src, 4096, COPY_MODE_WP).unwrap();
+        }
+        // SAFETY: the page was just installed; reads need no fault.
+        assert_eq!(unsafe { (guest as *const u8).read_volatile() }, 42);
+        assert!(write_faults_wp(&u, guest), "the first write faults");
+        assert!(!write_faults_wp(&u, guest), "the second does not");
+        // Protected again, then moved out to the pool.
+        u.write_protect(guest, 4096, true).unwrap();
+        // SAFETY: both pages belong to this test, no references into them.
+        unsafe { u.move_pages(pool, guest, 4096, 0).unwrap() };
+        let carried = write_faults_wp(&u, pool);
+        eprintln!("UFFDIO_MOVE carries the WP bit: {carried}");
+        // SAFETY: the moved page now lives at `pool`.
+        assert_eq!(unsafe { (pool as *const u8).add(8).read_volatile() }, 7);
     }
 }

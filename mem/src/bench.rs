@@ -539,8 +539,8 @@ fn folio_pattern(p: Pattern, rate: f64, b: &MmStats, a: &MmStats, cpu: Duration)
     let wbytes = a.swap_device.write_bytes - b.swap_device.write_bytes;
     let detail = format!(
         "cpu {:.2} s; swapin {} pages in {} reads (+{} cache), swapout {} pages in {} \
-         writes (avg {} KiB), clean-dropped {}, order-0 fallbacks {}, sampled {} (refaulted {}), \
-         direct reclaims {}, by COPY {} pages",
+         writes (avg {} KiB), clean kept {} (written {}, dropped without I/O {}), \
+         order-0 fallbacks {}, sampled {} (refaulted {}), direct reclaims {}, by COPY {} pages",
         cpu.as_secs_f64(),
         d(|s| s.swapin_file_pages),
         d(|s| s.swapin_file_folios),
@@ -548,6 +548,8 @@ fn folio_pattern(p: Pattern, rate: f64, b: &MmStats, a: &MmStats, cpu: Duration)
         d(|s| s.swapout_pages),
         writes,
         (wbytes / writes.max(1)) >> 10,
+        d(|s| s.clean_kept_pages),
+        d(|s| s.clean_dirtied_pages),
         d(|s| s.clean_dropped_pages),
         d(|s| s.swapout_fallback_order0),
         d(|s| s.sampled_folios),

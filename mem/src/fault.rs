@@ -147,6 +147,7 @@ pub(crate) fn handle_wp_fault(inner: &Inner, addr: usize) {
     let ptl = region.pt.lock(idx);
     if let PteState::Present { folio, .. } = ptl.pte(idx).state() {
         if inner.clear_clean(folio) {
+            region.counters.clean_policy.dirtied();
             crate::swapin::both(inner, &region, |c| {
                 c.clean_dirtied_pages.fetch_add(1, Relaxed)
             });
@@ -201,7 +202,7 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
                 .pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(page);
+                .push(page | usize::from(write));
             if first {
                 // Retries come from the worker itself; kicking it again
                 // would spin it while the pool is exhausted.

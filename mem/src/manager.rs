@@ -204,7 +204,8 @@ pub(crate) struct Inner {
     next_vm: AtomicU32,
     pub faults: FaultCounters,
     pub workers: WorkerCounters,
-    /// Faults waiting for memory (host addresses). Leaf.
+    /// Faults waiting for memory: host page addresses, with bit 0 set for
+    /// a write access. Leaf.
     pub pending: Mutex<Vec<usize>>,
     /// Worker wake-up flag. Leaf.
     kick: Mutex<bool>,

@@ -85,7 +85,9 @@ fn prepare_one(inner: &Inner) -> bool {
 /// Retry the faults parked for lack of ready memory.
 fn retry_parked(inner: &Inner) {
     let parked = std::mem::take(&mut *inner.pending.lock().unwrap_or_else(|e| e.into_inner()));
-    for addr in parked {
-        handle_fault(inner, addr, Instant::now(), false, true);
+    for entry in parked {
+        // A page address, with bit 0 for a write access (see `Inner::pending`).
+        let (addr, write) = (entry & !1, entry & 1 != 0);
+        handle_fault(inner, addr, Instant::now(), false, write);
     }
 }

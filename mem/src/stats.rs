@@ -308,6 +308,8 @@ pub struct VmCounters {
     pub pinned_pages: AtomicI64,
     /// Swap and reclaim.
     pub swap: SwapCounters,
+    /// Whether read swapins of this VM are kept clean.
+    pub(crate) clean_policy: crate::swapin::CleanPolicy,
 }
 
 impl VmCounters {

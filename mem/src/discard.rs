@@ -270,31 +270,20 @@ fn move_back(
     let src = region.host_addr(idx).raw();
     let dst = inner.pool.host_addr(pool).raw();
     let len = nr * PAGE_SIZE;
-    let mut done = 0;
-    for _ in 0..4 {
-        // SAFETY: the source pages are present guest pages of this folio,
-        // whose entries we hold under the page-table lock; moving them out
-        // is the atomic unmap (a vCPU touching them next faults and waits for
-        // this lock). The destination is the folio's own pool range, a hole
-        // while the folio is mapped, referenced by nobody.
-        let r = unsafe {
-            inner.uffd.move_pages(
-                dst + done as usize,
-                src + done as usize,
-                len - done,
-                MOVE_MODE_ALLOW_SRC_HOLES,
-            )
-        };
-        match r {
-            Ok(()) => return BlockState::NeedsZero,
-            Err(p) => {
-                done += p.done;
-                if p.errno != libc::EAGAIN {
-                    break;
-                }
-            }
-        }
-    }
+    // SAFETY: the source pages are present guest pages of this folio, whose
+    // entries we hold under the page-table lock; moving them out is the
+    // atomic unmap (a vCPU touching them next faults and waits for this
+    // lock). The destination is the folio's own pool range, a hole while the
+    // folio is mapped, referenced by nobody.
+    let r = unsafe {
+        inner
+            .uffd
+            .move_retrying(dst, src, len, MOVE_MODE_ALLOW_SRC_HOLES, 4)
+    };
+    let done = match r {
+        Ok(()) => return BlockState::NeedsZero,
+        Err(p) => p.done,
+    };
     // What could not move is dropped; the pool range keeps a hole there.
     let left = len - done;
     region

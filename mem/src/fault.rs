@@ -211,6 +211,9 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
             return;
         }
         FaultOutcome::Raced | FaultOutcome::Dead | FaultOutcome::Poisoned => {
+            if outcome == FaultOutcome::Raced {
+                report_raced_streak(&region, idx, page);
+            }
             let _ = inner.uffd.wake(page, PAGE_SIZE as usize);
         }
         FaultOutcome::Installed(_) | FaultOutcome::Refaulted => {}
@@ -218,6 +221,38 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
     let ns = t0.elapsed().as_nanos() as u64;
     vmc.latency.record(ns);
     inner.faults.latency.record(ns);
+}
+
+/// Consecutive `Raced` faults of one handler on one page after which the
+/// state is logged: a faulter woken this often without its page appearing
+/// is livelocked (a `Present` entry without a host page would do that).
+const RACED_STREAK_LOG: u32 = 100_000;
+
+thread_local! {
+    /// This handler's last `Raced` page and how many times in a row.
+    static RACED_STREAK: std::cell::Cell<(usize, u32)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Count a `Raced` fault on `page`, and log the page's state once if the
+/// same page keeps coming back: a diagnostic for a livelock that could not
+/// be reproduced (seen twice under heavy load), not a recovery.
+fn report_raced_streak(region: &Region, idx: PageIndex, page: usize) {
+    let n = RACED_STREAK.with(|s| {
+        let (last, n) = s.get();
+        let n = if last == page { n + 1 } else { 1 };
+        s.set((page, n));
+        n
+    });
+    if n == RACED_STREAK_LOG {
+        let entry = region.pt.lock(idx).pte(idx).state();
+        log_error(&format!(
+            "page {page:#x} (vm {:?} index {}) raced {n} times in a row: entry {entry:?}, \
+             host page resident {:?}",
+            region.vm,
+            idx.0,
+            crate::sys::resident(page)
+        ));
+    }
 }
 
 /// Make page `idx` of `region` present (without parking or reclaiming),

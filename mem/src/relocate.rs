@@ -431,30 +431,12 @@ fn moved_bytes(ptl: &crate::pte::PtlGuard<'_>, first: PageIndex, n: u64) -> u64 
 /// Move `nr` present guest pages from host `src` to host `dst` (both
 /// registered guest ranges; `dst` empty there). Returns the errno.
 fn move_host(inner: &Inner, dst: usize, src: usize, nr: u64) -> Result<(), i32> {
-    let len = nr * PAGE_SIZE;
-    let mut done = 0u64;
-    for _ in 0..16 {
-        // SAFETY: both ranges are guest ranges of one VM whose entries we
-        // hold under their page-table locks, with the folios mapped there
-        // locked: the source pages are ours to move, the destination is a
-        // hole nobody else installs into (its table is pending, and pending
-        // tables are installed only by a pull holding this lock).
-        let r = unsafe {
-            inner
-                .uffd
-                .move_pages(dst + done as usize, src + done as usize, len - done, 0)
-        };
-        match r {
-            Ok(()) => return Ok(()),
-            Err(p) => {
-                done += p.done;
-                if p.errno != libc::EAGAIN && p.errno != libc::EBUSY {
-                    return Err(p.errno);
-                }
-            }
-        }
-    }
-    Err(libc::EBUSY)
+    // SAFETY: both ranges are guest ranges of one VM whose entries we hold
+    // under their page-table locks, with the folios mapped there locked: the
+    // source pages are ours to move, the destination is a hole nobody else
+    // installs into (its table is pending, and pending tables are installed
+    // only by a pull holding this lock).
+    unsafe { inner.uffd.move_retrying(dst, src, nr * PAGE_SIZE, 0, 16) }.map_err(|p| p.errno)
 }
 
 /// The sources and the size of the new region for `op` on `r`.

@@ -326,30 +326,15 @@ pub(crate) fn move_out(
     inner.zapq.ensure_hole(&inner.pool, pool, nr);
     let src = region.host_addr(idx).raw();
     let dst = inner.pool.host_addr(pool).raw();
-    let len = nr * PAGE_SIZE;
-    let mut done = 0;
-    for _ in 0..8 {
-        // SAFETY: the source pages are present guest pages of the locked
-        // folio, whose entries we hold under the page-table lock; moving them
-        // out is the atomic unmap (a vCPU touching them next faults and waits
-        // for this lock). The destination is the folio's own pool range, a
-        // hole while the folio is mapped, referenced by nobody.
-        let r = unsafe {
-            inner
-                .uffd
-                .move_pages(dst + done as usize, src + done as usize, len - done, 0)
-        };
-        match r {
-            Ok(()) => return nr,
-            Err(p) => {
-                done += p.done;
-                if p.errno != libc::EAGAIN && p.errno != libc::EBUSY {
-                    break;
-                }
-            }
-        }
+    // SAFETY: the source pages are present guest pages of the locked folio,
+    // whose entries we hold under the page-table lock; moving them out is
+    // the atomic unmap (a vCPU touching them next faults and waits for this
+    // lock). The destination is the folio's own pool range, a hole while
+    // the folio is mapped, referenced by nobody.
+    match unsafe { inner.uffd.move_retrying(dst, src, nr * PAGE_SIZE, 0, 8) } {
+        Ok(()) => nr,
+        Err(p) => p.done / PAGE_SIZE,
     }
-    done / PAGE_SIZE
 }
 
 /// A sampled folio was touched: install its `ProtNone` pages back into the

@@ -114,6 +114,21 @@ pub fn collapse(addr: usize, len: usize) -> io::Result<()> {
     madvise(addr, len, MADV_COLLAPSE)
 }
 
+/// Whether the page at `addr` (page-aligned) is resident (`mincore(2)`).
+///
+/// # Errors
+/// The errno of `mincore(2)`.
+pub fn resident(addr: usize) -> io::Result<bool> {
+    let mut vec = 0u8;
+    // SAFETY: mincore reads no user memory and writes one byte, for the one
+    // page asked, into `vec`, which lives across the call.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, 4096, &mut vec) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec & 1 != 0)
+}
+
 /// An eventfd used to wake poll loops at shutdown.
 #[derive(Debug)]
 pub struct EventFd(std::os::fd::OwnedFd);

@@ -276,6 +276,43 @@ impl RawUffd {
         })
     }
 
+    /// [`RawUffd::move_pages`], called again for the rest while it stops
+    /// short with `EAGAIN` or `EBUSY` (a raced or busy PTE), at most `tries`
+    /// calls in all.
+    ///
+    /// # Errors
+    /// [`PartialFill`] with the bytes moved in all and the last errno.
+    ///
+    /// # Safety
+    /// As [`RawUffd::move_pages`].
+    pub unsafe fn move_retrying(
+        &self,
+        dst: usize,
+        src: usize,
+        len: u64,
+        mode: u64,
+        tries: u32,
+    ) -> Result<(), PartialFill> {
+        let mut done = 0u64;
+        let mut errno = libc::EBUSY;
+        for _ in 0..tries {
+            let off = done as usize;
+            // SAFETY: the caller owns both ranges (our contract); the part
+            // already moved is not asked again.
+            match unsafe { self.move_pages(dst + off, src + off, len - done, mode) } {
+                Ok(()) => return Ok(()),
+                Err(p) => {
+                    done += p.done;
+                    errno = p.errno;
+                    if errno != libc::EAGAIN && errno != libc::EBUSY {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(PartialFill { done, errno })
+    }
+
     /// `UFFDIO_COPY` of `[src, src+len)` into the registered `dst` range, waking waiters.
     ///
     /// # Errors

@@ -594,12 +594,7 @@ fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<()
         f.refcount += PTRS_PER_TABLE as u32;
         f.mapcount = PTRS_PER_TABLE as u32;
         f.pool_state = BlockState::NeedsPopulate;
-        for fl in [
-            FolioFlags::UPTODATE,
-            FolioFlags::EXCLUSIVE,
-            FolioFlags::DIRTY,
-            FolioFlags::REFERENCED,
-        ] {
+        for fl in [FolioFlags::EXCLUSIVE, FolioFlags::REFERENCED] {
             f.flags.insert(fl);
         }
         if let Some(r) = f.rmap.as_mut() {

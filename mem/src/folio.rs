@@ -28,10 +28,9 @@ pub struct FolioFlags(u16);
 impl FolioFlags {
     /// `PG_locked`: the folio lock is held.
     pub const LOCKED: FolioFlags = FolioFlags(1 << 0);
-    /// `PG_dirty`: contents differ from any swap copy.
-    pub const DIRTY: FolioFlags = FolioFlags(1 << 1);
-    /// `PG_uptodate`: contents are valid.
-    pub const UPTODATE: FolioFlags = FolioFlags(1 << 2);
+    // Bits 1..2: the hot streak (`FolioFlags::hot_streak`). There is no
+    // `PG_dirty` (a folio is dirty unless `CLEAN`) and no `PG_uptodate`
+    // (a folio's data is always valid once it is visible).
     /// `PG_swapcache`: in the swap cache.
     pub const SWAPCACHE: FolioFlags = FolioFlags(1 << 3);
     /// `PG_writeback`: being written to swap.
@@ -73,6 +72,27 @@ impl FolioFlags {
         debug_assert!(gen as u16 <= GEN_MASK);
         self.0 = (self.0 & !(GEN_MASK << GEN_SHIFT)) | ((gen as u16 & GEN_MASK) << GEN_SHIFT);
     }
+    /// Reference samplings in a row that found the folio touched (bits
+    /// 1..2, at most [`MAX_HOT_STREAK`]), like MGLRU's `LRU_REFS` bits.
+    pub fn hot_streak(self) -> u16 {
+        (self.0 >> HOT_SHIFT) & HOT_MASK
+    }
+    /// A sampling found the folio touched: lengthen its streak.
+    pub fn sampled_touched(&mut self) {
+        let streak = (self.hot_streak() + 1).min(MAX_HOT_STREAK);
+        self.0 = (self.0 & !(HOT_MASK << HOT_SHIFT)) | (streak << HOT_SHIFT);
+    }
+    /// Whether reclaim samples the folio on the pass that finds it in the
+    /// generation of sequence number `seq`. A folio touched at `s` samplings
+    /// in a row is sampled on one pass in `2^s` only: a folio that keeps
+    /// proving hot is sampled exponentially less often (each sampling costs
+    /// a TLB flush and, for a folio in use, a fault to map it back), as
+    /// MGLRU protects the tiers that refault most; a cold one is sampled at
+    /// every pass, and one that cooled is sampled again within
+    /// `2^MAX_HOT_STREAK` passes.
+    pub fn sample_on_pass(self, seq: u64) -> bool {
+        seq.is_multiple_of(1 << self.hot_streak())
+    }
     /// Whether all bits of `f` are set.
     pub fn contains(self, f: FolioFlags) -> bool {
         self.0 & f.0 == f.0
@@ -90,6 +110,10 @@ impl FolioFlags {
 pub(crate) const NO_LINK: u32 = u32::MAX;
 const GEN_SHIFT: u16 = 13;
 const GEN_MASK: u16 = 0b111;
+const HOT_SHIFT: u16 = 1;
+const HOT_MASK: u16 = 0b11;
+/// Cap of [`FolioFlags::hot_streak`].
+pub const MAX_HOT_STREAK: u16 = 3;
 
 /// Links on an LRU generation list (folio ids; `u32::MAX` for none). The
 /// generation itself lives in the flags ([`FolioFlags::gen`]), as MGLRU
@@ -137,7 +161,8 @@ pub struct Folio {
     pub pool_state: BlockState,
     /// LRU links.
     pub lru: LruLink,
-    /// First swap slot while in the swap cache (the slots are contiguous).
+    /// First swap slot while in the swap cache (the slots are contiguous),
+    /// or the slot a [`FolioFlags::CLEAN`] folio owns.
     pub swap: Option<SwapSlot>,
 }
 
@@ -519,6 +544,24 @@ mod tests {
 #[cfg(test)]
 mod size_tests {
     use super::*;
+
+    #[test]
+    fn hot_folios_are_sampled_exponentially_less_often() {
+        let mut f = FolioFlags::default();
+        f.set_gen(3);
+        f.insert(FolioFlags::LRU);
+        let sampled = |f: FolioFlags| (0..64).filter(|&s| f.sample_on_pass(s)).count();
+        assert_eq!(sampled(f), 64, "a cold folio at every pass");
+        for want in [32, 16, 8, 8] {
+            f.sampled_touched();
+            assert_eq!(sampled(f), want);
+        }
+        assert_eq!(f.hot_streak(), MAX_HOT_STREAK);
+        // The streak lives beside the other flags without touching them.
+        assert_eq!(f.gen(), 3);
+        assert!(f.contains(FolioFlags::LRU));
+        assert!(!f.contains(FolioFlags::LOCKED));
+    }
 
     /// The per-folio metadata cost, which large folios amortise over up to
     /// 512 pages (order 0: this plus an 8-byte Pte per page).

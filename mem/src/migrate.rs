@@ -363,8 +363,6 @@ fn migrate_swapcache(inner: &Inner, id: FolioId, target: Block) -> Result<FolioI
     for f in [
         FolioFlags::SWAPCACHE,
         FolioFlags::REFAULTED,
-        FolioFlags::UPTODATE,
-        FolioFlags::DIRTY,
         FolioFlags::EXCLUSIVE,
     ] {
         if old.flags.contains(f) {

@@ -42,9 +42,7 @@ pub fn add_new_anon_rmap(
 ) -> FolioId {
     let nr = block.order.nr_pages() as u32;
     let mut flags = FolioFlags::default();
-    flags.insert(FolioFlags::UPTODATE);
     flags.insert(FolioFlags::EXCLUSIVE);
-    flags.insert(FolioFlags::DIRTY);
     let id = slab.insert(Folio {
         pool: block.offset,
         order: block.order,
@@ -106,7 +104,6 @@ pub fn add_anon_rmap(
     f.mapcount = n;
     f.refcount += n;
     f.flags.insert(FolioFlags::EXCLUSIVE);
-    f.flags.insert(FolioFlags::UPTODATE);
     f.page_mapped = (n as u64 != nr).then(|| Box::new(*mask));
     update_mapped_range(f);
     let partial = n > 0 && (n as u64) < nr && !f.flags.contains(FolioFlags::DEFERRED_SPLIT);

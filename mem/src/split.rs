@@ -147,9 +147,7 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
 fn new_piece(pool: crate::types::PoolOffset, order: crate::types::Order, rmap: Rmap) -> Folio {
     let nr = order.nr_pages() as u32;
     let mut flags = FolioFlags::default();
-    flags.insert(FolioFlags::UPTODATE);
     flags.insert(FolioFlags::EXCLUSIVE);
-    flags.insert(FolioFlags::DIRTY);
     Folio {
         pool,
         order,

@@ -12,6 +12,9 @@
 //! ([`map_prot_none`]). A folio found still `ProtNone` when reclaim comes
 //! round to it again was not touched in between: it is the victim. Its data
 //! already sits in the pool, so swap-out needs no second unmap.
+//! Sampling costs a TLB flush and, for a folio in use, a fault to map it
+//! back; a folio found touched at several samplings in a row is sampled
+//! exponentially less often ([`FolioFlags::sampled_touched`]).
 //!
 //! # Swap-out ([`shrink_folio_list`])
 //! For each victim, with its folio lock (trylock) and then the page-table
@@ -161,11 +164,16 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
     while freed < nr && scanned < budget {
         // Pages other reclaimers are taking from this VM count against the
         // floor too, so that concurrent reclaim cannot undershoot it.
-        let (evict, sample, reserved) = isolate_folios(inner, vm, floor);
-        if evict.is_empty() && sample.is_empty() {
+        let Isolated {
+            evict,
+            sample,
+            reserved,
+            skipped,
+        } = isolate_folios(inner, vm, floor);
+        if evict.is_empty() && sample.is_empty() && skipped == 0 {
             break;
         }
-        scanned += (evict.len() + sample.len()) as u64;
+        scanned += (evict.len() + sample.len()) as u64 + skipped;
         for id in sample {
             sample_folio(inner, id);
             inner.put_folio(id, 1);
@@ -180,14 +188,28 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
     freed
 }
 
+/// What [`isolate_folios`] took off the oldest generation.
+#[derive(Default)]
+struct Isolated {
+    /// Victims (sampled and untouched since), off the LRU.
+    evict: Vec<FolioId>,
+    /// Folios to sample now, rotated.
+    sample: Vec<FolioId>,
+    /// Pages of `evict`, reserved in the VM's `reclaiming`.
+    reserved: u64,
+    /// Hot folios rotated unsampled ([`FolioFlags::sample_on_pass`]).
+    skipped: u64,
+}
+
 /// Take a batch off the oldest generation of `vm`: folios sampled and not
 /// touched since (victims, taken off the LRU), and folios not sampled yet
-/// (rotated to the next generation, to be sampled now). Both with a
-/// reference. Victims are only taken while the VM stays above `floor`
+/// (rotated to the next generation, to be sampled now), both with a
+/// reference; hot folios still owed a pass go by unsampled. Victims are only taken while the VM stays above `floor`
 /// resident pages; their pages are reserved in `vm.reclaiming` (returned as
 /// the third value) until the caller is done with them.
 /// Analogue of `isolate_folios()` + `sort_folio()`.
-fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64) -> (Vec<FolioId>, Vec<FolioId>, u64) {
+fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64) -> Isolated {
+    let mut batch = Isolated::default();
     let (mut evict, mut sample) = (Vec::new(), Vec::new());
     let mut reserved = 0;
     let mut slab = inner.folios.slab();
@@ -195,6 +217,7 @@ fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64) -> (Vec<FolioId>, Vec
         let Some(id) = slab.lru_oldest(vm.id) else {
             break;
         };
+        let seq = slab.lru_min_seq(vm.id);
         let f = slab.get(id).expect("LRU folios are live");
         let busy = f.flags.contains(FolioFlags::LOCKED)
             || f.pincount > 0
@@ -218,13 +241,20 @@ fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64) -> (Vec<FolioId>, Vec
             slab.get_ref(id);
             slab.lru_del(id);
             evict.push(id);
+        } else if !f.flags.sample_on_pass(seq) {
+            // Proved hot lately: let it go by unsampled this time.
+            slab.lru_rotate(id);
+            batch.skipped += 1;
         } else {
             slab.get_ref(id);
             slab.lru_rotate(id);
             sample.push(id);
         }
     }
-    (evict, sample, reserved)
+    batch.evict = evict;
+    batch.sample = sample;
+    batch.reserved = reserved;
+    batch
 }
 
 /// Put an isolated folio back on the youngest generation and drop the
@@ -355,6 +385,7 @@ pub(crate) fn map_prot_none(
         let f = slab.live(folio);
         f.flags.remove(FolioFlags::SAMPLED);
         f.flags.insert(FolioFlags::REFERENCED);
+        f.flags.sampled_touched();
         let first = f.rmap.expect("a mapped folio has an rmap").index;
         let r = (f.pool, f.order, first, f.flags.contains(FolioFlags::CLEAN));
         slab.lru_promote(folio);

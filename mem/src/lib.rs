@@ -45,6 +45,7 @@
 //!   |                       never across I/O or a sleep
 //!   +-- swap lock           SwapDevice::state (swap map + swap cache)
 //!   |     +-- folio-table lock   (swap-cache lookup takes its reference)
+//!   |     +-- clean-slot queue   Inner::clean_frees (leaf; drained here)
 //!   +-- folio-table lock    FolioTable::slab (leaf; also guards the LRU lists)
 //!   +-- zone lock           Inner::buddy (leaf; never nested with the above)
 //!   +-- zap-queue lock      Inner::zapq (leaf; held across one
@@ -68,8 +69,12 @@
 //! one faulter owns the I/O, others sleep on the folio lock, and a
 //! `SwapinMarker` tells a discard racing with the read apart. Reclaim
 //! samples references by moving folios out to `ProtNone` entries, keeps
-//! LRU generations per VM ([`lru`]), drops zero folios to `Zero`, and
-//! writes the rest in batches (see `vmscan`). A swapin whose data cannot
+//! LRU generations per VM ([`lru`]), drops zero folios to `Zero`, drops
+//! clean folios (swapped in by a read, write-protected since, see
+//! `FolioFlags::CLEAN`) back to their slot, and writes the rest in batches
+//! (see `vmscan`). A WP fault is the first write to a clean folio: its
+//! handler frees the slot under the page-table lock, then lifts the
+//! protection. A swapin whose data cannot
 //! be read intact poisons the guest pages (`UFFDIO_POISON`): the guest gets
 //! a memory error on access instead of wrong data.
 

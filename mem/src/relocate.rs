@@ -363,12 +363,16 @@ fn pull_table(
                 continue;
             }
             let run = (k..n).take_while(|&j| present(j)).count() as u64;
-            if let Err(e) = move_host(
+            if let Err((done, e)) = move_host(
                 inner,
                 dst.host_addr(first.forward(k)).raw(),
                 src.host_addr(sfirst.forward(k)).raw(),
                 run,
             ) {
+                // The pages of the run that did move go back with the rest.
+                if done > 0 {
+                    moved.push((k, done));
+                }
                 err = Some(e);
                 break;
             }
@@ -383,7 +387,7 @@ fn pull_table(
                     dst.host_addr(first.forward(k)).raw(),
                     run,
                 );
-                if let Err(e) = back {
+                if let Err((_, e)) = back {
                     log_error(&format!("relocation: moving pages back failed: errno {e}"));
                 }
             }
@@ -429,14 +433,16 @@ fn moved_bytes(ptl: &crate::pte::PtlGuard<'_>, first: PageIndex, n: u64) -> u64 
 }
 
 /// Move `nr` present guest pages from host `src` to host `dst` (both
-/// registered guest ranges; `dst` empty there). Returns the errno.
-fn move_host(inner: &Inner, dst: usize, src: usize, nr: u64) -> Result<(), i32> {
+/// registered guest ranges; `dst` empty there). On failure, returns the
+/// pages that moved (from the start) and the errno.
+fn move_host(inner: &Inner, dst: usize, src: usize, nr: u64) -> Result<(), (u64, i32)> {
     // SAFETY: both ranges are guest ranges of one VM whose entries we hold
     // under their page-table locks, with the folios mapped there locked: the
     // source pages are ours to move, the destination is a hole nobody else
     // installs into (its table is pending, and pending tables are installed
     // only by a pull holding this lock).
-    unsafe { inner.uffd.move_retrying(dst, src, nr * PAGE_SIZE, 0, 16) }.map_err(|p| p.errno)
+    unsafe { inner.uffd.move_retrying(dst, src, nr * PAGE_SIZE, 0, 16) }
+        .map_err(|p| (p.done / PAGE_SIZE, p.errno))
 }
 
 /// The sources and the size of the new region for `op` on `r`.

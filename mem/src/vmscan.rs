@@ -169,7 +169,7 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
             sample,
             reserved,
             skipped,
-        } = isolate_folios(inner, vm, floor);
+        } = isolate_folios(inner, vm, floor, scanned < budget / 2);
         if evict.is_empty() && sample.is_empty() && skipped == 0 {
             break;
         }
@@ -204,11 +204,13 @@ struct Isolated {
 /// Take a batch off the oldest generation of `vm`: folios sampled and not
 /// touched since (victims, taken off the LRU), and folios not sampled yet
 /// (rotated to the next generation, to be sampled now), both with a
-/// reference; hot folios still owed a pass go by unsampled. Victims are only taken while the VM stays above `floor`
+/// reference; hot folios still owed a pass go by unsampled while
+/// `respect_heat` (a reclaim that found too little in one rotation samples
+/// them all: the protection must not stall it). Victims are only taken while the VM stays above `floor`
 /// resident pages; their pages are reserved in `vm.reclaiming` (returned as
 /// the third value) until the caller is done with them.
 /// Analogue of `isolate_folios()` + `sort_folio()`.
-fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64) -> Isolated {
+fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64, respect_heat: bool) -> Isolated {
     let mut batch = Isolated::default();
     let (mut evict, mut sample) = (Vec::new(), Vec::new());
     let mut reserved = 0;
@@ -241,7 +243,7 @@ fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64) -> Isolated {
             slab.get_ref(id);
             slab.lru_del(id);
             evict.push(id);
-        } else if !f.flags.sample_on_pass(seq) {
+        } else if respect_heat && !f.flags.sample_on_pass(seq) {
             // Proved hot lately: let it go by unsampled this time.
             slab.lru_rotate(id);
             batch.skipped += 1;

@@ -167,14 +167,14 @@ impl FolioSlab {
         self.lru_add_seq(id, seq);
     }
 
-    /// The oldest folio of `vm`, retiring empty old generations and aging
-    /// (opening a new youngest generation) when eviction would otherwise
-    /// scan the youngest one (`try_to_inc_min_seq()`, `inc_max_seq()`).
     /// The sequence number of `vm`'s oldest generation.
     pub(crate) fn lru_min_seq(&mut self, vm: VmId) -> u64 {
         self.lruvec(vm.0 as usize).min_seq
     }
 
+    /// The oldest folio of `vm`, retiring empty old generations and aging
+    /// (opening a new youngest generation) when eviction would otherwise
+    /// scan the youngest one (`try_to_inc_min_seq()`, `inc_max_seq()`).
     pub(crate) fn lru_oldest(&mut self, vm: VmId) -> Option<FolioId> {
         let lv = self.lruvec(vm.0 as usize);
         for _ in 0..=2 * NR_GENS {

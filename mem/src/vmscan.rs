@@ -206,9 +206,10 @@ struct Isolated {
 /// (rotated to the next generation, to be sampled now), both with a
 /// reference; hot folios still owed a pass go by unsampled while
 /// `respect_heat` (a reclaim that found too little in one rotation samples
-/// them all: the protection must not stall it). Victims are only taken while the VM stays above `floor`
-/// resident pages; their pages are reserved in `vm.reclaiming` (returned as
-/// the third value) until the caller is done with them.
+/// them all: the protection must not stall it). Victims are only taken
+/// while the VM stays above `floor` resident pages; their pages are
+/// reserved in `vm.reclaiming` (`Isolated::reserved`) until the caller is
+/// done with them.
 /// Analogue of `isolate_folios()` + `sort_folio()`.
 fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64, respect_heat: bool) -> Isolated {
     let mut batch = Isolated::default();

@@ -98,27 +98,53 @@ pub(crate) fn both<R>(
 
 /// Map back a folio found in the swap cache (refault during writeback, or
 /// a second faulter of a swapin). The caller took a reference on `folio`.
+/// If the folio was migrated while we slept on its lock, the cache names
+/// the new one: we follow it, since the waiter that gets the lock is the
+/// one that takes the folio out of the cache (nobody else would if the
+/// page were discarded before another fault).
 fn refault_swapcache(
     inner: &Inner,
     dev: &SwapDevice,
     region: &Region,
     idx: PageIndex,
-    folio: FolioId,
+    mut folio: FolioId,
     base: SwapSlot,
 ) -> FaultOutcome {
-    let lock = inner.folios.lock(folio);
-    // The owner is done; is the folio still cached for these slots?
-    let still = dev.lock().cache.lookup(base) == Some((folio, base));
+    let lock = loop {
+        let lock = inner.folios.lock(folio);
+        // The owner is done; is the folio still cached for these slots?
+        let now = {
+            let st = dev.lock();
+            let now = st.cache.lookup(base);
+            if let Some((moved, _)) = now.filter(|&(g, b)| g != folio && b == base) {
+                // Migrated while we slept (`migrate_swapcache`): the duty of
+                // the waiter passes to the new folio, which we take a
+                // reference on under the swap lock, like a lookup.
+                let mut slab = inner.folios.slab();
+                slab.get_ref(moved);
+                slab.live(moved).flags.insert(FolioFlags::REFAULTED);
+            }
+            now
+        };
+        match now {
+            Some((f, b)) if f == folio && b == base => break lock,
+            Some((moved, b)) if b == base => {
+                drop(lock);
+                inner.put_folio(folio, 1);
+                folio = moved;
+            }
+            _ => {
+                drop(lock);
+                inner.put_folio(folio, 1);
+                return FaultOutcome::Retry;
+            }
+        }
+    };
     let (order, rmap) = {
         let slab = inner.folios.slab();
         let f = slab.get(folio).expect("we hold a reference");
         (f.order, f.rmap)
     };
-    if !still {
-        drop(lock);
-        inner.put_folio(folio, 1);
-        return FaultOutcome::Retry;
-    }
     // A relocation may have moved the folio's entries (and rmap) to another
     // region meanwhile: map it back there, where its entries are. The
     // waiter that got the lock is the one that must take the folio out of

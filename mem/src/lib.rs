@@ -41,8 +41,8 @@
 //!   page-table lock         PageTable::lock, one per 2 MiB of a region;
 //!   |                       two at once only in a relocation pull: the new
 //!   |                       region's table, then the old region's; held
-//!   |                       across UFFDIO_MOVE/COPY/POISON of that range,
-//!   |                       never across I/O or a sleep
+//!   |                       across UFFDIO_MOVE/COPY/POISON/WRITEPROTECT
+//!   |                       of that range, never across I/O or a sleep
 //!   +-- swap lock           SwapDevice::state (swap map + swap cache)
 //!   |     +-- folio-table lock   (swap-cache lookup takes its reference)
 //!   |     +-- clean-slot queue   Inner::clean_frees (leaf; drained here)

@@ -48,8 +48,8 @@
 //!   |     +-- clean-slot queue   Inner::clean_frees (leaf; drained here)
 //!   +-- folio-table lock    FolioTable::slab (leaf; also guards the LRU lists)
 //!   +-- zone lock           Inner::buddy (leaf; never nested with the above)
-//!   +-- zap-queue lock      Inner::zapq (leaf; never held across the
-//!                           process_madvise of a batch, see `gather`)
+//!   +-- zap-queue lock      Inner::zapq (leaf; held across one
+//!                           process_madvise of stale pool ranges, see `gather`)
 //!
 //! leaf locks taken alone:   Inner::regions (registry), Inner::vms,
 //!                           Inner::pending, Inner::kick, Inner::kswapd_kick,

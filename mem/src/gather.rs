@@ -30,12 +30,8 @@
 //!
 //! # Context
 //! The queue lock is a leaf, taken under folio and page-table locks, and
-//! never held across the `process_madvise`: a drain takes the queued ranges
-//! out as its in-flight batch and zaps them unlocked, so a push (under a
-//! page-table lock, on the fault path) never waits behind a zap. A caller
-//! of `ensure_hole` whose range is in flight sleeps on a condition
-//! variable until that batch is done, and resumes only once the range
-//! really is a hole.
+//! held across the `process_madvise` so that a waiter in `ensure_hole`
+//! resumes only once the range really is a hole.
 
 use crate::pool::Pool;
 use crate::sys;
@@ -43,7 +39,7 @@ use crate::types::{PoolOffset, PAGE_SIZE};
 use crate::vm::log_error;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::Mutex;
 
 /// Queued pages at which a handler drains the queue after its fault.
 pub(crate) const ZAP_BATCH: u64 = 64;
@@ -51,11 +47,9 @@ pub(crate) const ZAP_BATCH: u64 = 64;
 /// Pool ranges waiting to be dropped, and counters.
 #[derive(Debug, Default)]
 pub(crate) struct ZapQueue {
-    /// Queued and in-flight ranges. Leaf.
-    state: Mutex<ZapState>,
-    /// Signalled when an in-flight batch is done.
-    done: Condvar,
-    /// Pages queued or in flight (read without the lock for the fast paths).
+    /// `(offset, pages)` of stale pool ranges. Leaf lock.
+    queue: Mutex<Vec<(PoolOffset, u64)>>,
+    /// Pages in `queue` (read without the lock for the fast paths).
     pending: AtomicU64,
     /// Batches dropped.
     pub batches: AtomicU64,
@@ -65,15 +59,6 @@ pub(crate) struct ZapQueue {
     pub forced: AtomicU64,
 }
 
-/// Under the queue lock.
-#[derive(Debug, Default)]
-struct ZapState {
-    /// `(offset, pages)` of stale pool ranges waiting for a drain.
-    queued: Vec<(PoolOffset, u64)>,
-    /// The batch a drain is zapping now (empty when none is).
-    inflight: Vec<(PoolOffset, u64)>,
-}
-
 impl ZapQueue {
     /// Queue the stale range `[off, off + nr pages)`.
     ///
@@ -81,31 +66,24 @@ impl ZapQueue {
     /// The folio's lock or the page-table lock of its mapping is held (so
     /// no path can move into or free the range before it is queued).
     pub fn push(&self, off: PoolOffset, nr: u64) {
-        let mut st = self.lock();
-        debug_assert!(
-            !overlaps(&st.queued, off, nr) && !overlaps(&st.inflight, off, nr),
-            "a stale range is queued once"
-        );
-        st.queued.push((off, nr));
+        let mut q = self.lock();
+        debug_assert!(!overlaps(&q, off, nr), "a stale range is queued once");
+        q.push((off, nr));
         self.pending.fetch_add(nr, Relaxed);
     }
 
-    /// Pages queued or being dropped now (host memory beyond the budget).
+    /// Pages queued now (host memory beyond the budget).
     pub fn stale_pages(&self) -> u64 {
         self.pending.load(Relaxed)
     }
 
-    /// Drain the queue if it holds at least [`ZAP_BATCH`] pages (unless
-    /// another drain is under way: the next push will see the rest).
+    /// Drain the queue if it holds at least [`ZAP_BATCH`] pages.
     ///
     /// # Context
     /// No locks needed; called by handlers after a fault, with none held.
     pub fn drain_if_full(&self, pool: &Pool) {
         if self.pending.load(Relaxed) >= ZAP_BATCH {
-            let st = self.lock();
-            if st.inflight.is_empty() {
-                drop(self.drain_locked(st, pool));
-            }
+            self.drain_locked(&mut self.lock(), pool);
         }
     }
 
@@ -113,14 +91,13 @@ impl ZapQueue {
     /// idle, so stale pages do not linger).
     pub fn drain(&self, pool: &Pool) {
         if self.pending.load(Relaxed) > 0 {
-            let st = self.wait_inflight(self.lock());
-            drop(self.drain_locked(st, pool));
+            self.drain_locked(&mut self.lock(), pool);
         }
     }
 
     /// Make sure `[off, off + nr pages)` is not waiting for a zap: if it is
-    /// queued, drop the whole queue now; if it is being dropped, wait for
-    /// that. Returns with the range a hole wherever the queue had it.
+    /// queued, drop the whole queue now. Returns with the range a hole
+    /// wherever the queue had it.
     ///
     /// # Context
     /// Any; the caller owns the range (folio lock or page-table lock of
@@ -135,74 +112,36 @@ impl ZapQueue {
         if self.pending.load(Relaxed) == 0 {
             return;
         }
-        let ranges: Vec<(PoolOffset, u64)> = ranges.into_iter().collect();
-        let hit = |q: &[(PoolOffset, u64)]| ranges.iter().any(|&(o, n)| overlaps(q, o, n));
-        let mut st = self.lock();
-        loop {
-            if hit(&st.inflight) {
-                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            if !hit(&st.queued) {
-                return;
-            }
-            if !st.inflight.is_empty() {
-                // Another batch is being dropped: ours goes after it.
-                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
+        let mut q = self.lock();
+        if ranges.into_iter().any(|(off, nr)| overlaps(&q, off, nr)) {
             self.forced.fetch_add(1, Relaxed);
-            st = self.drain_locked(st, pool);
+            self.drain_locked(&mut q, pool);
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, ZapState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PoolOffset, u64)>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wait until no batch is in flight.
-    fn wait_inflight<'a>(&'a self, mut st: MutexGuard<'a, ZapState>) -> MutexGuard<'a, ZapState> {
-        while !st.inflight.is_empty() {
-            st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+    fn drain_locked(&self, q: &mut Vec<(PoolOffset, u64)>, pool: &Pool) {
+        if q.is_empty() {
+            return;
         }
-        st
-    }
-
-    /// Take the queued ranges as the in-flight batch, drop them with the
-    /// lock released, and return the lock retaken.
-    ///
-    /// # Context
-    /// The queue lock is held (`st`) and no batch is in flight.
-    fn drain_locked<'a>(
-        &'a self,
-        mut st: MutexGuard<'a, ZapState>,
-        pool: &Pool,
-    ) -> MutexGuard<'a, ZapState> {
-        debug_assert!(st.inflight.is_empty());
-        if st.queued.is_empty() {
-            return st;
-        }
-        let batch = std::mem::take(&mut st.queued);
-        st.inflight.clone_from(&batch);
-        drop(st);
-        let ranges: Vec<(usize, usize)> = batch
+        let ranges: Vec<(usize, usize)> = q
             .iter()
             .map(|&(off, nr)| (pool.host_addr(off).raw(), (nr * PAGE_SIZE) as usize))
             .collect();
-        let nr: u64 = batch.iter().map(|r| r.1).sum();
+        let nr: u64 = q.iter().map(|r| r.1).sum();
         // A failure leaves pages behind: a later MOVE into the range then
         // fails with EEXIST and moves less, which every caller handles (the
         // data stays in the guest). Nothing is lost, so log and go on.
         if let Err(e) = sys::dontneed_many(&ranges) {
             log_error(&format!("zap of {} stale pool ranges: {e}", ranges.len()));
         }
-        let mut st = self.lock();
-        st.inflight.clear();
+        q.clear();
         self.pending.fetch_sub(nr, Relaxed);
         self.batches.fetch_add(1, Relaxed);
         self.pages.fetch_add(nr, Relaxed);
-        self.done.notify_all();
-        st
     }
 }
 
@@ -253,44 +192,5 @@ mod tests {
             // SAFETY: as above; the dropped page reads as zero.
             assert_eq!(unsafe { page(pfn).read_volatile() }, 0);
         }
-    }
-
-    /// Many threads queue stale pages and drain while others make their
-    /// own pages holes: whoever returns from `ensure_hole` finds its page a
-    /// hole, even when the page was in a batch another thread was zapping
-    /// without the queue lock.
-    #[test]
-    fn ensure_hole_waits_for_a_batch_in_flight() {
-        const THREADS: u64 = 4;
-        const PAGES: u64 = 1024;
-        let pool = Pool::new(PAGES * PAGE_SIZE).expect("a small pool");
-        let zq = ZapQueue::default();
-        std::thread::scope(|s| {
-            for t in 0..THREADS {
-                let (pool, zq) = (&pool, &zq);
-                s.spawn(move || {
-                    for i in 0..4000u64 {
-                        let pfn = (i * THREADS + t) % PAGES;
-                        let page = pool.host_addr(PoolOffset::from_pfn(pfn)).raw() as *mut u64;
-                        // Reusing the page, as a MOVE into it would.
-                        zq.ensure_hole(pool, PoolOffset::from_pfn(pfn), 1);
-                        // SAFETY: in bounds of the live pool mapping; this
-                        // thread alone uses the pages congruent to `t`, and
-                        // no reference into them exists.
-                        unsafe { page.write_volatile(i + 1) };
-                        zq.push(PoolOffset::from_pfn(pfn), 1);
-                        zq.drain_if_full(pool);
-                        if i % 3 == 0 {
-                            zq.ensure_hole(pool, PoolOffset::from_pfn(pfn), 1);
-                            // SAFETY: as above.
-                            assert_eq!(unsafe { page.read_volatile() }, 0, "page {pfn}");
-                        }
-                    }
-                });
-            }
-        });
-        zq.drain(&pool);
-        assert_eq!(zq.stale_pages(), 0);
-        assert_eq!(zq.pages.load(Relaxed), THREADS * 4000);
     }
 }

@@ -1,8 +1,7 @@
-//! Fault injection into the steps of migration, collapse and relocation
-//! (and one swap-out state), so that every undo path can be driven by a test (the swap file has its
+//! Fault injection into the steps of migration, collapse and relocation,
+//! so that every undo path can be driven by a test (the swap file has its
 //! own injection in [`crate::swap_file`]).
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 
 /// A step that can be made to fail.
@@ -24,11 +23,6 @@ pub enum FaultPoint {
     RelocateMove,
     /// Relocation: after every table moved, before the old range goes.
     RelocateCommit,
-    /// Swap-out: a folio whose write succeeded stays in the swap cache,
-    /// unmapped and unlocked, as when a refault is waiting for it (not a
-    /// failure: it drives the paths that meet such a folio; the next fault
-    /// on its slots maps it from the cache).
-    SwapKeepCache,
 }
 
 /// Armed fault points: each fails its next `count` passes after `skip`
@@ -36,8 +30,6 @@ pub enum FaultPoint {
 #[derive(Debug, Default)]
 pub(crate) struct Injector {
     plans: Mutex<Vec<InjectPlan>>,
-    /// Whether any plan is set (read without the lock on every pass).
-    armed: AtomicBool,
 }
 
 /// One armed fault point.
@@ -54,16 +46,11 @@ pub struct InjectPlan {
 impl Injector {
     /// Replace the armed plans (empty: disarm).
     pub fn set(&self, plans: Vec<InjectPlan>) {
-        let mut p = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        self.armed.store(!plans.is_empty(), Relaxed);
-        *p = plans;
+        *self.plans.lock().unwrap_or_else(|e| e.into_inner()) = plans;
     }
 
     /// Whether this pass through `point` must fail.
     pub fn hit(&self, point: FaultPoint) -> bool {
-        if !self.armed.load(Relaxed) {
-            return false;
-        }
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let Some(p) = plans.iter_mut().find(|p| p.point == point && p.count > 0) else {
             return false;

@@ -146,12 +146,7 @@ pub(crate) fn handle_wp_fault(inner: &Inner, addr: usize) {
     };
     let ptl = region.pt.lock(idx);
     if let PteState::Present { folio, .. } = ptl.pte(idx).state() {
-        if inner.clear_clean(folio) {
-            region.counters.clean_policy.dirtied();
-            crate::swapin::both(inner, &region, |c| {
-                c.clean_dirtied_pages.fetch_add(1, Relaxed)
-            });
-        }
+        crate::swapin::clean_folio_written(inner, &region, folio);
     }
     lift();
     drop(ptl);

@@ -341,6 +341,24 @@ impl CleanPolicy {
     }
 }
 
+/// The first write to clean `folio` (a WP fault, or the write that maps a
+/// sampled-out clean folio back): it stops being clean, its slot is
+/// released, and the VM's policy and counters learn of it. Returns whether
+/// it was clean.
+///
+/// # Context
+/// The page-table lock of the folio's mapping is held.
+pub(crate) fn clean_folio_written(inner: &Inner, region: &Region, folio: FolioId) -> bool {
+    if !inner.clear_clean(folio) {
+        return false;
+    }
+    region.counters.clean_policy.dirtied();
+    both(inner, region, |c| {
+        c.clean_dirtied_pages.fetch_add(1, Relaxed)
+    });
+    true
+}
+
 /// After the swapin of an order-0 `folio` from `base`, mapped
 /// write-protected: take it out of the swap cache but keep the slot's
 /// count, which passes from the swap entry to the folio, and mark it
@@ -439,7 +457,14 @@ fn swapin_read(
     let nr = order.nr_pages();
     let folio = new_swapin_folio(inner, region, first, block, base);
     let lock = inner.folios.assume_locked(folio);
-    if !dev.lock().swapcache_prepare(base, nr, folio) {
+    // Whether slots are plentiful (`!vm_swap_full()`), looked at under the
+    // swap lock this step takes anyway.
+    let (prepared, slots_plentiful) = {
+        let mut st = dev.lock();
+        let plentiful = st.map.nr_free() * 2 >= st.map.nr_slots();
+        (st.swapcache_prepare(base, nr, folio), plentiful)
+    };
+    if !prepared {
         // Another faulter owns these slots: find its folio next time. The
         // folio was never visible, so nobody waits on its lock.
         std::mem::forget(lock);
@@ -466,11 +491,10 @@ fn swapin_read(
     // write-protected, it keeps its slot until written or dropped. Not
     // when slots run short (`vm_swap_full()`), nor while the VM writes
     // most pages it reads.
-    let keep_clean =
-        !write && order == Order::BASE && region.counters.clean_policy.should_keep() && {
-            let st = dev.lock();
-            st.map.nr_free() * 2 >= st.map.nr_slots()
-        };
+    let keep_clean = !write
+        && order == Order::BASE
+        && slots_plentiful
+        && region.counters.clean_policy.should_keep();
     let (mapped, poisoned, clean) = {
         let mut ptl = region.pt.lock(first);
         let marker = Pte::new(PteState::SwapinMarker { folio });

@@ -396,11 +396,7 @@ pub(crate) fn map_prot_none(
     };
     // A clean folio goes back write-protected, unless this is its write.
     if clean && write {
-        inner.clear_clean(folio);
-        region.counters.clean_policy.dirtied();
-        both(inner, region, |c| {
-            c.clean_dirtied_pages.fetch_add(1, Relaxed)
-        });
+        crate::swapin::clean_folio_written(inner, region, folio);
         clean = false;
     }
     let nr = order.nr_pages();

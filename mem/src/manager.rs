@@ -212,7 +212,9 @@ pub(crate) struct Inner {
     kick_cv: Condvar,
     /// Signalled when ready memory appears (for pin's waits).
     memory_cv: Condvar,
-    /// Pages taken off the allocator by the pre-zeroing worker.
+    /// Pages taken off the allocator by the pre-zeroing worker. Changed
+    /// only under the zone lock, with the free lists, so that a reader
+    /// holding that lock sees every page in one of the two.
     pub isolated_pages: AtomicU64,
     pub prezero_limit_pages: u64,
     pub shutdown: AtomicBool,
@@ -999,9 +1001,12 @@ impl MemoryManager {
     /// A description of the imbalance.
     pub fn check_accounting(&self) -> Result<(), String> {
         self.check_swap()?;
-        let (fa, check) = {
+        // The worker's blocks are counted in `isolated_pages` under the
+        // zone lock, so both are read under it.
+        let (fa, check, held) = {
             let b = self.inner.buddy();
-            (b.stats(), b.check())
+            let held = self.inner.isolated_pages.load(Relaxed);
+            (b.stats(), b.check(), held)
         };
         check?;
         let folio_pages: u64 = {
@@ -1011,8 +1016,7 @@ impl MemoryManager {
                 .map(|(o, n)| o.nr_pages() * n)
                 .sum()
         };
-        let isolated = self.inner.isolated_pages.load(Relaxed);
-        let isolated = isolated + fa.isolated_pages;
+        let isolated = held + fa.isolated_pages;
         if fa.free_pages + folio_pages + isolated + fa.offline_pages != fa.total_pages {
             return Err(format!(
                 "free {} + folios {folio_pages} + isolated {isolated} + offline {} != pool {}",

@@ -49,13 +49,16 @@ fn prepare_one(inner: &Inner) -> bool {
         if fa.ready_pages >= inner.prezero_limit_pages && !parked {
             return false;
         }
-        match buddy.take_unprepared() {
-            Some(b) => b,
-            None => return false,
-        }
+        let Some(b) = buddy.take_unprepared() else {
+            return false;
+        };
+        // Counted under the zone lock that took it off the free lists, so
+        // that `wait_idle` and `check_accounting` never see the block in
+        // neither place.
+        inner.isolated_pages.fetch_add(b.order.nr_pages(), Relaxed);
+        b
     };
     let nr = block.order.nr_pages();
-    inner.isolated_pages.fetch_add(nr, Relaxed);
     let t0 = Instant::now();
     let state = match inner.pool.prepare(block.offset, block.order, block.state) {
         Ok(huge) => {
@@ -75,10 +78,13 @@ fn prepare_one(inner: &Inner) -> bool {
         .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
     w.prezero_blocks.fetch_add(1, Relaxed);
     w.prezero_pages.fetch_add(nr, Relaxed);
-    if let Err(e) = inner.buddy().free(block.offset, block.order, state) {
-        log_error(&format!("return of prepared {block:?}: {e}"));
+    {
+        let mut buddy = inner.buddy();
+        if let Err(e) = buddy.free(block.offset, block.order, state) {
+            log_error(&format!("return of prepared {block:?}: {e}"));
+        }
+        inner.isolated_pages.fetch_sub(nr, Relaxed);
     }
-    inner.isolated_pages.fetch_sub(nr, Relaxed);
     state == BlockState::Ready
 }
 

@@ -148,6 +148,7 @@ pub(crate) fn handle_wp_fault(inner: &Inner, addr: usize) {
     if let PteState::Present { folio, .. } = ptl.pte(idx).state() {
         crate::swapin::clean_folio_written(inner, &region, folio);
     }
+    report_streak("write-protect", &region, idx, page, || ptl.pte(idx).state());
     lift();
     drop(ptl);
 }
@@ -207,7 +208,9 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
         }
         FaultOutcome::Raced | FaultOutcome::Dead | FaultOutcome::Poisoned => {
             if outcome == FaultOutcome::Raced {
-                report_raced_streak(&region, idx, page);
+                report_streak("raced", &region, idx, page, || {
+                    region.pt.lock(idx).pte(idx).state()
+                });
             }
             let _ = inner.uffd.wake(page, PAGE_SIZE as usize);
         }
@@ -218,34 +221,44 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
     inner.faults.latency.record(ns);
 }
 
-/// Consecutive `Raced` faults of one handler on one page after which the
-/// state is logged: a faulter woken this often without its page appearing
-/// is livelocked (a `Present` entry without a host page would do that).
-const RACED_STREAK_LOG: u32 = 100_000;
+/// Consecutive faults of one kind of one handler on one page after which
+/// the state is logged: a faulter woken this often without its access
+/// succeeding is livelocked (a `Present` entry without a host page, or a
+/// write protection that does not go, would do that).
+const STREAK_LOG: u32 = 100_000;
 
 thread_local! {
-    /// This handler's last `Raced` page and how many times in a row.
-    static RACED_STREAK: std::cell::Cell<(usize, u32)> = const { std::cell::Cell::new((0, 0)) };
+    /// This handler's last page that raced or was write-protected, and how
+    /// many times in a row.
+    static STREAK: std::cell::Cell<(usize, u32)> = const { std::cell::Cell::new((0, 0)) };
 }
 
-/// Count a `Raced` fault on `page`, and log the page's state once if the
-/// same page keeps coming back: a diagnostic for a livelock that could not
-/// be reproduced (seen twice under heavy load), not a recovery.
-fn report_raced_streak(region: &Region, idx: PageIndex, page: usize) {
-    let n = RACED_STREAK.with(|s| {
+/// Count a `Raced` or write-protect fault on `page` (entry `idx` of
+/// `region`, read by `entry` if logged), and log the page's state once if
+/// the same page keeps coming back: a diagnostic for a livelock seen under
+/// heavy load, not a recovery.
+fn report_streak(
+    kind: &str,
+    region: &Region,
+    idx: PageIndex,
+    page: usize,
+    entry: impl FnOnce() -> PteState,
+) {
+    let n = STREAK.with(|s| {
         let (last, n) = s.get();
         let n = if last == page { n + 1 } else { 1 };
         s.set((page, n));
         n
     });
-    if n == RACED_STREAK_LOG {
-        let entry = region.pt.lock(idx).pte(idx).state();
+    if n == STREAK_LOG {
         log_error(&format!(
-            "page {page:#x} (vm {:?} index {}) raced {n} times in a row: entry {entry:?}, \
-             host page resident {:?}",
+            "page {page:#x} (vm {:?} index {}) {kind} {n} times in a row: entry {:?}, \
+             host page resident {:?}, pagemap {:x?}",
             region.vm,
             idx.0,
-            crate::sys::resident(page)
+            entry(),
+            crate::sys::resident(page),
+            crate::sys::pagemap(page),
         ));
     }
 }

@@ -129,6 +129,19 @@ pub fn resident(addr: usize) -> io::Result<bool> {
     Ok(vec & 1 != 0)
 }
 
+/// The `/proc/self/pagemap` entry of the page at `addr`: bit 63 present,
+/// 62 swapped, 57 uffd-wp, 56 exclusively mapped. For diagnostics.
+///
+/// # Errors
+/// Opening or reading the pagemap.
+pub fn pagemap(addr: usize) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap")?;
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, (addr as u64 / 4096) * 8)?;
+    Ok(u64::from_le_bytes(b))
+}
+
 /// An eventfd used to wake poll loops at shutdown.
 #[derive(Debug)]
 pub struct EventFd(std::os::fd::OwnedFd);

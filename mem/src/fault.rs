@@ -148,7 +148,9 @@ pub(crate) fn handle_wp_fault(inner: &Inner, addr: usize) {
     if let PteState::Present { folio, .. } = ptl.pte(idx).state() {
         crate::swapin::clean_folio_written(inner, &region, folio);
     }
-    report_streak("write-protect", &region, idx, page, || ptl.pte(idx).state());
+    report_streak(inner, "write-protect", &region, idx, page, || {
+        ptl.pte(idx).state()
+    });
     lift();
     drop(ptl);
 }
@@ -208,7 +210,7 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
         }
         FaultOutcome::Raced | FaultOutcome::Dead | FaultOutcome::Poisoned => {
             if outcome == FaultOutcome::Raced {
-                report_streak("raced", &region, idx, page, || {
+                report_streak(inner, "raced", &region, idx, page, || {
                     region.pt.lock(idx).pte(idx).state()
                 });
             }
@@ -238,6 +240,7 @@ thread_local! {
 /// the same page keeps coming back: a diagnostic for a livelock seen under
 /// heavy load, not a recovery.
 fn report_streak(
+    inner: &Inner,
     kind: &str,
     region: &Region,
     idx: PageIndex,
@@ -251,12 +254,29 @@ fn report_streak(
         n
     });
     if n == STREAK_LOG {
+        let entry = entry();
+        // The folio the entry names, and whether its pool copy is there.
+        let folio = match entry {
+            PteState::Present { folio, subpage } => {
+                let slab = inner.folios.slab();
+                slab.get(folio).map(|f| {
+                    let pool =
+                        inner.pool.host_addr(f.pool).raw() + subpage as usize * PAGE_SIZE as usize;
+                    (
+                        format!("{f:?}"),
+                        crate::sys::resident(pool),
+                        crate::sys::pagemap(pool),
+                    )
+                })
+            }
+            _ => None,
+        };
         log_error(&format!(
-            "page {page:#x} (vm {:?} index {}) {kind} {n} times in a row: entry {:?}, \
-             host page resident {:?}, pagemap {:x?}",
+            "page {page:#x} (vm {:?} index {}) {kind} {n} times in a row: entry {entry:?}, \
+             host page resident {:?}, pagemap {:x?}; folio and its pool page (resident, \
+             pagemap): {folio:?}",
             region.vm,
             idx.0,
-            entry(),
             crate::sys::resident(page),
             crate::sys::pagemap(page),
         ));

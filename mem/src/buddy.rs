@@ -240,7 +240,13 @@ impl Buddy {
     /// `order` (`expand()`), handing the upper halves back.
     fn take_split(&mut self, from: Order, state: BlockState, order: Order) -> Option<Block> {
         let pfn = *self.free[from.index()][state.index()].iter().next()?;
-        self.remove(pfn, from);
+        self.take_split_at(pfn, from, order)
+    }
+
+    /// Take the free block of `from` at `pfn` and split it down to `order`,
+    /// handing the upper halves back (so the block's lowest pages go first).
+    fn take_split_at(&mut self, pfn: u64, from: Order, order: Order) -> Option<Block> {
+        let state = self.remove(pfn, from)?;
         let mut cur = from;
         while cur > order {
             cur = cur.lower()?;
@@ -267,6 +273,31 @@ impl Buddy {
                 .map(|s| (o, s))
         })?;
         self.take_split(from, state, order)
+    }
+
+    /// Allocate a block of `order` from the lowest free block of at least
+    /// `order` (below order 9: a whole free 2 MiB block is never split),
+    /// whatever its state, that starts in `[from, end)`: the block's lowest
+    /// pages, the rest split off and handed back. Returns the block and the
+    /// pfn to scan from next (its end).
+    ///
+    /// Compaction's free scanner (`isolate_freepages_block()`, which takes
+    /// a target pageblock's free pages in address order): the targets of a
+    /// batch come out mostly adjacent, so making them holes takes a few
+    /// long `MADV_DONTNEED` ranges rather than one range per page.
+    pub fn alloc_in_range(&mut self, from: u64, end: u64, order: Order) -> Option<(Block, u64)> {
+        let end = end.min(self.nr_pages);
+        let from = from.min(end);
+        let (pfn, found) = self.head[from as usize..end as usize]
+            .iter()
+            .enumerate()
+            .find_map(|(i, h)| {
+                h.order()
+                    .filter(|o| *o >= order && *o < Order::PMD)
+                    .map(|o| (from + i as u64, o))
+            })?;
+        let b = self.take_split_at(pfn, found, order)?;
+        Some((b, pfn + order.nr_pages()))
     }
 
     /// Free pages (on the free lists) of the pageblock at `pb`.
@@ -466,19 +497,19 @@ impl Buddy {
             return false;
         }
         let mut parked = Vec::new();
-        for o in Order::all() {
-            for s in BlockState::ALL {
-                let pfns: Vec<u64> = self.free[o.index()][s.index()]
-                    .range(pb..pb + PAGEBLOCK_PAGES)
-                    .copied()
-                    .collect();
-                for pfn in pfns {
-                    self.remove(pfn, o);
-                    parked.push((pfn, o, s));
-                    self.head[pfn as usize] = Head::parked(o);
-                    self.isolated_pages += o.nr_pages();
-                }
-            }
+        // The free blocks inside, found by their heads (the pageblock is
+        // whole, so no free block reaches in from outside).
+        let mut pfn = pb;
+        while pfn < pb + PAGEBLOCK_PAGES {
+            let Some(o) = self.head[pfn as usize].order() else {
+                pfn += 1;
+                continue;
+            };
+            let s = self.remove(pfn, o).expect("a head names a free block");
+            parked.push((pfn, o, s));
+            self.head[pfn as usize] = Head::parked(o);
+            self.isolated_pages += o.nr_pages();
+            pfn += o.nr_pages();
         }
         self.isolated.insert(pb, parked);
         true
@@ -860,6 +891,38 @@ mod tests {
             (s.free_blocks[9], s.free_pages, s.isolated_pages),
             (2, 1024, 0)
         );
+        b.check().unwrap();
+    }
+
+    #[test]
+    fn alloc_in_range_takes_free_pages_in_address_order() {
+        let mut b = Buddy::new(1024, R);
+        // Pageblock 0: page 4k used, 4k+1..4k+3 free (an order-0 and an
+        // order-1 block each); pageblock 1 stays one free 2 MiB block.
+        let all: Vec<_> = (0..512).map(|_| b.alloc(Order(0), R).unwrap()).collect();
+        for blk in all.iter().filter(|x| x.offset.pfn() % 4 != 0) {
+            b.free(blk.offset, blk.order, R).unwrap();
+        }
+        let mut from = 0;
+        let mut got = Vec::new();
+        while let Some((blk, next)) = b.alloc_in_range(from, 1024, Order(0)) {
+            got.push(blk.offset.pfn());
+            from = next;
+        }
+        let want: Vec<u64> = (0..512).filter(|p| p % 4 != 0).collect();
+        assert_eq!(
+            got, want,
+            "in address order, and never into the free 2 MiB block"
+        );
+        assert_eq!(b.stats().free_blocks[9], 1);
+        b.check().unwrap();
+        // A larger order skips blocks too small for it.
+        b.free(PoolOffset::from_pfn(8), Order(0), R).unwrap();
+        b.free(PoolOffset::from_pfn(9), Order(0), R).unwrap();
+        b.free(PoolOffset::from_pfn(10), Order(1), R).unwrap();
+        b.free(PoolOffset::from_pfn(5), Order(0), R).unwrap();
+        let (blk, next) = b.alloc_in_range(0, 512, Order(2)).unwrap();
+        assert_eq!((blk.offset.pfn(), blk.order, next), (8, Order(2), 12));
         b.check().unwrap();
     }
 

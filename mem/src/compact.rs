@@ -26,7 +26,7 @@
 //! No locks held on entry. Several folio locks are held at once only by
 //! trylock (the rule of the crate docs).
 
-use crate::buddy::{BlockState, PAGEBLOCK_PAGES};
+use crate::buddy::{Block, BlockState, Buddy, PAGEBLOCK_PAGES};
 use crate::fault::move_in;
 use crate::folio::{Folio, FolioFlags, FolioLockGuard, LruLink};
 use crate::inject::FaultPoint;
@@ -38,7 +38,7 @@ use crate::sys;
 use crate::types::{FolioId, Order, PageIndex, VmId};
 use crate::vm::Region;
 use crate::vmscan::move_out;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -254,10 +254,15 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
         .map(|(pb, free)| (pb as u64 * PAGEBLOCK_PAGES, free))
         .filter(|&(_, free)| free > 0 && free < PAGEBLOCK_PAGES)
         .collect();
+    let mut scanner = FreeScanner::new(&order);
     order.sort_by_key(|&(pb, free)| (std::cmp::Reverse(free), pb));
     for (pb, _) in order {
         if done >= want {
             break;
+        }
+        if scanner.used.contains(&pb) {
+            // The scanners met: this one is being filled, not emptied.
+            continue;
         }
         let free = inner.buddy().pageblock_free_pages(pb);
         if free == 0 || free == PAGEBLOCK_PAGES {
@@ -287,7 +292,12 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
         };
         let ids: Vec<FolioId> = here.iter().map(|h| h.0).collect();
         let mut ok = true;
-        for ((id, bytes), r) in here.iter().zip(migrate_batch_for_compaction(inner, &ids)) {
+        for ((id, bytes), r) in
+            here.iter()
+                .zip(migrate_batch_for_compaction(inner, &ids, &mut |b, o| {
+                    scanner.alloc(b, o)
+                }))
+        {
             let id = *id;
             match r {
                 Ok(new) => {
@@ -317,6 +327,65 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
                 inner.workers.compact_blocks.fetch_add(1, Relaxed);
             }
             false => _ = inner.workers.compact_failed.fetch_add(1, Relaxed),
+        }
+    }
+}
+
+/// Compaction's free scanner (`isolate_freepages()`): it hands out
+/// migration targets from the free pages of the fullest pageblocks, the
+/// ones compaction fills rather than empties, in address order, so that
+/// the targets of a batch are mostly adjacent and a few long
+/// `MADV_DONTNEED` ranges make them holes (the kernel's cost is mostly per
+/// range). The pageblocks it fills are never emptied in the same run (the
+/// two scanners meet, as in `compact_zone()`). When it runs out, targets
+/// are the smallest free blocks anywhere ([`Buddy::alloc_smallest`]).
+struct FreeScanner {
+    /// Pageblocks to fill, the next one last.
+    dests: Vec<u64>,
+    /// The pageblock being filled and the pfn to scan on from.
+    cur: Option<(u64, u64)>,
+    /// Pageblocks filled (or being filled) in this run.
+    used: HashSet<u64>,
+}
+
+impl FreeScanner {
+    /// From `(pageblock, free pages)` of the partly used pageblocks.
+    fn new(partly_used: &[(u64, u64)]) -> FreeScanner {
+        let mut dests = partly_used.to_vec();
+        // Popped fewest free first, highest address first among equals
+        // (the source list is taken from the other end).
+        dests.sort_by_key(|&(pb, free)| (std::cmp::Reverse(free), pb));
+        FreeScanner {
+            dests: dests.into_iter().map(|d| d.0).collect(),
+            cur: None,
+            used: HashSet::new(),
+        }
+    }
+
+    /// A target block of `order`.
+    ///
+    /// # Context
+    /// Under the zone lock (`buddy`).
+    fn alloc(&mut self, buddy: &mut Buddy, order: Order) -> Option<Block> {
+        loop {
+            if let Some((pb, from)) = self.cur {
+                match buddy.alloc_in_range(from, pb + PAGEBLOCK_PAGES, order) {
+                    Some((b, next)) => {
+                        self.cur = Some((pb, next));
+                        return Some(b);
+                    }
+                    None => self.cur = None,
+                }
+            }
+            let Some(pb) = self.dests.pop() else {
+                return buddy.alloc_smallest(order);
+            };
+            // Emptied meanwhile (by us or by frees): keep it whole.
+            if buddy.pageblock_is_free(pb) {
+                continue;
+            }
+            self.used.insert(pb);
+            self.cur = Some((pb, pb));
         }
     }
 }

@@ -2,6 +2,7 @@
 //! so that every undo path can be driven by a test (the swap file has its
 //! own injection in [`crate::swap_file`]).
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 
 /// A step that can be made to fail.
@@ -30,6 +31,8 @@ pub enum FaultPoint {
 #[derive(Debug, Default)]
 pub(crate) struct Injector {
     plans: Mutex<Vec<InjectPlan>>,
+    /// Whether any plan is set (read without the lock on every pass).
+    armed: AtomicBool,
 }
 
 /// One armed fault point.
@@ -46,11 +49,16 @@ pub struct InjectPlan {
 impl Injector {
     /// Replace the armed plans (empty: disarm).
     pub fn set(&self, plans: Vec<InjectPlan>) {
-        *self.plans.lock().unwrap_or_else(|e| e.into_inner()) = plans;
+        let mut p = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        self.armed.store(!plans.is_empty(), Relaxed);
+        *p = plans;
     }
 
     /// Whether this pass through `point` must fail.
     pub fn hit(&self, point: FaultPoint) -> bool {
+        if !self.armed.load(Relaxed) {
+            return false;
+        }
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let Some(p) = plans.iter_mut().find(|p| p.point == point && p.count > 0) else {
             return false;

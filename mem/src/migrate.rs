@@ -25,7 +25,7 @@
 //! The caller holds a reference and the folio lock of the source, and no
 //! page-table lock. Lock order as in the crate docs.
 
-use crate::buddy::{Block, BlockState};
+use crate::buddy::{Block, BlockState, Buddy};
 use crate::fault::move_in;
 use crate::folio::{Folio, FolioFlags, FreedRange, LruLink};
 use crate::inject::FaultPoint;
@@ -36,6 +36,7 @@ use crate::types::{FolioId, Order, PoolOffset, PAGE_SIZE};
 use crate::vm::{log_error, Region};
 use crate::vmscan::move_out;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 /// Why a folio was not migrated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,13 +409,16 @@ fn migrate_swapcache(inner: &Inner, id: FolioId, target: Block) -> Result<FolioI
 /// of the whole batch are made holes with one `process_madvise`, so the
 /// TLB flushes are batched too. Anything else (a 2 MiB folio, whose block
 /// should stay one THP; pages sampled out to the pool; a swap-cache folio)
-/// is copied by [`migrate_folio`]. Returns per folio the new id or why not.
+/// is copied by [`migrate_folio`]. The targets of the relabelled folios
+/// come from `target(buddy, order)` (compaction's free scanner). Returns
+/// per folio the new id or why not.
 ///
 /// # Context
-/// No locks held.
+/// No locks held; `target` runs under the zone lock.
 pub(crate) fn migrate_batch_for_compaction(
     inner: &Inner,
     ids: &[FolioId],
+    target: &mut dyn FnMut(&mut Buddy, Order) -> Option<Block>,
 ) -> Vec<Result<FolioId, MigrateError>> {
     // One pass under the folio-table lock: the small folios still alive
     // (their ids may even name other folios now, which `relabel` checks
@@ -442,7 +446,7 @@ pub(crate) fn migrate_batch_for_compaction(
             .iter()
             .zip(injected)
             .map(|(o, hit)| match o {
-                Some(o) if *o < Order::PMD && !hit => buddy.alloc_smallest(*o),
+                Some(o) if *o < Order::PMD && !hit => target(&mut buddy, *o),
                 _ => None,
             })
             .collect()
@@ -466,6 +470,7 @@ pub(crate) fn migrate_batch_for_compaction(
         }
     };
     let mut freed: Vec<FreedRange> = Vec::new();
+    let mut regions: Vec<Arc<Region>> = Vec::new();
     let out = ids
         .iter()
         .zip(orders)
@@ -478,7 +483,7 @@ pub(crate) fn migrate_batch_for_compaction(
                 return Err(MigrateError::Unmovable);
             }
             let r = match target.filter(|_| holes) {
-                Some(t) => match relabel(inner, id, t) {
+                Some(t) => match relabel(inner, id, t, &mut regions) {
                     Some((r, old)) => {
                         freed.push(old);
                         Ok(r)
@@ -518,8 +523,14 @@ fn unused_target(t: Block) -> FreedRange {
 /// Re-label `id`'s pool range to `target` (a hole of its order); returns
 /// the folio and its old range, for the caller to free, or `None` when the
 /// folio must be copied instead (the caller keeps `target`). The caller
-/// holds a reference.
-fn relabel(inner: &Inner, id: FolioId, target: Block) -> Option<(FolioId, FreedRange)> {
+/// holds a reference. `regions` caches the regions looked up so far in the
+/// batch (a region torn down meanwhile has its tables dead).
+fn relabel(
+    inner: &Inner,
+    id: FolioId,
+    target: Block,
+    regions: &mut Vec<Arc<Region>>,
+) -> Option<(FolioId, FreedRange)> {
     let _lock = inner.folios.trylock(id)?;
     let (nr, rmap) = {
         let slab = inner.folios.slab();
@@ -536,12 +547,22 @@ fn relabel(inner: &Inner, id: FolioId, target: Block) -> Option<(FolioId, FreedR
         }
         (f.nr_pages(), f.rmap?)
     };
-    let region = inner.find_region(rmap.vm, rmap.region)?;
+    let region = match regions
+        .iter()
+        .find(|r| r.vm == rmap.vm && r.index == rmap.region)
+    {
+        Some(r) => r.clone(),
+        None => {
+            let r = inner.find_region(rmap.vm, rmap.region)?;
+            regions.push(r.clone());
+            r
+        }
+    };
     // The page-table lock orders this against discard, which reads the
     // pool range under it without the folio lock.
     let ptl = region.pt.lock(rmap.index);
-    let in_guest = !ptl.is_dead()
-        && guest_mask(&ptl, id, rmap.index, nr).is_some_and(|m| runs(&m, nr) == vec![(0, nr)]);
+    let in_guest =
+        !ptl.is_dead() && (0..nr).all(|k| ptl.pte(rmap.index.forward(k)) == Pte::present(id, k));
     if !in_guest {
         return None;
     }

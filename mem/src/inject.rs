@@ -1,5 +1,5 @@
-//! Fault injection into the steps of migration, collapse and relocation,
-//! so that every undo path can be driven by a test (the swap file has its
+//! Fault injection into the steps of migration, collapse and relocation
+//! (and one swap-out state), so that every undo path can be driven by a test (the swap file has its
 //! own injection in [`crate::swap_file`]).
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -24,6 +24,11 @@ pub enum FaultPoint {
     RelocateMove,
     /// Relocation: after every table moved, before the old range goes.
     RelocateCommit,
+    /// Swap-out: a folio whose write succeeded stays in the swap cache,
+    /// unmapped and unlocked, as when a refault is waiting for it (not a
+    /// failure: it drives the paths that meet such a folio; the next fault
+    /// on its slots maps it from the cache).
+    SwapKeepCache,
 }
 
 /// Armed fault points: each fails its next `count` passes after `skip`

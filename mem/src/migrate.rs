@@ -409,7 +409,7 @@ fn migrate_swapcache(inner: &Inner, id: FolioId, target: Block) -> Result<FolioI
 /// of the whole batch are made holes with one `process_madvise`, so the
 /// TLB flushes are batched too. Anything else (a 2 MiB folio, whose block
 /// should stay one THP; pages sampled out to the pool; a swap-cache folio)
-/// is copied by [`migrate_folio`]. The targets of the relabelled folios
+/// is copied (`migrate_referenced`). The targets of the relabelled folios
 /// come from `target(buddy, order)` (compaction's free scanner). Returns
 /// per folio the new id or why not.
 ///
@@ -490,14 +490,14 @@ pub(crate) fn migrate_batch_for_compaction(
                     }
                     None => {
                         freed.push(unused_target(t));
-                        migrate_folio(inner, id)
+                        migrate_referenced(inner, id)
                     }
                 },
                 None => {
                     if let Some(t) = target {
                         freed.push(unused_target(t));
                     }
-                    migrate_folio(inner, id)
+                    migrate_referenced(inner, id)
                 }
             };
             inner.put_folio(id, 1);
@@ -595,26 +595,32 @@ fn relabel(
 /// # Context
 /// No locks held.
 pub(crate) fn migrate_folio(inner: &Inner, id: FolioId) -> Result<FolioId, MigrateError> {
-    let order = {
+    {
         let mut slab = inner.folios.slab();
-        let Some(f) = slab.get(id) else {
+        if slab.get(id).is_none() {
             return Err(MigrateError::Unmovable);
-        };
-        let o = f.order;
+        }
         slab.get_ref(id);
-        o
-    };
-    let r = match inner.folios.trylock(id) {
-        None => Err(MigrateError::Busy),
-        Some(lock) => match alloc_target(inner, order) {
-            None => Err(MigrateError::NoMemory),
-            Some(t) => {
-                let r = migrate_locked(inner, id, t);
-                drop(lock);
-                r
-            }
-        },
-    };
+    }
+    let r = migrate_referenced(inner, id);
     inner.put_folio(id, 1);
+    r
+}
+
+/// [`migrate_folio`] for a caller that holds a reference on `id` already.
+/// Exactly one: an unmapped swap-cache folio moves only when the cache's
+/// reference and this one are all there is (see `migrate_inner`), so a
+/// second reference of the caller's would make it unmovable.
+fn migrate_referenced(inner: &Inner, id: FolioId) -> Result<FolioId, MigrateError> {
+    let order = inner
+        .folios
+        .slab()
+        .get(id)
+        .expect("the caller holds a reference")
+        .order;
+    let lock = inner.folios.trylock(id).ok_or(MigrateError::Busy)?;
+    let target = alloc_target(inner, order).ok_or(MigrateError::NoMemory)?;
+    let r = migrate_locked(inner, id, target);
+    drop(lock);
     r
 }

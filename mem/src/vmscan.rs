@@ -41,6 +41,7 @@
 
 use crate::buddy::BlockState;
 use crate::folio::{Folio, FolioFlags, FolioLockGuard, LruLink};
+use crate::inject::FaultPoint;
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
 use crate::rmap::{self, Rmap};
@@ -815,6 +816,7 @@ fn end_writeback(inner: &Inner, dev: &SwapDevice, w: &Writeback<'_>, crcs: Optio
         both(inner, &w.region, |c| c.write_errors.fetch_add(1, Relaxed));
         return 0;
     };
+    let keep = inner.inject.hit(FaultPoint::SwapKeepCache);
     let refaulted = {
         let mut st = dev.lock();
         for (k, &c) in crcs.iter().enumerate() {
@@ -823,6 +825,9 @@ fn end_writeback(inner: &Inner, dev: &SwapDevice, w: &Writeback<'_>, crcs: Optio
         let mut slab = inner.folios.slab();
         let f = slab.live(id);
         f.flags.remove(FolioFlags::WRITEBACK);
+        if keep {
+            f.flags.insert(FolioFlags::REFAULTED);
+        }
         // A refaulter waiting on the lock maps the folio from the cache
         // (it marked the folio under the swap lock, which we hold).
         let refaulted = f.flags.contains(FolioFlags::REFAULTED);

@@ -244,3 +244,60 @@ fn pinned_folios_are_skipped_and_counted() {
     verify(&ram, 1024, 1, "after");
     settle_and_check(&mm);
 }
+
+/// Issue 5: a swap-cache folio that is mapped nowhere (its write done, kept
+/// in the cache as when a refault is waiting for it) migrates with the swap
+/// cache's pointer: compaction moves it, the swap cache still holds a folio
+/// under its slot, the next fault maps that one from the cache (not the
+/// file) with the data, and the old folio and pool range are freed.
+#[test]
+fn unmapped_swap_cache_folio_migrates_with_its_cache_pointer() {
+    let mm = swap_manager(16 * MIB, 2, 64 * MIB, false);
+    let vm = mm.create_vm("swapcache").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), TABLE)]).unwrap();
+    let ram = Ram::of(&*b);
+    // One pageblock of small folios: 1 page of every 4 kept. It is the
+    // only partly used pageblock, so compaction works on it.
+    fill(&ram, 512, 1);
+    for p in (0..512).filter(|p| p % 4 != 0) {
+        mm.discard(vm, ram.gpa(p * PAGE_SIZE), PAGE_SIZE).unwrap();
+    }
+    settle_and_check(&mm);
+    // Swap a few out; the first one written stays in the swap cache.
+    mm.inject_faults(vec![InjectPlan {
+        point: FaultPoint::SwapKeepCache,
+        skip: 0,
+        count: 1,
+    }]);
+    assert!(mm.reclaim(Some(vm), 16 * PAGE_SIZE).unwrap() > 0);
+    mm.inject_faults(vec![]);
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    let s = mm.stats();
+    assert_eq!(s.swap_device.cache_pages, 1, "one folio kept in the cache");
+    assert_eq!(s.migration.migrated_swapcache, 0);
+
+    let rep = mm.compact(None, &|_, _| {}).unwrap();
+    let s = mm.stats();
+    assert_eq!(
+        s.migration.migrated_swapcache, 1,
+        "the unmapped swap-cache folio moved: {rep:?} {:?}",
+        s.migration
+    );
+    assert_eq!(s.swap_device.cache_pages, 1, "still cached under its slot");
+
+    // Every page reads back; the cached one comes from the cache.
+    for p in 0..512 {
+        for w in [0, 1, 511] {
+            let want = if p % 4 == 0 { pattern(p, w, 1) } else { 0 };
+            assert_eq!(ram.read(p * PAGE_SIZE + w * 8), want, "page {p} word {w}");
+        }
+    }
+    let s = mm.stats();
+    assert_eq!(s.swap.swapin_cache_folios, 1, "{:?}", s.swap);
+    assert_eq!(s.swap_device.cache_pages, 0);
+    settle_and_check(&mm);
+    // Nothing but the guest's folios is left: the old folio and its pool
+    // range were freed.
+    let resident = mm.vm_stats(vm).unwrap().resident_bytes();
+    assert_eq!(mm.stats().free_bytes, 16 * MIB - resident);
+}

@@ -53,8 +53,8 @@ fn prepare_one(inner: &Inner) -> bool {
             return false;
         };
         // Counted under the zone lock that took it off the free lists, so
-        // that `wait_idle` and `check_accounting` never see the block in
-        // neither place.
+        // that `wait_idle` and `check_accounting` always find the block in
+        // one of the two places.
         inner.isolated_pages.fetch_add(b.order.nr_pages(), Relaxed);
         b
     };

@@ -260,8 +260,10 @@ fn report_streak(
             PteState::Present { folio, subpage } => {
                 let slab = inner.folios.slab();
                 slab.get(folio).map(|f| {
-                    let pool =
-                        inner.pool.host_addr(f.pool).raw() + subpage as usize * PAGE_SIZE as usize;
+                    let pool = inner
+                        .pool
+                        .host_addr(f.pool.subpage(u64::from(subpage)))
+                        .raw();
                     (
                         format!("{f:?}"),
                         crate::sys::resident(pool),

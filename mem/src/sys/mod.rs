@@ -138,7 +138,7 @@ pub fn pagemap(addr: usize) -> io::Result<u64> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open("/proc/self/pagemap")?;
     let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, (addr as u64 / 4096) * 8)?;
+    f.read_exact_at(&mut b, (addr as u64 / crate::types::PAGE_SIZE) * 8)?;
     Ok(u64::from_le_bytes(b))
 }
 

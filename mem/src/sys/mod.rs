@@ -55,9 +55,7 @@ pub fn dontneed_many(ranges: &[(usize, usize)]) -> io::Result<()> {
         }
     }
     let ranges = &merged;
-    // SAFETY: pidfd_open on our own pid has no memory effects; the result
-    // is checked and the fd closed below.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) } as i32;
+    let pidfd = self_pidfd();
     for chunk in ranges.chunks(1024) {
         let iov: Vec<libc::iovec> = chunk
             .iter()
@@ -90,11 +88,36 @@ pub fn dontneed_many(ranges: &[(usize, usize)]) -> io::Result<()> {
             }
         }
     }
-    if pidfd >= 0 {
-        // SAFETY: closing the fd opened above.
-        unsafe { libc::close(pidfd) };
-    }
     Ok(())
+}
+
+/// A pidfd of this process for `process_madvise`, opened once per process
+/// (a `pidfd_open` per call cost as much as a quarter of a small batch's
+/// zap), or -1 if the kernel refuses. Keyed by pid: a forked child must not
+/// advise its parent's memory, so it opens its own.
+fn self_pidfd() -> i32 {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    static CACHE: std::sync::Mutex<Option<(i32, OwnedFd)>> = std::sync::Mutex::new(None);
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    match &*cache {
+        Some((p, fd)) if *p == pid => fd.as_raw_fd(),
+        _ => {
+            // SAFETY: pidfd_open on our own pid has no memory effects; the
+            // result is checked before use.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+            if fd < 0 {
+                return -1;
+            }
+            // SAFETY: `fd` was just opened and is owned by nothing else; the
+            // `OwnedFd` closes it (a replaced one, after a fork, closes the
+            // child's inherited copy of the parent's).
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            *cache = Some((pid, owned));
+            fd
+        }
+    }
 }
 
 /// Fault in every page of `[addr, addr+len)` writable, without touching it

@@ -48,6 +48,10 @@ use std::time::{Duration, Instant};
 /// collapse grow a guest's footprint 512-fold).
 pub const MAX_PTES_NONE: u64 = 64;
 
+/// Pageblocks isolated and emptied together by pool compaction (their
+/// targets made holes by one `process_madvise`, one TLB flush).
+const COMPACT_GROUP: u64 = 8;
+
 /// What a compaction run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CompactReport {
@@ -256,43 +260,67 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
         .collect();
     let mut scanner = FreeScanner::new(&order);
     order.sort_by_key(|&(pb, free)| (std::cmp::Reverse(free), pb));
-    for (pb, _) in order {
-        if done >= want {
+    let mut order = order.into_iter();
+    let mut room = true;
+    while done < want && room {
+        // Isolate a group of pageblocks, so that one `process_madvise`
+        // makes the targets of all of them holes: each call ends with a
+        // TLB flush of every CPU running the process, which cost more than
+        // the zap itself for one pageblock's targets.
+        let mut group: Vec<u64> = Vec::new();
+        let mut reserved = 0;
+        for (pb, _) in order.by_ref() {
+            if scanner.used.contains(&pb) {
+                // The scanners met: this one is being filled, not emptied.
+                continue;
+            }
+            let free = inner.buddy().pageblock_free_pages(pb);
+            if free == 0 || free == PAGEBLOCK_PAGES {
+                continue;
+            }
+            // Room elsewhere for what lives here and in the rest of the
+            // group (the targets; each pageblock gives as much back once
+            // released).
+            let used = PAGEBLOCK_PAGES - free;
+            if inner.buddy().nr_free() < reserved + used + free {
+                room = false;
+                break;
+            }
+            if !inner.buddy().isolate_pageblock(pb) {
+                continue;
+            }
+            reserved += used;
+            group.push(pb);
+            if group.len() as u64 >= (want - done).min(COMPACT_GROUP) {
+                break;
+            }
+        }
+        if group.is_empty() {
             break;
         }
-        if scanner.used.contains(&pb) {
-            // The scanners met: this one is being filled, not emptied.
-            continue;
-        }
-        let free = inner.buddy().pageblock_free_pages(pb);
-        if free == 0 || free == PAGEBLOCK_PAGES {
-            continue;
-        }
-        // Room elsewhere for what lives here (the target allocations; the
-        // pageblock gives as much back once released).
-        let used = PAGEBLOCK_PAGES - free;
-        if inner.buddy().nr_free() < used + free {
-            break;
-        }
-        if !inner.buddy().isolate_pageblock(pb) {
-            continue;
-        }
-        // Still here (not freed, nor reused elsewhere, since the pass).
-        let here: Vec<(FolioId, u64)> = {
+        // The folios still here (not freed, nor reused elsewhere, since the
+        // pass), with the index of their pageblock in the group.
+        let here: Vec<(FolioId, u64, usize)> = {
             let slab = inner.folios.slab();
-            by_pb
-                .remove(&pb)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|id| {
+            group
+                .iter()
+                .enumerate()
+                .flat_map(|(g, pb)| {
+                    by_pb
+                        .remove(pb)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |id| (id, *pb, g))
+                })
+                .filter_map(|(id, pb, g)| {
                     let f = slab.get(id)?;
-                    (pb_of(f.pool) == pb).then_some((id, f.order.bytes()))
+                    (pb_of(f.pool) == pb).then_some((id, f.order.bytes(), g))
                 })
                 .collect()
         };
         let ids: Vec<FolioId> = here.iter().map(|h| h.0).collect();
-        let mut ok = true;
-        for ((id, bytes), r) in
+        let mut ok = vec![true; group.len()];
+        for ((id, bytes, g), r) in
             here.iter()
                 .zip(migrate_batch_for_compaction(inner, &ids, &mut |b, o| {
                     scanner.alloc(b, o)
@@ -313,21 +341,23 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
                     if e == MigrateError::Pinned {
                         rep.skipped_pinned += 1;
                     }
-                    ok = false;
+                    ok[*g] = false;
                 }
             }
         }
-        inner.buddy().unisolate_pageblock(pb);
-        inner.kick_worker();
-        let freed = ok && inner.buddy().pageblock_is_free(pb);
-        match freed {
-            true => {
-                done += 1;
-                rep.blocks_rebuilt += 1;
-                inner.workers.compact_blocks.fetch_add(1, Relaxed);
+        for (g, &pb) in group.iter().enumerate() {
+            inner.buddy().unisolate_pageblock(pb);
+            let freed = ok[g] && inner.buddy().pageblock_is_free(pb);
+            match freed {
+                true => {
+                    done += 1;
+                    rep.blocks_rebuilt += 1;
+                    inner.workers.compact_blocks.fetch_add(1, Relaxed);
+                }
+                false => _ = inner.workers.compact_failed.fetch_add(1, Relaxed),
             }
-            false => _ = inner.workers.compact_failed.fetch_add(1, Relaxed),
         }
+        inner.kick_worker();
     }
 }
 

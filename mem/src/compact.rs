@@ -5,12 +5,13 @@
 //!
 //! # Pool compaction
 //! The pageblocks (2 MiB of pool) with the most free pages and some used
-//! ones are the cheapest to empty. One at a time: isolate it (its free
-//! blocks leave the free lists and pages freed into it are parked), migrate
-//! every folio in it to blocks elsewhere ([`crate::migrate`]), release it:
-//! the parked pages merge into one free order-9 block, which the
-//! pre-zeroing worker turns into a zeroed THP. If any folio cannot move
-//! (pinned, locked, no target) the pageblock is released as it is.
+//! ones are the cheapest to empty. A few at a time ([`COMPACT_GROUP`]):
+//! isolate them (their free blocks leave the free lists and pages freed
+//! into them are parked), migrate every folio in them to blocks elsewhere
+//! ([`crate::migrate`]), release them: the parked pages of each merge into
+//! one free order-9 block, which the pre-zeroing worker turns into a zeroed
+//! THP. If any folio of a pageblock cannot move (pinned, locked, no target)
+//! that pageblock is released as it is.
 //!
 //! # Collapse
 //! For a 2 MiB-aligned guest range whose entries are all present pages of

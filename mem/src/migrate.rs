@@ -400,8 +400,8 @@ fn migrate_swapcache(inner: &Inner, id: FolioId, target: Block) -> Result<FolioI
     Ok(new)
 }
 
-/// Migrate the folios `ids` of one pageblock for compaction (listed by the
-/// caller without a reference: one may have been freed since). A fully mapped
+/// Migrate the folios `ids` of a group of pageblocks for compaction (listed
+/// by the caller without a reference: one may have been freed since). A fully mapped
 /// small folio whose pages are all in the guest has no data in the pool:
 /// its pages live at the guest address and its pool range is a hole.
 /// Moving it to another pool range needs no unmap and no copy, only its

@@ -401,9 +401,10 @@ fn migrate_swapcache(inner: &Inner, id: FolioId, target: Block) -> Result<FolioI
 }
 
 /// Migrate the folios `ids` of a group of pageblocks for compaction (listed
-/// by the caller without a reference: one may have been freed since). A fully mapped
-/// small folio whose pages are all in the guest has no data in the pool:
-/// its pages live at the guest address and its pool range is a hole.
+/// by the caller without a reference: one may have been freed since). A
+/// fully mapped small folio whose pages are all in the guest has no data
+/// in the pool: its pages live at the guest address and its pool range is
+/// a hole.
 /// Moving it to another pool range needs no unmap and no copy, only its
 /// record's pool range changes, to a range made a hole first; the targets
 /// of the whole batch are made holes with one `process_madvise`, so the

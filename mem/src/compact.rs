@@ -275,7 +275,9 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
                 // The scanners met: this one is being filled, not emptied.
                 continue;
             }
-            let free = inner.buddy().pageblock_free_pages(pb);
+            // Looked at and isolated under one zone lock.
+            let mut buddy = inner.buddy();
+            let free = buddy.pageblock_free_pages(pb);
             if free == 0 || free == PAGEBLOCK_PAGES {
                 continue;
             }
@@ -283,13 +285,14 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
             // group (the targets; each pageblock gives as much back once
             // released).
             let used = PAGEBLOCK_PAGES - free;
-            if inner.buddy().nr_free() < reserved + used + free {
+            if buddy.nr_free() < reserved + used + free {
                 room = false;
                 break;
             }
-            if !inner.buddy().isolate_pageblock(pb) {
+            if !buddy.isolate_pageblock(pb) {
                 continue;
             }
+            drop(buddy);
             reserved += used;
             group.push(pb);
             if group.len() as u64 >= (want - done).min(COMPACT_GROUP) {
@@ -347,8 +350,11 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
             }
         }
         for (g, &pb) in group.iter().enumerate() {
-            inner.buddy().unisolate_pageblock(pb);
-            let freed = ok[g] && inner.buddy().pageblock_is_free(pb);
+            let freed = {
+                let mut buddy = inner.buddy();
+                buddy.unisolate_pageblock(pb);
+                ok[g] && buddy.pageblock_is_free(pb)
+            };
             match freed {
                 true => {
                     done += 1;

@@ -97,6 +97,11 @@ pub struct FaultCounters {
     pub move_eexist_pages: AtomicU64,
     /// `MOVE` retries after `EAGAIN`/`EBUSY` or a short move.
     pub move_retries: AtomicU64,
+    /// Faults on a `Present` entry whose host page was absent, restored
+    /// from the folio's pool page (see `fault::restore_unbacked`).
+    pub unbacked_restored: AtomicU64,
+    /// The same with no pool page either: the page was poisoned.
+    pub unbacked_poisoned: AtomicU64,
     /// Fault service time, from reading the event to the waking ioctl.
     pub latency: LatencyHistogram,
 }
@@ -115,6 +120,8 @@ impl FaultCounters {
             fallback_zeropage_pages: self.fallback_zeropage_pages.load(Relaxed),
             move_eexist_pages: self.move_eexist_pages.load(Relaxed),
             move_retries: self.move_retries.load(Relaxed),
+            unbacked_restored: self.unbacked_restored.load(Relaxed),
+            unbacked_poisoned: self.unbacked_poisoned.load(Relaxed),
             latency: self.latency.snapshot(),
         }
     }
@@ -143,6 +150,10 @@ pub struct FaultStats {
     pub move_eexist_pages: u64,
     /// `MOVE` retries.
     pub move_retries: u64,
+    /// `Present` entries found without a host page, restored from the pool.
+    pub unbacked_restored: u64,
+    /// The same with the data gone: poisoned.
+    pub unbacked_poisoned: u64,
     /// Service latency.
     pub latency: Histogram,
 }

@@ -120,6 +120,14 @@ fn racing_swapins_swapouts_and_discards_keep_every_word() {
             assert_eq!(s.ram.read(p * PAGE_SIZE + t * 8), want, "page {p} slot {t}");
         }
     }
+    let faults = mm.vm_stats(vm).unwrap().faults;
+    // A present entry without a host page (see `fault::restore_unbacked`)
+    // must at worst be restored from the pool, never lose its data.
+    eprintln!(
+        "present entries without a host page: {} restored, {} poisoned",
+        faults.unbacked_restored, faults.unbacked_poisoned
+    );
+    assert_eq!(faults.unbacked_poisoned, 0);
     let st = mm.vm_stats(vm).unwrap().swap;
     eprintln!("freed {freed} bytes, {discards} discards, {st:#?}");
     assert!(

@@ -449,6 +449,16 @@ fn scan_table(inner: &Inner, region: &Region, first: PageIndex) -> Option<(Vec<P
             PteState::None | PteState::Zero => holes += 1,
             PteState::Present { folio, subpage } | PteState::ProtNone { folio, subpage } => {
                 if subpage != 0 {
+                    // A page of the member that starts `subpage` entries
+                    // back. A folio whose first page is not mapped there
+                    // (partly discarded, its split still queued) is no
+                    // member: collapse would drop its pages with the range.
+                    let head = k
+                        .checked_sub(subpage as usize)
+                        .map(|h| ptes[h].mapped_folio());
+                    if head != Some(Some((folio, 0))) {
+                        return None;
+                    }
                     continue;
                 }
                 let f = slab.get(folio)?;

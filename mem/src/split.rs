@@ -121,6 +121,9 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
                 };
                 for k in 0..nr {
                     let idx = piece.index.forward(k);
+                    // The piece's pages are mapped (`split_plan`), so their
+                    // entries name this folio.
+                    debug_assert_eq!(ptl.pte(idx).mapped_folio().map(|m| m.0), Some(id));
                     let pte = match ptl.pte(idx).state() {
                         PteState::ProtNone { .. } => Pte::prot_none(pid, k),
                         _ => Pte::present(pid, k),

@@ -41,7 +41,11 @@ impl FolioFlags {
     pub const PINNED: FolioFlags = FolioFlags(1 << 6);
     /// `PG_lru`: on the LRU list.
     pub const LRU: FolioFlags = FolioFlags(1 << 7);
-    /// `PG_referenced`.
+    /// `PG_referenced`: mapped by a fault whose access reclaim has not yet
+    /// credited. The faulting thread touches the page only once woken, so a
+    /// folio sampled at once looks untouched; reclaim lets a referenced
+    /// folio go by one pass unsampled instead (a young PTE in
+    /// `folio_check_references()`).
     pub const REFERENCED: FolioFlags = FolioFlags(1 << 8);
     /// On the deferred-split queue (`folio_test_partially_mapped()`).
     pub const DEFERRED_SPLIT: FolioFlags = FolioFlags(1 << 9);

@@ -43,6 +43,8 @@ pub fn add_new_anon_rmap(
     let nr = block.order.nr_pages() as u32;
     let mut flags = FolioFlags::default();
     flags.insert(FolioFlags::EXCLUSIVE);
+    // Its faulting access is still to come.
+    flags.insert(FolioFlags::REFERENCED);
     let id = slab.insert(Folio {
         pool: block.offset,
         order: block.order,

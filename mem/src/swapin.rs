@@ -546,6 +546,8 @@ fn new_swapin_folio(
     let mut flags = FolioFlags::default();
     flags.insert(FolioFlags::LOCKED);
     flags.insert(FolioFlags::SWAPCACHE);
+    // Read for a fault, whose access is still to come.
+    flags.insert(FolioFlags::REFERENCED);
     inner.folios.slab().insert(Folio {
         pool: block.offset,
         order: block.order,

@@ -245,6 +245,14 @@ fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64, respect_heat: bool) -
             slab.get_ref(id);
             slab.lru_del(id);
             evict.push(id);
+        } else if respect_heat && f.flags.contains(FolioFlags::REFERENCED) {
+            // Just mapped by a fault: its access may not have happened yet.
+            slab.get_mut(id)
+                .expect("LRU folios are live")
+                .flags
+                .remove(FolioFlags::REFERENCED);
+            slab.lru_rotate(id);
+            batch.skipped += 1;
         } else if respect_heat && !f.flags.sample_on_pass(seq) {
             // Proved hot lately: let it go by unsampled this time.
             slab.lru_rotate(id);

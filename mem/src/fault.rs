@@ -313,8 +313,9 @@ pub(crate) fn fault_in(
             // Usually the install that made the entry present ran between
             // this fault and its handling, and waking the thread is enough.
             // But every install and unmap of a guest page happens under this
-            // lock, so an absent host page now means the two tables disagree.
-            if !crate::sys::resident(region.host_addr(idx).raw()).unwrap_or(true) {
+            // lock, so a host page absent now (neither mapped nor in host
+            // swap) means the two tables disagree.
+            if !crate::sys::has_page(region.host_addr(idx).raw()).unwrap_or(true) {
                 restore_unbacked(inner, region, &mut ptl, idx, folio, u64::from(subpage));
             }
             FaultOutcome::Raced
@@ -359,10 +360,10 @@ pub(crate) fn fault_in(
 /// install whose `UFFDIO_MOVE` from the pool reported the whole range
 /// moved, with the folio's pool page resident again afterwards and no
 /// recorded call of ours touching either page since. So the data is where
-/// the install took it from: a resident pool page is moved in again. With
-/// no pool page either, the data is gone and the page is poisoned, so that
-/// the guest gets a memory error, never wrong data. Both are counted and
-/// logged.
+/// the install took it from: a pool page that holds data (mapped, or in
+/// host swap) is moved in again. With no pool page either, the data is gone
+/// and the page is poisoned, so that the guest gets a memory error, never
+/// wrong data. Both are counted and logged.
 ///
 /// # Context
 /// Page-table lock held (`ptl`); the entry names a live folio.
@@ -381,11 +382,12 @@ fn restore_unbacked(
     };
     let addr = region.host_addr(idx).raw();
     let pool_addr = inner.pool.host_addr(pool).raw();
-    if crate::sys::resident(pool_addr).unwrap_or(false) {
-        move_in(inner, region, idx, pool, 1, false);
+    // Counted before the ioctl that wakes the faulting thread.
+    if crate::sys::has_page(pool_addr).unwrap_or(false) {
         for c in [&region.counters.faults, &inner.faults] {
             c.unbacked_restored.fetch_add(1, Relaxed);
         }
+        move_in(inner, region, idx, pool, 1, false);
         log_error(&format!(
             "page {addr:#x} (vm {:?} index {}) was present in our table but not \
              mapped; moved its folio's pool page back in",
@@ -402,11 +404,11 @@ fn restore_unbacked(
         inner.free_range(f);
     }
     region.counters.resident(order, -1);
-    if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
-        log_error(&format!("UFFDIO_POISON at {addr:#x}: errno {}", e.errno));
-    }
     for c in [&region.counters.faults, &inner.faults] {
         c.unbacked_poisoned.fetch_add(1, Relaxed);
+    }
+    if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
+        log_error(&format!("UFFDIO_POISON at {addr:#x}: errno {}", e.errno));
     }
     log_error(&format!(
         "page {addr:#x} (vm {:?} index {}) was present in our table but not mapped, \

@@ -704,6 +704,42 @@ impl MemoryManager {
         discard::discard(&self.inner, &state, gpa, len)
     }
 
+    /// Test support: take `vm`'s page at `gpa` out of the host page table
+    /// while its entry stays `Present`, the broken state a fault then
+    /// repairs (`fault::restore_unbacked`). With `into_pool` the page moves
+    /// to its folio's pool page (as if an install had not moved it);
+    /// otherwise it is dropped. Returns whether the entry was `Present`.
+    ///
+    /// # Errors
+    /// [`VmError::NoSuchVm`].
+    #[doc(hidden)]
+    pub fn debug_unmap_behind_entry(
+        &self,
+        vm: VmId,
+        gpa: GuestAddress,
+        into_pool: bool,
+    ) -> Result<bool, VmError> {
+        let state = self.inner.vm(vm).ok_or(VmError::NoSuchVm(vm))?;
+        let Some((region, idx)) = state.region_of(gpa, PAGE_SIZE) else {
+            return Ok(false);
+        };
+        let ptl = region.pt.lock(idx);
+        let Some((folio, sub)) = ptl.pte(idx).mapped_folio() else {
+            return Ok(false);
+        };
+        if !matches!(ptl.pte(idx).state(), crate::pte::PteState::Present { .. }) {
+            return Ok(false);
+        }
+        if into_pool {
+            let pool = self.inner.folios.slab().get(folio).map(|f| f.pool);
+            let Some(pool) = pool else { return Ok(false) };
+            let pool = pool.subpage(u64::from(sub));
+            Ok(crate::vmscan::move_out(&self.inner, &region, idx, pool, 1) == 1)
+        } else {
+            Ok(crate::sys::dontneed(region.host_addr(idx).raw(), PAGE_SIZE as usize).is_ok())
+        }
+    }
+
     /// Pin `[gpa, gpa + len)` of `vm` for device access (GUP-like), faulting
     /// unpopulated pages in from this thread. Unpinned when the guard drops.
     ///

@@ -89,3 +89,73 @@ fn exhausted_pool_parks_the_fault_until_memory_is_discarded() {
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);
 }
+
+/// Read one word of our own memory through `process_vm_readv`, which
+/// faults like a device access (GUP): a poisoned page is `EFAULT` here
+/// rather than `SIGBUS` in the test.
+fn read_via_gup(addr: usize) -> std::io::Result<u64> {
+    let mut word = 0u64;
+    let local = libc::iovec {
+        iov_base: (&mut word as *mut u64).cast(),
+        iov_len: 8,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: 8,
+    };
+    // SAFETY: `local` is our own 8-byte buffer, alive across the call; the
+    // kernel reads `remote` through our page tables and fails cleanly on a
+    // bad page.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    match n {
+        8 => Ok(word),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// An entry `Present` whose host page is gone (seen under `swap_race`, cause
+/// unknown) is repaired by the next fault on it: from its folio's pool page
+/// when the data is there, or by poisoning the page, never by serving
+/// zeros.
+#[test]
+fn a_present_entry_without_its_host_page_is_restored_or_poisoned() {
+    let mm = manager(4 * MIB, 2);
+    let vm = mm.create_vm("unbacked").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    let word = |p: u64| 0xab_0000 + p;
+    for p in 0..32 {
+        ram.write(p * PAGE_SIZE + 8, word(p));
+    }
+    let counts = || {
+        let f = mm.vm_stats(vm).unwrap().faults;
+        (f.unbacked_restored, f.unbacked_poisoned)
+    };
+    // Page 3's data goes to its folio's pool page behind its entry's back.
+    assert!(mm
+        .debug_unmap_behind_entry(vm, GuestAddress(3 * PAGE_SIZE), true)
+        .unwrap());
+    assert_eq!(
+        ram.read(3 * PAGE_SIZE + 8),
+        word(3),
+        "restored from the pool"
+    );
+    assert_eq!(counts(), (1, 0));
+    // Page 5's data is dropped: the page is poisoned, not served as zero.
+    assert!(mm
+        .debug_unmap_behind_entry(vm, GuestAddress(5 * PAGE_SIZE), false)
+        .unwrap());
+    let r = read_via_gup(ram.0.host_addr.raw() as usize + 5 * PAGE_SIZE as usize + 8);
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EFAULT));
+    assert_eq!(counts(), (1, 1));
+    for p in (0..32).filter(|&p| p != 5) {
+        assert_eq!(ram.read(p * PAGE_SIZE + 8), word(p), "page {p}");
+    }
+    // A discard clears the poison; the page is usable again.
+    mm.discard(vm, GuestAddress(5 * PAGE_SIZE), PAGE_SIZE)
+        .unwrap();
+    assert_eq!(ram.read(5 * PAGE_SIZE + 8), 0);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}

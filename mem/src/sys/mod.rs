@@ -165,6 +165,16 @@ pub fn pagemap(addr: usize) -> io::Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
+/// Whether the page at `addr` holds data in this process: mapped, or in
+/// host swap (`pagemap` bits 63 and 62). A page the host swapped out is not
+/// resident for `mincore`, yet its data is there.
+///
+/// # Errors
+/// Reading the pagemap.
+pub fn has_page(addr: usize) -> io::Result<bool> {
+    Ok(pagemap(addr)? & (3 << 62) != 0)
+}
+
 /// An eventfd used to wake poll loops at shutdown.
 #[derive(Debug)]
 pub struct EventFd(std::os::fd::OwnedFd);

@@ -145,7 +145,7 @@ fn a_present_entry_without_its_host_page_is_restored_or_poisoned() {
     assert!(mm
         .debug_unmap_behind_entry(vm, GuestAddress(5 * PAGE_SIZE), false)
         .unwrap());
-    let r = read_via_gup(ram.0.host_addr.raw() as usize + 5 * PAGE_SIZE as usize + 8);
+    let r = read_via_gup(ram.0.host_addr.raw() + 5 * PAGE_SIZE as usize + 8);
     assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EFAULT));
     assert_eq!(counts(), (1, 1));
     for p in (0..32).filter(|&p| p != 5) {

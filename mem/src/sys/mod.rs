@@ -153,13 +153,29 @@ pub fn resident(addr: usize) -> io::Result<bool> {
 }
 
 /// The `/proc/self/pagemap` entry of the page at `addr`: bit 63 present,
-/// 62 swapped, 57 uffd-wp, 56 exclusively mapped. For diagnostics.
+/// 62 swapped, 57 uffd-wp, 56 exclusively mapped.
 ///
 /// # Errors
 /// Opening or reading the pagemap.
 pub fn pagemap(addr: usize) -> io::Result<u64> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open("/proc/self/pagemap")?;
+    use std::sync::Arc;
+    // Opened once per process: a fault handler asks on every raced fault.
+    // Keyed by pid, as a forked child must read its own page table.
+    static CACHE: std::sync::Mutex<Option<(i32, Arc<std::fs::File>)>> = std::sync::Mutex::new(None);
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let f = {
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cache {
+            Some((p, f)) if *p == pid => f.clone(),
+            _ => {
+                let f = Arc::new(std::fs::File::open("/proc/self/pagemap")?);
+                *cache = Some((pid, f.clone()));
+                f
+            }
+        }
+    };
     let mut b = [0u8; 8];
     f.read_exact_at(&mut b, (addr as u64 / crate::types::PAGE_SIZE) * 8)?;
     Ok(u64::from_le_bytes(b))

@@ -723,11 +723,19 @@ impl MemoryManager {
         let Some((region, idx)) = state.region_of(gpa, PAGE_SIZE) else {
             return Ok(false);
         };
-        let ptl = region.pt.lock(idx);
-        let Some((folio, sub)) = ptl.pte(idx).mapped_folio() else {
+        let present = |pte: crate::pte::Pte| match pte.state() {
+            crate::pte::PteState::Present { folio, subpage } => Some((folio, subpage)),
+            _ => None,
+        };
+        let Some((folio, sub)) = present(region.pt.lock(idx).pte(idx)) else {
             return Ok(false);
         };
-        if !matches!(ptl.pte(idx).state(), crate::pte::PteState::Present { .. }) {
+        // Folio lock, then page-table lock, as reclaim takes them.
+        let Some(_lock) = self.inner.folios.trylock(folio) else {
+            return Ok(false);
+        };
+        let ptl = region.pt.lock(idx);
+        if present(ptl.pte(idx)) != Some((folio, sub)) {
             return Ok(false);
         }
         if into_pool {

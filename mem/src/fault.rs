@@ -361,7 +361,9 @@ pub(crate) fn fault_in(
 /// moved, with the folio's pool page resident again afterwards and no
 /// recorded call of ours touching either page since. So the data is where
 /// the install took it from: a pool page that holds data (mapped, or in
-/// host swap) is moved in again. With no pool page either, the data is gone
+/// host swap) is moved in again. (After an install by `COPY`, that page is
+/// the data as installed; every case seen was a fresh install by `MOVE`
+/// not yet touched.) With no pool page either, the data is gone
 /// and the page is poisoned, so that the guest gets a memory error, never
 /// wrong data. Both are counted and logged.
 ///

@@ -30,19 +30,7 @@ fn swapped_vm(mm: &Arc<MemoryManager>) -> (VmId, Arc<mem::FolioBackend>, Ram) {
 /// Read a word of our own memory without risking SIGBUS: a poisoned page
 /// makes the read fail instead.
 fn try_read(addr: usize) -> Option<u64> {
-    let mut v = 0u64;
-    let local = libc::iovec {
-        iov_base: (&mut v as *mut u64).cast(),
-        iov_len: 8,
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: 8,
-    };
-    // SAFETY: `local` points at a live u64; `remote` is only read by the
-    // kernel, which reports a fault as an error instead of signalling.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    (n == 8).then_some(v)
+    read_via_gup(addr).ok()
 }
 
 fn plan(op: IoOp, fault: InjectedFault) -> Vec<FaultPlan> {

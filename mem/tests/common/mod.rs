@@ -108,3 +108,26 @@ pub fn settle_and_check(mm: &MemoryManager) {
     mm.check_accounting()
         .expect("allocator accounting balances");
 }
+
+/// Read one word of our own memory through `process_vm_readv`, which
+/// faults like a device access (GUP): a poisoned page is `EFAULT` here
+/// rather than `SIGBUS` in the test.
+pub fn read_via_gup(addr: usize) -> std::io::Result<u64> {
+    let mut word = 0u64;
+    let local = libc::iovec {
+        iov_base: (&mut word as *mut u64).cast(),
+        iov_len: 8,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: 8,
+    };
+    // SAFETY: `local` is our own 8-byte buffer, alive across the call; the
+    // kernel reads `remote` through our page tables and fails cleanly on a
+    // bad page.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    match n {
+        8 => Ok(word),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}

@@ -206,8 +206,9 @@ struct Isolated {
 /// touched since (victims, taken off the LRU), and folios not sampled yet
 /// (rotated to the next generation, to be sampled now), both with a
 /// reference; hot folios still owed a pass, and folios just mapped by a
-/// fault (`REFERENCED`, once), go by unsampled while `respect_heat` (a reclaim that found too little in one rotation samples
-/// them all: the protection must not stall it). Victims are only taken
+/// fault (`REFERENCED`, once), go by unsampled while `respect_heat` (a
+/// reclaim that found too little in one rotation samples them all: the
+/// protection must not stall it). Victims are only taken
 /// while the VM stays above `floor` resident pages; their pages are
 /// reserved in `vm.reclaiming` (`Isolated::reserved`) until the caller is
 /// done with them.

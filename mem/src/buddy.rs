@@ -127,6 +127,9 @@ pub struct Buddy {
     /// and `buddy_order()` of the page's `struct page`), so that lookups
     /// by address need no search of the free lists.
     head: Vec<Head>,
+    /// Free pages (on the free lists) per pageblock, kept with the lists
+    /// (the `NR_FREE_PAGES` of a pageblock, for compaction's choices).
+    pb_free: Vec<u32>,
     nr_pages: u64,
     free_pages: u64,
     ready_pages: u64,
@@ -184,6 +187,7 @@ impl Buddy {
         let mut b = Buddy {
             free: Default::default(),
             head: vec![Head::NONE; nr_pages as usize],
+            pb_free: vec![0; nr_pages.div_ceil(PAGEBLOCK_PAGES) as usize],
             nr_pages,
             free_pages: 0,
             ready_pages: 0,
@@ -207,6 +211,7 @@ impl Buddy {
     fn insert(&mut self, pfn: u64, order: Order, state: BlockState) {
         self.free[order.index()][state.index()].insert(pfn);
         self.head[pfn as usize] = Head::new(order, state);
+        self.pb_free[(pfn / PAGEBLOCK_PAGES) as usize] += order.nr_pages() as u32;
         self.free_pages += order.nr_pages();
         if state == BlockState::Ready {
             self.ready_pages += order.nr_pages();
@@ -217,6 +222,7 @@ impl Buddy {
         let state = self.head.get(pfn as usize)?.state_if(order)?;
         self.free[order.index()][state.index()].remove(&pfn);
         self.head[pfn as usize] = Head::NONE;
+        self.pb_free[(pfn / PAGEBLOCK_PAGES) as usize] -= order.nr_pages() as u32;
         self.free_pages -= order.nr_pages();
         if state == BlockState::Ready {
             self.ready_pages -= order.nr_pages();
@@ -300,14 +306,13 @@ impl Buddy {
         Some((b, pfn + order.nr_pages()))
     }
 
-    /// Free pages (on the free lists) of the pageblock at `pb`.
+    /// Free pages (on the free lists) of the pageblock at `pb` (its first
+    /// pfn).
     pub fn pageblock_free_pages(&self, pb: u64) -> u64 {
-        let end = (pb + PAGEBLOCK_PAGES).min(self.nr_pages);
-        self.head[pb.min(end) as usize..end as usize]
-            .iter()
-            .filter_map(|h| h.order())
-            .map(|o| o.nr_pages())
-            .sum()
+        debug_assert!(pb.is_multiple_of(PAGEBLOCK_PAGES));
+        self.pb_free
+            .get((pb / PAGEBLOCK_PAGES) as usize)
+            .map_or(0, |&n| u64::from(n))
     }
 
     /// Whether the pageblock at `pb` is one free block.
@@ -553,16 +558,11 @@ impl Buddy {
     /// choosing compaction sources. A pageblock holding offline memory
     /// counts 0: it cannot be emptied into a free 2 MiB block.
     pub fn free_pages_per_pageblock(&self) -> Vec<u64> {
-        let mut out = vec![0; (self.nr_pages / PAGEBLOCK_PAGES) as usize];
-        for o in Order::all() {
-            for s in BlockState::ALL {
-                for &pfn in &self.free[o.index()][s.index()] {
-                    if let Some(c) = out.get_mut((pfn / PAGEBLOCK_PAGES) as usize) {
-                        *c += o.nr_pages();
-                    }
-                }
-            }
-        }
+        let whole = (self.nr_pages / PAGEBLOCK_PAGES) as usize;
+        let mut out: Vec<u64> = self.pb_free[..whole]
+            .iter()
+            .map(|&n| u64::from(n))
+            .collect();
         for &pfn in self.offline.keys() {
             if let Some(c) = out.get_mut((pfn / PAGEBLOCK_PAGES) as usize) {
                 *c = 0;
@@ -601,6 +601,7 @@ impl Buddy {
         blocks * 16
             + self.offline.len() as u64 * 24
             + self.head.len() as u64
+            + self.pb_free.len() as u64 * 4
             + std::mem::size_of::<Self>() as u64
     }
 
@@ -673,6 +674,17 @@ impl Buddy {
                 "free or offline blocks overlap: {:?} {:?}",
                 w[0], w[1]
             ));
+        }
+        let mut pb_free = vec![0u32; self.pb_free.len()];
+        for o in Order::all() {
+            for s in BlockState::ALL {
+                for &pfn in &self.free[o.index()][s.index()] {
+                    pb_free[(pfn / PAGEBLOCK_PAGES) as usize] += o.nr_pages() as u32;
+                }
+            }
+        }
+        if pb_free != self.pb_free {
+            return Err("per-pageblock free counts disagree with the lists".into());
         }
         if free != self.free_pages || ready != self.ready_pages {
             return Err(format!(

@@ -244,9 +244,10 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
     // with the folios this run creates (a pageblock emptied earlier may
     // receive some); folios faulted in meanwhile make a pageblock fail.
     let pb_of = |pool: crate::types::PoolOffset| pool.pfn() - pool.pfn() % PAGEBLOCK_PAGES;
-    let mut by_pb: HashMap<u64, Vec<FolioId>> = HashMap::new();
+    let nr_pbs = inner.pool.nr_pages().div_ceil(PAGEBLOCK_PAGES) as usize;
+    let mut by_pb: Vec<Vec<FolioId>> = vec![Vec::new(); nr_pbs];
     for (id, f) in inner.folios.slab().iter() {
-        by_pb.entry(pb_of(f.pool)).or_default().push(id);
+        by_pb[(f.pool.pfn() / PAGEBLOCK_PAGES) as usize].push(id);
     }
     let mut done = 0;
     // Candidates, the pageblocks with the most free pages (fewest to move)
@@ -309,12 +310,10 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
             group
                 .iter()
                 .enumerate()
-                .flat_map(|(g, pb)| {
-                    by_pb
-                        .remove(pb)
-                        .unwrap_or_default()
+                .flat_map(|(g, &pb)| {
+                    std::mem::take(&mut by_pb[(pb / PAGEBLOCK_PAGES) as usize])
                         .into_iter()
-                        .map(move |id| (id, *pb, g))
+                        .map(move |id| (id, pb, g))
                 })
                 .filter_map(|(id, pb, g)| {
                     let f = slab.get(id)?;
@@ -336,7 +335,7 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
                     rep.folios_migrated += 1;
                     rep.migrated_bytes += bytes;
                     if let Some(f) = inner.folios.slab().get(new) {
-                        by_pb.entry(pb_of(f.pool)).or_default().push(new);
+                        by_pb[(f.pool.pfn() / PAGEBLOCK_PAGES) as usize].push(new);
                     }
                 }
                 Err(MigrateError::Unmovable) if inner.folios.slab().get(id).is_none() => {}

@@ -240,6 +240,13 @@ pub(crate) fn kcompactd_thread(inner: &Inner) {
 
 /// Empty up to `want` pageblocks into free 2 MiB blocks.
 pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
+    inner.compacting.fetch_add(1, Relaxed);
+    compact_pool_inner(inner, want, rep);
+    inner.compacting.fetch_sub(1, Relaxed);
+    inner.kick_worker();
+}
+
+fn compact_pool_inner(inner: &Inner, want: u64, rep: &mut CompactReport) {
     // Folios by pageblock, in one pass over the folio table, kept current
     // with the folios this run creates (a pageblock emptied earlier may
     // receive some); folios faulted in meanwhile make a pageblock fail.
@@ -363,7 +370,6 @@ pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
                 false => _ = inner.workers.compact_failed.fetch_add(1, Relaxed),
             }
         }
-        inner.kick_worker();
     }
 }
 

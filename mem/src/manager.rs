@@ -227,6 +227,9 @@ pub(crate) struct Inner {
     /// Reclaim passes and fault services running now (for
     /// [`MemoryManager::wait_idle`]).
     pub reclaimers: AtomicU64,
+    /// Pool compaction passes running now: the pre-zeroing worker holds
+    /// off while one runs (see `prezero::prepare_one`).
+    pub compacting: AtomicU64,
     /// Background reclaimer wake-up flag. Leaf.
     kswapd_kick: Mutex<bool>,
     kswapd_cv: Condvar,
@@ -542,6 +545,7 @@ impl MemoryManager {
             swap_counters: SwapCounters::default(),
             watermarks,
             reclaimers: AtomicU64::new(0),
+            compacting: AtomicU64::new(0),
             kswapd_kick: Mutex::new(false),
             kswapd_cv: Condvar::new(),
             inject: Injector::default(),

@@ -49,6 +49,15 @@ fn prepare_one(inner: &Inner) -> bool {
         if fa.ready_pages >= inner.prezero_limit_pages && !parked {
             return false;
         }
+        // A pool compaction pass is running: the blocks it rebuilds are
+        // prepared when it ends (it kicks this worker). Preparing them
+        // meanwhile would only compete with it for the other CPU and for
+        // memory bandwidth, and make every one of its `MADV_DONTNEED`
+        // flushes interrupt this thread, in the same mm. Unless faults
+        // wait or ready memory runs short.
+        if inner.compacting.load(Relaxed) > 0 && !parked && fa.ready_pages >= inner.watermarks.low {
+            return false;
+        }
         let Some(b) = buddy.take_unprepared() else {
             return false;
         };

@@ -29,6 +29,10 @@ pub enum FaultPoint {
     /// failure: it drives the paths that meet such a folio; the next fault
     /// on its slots maps it from the cache).
     SwapKeepCache,
+    /// Deferred split: a pass of the worker leaves the queue alone (not a
+    /// failure: a partially discarded large folio stays whole and queued,
+    /// which drives the paths that meet one before its split).
+    SplitDefer,
 }
 
 /// Armed fault points: each fails its next `count` passes after `skip`

@@ -9,6 +9,7 @@
 
 use crate::buddy::BlockState;
 use crate::folio::{Folio, FolioFlags, FreedRange, LruLink};
+use crate::inject::FaultPoint;
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState};
 use crate::rmap::{split_plan, Rmap};
@@ -20,6 +21,9 @@ use std::sync::atomic::Ordering::Relaxed;
 /// # Context
 /// Pre-zeroing worker; no locks held.
 pub(crate) fn deferred_split_scan(inner: &Inner) {
+    if inner.inject.hit(FaultPoint::SplitDefer) {
+        return;
+    }
     loop {
         // Counted busy before the queue is popped, so that `wait_idle`
         // never sees an empty queue and no split in flight while a split

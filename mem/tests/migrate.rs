@@ -141,6 +141,60 @@ fn collapse_builds_pmd_folios_and_undoes_failures() {
     settle_and_check(&mm);
 }
 
+/// A large folio whose first pages were discarded waits for its deferred
+/// split with its other pages still mapped. Collapse must not take its
+/// table then: those pages belong to no member it would copy, and the
+/// collapse drops the whole 2 MiB range.
+#[test]
+fn collapse_leaves_a_table_with_a_folio_awaiting_its_split() {
+    let mm = manager(64 * MIB, 2);
+    let vm = mm.create_vm("partial").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 2 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    fill(&ram, 512, 1);
+    // Pieces of orders 0 to 8; pages 256-511 are one order-8 folio.
+    shatter(&mm, vm, &ram, 0, 1);
+    let order8 = |mm: &mem::MemoryManager| mm.vm_stats(vm).unwrap().resident_bytes_by_order[8];
+    assert_eq!(order8(&mm), 256 * PAGE_SIZE);
+    // Its first 16 pages go; its split waits (the worker skips the queue).
+    mm.inject_faults(vec![InjectPlan {
+        point: FaultPoint::SplitDefer,
+        skip: 0,
+        count: u32::MAX,
+    }]);
+    mm.discard(vm, ram.gpa(256 * PAGE_SIZE), 16 * PAGE_SIZE)
+        .unwrap();
+    assert_eq!(order8(&mm), 240 * PAGE_SIZE, "partly mapped, not split");
+    let check = |what: &str| {
+        for p in (0..256).chain(272..512) {
+            for w in [0, 1, 511] {
+                assert_eq!(
+                    ram.read(p * PAGE_SIZE + w * 8),
+                    pattern(p, w, 1),
+                    "{what}: page {p}"
+                );
+            }
+        }
+        for p in 256..272 {
+            assert_eq!(ram.read(p * PAGE_SIZE), 0, "{what}: discarded page {p}");
+        }
+    };
+    let rep = mm.compact(Some(vm), &|_, _| {}).unwrap();
+    check("after compaction");
+    assert_eq!(rep.collapsed, 0, "{rep:?}");
+    assert_eq!(order8(&mm), 240 * PAGE_SIZE, "still waiting for its split");
+    // Once split, the table collapses, with the same data.
+    mm.inject_faults(vec![]);
+    settle_and_check(&mm);
+    assert_eq!(order8(&mm), 0, "split");
+    let rep = mm.compact(Some(vm), &|_, _| {}).unwrap();
+    assert_eq!(rep.collapsed, 1, "{rep:?}");
+    check("collapsed");
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
 #[test]
 fn compaction_rebuilds_free_2m_blocks_from_scattered_pages() {
     let budget = 16 * MIB;

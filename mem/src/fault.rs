@@ -13,6 +13,7 @@
 //! retries it once it has prepared memory.
 
 use crate::buddy::{Block, BlockState};
+use crate::folio::FolioFlags;
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
 use crate::rmap::{self, Rmap};
@@ -316,7 +317,7 @@ pub(crate) fn fault_in(
             // lock, so a host page absent now (neither mapped nor in host
             // swap) means the two tables disagree.
             if !crate::sys::has_page(region.host_addr(idx).raw()).unwrap_or(true) {
-                restore_unbacked(inner, region, &mut ptl, idx, folio, u64::from(subpage));
+                return restore_unbacked(inner, region, &mut ptl, idx, folio, u64::from(subpage));
             }
             FaultOutcome::Raced
         }
@@ -367,6 +368,12 @@ pub(crate) fn fault_in(
 /// and the page is poisoned, so that the guest gets a memory error, never
 /// wrong data. Both are counted and logged.
 ///
+/// A clean folio needs no reading of evidence: its swap slot holds its data
+/// (checksummed), so it is dropped back to `Swap(slot)` as reclaim drops a
+/// clean folio, and the fault, retried, reads it from there. Its pool page
+/// is not trusted; and moved in, it would come without the write
+/// protection that keeps it clean.
+///
 /// # Context
 /// Page-table lock held (`ptl`); the entry names a live folio.
 fn restore_unbacked(
@@ -376,13 +383,42 @@ fn restore_unbacked(
     idx: PageIndex,
     folio: FolioId,
     subpage: u64,
-) {
-    let (pool, order) = {
-        let slab = inner.folios.slab();
-        let f = slab.get(folio).expect("a mapped entry names a live folio");
-        (f.pool.subpage(subpage), f.order)
-    };
+) -> FaultOutcome {
     let addr = region.host_addr(idx).raw();
+    let (pool, order, clean_slot) = {
+        let mut slab = inner.folios.slab();
+        let f = slab
+            .get_mut(folio)
+            .expect("a mapped entry names a live folio");
+        let clean_slot = match f.flags.contains(FolioFlags::CLEAN) {
+            // The slot's count passes from the folio to the entry.
+            true => f.swap.take(),
+            false => None,
+        };
+        f.flags.remove(FolioFlags::CLEAN);
+        (f.pool.subpage(subpage), f.order, clean_slot)
+    };
+    if let Some(slot) = clean_slot {
+        ptl.set_pte(idx, Pte::swap(slot));
+        let removal = {
+            let mut slab = inner.folios.slab();
+            rmap::remove_rmap_ptes(&mut slab, ptl, folio, subpage, 1, BlockState::NeedsZero)
+        };
+        if let Some(f) = removal.freed {
+            inner.free_range(f);
+        }
+        region.counters.resident(order, -1);
+        swapin::both(inner, region, |c| c.swapped_pages.fetch_add(1, Relaxed));
+        for c in [&region.counters.faults, &inner.faults] {
+            c.unbacked_from_slot.fetch_add(1, Relaxed);
+        }
+        log_error(&format!(
+            "page {addr:#x} (vm {:?} index {}) was present in our table but not \
+             mapped; clean, so read again from its swap slot {slot:?}",
+            region.vm, idx.0
+        ));
+        return FaultOutcome::Retry;
+    }
     let pool_addr = inner.pool.host_addr(pool).raw();
     // Counted before the ioctl that wakes the faulting thread.
     if crate::sys::has_page(pool_addr).unwrap_or(false) {
@@ -395,7 +431,7 @@ fn restore_unbacked(
              mapped; moved its folio's pool page back in",
             region.vm, idx.0
         ));
-        return;
+        return FaultOutcome::Raced;
     }
     ptl.set_pte(idx, Pte::new(PteState::Poisoned));
     let removal = {
@@ -417,6 +453,7 @@ fn restore_unbacked(
          and its folio's pool page is gone: poisoned",
         region.vm, idx.0
     ));
+    FaultOutcome::Raced
 }
 
 /// The largest order whose aligned range around `idx` is inside the region

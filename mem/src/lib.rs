@@ -140,7 +140,8 @@ pub use discard::{DiscardError, DiscardOutcome};
 pub use hotplug::{BudgetChange, BudgetError};
 pub use inject::{FaultPoint, InjectPlan};
 pub use manager::{
-    BackendError, MemoryManager, MmConfig, MmError, ReclaimConfig, ReclaimError, VmError,
+    BackendError, DebugUnmap, MemoryManager, MmConfig, MmError, ReclaimConfig, ReclaimError,
+    VmError,
 };
 pub use migrate::MigrateError;
 pub use pin::{PinError, PinGuard};

@@ -110,6 +110,19 @@ impl MmConfig {
     }
 }
 
+/// How [`MemoryManager::debug_unmap_behind_entry`] takes a page away.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugUnmap {
+    /// Dropped: its data is gone.
+    Drop,
+    /// Moved to its folio's pool page, as if an install had not moved it.
+    IntoPool,
+    /// Moved to its folio's pool page, which is then overwritten: the pool
+    /// page is not the page's data.
+    IntoPoolScribbled,
+}
+
 /// Errors from [`MemoryManager::new`].
 #[derive(Debug, thiserror::Error)]
 pub enum MmError {
@@ -710,9 +723,8 @@ impl MemoryManager {
 
     /// Test support: take `vm`'s page at `gpa` out of the host page table
     /// while its entry stays `Present`, the broken state a fault then
-    /// repairs (`fault::restore_unbacked`). With `into_pool` the page moves
-    /// to its folio's pool page (as if an install had not moved it);
-    /// otherwise it is dropped. Returns whether the entry was `Present`.
+    /// repairs (`fault::restore_unbacked`), in the way `how` says. Returns
+    /// whether the entry was `Present`.
     ///
     /// # Errors
     /// [`VmError::NoSuchVm`].
@@ -721,7 +733,7 @@ impl MemoryManager {
         &self,
         vm: VmId,
         gpa: GuestAddress,
-        into_pool: bool,
+        how: DebugUnmap,
     ) -> Result<bool, VmError> {
         let state = self.inner.vm(vm).ok_or(VmError::NoSuchVm(vm))?;
         let Some((region, idx)) = state.region_of(gpa, PAGE_SIZE) else {
@@ -742,14 +754,25 @@ impl MemoryManager {
         if present(ptl.pte(idx)) != Some((folio, sub)) {
             return Ok(false);
         }
-        if into_pool {
-            let pool = self.inner.folios.slab().get(folio).map(|f| f.pool);
-            let Some(pool) = pool else { return Ok(false) };
-            let pool = pool.subpage(u64::from(sub));
-            Ok(crate::vmscan::move_out(&self.inner, &region, idx, pool, 1) == 1)
-        } else {
-            Ok(crate::sys::dontneed(region.host_addr(idx).raw(), PAGE_SIZE as usize).is_ok())
+        if how == DebugUnmap::Drop {
+            return Ok(
+                crate::sys::dontneed(region.host_addr(idx).raw(), PAGE_SIZE as usize).is_ok(),
+            );
         }
+        let pool = self.inner.folios.slab().get(folio).map(|f| f.pool);
+        let Some(pool) = pool else { return Ok(false) };
+        let pool = pool.subpage(u64::from(sub));
+        if crate::vmscan::move_out(&self.inner, &region, idx, pool, 1) != 1 {
+            return Ok(false);
+        }
+        if how == DebugUnmap::IntoPoolScribbled {
+            let at = self.inner.pool.host_addr(pool).raw() as *mut u64;
+            // SAFETY: the folio's pool page, populated by the move just
+            // made; we hold the folio lock and the page-table lock, and
+            // nothing holds a reference into pool memory.
+            unsafe { std::ptr::write_bytes(at, 0x5a, PAGE_SIZE as usize / 8) };
+        }
+        Ok(true)
     }
 
     /// Pin `[gpa, gpa + len)` of `vm` for device access (GUP-like), faulting

@@ -102,6 +102,9 @@ pub struct FaultCounters {
     pub unbacked_restored: AtomicU64,
     /// The same with no pool page either: the page was poisoned.
     pub unbacked_poisoned: AtomicU64,
+    /// The same for a clean folio: its entry went back to its swap slot,
+    /// and the fault read the page from there.
+    pub unbacked_from_slot: AtomicU64,
     /// Fault service time, from reading the event to the waking ioctl.
     pub latency: LatencyHistogram,
 }
@@ -122,6 +125,7 @@ impl FaultCounters {
             move_retries: self.move_retries.load(Relaxed),
             unbacked_restored: self.unbacked_restored.load(Relaxed),
             unbacked_poisoned: self.unbacked_poisoned.load(Relaxed),
+            unbacked_from_slot: self.unbacked_from_slot.load(Relaxed),
             latency: self.latency.snapshot(),
         }
     }
@@ -154,6 +158,8 @@ pub struct FaultStats {
     pub unbacked_restored: u64,
     /// The same with the data gone: poisoned.
     pub unbacked_poisoned: u64,
+    /// The same for a clean folio: read again from its swap slot.
+    pub unbacked_from_slot: u64,
     /// Service latency.
     pub latency: Histogram,
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use mem::{GuestAddress, Order, PAGE_SIZE};
+use mem::{DebugUnmap, GuestAddress, Order, PAGE_SIZE};
 use std::time::Duration;
 
 #[test]
@@ -110,7 +110,7 @@ fn a_present_entry_without_its_host_page_is_restored_or_poisoned() {
     };
     // Page 3's data goes to its folio's pool page behind its entry's back.
     assert!(mm
-        .debug_unmap_behind_entry(vm, GuestAddress(3 * PAGE_SIZE), true)
+        .debug_unmap_behind_entry(vm, GuestAddress(3 * PAGE_SIZE), DebugUnmap::IntoPool)
         .unwrap());
     assert_eq!(
         ram.read(3 * PAGE_SIZE + 8),
@@ -120,7 +120,7 @@ fn a_present_entry_without_its_host_page_is_restored_or_poisoned() {
     assert_eq!(counts(), (1, 0));
     // Page 5's data is dropped: the page is poisoned, not served as zero.
     assert!(mm
-        .debug_unmap_behind_entry(vm, GuestAddress(5 * PAGE_SIZE), false)
+        .debug_unmap_behind_entry(vm, GuestAddress(5 * PAGE_SIZE), DebugUnmap::Drop)
         .unwrap());
     let r = read_via_gup(ram.0.host_addr.raw() + 5 * PAGE_SIZE as usize + 8);
     assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EFAULT));

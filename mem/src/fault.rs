@@ -398,8 +398,9 @@ fn restore_unbacked(
         f.flags.remove(FolioFlags::CLEAN);
         (f.pool.subpage(subpage), f.order, clean_slot)
     };
-    if let Some(slot) = clean_slot {
-        ptl.set_pte(idx, Pte::swap(slot));
+    // The entry becomes `pte` and the page leaves the folio's rmap.
+    let unmap = |ptl: &mut PtlGuard<'_>, pte: Pte| {
+        ptl.set_pte(idx, pte);
         let removal = {
             let mut slab = inner.folios.slab();
             rmap::remove_rmap_ptes(&mut slab, ptl, folio, subpage, 1, BlockState::NeedsZero)
@@ -408,6 +409,9 @@ fn restore_unbacked(
             inner.free_range(f);
         }
         region.counters.resident(order, -1);
+    };
+    if let Some(slot) = clean_slot {
+        unmap(ptl, Pte::swap(slot));
         swapin::both(inner, region, |c| c.swapped_pages.fetch_add(1, Relaxed));
         for c in [&region.counters.faults, &inner.faults] {
             c.unbacked_from_slot.fetch_add(1, Relaxed);
@@ -433,15 +437,7 @@ fn restore_unbacked(
         ));
         return FaultOutcome::Raced;
     }
-    ptl.set_pte(idx, Pte::new(PteState::Poisoned));
-    let removal = {
-        let mut slab = inner.folios.slab();
-        rmap::remove_rmap_ptes(&mut slab, ptl, folio, subpage, 1, BlockState::NeedsZero)
-    };
-    if let Some(f) = removal.freed {
-        inner.free_range(f);
-    }
-    region.counters.resident(order, -1);
+    unmap(ptl, Pte::new(PteState::Poisoned));
     for c in [&region.counters.faults, &inner.faults] {
         c.unbacked_poisoned.fetch_add(1, Relaxed);
     }

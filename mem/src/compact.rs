@@ -240,10 +240,18 @@ pub(crate) fn kcompactd_thread(inner: &Inner) {
 
 /// Empty up to `want` pageblocks into free 2 MiB blocks.
 pub(crate) fn compact_pool(inner: &Inner, want: u64, rep: &mut CompactReport) {
+    /// Counts the pass in `Inner::compacting` (the worker holds off while
+    /// it runs), even if it unwinds, and wakes the worker at its end.
+    struct Pass<'a>(&'a Inner);
+    impl Drop for Pass<'_> {
+        fn drop(&mut self) {
+            self.0.compacting.fetch_sub(1, Relaxed);
+            self.0.kick_worker();
+        }
+    }
     inner.compacting.fetch_add(1, Relaxed);
+    let _pass = Pass(inner);
     compact_pool_inner(inner, want, rep);
-    inner.compacting.fetch_sub(1, Relaxed);
-    inner.kick_worker();
 }
 
 fn compact_pool_inner(inner: &Inner, want: u64, rep: &mut CompactReport) {

@@ -243,6 +243,9 @@ pub(crate) struct Inner {
     /// Pool compaction passes running now: the pre-zeroing worker holds
     /// off while one runs (see `prezero::prepare_one`).
     pub compacting: AtomicU64,
+    /// Threads in [`Inner::wait_for_memory`]: the worker never holds off
+    /// while one waits.
+    pub memory_waiters: AtomicU64,
     /// Background reclaimer wake-up flag. Leaf.
     kswapd_kick: Mutex<bool>,
     kswapd_cv: Condvar,
@@ -415,14 +418,18 @@ impl Inner {
     /// # Context
     /// No manager lock held. Not for handler threads (they park instead).
     pub fn wait_for_memory(&self, timeout: Duration) -> bool {
+        // Counted before the kick, so the worker it wakes sees it.
+        self.memory_waiters.fetch_add(1, Relaxed);
         self.kick_worker();
         let k = self.kick.lock().unwrap_or_else(|e| e.into_inner());
-        !self
+        let woken = !self
             .memory_cv
             .wait_timeout(k, timeout)
             .unwrap_or_else(|e| e.into_inner())
             .1
-            .timed_out()
+            .timed_out();
+        self.memory_waiters.fetch_sub(1, Relaxed);
+        woken
     }
 
     /// Wake the background reclaimer.
@@ -559,6 +566,7 @@ impl MemoryManager {
             watermarks,
             reclaimers: AtomicU64::new(0),
             compacting: AtomicU64::new(0),
+            memory_waiters: AtomicU64::new(0),
             kswapd_kick: Mutex::new(false),
             kswapd_cv: Condvar::new(),
             inject: Injector::default(),

@@ -53,9 +53,12 @@ fn prepare_one(inner: &Inner) -> bool {
         // prepared when it ends (it kicks this worker). Preparing them
         // meanwhile would only compete with it for the other CPU and for
         // memory bandwidth, and make every one of its `MADV_DONTNEED`
-        // flushes interrupt this thread, in the same mm. Unless faults
-        // wait or ready memory runs short.
-        if inner.compacting.load(Relaxed) > 0 && !parked && fa.ready_pages >= inner.watermarks.low {
+        // flushes interrupt this thread, in the same mm. Unless faults are
+        // parked, a thread waits for memory (a pin faulting in, another
+        // pass waiting for a ready 2 MiB block), or ready memory runs short.
+        let waiting = parked || inner.memory_waiters.load(Relaxed) > 0;
+        if inner.compacting.load(Relaxed) > 0 && !waiting && fa.ready_pages >= inner.watermarks.low
+        {
             return false;
         }
         let Some(b) = buddy.take_unprepared() else {

@@ -231,6 +231,61 @@ fn compaction_rebuilds_free_2m_blocks_from_scattered_pages() {
     settle_and_check(&mm);
 }
 
+/// Pins that fault in 2 MiB folios while pool compaction passes run get
+/// their memory, and the pages compaction moves keep their data. A pass
+/// keeps the pre-zeroing worker from preparing blocks, and a pin that finds
+/// only unprepared 2 MiB blocks waits for it: a thread waiting for memory
+/// lifts the hold-off. (Here the passes are short enough that a pin would
+/// outwait them even without that; a pass over gigabytes would not be.)
+#[test]
+fn pins_get_memory_while_compaction_runs() {
+    let budget = 64 * MIB;
+    let mm = manager(budget, 2);
+    let frag = mm.create_vm("fragment").unwrap();
+    let b = mm.backend(frag, &[(GuestAddress(0), budget)]).unwrap();
+    let ram = Ram::of(&*b);
+    let pinvm = mm.create_vm("pins").unwrap();
+    let pb = mm.backend(pinvm, &[(GuestAddress(0), 8 * MIB)]).unwrap();
+    let pages = budget / PAGE_SIZE;
+    let mut pins = 0;
+    for round in 0..6 {
+        // Every pageblock about a quarter used, by pages faulted in this
+        // round: no free 2 MiB block.
+        let keep = round % 4;
+        fill(&ram, pages, round);
+        for p in (0..pages).filter(|p| p % 4 != keep) {
+            mm.discard(frag, ram.gpa(p * PAGE_SIZE), PAGE_SIZE).unwrap();
+        }
+        settle_and_check(&mm);
+        std::thread::scope(|s| {
+            let pass = s.spawn(|| mm.compact(Some(frag), &|_, _| {}).unwrap());
+            let mut k = 0;
+            while !pass.is_finished() {
+                let at = GuestAddress((k % 4) * 2 * MIB);
+                let guard = mm.pin(pinvm, at, 2 * MIB);
+                assert!(guard.is_ok(), "round {round}: pin {k}: {:?}", guard.err());
+                drop(guard);
+                mm.discard(pinvm, at, 2 * MIB).unwrap();
+                k += 1;
+            }
+            pins += k;
+            let rep = pass.join().unwrap();
+            assert!(
+                rep.blocks_rebuilt > 0,
+                "round {round}: {rep:?} {:?}",
+                mm.stats()
+            );
+        });
+        for p in (keep..pages).step_by(4) {
+            assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, round), "page {p}");
+        }
+    }
+    eprintln!("{pins} pins during compaction passes");
+    drop(pb);
+    drop(b);
+    settle_and_check(&mm);
+}
+
 #[test]
 fn background_compaction_repairs_fallbacks() {
     let budget = 16 * MIB;

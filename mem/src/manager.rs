@@ -751,36 +751,48 @@ impl MemoryManager {
             crate::pte::PteState::Present { folio, subpage } => Some((folio, subpage)),
             _ => None,
         };
-        let Some((folio, sub)) = present(region.pt.lock(idx).pte(idx)) else {
+        // A reference keeps the folio alive (and its id ours) until the
+        // folio lock below is dropped, even if a fault frees it meanwhile.
+        let Some((folio, sub)) = ({
+            let ptl = region.pt.lock(idx);
+            let p = present(ptl.pte(idx));
+            if let Some((f, _)) = p {
+                self.inner.folios.slab().get_ref(f);
+            }
+            p
+        }) else {
             return Ok(false);
         };
-        // Folio lock, then page-table lock, as reclaim takes them.
-        let Some(_lock) = self.inner.folios.trylock(folio) else {
-            return Ok(false);
-        };
-        let ptl = region.pt.lock(idx);
-        if present(ptl.pte(idx)) != Some((folio, sub)) {
-            return Ok(false);
-        }
-        if how == DebugUnmap::Drop {
-            return Ok(
-                crate::sys::dontneed(region.host_addr(idx).raw(), PAGE_SIZE as usize).is_ok(),
-            );
-        }
-        let pool = self.inner.folios.slab().get(folio).map(|f| f.pool);
-        let Some(pool) = pool else { return Ok(false) };
-        let pool = pool.subpage(u64::from(sub));
-        if crate::vmscan::move_out(&self.inner, &region, idx, pool, 1) != 1 {
-            return Ok(false);
-        }
-        if how == DebugUnmap::IntoPoolScribbled {
-            let at = self.inner.pool.host_addr(pool).raw() as *mut u64;
-            // SAFETY: the folio's pool page, populated by the move just
-            // made; we hold the folio lock and the page-table lock, and
-            // nothing holds a reference into pool memory.
-            unsafe { std::ptr::write_bytes(at, 0x5a, PAGE_SIZE as usize / 8) };
-        }
-        Ok(true)
+        let unmapped = (|| {
+            // Folio lock, then page-table lock, as reclaim takes them.
+            let Some(_lock) = self.inner.folios.trylock(folio) else {
+                return false;
+            };
+            let ptl = region.pt.lock(idx);
+            if present(ptl.pte(idx)) != Some((folio, sub)) {
+                return false;
+            }
+            if how == DebugUnmap::Drop {
+                return crate::sys::dontneed(region.host_addr(idx).raw(), PAGE_SIZE as usize)
+                    .is_ok();
+            }
+            let pool = self.inner.folios.slab().get(folio).map(|f| f.pool);
+            let Some(pool) = pool else { return false };
+            let pool = pool.subpage(u64::from(sub));
+            if crate::vmscan::move_out(&self.inner, &region, idx, pool, 1) != 1 {
+                return false;
+            }
+            if how == DebugUnmap::IntoPoolScribbled {
+                let at = self.inner.pool.host_addr(pool).raw() as *mut u64;
+                // SAFETY: the folio's pool page, populated by the move just
+                // made; we hold the folio lock and the page-table lock, and
+                // nothing holds a reference into pool memory.
+                unsafe { std::ptr::write_bytes(at, 0x5a, PAGE_SIZE as usize / 8) };
+            }
+            true
+        })();
+        self.inner.put_folio(folio, 1);
+        Ok(unmapped)
     }
 
     /// Pin `[gpa, gpa + len)` of `vm` for device access (GUP-like), faulting

@@ -717,6 +717,7 @@ impl Buddy {
     pub fn check(&self) -> Result<(), String> {
         let mut blocks: Vec<(u64, u64)> = Vec::new();
         let (mut free, mut ready) = (0, 0);
+        let mut pb_free = vec![0u32; self.pb_free.len()];
         for o in Order::all() {
             let list = &self.free[o.index()];
             let mut count = vec![[0u8; NR_STATES]; list.count.len()];
@@ -728,6 +729,7 @@ impl Buddy {
                     return Err(format!("pfn {pfn:#x}: head map disagrees with free list"));
                 };
                 count[((pfn >> o.0) / 64) as usize][s.index()] += 1;
+                pb_free[(pfn / PAGEBLOCK_PAGES) as usize] += o.nr_pages() as u32;
                 blocks.push((pfn, o.nr_pages()));
                 free += o.nr_pages();
                 if s == BlockState::Ready {
@@ -791,12 +793,6 @@ impl Buddy {
                 "free or offline blocks overlap: {:?} {:?}",
                 w[0], w[1]
             ));
-        }
-        let mut pb_free = vec![0u32; self.pb_free.len()];
-        for o in Order::all() {
-            for pfn in self.free[o.index()].iter() {
-                pb_free[(pfn / PAGEBLOCK_PAGES) as usize] += o.nr_pages() as u32;
-            }
         }
         if pb_free != self.pb_free {
             return Err("per-pageblock free counts disagree with the lists".into());

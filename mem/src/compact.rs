@@ -259,10 +259,12 @@ fn compact_pool_inner(inner: &Inner, want: u64, rep: &mut CompactReport) {
     // with the folios this run creates (a pageblock emptied earlier may
     // receive some); folios faulted in meanwhile make a pageblock fail.
     let pb_of = |pool: crate::types::PoolOffset| pool.pfn() - pool.pfn() % PAGEBLOCK_PAGES;
+    // A pageblock's slot in `by_pb`, from its first pfn.
+    let slot = |pb: u64| (pb / PAGEBLOCK_PAGES) as usize;
     let nr_pbs = inner.pool.nr_pages().div_ceil(PAGEBLOCK_PAGES) as usize;
     let mut by_pb: Vec<Vec<FolioId>> = vec![Vec::new(); nr_pbs];
     for (id, f) in inner.folios.slab().iter() {
-        by_pb[(f.pool.pfn() / PAGEBLOCK_PAGES) as usize].push(id);
+        by_pb[slot(pb_of(f.pool))].push(id);
     }
     let mut done = 0;
     // Candidates, the pageblocks with the most free pages (fewest to move)
@@ -326,7 +328,7 @@ fn compact_pool_inner(inner: &Inner, want: u64, rep: &mut CompactReport) {
                 .iter()
                 .enumerate()
                 .flat_map(|(g, &pb)| {
-                    std::mem::take(&mut by_pb[(pb / PAGEBLOCK_PAGES) as usize])
+                    std::mem::take(&mut by_pb[slot(pb)])
                         .into_iter()
                         .map(move |id| (id, pb, g))
                 })
@@ -350,7 +352,7 @@ fn compact_pool_inner(inner: &Inner, want: u64, rep: &mut CompactReport) {
                     rep.folios_migrated += 1;
                     rep.migrated_bytes += bytes;
                     if let Some(f) = inner.folios.slab().get(new) {
-                        by_pb[(f.pool.pfn() / PAGEBLOCK_PAGES) as usize].push(new);
+                        by_pb[slot(pb_of(f.pool))].push(new);
                     }
                 }
                 Err(MigrateError::Unmovable) if inner.folios.slab().get(id).is_none() => {}

@@ -246,6 +246,10 @@ pub(crate) struct Inner {
     /// Threads in [`Inner::wait_for_memory`]: the worker never holds off
     /// while one waits.
     pub memory_waiters: AtomicU64,
+    /// When reclaim last freed memory, in ns since `started` (0: never).
+    last_reclaim_ns: AtomicU64,
+    /// The manager's creation, the epoch of `last_reclaim_ns`.
+    started: Instant,
     /// Background reclaimer wake-up flag. Leaf.
     kswapd_kick: Mutex<bool>,
     kswapd_cv: Condvar,
@@ -256,7 +260,25 @@ pub(crate) struct Inner {
     kcompactd_cv: Condvar,
 }
 
+/// How long after reclaim last freed memory the pool counts as under
+/// reclaim pressure ([`Inner::under_reclaim`]).
+const RECLAIM_RECENT: Duration = Duration::from_secs(1);
+
 impl Inner {
+    /// Reclaim freed memory just now.
+    pub fn note_reclaim(&self) {
+        let ns = self.started.elapsed().as_nanos() as u64;
+        self.last_reclaim_ns.store(ns.max(1), Relaxed);
+    }
+
+    /// Whether reclaim freed memory within [`RECLAIM_RECENT`]: the budget
+    /// is spent, and new allocations are mostly swapins.
+    pub fn under_reclaim(&self) -> bool {
+        let last = self.last_reclaim_ns.load(Relaxed);
+        let now = self.started.elapsed().as_nanos() as u64;
+        last != 0 && now.saturating_sub(last) < RECLAIM_RECENT.as_nanos() as u64
+    }
+
     /// Take the zone lock.
     pub fn buddy(&self) -> MutexGuard<'_, Buddy> {
         self.buddy.lock().unwrap_or_else(|e| e.into_inner())
@@ -567,6 +589,8 @@ impl MemoryManager {
             reclaimers: AtomicU64::new(0),
             compacting: AtomicU64::new(0),
             memory_waiters: AtomicU64::new(0),
+            last_reclaim_ns: AtomicU64::new(0),
+            started: Instant::now(),
             kswapd_kick: Mutex::new(false),
             kswapd_cv: Condvar::new(),
             inject: Injector::default(),
@@ -1058,9 +1082,10 @@ impl MemoryManager {
         })
     }
 
-    /// Wait until the pre-zeroing worker has prepared every free block (up
-    /// to the configured limit), the deferred-split queue is empty and no
-    /// reclaim pass or fault service is running.
+    /// Wait until the pre-zeroing worker has prepared the free blocks it
+    /// keeps ready (all of them up to the configured limit, fewer under
+    /// reclaim pressure: `prezero::ready_target`), the deferred-split queue
+    /// is empty and no reclaim pass or fault service is running.
     /// Returns false at the timeout. For benchmarks and tests.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let start = Instant::now();
@@ -1068,7 +1093,7 @@ impl MemoryManager {
             let unprepared = {
                 let b = self.inner.buddy();
                 let fa = b.stats();
-                fa.ready_pages < self.inner.prezero_limit_pages.min(fa.free_pages)
+                fa.ready_pages < crate::prezero::ready_target(&self.inner, &fa)
             };
             let splits = !self.inner.folios.slab().deferred_split.is_empty();
             let isolated = self.inner.isolated_pages.load(Relaxed) > 0;

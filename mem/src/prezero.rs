@@ -8,7 +8,7 @@
 //! is dropped and faulted in again as a fresh THP, which the kernel zeroes),
 //! and frees it back as `Ready`.
 
-use crate::buddy::BlockState;
+use crate::buddy::{BlockState, FreeAreaStats};
 use crate::fault::handle_fault;
 use crate::manager::Inner;
 use crate::split::deferred_split_scan;
@@ -36,6 +36,25 @@ pub(crate) fn worker_thread(inner: &Inner) {
     }
 }
 
+/// How much free memory the worker keeps `Ready`: all of it, up to the
+/// configured limit, unless reclaim is running against the budget.
+///
+/// Under reclaim pressure (reclaim freed memory within the last second,
+/// [`Inner::under_reclaim`]) nearly every allocation is a swapin, whose
+/// read overwrites its block: zeroing the memory reclaim frees would be
+/// wasted, and each prepare also costs a `MADV_DONTNEED` flush in this mm.
+/// So only a quarter of the low watermark is kept ready then, for faults
+/// on untouched memory, well below the free memory reclaim maintains so
+/// that swapins find unprepared blocks first; more is prepared when such
+/// faults park (see [`prepare_one`]).
+pub(crate) fn ready_target(inner: &Inner, fa: &FreeAreaStats) -> u64 {
+    let target = inner.prezero_limit_pages.min(fa.free_pages);
+    match inner.under_reclaim() {
+        true => target.min(inner.watermarks.low / 4),
+        false => target,
+    }
+}
+
 /// Prepare one block if one needs it. Returns whether it did any work.
 fn prepare_one(inner: &Inner) -> bool {
     let block = {
@@ -46,7 +65,7 @@ fn prepare_one(inner: &Inner) -> bool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty();
-        if fa.ready_pages >= inner.prezero_limit_pages && !parked {
+        if fa.ready_pages >= ready_target(inner, &fa) && !parked {
             return false;
         }
         // A pool compaction pass is running: the blocks it rebuilds are

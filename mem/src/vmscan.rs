@@ -182,6 +182,9 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
         freed += shrink_folio_list(inner, evict);
         vm.reclaiming.fetch_sub(reserved, Relaxed);
     }
+    if freed > 0 {
+        inner.note_reclaim();
+    }
     for c in [&vm.counters.swap, &inner.swap_counters] {
         c.reclaim_scanned.fetch_add(scanned, Relaxed);
         c.reclaimed_pages.fetch_add(freed, Relaxed);

@@ -253,3 +253,44 @@ fn clean_pages_are_reclaimed_without_a_write() {
     assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
     mm.check_accounting().unwrap();
 }
+
+/// Under reclaim pressure nearly every allocation is a swapin, whose read
+/// overwrites its block: the pre-zeroing worker must not zero the memory
+/// reclaim frees (work the swapin throws away), only keep a small reserve
+/// for faults on untouched memory. Those still get served meanwhile.
+#[test]
+fn memory_freed_by_reclaim_is_not_zeroed_for_swapins() {
+    let budget = 16 * MIB;
+    let guest = 64 * MIB;
+    let mm = swap_manager(budget, 2, 256 * MIB, true);
+    let vm = mm.create_vm("churn").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), guest)]).unwrap();
+    let ram = Ram::of(&*b);
+    let pages = guest / PAGE_SIZE;
+    // First touch of the whole guest: untouched memory, under pressure
+    // from its second quarter on.
+    for p in 0..pages {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 0));
+    }
+    let (before, swapped_before) = (mm.stats(), mm.vm_stats(vm).unwrap().swap);
+    // Read passes: every fault is a swapin.
+    for _ in 0..2 {
+        for p in 0..pages {
+            assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 0), "page {p}");
+        }
+    }
+    let (after, swapped_after) = (mm.stats(), mm.vm_stats(vm).unwrap().swap);
+    let swapins = swapped_after.swapin_file_pages - swapped_before.swapin_file_pages;
+    let zeroed = after.prezero_pages - before.prezero_pages;
+    eprintln!("swapins {swapins}, pages pre-zeroed meanwhile {zeroed}");
+    assert!(swapins >= pages, "the read passes swapped in {swapins} pages");
+    // Some is zeroed still: the reserve for untouched memory, refilled
+    // a 2 MiB block at a time when swapins find nothing else free.
+    assert!(
+        zeroed * 2 < swapins,
+        "{zeroed} pages pre-zeroed during {swapins} swapins"
+    );
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}

@@ -111,6 +111,87 @@ impl HostBenchOpts {
     }
 }
 
+/// Accesses that waited at least [`STALL_NS`], as the accessing thread
+/// saw them: a fault (and for the kernel, also a reclaim it ran). The same
+/// clock, threads and pattern under both setups, so their means compare
+/// the whole cost of a fault, which a ratio of throughputs hides.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stalls {
+    /// Accesses that waited.
+    pub count: u64,
+    /// Their total wait, ns.
+    pub sum_ns: u64,
+    /// Their distribution.
+    pub hist: Histogram,
+}
+
+/// An access this slow waited for something: a resident page is touched
+/// in well under a microsecond.
+pub const STALL_NS: u64 = 4_000;
+
+impl Stalls {
+    fn record(&mut self, ns: u64) {
+        if ns < STALL_NS {
+            return;
+        }
+        self.count += 1;
+        self.sum_ns += ns;
+        let b = (63 - ns.leading_zeros()) as usize;
+        if self.hist.buckets.len() <= b {
+            self.hist.buckets.resize(b + 1, 0);
+        }
+        self.hist.buckets[b] += 1;
+    }
+
+    fn merge(&mut self, o: &Stalls) {
+        self.count += o.count;
+        self.sum_ns += o.sum_ns;
+        if self.hist.buckets.len() < o.hist.buckets.len() {
+            self.hist.buckets.resize(o.hist.buckets.len(), 0);
+        }
+        for (a, b) in self.hist.buckets.iter_mut().zip(&o.hist.buckets) {
+            *a += b;
+        }
+    }
+
+    /// Mean wait, ns (0 without stalls).
+    pub fn mean_ns(&self) -> u64 {
+        self.sum_ns / self.count.max(1)
+    }
+
+    /// One line: count, mean, median and 99th percentile.
+    fn summary(&self) -> String {
+        format!(
+            "{} waited, mean {}, p50 <= {}, p99 <= {}",
+            self.count,
+            us(self.mean_ns()),
+            us(self.hist.quantile_ns(0.5)),
+            us(self.hist.quantile_ns(0.99))
+        )
+    }
+
+    /// Count, sum and buckets, comma-separated (for the child's line).
+    fn encode(&self) -> String {
+        let mut v = vec![self.count, self.sum_ns];
+        v.extend(&self.hist.buckets);
+        v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    fn decode(s: &str) -> Option<Stalls> {
+        let v: Vec<u64> = s.split(',').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let (&count, rest) = v.split_first()?;
+        let (&sum_ns, buckets) = rest.split_first()?;
+        let hist = Histogram {
+            buckets: buckets.to_vec(),
+        };
+        (hist.count() == count).then_some(Stalls {
+            count,
+            sum_ns,
+            hist,
+        })
+    }
+}
+
 /// One pattern under the kernel baseline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelRun {
@@ -124,6 +205,8 @@ pub struct KernelRun {
     pub pswpin: u64,
     /// See `pswpin`.
     pub pswpout: u64,
+    /// Accesses that waited.
+    pub stalls: Stalls,
 }
 
 /// One pattern under foliovm.
@@ -133,6 +216,8 @@ pub struct FolioPattern {
     pub pattern: Pattern,
     /// Accesses per second.
     pub ops_per_sec: f64,
+    /// Accesses that waited.
+    pub stalls: Stalls,
     /// Swapins from the file during the pattern, fault to mapped.
     pub swapin: Histogram,
     /// Refaults from the swap cache during the pattern.
@@ -177,6 +262,9 @@ pub struct HostBenchReport {
     pub opts: HostBenchOpts,
     /// The kernel baseline, or why it did not run.
     pub kernel: Result<Vec<KernelRun>, String>,
+    /// Kernel-side children its memory cgroup OOM-killed before the one
+    /// that ran (see [`KERNEL_ATTEMPTS`]).
+    pub kernel_oom_kills: u32,
     /// foliovm, or why it did not run.
     pub folio: Result<FolioRun, String>,
     /// Raw preads of the sizes foliovm's swapins read.
@@ -186,9 +274,10 @@ pub struct HostBenchReport {
 /// Run the patterns under both setups (the kernel first) and measure raw
 /// preads of the sizes foliovm read.
 pub fn run(opts: &HostBenchOpts) -> HostBenchReport {
+    let mut kernel_oom_kills = 0;
     let kernel = match opts.skip_kernel {
         true => Err("skipped".to_string()),
-        false => kernel_baseline(opts),
+        false => kernel_baseline(opts, &mut kernel_oom_kills),
     };
     let folio = foliovm(opts);
     let mut sizes = vec![PAGE_SIZE];
@@ -210,6 +299,7 @@ pub fn run(opts: &HostBenchOpts) -> HostBenchReport {
     HostBenchReport {
         opts: opts.clone(),
         kernel,
+        kernel_oom_kills,
         folio,
         raw,
     }
@@ -272,9 +362,16 @@ impl Zipf {
 /// # Safety
 /// `[base, base + pages * 4 KiB)` is a live read-write mapping for the
 /// whole call, and nothing else accesses the words the threads use.
-unsafe fn run_pattern(base: usize, pages: u64, pattern: Pattern, threads: u64, ops: u64) -> f64 {
+unsafe fn run_pattern(
+    base: usize,
+    pages: u64,
+    pattern: Pattern,
+    threads: u64,
+    ops: u64,
+) -> (f64, Stalls) {
     let zipf = Zipf::new(pages, 0.99);
     let start = Instant::now();
+    let mut stalls = Stalls::default();
     let total: u64 = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {
@@ -286,6 +383,7 @@ unsafe fn run_pattern(base: usize, pages: u64, pattern: Pattern, threads: u64, o
                         Pattern::Sequential => 2 * (hi - lo),
                         _ => ops / threads,
                     };
+                    let mut stalls = Stalls::default();
                     for i in 0..n {
                         let p = match pattern {
                             Pattern::Sequential => lo + i % (hi - lo),
@@ -294,20 +392,28 @@ unsafe fn run_pattern(base: usize, pages: u64, pattern: Pattern, threads: u64, o
                         };
                         let addr =
                             (base + (p * PAGE_SIZE) as usize + (t as usize % 512) * 8) as *mut u64;
+                        let t0 = Instant::now();
                         // SAFETY: inside the mapping (the caller's contract);
                         // each thread owns its own word of every page.
                         unsafe {
                             let v = std::ptr::read_volatile(addr);
                             std::ptr::write_volatile(addr, v.wrapping_add(1));
                         }
+                        stalls.record(t0.elapsed().as_nanos() as u64);
                     }
-                    n
+                    (n, stalls)
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        hs.into_iter()
+            .map(|h| {
+                let (n, st) = h.join().unwrap_or_default();
+                stalls.merge(&st);
+                n
+            })
+            .sum()
     });
-    total as f64 / start.elapsed().as_secs_f64()
+    (total as f64 / start.elapsed().as_secs_f64(), stalls)
 }
 
 /// Write every page once (the first touch, not timed in the results).
@@ -338,12 +444,13 @@ fn parse_child_args(args: &[String]) -> Result<(u64, u64, u64, Vec<Pattern>), St
 
 fn result_line(r: &KernelRun) -> String {
     format!(
-        "RESULT {} {} {} {} {}",
+        "RESULT {} {} {} {} {} {}",
         r.pattern.name(),
         r.ops_per_sec,
         r.cpu_secs,
         r.pswpin,
-        r.pswpout
+        r.pswpout,
+        r.stalls.encode()
     )
 }
 
@@ -353,12 +460,14 @@ fn parse_result_line(l: &str) -> Option<KernelRun> {
     let pattern = Pattern::parse(w.next()?)?;
     let mut num = || w.next()?.parse::<f64>().ok();
     let (ops_per_sec, cpu_secs, si, so) = (num()?, num()?, num()?, num()?);
+    let stalls = Stalls::decode(w.next()?)?;
     w.next().is_none().then_some(KernelRun {
         pattern,
         ops_per_sec,
         cpu_secs,
         pswpin: si as u64,
         pswpout: so as u64,
+        stalls,
     })
 }
 
@@ -397,7 +506,8 @@ pub fn kernel_child(args: &[String]) -> Result<(), String> {
     for pattern in patterns {
         let (cpu0, vm0) = (cpu_time(), vmstat_swap());
         // SAFETY: as for populate.
-        let ops_per_sec = unsafe { run_pattern(base as usize, pages, pattern, threads, ops) };
+        let (ops_per_sec, stalls) =
+            unsafe { run_pattern(base as usize, pages, pattern, threads, ops) };
         let (cpu, vm1) = ((cpu_time() - cpu0).as_secs_f64(), vmstat_swap());
         let r = KernelRun {
             pattern,
@@ -405,6 +515,7 @@ pub fn kernel_child(args: &[String]) -> Result<(), String> {
             cpu_secs: cpu,
             pswpin: vm1.0 - vm0.0,
             pswpout: vm1.1 - vm0.1,
+            stalls,
         };
         println!("{}", result_line(&r));
     }
@@ -424,7 +535,15 @@ fn run_cmd(cmd: &mut Command) -> Result<(), String> {
 
 /// The kernel baseline: host swap file + cgroup v1 limit + child process.
 /// Whatever was set up is torn down again.
-fn kernel_baseline(o: &HostBenchOpts) -> Result<Vec<KernelRun>, String> {
+/// Times the kernel-side child is started. Its memory cgroup sometimes
+/// OOM-kills it (`SIGKILL`) although swap has room: a v1 memcg gives up
+/// after a few reclaim rounds that free too little, which four threads
+/// faulting against one disk can cause (seen here about once in ten runs).
+/// A killed child measured nothing, so it is started again, and the report
+/// says how often that happened.
+pub const KERNEL_ATTEMPTS: u32 = 3;
+
+fn kernel_baseline(o: &HostBenchOpts, oom_kills: &mut u32) -> Result<Vec<KernelRun>, String> {
     let ws = o.working_set();
     let id = std::process::id();
     let swap = o.dir.join(format!("foliovm-bench-{id}.swap"));
@@ -444,39 +563,93 @@ fn kernel_baseline(o: &HostBenchOpts) -> Result<Vec<KernelRun>, String> {
         std::fs::create_dir(&cg).map_err(|e| format!("{}: {e}", cg.display()))?;
         std::fs::write(cg.join("memory.limit_in_bytes"), o.budget.to_string())
             .map_err(|e| format!("memory.limit_in_bytes: {e}"))?;
-        let names: Vec<&str> = o.patterns.iter().map(|p| p.name()).collect();
-        let mut child = Command::new(&o.child.exe)
-            .args(&o.child.args)
-            .args([
-                ws.to_string(),
-                o.threads.to_string(),
-                o.ops.to_string(),
-                names.join(","),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("{}: {e}", o.child.exe.display()))?;
-        std::fs::write(cg.join("cgroup.procs"), child.id().to_string())
-            .map_err(|e| format!("cgroup.procs: {e}"))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(b"go\n").map_err(|e| e.to_string())?;
-        }
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!("the kernel-side child failed: {}", out.status));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let res: Vec<KernelRun> = text.lines().filter_map(parse_result_line).collect();
-        match res.len() == o.patterns.len() {
-            true => Ok(res),
-            false => Err(format!("the kernel-side child printed {text:?}")),
+        loop {
+            match kernel_child_run(o, ws, &cg) {
+                Err(ChildEnd::Killed(e)) if *oom_kills + 1 < KERNEL_ATTEMPTS => {
+                    *oom_kills += 1;
+                    eprintln!("overcommit: {e}; starting it again");
+                }
+                Err(ChildEnd::Killed(e) | ChildEnd::Failed(e)) => return Err(e),
+                Ok(r) => return Ok(r),
+            }
         }
     })();
     let _ = std::fs::remove_dir(&cg);
     let _ = run_cmd(Command::new("swapoff").arg(&swap));
     let _ = std::fs::remove_file(&swap);
     result
+}
+
+/// How a kernel-side child failed.
+enum ChildEnd {
+    /// `SIGKILL`: its memory cgroup's OOM killer.
+    Killed(String),
+    /// Anything else.
+    Failed(String),
+}
+
+/// Start the kernel-side child in cgroup `cg` and collect its results.
+fn kernel_child_run(o: &HostBenchOpts, ws: u64, cg: &Path) -> Result<Vec<KernelRun>, ChildEnd> {
+    use std::os::unix::process::ExitStatusExt;
+    let failed = ChildEnd::Failed;
+    let names: Vec<&str> = o.patterns.iter().map(|p| p.name()).collect();
+    let mut child = Command::new(&o.child.exe)
+        .args(&o.child.args)
+        .args([
+            ws.to_string(),
+            o.threads.to_string(),
+            o.ops.to_string(),
+            names.join(","),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| failed(format!("{}: {e}", o.child.exe.display())))?;
+    let kills_before = memcg_oom_kills(cg);
+    if let Err(e) = std::fs::write(cg.join("cgroup.procs"), child.id().to_string()) {
+        // Outside the cgroup it must not run at all: it would run unlimited.
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(failed(format!("cgroup.procs: {e}")));
+    }
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(b"go\n")
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| failed(e.to_string()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let res: Vec<KernelRun> = text.lines().filter_map(parse_result_line).collect();
+    let oom_killed = out.status.signal() == Some(libc::SIGKILL)
+        && memcg_oom_kills(cg) > kills_before;
+    if oom_killed {
+        return Err(ChildEnd::Killed(format!(
+            "its memory cgroup OOM-killed the kernel-side child after {} of {} patterns",
+            res.len(),
+            o.patterns.len()
+        )));
+    }
+    if !out.status.success() {
+        return Err(failed(format!(
+            "the kernel-side child failed: {}",
+            out.status
+        )));
+    }
+    match res.len() == o.patterns.len() {
+        true => Ok(res),
+        false => Err(failed(format!("the kernel-side child printed {text:?}"))),
+    }
+}
+
+/// The `oom_kill` count of a v1 memory cgroup (0 if unreadable).
+fn memcg_oom_kills(cg: &Path) -> u64 {
+    std::fs::read_to_string(cg.join("memory.oom_control"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn foliovm(o: &HostBenchOpts) -> Result<FolioRun, String> {
@@ -505,9 +678,11 @@ fn foliovm(o: &HostBenchOpts) -> Result<FolioRun, String> {
     for &p in &o.patterns {
         let (before, cpu0) = (mm.stats(), cpu_time());
         // SAFETY: as for populate.
-        let rate = unsafe { run_pattern(base, pages, p, o.threads, o.ops) };
+        let (rate, stalls) = unsafe { run_pattern(base, pages, p, o.threads, o.ops) };
         let (after, cpu1) = (mm.stats(), cpu_time());
-        patterns.push(folio_pattern(p, rate, &before, &after, cpu1 - cpu0));
+        let mut fp = folio_pattern(p, rate, &before, &after, cpu1 - cpu0);
+        fp.stalls = stalls;
+        patterns.push(fp);
     }
     let s = mm.stats();
     let summary = format!(
@@ -560,6 +735,7 @@ fn folio_pattern(p: Pattern, rate: f64, b: &MmStats, a: &MmStats, cpu: Duration)
     FolioPattern {
         pattern: p,
         ops_per_sec: rate,
+        stalls: Stalls::default(),
         swapin: sa.swapin_latency.since(&sb.swapin_latency),
         swapcache: sa.swapcache_latency.since(&sb.swapcache_latency),
         reads: d(|s| s.swapin_file_folios),
@@ -706,13 +882,50 @@ impl fmt::Display for HostBenchReport {
                 p.goal()
             )?;
         }
+        self.fmt_stalls(f)?;
         self.fmt_kernel(f)?;
         self.fmt_folio(f)
     }
 }
 
 impl HostBenchReport {
+    fn fmt_stalls(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "  accesses that waited >= {} as the accessing thread saw them (log2 buckets: upper bounds):",
+            us(STALL_NS)
+        )?;
+        for p in &self.opts.patterns {
+            let k = self
+                .kernel
+                .as_ref()
+                .ok()
+                .and_then(|r| r.iter().find(|x| x.pattern == *p));
+            let fv = self
+                .folio
+                .as_ref()
+                .ok()
+                .and_then(|r| r.patterns.iter().find(|x| x.pattern == *p));
+            let line = |s: Option<&Stalls>| s.map_or("did not run".into(), Stalls::summary);
+            writeln!(
+                f,
+                "    {:<10} kernel: {}; foliovm: {}",
+                p.name(),
+                line(k.map(|x| &x.stalls)),
+                line(fv.map(|x| &x.stalls))
+            )?;
+        }
+        Ok(())
+    }
+
     fn fmt_kernel(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.kernel_oom_kills > 0 {
+            writeln!(
+                f,
+                "  kernel child OOM-killed by its memory cgroup {} time(s) and started again",
+                self.kernel_oom_kills
+            )?;
+        }
         match &self.kernel {
             Err(e) => writeln!(f, "  kernel baseline did not run: {e} (no ratio printed)"),
             Ok(r) => {
@@ -804,10 +1017,24 @@ mod tests {
             cpu_secs: 0.98,
             pswpin: 30033,
             pswpout: 24811,
+            stalls: Stalls::default(),
         };
-        assert_eq!(parse_result_line(&result_line(&r)), Some(r));
+        let mut r2 = r.clone();
+        for ns in [5_000, 150_000, 160_000, 3] {
+            r2.stalls.record(ns);
+        }
+        assert_eq!(r2.stalls.count, 3, "3 ns is no stall");
+        assert_eq!(r2.stalls.mean_ns(), 105_000);
+        assert_eq!(r2.stalls.hist.quantile_ns(0.5), 1 << 18);
+        for r in [r, r2] {
+            assert_eq!(parse_result_line(&result_line(&r)), Some(r));
+        }
         assert_eq!(parse_result_line("RESULT zipfian 1 2 3"), None);
-        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 5"), None);
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4"), None);
+        // The stall field must be count, sum, buckets that add up to count.
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1"), None);
+        assert!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1,1").is_some());
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 0,0 5"), None);
         assert_eq!(parse_result_line("RESULT bogus 1 2 3 4"), None);
         assert_eq!(parse_result_line("zipfian 1 2 3 4"), None);
         assert_eq!(parse_result_line("RESULT uniform x 2 3 4"), None);

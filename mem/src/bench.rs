@@ -178,7 +178,10 @@ impl Stalls {
     }
 
     fn decode(s: &str) -> Option<Stalls> {
-        let v: Vec<u64> = s.split(',').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let v: Vec<u64> = s
+            .split(',')
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
         let (&count, rest) = v.split_first()?;
         let (&sum_ns, buckets) = rest.split_first()?;
         let hist = Histogram {
@@ -622,8 +625,8 @@ fn kernel_child_run(o: &HostBenchOpts, ws: u64, cg: &Path) -> Result<Vec<KernelR
         .map_err(|e| failed(e.to_string()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let res: Vec<KernelRun> = text.lines().filter_map(parse_result_line).collect();
-    let oom_killed = out.status.signal() == Some(libc::SIGKILL)
-        && memcg_oom_kills(cg) > kills_before;
+    let oom_killed =
+        out.status.signal() == Some(libc::SIGKILL) && memcg_oom_kills(cg) > kills_before;
     if oom_killed {
         return Err(ChildEnd::Killed(format!(
             "its memory cgroup OOM-killed the kernel-side child after {} of {} patterns",
@@ -715,7 +718,8 @@ fn folio_pattern(p: Pattern, rate: f64, b: &MmStats, a: &MmStats, cpu: Duration)
     let detail = format!(
         "cpu {:.2} s; swapin {} pages in {} reads (+{} cache), swapout {} pages in {} \
          writes (avg {} KiB), clean kept {} (written {}, dropped without I/O {}), \
-         order-0 fallbacks {}, sampled {} (refaulted {}), direct reclaims {}, by COPY {} pages",
+         order-0 fallbacks {}, sampled {} (refaulted {}, large ones split {}), direct reclaims {}, \
+         by COPY {} pages",
         cpu.as_secs_f64(),
         d(|s| s.swapin_file_pages),
         d(|s| s.swapin_file_folios),
@@ -729,6 +733,7 @@ fn folio_pattern(p: Pattern, rate: f64, b: &MmStats, a: &MmStats, cpu: Duration)
         d(|s| s.swapout_fallback_order0),
         d(|s| s.sampled_folios),
         d(|s| s.sample_refaults),
+        d(|s| s.sampled_splits),
         d(|s| s.direct_reclaims),
         d(|s| s.copied_in_pages),
     );

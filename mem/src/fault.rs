@@ -333,7 +333,7 @@ pub(crate) fn fault_in(
             }
         }
         PteState::ProtNone { folio, .. } => {
-            vmscan::map_prot_none(inner, region, &mut ptl, folio, write);
+            vmscan::map_prot_none(inner, region, &mut ptl, folio, idx, write);
             FaultOutcome::Refaulted
         }
         PteState::Swap { slot } => {

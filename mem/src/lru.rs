@@ -107,19 +107,10 @@ impl FolioSlab {
     /// (`folio_migrate_flags()` keeping the generation). No-op for `new` if
     /// `old` is not on the LRU.
     pub(crate) fn lru_replace(&mut self, old: FolioId, new: FolioId) {
-        let Some(gen) = self
-            .get(old)
-            .filter(|f| f.flags.contains(FolioFlags::LRU))
-            .map(|f| f.flags.gen())
-        else {
+        let Some(seq) = self.lru_seq(old) else {
             return;
         };
         self.lru_del(old);
-        let vm = self.folio_vm(new);
-        let lv = self.lruvec(vm);
-        let seq = (lv.min_seq..=lv.max_seq)
-            .find(|&s| gen_of(s) == gen)
-            .unwrap_or(lv.max_seq);
         self.lru_add_seq(new, seq);
     }
 
@@ -165,6 +156,18 @@ impl FolioSlab {
         let seq = self.lruvec(vm).min_seq + 1;
         self.lru_del(id);
         self.lru_add_seq(id, seq);
+    }
+
+    /// The sequence number of the generation `id` is in, if on the LRU.
+    pub(crate) fn lru_seq(&mut self, id: FolioId) -> Option<u64> {
+        let f = self.get(id)?;
+        if !f.flags.contains(FolioFlags::LRU) {
+            return None;
+        }
+        let gen = f.flags.gen();
+        let vm = self.folio_vm(id);
+        let lv = self.lruvec(vm);
+        (lv.min_seq..=lv.max_seq).find(|&s| gen_of(s) == gen)
     }
 
     /// The sequence number of `vm`'s oldest generation.

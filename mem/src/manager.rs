@@ -246,7 +246,7 @@ pub(crate) struct Inner {
     /// Threads in [`Inner::wait_for_memory`]: the worker never holds off
     /// while one waits.
     pub memory_waiters: AtomicU64,
-    /// When reclaim last freed memory, in ns since `started` (0: never).
+    /// When reclaim last ran, in ns since `started` (0: never).
     last_reclaim_ns: AtomicU64,
     /// The manager's creation, the epoch of `last_reclaim_ns`.
     started: Instant,
@@ -260,19 +260,19 @@ pub(crate) struct Inner {
     kcompactd_cv: Condvar,
 }
 
-/// How long after reclaim last freed memory the pool counts as under
-/// reclaim pressure ([`Inner::under_reclaim`]).
+/// How long after reclaim last ran the pool counts as under reclaim
+/// pressure ([`Inner::under_reclaim`]).
 const RECLAIM_RECENT: Duration = Duration::from_secs(1);
 
 impl Inner {
-    /// Reclaim freed memory just now.
+    /// Reclaim just looked at a VM's folios (sampled or evicted some).
     pub fn note_reclaim(&self) {
         let ns = self.started.elapsed().as_nanos() as u64;
         self.last_reclaim_ns.store(ns.max(1), Relaxed);
     }
 
-    /// Whether reclaim freed memory within [`RECLAIM_RECENT`]: the budget
-    /// is spent, and new allocations are mostly swapins.
+    /// Whether reclaim ran within [`RECLAIM_RECENT`]: the budget is
+    /// spent, and new allocations are mostly swapins.
     pub fn under_reclaim(&self) -> bool {
         let last = self.last_reclaim_ns.load(Relaxed);
         let now = self.started.elapsed().as_nanos() as u64;

@@ -39,7 +39,7 @@ pub(crate) fn worker_thread(inner: &Inner) {
 /// How much free memory the worker keeps `Ready`: all of it, up to the
 /// configured limit, unless reclaim is running against the budget.
 ///
-/// Under reclaim pressure (reclaim freed memory within the last second,
+/// Under reclaim pressure (reclaim ran within the last second,
 /// [`Inner::under_reclaim`]) nearly every allocation is a swapin, whose
 /// read overwrites its block: zeroing the memory reclaim frees would be
 /// wasted, and each prepare also costs a `MADV_DONTNEED` flush in this mm.

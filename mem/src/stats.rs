@@ -205,6 +205,9 @@ pub struct SwapCounters {
     pub sampled_folios: AtomicU64,
     /// Sampled folios that were accessed and faulted back.
     pub sample_refaults: AtomicU64,
+    /// Sampled large folios split into base folios when one page was
+    /// touched (`vmscan::split_sampled`).
+    pub sampled_splits: AtomicU64,
     /// Folios looked at by reclaim.
     pub reclaim_scanned: AtomicU64,
     /// Pages freed by reclaim.
@@ -240,6 +243,7 @@ impl SwapCounters {
             swap_full: l(&self.swap_full),
             sampled_folios: l(&self.sampled_folios),
             sample_refaults: l(&self.sample_refaults),
+            sampled_splits: l(&self.sampled_splits),
             reclaim_scanned: l(&self.reclaim_scanned),
             reclaimed_pages: l(&self.reclaimed_pages),
             direct_reclaims: l(&self.direct_reclaims),
@@ -271,6 +275,7 @@ pub struct SwapStats {
     pub swap_full: u64,
     pub sampled_folios: u64,
     pub sample_refaults: u64,
+    pub sampled_splits: u64,
     pub reclaim_scanned: u64,
     pub reclaimed_pages: u64,
     pub direct_reclaims: u64,

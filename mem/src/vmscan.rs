@@ -14,7 +14,10 @@
 //! already sits in the pool, so swap-out needs no second unmap.
 //! Sampling costs a TLB flush and, for a folio in use, a fault to map it
 //! back; a folio found touched at several samplings in a row is sampled
-//! exponentially less often ([`FolioFlags::sampled_touched`]).
+//! exponentially less often ([`FolioFlags::sampled_touched`]). A large
+//! folio touched at one page while reclaim runs is split first and only
+//! that page goes back (`split_sampled`): the fault tells which page was
+//! used, and the rest can go on their own.
 //!
 //! # Swap-out ([`shrink_folio_list`])
 //! For each victim, with its folio lock (trylock) and then the page-table
@@ -182,7 +185,7 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
         freed += shrink_folio_list(inner, evict);
         vm.reclaiming.fetch_sub(reserved, Relaxed);
     }
-    if freed > 0 {
+    if scanned > 0 {
         inner.note_reclaim();
     }
     for c in [&vm.counters.swap, &inner.swap_counters] {
@@ -394,8 +397,13 @@ pub(crate) fn map_prot_none(
     region: &Region,
     ptl: &mut PtlGuard<'_>,
     folio: FolioId,
+    at: PageIndex,
     write: bool,
 ) {
+    if let Some(piece) = split_sampled(inner, region, ptl, folio, at) {
+        both(inner, region, |c| c.sampled_splits.fetch_add(1, Relaxed));
+        return map_prot_none(inner, region, ptl, piece, at, write);
+    }
     let (pool, order, first, mut clean) = {
         let mut slab = inner.folios.slab();
         let f = slab.live(folio);
@@ -433,6 +441,78 @@ pub(crate) fn map_prot_none(
         k += run;
     }
     both(inner, region, |c| c.sample_refaults.fetch_add(1, Relaxed));
+}
+
+/// A sampled-out large folio is touched at `at` while reclaim runs: cut it
+/// into base folios (in its LRU generation, still sampled out) and return
+/// the one at `at`, so that only the touched page goes back and the
+/// others can be evicted one by one if nothing touches them. Without
+/// this, a large folio of sparsely used pages (one filled by a sequential
+/// swapin, say, then hit at random) is touched somewhere at every sampling
+/// and stays resident whole: most of the budget held pages nobody used.
+/// Analogue of splitting underused THPs under pressure
+/// (`thp_underused()`, `deferred_split_scan()`), with the sampling fault
+/// telling the touched page apart. Returns `None` (map the folio back
+/// whole) unless reclaim ran lately and the folio is unlocked, on the LRU,
+/// unpinned and wholly sampled out.
+///
+/// # Context
+/// Page-table lock (`ptl`) held, covering the folio.
+fn split_sampled(
+    inner: &Inner,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    folio: FolioId,
+    at: PageIndex,
+) -> Option<FolioId> {
+    let (order, first, pool) = {
+        let slab = inner.folios.slab();
+        let f = slab.get(folio)?;
+        (f.order, f.rmap?.index, f.pool)
+    };
+    let nr = order.nr_pages();
+    let k = at.0.checked_sub(first.0).filter(|&k| k < nr)?;
+    // A scan enters a folio at its first page (its last, going down):
+    // mapping it back whole then saves a fault on each further page.
+    let scan = k == 0 || k == nr - 1;
+    if order == Order::BASE || scan || !inner.under_reclaim() {
+        return None;
+    }
+    // Lock order: folio lock before the page-table lock, so only a trylock.
+    let lock = inner.folios.trylock(folio)?;
+    let seq = {
+        let mut slab = inner.folios.slab();
+        let f = slab.get(folio)?;
+        let whole = f.flags.contains(FolioFlags::LRU)
+            && f.flags.contains(FolioFlags::SAMPLED)
+            && !f.flags.contains(FolioFlags::CLEAN)
+            && !f.flags.contains(FolioFlags::SWAPCACHE)
+            && f.pincount == 0
+            && f.page_mapped.is_none()
+            && f.mapcount as u64 == nr
+            && (0..nr).all(|k| ptl.pte(first.forward(k)) == Pte::prot_none(folio, k));
+        if !whole {
+            return None;
+        }
+        let seq = slab.lru_seq(folio)?;
+        slab.lru_del(folio);
+        seq
+    };
+    let new = split_prot_none(inner, region, ptl, folio, first, order, pool, 0);
+    {
+        let mut slab = inner.folios.slab();
+        slab.lru_add_seq(folio, seq);
+        new.iter().for_each(|&pid| slab.lru_add_seq(pid, seq));
+    }
+    // The pieces were born locked (see `split_prot_none`); nobody can have
+    // found them yet, so nobody waits: unlock them with the folio.
+    new.iter()
+        .for_each(|&pid| drop(inner.folios.assume_locked(pid)));
+    drop(lock);
+    Some(match k {
+        0 => folio,
+        k => new[k as usize - 1],
+    })
 }
 
 /// A folio whose pages are unmapped and in the swap cache, waiting for its
@@ -709,17 +789,51 @@ fn split_for_swap<'a>(
     order: Order,
     pool: PoolOffset,
 ) -> Vec<FolioLockGuard<'a>> {
-    let id = lock.id();
-    let nr = order.nr_pages();
+    debug_assert!(
+        !inner
+            .folios
+            .slab()
+            .live(lock.id())
+            .flags
+            .contains(FolioFlags::LRU),
+        "victims are isolated"
+    );
+    // Each new piece gets its own isolation reference.
+    let new = split_prot_none(inner, region, ptl, lock.id(), first, order, pool, 1);
     let mut pieces = vec![lock];
+    // Born locked (the flags have LOCKED) and reachable only through
+    // entries under the page-table lock we hold: the locks are ours.
+    pieces.extend(new.into_iter().map(|pid| inner.folios.assume_locked(pid)));
+    pieces
+}
+
+/// Cut the locked folio `id`, wholly mapped at `first` by `ProtNone`
+/// entries (sampled out: its data is in its pool range at `pool`), into
+/// base folios in place: the first page keeps `id`, the others become new
+/// folios with their own entries and rmap, returned in page order. They
+/// copy its flags, so they are born locked, and hold one reference for
+/// their mapping plus `piece_refs`. References beyond the mappings stay
+/// with `id`. The caller handles the LRU.
+///
+/// # Context
+/// Folio lock of `id` and the page-table lock `ptl` held.
+#[allow(clippy::too_many_arguments)]
+fn split_prot_none(
+    inner: &Inner,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    id: FolioId,
+    first: PageIndex,
+    order: Order,
+    pool: PoolOffset,
+    piece_refs: u32,
+) -> Vec<FolioId> {
+    let nr = order.nr_pages();
     let mut new = Vec::with_capacity(nr as usize - 1);
     let mut slab = inner.folios.slab();
     let f = slab.live(id);
-    debug_assert!(!f.flags.contains(FolioFlags::LRU), "victims are isolated");
-    debug_assert_eq!(f.mapcount as u64, nr, "victims are wholly mapped");
+    debug_assert_eq!(f.mapcount as u64, nr, "wholly mapped");
     let rmap = f.rmap.expect("a mapped folio has an rmap");
-    // References beyond the mappings (the isolation reference) stay with
-    // the id; every other piece gets one of its own.
     let extra = f.refcount - f.mapcount;
     let (mut flags, pool_state) = (f.flags, f.pool_state);
     flags.remove(FolioFlags::DEFERRED_SPLIT);
@@ -736,7 +850,7 @@ fn split_for_swap<'a>(
             pool: pool.subpage(k),
             order: Order::BASE,
             flags,
-            refcount: 2,
+            refcount: 1 + piece_refs,
             mapcount: 1,
             pincount: 0,
             page_mapped: None,
@@ -753,13 +867,10 @@ fn split_for_swap<'a>(
         new.push(pid);
     }
     drop(slab);
-    // Born locked (`flags` has LOCKED) and reachable only through entries
-    // under the page-table lock we hold: the locks are ours.
-    pieces.extend(new.into_iter().map(|pid| inner.folios.assume_locked(pid)));
     region.counters.resident(order, -(nr as i64));
     region.counters.resident(Order::BASE, nr as i64);
     inner.workers.folios_split.fetch_add(1, Relaxed);
-    pieces
+    new
 }
 
 /// Write a run of folios with contiguous slots, then finish each one,

@@ -131,6 +131,9 @@ fn racing_swapins_swapouts_and_discards_keep_every_word() {
     assert_eq!(faults.unbacked_poisoned, 0);
     let st = mm.vm_stats(vm).unwrap().swap;
     eprintln!("freed {freed} bytes, {discards} discards, {st:#?}");
+    // The premise: sampled large folios were split under the racing
+    // faults (`vmscan::split_sampled`), here about a thousand times a run.
+    assert!(st.sampled_splits > 0, "no sampled folio was split");
     assert!(
         st.swapout_pages > PAGES,
         "reclaim swapped out {}",

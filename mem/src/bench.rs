@@ -106,7 +106,8 @@ pub struct HostBenchOpts {
 }
 
 impl HostBenchOpts {
-    fn working_set(&self) -> u64 {
+    /// The working set: twice the budget, in whole 2 MiB blocks.
+    pub fn working_set(&self) -> u64 {
         2 * (self.budget / (2 << 20) * (2 << 20))
     }
 }
@@ -365,6 +366,47 @@ impl Zipf {
 /// # Safety
 /// `[base, base + pages * 4 KiB)` is a live read-write mapping for the
 /// whole call, and nothing else accesses the words the threads use.
+/// The pages thread `t` of `threads` touches in `pattern`, in order.
+fn thread_pages(
+    pattern: Pattern,
+    pages: u64,
+    t: u64,
+    threads: u64,
+    ops: u64,
+    zipf: &Zipf,
+) -> impl Iterator<Item = u64> + '_ {
+    let mut rng = Rng(0x1234_5678_9abc_def1 ^ (t + 1).wrapping_mul(0x9E37_79B9));
+    let (lo, hi) = (pages * t / threads, pages * (t + 1) / threads);
+    let n = match pattern {
+        Pattern::Sequential => 2 * (hi - lo),
+        _ => ops / threads,
+    };
+    (0..n).map(move |i| match pattern {
+        Pattern::Sequential => lo + i % (hi - lo),
+        Pattern::Uniform => rng.next() % pages,
+        Pattern::Zipfian => zipf.sample(&mut rng),
+    })
+}
+
+/// The pages `pattern` touches over `pages` pages from `threads` threads,
+/// the threads taking turns (a real run interleaves them by timing): the
+/// access trace of a run, for simulating replacement policies on it
+/// (`mem/examples/policy_bounds.rs`).
+pub fn trace(pattern: Pattern, pages: u64, threads: u64, ops: u64) -> Vec<u64> {
+    let zipf = Zipf::new(pages, 0.99);
+    let mut its: Vec<_> = (0..threads)
+        .map(|t| thread_pages(pattern, pages, t, threads, ops, &zipf))
+        .collect();
+    let mut out = Vec::new();
+    loop {
+        let before = out.len();
+        out.extend(its.iter_mut().filter_map(Iterator::next));
+        if out.len() == before {
+            return out;
+        }
+    }
+}
+
 unsafe fn run_pattern(
     base: usize,
     pages: u64,
@@ -380,19 +422,9 @@ unsafe fn run_pattern(
             .map(|t| {
                 let zipf = &zipf;
                 s.spawn(move || {
-                    let mut rng = Rng(0x1234_5678_9abc_def1 ^ (t + 1).wrapping_mul(0x9E37_79B9));
-                    let (lo, hi) = (pages * t / threads, pages * (t + 1) / threads);
-                    let n = match pattern {
-                        Pattern::Sequential => 2 * (hi - lo),
-                        _ => ops / threads,
-                    };
-                    let mut stalls = Stalls::default();
-                    for i in 0..n {
-                        let p = match pattern {
-                            Pattern::Sequential => lo + i % (hi - lo),
-                            Pattern::Uniform => rng.next() % pages,
-                            Pattern::Zipfian => zipf.sample(&mut rng),
-                        };
+                    let (mut n, mut stalls) = (0, Stalls::default());
+                    for p in thread_pages(pattern, pages, t, threads, ops, zipf) {
+                        n += 1;
                         let addr =
                             (base + (p * PAGE_SIZE) as usize + (t as usize % 512) * 8) as *mut u64;
                         let t0 = Instant::now();

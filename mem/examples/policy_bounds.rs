@@ -1,0 +1,165 @@
+//! How few misses a replacement policy could have on the overcommit
+//! benchmark's traces: the page-granular LRU (about what the kernel's
+//! baseline does with its 4 KiB pages) against Belady's optimum (evict the
+//! page used furthest in the future), with the budget as the cache, over
+//! the same phases as a run (first touch of every page, then the
+//! patterns in order). The optimum of each phase starts from what LRU held
+//! when the phase began, so it cannot have loaded the phase's pages in
+//! the one before. With equal cost per miss, a miss-bound pattern can
+//! run at most LRU/OPT times faster than LRU, whatever the policy.
+//!
+//! ```text
+//! cargo run --release -p mem --example policy_bounds -- \
+//!     [--budget 128M] [--threads 4] [--ops 200000] [--patterns sequential,zipfian,uniform]
+//! ```
+//!
+//! The threads take turns in the simulated trace; in a run, timing
+//! interleaves them, which barely matters to either count.
+
+use mem::bench::{trace, ChildCommand, HostBenchOpts, Pattern};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, mul) = match s.as_bytes().last()? {
+        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
+        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok().map(|n| n * mul)
+}
+
+fn opts(v: &[String]) -> Result<HostBenchOpts, String> {
+    let mut o = HostBenchOpts {
+        budget: 128 << 20,
+        threads: 4,
+        dir: std::env::temp_dir(),
+        ops: 200_000,
+        patterns: Pattern::ALL.to_vec(),
+        skip_kernel: true,
+        child: ChildCommand {
+            exe: Default::default(),
+            args: Vec::new(),
+        },
+    };
+    for w in v.chunks(2) {
+        let val = w.get(1).map(String::as_str).unwrap_or("");
+        let bad = || format!("bad value {val:?} for {}", w[0]);
+        match w[0].as_str() {
+            "--budget" => o.budget = parse_size(val).ok_or_else(bad)?,
+            "--threads" => o.threads = val.parse().map_err(|_| bad())?,
+            "--ops" => o.ops = val.parse().map_err(|_| bad())?,
+            "--patterns" => {
+                o.patterns = val
+                    .split(',')
+                    .map(|p| Pattern::parse(p).ok_or_else(bad))
+                    .collect::<Result<_, _>>()?
+            }
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if o.threads == 0 || o.budget < 2 << 20 {
+        return Err("need at least one thread and a 2M budget".into());
+    }
+    Ok(o)
+}
+
+/// Misses per phase of an exact LRU of `cap` pages, and the pages it
+/// holds as each phase starts.
+fn lru(accesses: &[(usize, u64)], phases: usize, cap: usize) -> (Vec<u64>, Vec<Vec<u64>>) {
+    let mut misses = vec![0; phases];
+    let mut at_start = vec![Vec::new(); phases];
+    let (mut last, mut by_time) = (HashMap::new(), BTreeMap::new());
+    let mut phase = 0;
+    for (time, &(ph, page)) in accesses.iter().enumerate() {
+        if ph != phase {
+            phase = ph;
+            at_start[ph] = by_time.values().copied().collect();
+        }
+        match last.insert(page, time) {
+            Some(t) => _ = by_time.remove(&t),
+            None => misses[ph] += 1,
+        }
+        by_time.insert(time, page);
+        if by_time.len() > cap {
+            let (_, victim) = by_time.pop_first().expect("over capacity");
+            last.remove(&victim);
+        }
+    }
+    (misses, at_start)
+}
+
+/// Misses of Belady's optimal policy with `cap` pages over `trace`,
+/// starting with `resident` held.
+fn opt(trace: &[u64], resident: &[u64], cap: usize) -> u64 {
+    let never = usize::MAX;
+    let mut next_use = vec![never; trace.len()];
+    let mut first_use = HashMap::new();
+    for (time, &page) in trace.iter().enumerate().rev() {
+        next_use[time] = first_use.insert(page, time).unwrap_or(never);
+    }
+    // Resident pages with their next use; the heap holds stale entries
+    // too, skipped when they no longer match.
+    let mut held: HashMap<u64, usize> = HashMap::new();
+    let mut heap = BinaryHeap::new();
+    for &page in resident {
+        let when = first_use.get(&page).copied().unwrap_or(never);
+        held.insert(page, when);
+        heap.push((when, page));
+    }
+    let mut misses = 0;
+    for (time, &page) in trace.iter().enumerate() {
+        if held.insert(page, next_use[time]).is_none() {
+            misses += 1;
+        }
+        heap.push((next_use[time], page));
+        while held.len() > cap {
+            let (when, victim) = heap.pop().expect("over capacity");
+            if held.get(&victim) == Some(&when) {
+                held.remove(&victim);
+            }
+        }
+    }
+    misses
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let o = match opts(&argv) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("policy_bounds: {e}");
+            std::process::exit(1);
+        }
+    };
+    let pages = o.working_set() / mem::PAGE_SIZE;
+    let cap = (o.budget / mem::PAGE_SIZE) as usize;
+    let mut accesses: Vec<(usize, u64)> = (0..pages).map(|p| (0, p)).collect();
+    for (i, &p) in o.patterns.iter().enumerate() {
+        let t = trace(p, pages, o.threads, o.ops);
+        accesses.extend(t.into_iter().map(|page| (i + 1, page)));
+    }
+    let phases = o.patterns.len() + 1;
+    let (l, at_start) = lru(&accesses, phases, cap);
+    println!(
+        "policy bounds: {pages} pages touched by {} threads, a cache of {cap} pages (the budget), \
+         phases as in a run",
+        o.threads
+    );
+    println!("  pattern       accesses  LRU misses  OPT misses  LRU/OPT");
+    for (i, p) in o.patterns.iter().enumerate() {
+        let phase: Vec<u64> = accesses
+            .iter()
+            .filter(|a| a.0 == i + 1)
+            .map(|a| a.1)
+            .collect();
+        let (lm, om) = (l[i + 1], opt(&phase, &at_start[i + 1], cap));
+        println!(
+            "  {:<11} {:>10} {:>11} {:>11} {:>7.2}x",
+            p.name(),
+            phase.len(),
+            lm,
+            om,
+            lm as f64 / om.max(1) as f64
+        );
+    }
+}

@@ -10,58 +10,14 @@
 //!
 //! ```text
 //! cargo run --release -p mem --example policy_bounds -- \
-//!     [--budget 128M] [--threads 4] [--ops 200000] [--patterns sequential,zipfian,uniform]
+//!     [--budget 256M] [--threads 4] [--ops 200000] [--patterns sequential,zipfian,uniform]
 //! ```
 //!
 //! The threads take turns in the simulated trace; in a run, timing
 //! interleaves them, which barely matters to either count.
 
-use mem::bench::{trace, ChildCommand, HostBenchOpts, Pattern};
+use mem::bench::{trace, ChildCommand, HostBenchOpts};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
-
-fn parse_size(s: &str) -> Option<u64> {
-    let (num, mul) = match s.as_bytes().last()? {
-        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
-        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok().map(|n| n * mul)
-}
-
-fn opts(v: &[String]) -> Result<HostBenchOpts, String> {
-    let mut o = HostBenchOpts {
-        budget: 128 << 20,
-        threads: 4,
-        dir: std::env::temp_dir(),
-        ops: 200_000,
-        patterns: Pattern::ALL.to_vec(),
-        skip_kernel: true,
-        child: ChildCommand {
-            exe: Default::default(),
-            args: Vec::new(),
-        },
-    };
-    for w in v.chunks(2) {
-        let val = w.get(1).map(String::as_str).unwrap_or("");
-        let bad = || format!("bad value {val:?} for {}", w[0]);
-        match w[0].as_str() {
-            "--budget" => o.budget = parse_size(val).ok_or_else(bad)?,
-            "--threads" => o.threads = val.parse().map_err(|_| bad())?,
-            "--ops" => o.ops = val.parse().map_err(|_| bad())?,
-            "--patterns" => {
-                o.patterns = val
-                    .split(',')
-                    .map(|p| Pattern::parse(p).ok_or_else(bad))
-                    .collect::<Result<_, _>>()?
-            }
-            other => return Err(format!("unknown option {other}")),
-        }
-    }
-    if o.threads == 0 || o.budget < 2 << 20 {
-        return Err("need at least one thread and a 2M budget".into());
-    }
-    Ok(o)
-}
 
 /// Misses per phase of an exact LRU of `cap` pages, and the pages it
 /// holds as each phase starts.
@@ -124,7 +80,11 @@ fn opt(trace: &[u64], resident: &[u64], cap: usize) -> u64 {
 
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let o = match opts(&argv) {
+    let child = ChildCommand {
+        exe: Default::default(),
+        args: Vec::new(),
+    };
+    let o = match HostBenchOpts::parse(&argv, child) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("policy_bounds: {e}");

@@ -106,6 +106,52 @@ pub struct HostBenchOpts {
 }
 
 impl HostBenchOpts {
+    /// Parse the examples' command line: `--budget SIZE` (`M`/`G`
+    /// suffixes), `--threads N`, `--dir DIR`, `--ops N`, `--patterns
+    /// a,b` and `--skip-kernel`; the rest keeps its default (a 256M budget,
+    /// four threads, /var/tmp, 200000 ops, every pattern). `child` is the
+    /// command for the kernel side.
+    ///
+    /// # Errors
+    /// An unknown option or a bad value, named.
+    pub fn parse(args: &[String], child: ChildCommand) -> Result<HostBenchOpts, String> {
+        let mut o = HostBenchOpts {
+            budget: 256 << 20,
+            threads: 4,
+            dir: PathBuf::from("/var/tmp"),
+            ops: 200_000,
+            patterns: Pattern::ALL.to_vec(),
+            skip_kernel: false,
+            child,
+        };
+        let mut args = args.to_vec();
+        if let Some(i) = args.iter().position(|x| x == "--skip-kernel") {
+            o.skip_kernel = true;
+            args.remove(i);
+        }
+        for w in args.chunks(2) {
+            let val = w.get(1).map(String::as_str).unwrap_or("");
+            let bad = || format!("bad value {val:?} for {}", w[0]);
+            match w[0].as_str() {
+                "--budget" => o.budget = parse_size(val).ok_or_else(bad)?,
+                "--threads" => o.threads = val.parse().map_err(|_| bad())?,
+                "--dir" => o.dir = PathBuf::from(val),
+                "--ops" => o.ops = val.parse().map_err(|_| bad())?,
+                "--patterns" => {
+                    o.patterns = val
+                        .split(',')
+                        .map(|p| Pattern::parse(p).ok_or_else(bad))
+                        .collect::<Result<_, _>>()?
+                }
+                other => return Err(format!("unknown option {other}")),
+            }
+        }
+        if o.threads == 0 || o.budget < 2 << 20 {
+            return Err("the benchmark needs a thread and a budget of at least 2M".into());
+        }
+        Ok(o)
+    }
+
     /// The working set: twice the budget, in whole 2 MiB blocks.
     pub fn working_set(&self) -> u64 {
         2 * (self.budget / (2 << 20) * (2 << 20))
@@ -366,6 +412,16 @@ impl Zipf {
 /// # Safety
 /// `[base, base + pages * 4 KiB)` is a live read-write mapping for the
 /// whole call, and nothing else accesses the words the threads use.
+/// A size with an optional `M` or `G` suffix.
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, mul) = match s.as_bytes().last()? {
+        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
+        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
+}
+
 /// The pages thread `t` of `threads` touches in `pattern`, in order.
 fn thread_pages(
     pattern: Pattern,
@@ -1035,6 +1091,34 @@ impl HostBenchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_parse_and_bad_ones_are_named() {
+        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let child = || ChildCommand {
+            exe: PathBuf::new(),
+            args: Vec::new(),
+        };
+        let o = HostBenchOpts::parse(
+            &args("--budget 128M --skip-kernel --patterns zipf"),
+            child(),
+        )
+        .unwrap();
+        assert_eq!(o.budget, 128 << 20);
+        assert!(o.skip_kernel);
+        assert_eq!(o.patterns, vec![Pattern::Zipfian]);
+        assert_eq!(o.working_set(), 256 << 20);
+        let err = |s: &str| HostBenchOpts::parse(&args(s), child()).unwrap_err();
+        assert_eq!(err("--budget 12Q"), "bad value \"12Q\" for --budget");
+        assert_eq!(
+            err("--patterns seq,random"),
+            "bad value \"seq,random\" for --patterns"
+        );
+        assert_eq!(err("--threads"), "bad value \"\" for --threads");
+        assert_eq!(err("--frobnicate 1"), "unknown option --frobnicate");
+        assert!(err("--budget 1M").contains("at least 2M"));
+        assert!(err("--budget 99999999999G").contains("--budget"));
+    }
 
     #[test]
     fn patterns_parse_long_and_short_names() {

@@ -158,7 +158,9 @@ impl FolioSlab {
         self.lru_add_seq(id, seq);
     }
 
-    /// The sequence number of the generation `id` is in, if on the LRU.
+    /// The sequence number of the generation `id` is in, if on the LRU
+    /// (the youngest if its generation is no longer live, which a folio on
+    /// the LRU never sees).
     pub(crate) fn lru_seq(&mut self, id: FolioId) -> Option<u64> {
         let f = self.get(id)?;
         if !f.flags.contains(FolioFlags::LRU) {
@@ -167,7 +169,8 @@ impl FolioSlab {
         let gen = f.flags.gen();
         let vm = self.folio_vm(id);
         let lv = self.lruvec(vm);
-        (lv.min_seq..=lv.max_seq).find(|&s| gen_of(s) == gen)
+        let seq = (lv.min_seq..=lv.max_seq).find(|&s| gen_of(s) == gen);
+        Some(seq.unwrap_or(lv.max_seq))
     }
 
     /// The sequence number of `vm`'s oldest generation.

@@ -386,9 +386,10 @@ pub(crate) fn move_out(
     }
 }
 
-/// A sampled folio was touched: install its `ProtNone` pages back into the
-/// guest (by `COPY` or `MOVE`, see `fault::install_from_pool`) and promote
-/// it (`do_numa_page()`).
+/// A sampled folio was touched at `at`: install its `ProtNone` pages back
+/// into the guest (by `COPY` or `MOVE`, see `fault::install_from_pool`)
+/// and promote it (`do_numa_page()`). A large folio may be split first,
+/// and then only the piece at `at` goes back ([`split_sampled`]).
 ///
 /// # Context
 /// Page-table lock held (`ptl`); an entry names the folio, so it is live.

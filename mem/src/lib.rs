@@ -42,7 +42,9 @@
 //!   |                       two at once only in a relocation pull: the new
 //!   |                       region's table, then the old region's; held
 //!   |                       across UFFDIO_MOVE/COPY/POISON/WRITEPROTECT
-//!   |                       of that range, never across I/O or a sleep
+//!   |                       of that range, never across I/O or a sleep.
+//!   |                       Under it a folio lock only by trylock (a fault
+//!   |                       splitting a sampled folio, `split_sampled`)
 //!   +-- swap lock           SwapDevice::state (swap map + swap cache)
 //!   |     +-- folio-table lock   (swap-cache lookup takes its reference)
 //!   |     +-- clean-slot queue   Inner::clean_frees (leaf; drained here)
@@ -56,7 +58,8 @@
 //!                           SwapFile::plans (fault injection)
 //! inside folio_lock only:   wait-queue lock -> folio-table lock
 //! ```
-//! Handler threads take only page-table and leaf locks, and sleep only on
+//! Handler threads take page-table and leaf locks (and folio locks under
+//! them only by trylock), and sleep only on
 //! folio locks whose holders never wait for a guest access: swap I/O is
 //! file I/O, and reclaim takes folio locks by trylock only. No manager lock
 //! is held while guest memory is accessed. Direct reclaim runs on the fault

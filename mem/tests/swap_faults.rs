@@ -140,6 +140,8 @@ fn a_clean_page_without_its_host_page_is_read_again_from_its_slot() {
     let kept = || mm.vm_stats(vm).unwrap().swap.clean_kept_pages;
     let before = kept();
     assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 0));
+    // The handler counts after the install that woke this thread.
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
     assert_eq!(kept(), before + 1, "the read swapin kept the page clean");
     assert!(mm
         .debug_unmap_behind_entry(

@@ -183,22 +183,13 @@ impl Stalls {
         }
         self.count += 1;
         self.sum_ns += ns;
-        let b = (63 - ns.leading_zeros()) as usize;
-        if self.hist.buckets.len() <= b {
-            self.hist.buckets.resize(b + 1, 0);
-        }
-        self.hist.buckets[b] += 1;
+        self.hist.record(ns);
     }
 
     fn merge(&mut self, o: &Stalls) {
         self.count += o.count;
         self.sum_ns += o.sum_ns;
-        if self.hist.buckets.len() < o.hist.buckets.len() {
-            self.hist.buckets.resize(o.hist.buckets.len(), 0);
-        }
-        for (a, b) in self.hist.buckets.iter_mut().zip(&o.hist.buckets) {
-            *a += b;
-        }
+        self.hist.add(&o.hist);
     }
 
     /// Mean wait, ns (0 without stalls).

@@ -7,6 +7,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 const NR_BUCKETS: usize = 40;
 
+/// The bucket of a duration: `i` for `[2^i, 2^(i+1))` ns, the last one
+/// open-ended.
+fn bucket_of(ns: u64) -> usize {
+    ((63 - ns.max(1).leading_zeros()) as usize).min(NR_BUCKETS - 1)
+}
+
 /// A log2 histogram of durations: bucket `i` counts `[2^i, 2^(i+1))` ns.
 #[derive(Debug)]
 pub struct LatencyHistogram {
@@ -24,8 +30,7 @@ impl Default for LatencyHistogram {
 impl LatencyHistogram {
     /// Count one duration.
     pub fn record(&self, ns: u64) {
-        let b = (64 - ns.max(1).leading_zeros() - 1) as usize;
-        self.buckets[b.min(NR_BUCKETS - 1)].fetch_add(1, Relaxed);
+        self.buckets[bucket_of(ns)].fetch_add(1, Relaxed);
     }
 
     /// A snapshot.
@@ -47,6 +52,26 @@ impl Histogram {
     /// Samples.
     pub fn count(&self) -> u64 {
         self.buckets.iter().sum()
+    }
+
+    /// Count one duration, bucketed as [`LatencyHistogram::record`] does
+    /// (for a histogram kept by one thread).
+    pub fn record(&mut self, ns: u64) {
+        let b = bucket_of(ns);
+        if self.buckets.len() <= b {
+            self.buckets.resize(b + 1, 0);
+        }
+        self.buckets[b] += 1;
+    }
+
+    /// Add the samples of `other`.
+    pub fn add(&mut self, other: &Histogram) {
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
     }
 
     /// The samples recorded after `earlier` (a snapshot of the same

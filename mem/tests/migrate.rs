@@ -187,8 +187,22 @@ fn collapse_leaves_a_table_with_a_folio_awaiting_its_split() {
     mm.inject_faults(vec![]);
     settle_and_check(&mm);
     assert_eq!(order8(&mm), 0, "split");
-    let rep = mm.compact(Some(vm), &|_, _| {}).unwrap();
-    assert_eq!(rep.collapsed, 1, "{rep:?}");
+    // A collapse may be skipped, and undone, for a transient reason: once
+    // in CI the manager was idle and it was skipped within 61 µs (a busy
+    // `UFFDIO_MOVE` while the host splits or migrates its own pages fits
+    // that; not proven). A user compacts again: three tries.
+    let mut reports = Vec::new();
+    while reports.len() < 3 && mm.vm_stats(vm).unwrap().resident_bytes_by_order[9] == 0 {
+        let rep = mm.compact(Some(vm), &|_, _| {}).unwrap();
+        check("after a collapse or its undo");
+        reports.push(rep);
+    }
+    let last = reports.last().expect("one compaction at least");
+    assert_eq!(
+        (last.collapsed, last.pmd_folios_after),
+        (1, 1),
+        "{reports:?}"
+    );
     check("collapsed");
     drop(b);
     mm.destroy_vm(vm).unwrap();
@@ -309,20 +323,21 @@ fn background_compaction_repairs_fallbacks() {
     }
     assert!(mm.stats().faults.order_fallback > 0);
     // The background compactor rebuilds free blocks and collapses it.
+    // Its counters are bumped after the collapse is visible (a round is
+    // counted at its end): wait for both.
     let t0 = std::time::Instant::now();
-    while mm.vm_stats(vm).unwrap().resident_bytes_by_order[9] < 2 * MIB {
+    loop {
+        let m = mm.stats().migration;
+        let huge = mm.vm_stats(vm).unwrap().resident_bytes_by_order[9];
+        if huge >= 2 * MIB && m.kcompactd_rounds >= 1 && m.compact_blocks >= 1 && m.collapsed >= 1 {
+            break;
+        }
         assert!(
             t0.elapsed() < std::time::Duration::from_secs(20),
-            "never collapsed: {:?}",
-            mm.stats().migration
+            "never collapsed by the background compactor: {huge} bytes in 2 MiB folios, {m:?}"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let m = mm.stats().migration;
-    assert!(
-        m.kcompactd_rounds >= 1 && m.compact_blocks >= 1 && m.collapsed >= 1,
-        "{m:?}"
-    );
     for p in base..base + 512 {
         for w in [0, 1, 511] {
             assert_eq!(

@@ -110,10 +110,7 @@ pub(crate) fn compact(inner: &Inner, vm: Option<VmId>, progress: Progress<'_>) -
     let total = candidates.len() as u64;
     progress(0, total);
     for (n, (region, first)) in candidates.iter().enumerate() {
-        if ready_pmd_blocks(inner) == 0 {
-            compact_pool(inner, 1, &mut rep);
-            wait_ready_pmd(inner);
-        }
+        ensure_ready_pmd(inner, &mut rep);
         match collapse(inner, region, *first) {
             Ok(()) => rep.collapsed += 1,
             Err(_) => rep.collapse_skipped += 1,
@@ -172,13 +169,23 @@ fn settle_worker(inner: &Inner) {
 }
 
 /// Wait (bounded) for the pre-zeroing worker to make a rebuilt block ready.
-pub(crate) fn wait_ready_pmd(inner: &Inner) {
+fn wait_ready_pmd(inner: &Inner) {
     let t0 = Instant::now();
     while ready_pmd_blocks(inner) == 0
         && (free_pmd_blocks(inner) > 0 || inner.isolated_pages.load(Relaxed) > 0)
         && t0.elapsed() < Duration::from_secs(2)
     {
         inner.wait_for_memory(Duration::from_millis(20));
+    }
+}
+
+/// Make a ready 2 MiB block available as a target (a collapse, or a 2 MiB
+/// folio's migration): when none is ready, free memory is scattered, so
+/// rebuild one block and wait (bounded) for the worker to prepare it.
+pub(crate) fn ensure_ready_pmd(inner: &Inner, rep: &mut CompactReport) {
+    if ready_pmd_blocks(inner) == 0 {
+        compact_pool(inner, 1, rep);
+        wait_ready_pmd(inner);
     }
 }
 

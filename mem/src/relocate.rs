@@ -705,7 +705,7 @@ fn remap_huge(inner: &Inner, region: &Region) -> u64 {
         };
         if let Some((f, _)) = folio {
             // A target that is one THP in the pool, or the copy is in vain.
-            crate::compact::wait_ready_pmd(inner);
+            crate::compact::ensure_ready_pmd(inner, &mut Default::default());
             if crate::migrate::migrate_folio(inner, f).is_ok() {
                 n += 1;
             }

@@ -10,18 +10,9 @@
 //! guest-side benchmark is `foliovm bench first-touch`.
 
 use mem::anon::AnonBackend;
+use mem::bench::parse_size;
 use mem::{GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig, Order, RamRegion, PAGE_SIZE};
 use std::time::{Duration, Instant};
-
-fn parse_size(s: &str) -> Option<u64> {
-    let (num, mul) = match s.as_bytes().last()? {
-        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
-        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
-        b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok().map(|n| n * mul)
-}
 
 /// Touch every page of `r` (one write per 4 KiB) from `threads` threads.
 fn touch(r: RamRegion, threads: u64) -> Duration {

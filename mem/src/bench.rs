@@ -106,9 +106,9 @@ pub struct HostBenchOpts {
 }
 
 impl HostBenchOpts {
-    /// Parse the examples' command line: `--budget SIZE` (`M`/`G`
-    /// suffixes), `--threads N`, `--dir DIR`, `--ops N`, `--patterns
-    /// a,b` and `--skip-kernel`; the rest keeps its default (a 256M budget,
+    /// Parse the examples' command line: `--budget SIZE`
+    /// ([`parse_size`]), `--threads N`, `--dir DIR`, `--ops N`,
+    /// `--patterns a,b` and `--skip-kernel`; the rest keeps its default (a 256M budget,
     /// four threads, /var/tmp, 200000 ops, every pattern). `child` is the
     /// command for the kernel side.
     ///
@@ -397,17 +397,13 @@ impl Zipf {
     }
 }
 
-/// Run `pattern` over `pages` pages at `base` from `threads` threads;
-/// returns accesses per second.
-///
-/// # Safety
-/// `[base, base + pages * 4 KiB)` is a live read-write mapping for the
-/// whole call, and nothing else accesses the words the threads use.
-/// A size with an optional `M` or `G` suffix.
-fn parse_size(s: &str) -> Option<u64> {
+/// A size in bytes with an optional `K`, `M` or `G` suffix (for the
+/// examples' command lines); `None` if malformed or too large.
+pub fn parse_size(s: &str) -> Option<u64> {
     let (num, mul) = match s.as_bytes().last()? {
         b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
         b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
         _ => (s, 1),
     };
     num.parse::<u64>().ok()?.checked_mul(mul)
@@ -454,6 +450,12 @@ pub fn trace(pattern: Pattern, pages: u64, threads: u64, ops: u64) -> Vec<u64> {
     }
 }
 
+/// Run `pattern` over `pages` pages at `base` from `threads` threads;
+/// returns accesses per second and the accesses that waited.
+///
+/// # Safety
+/// `[base, base + pages * 4 KiB)` is a live read-write mapping for the
+/// whole call, and nothing else accesses the words the threads use.
 unsafe fn run_pattern(
     base: usize,
     pages: u64,

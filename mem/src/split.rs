@@ -40,7 +40,11 @@ pub(crate) fn deferred_split_scan(inner: &Inner) {
     }
 }
 
-/// Pop the next folio worth splitting and take a reference on it.
+/// Pop the next folio worth splitting and take a reference on it. Its
+/// `DEFERRED_SPLIT` flag stays set until [`split_one`] holds its
+/// page-table lock, so a discard meanwhile does not queue it again
+/// (`deferred_split_scan()` keeps a folio on its local list likewise): the
+/// one split sees that discard's holes too.
 fn next_queued(inner: &Inner) -> Option<(FolioId, Rmap)> {
     let mut slab = inner.folios.slab();
     loop {
@@ -50,8 +54,8 @@ fn next_queued(inner: &Inner) -> Option<(FolioId, Rmap)> {
         if !f.flags.contains(FolioFlags::DEFERRED_SPLIT) {
             continue;
         }
-        f.flags.remove(FolioFlags::DEFERRED_SPLIT);
         let (Some(rmap), false) = (f.rmap, f.pincount > 0) else {
+            f.flags.remove(FolioFlags::DEFERRED_SPLIT);
             continue;
         };
         slab.get_ref(id);
@@ -65,6 +69,9 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
         let _lock = inner.folios.lock(id);
         let mut ptl = region.pt.lock(rmap.index);
         let mut slab = inner.folios.slab();
+        // From here on a discard that leaves it partial queues it again.
+        let f = slab.get_mut(id).expect("we hold a reference");
+        f.flags.remove(FolioFlags::DEFERRED_SPLIT);
         let f = slab.get(id).expect("we hold a reference");
         let partial = f.mapcount > 0
             && (f.mapcount as u64) < f.nr_pages()
@@ -143,6 +150,8 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
         }
         drop(slab);
         drop(ptl);
+    } else if let Some(f) = inner.folios.slab().get_mut(id) {
+        f.flags.remove(FolioFlags::DEFERRED_SPLIT);
     }
     // Drop our reference: this frees the folio if it was unmapped meanwhile.
     freed.extend(inner.folios.slab().put_refs(id, 1));

@@ -7,7 +7,7 @@
 //! ```text
 //! cargo run --release -p mem --example overcommit -- \
 //!     [--budget 256M] [--threads 4] [--dir /var/tmp] [--ops 200000] \
-//!     [--patterns sequential,zipfian,uniform] [--skip-kernel]
+//!     [--patterns sequential,zipfian,uniform] [--rounds 1] [--skip-kernel]
 //! ```
 
 use mem::bench::{self, ChildCommand, HostBenchOpts};
@@ -25,7 +25,7 @@ fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let result = match argv.first().map(String::as_str) {
         Some("--child") => bench::kernel_child(&argv[1..]),
-        _ => opts(&argv).map(|o| print!("{}", bench::run(&o))),
+        _ => opts(&argv).map(|o| print!("{}", bench::run_rounds(&o))),
     };
     if let Err(e) = result {
         eprintln!("overcommit: {e}");

@@ -101,6 +101,8 @@ pub struct HostBenchOpts {
     pub patterns: Vec<Pattern>,
     /// Skip the kernel baseline (profiling foliovm alone; no ratios).
     pub skip_kernel: bool,
+    /// Rounds of both setups, one after the other ([`run_rounds`]).
+    pub rounds: u32,
     /// The kernel-side child.
     pub child: ChildCommand,
 }
@@ -108,9 +110,10 @@ pub struct HostBenchOpts {
 impl HostBenchOpts {
     /// Parse the examples' command line: `--budget SIZE`
     /// ([`parse_size`]), `--threads N`, `--dir DIR`, `--ops N`,
-    /// `--patterns a,b` and `--skip-kernel`; the rest keeps its default (a 256M budget,
-    /// four threads, /var/tmp, 200000 ops, every pattern). `child` is the
-    /// command for the kernel side.
+    /// `--patterns a,b`, `--rounds N` and `--skip-kernel`; the rest keeps
+    /// its default (a 256M budget, four threads, /var/tmp, 200000 ops,
+    /// every pattern, one round). `child` is the command for the kernel
+    /// side.
     ///
     /// # Errors
     /// An unknown option or a bad value, named.
@@ -122,6 +125,7 @@ impl HostBenchOpts {
             ops: 200_000,
             patterns: Pattern::ALL.to_vec(),
             skip_kernel: false,
+            rounds: 1,
             child,
         };
         let mut args = args.to_vec();
@@ -137,6 +141,7 @@ impl HostBenchOpts {
                 "--threads" => o.threads = val.parse().map_err(|_| bad())?,
                 "--dir" => o.dir = PathBuf::from(val),
                 "--ops" => o.ops = val.parse().map_err(|_| bad())?,
+                "--rounds" => o.rounds = val.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?,
                 "--patterns" => {
                     o.patterns = val
                         .split(',')
@@ -901,6 +906,94 @@ fn raw_pread(dir: &Path, bytes: u64) -> Result<(Duration, Duration), String> {
     r
 }
 
+/// [`run`] `opts.rounds` times in a row. One run measures the two setups
+/// a minute apart, and on a shared host the kernel baseline alone swings
+/// by a third from one run to the next (README); rounds give each setup
+/// several turns, and the verdict goes by the median ratio.
+pub fn run_rounds(opts: &HostBenchOpts) -> RoundsReport {
+    RoundsReport {
+        rounds: (0..opts.rounds).map(|_| run(opts)).collect(),
+    }
+}
+
+/// Every round's report, and for more than one, a summary.
+#[derive(Debug)]
+pub struct RoundsReport {
+    /// In the order they ran.
+    pub rounds: Vec<HostBenchReport>,
+}
+
+impl RoundsReport {
+    /// `p`'s ratio (foliovm over kernel) in each round where both setups
+    /// ran it, in round order.
+    pub fn ratios(&self, p: Pattern) -> Vec<f64> {
+        self.rounds
+            .iter()
+            .filter_map(|r| match r.rates(p) {
+                (Some(k), Some(f)) if k > 0.0 => Some(f / k),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The median of `v` (the mean of the middle two for an even count), or
+/// `None` for an empty `v`.
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+impl fmt::Display for RoundsReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.rounds.len();
+        if n == 1 {
+            return write!(f, "{}", self.rounds[0]);
+        }
+        for (i, r) in self.rounds.iter().enumerate() {
+            writeln!(f, "round {} of {n}:", i + 1)?;
+            write!(f, "{r}")?;
+        }
+        writeln!(
+            f,
+            "summary of {n} rounds (each round's ratio, in round order; the verdict goes by the median):"
+        )?;
+        writeln!(
+            f,
+            "  {:<11} {:<40} {:>7} {:>7}  verdict",
+            "pattern", "ratios", "median", "goal"
+        )?;
+        for &p in &self.rounds[0].opts.patterns {
+            let ratios = self.ratios(p);
+            let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
+            let (med, v) = match median(&ratios) {
+                Some(m) if m >= p.goal() => (format!("{m:.2}x"), "met".to_string()),
+                Some(m) => (format!("{m:.2}x"), "MISSED".to_string()),
+                None => ("-".into(), "no round had both setups".into()),
+            };
+            writeln!(
+                f,
+                "  {:<11} {:<40} {:>7} {:>6.1}x  {v}{}",
+                p.name(),
+                list.join(" "),
+                med,
+                p.goal(),
+                match ratios.len() < n {
+                    true => format!(" ({} of {n} rounds without a ratio)", n - ratios.len()),
+                    false => String::new(),
+                }
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// The ratio column and the verdict for one pattern: a ratio only when
 /// both setups ran.
 pub fn verdict(p: Pattern, kernel: Option<f64>, folio: Option<f64>) -> (String, String) {
@@ -945,17 +1038,7 @@ impl fmt::Display for HostBenchReport {
             "pattern", "kernel acc/s", "foliovm acc/s", "ratio", "goal"
         )?;
         for &p in &o.patterns {
-            let k = self
-                .kernel
-                .as_ref()
-                .ok()
-                .and_then(|r| r.iter().find(|x| x.pattern == p).map(|x| x.ops_per_sec));
-            let fv = self.folio.as_ref().ok().and_then(|r| {
-                r.patterns
-                    .iter()
-                    .find(|x| x.pattern == p)
-                    .map(|x| x.ops_per_sec)
-            });
+            let (k, fv) = self.rates(p);
             let num = |v: Option<f64>| v.map_or("did not run".to_string(), |v| format!("{v:.0}"));
             let (ratio, v) = verdict(p, k, fv);
             writeln!(
@@ -975,6 +1058,23 @@ impl fmt::Display for HostBenchReport {
 }
 
 impl HostBenchReport {
+    /// `p`'s accesses per second under the kernel and under foliovm, for
+    /// the setups that ran it.
+    pub fn rates(&self, p: Pattern) -> (Option<f64>, Option<f64>) {
+        let k = self
+            .kernel
+            .as_ref()
+            .ok()
+            .and_then(|r| r.iter().find(|x| x.pattern == p).map(|x| x.ops_per_sec));
+        let fv = self.folio.as_ref().ok().and_then(|r| {
+            r.patterns
+                .iter()
+                .find(|x| x.pattern == p)
+                .map(|x| x.ops_per_sec)
+        });
+        (k, fv)
+    }
+
     fn fmt_stalls(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
@@ -1111,6 +1211,100 @@ mod tests {
         assert_eq!(err("--frobnicate 1"), "unknown option --frobnicate");
         assert!(err("--budget 1M").contains("at least 2M"));
         assert!(err("--budget 99999999999G").contains("--budget"));
+    }
+
+    #[test]
+    fn rounds_parse_and_the_median_takes_the_middle() {
+        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let child = || ChildCommand {
+            exe: PathBuf::new(),
+            args: Vec::new(),
+        };
+        assert_eq!(HostBenchOpts::parse(&[], child()).unwrap().rounds, 1);
+        let o = HostBenchOpts::parse(&args("--rounds 3"), child()).unwrap();
+        assert_eq!(o.rounds, 3);
+        for bad in ["--rounds 0", "--rounds x", "--rounds"] {
+            let e = HostBenchOpts::parse(&args(bad), child()).unwrap_err();
+            assert!(e.contains("--rounds"), "{bad}: {e}");
+        }
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[1.2, 0.5, 0.9]), Some(0.9));
+        assert_eq!(median(&[1.0, 0.4, 0.8, 2.0]), Some(0.9));
+    }
+
+    #[test]
+    fn a_summary_of_rounds_rates_each_round_and_judges_by_the_median() {
+        let child = ChildCommand {
+            exe: PathBuf::new(),
+            args: Vec::new(),
+        };
+        let mut opts = HostBenchOpts::parse(&[], child).unwrap();
+        opts.patterns = vec![Pattern::Zipfian, Pattern::Uniform];
+        let round = |kernel: Option<f64>, zipf: f64, uniform: f64| HostBenchReport {
+            opts: opts.clone(),
+            kernel: kernel
+                .map(|k| {
+                    [Pattern::Zipfian, Pattern::Uniform]
+                        .into_iter()
+                        .map(|pattern| KernelRun {
+                            pattern,
+                            ops_per_sec: k,
+                            cpu_secs: 1.0,
+                            pswpin: 0,
+                            pswpout: 0,
+                            stalls: Stalls::default(),
+                        })
+                        .collect()
+                })
+                .ok_or_else(|| "skipped".to_string()),
+            kernel_oom_kills: 0,
+            folio: Ok(FolioRun {
+                patterns: [(Pattern::Zipfian, zipf), (Pattern::Uniform, uniform)]
+                    .into_iter()
+                    .map(|(pattern, ops_per_sec)| FolioPattern {
+                        pattern,
+                        ops_per_sec,
+                        stalls: Stalls::default(),
+                        swapin: Histogram::default(),
+                        swapcache: Histogram::default(),
+                        reads: 0,
+                        read_pages: 0,
+                        detail: String::new(),
+                    })
+                    .collect(),
+                summary: String::new(),
+            }),
+            raw: Vec::new(),
+        };
+        let r = RoundsReport {
+            rounds: vec![
+                round(Some(100.0), 150.0, 80.0),
+                round(None, 500.0, 500.0),
+                round(Some(200.0), 200.0, 300.0),
+                round(Some(100.0), 140.0, 90.0),
+            ],
+        };
+        assert_eq!(r.ratios(Pattern::Zipfian), vec![1.5, 1.0, 1.4]);
+        assert_eq!(r.ratios(Pattern::Uniform), vec![0.8, 1.5, 0.9]);
+        let text = r.to_string();
+        let headers = text.lines().filter(|l| l.starts_with("round ")).count();
+        assert_eq!(headers, 4, "{text}");
+        let line = |name: &str| {
+            text.lines()
+                .rev()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap()
+                .to_string()
+        };
+        // Zipfian: median 1.40x against its 1.3x goal; uniform: 0.90x against 1x.
+        assert!(line("zipfian").contains("1.40x"), "{text}");
+        assert!(line("zipfian").contains(" met"), "{text}");
+        assert!(line("uniform").contains("0.90x"), "{text}");
+        assert!(line("uniform").contains("MISSED"), "{text}");
+        assert!(
+            line("uniform").contains("1 of 4 rounds without a ratio"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -144,6 +144,10 @@ enum BenchCmd {
         /// Accesses of the host-thread run's zipf and uniform patterns.
         #[arg(long, default_value_t = 200_000)]
         ops: u64,
+        /// Rounds of the host-thread run, both setups each round; its
+        /// verdict goes by the median ratio.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
     },
     /// The kernel-side child of the host-thread overcommit run (internal).
     #[command(hide = true)]
@@ -191,6 +195,7 @@ fn bench(cmd: BenchCmd) -> Result<i32> {
             host_threads,
             threads,
             ops,
+            rounds,
         } => {
             let opts = vmm::bench::overcommit::OvercommitOpts {
                 budget: parse_size(&budget).context("invalid --budget")?,
@@ -200,6 +205,7 @@ fn bench(cmd: BenchCmd) -> Result<i32> {
                 host: host_threads,
                 host_threads: threads,
                 host_ops: ops,
+                host_rounds: rounds,
             };
             for p in &opts.patterns {
                 if !["seq", "zipf", "uniform"].contains(&p.as_str()) {

@@ -34,6 +34,8 @@ pub struct OvercommitOpts {
     pub host_threads: u64,
     /// Accesses of its `uniform` and `zipfian` patterns.
     pub host_ops: u64,
+    /// Its rounds ([`mem::bench::run_rounds`]).
+    pub host_rounds: u32,
 }
 
 /// When `foliovm bench overcommit` also runs the patterns from host threads.
@@ -275,7 +277,7 @@ pub fn overcommit(opts: &OvercommitOpts) -> String {
             }
             true => "The same patterns from host threads (no KVM), as a second table:\n",
         };
-        s += &mem::bench::run(&host_opts(opts)).to_string();
+        s += &mem::bench::run_rounds(&host_opts(opts)).to_string();
     }
     s
 }
@@ -293,6 +295,7 @@ fn host_opts(opts: &OvercommitOpts) -> mem::bench::HostBenchOpts {
             .filter_map(|p| mem::bench::Pattern::parse(p))
             .collect(),
         skip_kernel: false,
+        rounds: opts.host_rounds,
         child: mem::bench::ChildCommand {
             exe: opts.exe.clone(),
             args: CHILD_ARGS.iter().map(|a| a.to_string()).collect(),
@@ -328,10 +331,12 @@ mod tests {
             host: HostThreads::Auto,
             host_threads: 4,
             host_ops: 1000,
+            host_rounds: 3,
         };
         let h = host_opts(&o);
         assert_eq!(h.patterns, mem::bench::Pattern::ALL.to_vec());
         assert_eq!(h.child.args, ["bench", "overcommit-child"]);
         assert_eq!((h.budget, h.threads, h.ops), (128 << 20, 4, 1000));
+        assert_eq!(h.rounds, 3);
     }
 }

@@ -1185,13 +1185,21 @@ impl HostBenchReport {
 mod tests {
     use super::*;
 
-    #[test]
-    fn options_parse_and_bad_ones_are_named() {
-        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
-        let child = || ChildCommand {
+    /// The examples' arguments, split at spaces.
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    /// A kernel-side command for options that never run it.
+    fn child() -> ChildCommand {
+        ChildCommand {
             exe: PathBuf::new(),
             args: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn options_parse_and_bad_ones_are_named() {
         let o = HostBenchOpts::parse(
             &args("--budget 128M --skip-kernel --patterns zipf"),
             child(),
@@ -1215,11 +1223,6 @@ mod tests {
 
     #[test]
     fn rounds_parse_and_the_median_takes_the_middle() {
-        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
-        let child = || ChildCommand {
-            exe: PathBuf::new(),
-            args: Vec::new(),
-        };
         assert_eq!(HostBenchOpts::parse(&[], child()).unwrap().rounds, 1);
         let o = HostBenchOpts::parse(&args("--rounds 3"), child()).unwrap();
         assert_eq!(o.rounds, 3);
@@ -1234,11 +1237,7 @@ mod tests {
 
     #[test]
     fn a_summary_of_rounds_rates_each_round_and_judges_by_the_median() {
-        let child = ChildCommand {
-            exe: PathBuf::new(),
-            args: Vec::new(),
-        };
-        let mut opts = HostBenchOpts::parse(&[], child).unwrap();
+        let mut opts = HostBenchOpts::parse(&[], child()).unwrap();
         opts.patterns = vec![Pattern::Zipfian, Pattern::Uniform];
         let round = |kernel: Option<f64>, zipf: f64, uniform: f64| HostBenchReport {
             opts: opts.clone(),

@@ -148,6 +148,15 @@ pub(crate) fn set_budget(inner: &Inner, bytes: u64) -> Result<BudgetChange, Budg
 /// Take `want` pages offline, reclaiming when too few are free. Returns
 /// the pages reclaimed; on failure every page this call took is online
 /// again.
+///
+/// Known weakness: only pages free at the moment go offline, and nothing
+/// holds the new budget against the VMs meanwhile. A guest that thrashes
+/// (its swap-ins allocate as fast as reclaim frees) can take what reclaim
+/// frees first, and when it sits near its minimum, the lowering fails
+/// with `CannotFree` and leaves the budget as it was; pausing it first
+/// works. memcg's `memory.max` sets the limit first, so that new charges
+/// reclaim or wait, and then reclaims down to it; doing the same here
+/// means a reserve in the allocator that faults respect.
 fn lower(
     inner: &Inner,
     want: u64,

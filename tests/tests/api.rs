@@ -308,9 +308,16 @@ fn reclaim_operations_and_the_budget_through_the_socket() {
         128 << 20,
         "refused changes change nothing"
     );
+    // Lowered with the guest paused: a guest that thrashes its 96 MiB
+    // allocates pages for its swap-ins as fast as reclaim frees them, and
+    // a lowering under it can then fail (see `hotplug::lower`).
+    let r = vm.call("PATCH", "/vms/vm0", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(r.status, 204, "pause: {}", r.body);
     let r = vm.call("PUT", "/budget", Some(r#"{"budget_mib": 64}"#));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["previous_budget_bytes"], 128 << 20, "{}", r.body);
+    let r = vm.call("PATCH", "/vms/vm0", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(r.status, 204, "resume: {}", r.body);
     let stats = vm.call("GET", "/stats", None).json();
     assert_eq!(stats["host"]["budget_bytes"], 64 << 20, "{stats}");
     // The guest keeps running inside the lower budget, through swap.

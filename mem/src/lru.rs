@@ -11,6 +11,13 @@
 //! reaches the current one, so promoted folios always land in a
 //! generation younger than the one being scanned.
 //!
+//! Beside the generations each VM has a **probation list**: folios
+//! reference sampling has moved out of the guest, oldest sampling first,
+//! waiting to show whether they are still used (the kernel's inactive list,
+//! where a folio's accessed bit gets its second chance). An access takes a
+//! folio off it to the youngest generation; eviction takes victims from its
+//! head. Its pseudo sequence number is `PROBATION`.
+//!
 //! The links live in the folio records ([`crate::folio::LruLink`]), so the
 //! lists cost no memory of their own.
 //!
@@ -22,6 +29,14 @@ use crate::types::{FolioId, VmId};
 
 /// Generations per VM (`MAX_NR_GENS`).
 pub const NR_GENS: usize = 4;
+
+/// The sequence number that names the probation list: [`FolioSlab::lru_seq`]
+/// gives it for a folio on that list, and [`FolioSlab::lru_add_seq`] with it
+/// puts a folio there.
+pub(crate) const PROBATION: u64 = u64::MAX;
+
+/// The list index of the probation list, after the generations'.
+const PROBATION_LIST: usize = NR_GENS;
 
 #[derive(Debug, Clone, Copy)]
 struct ListHead {
@@ -41,8 +56,9 @@ impl Default for ListHead {
 /// The generations of one VM (`struct lru_gen_folio`).
 #[derive(Debug, Default)]
 pub struct LruVec {
-    lists: [ListHead; NR_GENS],
-    nr_pages: [u64; NR_GENS],
+    /// The generations' lists, then the probation list.
+    lists: [ListHead; NR_GENS + 1],
+    nr_pages: [u64; NR_GENS + 1],
     /// Oldest generation's sequence number.
     pub min_seq: u64,
     /// Youngest generation's sequence number.
@@ -53,6 +69,11 @@ impl LruVec {
     /// Pages on all lists.
     pub fn nr_pages(&self) -> u64 {
         self.nr_pages.iter().sum()
+    }
+
+    /// Pages in the generations (the probation list left out).
+    fn gen_pages(&self) -> u64 {
+        self.nr_pages[..NR_GENS].iter().sum()
     }
 }
 
@@ -81,11 +102,15 @@ impl FolioSlab {
         self.lru_add_seq(id, seq);
     }
 
-    /// Add to the tail of generation `seq` (clamped to the live range).
+    /// Add to the tail of generation `seq` (clamped to the live range), or
+    /// of the probation list for [`PROBATION`].
     pub(crate) fn lru_add_seq(&mut self, id: FolioId, seq: u64) {
         let vm = self.folio_vm(id);
         let lv = self.lruvec(vm);
-        let gen = gen_of(seq.clamp(lv.min_seq, lv.max_seq));
+        let gen = match seq {
+            PROBATION => PROBATION_LIST,
+            s => gen_of(s.clamp(lv.min_seq, lv.max_seq)),
+        };
         let tail = lv.lists[gen].tail;
         let f = self.live(id);
         debug_assert!(!f.flags.contains(FolioFlags::LRU));
@@ -112,6 +137,31 @@ impl FolioSlab {
         };
         self.lru_del(old);
         self.lru_add_seq(new, seq);
+    }
+
+    /// Move a folio on the LRU to the tail of its VM's probation list (it
+    /// was just sampled). No-op if not on the LRU.
+    pub(crate) fn lru_probation_add(&mut self, id: FolioId) {
+        if self
+            .get(id)
+            .is_some_and(|f| f.flags.contains(FolioFlags::LRU))
+        {
+            self.lru_del(id);
+            self.lru_add_seq(id, PROBATION);
+        }
+    }
+
+    /// The folio longest on `vm`'s probation list.
+    pub(crate) fn lru_probation_head(&mut self, vm: VmId) -> Option<FolioId> {
+        let head = self.lruvec(vm.0 as usize).lists[PROBATION_LIST].head;
+        (head != NO_LINK).then_some(FolioId(head))
+    }
+
+    /// Pages on `vm`'s probation list.
+    pub(crate) fn lru_probation_pages(&self, vm: VmId) -> u64 {
+        self.lruvecs
+            .get(vm.0 as usize)
+            .map_or(0, |lv| lv.nr_pages[PROBATION_LIST])
     }
 
     /// Take off the LRU if on it (`lruvec_del_folio()`).
@@ -160,13 +210,16 @@ impl FolioSlab {
 
     /// The sequence number of the generation `id` is in, if on the LRU
     /// (the youngest if its generation is no longer live, which a folio on
-    /// the LRU never sees).
+    /// the LRU never sees), or [`PROBATION`].
     pub(crate) fn lru_seq(&mut self, id: FolioId) -> Option<u64> {
         let f = self.get(id)?;
         if !f.flags.contains(FolioFlags::LRU) {
             return None;
         }
         let gen = f.flags.gen();
+        if gen == PROBATION_LIST {
+            return Some(PROBATION);
+        }
         let vm = self.folio_vm(id);
         let lv = self.lruvec(vm);
         let seq = (lv.min_seq..=lv.max_seq).find(|&s| gen_of(s) == gen);
@@ -185,7 +238,7 @@ impl FolioSlab {
         let lv = self.lruvec(vm.0 as usize);
         for _ in 0..=2 * NR_GENS {
             if lv.min_seq == lv.max_seq {
-                if lv.nr_pages() == 0 {
+                if lv.gen_pages() == 0 {
                     return None;
                 }
                 lv.max_seq += 1;
@@ -196,7 +249,7 @@ impl FolioSlab {
             }
             lv.min_seq += 1;
         }
-        debug_assert!(false, "LRU page count {} with empty lists", lv.nr_pages());
+        debug_assert!(false, "LRU page count {} with empty lists", lv.gen_pages());
         None
     }
 
@@ -215,25 +268,73 @@ impl FolioSlab {
         self.lruvecs.get(vm.0 as usize).map_or(0, LruVec::nr_pages)
     }
 
-    /// Every folio on an LRU, VM by VM, oldest generation first.
+    /// Every folio on an LRU, VM by VM: the probation list, then the
+    /// generations oldest first.
     pub fn lru_iter(&self) -> impl Iterator<Item = FolioId> + '_ {
         self.lruvecs.iter().flat_map(move |lv| {
-            (lv.min_seq..=lv.max_seq).flat_map(move |seq| {
-                let mut cur = lv.lists[gen_of(seq)].head;
-                std::iter::from_fn(move || {
-                    let id = (cur != NO_LINK).then_some(FolioId(cur))?;
-                    cur = self.get(id)?.lru.next;
-                    Some(id)
+            let gens = (lv.min_seq..=lv.max_seq).map(gen_of);
+            std::iter::once(PROBATION_LIST)
+                .chain(gens)
+                .flat_map(move |list| {
+                    let mut cur = lv.lists[list].head;
+                    std::iter::from_fn(move || {
+                        let id = (cur != NO_LINK).then_some(FolioId(cur))?;
+                        cur = self.get(id)?.lru.next;
+                        Some(id)
+                    })
                 })
-            })
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::PROBATION;
     use crate::folio::{test_folio, FolioTable};
     use crate::types::{FolioId, Order, VmId};
+
+    #[test]
+    fn probation_holds_sampled_folios_apart_from_the_generations() {
+        let t = FolioTable::default();
+        let mut s = t.slab();
+        let ids: Vec<FolioId> = (0..3u8)
+            .map(|i| s.insert(test_folio(u64::from(i), Order(i))))
+            .collect();
+        for &id in &ids {
+            s.lru_add(id);
+        }
+        s.lru_probation_add(ids[0]);
+        s.lru_probation_add(ids[2]);
+        assert_eq!(
+            s.lru_probation_head(VmId(0)),
+            Some(ids[0]),
+            "oldest sampling first"
+        );
+        assert_eq!(s.lru_probation_pages(VmId(0)), 1 + 4);
+        assert_eq!(s.lru_pages(VmId(0)), 1 + 2 + 4, "probation is on the LRU");
+        assert_eq!(s.lru_seq(ids[0]), Some(PROBATION));
+        // Eviction's generation scan never meets a folio on probation, and
+        // does not age past an empty generation list because of them.
+        assert_eq!(s.lru_oldest(VmId(0)), Some(ids[1]));
+        s.lru_del(ids[1]);
+        assert_eq!(s.lru_oldest(VmId(0)), None);
+        assert_eq!(s.lru_iter().collect::<Vec<_>>(), vec![ids[0], ids[2]]);
+        // An access takes a folio off probation to the youngest generation.
+        s.lru_promote(ids[0]);
+        assert_eq!(s.lru_probation_head(VmId(0)), Some(ids[2]));
+        assert_eq!(s.lru_oldest(VmId(0)), Some(ids[0]));
+        // Migration keeps the replacement on probation.
+        let new = s.insert(test_folio(7, Order(2)));
+        s.lru_replace(ids[2], new);
+        assert_eq!(s.lru_probation_head(VmId(0)), Some(new));
+        assert_eq!(s.lru_probation_pages(VmId(0)), 4);
+        s.lru_del(new);
+        s.lru_del(ids[0]);
+        assert_eq!(
+            (s.lru_pages(VmId(0)), s.lru_probation_head(VmId(0))),
+            (0, None)
+        );
+    }
 
     #[test]
     fn promotion_and_aging_keep_recent_folios_young() {

@@ -8,8 +8,9 @@
 //! allocator, so a partial discard really returns memory.
 
 use crate::buddy::BlockState;
-use crate::folio::{Folio, FolioFlags, FreedRange, LruLink};
+use crate::folio::{Folio, FolioFlags, FolioSlab, FreedRange, LruLink};
 use crate::inject::FaultPoint;
+use crate::lru::PROBATION;
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState};
 use crate::rmap::{split_plan, Rmap};
@@ -78,6 +79,12 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
             && f.pincount == 0
             && !f.flags.contains(FolioFlags::SWAPCACHE);
         let sampled = f.flags.contains(FolioFlags::SAMPLED);
+        // Pieces go to the youngest generation, or, sampled out, to the
+        // probation list where sampled folios wait for eviction.
+        let lru_add = |slab: &mut FolioSlab, id| match sampled {
+            true => slab.lru_add_seq(id, PROBATION),
+            false => slab.lru_add(id),
+        };
         if partial && !ptl.is_dead() {
             let (pool, old_order, pool_state) = (f.pool, f.order, f.pool_state);
             let mut kept_id = false;
@@ -104,7 +111,7 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
                         nf.flags.insert(FolioFlags::SAMPLED);
                     }
                     let nid = slab.insert(nf);
-                    slab.lru_add(nid);
+                    lru_add(&mut slab, nid);
                     nid
                 } else {
                     // The first mapped piece keeps the id (and our reference).
@@ -126,7 +133,7 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
                     f.rmap = Some(piece);
                     f.pool_state = BlockState::NeedsPopulate;
                     if on_lru {
-                        slab.lru_add(id);
+                        lru_add(&mut slab, id);
                     }
                     id
                 };

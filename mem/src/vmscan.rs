@@ -7,11 +7,26 @@
 //! faults: a folio reaching the oldest generation is moved out of the guest
 //! into its own pool range (one `UFFDIO_MOVE`, a PMD move for 2 MiB) and
 //! its entries become `ProtNone`. It stays mapped in the rmap sense. An
-//! access faults, the handler moves it straight back (no I/O, no copy),
+//! access faults, the handler installs it back from the pool without I/O
+//! (`fault::install_from_pool`: short runs by `COPY`, long ones by `MOVE`),
 //! clears `SAMPLED` and promotes the folio to the youngest generation
-//! ([`map_prot_none`]). A folio found still `ProtNone` when reclaim comes
-//! round to it again was not touched in between: it is the victim. Its data
-//! already sits in the pool, so swap-out needs no second unmap.
+//! ([`map_prot_none`]). A sampled folio waits on its VM's probation list
+//! (`lru`), oldest sampling first; one still `ProtNone` when it reaches the
+//! head was not touched in between: it is the victim. Its data already sits
+//! in the pool, so swap-out needs no second unmap.
+//!
+//! Reclaim keeps the probation list at an eighth of the VM's LRU
+//! ([`probation_target`]), sampling from the oldest generation only as
+//! victims leave it, and evicts from it once it is half full. Sampling is
+//! thus kept just ahead of eviction: a folio's second chance lasts while an
+//! eighth of the LRU is evicted, and no reclaim has to sample a whole
+//! generation before it finds a victim. Before the list, sampled folios
+//! were rotated into the next generation and judged when eviction came
+//! round to them: a reclaim meeting a generation nobody had sampled yet
+//! sampled all of it first (a direct reclaim on a handler thread spent
+//! about 20 ms of CPU doing so while its fault waited), and the second chance
+//! lasted a whole generation, in which the uniform benchmark touched and
+//! mapped back a fifth of the folios it sampled for nothing.
 //! Sampling costs a TLB flush and, for a folio in use, a fault to map it
 //! back; a folio found touched at several samplings in a row is sampled
 //! exponentially less often ([`FolioFlags::sampled_touched`]). A large
@@ -184,7 +199,7 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
             sample,
             reserved,
             skipped,
-        } = isolate_folios(inner, vm, floor, scanned < budget / 2);
+        } = isolate_folios(inner, vm, nr - freed, floor, scanned < budget / 2);
         if evict.is_empty() && sample.is_empty() && skipped == 0 {
             break;
         }
@@ -206,7 +221,8 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
     freed
 }
 
-/// What [`isolate_folios`] took off the oldest generation.
+/// What [`isolate_folios`] took off the probation list and the oldest
+/// generation.
 #[derive(Default)]
 struct Isolated {
     /// Victims (sampled and untouched since), off the LRU.
@@ -219,50 +235,111 @@ struct Isolated {
     skipped: u64,
 }
 
-/// Take a batch off the oldest generation of `vm`: folios sampled and not
-/// touched since (victims, taken off the LRU), and folios not sampled yet
-/// (rotated to the next generation, to be sampled now), both with a
-/// reference; hot folios still owed a pass, and folios just mapped by a
-/// fault (`REFERENCED`, once), go by unsampled while `respect_heat` (a
-/// reclaim that found too little in one rotation samples them all: the
-/// protection must not stall it). Victims are only taken
-/// while the VM stays above `floor` resident pages; their pages are
-/// reserved in `vm.reclaiming` (`Isolated::reserved`) until the caller is
-/// done with them.
-/// Analogue of `isolate_folios()` + `sort_folio()`.
-fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64, respect_heat: bool) -> Isolated {
+/// A folio reclaim can neither sample nor evict now: locked, pinned,
+/// mapped through a single page of it, or not mapped.
+fn is_busy(f: &Folio) -> bool {
+    f.flags.contains(FolioFlags::LOCKED)
+        || f.pincount > 0
+        || f.page_mapped.is_some()
+        || f.mapcount == 0
+}
+
+/// How many pages reclaim keeps on a VM's probation list: an eighth of its
+/// LRU. A folio's second chance lasts while the pages sampled after it are
+/// evicted, so this sets how long that is; it is the same at every size of
+/// the VM, as the kernel's inactive list is a share of the LRU.
+fn probation_target(lru_pages: u64) -> u64 {
+    (lru_pages / 8).max(SCAN_BATCH as u64)
+}
+
+/// Take a batch of victims (about `want` pages) and of folios to sample for
+/// `vm`.
+///
+/// Victims come from the head of the probation list: folios sampled and
+/// not touched since, the longest waiting first, taken off the LRU with a
+/// reference, while the VM stays above `floor` resident pages; their pages
+/// are reserved in `vm.reclaiming` (`Isolated::reserved`) until the caller
+/// is done with them. The list gives victims only once it holds half its
+/// target ([`probation_target`]), so that a folio sampled a moment ago is
+/// not evicted before it could show it is used, unless `respect_heat` is
+/// off (a reclaim that found too little in one rotation must progress).
+///
+/// Then the list is topped up to its target from the oldest generation:
+/// folios to sample are rotated and returned with a reference. Hot folios
+/// still owed a pass, and folios just mapped by a fault (`REFERENCED`,
+/// once), go by unsampled while `respect_heat`. A sampled folio met in a
+/// generation (a piece of a split, one put back) is a victim too, or goes
+/// to the probation list once there are victims enough.
+/// Analogue of `isolate_folios()` + `sort_folio()`, with the probation
+/// list as the inactive list.
+fn isolate_folios(
+    inner: &Inner,
+    vm: &VmState,
+    want: u64,
+    floor: u64,
+    respect_heat: bool,
+) -> Isolated {
     let mut batch = Isolated::default();
-    let (mut evict, mut sample) = (Vec::new(), Vec::new());
-    let mut reserved = 0;
     let mut slab = inner.folios.slab();
+    let target = probation_target(slab.lru_pages(vm.id));
+    // Reserve `nr` pages for eviction unless that takes the VM below its
+    // minimum.
+    let reserve = |batch: &mut Isolated, nr: u64| {
+        let taken = vm.reclaiming.fetch_add(nr, Relaxed) + nr;
+        if vm.resident_pages() < floor + taken {
+            vm.reclaiming.fetch_sub(nr, Relaxed);
+            return false;
+        }
+        batch.reserved += nr;
+        true
+    };
+    if !respect_heat || slab.lru_probation_pages(vm.id) > target / 2 {
+        while batch.evict.len() < SCAN_BATCH && batch.reserved < want {
+            let Some(id) = slab.lru_probation_head(vm.id) else {
+                break;
+            };
+            let f = slab.get(id).expect("LRU folios are live");
+            if is_busy(f) || !f.flags.contains(FolioFlags::SAMPLED) {
+                // Not evictable now: back among the generations.
+                slab.lru_rotate(id);
+                continue;
+            }
+            if !reserve(&mut batch, f.nr_pages()) {
+                break;
+            }
+            slab.get_ref(id);
+            slab.lru_del(id);
+            batch.evict.push(id);
+        }
+    }
+    let mut sampling = 0;
     for _ in 0..SCAN_BATCH {
+        if slab.lru_probation_pages(vm.id) + sampling >= target {
+            break;
+        }
         let Some(id) = slab.lru_oldest(vm.id) else {
             break;
         };
         let seq = slab.lru_min_seq(vm.id);
         let f = slab.get(id).expect("LRU folios are live");
-        let busy = f.flags.contains(FolioFlags::LOCKED)
-            || f.pincount > 0
-            || f.page_mapped.is_some()
-            || f.mapcount == 0;
-        let sampled = f.flags.contains(FolioFlags::SAMPLED);
-        if busy {
+        let nr = f.nr_pages();
+        if is_busy(f) {
             slab.lru_rotate(id);
             continue;
         }
-        if sampled {
-            let nr = f.nr_pages();
-            let taken = vm.reclaiming.fetch_add(nr, Relaxed) + nr;
-            if vm.resident_pages() < floor + taken {
-                // Evicting it would take the VM below its minimum.
-                vm.reclaiming.fetch_sub(nr, Relaxed);
+        if f.flags.contains(FolioFlags::SAMPLED) {
+            if batch.reserved >= want {
+                // Enough victims: it waits where sampled folios wait.
+                slab.lru_probation_add(id);
+                continue;
+            }
+            if !reserve(&mut batch, nr) {
                 slab.lru_rotate(id);
                 break;
             }
-            reserved += nr;
             slab.get_ref(id);
             slab.lru_del(id);
-            evict.push(id);
+            batch.evict.push(id);
         } else if respect_heat && f.flags.contains(FolioFlags::REFERENCED) {
             // Just mapped by a fault: its access may not have happened yet.
             slab.get_mut(id)
@@ -278,12 +355,10 @@ fn isolate_folios(inner: &Inner, vm: &VmState, floor: u64, respect_heat: bool) -
         } else {
             slab.get_ref(id);
             slab.lru_rotate(id);
-            sample.push(id);
+            batch.sample.push(id);
+            sampling += nr;
         }
     }
-    batch.evict = evict;
-    batch.sample = sample;
-    batch.reserved = reserved;
     batch
 }
 
@@ -362,9 +437,13 @@ fn sample_folio(inner: &Inner, id: FolioId) {
         }
         k += run;
     }
-    if let Some(f) = inner.folios.slab().get_mut(id) {
-        f.flags.insert(FolioFlags::SAMPLED);
-        f.flags.remove(FolioFlags::REFERENCED);
+    {
+        let mut slab = inner.folios.slab();
+        if let Some(f) = slab.get_mut(id) {
+            f.flags.insert(FolioFlags::SAMPLED);
+            f.flags.remove(FolioFlags::REFERENCED);
+            slab.lru_probation_add(id);
+        }
     }
     both(inner, &region, |c| c.sampled_folios.fetch_add(1, Relaxed));
 }

@@ -69,7 +69,7 @@
 //! `kswapd()`/`balance_pgdat()`, `change_prot_numa()`.
 
 use crate::buddy::BlockState;
-use crate::folio::{Folio, FolioFlags, FolioLockGuard, LruLink};
+use crate::folio::{Folio, FolioFlags, FolioLockGuard, FolioSlab, LruLink};
 use crate::inject::FaultPoint;
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
@@ -262,7 +262,8 @@ fn probation_target(lru_pages: u64) -> u64 {
 /// is done with them. The list gives victims only once it holds half its
 /// target ([`probation_target`]), so that a folio sampled a moment ago is
 /// not evicted before it could show it is used, unless `respect_heat` is
-/// off (a reclaim that found too little in one rotation must progress).
+/// off (a reclaim that found too little in one rotation must progress) or
+/// nothing is left to sample.
 ///
 /// Then the list is topped up to its target from the oldest generation:
 /// folios to sample are rotated and returned with a reference. Hot folios
@@ -293,7 +294,7 @@ fn isolate_folios(
         batch.reserved += nr;
         true
     };
-    if !respect_heat || slab.lru_probation_pages(vm.id) > target / 2 {
+    let take_victims = |slab: &mut FolioSlab, batch: &mut Isolated| {
         while batch.evict.len() < SCAN_BATCH && batch.reserved < want {
             let Some(id) = slab.lru_probation_head(vm.id) else {
                 break;
@@ -304,13 +305,17 @@ fn isolate_folios(
                 slab.lru_rotate(id);
                 continue;
             }
-            if !reserve(&mut batch, f.nr_pages()) {
+            if !reserve(batch, f.nr_pages()) {
                 break;
             }
             slab.get_ref(id);
             slab.lru_del(id);
             batch.evict.push(id);
         }
+    };
+    let early = !respect_heat || slab.lru_probation_pages(vm.id) > target / 2;
+    if early {
+        take_victims(&mut slab, &mut batch);
     }
     let mut sampling = 0;
     for _ in 0..SCAN_BATCH {
@@ -320,6 +325,10 @@ fn isolate_folios(
         let Some(id) = slab.lru_oldest(vm.id) else {
             break;
         };
+        if batch.sample.contains(&id) {
+            // A whole turn of a small LRU: it is not sampled twice.
+            break;
+        }
         let seq = slab.lru_min_seq(vm.id);
         let f = slab.get(id).expect("LRU folios are live");
         let nr = f.nr_pages();
@@ -358,6 +367,11 @@ fn isolate_folios(
             batch.sample.push(id);
             sampling += nr;
         }
+    }
+    if !early && batch.evict.is_empty() && batch.sample.is_empty() && batch.skipped == 0 {
+        // Nothing left to sample (the generations are empty or busy): the
+        // list will not fill any further, so what is on it must do.
+        take_victims(&mut slab, &mut batch);
     }
     batch
 }

@@ -341,6 +341,33 @@ fn reclaim_samples_just_ahead_of_eviction() {
     settle_and_check(&mm);
 }
 
+/// A VM too small to fill half a probation list is reclaimed all the same:
+/// once nothing is left to sample, the folios on the list are the victims,
+/// each sampled once.
+#[test]
+fn a_vm_smaller_than_half_a_probation_list_is_still_reclaimed() {
+    let mm = swap_manager(16 * MIB, 2, 16 * MIB, false);
+    let vm = mm.create_vm("tiny").unwrap();
+    let size = 64 * 1024;
+    let b = mm.backend(vm, &[(GuestAddress(0), size)]).unwrap();
+    let ram = Ram::of(&*b);
+    let pages = size / PAGE_SIZE;
+    for p in 0..pages {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 3));
+    }
+    assert_eq!(mm.vm_stats(vm).unwrap().resident_bytes(), size);
+    assert_eq!(mm.reclaim(Some(vm), size).unwrap(), size);
+    let st = mm.vm_stats(vm).unwrap();
+    assert_eq!(st.resident_bytes(), 0);
+    assert_eq!(st.swap.sampled_folios, 1, "{:#?}", st.swap);
+    for p in 0..pages {
+        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 3), "page {p}");
+    }
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
 /// A sampled-out 2 MiB folio touched at one page while reclaim runs is
 /// cut into base folios and only that page goes back: the others can be
 /// evicted on their own. Whole, a large folio of sparsely used pages is

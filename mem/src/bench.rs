@@ -23,8 +23,8 @@
 //! that re-enters [`kernel_child`] ([`ChildCommand`]).
 
 use crate::{
-    GuestAddress, GuestMemoryBackend, Histogram, MemoryManager, MmConfig, MmStats, ReclaimConfig,
-    SwapConfig, SwapStats, SwapTarget, PAGE_SIZE,
+    FaultDelivery, GuestAddress, GuestMemoryBackend, Histogram, MemoryManager, MmConfig, MmStats,
+    ReclaimConfig, SwapConfig, SwapStats, SwapTarget, PAGE_SIZE,
 };
 use std::fmt;
 use std::io::{BufRead, Write};
@@ -103,6 +103,10 @@ pub struct HostBenchOpts {
     pub skip_kernel: bool,
     /// Rounds of both setups, one after the other ([`run_rounds`]).
     pub rounds: u32,
+    /// How foliovm's faults are served: by handler threads (what VMs use)
+    /// or on the faulting thread (host threads only, see
+    /// [`FaultDelivery::Faulter`]).
+    pub faults: FaultDelivery,
     /// The kernel-side child.
     pub child: ChildCommand,
 }
@@ -110,10 +114,10 @@ pub struct HostBenchOpts {
 impl HostBenchOpts {
     /// Parse the examples' command line: `--budget SIZE`
     /// ([`parse_size`]), `--threads N`, `--dir DIR`, `--ops N`,
-    /// `--patterns a,b`, `--rounds N` and `--skip-kernel`; the rest keeps
-    /// its default (a 256M budget, four threads, /var/tmp, 200000 ops,
-    /// every pattern, one round). `child` is the command for the kernel
-    /// side.
+    /// `--patterns a,b`, `--rounds N`, `--faults handlers|faulter` and
+    /// `--skip-kernel`; the rest keeps its default (a 256M budget, four
+    /// threads, /var/tmp, 200000 ops, every pattern, one round, handler
+    /// threads). `child` is the command for the kernel side.
     ///
     /// # Errors
     /// An unknown option or a bad value, named.
@@ -126,6 +130,7 @@ impl HostBenchOpts {
             patterns: Pattern::ALL.to_vec(),
             skip_kernel: false,
             rounds: 1,
+            faults: FaultDelivery::Handlers,
             child,
         };
         let mut args = args.to_vec();
@@ -142,6 +147,13 @@ impl HostBenchOpts {
                 "--dir" => o.dir = PathBuf::from(val),
                 "--ops" => o.ops = val.parse().map_err(|_| bad())?,
                 "--rounds" => o.rounds = val.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?,
+                "--faults" => {
+                    o.faults = match val {
+                        "handlers" => FaultDelivery::Handlers,
+                        "faulter" => FaultDelivery::Faulter,
+                        _ => return Err(format!("{}; expected handlers or faulter", bad())),
+                    }
+                }
                 "--patterns" => {
                     o.patterns = val
                         .split(',')
@@ -746,6 +758,7 @@ fn foliovm(o: &HostBenchOpts) -> Result<FolioRun, String> {
     let mm = MemoryManager::new(MmConfig {
         budget_bytes: ws / 2,
         handler_threads: (2 * o.threads as usize).max(4),
+        fault_delivery: o.faults,
         prezero_limit_bytes: None,
         swap: Some(SwapConfig {
             target: SwapTarget::Dir(o.dir.clone()),
@@ -1034,7 +1047,12 @@ impl fmt::Display for HostBenchReport {
         writeln!(
             f,
             "  kernel: a plain host process (not a KVM guest) on anonymous memory in a cgroup v1 \
-             limit, with a host swap file; foliovm: the mem crate, uffd handler threads, own swap file"
+             limit, with a host swap file; foliovm: the mem crate, {}, own swap file",
+            match o.faults {
+                FaultDelivery::Handlers => "uffd handler threads (as for VMs)",
+                FaultDelivery::Faulter =>
+                    "faults served on the faulting thread (SIGBUS; host threads only, not VMs)",
+            }
         )?;
         writeln!(
             f,

@@ -63,7 +63,9 @@
 //! folio locks whose holders never wait for a guest access: swap I/O is
 //! file I/O, and reclaim takes folio locks by trylock only. No manager lock
 //! is held while guest memory is accessed. Direct reclaim runs on the fault
-//! path with no lock held.
+//! path with no lock held. With [`FaultDelivery::Faulter`] the fault path
+//! runs in the `SIGBUS` handler of the thread that touched guest memory,
+//! which is why that last rule holds for every thread, not only ours.
 //!
 //! # Swap and reclaim
 //! A `Swap(slot)` entry names a slot of the swap file ([`swap_file`],
@@ -113,6 +115,7 @@ pub mod buddy;
 mod compact;
 mod discard;
 mod fault;
+mod faulter;
 pub mod folio;
 mod gather;
 mod hotplug;
@@ -140,6 +143,7 @@ mod vmscan;
 
 pub use compact::CompactReport;
 pub use discard::{DiscardError, DiscardOutcome};
+pub use faulter::FaultDelivery;
 pub use hotplug::{BudgetChange, BudgetError};
 pub use inject::{FaultPoint, InjectPlan};
 pub use manager::{

@@ -6,6 +6,7 @@ use crate::buddy::{BlockState, Buddy};
 use crate::compact::{self, CompactReport};
 use crate::discard::{self, DiscardError, DiscardOutcome};
 use crate::fault;
+use crate::faulter::FaultDelivery;
 use crate::folio::{FolioFlags, FolioTable, FreedRange};
 use crate::gather::ZapQueue;
 use crate::hotplug::{BudgetChange, BudgetError};
@@ -21,8 +22,8 @@ use crate::stats::{SwapCounters, SwapDeviceStats};
 use crate::swap_cache::SwapDevice;
 use crate::swap_file::{FaultPlan, SwapConfig, SwapFileError};
 use crate::swap_map::SlotState;
-use crate::sys::userfaultfd::FEATURE_POISON;
 use crate::sys::userfaultfd::{RawUffd, FEATURE_MOVE, REGISTER_MODE_MISSING, REGISTER_MODE_WP};
+use crate::sys::userfaultfd::{FEATURE_POISON, FEATURE_SIGBUS};
 use crate::sys::EventFd;
 use crate::types::{GuestAddress, Order, SwapSlot, VmId, PAGE_SIZE};
 use crate::vm::{log_error, FolioBackend, Region, VmState};
@@ -40,8 +41,11 @@ use std::time::{Duration, Instant};
 pub struct MmConfig {
     /// Pool size: the host memory all guests share (`--mem-budget`).
     pub budget_bytes: u64,
-    /// Userfaultfd handler threads.
+    /// Userfaultfd handler threads (none are started for
+    /// [`FaultDelivery::Faulter`]).
     pub handler_threads: usize,
+    /// How guest page faults reach the manager.
+    pub fault_delivery: FaultDelivery,
     /// Keep at most this much free memory pre-zeroed (`None`: all of it).
     /// Pre-zeroed memory is populated host memory.
     pub prezero_limit_bytes: Option<u64>,
@@ -103,6 +107,7 @@ impl MmConfig {
         MmConfig {
             budget_bytes: bytes,
             handler_threads: 2,
+            fault_delivery: FaultDelivery::Handlers,
             prezero_limit_bytes: None,
             swap: None,
             reclaim: ReclaimConfig::default(),
@@ -141,6 +146,9 @@ pub enum MmError {
     /// A thread could not be started.
     #[error("cannot start a memory manager thread")]
     Thread(#[source] io::Error),
+    /// The `SIGBUS` handler of [`FaultDelivery::Faulter`] could not be installed.
+    #[error("cannot install the SIGBUS handler that serves faults on the faulting thread")]
+    SignalHandler(#[source] io::Error),
     /// The swap file could not be set up.
     #[error("cannot set up the swap file")]
     Swap(#[source] SwapFileError),
@@ -548,7 +556,8 @@ impl MemoryManager {
         if config.budget_bytes < PAGE_SIZE {
             return Err(MmError::BadConfig("budget below one page"));
         }
-        if config.handler_threads == 0 {
+        let faulter = config.fault_delivery == FaultDelivery::Faulter;
+        if config.handler_threads == 0 && !faulter {
             return Err(MmError::BadConfig("no handler threads"));
         }
         let swap = match &config.swap {
@@ -556,7 +565,9 @@ impl MemoryManager {
             None => None,
         };
         let pool = Pool::new(config.budget_bytes).map_err(MmError::Pool)?;
-        let uffd = RawUffd::open(FEATURE_MOVE | FEATURE_POISON).map_err(MmError::Userfaultfd)?;
+        let sigbus = if faulter { FEATURE_SIGBUS } else { 0 };
+        let uffd =
+            RawUffd::open(FEATURE_MOVE | FEATURE_POISON | sigbus).map_err(MmError::Userfaultfd)?;
         let watermarks = Watermarks::new(&config.reclaim, pool.nr_pages());
         uffd.register(pool.base().raw(), pool.len(), REGISTER_MODE_WP)
             .map_err(MmError::RegisterPool)?;
@@ -597,6 +608,9 @@ impl MemoryManager {
             kcompactd_kick: Mutex::new(false),
             kcompactd_cv: Condvar::new(),
         });
+        if faulter {
+            crate::faulter::register(&inner).map_err(MmError::SignalHandler)?;
+        }
         let mm = Arc::new(MemoryManager {
             inner,
             config,
@@ -609,7 +623,11 @@ impl MemoryManager {
 
     fn spawn_threads(&self) -> Result<(), MmError> {
         let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        for i in 0..self.config.handler_threads {
+        let handlers = match self.config.fault_delivery {
+            FaultDelivery::Handlers => self.config.handler_threads,
+            FaultDelivery::Faulter => 0,
+        };
+        for i in 0..handlers {
             let inner = self.inner.clone();
             let t = std::thread::Builder::new()
                 .name(format!("uffd-handler-{i}"))

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use mem::{GuestAddress, PAGE_SIZE};
+use mem::{FaultDelivery, GuestAddress, PAGE_SIZE};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
 
@@ -79,9 +79,20 @@ fn discarder(s: &Shared, mm: &mem::MemoryManager, vm: mem::VmId) -> u64 {
 
 #[test]
 fn racing_swapins_swapouts_and_discards_keep_every_word() {
+    race(FaultDelivery::Handlers);
+}
+
+/// The same race with every fault served on the faulting thread (its
+/// `SIGBUS` handler), which then also sleeps on folio locks and reads swap.
+#[test]
+fn racing_swapins_swapouts_and_discards_keep_every_word_when_faulters_serve_themselves() {
+    race(FaultDelivery::Faulter);
+}
+
+fn race(delivery: FaultDelivery) {
     // No background reclaimer: direct reclaim and the explicit reclaimer
     // thread do all the work, so the manager is quiescent when they stop.
-    let mm = swap_manager(BUDGET, 3, 64 * MIB, false);
+    let mm = swap_manager_with(BUDGET, 3, 64 * MIB, false, delivery);
     let vm = mm.create_vm("swap-race").unwrap();
     let b = mm
         .backend(vm, &[(GuestAddress(1 << 32), PAGES * PAGE_SIZE)])
@@ -113,6 +124,7 @@ fn racing_swapins_swapouts_and_discards_keep_every_word() {
     s.stop.store(true, SeqCst);
     let freed = r.join().unwrap();
     let discards = d.join().unwrap();
+    eprintln!("{delivery:?}");
     // Final sweep over every word: faults everything back in once more.
     for p in 0..PAGES {
         for t in 0..VCPUS {

@@ -3,6 +3,7 @@
 //! Everything that passes a raw address to the kernel lives here, so the
 //! rest of the crate reads in terms of pool offsets and page indices.
 
+pub mod sigbus;
 pub mod userfaultfd;
 
 use std::io;

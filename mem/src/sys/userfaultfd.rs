@@ -110,6 +110,8 @@ const USERFAULTFD_IOC_NEW: u64 = ioc(0, 0x00, 0);
 
 /// `UFFD_FEATURE_MOVE`.
 pub const FEATURE_MOVE: u64 = 1 << 16;
+/// `UFFD_FEATURE_SIGBUS`: faults raise `SIGBUS` instead of sending a message.
+pub const FEATURE_SIGBUS: u64 = 1 << 7;
 /// `UFFD_FEATURE_POISON`.
 pub const FEATURE_POISON: u64 = 1 << 14;
 /// `UFFDIO_REGISTER_MODE_MISSING`.

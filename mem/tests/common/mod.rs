@@ -4,8 +4,8 @@
 #![allow(dead_code)]
 
 use mem::{
-    GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig, RamRegion, ReclaimConfig,
-    SwapConfig, SwapTarget,
+    FaultDelivery, GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig, RamRegion,
+    ReclaimConfig, SwapConfig, SwapTarget,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,7 @@ pub fn manager(budget: u64, threads: usize) -> Arc<MemoryManager> {
     MemoryManager::new(MmConfig {
         budget_bytes: budget,
         handler_threads: threads,
+        fault_delivery: FaultDelivery::Handlers,
         prezero_limit_bytes: None,
         swap: None,
         reclaim: ReclaimConfig::default(),
@@ -32,9 +33,21 @@ pub fn swap_manager(
     swap: u64,
     background: bool,
 ) -> Arc<MemoryManager> {
+    swap_manager_with(budget, threads, swap, background, FaultDelivery::Handlers)
+}
+
+/// [`swap_manager`] with its faults delivered as `delivery` says.
+pub fn swap_manager_with(
+    budget: u64,
+    threads: usize,
+    swap: u64,
+    background: bool,
+    delivery: FaultDelivery,
+) -> Arc<MemoryManager> {
     MemoryManager::new(MmConfig {
         budget_bytes: budget,
         handler_threads: threads,
+        fault_delivery: delivery,
         prezero_limit_bytes: None,
         swap: Some(SwapConfig {
             target: SwapTarget::Dir(std::env::temp_dir()),

@@ -296,6 +296,9 @@ fn host_opts(opts: &OvercommitOpts) -> mem::bench::HostBenchOpts {
             .collect(),
         skip_kernel: false,
         rounds: opts.host_rounds,
+        // What VMs use: KVM cannot hand a vCPU's fault to the faulting
+        // thread here (see `mem::FaultDelivery::Faulter`).
+        faults: mem::FaultDelivery::Handlers,
         child: mem::bench::ChildCommand {
             exe: opts.exe.clone(),
             args: CHILD_ARGS.iter().map(|a| a.to_string()).collect(),

@@ -1,0 +1,144 @@
+//! Faults served on the faulting thread ([`FaultDelivery::Faulter`]).
+//!
+//! With handler threads a swapin wakes three threads: a handler for the
+//! fault message, the handler again when its read completes, and the
+//! faulting thread when the page is installed. The kernel's own swapin
+//! wakes one: the faulting thread does the read itself and sleeps on the
+//! I/O. In this mode the userfaultfd is opened with `UFFD_FEATURE_SIGBUS`,
+//! so a fault on guest memory raises `SIGBUS` in the faulting thread, whose
+//! signal handler runs the same fault path the handlers run
+//! ([`crate::fault::fault_in`]) and returns; the access then runs again.
+//!
+//! What this needs from the threads that touch guest memory:
+//! - No manager lock is held across an access to guest memory. That is
+//!   already the rule for every thread (see the lock order in the crate
+//!   docs): the signal handler takes manager locks, and would deadlock on one
+//!   its own thread holds.
+//! - Kernel-mode accesses to guest memory (a `read(2)` into it, for
+//!   example) fail with `EFAULT` instead of waiting for a handler: the
+//!   kernel cannot deliver a signal in the middle of a system call. Such
+//!   I/O goes through [`crate::MemoryManager::pin`], which faults the range
+//!   in first.
+//! - **So not KVM.** A vCPU's fault on such memory makes `KVM_RUN` fail
+//!   with `EFAULT`. Measured on this host (kvm-pvm, Linux 6.18), no
+//!   `KVM_EXIT_MEMORY_FAULT` comes with it to name the guest address, so
+//!   the VMM could not tell which page to serve. VMs therefore use
+//!   [`FaultDelivery::Handlers`]; this mode serves guests run as host
+//!   threads, such as `mem`'s own tests and benchmark.
+//! - A memory error (a poisoned page, `BUS_MCEERR_AR`) and a `SIGBUS` at
+//!   an address no manager owns go to the handler installed before ours, or
+//!   kill the process as they would without us.
+//!
+//! # Context
+//! The signal handler runs on the faulting thread, interrupted at an access
+//! to guest memory, with no manager lock held. It may sleep (folio locks,
+//! swap I/O, waiting for memory) like a handler thread.
+
+use crate::fault::{fault_in, handle_wp_fault, FaultOutcome};
+use crate::manager::Inner;
+use crate::sys::sigbus::{self, PF_PROT, PF_WRITE};
+use crate::types::PAGE_SIZE;
+use crate::vmscan;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+/// How guest page faults reach the memory manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FaultDelivery {
+    /// Userfaultfd messages, read and served by handler threads; the
+    /// faulting thread sleeps in the kernel meanwhile. Kernel-mode
+    /// accesses (system calls, KVM) wait like user-mode ones.
+    #[default]
+    Handlers,
+    /// `SIGBUS` on the faulting thread, which serves its own fault (see the
+    /// module docs for what that asks of the threads that touch guest memory).
+    Faulter,
+}
+
+/// The managers whose faults the `SIGBUS` handler serves.
+static MANAGERS: RwLock<Vec<Weak<Inner>>> = RwLock::new(Vec::new());
+
+/// Make `inner`'s guest memory served by the faulting thread: install the
+/// signal handler (once per process) and register `inner`.
+///
+/// # Errors
+/// The errno of `sigaction`.
+pub(crate) fn register(inner: &Arc<Inner>) -> std::io::Result<()> {
+    sigbus::install(serve)?;
+    let mut m = MANAGERS.write().unwrap_or_else(|e| e.into_inner());
+    m.retain(|w| w.strong_count() > 0);
+    m.push(Arc::downgrade(inner));
+    Ok(())
+}
+
+/// The manager whose guest regions or pool hold `addr`.
+fn owner(addr: usize) -> Option<Arc<Inner>> {
+    let m = MANAGERS.read().unwrap_or_else(|e| e.into_inner());
+    m.iter().filter_map(Weak::upgrade).find(|i| {
+        let (base, len) = (i.pool.base().raw(), i.pool.len());
+        (base..base + len).contains(&addr) || i.lookup(addr).is_some()
+    })
+}
+
+/// The `SIGBUS` callback: serve the fault at `addr` if a manager owns it.
+fn serve(addr: usize, error_code: u64) -> bool {
+    let Some(inner) = owner(addr) else {
+        return false;
+    };
+    if error_code & PF_PROT != 0 {
+        // A write to a write-protected page (a clean folio, or the pool).
+        handle_wp_fault(&inner, addr);
+        return true;
+    }
+    serve_missing(&inner, addr, error_code & PF_WRITE != 0)
+}
+
+/// Serve a MISSING fault at `addr` on this thread until the page is there
+/// (or the region went away: then the access runs again and meets what is
+/// there). Unlike a handler, this thread may wait for memory: it is the one
+/// that needs it.
+///
+/// Returns false if no region holds `addr`, or if the page is poisoned:
+/// the access must then fail. The kernel reports an access to a poisoned
+/// page as a memory error (`BUS_MCEERR_AR`) only when built with
+/// `CONFIG_MEMORY_FAILURE`; this host's kernel reports it as `BUS_ADRERR`,
+/// like a fault, so the entry decides.
+pub(crate) fn serve_missing(inner: &Inner, addr: usize, write: bool) -> bool {
+    let page = addr & !(PAGE_SIZE as usize - 1);
+    let Some(region) = inner.lookup(page) else {
+        return false;
+    };
+    let Some(idx) = region.page_of_host(page) else {
+        return false;
+    };
+    let t0 = Instant::now();
+    inner.reclaimers.fetch_add(1, Relaxed);
+    for c in [&region.counters.faults, &inner.faults] {
+        c.events.fetch_add(1, Relaxed);
+    }
+    vmscan::enforce_vm_max(inner, &region);
+    let mut reclaimed = false;
+    let outcome = loop {
+        match fault_in(inner, &region, idx, write) {
+            FaultOutcome::Retry => {}
+            FaultOutcome::NoMemory { oom } => {
+                if oom && !reclaimed && vmscan::can_reclaim(inner) {
+                    // Direct reclaim, then try once more.
+                    reclaimed = true;
+                    vmscan::direct_reclaim(inner, &region);
+                } else {
+                    reclaimed = false;
+                    inner.wait_for_memory(Duration::from_millis(10));
+                }
+            }
+            o => break o,
+        }
+    };
+    inner.zapq.drain_if_full(&inner.pool);
+    let ns = t0.elapsed().as_nanos() as u64;
+    region.counters.faults.latency.record(ns);
+    inner.faults.latency.record(ns);
+    inner.reclaimers.fetch_sub(1, Relaxed);
+    outcome != FaultOutcome::Poisoned
+}

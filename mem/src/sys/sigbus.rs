@@ -1,0 +1,113 @@
+//! The process-wide `SIGBUS` handler behind [`crate::FaultDelivery::Faulter`].
+//!
+//! With `UFFD_FEATURE_SIGBUS` the kernel delivers no fault message: the
+//! faulting thread gets `SIGBUS` (`BUS_ADRERR`) at the access. The handler
+//! installed here asks a callback to serve the address on that same thread;
+//! when the callback does, the handler returns and the access runs again.
+//! Anything else (an address no manager owns, a memory error such as a
+//! poisoned page, `BUS_MCEERR_AR`) goes to the handler that was installed
+//! before ours, or gets the default action (the process dies with `SIGBUS`).
+
+use std::io;
+use std::sync::OnceLock;
+
+/// x86 page-fault error code bit: the page was present (a protection fault).
+pub const PF_PROT: u64 = 1;
+/// x86 page-fault error code bit: the access was a write.
+pub const PF_WRITE: u64 = 2;
+
+/// Serves a fault at a host address on the faulting thread, given the x86
+/// page-fault error code; returns false if the address is not its own.
+pub type ServeFn = fn(addr: usize, error_code: u64) -> bool;
+
+struct Installed {
+    serve: ServeFn,
+    previous: libc::sigaction,
+}
+
+// SAFETY: `libc::sigaction` is plain data (a handler address, a mask and
+// flags); it is written once before the handler can run and only read after.
+unsafe impl Sync for Installed {}
+// SAFETY: as above.
+unsafe impl Send for Installed {}
+
+/// The handler's state, or the errno with which installing it failed.
+static INSTALLED: OnceLock<Result<Installed, i32>> = OnceLock::new();
+
+/// Install the handler once per process; later calls check that `serve` is
+/// the callback already installed.
+///
+/// # Errors
+/// The errno of `sigaction`.
+pub fn install(serve: ServeFn) -> io::Result<()> {
+    let got = INSTALLED.get_or_init(|| {
+        // SAFETY: an all-zero `sigaction` is a valid value (SIG_DFL, empty
+        // mask, no flags); it is filled in below before use.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = on_sigbus as *const () as usize;
+        // SA_NODEFER: a SIGBUS inside the callback (a write-protected pool
+        // page, say) is served like any other instead of killing us.
+        act.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+        // SAFETY: see above.
+        let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are to live `sigaction` values, and the
+        // handler is an `extern "C"` function with the SA_SIGINFO signature.
+        // Until `get_or_init` publishes this closure's result, the handler
+        // finds no state and treats the signal as not ours; no manager
+        // has registered guest memory for it yet.
+        match unsafe { libc::sigaction(libc::SIGBUS, &act, &mut previous) } {
+            0 => Ok(Installed { serve, previous }),
+            _ => Err(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL)),
+        }
+    });
+    match got {
+        Ok(inst) => {
+            debug_assert!(inst.serve as usize == serve as usize);
+            Ok(())
+        }
+        Err(errno) => Err(io::Error::from_raw_os_error(*errno)),
+    }
+}
+
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo and ucontext to SA_SIGINFO
+    // handlers; si_addr is the faulting address for SIGBUS.
+    let (addr, code, error_code) = unsafe {
+        let uc = &*(ctx as *const libc::ucontext_t);
+        (
+            (*info).si_addr() as usize,
+            (*info).si_code,
+            uc.uc_mcontext.gregs[libc::REG_ERR as usize] as u64,
+        )
+    };
+    let Some(Ok(inst)) = INSTALLED.get() else {
+        return reset_default(sig);
+    };
+    if code == libc::BUS_ADRERR && (inst.serve)(addr, error_code) {
+        return;
+    }
+    let prev = inst.previous;
+    if prev.sa_sigaction == libc::SIG_DFL || prev.sa_sigaction == libc::SIG_IGN {
+        return reset_default(sig);
+    }
+    if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the previous handler was installed as an SA_SIGINFO
+        // handler, so it has this signature.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { std::mem::transmute(prev.sa_sigaction) };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: a plain handler takes the signal number only.
+        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(prev.sa_sigaction) };
+        f(sig);
+    }
+}
+
+/// Restore the default action; returning re-runs the access, which then
+/// kills the process with `SIGBUS` as if we had never been installed.
+fn reset_default(sig: libc::c_int) {
+    // SAFETY: `signal` with SIG_DFL is async-signal-safe and takes no pointer.
+    unsafe { libc::signal(sig, libc::SIG_DFL) };
+}

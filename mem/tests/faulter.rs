@@ -1,0 +1,205 @@
+//! Faults served on the faulting thread (`FaultDelivery::Faulter`): guest
+//! memory larger than the budget round-trips through swap with no handler
+//! thread at all, reads keep swapped-in pages clean and the first write is
+//! caught, and a `SIGBUS` that is not a guest fault (a poisoned page, a
+//! foreign mapping) still kills the process instead of looping.
+//!
+//! Every manager in this file uses `Faulter`, so no `uffd-handler` thread
+//! may exist in this process.
+
+mod common;
+
+use common::*;
+use mem::{
+    FaultDelivery, FaultPlan, GuestAddress, InjectedFault, IoOp, MemoryManager, VmId, PAGE_SIZE,
+};
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const GUEST: u64 = 32 * MIB;
+const BUDGET: u64 = 8 * MIB;
+const THREADS: u64 = 4;
+
+fn manager() -> Arc<MemoryManager> {
+    swap_manager_with(BUDGET, 2, 128 * MIB, true, FaultDelivery::Faulter)
+}
+
+fn handler_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with("uffd-handler"))
+        .count()
+}
+
+/// Run `f(ram, g, page)` over every page, split between `THREADS` threads.
+fn each_page(ram: Ram, g: u64, f: fn(Ram, u64, u64)) {
+    let pages = ram.0.size / PAGE_SIZE;
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            s.spawn(move || {
+                for p in (t..pages).step_by(THREADS as usize) {
+                    f(ram, g, p);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_guest_four_times_the_budget_round_trips_with_no_handler_thread() {
+    let mm = manager();
+    let vm = mm.create_vm("faulter").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), GUEST)]).unwrap();
+    let ram = Ram::of(&*b);
+    assert_eq!(handler_threads(), 0, "Faulter mode starts no handler");
+    // Two generations of writes, each read back: every page is swapped
+    // out and in several times, all on the accessing threads.
+    for g in 1..=2u64 {
+        each_page(ram, g, |r, g, p| {
+            r.write(p * PAGE_SIZE + 8, pattern(p, 1, g))
+        });
+        // Read, then write another word of the same page: the read may
+        // keep the swapped-in page clean, and the write must then be seen.
+        each_page(ram, g, |r, g, p| {
+            assert_eq!(r.read(p * PAGE_SIZE + 8), pattern(p, 1, g), "page {p}");
+            r.write(p * PAGE_SIZE + 16, pattern(p, 2, g));
+        });
+    }
+    each_page(ram, 2, |r, g, p| {
+        assert_eq!(r.read(p * PAGE_SIZE + 8), pattern(p, 1, g), "page {p}");
+        assert_eq!(r.read(p * PAGE_SIZE + 16), pattern(p, 2, g), "page {p}");
+    });
+    let s = mm.vm_stats(vm).unwrap().swap;
+    assert!(s.swapin_file_pages > GUEST / PAGE_SIZE, "{s:#?}");
+    assert!(s.swapout_pages > GUEST / PAGE_SIZE, "{s:#?}");
+    // The read passes swapped pages in for reading: some were kept clean
+    // (write-protected), and the writes that followed found them through a
+    // protection fault (error code PROT|WRITE), which released the slot.
+    // Had the handler taken those for missing-page faults, the write would
+    // loop, or a page dropped as clean would have lost it (checked above).
+    assert!(s.clean_kept_pages > 0, "{s:#?}");
+    assert!(s.clean_dirtied_pages > 0, "{s:#?}");
+    assert_eq!(s.read_errors + s.write_errors + s.poisoned_pages, 0);
+    assert_eq!(handler_threads(), 0);
+    settle_and_check(&mm);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+    assert_eq!(mm.stats().swap_device.used_bytes, 0);
+}
+
+/// What a child process of this test binary does (see [`run_child`]).
+const CHILD_ENV: &str = "FOLIOVM_FAULTER_CHILD";
+
+/// Run the ignored test `name` in a child process with `CHILD_ENV` set, and
+/// return how it ended; fail if it runs for more than a minute (a fault
+/// served over and over).
+fn run_child(name: &str) -> std::process::ExitStatus {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name}: the child still runs after a minute: the SIGBUS loops");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A VM of 8 MiB, written and then wholly swapped out.
+fn swapped_vm(mm: &Arc<MemoryManager>) -> (VmId, Arc<mem::FolioBackend>, Ram) {
+    let vm = mm.create_vm("faulter-child").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 8 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    for p in 0..8 * MIB / PAGE_SIZE {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 0));
+    }
+    for _ in 0..4 {
+        mm.reclaim(Some(vm), 8 * MIB).unwrap();
+    }
+    (vm, b, ram)
+}
+
+#[test]
+fn a_poisoned_guest_page_kills_its_faulter_with_sigbus() {
+    let st = run_child("child_reads_a_poisoned_page");
+    assert_eq!(st.signal(), Some(libc::SIGBUS), "child ended with {st:?}");
+}
+
+#[test]
+#[ignore = "run by a_poisoned_guest_page_kills_its_faulter_with_sigbus in a child"]
+fn child_reads_a_poisoned_page() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let mm = manager();
+    let (vm, _b, ram) = swapped_vm(&mm);
+    let victim = 777;
+    // The first read of the victim's slot fails: the swapin poisons the
+    // page, and the access that follows is a memory error, not a fault.
+    mm.inject_swap_faults(vec![FaultPlan {
+        op: IoOp::Read,
+        fault: InjectedFault::Eio,
+        skip: 0,
+        count: 1,
+    }])
+    .unwrap();
+    let v = ram.read(victim * PAGE_SIZE);
+    // Not reached: the read above must kill the process.
+    eprintln!("read {v:#x} from a poisoned page; vm {vm:?}");
+    std::process::exit(0);
+}
+
+#[test]
+fn a_sigbus_outside_guest_memory_still_kills() {
+    let st = run_child("child_reads_past_the_end_of_a_file");
+    assert_eq!(st.signal(), Some(libc::SIGBUS), "child ended with {st:?}");
+}
+
+#[test]
+#[ignore = "run by a_sigbus_outside_guest_memory_still_kills in a child"]
+fn child_reads_past_the_end_of_a_file() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    // A manager whose handler is installed, with guest memory of its own.
+    let mm = manager();
+    let (_vm, _b, _ram) = swapped_vm(&mm);
+    // SAFETY: memfd_create takes a NUL-terminated name and flags.
+    let fd = unsafe { libc::memfd_create(c"empty".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh shared mapping of an empty file; touching it raises
+    // SIGBUS (BUS_ADRERR), which is the point.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: `p` is a live mapping of one page (reading it faults).
+    let v = unsafe { std::ptr::read_volatile(p.cast::<u64>()) };
+    eprintln!("read {v:#x} past the end of a file");
+    std::process::exit(0);
+}

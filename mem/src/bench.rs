@@ -1241,6 +1241,14 @@ mod tests {
         assert_eq!(err("--frobnicate 1"), "unknown option --frobnicate");
         assert!(err("--budget 1M").contains("at least 2M"));
         assert!(err("--budget 99999999999G").contains("--budget"));
+        // Handler threads unless asked: that is what VMs use.
+        assert_eq!(o.faults, FaultDelivery::Handlers);
+        let f = HostBenchOpts::parse(&args("--faults faulter"), child()).unwrap();
+        assert_eq!(f.faults, FaultDelivery::Faulter);
+        assert_eq!(
+            err("--faults signal"),
+            "bad value \"signal\" for --faults; expected handlers or faulter"
+        );
     }
 
     #[test]

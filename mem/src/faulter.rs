@@ -25,9 +25,9 @@
 //!   the VMM could not tell which page to serve. VMs therefore use
 //!   [`FaultDelivery::Handlers`]; this mode serves guests run as host
 //!   threads, such as `mem`'s own tests and benchmark.
-//! - A memory error (a poisoned page, `BUS_MCEERR_AR`) and a `SIGBUS` at
-//!   an address no manager owns go to the handler installed before ours, or
-//!   kill the process as they would without us.
+//! - An access to a poisoned guest page (see [`serve_missing`]), a memory
+//!   error and a `SIGBUS` at an address no manager owns go to the handler
+//!   installed before ours, or kill the process as they would without us.
 //!
 //! # Context
 //! The signal handler runs on the faulting thread, interrupted at an access

@@ -16,9 +16,11 @@
 //!   its own thread holds.
 //! - Kernel-mode accesses to guest memory (a `read(2)` into it, for
 //!   example) fail with `EFAULT` instead of waiting for a handler: the
-//!   kernel cannot deliver a signal in the middle of a system call. Such
-//!   I/O goes through [`crate::MemoryManager::pin`], which faults the range
-//!   in first.
+//!   kernel cannot deliver a signal in the middle of a system call.
+//!   [`crate::MemoryManager::pin`] faults a range in first, but it leaves a
+//!   page kept clean write-protected, so a kernel-mode write into a pinned
+//!   clean page fails too. The mode suits guests whose memory only their
+//!   own threads touch.
 //! - **So not KVM.** A vCPU's fault on such memory makes `KVM_RUN` fail
 //!   with `EFAULT`. Measured on this host (kvm-pvm, Linux 6.18), no
 //!   `KVM_EXIT_MEMORY_FAULT` comes with it to name the guest address, so

@@ -157,10 +157,11 @@ pub(crate) fn set_budget(inner: &Inner, bytes: u64) -> Result<BudgetChange, Budg
 /// isolated count against the VMs' minimums until they are freed, so a
 /// round of our own may find nothing while they are on their way back.
 /// Giving up at the first such round failed lowerings under a guest
-/// thrashing just above its minimum on a loaded host: 2 runs in 20, and 2
-/// in 6, of
-/// `lowering_the_budget_holds_against_a_guest_thrashing_near_its_minimum`
-/// (0 in 40 since).
+/// thrashing just above its minimum on a loaded host
+/// (`lowering_the_budget_holds_against_a_guest_thrashing_near_its_minimum`
+/// in `mem/tests/budget.rs`). With the guest's minimum 2 MiB below the new
+/// budget, 4 runs of 26 failed, and 1 of about 90 since; with 3 MiB (as
+/// the test has it), 1 of 20, and none of 40 since.
 ///
 /// Known weakness: nothing holds the new budget against the VMs while
 /// reclaim runs, so a guest's faults can take what reclaim frees before

@@ -29,7 +29,7 @@
 
 use crate::buddy::{Block, BlockState, Buddy, PAGEBLOCK_PAGES};
 use crate::fault::move_in;
-use crate::folio::{Folio, FolioFlags, FolioLockGuard, LruLink};
+use crate::folio::{Folio, FolioFlags, FolioLockGuard};
 use crate::inject::FaultPoint;
 use crate::manager::Inner;
 use crate::migrate::{copy_pool, migrate_batch_for_compaction, MigrateError};
@@ -557,17 +557,12 @@ fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<()
     // The new folio, born locked, owns the target block from here on: its
     // last reference frees it, whoever drops it.
     let new = inner.folios.slab().insert(Folio {
-        pool: target.offset,
-        order: Order::PMD,
         flags: {
             let mut f = FolioFlags::default();
             f.insert(FolioFlags::LOCKED);
             f
         },
         refcount: 1,
-        mapcount: 0,
-        pincount: 0,
-        page_mapped: None,
         rmap: Some(Rmap {
             vm: region.vm,
             region: region.index,
@@ -575,8 +570,7 @@ fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<()
             mapped: (0, 0),
         }),
         pool_state: BlockState::NeedsZero,
-        lru: LruLink::default(),
-        swap: None,
+        ..Folio::new(target.offset, Order::PMD)
     });
     let new_lock = inner.folios.assume_locked(new);
     let abort = |locks: Vec<FolioLockGuard<'_>>, new_lock: FolioLockGuard<'_>, e| {

@@ -171,6 +171,26 @@ pub struct Folio {
 }
 
 impl Folio {
+    /// A record for the `2^order` pool pages at `pool`: no flags, no
+    /// references, not mapped, not on the LRU or in the swap cache, its
+    /// pages in the guest once mapped (`NeedsPopulate` when freed). Callers
+    /// set what differs with struct update syntax.
+    pub fn new(pool: PoolOffset, order: Order) -> Folio {
+        Folio {
+            pool,
+            order,
+            flags: FolioFlags::default(),
+            refcount: 0,
+            mapcount: 0,
+            pincount: 0,
+            page_mapped: None,
+            rmap: None,
+            pool_state: BlockState::NeedsPopulate,
+            lru: LruLink::default(),
+            swap: None,
+        }
+    }
+
     /// Pages in the folio.
     pub fn nr_pages(&self) -> u64 {
         self.order.nr_pages()
@@ -446,17 +466,8 @@ impl Drop for FolioLockGuard<'_> {
 #[cfg(test)]
 pub(crate) fn test_folio(pool: u64, order: Order) -> Folio {
     Folio {
-        pool: PoolOffset::from_pfn(pool),
-        order,
-        flags: FolioFlags::default(),
         refcount: 1,
-        mapcount: 0,
-        pincount: 0,
-        page_mapped: None,
-        rmap: None,
-        pool_state: BlockState::NeedsPopulate,
-        lru: LruLink::default(),
-        swap: None,
+        ..Folio::new(PoolOffset::from_pfn(pool), order)
     }
 }
 

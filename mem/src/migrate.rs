@@ -27,7 +27,7 @@
 
 use crate::buddy::{Block, BlockState, Buddy};
 use crate::fault::move_in;
-use crate::folio::{Folio, FolioFlags, FreedRange, LruLink};
+use crate::folio::{Folio, FolioFlags, FreedRange};
 use crate::inject::FaultPoint;
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState};
@@ -306,20 +306,14 @@ fn migrate_mapped(
             flags.remove(f);
         }
         let new = slab.insert(Folio {
-            pool: target.offset,
-            order: target.order,
             flags,
             refcount: nr as u32,
             mapcount: nr as u32,
-            pincount: 0,
-            page_mapped: None,
             rmap: Some(Rmap {
                 mapped: (0, nr as u16),
                 ..rmap
             }),
-            pool_state: BlockState::NeedsPopulate,
-            lru: LruLink::default(),
-            swap: None,
+            ..Folio::new(target.offset, target.order)
         });
         slab.lru_replace(id, new);
         let r = rmap::remove_rmap_ptes(&mut slab, &ptl, id, 0, nr, BlockState::NeedsZero);
@@ -372,17 +366,12 @@ fn migrate_swapcache(inner: &Inner, id: FolioId, target: Block) -> Result<FolioI
     }
     let rmap = old.rmap;
     let new = slab.insert(Folio {
-        pool: target.offset,
-        order: target.order,
         flags,
         refcount: 1, // the swap cache's reference
-        mapcount: 0,
-        pincount: 0,
-        page_mapped: None,
         rmap,
         pool_state: BlockState::NeedsZero,
-        lru: LruLink::default(),
         swap: Some(base),
+        ..Folio::new(target.offset, target.order)
     });
     if !st.cache.replace_folio(base, id, new) {
         let f = slab.remove(new);

@@ -14,7 +14,7 @@
 //! change only together with the entries they count.
 
 use crate::buddy::{Block, BlockState};
-use crate::folio::{Folio, FolioFlags, FolioSlab, FreedRange, LruLink};
+use crate::folio::{Folio, FolioFlags, FolioSlab, FreedRange};
 use crate::pte::PtlGuard;
 use crate::types::{FolioId, Order, PageIndex, VmId};
 
@@ -46,20 +46,14 @@ pub fn add_new_anon_rmap(
     // Its faulting access is still to come.
     flags.insert(FolioFlags::REFERENCED);
     let id = slab.insert(Folio {
-        pool: block.offset,
-        order: block.order,
         flags,
         refcount: nr,
         mapcount: nr,
-        pincount: 0,
-        page_mapped: None,
         rmap: Some(Rmap {
             mapped: (0, nr as u16),
             ..rmap
         }),
-        pool_state: BlockState::NeedsPopulate,
-        lru: LruLink::default(),
-        swap: None,
+        ..Folio::new(block.offset, block.order)
     });
     slab.lru_add(id);
     id

@@ -8,7 +8,7 @@
 //! allocator, so a partial discard really returns memory.
 
 use crate::buddy::BlockState;
-use crate::folio::{Folio, FolioFlags, FolioSlab, FreedRange, LruLink};
+use crate::folio::{Folio, FolioFlags, FolioSlab, FreedRange};
 use crate::inject::FaultPoint;
 use crate::lru::PROBATION;
 use crate::manager::Inner;
@@ -172,16 +172,10 @@ fn new_piece(pool: crate::types::PoolOffset, order: crate::types::Order, rmap: R
     let mut flags = FolioFlags::default();
     flags.insert(FolioFlags::EXCLUSIVE);
     Folio {
-        pool,
-        order,
         flags,
         refcount: nr,
         mapcount: nr,
-        pincount: 0,
-        page_mapped: None,
         rmap: Some(rmap),
-        pool_state: BlockState::NeedsPopulate,
-        lru: LruLink::default(),
-        swap: None,
+        ..Folio::new(pool, order)
     }
 }

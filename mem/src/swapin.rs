@@ -25,7 +25,7 @@
 
 use crate::buddy::{Block, BlockState};
 use crate::fault::{install_from_pool, FaultOutcome};
-use crate::folio::{Folio, FolioFlags, LruLink};
+use crate::folio::{Folio, FolioFlags};
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
 use crate::rmap::{self, full_mask, mask_test, PageMask, Rmap};
@@ -549,13 +549,8 @@ fn new_swapin_folio(
     // Read for a fault, whose access is still to come.
     flags.insert(FolioFlags::REFERENCED);
     inner.folios.slab().insert(Folio {
-        pool: block.offset,
-        order: block.order,
         flags,
         refcount: 2,
-        mapcount: 0,
-        pincount: 0,
-        page_mapped: None,
         rmap: Some(Rmap {
             vm: region.vm,
             region: region.index,
@@ -563,8 +558,8 @@ fn new_swapin_folio(
             mapped: (0, 0),
         }),
         pool_state: BlockState::NeedsZero,
-        lru: LruLink::default(),
         swap: Some(base),
+        ..Folio::new(block.offset, block.order)
     })
 }
 

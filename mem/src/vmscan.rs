@@ -69,7 +69,7 @@
 //! `kswapd()`/`balance_pgdat()`, `change_prot_numa()`.
 
 use crate::buddy::BlockState;
-use crate::folio::{Folio, FolioFlags, FolioLockGuard, FolioSlab, LruLink};
+use crate::folio::{Folio, FolioFlags, FolioLockGuard, FolioSlab};
 use crate::inject::FaultPoint;
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
@@ -952,21 +952,16 @@ fn split_prot_none(
     for k in 1..nr {
         let idx = first.forward(k);
         let pid = slab.insert(Folio {
-            pool: pool.subpage(k),
-            order: Order::BASE,
             flags,
             refcount: 1 + piece_refs,
             mapcount: 1,
-            pincount: 0,
-            page_mapped: None,
             rmap: Some(Rmap {
                 index: idx,
                 mapped: (0, 1),
                 ..rmap
             }),
             pool_state,
-            lru: LruLink::default(),
-            swap: None,
+            ..Folio::new(pool.subpage(k), Order::BASE)
         });
         ptl.set_pte(idx, Pte::prot_none(pid, 0));
         new.push(pid);

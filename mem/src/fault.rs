@@ -26,7 +26,7 @@ use crate::types::{FolioId, Order, PageIndex, PoolOffset, PAGE_SIZE};
 use crate::vm::{log_error, Region};
 use crate::{swapin, vmscan};
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// `MOVE` retries on `EAGAIN`/`EBUSY` before a page falls back to `COPY`.
 const MAX_MOVE_RETRIES: u32 = 8;
@@ -173,18 +173,7 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
         return;
     };
     vmscan::enforce_vm_max(inner, &region);
-    let (mut retries, mut reclaimed) = (0, false);
-    let outcome = loop {
-        match fault_in(inner, &region, idx, write) {
-            FaultOutcome::Retry if retries < MAX_RETRIES => retries += 1,
-            FaultOutcome::NoMemory { oom: true } if !reclaimed && vmscan::can_reclaim(inner) => {
-                // Direct reclaim, then try once more (`__alloc_pages_slowpath()`).
-                reclaimed = true;
-                vmscan::direct_reclaim(inner, &region);
-            }
-            o => break o,
-        }
-    };
+    let outcome = fault_in_reclaiming(inner, &region, idx, write, false);
     // The faulting thread runs again already; zap stale pool copies here,
     // with no lock held, once a batch has gathered.
     inner.zapq.drain_if_full(&inner.pool);
@@ -222,6 +211,38 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
     let ns = t0.elapsed().as_nanos() as u64;
     vmc.latency.record(ns);
     inner.faults.latency.record(ns);
+}
+
+/// [`fault_in`] until it ends, retrying a changed entry up to
+/// [`MAX_RETRIES`] times and reclaiming directly once when memory is out
+/// (`__alloc_pages_slowpath()`). Then a handler thread (`waits` false)
+/// returns, and parks the fault; the faulting thread itself (`waits`, see
+/// `crate::faulter`) waits for memory and tries again.
+///
+/// # Context
+/// No locks held.
+pub(crate) fn fault_in_reclaiming(
+    inner: &Inner,
+    region: &Region,
+    idx: PageIndex,
+    write: bool,
+    waits: bool,
+) -> FaultOutcome {
+    let (mut retries, mut reclaimed) = (0, false);
+    loop {
+        match fault_in(inner, region, idx, write) {
+            FaultOutcome::Retry if retries < MAX_RETRIES => retries += 1,
+            FaultOutcome::NoMemory { oom: true } if !reclaimed && vmscan::can_reclaim(inner) => {
+                reclaimed = true;
+                vmscan::direct_reclaim(inner, region);
+            }
+            FaultOutcome::Retry | FaultOutcome::NoMemory { .. } if waits => {
+                inner.wait_for_memory(Duration::from_millis(10));
+                (retries, reclaimed) = (0, false);
+            }
+            o => return o,
+        }
+    }
 }
 
 /// Consecutive faults of one kind of one handler on one page after which

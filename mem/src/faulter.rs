@@ -36,14 +36,14 @@
 //! to guest memory, with no manager lock held. It may sleep (folio locks,
 //! swap I/O, waiting for memory) like a handler thread.
 
-use crate::fault::{fault_in, handle_wp_fault, FaultOutcome};
+use crate::fault::{fault_in_reclaiming, handle_wp_fault, FaultOutcome};
 use crate::manager::Inner;
 use crate::sys::sigbus::{self, PF_PROT, PF_WRITE};
 use crate::types::PAGE_SIZE;
 use crate::vmscan;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// How guest page faults reach the memory manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -120,23 +120,7 @@ pub(crate) fn serve_missing(inner: &Inner, addr: usize, write: bool) -> bool {
         c.events.fetch_add(1, Relaxed);
     }
     vmscan::enforce_vm_max(inner, &region);
-    let mut reclaimed = false;
-    let outcome = loop {
-        match fault_in(inner, &region, idx, write) {
-            FaultOutcome::Retry => {}
-            FaultOutcome::NoMemory { oom } => {
-                if oom && !reclaimed && vmscan::can_reclaim(inner) {
-                    // Direct reclaim, then try once more.
-                    reclaimed = true;
-                    vmscan::direct_reclaim(inner, &region);
-                } else {
-                    reclaimed = false;
-                    inner.wait_for_memory(Duration::from_millis(10));
-                }
-            }
-            o => break o,
-        }
-    };
+    let outcome = fault_in_reclaiming(inner, &region, idx, write, true);
     inner.zapq.drain_if_full(&inner.pool);
     let ns = t0.elapsed().as_nanos() as u64;
     region.counters.faults.latency.record(ns);

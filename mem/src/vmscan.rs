@@ -283,15 +283,18 @@ fn isolate_folios(
     let mut batch = Isolated::default();
     let mut slab = inner.folios.slab();
     let target = probation_target(slab.lru_pages(vm.id));
-    // Reserve `nr` pages for eviction unless that takes the VM below its
-    // minimum.
-    let reserve = |batch: &mut Isolated, nr: u64| {
+    // Take `id` (of `nr` pages) off the LRU as a victim, its pages
+    // reserved, unless that takes the VM below its minimum.
+    let evict = |slab: &mut FolioSlab, batch: &mut Isolated, id: FolioId, nr: u64| {
         let taken = vm.reclaiming.fetch_add(nr, Relaxed) + nr;
         if vm.resident_pages() < floor + taken {
             vm.reclaiming.fetch_sub(nr, Relaxed);
             return false;
         }
         batch.reserved += nr;
+        slab.get_ref(id);
+        slab.lru_del(id);
+        batch.evict.push(id);
         true
     };
     let take_victims = |slab: &mut FolioSlab, batch: &mut Isolated| {
@@ -305,12 +308,10 @@ fn isolate_folios(
                 slab.lru_rotate(id);
                 continue;
             }
-            if !reserve(batch, f.nr_pages()) {
+            let nr = f.nr_pages();
+            if !evict(slab, batch, id, nr) {
                 break;
             }
-            slab.get_ref(id);
-            slab.lru_del(id);
-            batch.evict.push(id);
         }
     };
     let early = !respect_heat || slab.lru_probation_pages(vm.id) > target / 2;
@@ -342,13 +343,10 @@ fn isolate_folios(
                 slab.lru_probation_add(id);
                 continue;
             }
-            if !reserve(&mut batch, nr) {
+            if !evict(&mut slab, &mut batch, id, nr) {
                 slab.lru_rotate(id);
                 break;
             }
-            slab.get_ref(id);
-            slab.lru_del(id);
-            batch.evict.push(id);
         } else if respect_heat && f.flags.contains(FolioFlags::REFERENCED) {
             // Just mapped by a fault: its access may not have happened yet.
             slab.get_mut(id)

@@ -136,8 +136,7 @@ fn lowering_the_budget_holds_against_a_guest_thrashing_near_its_minimum() {
         vm,
         VmLimits {
             min_bytes: 21 * MIB,
-            max_bytes: None,
-            priority: 0,
+            ..VmLimits::default()
         },
     )
     .unwrap();

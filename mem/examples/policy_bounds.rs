@@ -8,6 +8,12 @@
 //! the one before. With equal cost per miss, a miss-bound pattern can
 //! run at most LRU/OPT times faster than LRU, whatever the policy.
 //!
+//! Two more columns say where a phase's misses come from. `cold` counts
+//! the pages the phase touches that were not resident when it began: no
+//! policy misses fewer. `LFU` is a perfect LFU (every page's count kept,
+//! evicted or not): what knowing the past frequencies would buy, the
+//! information a frequency-aware online policy works from.
+//!
 //! ```text
 //! cargo run --release -p mem --example policy_bounds -- \
 //!     [--budget 256M] [--threads 4] [--ops 200000] [--patterns sequential,zipfian,uniform]
@@ -17,7 +23,7 @@
 //! interleaves them, which barely matters to either count.
 
 use mem::bench::{trace, ChildCommand, HostBenchOpts};
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 /// Misses per phase of an exact LRU of `cap` pages, and the pages it
 /// holds as each phase starts.
@@ -78,6 +84,43 @@ fn opt(trace: &[u64], resident: &[u64], cap: usize) -> u64 {
     misses
 }
 
+/// Misses of a perfect LFU with `cap` pages over `trace`, starting with
+/// `resident` held: every page's count of accesses so far is remembered,
+/// resident or not, and a miss evicts the resident page with the fewest
+/// (the least recently used of those tied).
+fn lfu(trace: &[u64], resident: &[u64], cap: usize) -> u64 {
+    let mut count: HashMap<u64, (u64, usize)> = HashMap::new();
+    let mut held = BTreeSet::new();
+    for (i, &page) in resident.iter().enumerate() {
+        count.insert(page, (0, i));
+        held.insert((0u64, i, page));
+    }
+    let base = resident.len();
+    let mut misses = 0;
+    for (t, &page) in trace.iter().enumerate() {
+        let time = base + t;
+        let e = count.entry(page).or_insert((0, 0));
+        let old = (e.0, e.1, page);
+        *e = (e.0 + 1, time);
+        if !held.remove(&old) {
+            misses += 1;
+        }
+        held.insert((e.0, e.1, page));
+        if held.len() > cap {
+            held.pop_first();
+        }
+    }
+    misses
+}
+
+/// The pages `trace` touches that are not in `resident`: a miss each,
+/// whatever the policy.
+fn cold_misses(trace: &[u64], resident: &[u64]) -> usize {
+    let resident: HashSet<u64> = resident.iter().copied().collect();
+    let touched: HashSet<u64> = trace.iter().copied().collect();
+    touched.difference(&resident).count()
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let child = ChildCommand {
@@ -105,7 +148,7 @@ fn main() {
          phases as in a run",
         o.threads
     );
-    println!("  pattern       accesses  LRU misses  OPT misses  LRU/OPT");
+    println!("  pattern       accesses  LRU misses  LFU misses  OPT misses        cold  LRU/OPT");
     for (i, p) in o.patterns.iter().enumerate() {
         let phase: Vec<u64> = accesses
             .iter()
@@ -113,12 +156,16 @@ fn main() {
             .map(|a| a.1)
             .collect();
         let (lm, om) = (l[i + 1], opt(&phase, &at_start[i + 1], cap));
+        let fm = lfu(&phase, &at_start[i + 1], cap);
+        let cold = cold_misses(&phase, &at_start[i + 1]);
         println!(
-            "  {:<11} {:>10} {:>11} {:>11} {:>7.2}x",
+            "  {:<11} {:>10} {:>11} {:>11} {:>11} {:>11} {:>7.2}x",
             p.name(),
             phase.len(),
             lm,
+            fm,
             om,
+            cold,
             lm as f64 / om.max(1) as f64
         );
     }

@@ -250,6 +250,131 @@ impl Stalls {
     }
 }
 
+/// Requests the block device under the swap files served, from its
+/// `/sys/dev/block/MAJ:MIN/stat`: counts and the time requests spent in
+/// the block layer and the device, from queueing to completion. Not the
+/// system call, file system and wake-up around them, so set beside the
+/// accessing threads' stalls it tells the device's share from the host's.
+/// The counters are the device's: anything else using it is counted too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskIo {
+    /// Read requests completed.
+    pub reads: u64,
+    /// Their total time, ms.
+    pub read_ms: u64,
+    /// Write requests completed.
+    pub writes: u64,
+    /// 512-byte sectors written.
+    pub write_sectors: u64,
+    /// Their total time, ms.
+    pub write_ms: u64,
+}
+
+/// The environment variable that tells the kernel-side child which
+/// device's counters to read (the parent's [`disk_stat_path`]).
+const DISK_ENV: &str = "FOLIOVM_BENCH_DISK_STAT";
+
+impl DiskIo {
+    /// Parse a block device's `stat` file (see the kernel's
+    /// `Documentation/block/stat.rst`); `None` if it is not one.
+    pub fn parse(stat: &str) -> Option<DiskIo> {
+        let v: Vec<u64> = stat
+            .split_whitespace()
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        (v.len() >= 11).then(|| DiskIo {
+            reads: v[0],
+            read_ms: v[3],
+            writes: v[4],
+            write_sectors: v[6],
+            write_ms: v[7],
+        })
+    }
+
+    /// Read the counters at `path`.
+    fn read(path: &Path) -> Option<DiskIo> {
+        DiskIo::parse(&std::fs::read_to_string(path).ok()?)
+    }
+
+    /// What happened between `earlier` and `self`.
+    fn since(&self, earlier: &DiskIo) -> DiskIo {
+        DiskIo {
+            reads: self.reads.saturating_sub(earlier.reads),
+            read_ms: self.read_ms.saturating_sub(earlier.read_ms),
+            writes: self.writes.saturating_sub(earlier.writes),
+            write_sectors: self.write_sectors.saturating_sub(earlier.write_sectors),
+            write_ms: self.write_ms.saturating_sub(earlier.write_ms),
+        }
+    }
+
+    /// One line: reads and writes, their mean size and time.
+    fn summary(&self) -> String {
+        let per = |ms: u64, n: u64| us(ms * 1_000_000 / n.max(1));
+        format!(
+            "{} reads, {} each; {} writes of {} KiB, {} each",
+            self.reads,
+            per(self.read_ms, self.reads),
+            self.writes,
+            self.write_sectors / 2 / self.writes.max(1),
+            per(self.write_ms, self.writes)
+        )
+    }
+
+    fn encode(&self) -> String {
+        let v = [
+            self.reads,
+            self.read_ms,
+            self.writes,
+            self.write_sectors,
+            self.write_ms,
+        ];
+        v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    /// The inverse of `encode`; `-` (counters unreadable) is `Some(None)`.
+    fn decode(s: &str) -> Option<Option<DiskIo>> {
+        if s == "-" {
+            return Some(None);
+        }
+        let v: Vec<u64> = s
+            .split(',')
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        let [reads, read_ms, writes, write_sectors, write_ms] = v[..] else {
+            return None;
+        };
+        Some(Some(DiskIo {
+            reads,
+            read_ms,
+            writes,
+            write_sectors,
+            write_ms,
+        }))
+    }
+}
+
+/// The `stat` file of the block device that holds `dir`, if it has one
+/// (not on tmpfs or overlay file systems, whose device is anonymous).
+pub fn disk_stat_path(dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let p = PathBuf::from(format!(
+        "/sys/dev/block/{}:{}/stat",
+        libc::major(dev),
+        libc::minor(dev)
+    ));
+    p.exists().then_some(p)
+}
+
+/// Run `f`, and return its result with what the device at `stat` served
+/// meanwhile (`None` without a readable device).
+fn with_disk<R>(stat: Option<&Path>, f: impl FnOnce() -> R) -> (R, Option<DiskIo>) {
+    let before = stat.and_then(DiskIo::read);
+    let r = f();
+    let after = stat.and_then(DiskIo::read);
+    (r, before.zip(after).map(|(b, a)| a.since(&b)))
+}
+
 /// One pattern under the kernel baseline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelRun {
@@ -265,6 +390,8 @@ pub struct KernelRun {
     pub pswpout: u64,
     /// Accesses that waited.
     pub stalls: Stalls,
+    /// What the swap device served meanwhile.
+    pub disk: Option<DiskIo>,
 }
 
 /// One pattern under foliovm.
@@ -286,6 +413,8 @@ pub struct FolioPattern {
     pub read_pages: u64,
     /// Counters of the pattern, one line.
     pub detail: String,
+    /// What the swap device served meanwhile.
+    pub disk: Option<DiskIo>,
 }
 
 impl FolioPattern {
@@ -545,13 +674,14 @@ fn parse_child_args(args: &[String]) -> Result<(u64, u64, u64, Vec<Pattern>), St
 
 fn result_line(r: &KernelRun) -> String {
     format!(
-        "RESULT {} {} {} {} {} {}",
+        "RESULT {} {} {} {} {} {} {}",
         r.pattern.name(),
         r.ops_per_sec,
         r.cpu_secs,
         r.pswpin,
         r.pswpout,
-        r.stalls.encode()
+        r.stalls.encode(),
+        r.disk.map_or("-".into(), |d| d.encode())
     )
 }
 
@@ -562,6 +692,7 @@ fn parse_result_line(l: &str) -> Option<KernelRun> {
     let mut num = || w.next()?.parse::<f64>().ok();
     let (ops_per_sec, cpu_secs, si, so) = (num()?, num()?, num()?, num()?);
     let stalls = Stalls::decode(w.next()?)?;
+    let disk = DiskIo::decode(w.next()?)?;
     w.next().is_none().then_some(KernelRun {
         pattern,
         ops_per_sec,
@@ -569,6 +700,7 @@ fn parse_result_line(l: &str) -> Option<KernelRun> {
         pswpin: si as u64,
         pswpout: so as u64,
         stalls,
+        disk,
     })
 }
 
@@ -604,11 +736,13 @@ pub fn kernel_child(args: &[String]) -> Result<(), String> {
     let pages = ws / PAGE_SIZE;
     // SAFETY: the mapping above is live and only these calls touch it.
     unsafe { populate(base as usize, pages) };
+    let disk_stat = std::env::var_os(DISK_ENV).map(PathBuf::from);
     for pattern in patterns {
         let (cpu0, vm0) = (cpu_time(), vmstat_swap());
         // SAFETY: as for populate.
-        let (ops_per_sec, stalls) =
-            unsafe { run_pattern(base as usize, pages, pattern, threads, ops) };
+        let ((ops_per_sec, stalls), disk) = with_disk(disk_stat.as_deref(), || unsafe {
+            run_pattern(base as usize, pages, pattern, threads, ops)
+        });
         let (cpu, vm1) = ((cpu_time() - cpu0).as_secs_f64(), vmstat_swap());
         let r = KernelRun {
             pattern,
@@ -617,6 +751,7 @@ pub fn kernel_child(args: &[String]) -> Result<(), String> {
             pswpin: vm1.0 - vm0.0,
             pswpout: vm1.1 - vm0.1,
             stalls,
+            disk,
         };
         println!("{}", result_line(&r));
     }
@@ -702,6 +837,7 @@ fn kernel_child_run(o: &HostBenchOpts, ws: u64, cg: &Path) -> Result<Vec<KernelR
             o.ops.to_string(),
             names.join(","),
         ])
+        .envs(disk_stat_path(&o.dir).map(|p| (DISK_ENV, p)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -777,13 +913,17 @@ fn foliovm(o: &HostBenchOpts) -> Result<FolioRun, String> {
     // `b` drops below, and only these calls access it.
     unsafe { populate(base, pages) };
     let mut patterns = Vec::new();
+    let disk_stat = disk_stat_path(&o.dir);
     for &p in &o.patterns {
         let (before, cpu0) = (mm.stats(), cpu_time());
         // SAFETY: as for populate.
-        let (rate, stalls) = unsafe { run_pattern(base, pages, p, o.threads, o.ops) };
+        let ((rate, stalls), disk) = with_disk(disk_stat.as_deref(), || unsafe {
+            run_pattern(base, pages, p, o.threads, o.ops)
+        });
         let (after, cpu1) = (mm.stats(), cpu_time());
         let mut fp = folio_pattern(p, rate, &before, &after, cpu1 - cpu0);
         fp.stalls = stalls;
+        fp.disk = disk;
         patterns.push(fp);
     }
     let s = mm.stats();
@@ -845,6 +985,7 @@ fn folio_pattern(p: Pattern, rate: f64, b: &MmStats, a: &MmStats, cpu: Duration)
         reads: d(|s| s.swapin_file_folios),
         read_pages: d(|s| s.swapin_file_pages),
         detail,
+        disk: None,
     }
 }
 
@@ -1074,6 +1215,7 @@ impl fmt::Display for HostBenchReport {
             )?;
         }
         self.fmt_stalls(f)?;
+        self.fmt_disk(f)?;
         self.fmt_kernel(f)?;
         self.fmt_folio(f)
     }
@@ -1121,6 +1263,44 @@ impl HostBenchReport {
                 p.name(),
                 line(k.map(|x| &x.stalls)),
                 line(fv.map(|x| &x.stalls))
+            )?;
+        }
+        Ok(())
+    }
+
+    fn fmt_disk(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kernel = |p: Pattern| {
+            let r = self.kernel.as_ref().ok()?;
+            r.iter().find(|x| x.pattern == p)?.disk
+        };
+        let folio = |p: Pattern| {
+            let r = self.folio.as_ref().ok()?;
+            r.patterns.iter().find(|x| x.pattern == p)?.disk
+        };
+        let seen = self
+            .opts
+            .patterns
+            .iter()
+            .any(|&p| kernel(p).or(folio(p)).is_some());
+        if !seen {
+            return writeln!(
+                f,
+                "  swap device: no block-device counters for {}",
+                self.opts.dir.display()
+            );
+        }
+        writeln!(
+            f,
+            "  swap device requests, mean time each in the block layer and device (whole device):"
+        )?;
+        let line = |d: Option<DiskIo>| d.map_or("no counters".into(), |d| d.summary());
+        for &p in &self.opts.patterns {
+            writeln!(
+                f,
+                "    {:<10} kernel: {}; foliovm: {}",
+                p.name(),
+                line(kernel(p)),
+                line(folio(p))
             )?;
         }
         Ok(())
@@ -1282,6 +1462,7 @@ mod tests {
                             pswpin: 0,
                             pswpout: 0,
                             stalls: Stalls::default(),
+                            disk: None,
                         })
                         .collect()
                 })
@@ -1299,6 +1480,7 @@ mod tests {
                         reads: 0,
                         read_pages: 0,
                         detail: String::new(),
+                        disk: None,
                     })
                     .collect(),
                 summary: String::new(),
@@ -1359,11 +1541,19 @@ mod tests {
             pswpin: 30033,
             pswpout: 24811,
             stalls: Stalls::default(),
+            disk: None,
         };
         let mut r2 = r.clone();
         for ns in [5_000, 150_000, 160_000, 3] {
             r2.stalls.record(ns);
         }
+        r2.disk = Some(DiskIo {
+            reads: 101_028,
+            read_ms: 9597,
+            writes: 99_414,
+            write_sectors: 795_312,
+            write_ms: 63_664,
+        });
         assert_eq!(r2.stalls.count, 3, "3 ns is no stall");
         assert_eq!(r2.stalls.mean_ns(), 105_000);
         assert_eq!(r2.stalls.hist.quantile_ns(0.5), 1 << 18);
@@ -1373,12 +1563,71 @@ mod tests {
         assert_eq!(parse_result_line("RESULT zipfian 1 2 3"), None);
         assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4"), None);
         // The stall field must be count, sum, buckets that add up to count.
-        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1"), None);
-        assert!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1,1").is_some());
-        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 0,0 5"), None);
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1 -"), None);
+        assert!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1,1 -").is_some());
+        // The device field: five counters, or `-` when there were none.
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1,1"), None);
+        assert_eq!(
+            parse_result_line("RESULT zipfian 1 2 3 4 0,0 1,2,3,4"),
+            None
+        );
+        assert!(parse_result_line("RESULT zipfian 1 2 3 4 0,0 1,2,3,4,5").is_some());
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 0,0 - 5"), None);
         assert_eq!(parse_result_line("RESULT bogus 1 2 3 4"), None);
         assert_eq!(parse_result_line("zipfian 1 2 3 4"), None);
         assert_eq!(parse_result_line("RESULT uniform x 2 3 4"), None);
+    }
+
+    #[test]
+    fn disk_counters_parse_subtract_and_summarise() {
+        // A `stat` line of a virtio disk (kernel 6.18: 17 fields).
+        let line = "  189470     2016 10155538   105626  1009843   111180 46542642  \
+                    1123915        0   511600  1279140        0        0        0        0 \
+                    80906    49598\n";
+        let a = DiskIo::parse(line).expect("a stat line");
+        assert_eq!(
+            a,
+            DiskIo {
+                reads: 189_470,
+                read_ms: 105_626,
+                writes: 1_009_843,
+                write_sectors: 46_542_642,
+                write_ms: 1_123_915,
+            }
+        );
+        assert_eq!(DiskIo::parse("1 2 3"), None, "too few fields");
+        assert_eq!(DiskIo::parse("1 2 x 4 5 6 7 8 9 10 11"), None);
+        let b = DiskIo {
+            reads: a.reads + 1000,
+            read_ms: a.read_ms + 94,
+            writes: a.writes + 10,
+            write_sectors: a.write_sectors + 960,
+            write_ms: a.write_ms + 2,
+        };
+        let d = b.since(&a);
+        assert_eq!(
+            d.summary(),
+            "1000 reads, 94 µs each; 10 writes of 48 KiB, 200 µs each"
+        );
+        assert_eq!(
+            DiskIo::default().summary(),
+            "0 reads, 0 µs each; 0 writes of 0 KiB, 0 µs each"
+        );
+        assert_eq!(DiskIo::decode(&d.encode()), Some(Some(d)));
+        assert_eq!(DiskIo::decode("-"), Some(None));
+        assert_eq!(DiskIo::decode("1,2,3,4,5,6"), None);
+    }
+
+    #[test]
+    fn the_disk_of_a_directory_is_found_or_named_missing() {
+        // /sys itself is on an anonymous device (sysfs): no block device.
+        assert_eq!(disk_stat_path(Path::new("/sys")), None);
+        assert_eq!(disk_stat_path(Path::new("/no/such/dir")), None);
+        // Where the tests run from is usually on a disk; when it is, its
+        // counters parse.
+        if let Some(p) = disk_stat_path(Path::new(env!("CARGO_MANIFEST_DIR"))) {
+            assert!(DiskIo::read(&p).is_some(), "{} does not parse", p.display());
+        }
     }
 
     #[test]

@@ -334,7 +334,7 @@ impl Inner {
             &self.pool,
             ranges.iter().map(|f| (f.pool, f.order.nr_pages())),
         );
-        {
+        let short_of_ready = {
             let mut buddy = self.buddy();
             for f in ranges {
                 if let Err(e) = buddy.free(f.pool, f.order, f.state) {
@@ -344,8 +344,27 @@ impl Inner {
                     debug_assert!(false, "free of {f:?}: {e}");
                 }
             }
+            let fa = buddy.stats();
+            fa.ready_pages < crate::prezero::ready_target(self, &fa)
+        };
+        // Under reclaim the worker keeps only a little memory ready, and
+        // reclaim frees a folio at a time: waking it for each (a futex
+        // call, a context switch and a look at the free lists) found
+        // nothing to do nearly every time. So only when it has work.
+        if short_of_ready || self.awaits_worker() {
+            self.kick_worker();
         }
-        self.kick_worker();
+    }
+
+    /// Whether a fault waits for the worker: parked for lack of ready
+    /// memory, or a thread in [`Inner::wait_for_memory`].
+    fn awaits_worker(&self) -> bool {
+        self.memory_waiters.load(Relaxed) > 0
+            || !self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
     }
 
     /// Queue the count a clean folio held on `slot` for release (the folio
@@ -419,6 +438,7 @@ impl Inner {
         // Already kicked: the worker sees the flag before it sleeps again,
         // so a second wake-up (a futex syscall) would be wasted.
         if !std::mem::replace(&mut *k, true) {
+            self.workers.worker_kicks.fetch_add(1, Relaxed);
             self.kick_cv.notify_one();
         }
     }
@@ -1020,6 +1040,7 @@ impl MemoryManager {
             prezero_pages: inner.workers.prezero_pages.load(Relaxed),
             prezero_ns: inner.workers.prezero_ns.load(Relaxed),
             collapse_failed: inner.workers.collapse_failed.load(Relaxed),
+            worker_kicks: inner.workers.worker_kicks.load(Relaxed),
             folios_split: inner.workers.folios_split.load(Relaxed),
             split_freed_pages: inner.workers.split_freed_pages.load(Relaxed),
             pool_zap_batches: inner.zapq.batches.load(Relaxed),

@@ -411,6 +411,8 @@ pub struct WorkerCounters {
     pub collapse_failed: AtomicU64,
     /// Prepare failures (the block went back unprepared).
     pub prezero_failed: AtomicU64,
+    /// Wake-ups sent to the pre-zeroing worker.
+    pub worker_kicks: AtomicU64,
     /// Folios split by the deferred-split worker.
     pub folios_split: AtomicU64,
     /// Pages returned to the allocator by those splits.
@@ -477,6 +479,8 @@ pub struct MmStats {
     pub prezero_ns: u64,
     /// Order-9 blocks that stayed PTE-mapped in the pool.
     pub collapse_failed: u64,
+    /// Wake-ups sent to the pre-zeroing worker.
+    pub worker_kicks: u64,
     /// Folios split by deferred split.
     pub folios_split: u64,
     /// Pages those splits freed.

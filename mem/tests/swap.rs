@@ -12,10 +12,8 @@ fn guest_larger_than_budget_round_trips_through_swap() {
     let budget = 8 * MIB;
     let guest = 32 * MIB;
     let mm = swap_manager(budget, 2, 128 * MIB, true);
-    let vm = mm.create_vm("swap").unwrap();
-    let b = mm.backend(vm, &[(GuestAddress(0), guest)]).unwrap();
-    let ram = Ram::of(&*b);
-    let pages = guest / PAGE_SIZE;
+    let t = TestVm::new(&mm, "swap", guest);
+    let (vm, ram, pages) = (t.id, t.ram, t.pages);
     for g in 0..3 {
         for p in 0..pages {
             // Two words per page: catches pages mixed up within a folio.
@@ -44,9 +42,7 @@ fn guest_larger_than_budget_round_trips_through_swap() {
     );
     assert!(s.swap.swapin_file_pages > 0);
     assert!(s.resident_bytes() <= budget);
-    drop(b);
-    mm.destroy_vm(vm).unwrap();
-    settle_and_check(&mm);
+    t.destroy(&mm);
     let st = mm.stats();
     assert_eq!(st.swap_device.used_bytes, 0, "teardown frees every slot");
 }
@@ -124,11 +120,9 @@ fn large_folio_without_contiguous_slots_falls_back_to_order_0() {
     // Three swap clusters for four 2 MiB folios; the guest fits the
     // budget, so only explicit reclaim swaps.
     let mm = swap_manager(16 * MIB, 2, 6 * MIB, false);
-    let vm = mm.create_vm("fallback").unwrap();
     let guest = 8 * MIB;
-    let b = mm.backend(vm, &[(GuestAddress(0), guest)]).unwrap();
-    let ram = Ram::of(&*b);
-    let pages = guest / PAGE_SIZE;
+    let t = TestVm::new(&mm, "fallback", guest);
+    let (vm, ram, pages) = (t.id, t.ram, t.pages);
     let check = |p: u64| {
         assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 0), "page {p}");
         let last = ram.read(p * PAGE_SIZE + 4088);
@@ -179,9 +173,7 @@ fn large_folio_without_contiguous_slots_falls_back_to_order_0() {
     for p in 0..pages {
         check(p);
     }
-    drop(b);
-    mm.destroy_vm(vm).unwrap();
-    settle_and_check(&mm);
+    t.destroy(&mm);
     assert_eq!(mm.stats().swap_device.used_bytes, 0);
 }
 
@@ -192,11 +184,9 @@ fn large_folio_without_contiguous_slots_falls_back_to_order_0() {
 #[test]
 fn clean_pages_are_reclaimed_without_a_write() {
     let mm = swap_manager(16 * MIB, 2, 32 * MIB, false);
-    let vm = mm.create_vm("clean").unwrap();
     let guest = 4 * MIB;
-    let b = mm.backend(vm, &[(GuestAddress(0), guest)]).unwrap();
-    let ram = Ram::of(&*b);
-    let pages = guest / PAGE_SIZE;
+    let t = TestVm::new(&mm, "clean", guest);
+    let (vm, ram, pages) = (t.id, t.ram, t.pages);
     let gen_of = |p: u64| u64::from(p % 6 == 3);
     let check = |p: u64, g: u64| {
         assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, g), "page {p}");
@@ -263,21 +253,15 @@ fn memory_freed_by_reclaim_is_not_zeroed_for_swapins() {
     let budget = 16 * MIB;
     let guest = 64 * MIB;
     let mm = swap_manager(budget, 2, 256 * MIB, true);
-    let vm = mm.create_vm("churn").unwrap();
-    let b = mm.backend(vm, &[(GuestAddress(0), guest)]).unwrap();
-    let ram = Ram::of(&*b);
-    let pages = guest / PAGE_SIZE;
+    let t = TestVm::new(&mm, "churn", guest);
+    let (vm, pages) = (t.id, t.pages);
     // First touch of the whole guest: untouched memory, under pressure
     // from its second quarter on.
-    for p in 0..pages {
-        ram.write(p * PAGE_SIZE, pattern(p, 0, 0));
-    }
+    t.fill(0);
     let (before, swapped_before) = (mm.stats(), mm.vm_stats(vm).unwrap().swap);
     // Read passes: every fault is a swapin.
     for _ in 0..2 {
-        for p in 0..pages {
-            assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 0), "page {p}");
-        }
+        t.verify(0);
     }
     let (after, swapped_after) = (mm.stats(), mm.vm_stats(vm).unwrap().swap);
     let swapins = swapped_after.swapin_file_pages - swapped_before.swapin_file_pages;
@@ -293,9 +277,7 @@ fn memory_freed_by_reclaim_is_not_zeroed_for_swapins() {
         zeroed * 2 < swapins,
         "{zeroed} pages pre-zeroed during {swapins} swapins"
     );
-    drop(b);
-    mm.destroy_vm(vm).unwrap();
-    settle_and_check(&mm);
+    t.destroy(&mm);
 }
 
 /// Reclaim samples only a little ahead of what it evicts: the probation
@@ -305,14 +287,10 @@ fn memory_freed_by_reclaim_is_not_zeroed_for_swapins() {
 #[test]
 fn reclaim_samples_just_ahead_of_eviction() {
     let mm = swap_manager(64 * MIB, 2, 64 * MIB, false);
-    let vm = mm.create_vm("ahead").unwrap();
     let size = 32 * MIB;
-    let b = mm.backend(vm, &[(GuestAddress(0), size)]).unwrap();
-    let ram = Ram::of(&*b);
-    let pages = size / PAGE_SIZE;
-    for p in 0..pages {
-        ram.write(p * PAGE_SIZE, pattern(p, 0, 2));
-    }
+    let t = TestVm::new(&mm, "ahead", size);
+    let (vm, pages) = (t.id, t.pages);
+    t.fill(2);
     let st = mm.vm_stats(vm).unwrap();
     assert_eq!(
         st.resident_bytes_by_order[9], size,
@@ -333,12 +311,8 @@ fn reclaim_samples_just_ahead_of_eviction() {
         );
     }
     assert!(evicted < pages / 2, "the premise: most of the VM stayed");
-    for p in 0..pages {
-        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 2), "page {p}");
-    }
-    drop(b);
-    mm.destroy_vm(vm).unwrap();
-    settle_and_check(&mm);
+    t.verify(2);
+    t.destroy(&mm);
 }
 
 /// A VM too small to fill half a probation list is reclaimed all the same:
@@ -347,25 +321,17 @@ fn reclaim_samples_just_ahead_of_eviction() {
 #[test]
 fn a_vm_smaller_than_half_a_probation_list_is_still_reclaimed() {
     let mm = swap_manager(16 * MIB, 2, 16 * MIB, false);
-    let vm = mm.create_vm("tiny").unwrap();
     let size = 64 * 1024;
-    let b = mm.backend(vm, &[(GuestAddress(0), size)]).unwrap();
-    let ram = Ram::of(&*b);
-    let pages = size / PAGE_SIZE;
-    for p in 0..pages {
-        ram.write(p * PAGE_SIZE, pattern(p, 0, 3));
-    }
+    let t = TestVm::new(&mm, "tiny", size);
+    let vm = t.id;
+    t.fill(3);
     assert_eq!(mm.vm_stats(vm).unwrap().resident_bytes(), size);
     assert_eq!(mm.reclaim(Some(vm), size).unwrap(), size);
     let st = mm.vm_stats(vm).unwrap();
     assert_eq!(st.resident_bytes(), 0);
     assert_eq!(st.swap.sampled_folios, 1, "{:#?}", st.swap);
-    for p in 0..pages {
-        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 3), "page {p}");
-    }
-    drop(b);
-    mm.destroy_vm(vm).unwrap();
-    settle_and_check(&mm);
+    t.verify(3);
+    t.destroy(&mm);
 }
 
 /// A sampled-out 2 MiB folio touched at one page while reclaim runs is
@@ -376,13 +342,9 @@ fn a_vm_smaller_than_half_a_probation_list_is_still_reclaimed() {
 #[test]
 fn a_sampled_large_folio_touched_at_one_page_is_split() {
     let mm = swap_manager(32 * MIB, 2, 64 * MIB, false);
-    let vm = mm.create_vm("split").unwrap();
-    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
-    let ram = Ram::of(&*b);
-    let pages = 4 * MIB / PAGE_SIZE;
-    for p in 0..pages {
-        ram.write(p * PAGE_SIZE, pattern(p, 0, 1));
-    }
+    let t = TestVm::new(&mm, "split", 4 * MIB);
+    let (vm, ram) = (t.id, t.ram);
+    t.fill(1);
     let by_order = |o: usize| mm.vm_stats(vm).unwrap().resident_bytes_by_order[o];
     assert_eq!(by_order(9), 4 * MIB, "the premise: two 2 MiB folios");
     // While the VM's minimum holds all of it, reclaim only samples: the
@@ -415,13 +377,9 @@ fn a_sampled_large_folio_touched_at_one_page_is_split() {
     let before = swapins();
     assert_eq!(ram.read(touched * PAGE_SIZE), pattern(touched, 0, 1));
     assert_eq!(swapins(), before, "the touched page stayed");
-    for p in 0..pages {
-        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 1), "page {p}");
-    }
+    t.verify(1);
     assert!(swapins() > before, "untouched pages were evicted");
-    drop(b);
-    mm.destroy_vm(vm).unwrap();
-    settle_and_check(&mm);
+    t.destroy(&mm);
 }
 
 /// Reclaim frees a folio at a time as its writes complete; under reclaim
@@ -435,24 +393,17 @@ fn reclaim_does_not_wake_the_worker_for_each_folio_it_frees() {
     let budget = 16 * MIB;
     let guest = 64 * MIB;
     let mm = swap_manager(budget, 2, 256 * MIB, true);
-    let vm = mm.create_vm("random").unwrap();
-    let b = mm.backend(vm, &[(GuestAddress(0), guest)]).unwrap();
-    let ram = Ram::of(&*b);
-    let pages = guest / PAGE_SIZE;
-    for p in 0..pages {
-        ram.write(p * PAGE_SIZE, pattern(p, 0, 0));
-    }
+    let t = TestVm::new(&mm, "random", guest);
+    let (vm, ram, pages) = (t.id, t.ram, t.pages);
+    t.fill(0);
     let (before, swapped_before) = (mm.stats(), mm.vm_stats(vm).unwrap().swap);
     std::thread::scope(|s| {
         for t in 0..2u64 {
             let ram = &ram;
             s.spawn(move || {
-                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ t);
                 for _ in 0..pages {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let p = x % pages;
+                    let p = rng.below(pages);
                     assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 0), "page {p}");
                 }
             });
@@ -469,7 +420,5 @@ fn reclaim_does_not_wake_the_worker_for_each_folio_it_frees() {
         kicks * 32 < swapins,
         "the worker was woken {kicks} times during {swapins} swapins"
     );
-    drop(b);
-    mm.destroy_vm(vm).unwrap();
-    settle_and_check(&mm);
+    t.destroy(&mm);
 }

@@ -4,8 +4,8 @@
 #![allow(dead_code)]
 
 use mem::{
-    FaultDelivery, GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig, RamRegion,
-    ReclaimConfig, SwapConfig, SwapTarget,
+    FaultDelivery, FolioBackend, GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig,
+    RamRegion, ReclaimConfig, SwapConfig, SwapTarget, VmId, PAGE_SIZE,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,6 +104,53 @@ impl Ram {
     }
     pub fn gpa(&self, off: u64) -> GuestAddress {
         GuestAddress(self.0.guest_base.raw() + off)
+    }
+}
+
+/// A VM with one RAM region at guest address 0, as most tests use.
+pub struct TestVm {
+    pub id: VmId,
+    pub backend: Arc<FolioBackend>,
+    pub ram: Ram,
+    pub pages: u64,
+}
+
+impl TestVm {
+    /// VM `name` with `bytes` of RAM.
+    pub fn new(mm: &Arc<MemoryManager>, name: &str, bytes: u64) -> TestVm {
+        let id = mm.create_vm(name).expect("create_vm");
+        let backend = mm
+            .backend(id, &[(GuestAddress(0), bytes)])
+            .expect("backend");
+        let ram = Ram::of(&*backend);
+        TestVm {
+            id,
+            backend,
+            ram,
+            pages: bytes / PAGE_SIZE,
+        }
+    }
+
+    /// Write generation `g` into the first word of every page.
+    pub fn fill(&self, g: u64) {
+        for p in 0..self.pages {
+            self.ram.write(p * PAGE_SIZE, pattern(p, 0, g));
+        }
+    }
+
+    /// Check that the first word of every page holds generation `g`.
+    pub fn verify(&self, g: u64) {
+        for p in 0..self.pages {
+            assert_eq!(self.ram.read(p * PAGE_SIZE), pattern(p, 0, g), "page {p}");
+        }
+    }
+
+    /// Drop the backend and the VM, then check that the manager settles
+    /// and its allocator balances.
+    pub fn destroy(self, mm: &MemoryManager) {
+        drop(self.backend);
+        mm.destroy_vm(self.id).expect("destroy_vm");
+        settle_and_check(mm);
     }
 }
 

@@ -94,7 +94,13 @@ fn to_aligned_makes_misaligned_2m_folios_pmd_mapped() {
     fill(&view, 0, pages, 1);
     let old = mm.vm_regions(vm).unwrap()[0];
     assert_eq!(old.host_addr.raw() % (2 << 20), 4096);
-    assert_eq!(anon_huge_kb(old.host_addr.raw()), 0, "misaligned: no PMDs");
+    // We map none of it by PMD (no guest 2 MiB sits on a host 2 MiB), but
+    // khugepaged may collapse a fully populated host 2 MiB of this
+    // MADV_HUGEPAGE mapping in the background: seen once in CI (4 MiB).
+    // Never all of it, since the region's first and last host PMD ranges
+    // are only partly inside it.
+    let before = anon_huge_kb(old.host_addr.raw());
+    assert!(before < 16 * 1024, "misaligned, yet {before} kB PMD-mapped");
     let rep = relocate(&mm, vm, &view, 0, RelocateOp::ToAligned).unwrap();
     eprintln!("{rep:?}");
     let new = rep.new.unwrap();

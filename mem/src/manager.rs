@@ -359,12 +359,16 @@ impl Inner {
     /// Whether a fault waits for the worker: parked for lack of ready
     /// memory, or a thread in [`Inner::wait_for_memory`].
     fn awaits_worker(&self) -> bool {
-        self.memory_waiters.load(Relaxed) > 0
-            || !self
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
+        self.memory_waiters.load(Relaxed) > 0 || self.faults_parked()
+    }
+
+    /// Whether faults are parked for the worker to retry ([`Inner::pending`]).
+    pub(crate) fn faults_parked(&self) -> bool {
+        !self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     /// Queue the count a clean folio held on `slot` for release (the folio

@@ -60,11 +60,7 @@ fn prepare_one(inner: &Inner) -> bool {
     let block = {
         let mut buddy = inner.buddy();
         let fa = buddy.stats();
-        let parked = !inner
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty();
+        let parked = inner.faults_parked();
         if fa.ready_pages >= ready_target(inner, &fa) && !parked {
             return false;
         }

@@ -74,18 +74,13 @@ fn budget_without_swap_offlines_only_free_memory() {
 #[test]
 fn lowering_the_budget_reclaims_above_minimums() {
     let mm = swap_manager(16 * MIB, 2, 128 * MIB, false);
-    let vm = mm.create_vm("a").unwrap();
-    mm.set_vm_limits(
-        vm,
-        VmLimits {
-            min_bytes: 4 * MIB,
-            max_bytes: None,
-            priority: 0,
-        },
-    )
-    .unwrap();
-    let b = mm.backend(vm, &[(GuestAddress(0), 16 * MIB)]).unwrap();
-    let ram = Ram::of(&*b);
+    let limits = VmLimits {
+        min_bytes: 4 * MIB,
+        max_bytes: None,
+        priority: 0,
+    };
+    let t = TestVm::with_limits(&mm, "a", 16 * MIB, limits);
+    let (vm, ram) = (t.id, t.ram);
     fill(ram, 16 * MIB, 1);
 
     assert_eq!(
@@ -114,9 +109,7 @@ fn lowering_the_budget_reclaims_above_minimums() {
     mm.set_budget(16 * MIB).unwrap();
     fill(ram, 16 * MIB, 2);
     verify(ram, 16 * MIB, 2);
-    drop(b);
-    mm.destroy_vm(vm).unwrap();
-    settle_and_check(&mm);
+    t.destroy(&mm);
 }
 
 /// Lowering the budget while a guest thrashes just above its minimum on a
@@ -131,18 +124,12 @@ fn lowering_the_budget_holds_against_a_guest_thrashing_near_its_minimum() {
     const GUEST: u64 = 64 * MIB;
     const THREADS: u64 = 4;
     let mm = swap_manager(32 * MIB, 2, 256 * MIB, true);
-    let vm = mm.create_vm("thrash").unwrap();
-    mm.set_vm_limits(
-        vm,
-        VmLimits {
-            min_bytes: 21 * MIB,
-            ..VmLimits::default()
-        },
-    )
-    .unwrap();
-    let b = mm.backend(vm, &[(GuestAddress(0), GUEST)]).unwrap();
-    let ram = Ram::of(&*b);
-    let pages = GUEST / PAGE_SIZE;
+    let limits = VmLimits {
+        min_bytes: 21 * MIB,
+        ..VmLimits::default()
+    };
+    let t = TestVm::with_limits(&mm, "thrash", GUEST, limits);
+    let (vm, ram, pages) = (t.id, t.ram, t.pages);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let results = std::thread::scope(|s| {
         let thrashers: Vec<_> = (0..THREADS)
@@ -201,7 +188,5 @@ fn lowering_the_budget_holds_against_a_guest_thrashing_near_its_minimum() {
     }
     let s = mm.vm_stats(vm).unwrap();
     assert!(s.swap.swapin_file_pages > 0);
-    drop(b);
-    mm.destroy_vm(vm).unwrap();
-    settle_and_check(&mm);
+    t.destroy(&mm);
 }

@@ -5,7 +5,7 @@
 
 use mem::{
     FaultDelivery, FolioBackend, GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig,
-    RamRegion, ReclaimConfig, SwapConfig, SwapTarget, VmId, PAGE_SIZE,
+    RamRegion, ReclaimConfig, SwapConfig, SwapTarget, VmId, VmLimits, PAGE_SIZE,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,7 +118,18 @@ pub struct TestVm {
 impl TestVm {
     /// VM `name` with `bytes` of RAM.
     pub fn new(mm: &Arc<MemoryManager>, name: &str, bytes: u64) -> TestVm {
+        Self::with_limits(mm, name, bytes, VmLimits::default())
+    }
+
+    /// [`TestVm::new`] with `limits` set before its RAM exists.
+    pub fn with_limits(
+        mm: &Arc<MemoryManager>,
+        name: &str,
+        bytes: u64,
+        limits: VmLimits,
+    ) -> TestVm {
         let id = mm.create_vm(name).expect("create_vm");
+        mm.set_vm_limits(id, limits).expect("set_vm_limits");
         let backend = mm
             .backend(id, &[(GuestAddress(0), bytes)])
             .expect("backend");

@@ -196,7 +196,7 @@ fn collapse_candidates(inner: &Inner, region: &Region) -> Vec<PageIndex> {
     }
     (0..region.pt.nr_tables())
         .map(|t| PageIndex(t * PTRS_PER_TABLE))
-        .filter(|&first| scan_table(inner, region, first).is_some())
+        .filter(|&first| scan_table(inner, region, first, false).is_some())
         .collect()
 }
 
@@ -455,7 +455,15 @@ type Member = (FolioId, u64, Order);
 
 /// Entries of the table at `first` if it can be collapsed, with its member
 /// folios (each fully mapped inside the range, unpinned, not partial).
-fn scan_table(inner: &Inner, region: &Region, first: PageIndex) -> Option<(Vec<Pte>, Vec<Member>)> {
+/// With `take_refs`, a reference is taken on each member here, under the
+/// page-table lock that keeps it mapped and so alive: once that lock is
+/// dropped, a discard or reclaim may free it.
+fn scan_table(
+    inner: &Inner,
+    region: &Region,
+    first: PageIndex,
+    take_refs: bool,
+) -> Option<(Vec<Pte>, Vec<Member>)> {
     let ptl = region.pt.lock(first);
     if ptl.is_dead() || ptl.is_huge() || ptl.end().0 - first.0 < PTRS_PER_TABLE {
         return None;
@@ -465,7 +473,7 @@ fn scan_table(inner: &Inner, region: &Region, first: PageIndex) -> Option<(Vec<P
         .collect();
     let mut holes = 0;
     let mut members: Vec<Member> = Vec::new();
-    let slab = inner.folios.slab();
+    let mut slab = inner.folios.slab();
     for (k, p) in ptes.iter().enumerate() {
         match p.state() {
             PteState::None | PteState::Zero => holes += 1,
@@ -498,7 +506,13 @@ fn scan_table(inner: &Inner, region: &Region, first: PageIndex) -> Option<(Vec<P
             _ => return None,
         }
     }
-    (holes <= MAX_PTES_NONE && !members.is_empty()).then_some((ptes, members))
+    if holes > MAX_PTES_NONE || members.is_empty() {
+        return None;
+    }
+    if take_refs {
+        members.iter().for_each(|m| slab.get_ref(m.0));
+    }
+    Some((ptes, members))
 }
 
 /// Collapse the table at `first` into one 2 MiB folio (module docs).
@@ -516,12 +530,8 @@ pub(crate) fn collapse(
 }
 
 fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<(), MigrateError> {
-    let (ptes, members) = scan_table(inner, region, first).ok_or(MigrateError::Busy)?;
     // References keep the members alive while we gather their locks.
-    {
-        let mut slab = inner.folios.slab();
-        members.iter().for_each(|m| slab.get_ref(m.0));
-    }
+    let (ptes, members) = scan_table(inner, region, first, true).ok_or(MigrateError::Busy)?;
     let put_all = |members: &[Member]| {
         let mut slab = inner.folios.slab();
         let freed: Vec<_> = members

@@ -397,7 +397,7 @@ pub(crate) fn fault_in(
 ///
 /// # Context
 /// Page-table lock held (`ptl`); the entry names a live folio.
-fn restore_unbacked(
+pub(crate) fn restore_unbacked(
     inner: &Inner,
     region: &Region,
     ptl: &mut PtlGuard<'_>,

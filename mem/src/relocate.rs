@@ -22,7 +22,10 @@
 //!    Swap entries, `Zero` and sampled-out entries move as they are. A
 //!    `Migration` or `SwapinMarker` entry, or a folio lock held elsewhere,
 //!    makes the pull drop every lock and sleep on that folio's lock, then
-//!    start the table again. A pinned folio fails the relocation.
+//!    start the table again. A pinned folio fails the relocation. An entry
+//!    `Present` without its host page, which `UFFDIO_MOVE` refuses
+//!    (`ENOENT`) however often asked, is repaired as its fault would
+//!    repair it (`fault::restore_unbacked`), and the table starts again.
 //! 4. *Commit*: the sources are unregistered and unmapped. If they were not
 //!    2 MiB aligned, their 2 MiB folios arrived PTE-mapped; each is migrated
 //!    into a fresh THP block so it moves in as one PMD.
@@ -373,13 +376,13 @@ fn pull_table(
                 if done > 0 {
                     moved.push((k, done));
                 }
-                err = Some(e);
+                err = Some((k + done, e));
                 break;
             }
             moved.push((k, run));
             k += run;
         }
-        if let Some(e) = err {
+        if let Some((at, e)) = err {
             for (k, run) in moved {
                 let back = move_host(
                     inner,
@@ -390,6 +393,26 @@ fn pull_table(
                 if let Err((_, e)) = back {
                     log_error(&format!("relocation: moving pages back failed: errno {e}"));
                 }
+            }
+            // An entry present without its host page fails every MOVE of
+            // it: repair it as its fault would, then start the table again.
+            let idx = sfirst.forward(at);
+            let unbacked = e == libc::ENOENT
+                && !sys::has_page(src.host_addr(idx).raw()).unwrap_or(true);
+            if let (true, PteState::Present { folio, subpage }) =
+                (unbacked, sptl.pte(idx).state())
+            {
+                // The repair may free the folio: unlock every folio first.
+                drop(locks);
+                _ = crate::fault::restore_unbacked(
+                    inner,
+                    &src,
+                    &mut sptl,
+                    idx,
+                    folio,
+                    u64::from(subpage),
+                );
+                continue;
             }
             return Err(RelocateError::Move(e));
         }

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use mem::{
-    FaultPoint, GuestAddress, InjectPlan, MemoryManager, RamRegion, RelocateError, RelocateOp,
+    DebugUnmap, FaultPoint, GuestAddress, InjectPlan, MemoryManager, RamRegion, RelocateError, RelocateOp,
     RelocateSwitch, PAGE_SIZE,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -112,6 +112,46 @@ fn to_aligned_makes_misaligned_2m_folios_pmd_mapped() {
     let huge = anon_huge_kb(new.host_addr.raw());
     assert!(huge >= 16 * 1024, "PMD-mapped after relocation: {huge} kB");
     settle_and_check(&mm);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
+/// A source entry `Present` without its host page (see
+/// `fault::restore_unbacked`) cannot be moved by `UFFDIO_MOVE` (`ENOENT`).
+/// The pull repairs it as a fault would, from the folio's pool page or by
+/// poisoning, and moves on: it must not fail the relocation, and above all
+/// not fail the same way on every retry of a vCPU's fault on that table
+/// (which, with the undo waiting for that vCPU, hung once).
+#[test]
+fn a_present_source_entry_without_its_host_page_is_repaired_by_the_pull() {
+    let mm = manager(16 * MIB, 2);
+    let vm = mm.create_vm("unbacked").unwrap();
+    let b = mm
+        .backend_with_offset(vm, &[(GuestAddress(0), 4 * MIB)], 4096)
+        .unwrap();
+    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
+    let pages = 4 * MIB / PAGE_SIZE;
+    fill(&view, 0, pages, 3);
+    for (p, how) in [(3, DebugUnmap::IntoPool), (600, DebugUnmap::Drop)] {
+        assert!(mm
+            .debug_unmap_behind_entry(vm, GuestAddress(p * PAGE_SIZE), how)
+            .unwrap());
+    }
+    let rep = relocate(&mm, vm, &view, 0, RelocateOp::ToAligned).unwrap();
+    assert_eq!(rep.tables, 2);
+    let f = mm.vm_stats(vm).unwrap().faults;
+    assert_eq!((f.unbacked_restored, f.unbacked_poisoned), (1, 1));
+    let new = rep.new.unwrap();
+    // Page 600's data was gone: poisoned in the new range, never zero.
+    let r = read_via_gup(new.host_addr.raw() + 600 * PAGE_SIZE as usize);
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EFAULT));
+    for p in (0..pages).filter(|&p| p != 600) {
+        for w in [0, 1, 511] {
+            let got = view.read(p * PAGE_SIZE + w * 8);
+            assert_eq!(got, pattern(p, w, 3), "page {p} word {w}");
+        }
+    }
     drop(b);
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);

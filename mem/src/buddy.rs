@@ -681,6 +681,12 @@ impl Buddy {
         self.free_pages
     }
 
+    /// Free pages parked in pageblocks isolated for compaction: not
+    /// allocatable, and free again once the pageblock is released.
+    pub fn nr_parked(&self) -> u64 {
+        self.isolated_pages
+    }
+
     /// Free memory by order.
     pub fn stats(&self) -> FreeAreaStats {
         let mut s = FreeAreaStats {

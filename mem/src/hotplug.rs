@@ -188,7 +188,12 @@ fn lower(
     } else {
         0
     };
-    let free = inner.buddy().nr_free() + inner.isolated_pages.load(Relaxed);
+    // Free includes the pages the pre-zeroing worker holds and the free
+    // pages parked in pageblocks compaction has isolated: both come back.
+    let free = {
+        let buddy = inner.buddy();
+        buddy.nr_free() + buddy.nr_parked() + inner.isolated_pages.load(Relaxed)
+    };
     let cannot = |short: u64| BudgetError::CannotFree {
         requested,
         short: short * PAGE_SIZE,
@@ -222,12 +227,14 @@ fn lower(
         if got == 0 && taken == before {
             stalled += 1;
             // Memory may still be on its way back: blocks the pre-zeroing
-            // worker holds, and folios other reclaimers (kswapd, faults
-            // reclaiming for themselves) have isolated. Those count
-            // against the VMs' minimums until they are written and freed,
-            // so our own reclaim finds nothing meanwhile. Wait for them;
-            // give up when nothing is in flight.
+            // worker holds, free pages parked in a pageblock compaction
+            // has isolated (until it releases the pageblock), and folios
+            // other reclaimers (kswapd, faults reclaiming for themselves)
+            // have isolated. Those count against the VMs' minimums until
+            // they are written and freed, so our own reclaim finds nothing
+            // meanwhile. Wait for them; give up when nothing is in flight.
             let in_flight = inner.isolated_pages.load(Relaxed) > 0
+                || inner.buddy().nr_parked() > 0
                 || vms.iter().any(|v| v.reclaiming.load(Relaxed) > 0);
             if stalled > STALLS && !in_flight {
                 break;

@@ -397,10 +397,9 @@ fn pull_table(
             // An entry present without its host page fails every MOVE of
             // it: repair it as its fault would, then start the table again.
             let idx = sfirst.forward(at);
-            let unbacked = e == libc::ENOENT
-                && !sys::has_page(src.host_addr(idx).raw()).unwrap_or(true);
-            if let (true, PteState::Present { folio, subpage }) =
-                (unbacked, sptl.pte(idx).state())
+            let unbacked =
+                e == libc::ENOENT && !sys::has_page(src.host_addr(idx).raw()).unwrap_or(true);
+            if let (true, PteState::Present { folio, subpage }) = (unbacked, sptl.pte(idx).state())
             {
                 // The repair may free the folio: unlock every folio first.
                 drop(locks);

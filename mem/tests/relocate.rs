@@ -6,8 +6,8 @@ mod common;
 
 use common::*;
 use mem::{
-    DebugUnmap, FaultPoint, GuestAddress, InjectPlan, MemoryManager, RamRegion, RelocateError, RelocateOp,
-    RelocateSwitch, PAGE_SIZE,
+    DebugUnmap, FaultPoint, GuestAddress, InjectPlan, MemoryManager, RamRegion, RelocateError,
+    RelocateOp, RelocateSwitch, PAGE_SIZE,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};

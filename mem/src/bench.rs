@@ -375,6 +375,120 @@ fn with_disk<R>(stat: Option<&Path>, f: impl FnOnce() -> R) -> (R, Option<DiskIo
     (r, before.zip(after).map(|(b, a)| a.since(&b)))
 }
 
+/// The accessing threads' scheduler accounting over a pattern, summed:
+/// time on a CPU, time runnable but waiting for one, and how many times
+/// they were put on one (`/proc/thread-self/schedstat`, see the kernel's
+/// `Documentation/scheduler/sched-stats.rst`). Two threads per CPU and more
+/// wait for CPUs whoever serves their faults, and the more CPU the rest of
+/// the process takes, the longer: set beside the stalls, the wait per time
+/// put on a CPU is the share of a fault that went to queueing for one.
+/// The kernel keeps these numbers only while `kernel.task_delayacct` (or
+/// schedstats) is on; see [`DelayAcct`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuWait {
+    /// Time on a CPU, ns.
+    pub run_ns: u64,
+    /// Time runnable, waiting for a CPU, ns.
+    pub wait_ns: u64,
+    /// Times put on a CPU.
+    pub slices: u64,
+}
+
+impl CpuWait {
+    /// Parse a `schedstat` file: three numbers.
+    pub fn parse(s: &str) -> Option<CpuWait> {
+        let v: Vec<u64> = s
+            .split_whitespace()
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        let [run_ns, wait_ns, slices] = v[..] else {
+            return None;
+        };
+        Some(CpuWait {
+            run_ns,
+            wait_ns,
+            slices,
+        })
+    }
+
+    /// The calling thread's counters.
+    fn now() -> Option<CpuWait> {
+        CpuWait::parse(&std::fs::read_to_string("/proc/thread-self/schedstat").ok()?)
+    }
+
+    /// What happened between `earlier` and `self`.
+    fn since(&self, earlier: &CpuWait) -> CpuWait {
+        CpuWait {
+            run_ns: self.run_ns.saturating_sub(earlier.run_ns),
+            wait_ns: self.wait_ns.saturating_sub(earlier.wait_ns),
+            slices: self.slices.saturating_sub(earlier.slices),
+        }
+    }
+
+    fn add(&mut self, o: &CpuWait) {
+        self.run_ns += o.run_ns;
+        self.wait_ns += o.wait_ns;
+        self.slices += o.slices;
+    }
+
+    /// Whether the kernel kept the counters (it keeps the slices only,
+    /// without delay accounting).
+    fn kept(&self) -> bool {
+        self.run_ns > 0
+    }
+
+    /// One line: the wait per time put on a CPU, and the totals.
+    fn summary(&self) -> String {
+        format!(
+            "{} per time on a CPU ({} times), {:.2} s in all; on a CPU {:.2} s",
+            us(self.wait_ns / self.slices.max(1)),
+            self.slices,
+            self.wait_ns as f64 / 1e9,
+            self.run_ns as f64 / 1e9
+        )
+    }
+
+    fn encode(&self) -> String {
+        format!("{},{},{}", self.run_ns, self.wait_ns, self.slices)
+    }
+
+    /// The inverse of `encode`; `-` (not kept) is `Some(None)`.
+    fn decode(s: &str) -> Option<Option<CpuWait>> {
+        if s == "-" {
+            return Some(None);
+        }
+        CpuWait::parse(&s.replace(',', " ")).map(Some)
+    }
+}
+
+/// Turns `kernel.task_delayacct` on for its lifetime if it was off, so
+/// that [`CpuWait`] is kept, and back off when dropped.
+pub struct DelayAcct {
+    restore: bool,
+}
+
+/// The switch [`DelayAcct`] turns.
+const TASK_DELAYACCT: &str = "/proc/sys/kernel/task_delayacct";
+
+impl DelayAcct {
+    /// Turn it on (needs root); whether it is on afterwards is
+    /// [`CpuWait`]'s to find out.
+    pub fn enable() -> DelayAcct {
+        let off = std::fs::read_to_string(TASK_DELAYACCT).is_ok_and(|v| v.trim() == "0");
+        DelayAcct {
+            restore: off && std::fs::write(TASK_DELAYACCT, "1").is_ok(),
+        }
+    }
+}
+
+impl Drop for DelayAcct {
+    fn drop(&mut self) {
+        if self.restore {
+            let _ = std::fs::write(TASK_DELAYACCT, "0");
+        }
+    }
+}
+
 /// One pattern under the kernel baseline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelRun {
@@ -392,6 +506,8 @@ pub struct KernelRun {
     pub stalls: Stalls,
     /// What the swap device served meanwhile.
     pub disk: Option<DiskIo>,
+    /// The accessing threads' waits for a CPU (`None`: not kept).
+    pub cpu_wait: Option<CpuWait>,
 }
 
 /// One pattern under foliovm.
@@ -415,6 +531,8 @@ pub struct FolioPattern {
     pub detail: String,
     /// What the swap device served meanwhile.
     pub disk: Option<DiskIo>,
+    /// The accessing threads' waits for a CPU (`None`: not kept).
+    pub cpu_wait: Option<CpuWait>,
 }
 
 impl FolioPattern {
@@ -461,6 +579,7 @@ pub struct HostBenchReport {
 /// Run the patterns under both setups (the kernel first) and measure raw
 /// preads of the sizes foliovm read.
 pub fn run(opts: &HostBenchOpts) -> HostBenchReport {
+    let _delayacct = DelayAcct::enable();
     let mut kernel_oom_kills = 0;
     let kernel = match opts.skip_kernel {
         true => Err("skipped".to_string()),
@@ -597,7 +716,8 @@ pub fn trace(pattern: Pattern, pages: u64, threads: u64, ops: u64) -> Vec<u64> {
 }
 
 /// Run `pattern` over `pages` pages at `base` from `threads` threads;
-/// returns accesses per second and the accesses that waited.
+/// returns accesses per second, the accesses that waited, and the threads'
+/// waits for a CPU (`None` if the kernel did not keep them).
 ///
 /// # Safety
 /// `[base, base + pages * 4 KiB)` is a live read-write mapping for the
@@ -608,16 +728,18 @@ unsafe fn run_pattern(
     pattern: Pattern,
     threads: u64,
     ops: u64,
-) -> (f64, Stalls) {
+) -> (f64, Stalls, Option<CpuWait>) {
     let zipf = Zipf::new(pages, 0.99);
     let start = Instant::now();
     let mut stalls = Stalls::default();
+    let mut cpu_wait = Some(CpuWait::default());
     let total: u64 = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {
                 let zipf = &zipf;
                 s.spawn(move || {
                     let (mut n, mut stalls) = (0, Stalls::default());
+                    let cpu0 = CpuWait::now();
                     for p in thread_pages(pattern, pages, t, threads, ops, zipf) {
                         n += 1;
                         let addr =
@@ -631,19 +753,25 @@ unsafe fn run_pattern(
                         }
                         stalls.record(t0.elapsed().as_nanos() as u64);
                     }
-                    (n, stalls)
+                    let waited = cpu0.zip(CpuWait::now()).map(|(a, b)| b.since(&a));
+                    (n, stalls, waited)
                 })
             })
             .collect();
         hs.into_iter()
             .map(|h| {
-                let (n, st) = h.join().unwrap_or_default();
+                let (n, st, w) = h.join().unwrap_or_default();
                 stalls.merge(&st);
+                cpu_wait = cpu_wait.zip(w).map(|(mut a, w)| {
+                    a.add(&w);
+                    a
+                });
                 n
             })
             .sum()
     });
-    (total as f64 / start.elapsed().as_secs_f64(), stalls)
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    (rate, stalls, cpu_wait.filter(CpuWait::kept))
 }
 
 /// Write every page once (the first touch, not timed in the results).
@@ -674,14 +802,15 @@ fn parse_child_args(args: &[String]) -> Result<(u64, u64, u64, Vec<Pattern>), St
 
 fn result_line(r: &KernelRun) -> String {
     format!(
-        "RESULT {} {} {} {} {} {} {}",
+        "RESULT {} {} {} {} {} {} {} {}",
         r.pattern.name(),
         r.ops_per_sec,
         r.cpu_secs,
         r.pswpin,
         r.pswpout,
         r.stalls.encode(),
-        r.disk.map_or("-".into(), |d| d.encode())
+        r.disk.map_or("-".into(), |d| d.encode()),
+        r.cpu_wait.map_or("-".into(), |c| c.encode())
     )
 }
 
@@ -693,6 +822,7 @@ fn parse_result_line(l: &str) -> Option<KernelRun> {
     let (ops_per_sec, cpu_secs, si, so) = (num()?, num()?, num()?, num()?);
     let stalls = Stalls::decode(w.next()?)?;
     let disk = DiskIo::decode(w.next()?)?;
+    let cpu_wait = CpuWait::decode(w.next()?)?;
     w.next().is_none().then_some(KernelRun {
         pattern,
         ops_per_sec,
@@ -701,6 +831,7 @@ fn parse_result_line(l: &str) -> Option<KernelRun> {
         pswpout: so as u64,
         stalls,
         disk,
+        cpu_wait,
     })
 }
 
@@ -740,7 +871,7 @@ pub fn kernel_child(args: &[String]) -> Result<(), String> {
     for pattern in patterns {
         let (cpu0, vm0) = (cpu_time(), vmstat_swap());
         // SAFETY: as for populate.
-        let ((ops_per_sec, stalls), disk) = with_disk(disk_stat.as_deref(), || unsafe {
+        let ((ops_per_sec, stalls, cpu_wait), disk) = with_disk(disk_stat.as_deref(), || unsafe {
             run_pattern(base as usize, pages, pattern, threads, ops)
         });
         let (cpu, vm1) = ((cpu_time() - cpu0).as_secs_f64(), vmstat_swap());
@@ -752,6 +883,7 @@ pub fn kernel_child(args: &[String]) -> Result<(), String> {
             pswpout: vm1.1 - vm0.1,
             stalls,
             disk,
+            cpu_wait,
         };
         println!("{}", result_line(&r));
     }
@@ -917,13 +1049,14 @@ fn foliovm(o: &HostBenchOpts) -> Result<FolioRun, String> {
     for &p in &o.patterns {
         let (before, cpu0) = (mm.stats(), cpu_time());
         // SAFETY: as for populate.
-        let ((rate, stalls), disk) = with_disk(disk_stat.as_deref(), || unsafe {
+        let ((rate, stalls, cpu_wait), disk) = with_disk(disk_stat.as_deref(), || unsafe {
             run_pattern(base, pages, p, o.threads, o.ops)
         });
         let (after, cpu1) = (mm.stats(), cpu_time());
         let mut fp = folio_pattern(p, rate, &before, &after, cpu1 - cpu0);
         fp.stalls = stalls;
         fp.disk = disk;
+        fp.cpu_wait = cpu_wait;
         patterns.push(fp);
     }
     let s = mm.stats();
@@ -986,6 +1119,7 @@ fn folio_pattern(p: Pattern, rate: f64, b: &MmStats, a: &MmStats, cpu: Duration)
         read_pages: d(|s| s.swapin_file_pages),
         detail,
         disk: None,
+        cpu_wait: None,
     }
 }
 
@@ -1215,6 +1349,7 @@ impl fmt::Display for HostBenchReport {
             )?;
         }
         self.fmt_stalls(f)?;
+        self.fmt_cpu_wait(f)?;
         self.fmt_disk(f)?;
         self.fmt_kernel(f)?;
         self.fmt_folio(f)
@@ -1263,6 +1398,36 @@ impl HostBenchReport {
                 p.name(),
                 line(k.map(|x| &x.stalls)),
                 line(fv.map(|x| &x.stalls))
+            )?;
+        }
+        Ok(())
+    }
+
+    fn fmt_cpu_wait(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "  the accessing threads' waits for a CPU once runnable (schedstat, summed over threads):"
+        )?;
+        let kernel = |p: Pattern| {
+            let r = self.kernel.as_ref().ok()?;
+            r.iter().find(|x| x.pattern == p)?.cpu_wait
+        };
+        let folio = |p: Pattern| {
+            let r = self.folio.as_ref().ok()?;
+            r.patterns.iter().find(|x| x.pattern == p)?.cpu_wait
+        };
+        let line = |c: Option<CpuWait>| {
+            c.map_or("not kept (kernel.task_delayacct off)".into(), |c| {
+                c.summary()
+            })
+        };
+        for &p in &self.opts.patterns {
+            writeln!(
+                f,
+                "    {:<10} kernel: {}; foliovm: {}",
+                p.name(),
+                line(kernel(p)),
+                line(folio(p))
             )?;
         }
         Ok(())
@@ -1463,6 +1628,7 @@ mod tests {
                             pswpout: 0,
                             stalls: Stalls::default(),
                             disk: None,
+                            cpu_wait: None,
                         })
                         .collect()
                 })
@@ -1481,6 +1647,7 @@ mod tests {
                         read_pages: 0,
                         detail: String::new(),
                         disk: None,
+                        cpu_wait: None,
                     })
                     .collect(),
                 summary: String::new(),
@@ -1542,6 +1709,7 @@ mod tests {
             pswpout: 24811,
             stalls: Stalls::default(),
             disk: None,
+            cpu_wait: None,
         };
         let mut r2 = r.clone();
         for ns in [5_000, 150_000, 160_000, 3] {
@@ -1554,6 +1722,11 @@ mod tests {
             write_sectors: 795_312,
             write_ms: 63_664,
         });
+        r2.cpu_wait = Some(CpuWait {
+            run_ns: 1_653_000_000,
+            wait_ns: 336_000_000,
+            slices: 26_561,
+        });
         assert_eq!(r2.stalls.count, 3, "3 ns is no stall");
         assert_eq!(r2.stalls.mean_ns(), 105_000);
         assert_eq!(r2.stalls.hist.quantile_ns(0.5), 1 << 18);
@@ -1563,19 +1736,58 @@ mod tests {
         assert_eq!(parse_result_line("RESULT zipfian 1 2 3"), None);
         assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4"), None);
         // The stall field must be count, sum, buckets that add up to count.
-        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1 -"), None);
-        assert!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1,1 -").is_some());
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1 - -"), None);
+        assert!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1,1 - -").is_some());
         // The device field: five counters, or `-` when there were none.
-        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1,1"), None);
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 2,9,1,1 -"), None);
         assert_eq!(
-            parse_result_line("RESULT zipfian 1 2 3 4 0,0 1,2,3,4"),
+            parse_result_line("RESULT zipfian 1 2 3 4 0,0 1,2,3,4 -"),
             None
         );
-        assert!(parse_result_line("RESULT zipfian 1 2 3 4 0,0 1,2,3,4,5").is_some());
-        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 0,0 - 5"), None);
+        assert!(parse_result_line("RESULT zipfian 1 2 3 4 0,0 1,2,3,4,5 -").is_some());
+        // The CPU-wait field: three counters, or `-` when not kept.
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 0,0 - 5,6"), None);
+        assert_eq!(
+            parse_result_line("RESULT zipfian 1 2 3 4 0,0 - 5,6,7")
+                .and_then(|r| r.cpu_wait)
+                .map(|c| (c.run_ns, c.wait_ns, c.slices)),
+            Some((5, 6, 7))
+        );
+        assert_eq!(parse_result_line("RESULT zipfian 1 2 3 4 0,0 - - 5"), None);
         assert_eq!(parse_result_line("RESULT bogus 1 2 3 4"), None);
         assert_eq!(parse_result_line("zipfian 1 2 3 4"), None);
         assert_eq!(parse_result_line("RESULT uniform x 2 3 4"), None);
+    }
+
+    #[test]
+    fn cpu_waits_parse_subtract_add_and_summarise() {
+        assert_eq!(CpuWait::parse("1 2"), None);
+        assert_eq!(CpuWait::parse("1 2 x"), None);
+        let a = CpuWait::parse("1653000000 336000000 26561\n").expect("a schedstat line");
+        let b = CpuWait::parse("2653000000 786000000 56561\n").expect("a schedstat line");
+        let d = b.since(&a);
+        assert_eq!(
+            (d.run_ns, d.wait_ns, d.slices),
+            (1_000_000_000, 450_000_000, 30_000)
+        );
+        let mut sum = d;
+        sum.add(&d);
+        assert_eq!(sum.slices, 60_000);
+        assert_eq!(
+            sum.summary(),
+            "15 µs per time on a CPU (60000 times), 0.90 s in all; on a CPU 2.00 s"
+        );
+        // Without delay accounting the kernel counts slices only.
+        assert!(!CpuWait::parse("0 0 12").unwrap().kept());
+        assert!(a.kept());
+        // This thread's own counters move forward.
+        let _on = DelayAcct::enable();
+        if let Some(t0) = CpuWait::now().filter(CpuWait::kept) {
+            let spin = Instant::now();
+            let ran = || CpuWait::now().map_or(0, |t| t.since(&t0).run_ns);
+            while ran() < 5_000_000 && spin.elapsed() < Duration::from_secs(10) {}
+            assert!(ran() >= 5_000_000, "{t0:?} -> {:?}", CpuWait::now());
+        }
     }
 
     #[test]

@@ -24,8 +24,8 @@
 //!    makes the pull drop every lock and sleep on that folio's lock, then
 //!    start the table again. A pinned folio fails the relocation. An entry
 //!    `Present` without its host page, which `UFFDIO_MOVE` refuses
-//!    (`ENOENT`) however often asked, is repaired as its fault would
-//!    repair it (`fault::restore_unbacked`), and the table starts again.
+//!    (`ENOENT`) however often asked, is repaired first, as its fault would
+//!    repair it (`fault::restore_unbacked`).
 //! 4. *Commit*: the sources are unregistered and unmapped. If they were not
 //!    2 MiB aligned, their 2 MiB folios arrived PTE-mapped; each is migrated
 //!    into a fresh THP block so it moves in as one PMD.
@@ -40,7 +40,7 @@
 use crate::anon::{AnonError, AnonMapping, HUGE_PAGE_SIZE};
 use crate::inject::FaultPoint;
 use crate::manager::Inner;
-use crate::pte::{PteState, PTRS_PER_TABLE};
+use crate::pte::{PteState, PtlGuard, PTRS_PER_TABLE};
 use crate::sys;
 use crate::types::{FolioId, GuestAddress, PageIndex, VmId, PAGE_SIZE};
 use crate::vm::{log_error, Region, RegionState, VmState};
@@ -271,6 +271,7 @@ fn pull_table(
         let sfirst = PageIndex(st * PTRS_PER_TABLE);
         let mut sptl = src.pt.lock(sfirst);
         let n = sptl.end().0 - sfirst.0;
+        repair_unbacked(inner, src, &mut sptl, sfirst, n);
         // Dropped last: references outlive the folio locks below.
         let mut refs = Refs(inner, Vec::new());
         let mut locks = Vec::new();
@@ -376,13 +377,13 @@ fn pull_table(
                 if done > 0 {
                     moved.push((k, done));
                 }
-                err = Some((k + done, e));
+                err = Some(e);
                 break;
             }
             moved.push((k, run));
             k += run;
         }
-        if let Some((at, e)) = err {
+        if let Some(e) = err {
             for (k, run) in moved {
                 let back = move_host(
                     inner,
@@ -393,25 +394,6 @@ fn pull_table(
                 if let Err((_, e)) = back {
                     log_error(&format!("relocation: moving pages back failed: errno {e}"));
                 }
-            }
-            // An entry present without its host page fails every MOVE of
-            // it: repair it as its fault would, then start the table again.
-            let idx = sfirst.forward(at);
-            let unbacked =
-                e == libc::ENOENT && !sys::has_page(src.host_addr(idx).raw()).unwrap_or(true);
-            if let (true, PteState::Present { folio, subpage }) = (unbacked, sptl.pte(idx).state())
-            {
-                // The repair may free the folio: unlock every folio first.
-                drop(locks);
-                _ = crate::fault::restore_unbacked(
-                    inner,
-                    &src,
-                    &mut sptl,
-                    idx,
-                    folio,
-                    u64::from(subpage),
-                );
-                continue;
             }
             return Err(RelocateError::Move(e));
         }
@@ -431,6 +413,35 @@ fn pull_table(
         let bytes: u64 = moved_bytes(&dptl, first, n);
         inner.workers.relocate_moved_bytes.fetch_add(bytes, Relaxed);
         return Ok(true);
+    }
+}
+
+/// Repair every entry of `[first, first + n)` that is `Present` without
+/// its host page (`fault::restore_unbacked`), before a pull touches the
+/// table: `UFFDIO_MOVE` refuses such a page (`ENOENT`) however often it is
+/// asked, and a clean folio must still be clean for its repair to fall
+/// back to its swap slot (the pull releases the slots of the folios it
+/// moves). One read of the pagemap per table.
+///
+/// # Context
+/// The page-table lock of the range is held (`ptl`); no folio lock.
+fn repair_unbacked(
+    inner: &Inner,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    first: PageIndex,
+    n: u64,
+) {
+    let Ok(map) = sys::pagemap_range(region.host_addr(first).raw(), n as usize) else {
+        return;
+    };
+    for (k, e) in (0..n).zip(map) {
+        let idx = first.forward(k);
+        if let (0, PteState::Present { folio, subpage }) =
+            (e & sys::PM_HAS_PAGE, ptl.pte(idx).state())
+        {
+            _ = crate::fault::restore_unbacked(inner, region, ptl, idx, folio, u64::from(subpage));
+        }
     }
 }
 

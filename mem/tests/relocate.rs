@@ -119,13 +119,14 @@ fn to_aligned_makes_misaligned_2m_folios_pmd_mapped() {
 
 /// A source entry `Present` without its host page (see
 /// `fault::restore_unbacked`) cannot be moved by `UFFDIO_MOVE` (`ENOENT`).
-/// The pull repairs it as a fault would, from the folio's pool page or by
-/// poisoning, and moves on: it must not fail the relocation, and above all
-/// not fail the same way on every retry of a vCPU's fault on that table
-/// (which, with the undo waiting for that vCPU, hung once).
+/// The pull repairs it first, as a fault would: from the folio's pool page,
+/// from its swap slot if clean, or by poisoning. It must not fail the
+/// relocation, and above all not fail the same way on every retry of a
+/// vCPU's fault on that table (which, with the undo waiting for that vCPU,
+/// hung once); nor may it lose a clean page's slot on the way.
 #[test]
 fn a_present_source_entry_without_its_host_page_is_repaired_by_the_pull() {
-    let mm = manager(16 * MIB, 2);
+    let mm = swap_manager(16 * MIB, 2, 64 * MIB, false);
     let vm = mm.create_vm("unbacked").unwrap();
     let b = mm
         .backend_with_offset(vm, &[(GuestAddress(0), 4 * MIB)], 4096)
@@ -133,7 +134,21 @@ fn a_present_source_entry_without_its_host_page_is_repaired_by_the_pull() {
     let view = View::new(mem::GuestMemoryBackend::regions(&*b));
     let pages = 4 * MIB / PAGE_SIZE;
     fill(&view, 0, pages, 3);
-    for (p, how) in [(3, DebugUnmap::IntoPool), (600, DebugUnmap::Drop)] {
+    for _ in 0..4 {
+        mm.reclaim(Some(vm), 4 * MIB).unwrap();
+    }
+    // Page 9 comes back by a read, clean; pages 3 and 600 by writes.
+    assert_eq!(view.read(9 * PAGE_SIZE), pattern(9, 0, 3));
+    for p in [3, 600] {
+        view.write(p * PAGE_SIZE, pattern(p, 0, 3));
+    }
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    assert_eq!(mm.vm_stats(vm).unwrap().swap.clean_kept_pages, 1);
+    for (p, how) in [
+        (3, DebugUnmap::IntoPool),
+        (600, DebugUnmap::Drop),
+        (9, DebugUnmap::IntoPoolScribbled),
+    ] {
         assert!(mm
             .debug_unmap_behind_entry(vm, GuestAddress(p * PAGE_SIZE), how)
             .unwrap());
@@ -141,7 +156,14 @@ fn a_present_source_entry_without_its_host_page_is_repaired_by_the_pull() {
     let rep = relocate(&mm, vm, &view, 0, RelocateOp::ToAligned).unwrap();
     assert_eq!(rep.tables, 2);
     let f = mm.vm_stats(vm).unwrap().faults;
-    assert_eq!((f.unbacked_restored, f.unbacked_poisoned), (1, 1));
+    assert_eq!(
+        (
+            f.unbacked_restored,
+            f.unbacked_poisoned,
+            f.unbacked_from_slot
+        ),
+        (1, 1, 1)
+    );
     let new = rep.new.unwrap();
     // Page 600's data was gone: poisoned in the new range, never zero.
     let r = read_via_gup(new.host_addr.raw() + 600 * PAGE_SIZE as usize);

@@ -159,6 +159,15 @@ pub fn resident(addr: usize) -> io::Result<bool> {
 /// # Errors
 /// Opening or reading the pagemap.
 pub fn pagemap(addr: usize) -> io::Result<u64> {
+    Ok(pagemap_range(addr, 1)?[0])
+}
+
+/// The `/proc/self/pagemap` entries of the `n` pages from `addr`, by one
+/// read.
+///
+/// # Errors
+/// Opening or reading the pagemap.
+pub fn pagemap_range(addr: usize, n: usize) -> io::Result<Vec<u64>> {
     use std::os::unix::fs::FileExt;
     use std::sync::Arc;
     // Opened once per process: a fault handler asks on every raced fault.
@@ -177,10 +186,15 @@ pub fn pagemap(addr: usize) -> io::Result<u64> {
             }
         }
     };
-    let mut b = [0u8; 8];
+    let mut b = vec![0u8; n * 8];
     f.read_exact_at(&mut b, (addr as u64 / crate::types::PAGE_SIZE) * 8)?;
-    Ok(u64::from_le_bytes(b))
+    Ok(b.chunks_exact(8)
+        .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
+        .collect())
 }
+
+/// The `pagemap` bits that say a page holds data: mapped, or in host swap.
+pub const PM_HAS_PAGE: u64 = 3 << 62;
 
 /// Whether the page at `addr` holds data in this process: mapped, or in
 /// host swap (`pagemap` bits 63 and 62). A page the host swapped out is not
@@ -189,7 +203,7 @@ pub fn pagemap(addr: usize) -> io::Result<u64> {
 /// # Errors
 /// Reading the pagemap.
 pub fn has_page(addr: usize) -> io::Result<bool> {
-    Ok(pagemap(addr)? & (3 << 62) != 0)
+    Ok(pagemap(addr)? & PM_HAS_PAGE != 0)
 }
 
 /// An eventfd used to wake poll loops at shutdown.

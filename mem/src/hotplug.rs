@@ -19,7 +19,7 @@
 
 use crate::buddy::FreeError;
 use crate::manager::Inner;
-use crate::types::PAGE_SIZE;
+use crate::types::{Order, PAGE_SIZE};
 use crate::vmscan;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -244,6 +244,33 @@ fn lower(
             stalled = 0;
         }
     }
+    // Where the memory that could not be taken was, for the log.
+    let (nr_free, nr_parked) = {
+        let b = inner.buddy();
+        (b.nr_free(), b.nr_parked())
+    };
+    let folio_pages: u64 = Order::all()
+        .zip(inner.folios.slab().count_by_order())
+        .map(|(o, n)| o.nr_pages() * n)
+        .sum();
+    let vm_pages: Vec<String> = vms
+        .iter()
+        .map(|v| {
+            format!(
+                "{} resident (min {}, reclaiming {})",
+                v.resident_pages(),
+                v.min_pages(),
+                v.reclaiming.load(Relaxed)
+            )
+        })
+        .collect();
+    crate::vm::log_error(&format!(
+        "lowering the budget by {want} pages gave up {} short: free {nr_free}, parked \
+         {nr_parked}, held by the worker {}, in folios {folio_pages}; VMs: {}",
+        want - taken,
+        inner.isolated_pages.load(Relaxed),
+        vm_pages.join(", ")
+    ));
     // Undo: everything this call took goes back online.
     inner.buddy().online(taken).map_err(BudgetError::Online)?;
     inner.kick_worker();

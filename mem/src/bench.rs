@@ -378,10 +378,10 @@ fn with_disk<R>(stat: Option<&Path>, f: impl FnOnce() -> R) -> (R, Option<DiskIo
 /// The accessing threads' scheduler accounting over a pattern, summed:
 /// time on a CPU, time runnable but waiting for one, and how many times
 /// they were put on one (`/proc/thread-self/schedstat`, see the kernel's
-/// `Documentation/scheduler/sched-stats.rst`). Two threads per CPU and more
-/// wait for CPUs whoever serves their faults, and the more CPU the rest of
-/// the process takes, the longer: set beside the stalls, the wait per time
-/// put on a CPU is the share of a fault that went to queueing for one.
+/// `Documentation/scheduler/sched-stats.rst`). With more threads than
+/// CPUs, a thread woken when its fault is served may still queue for a
+/// CPU, the longer the more CPU the rest of the process takes: set beside
+/// the stalls, the wait per time put on a CPU is that share of a fault.
 /// The kernel keeps these numbers only while `kernel.task_delayacct` (or
 /// schedstats) is on; see [`DelayAcct`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1360,18 +1360,41 @@ impl HostBenchReport {
     /// `p`'s accesses per second under the kernel and under foliovm, for
     /// the setups that ran it.
     pub fn rates(&self, p: Pattern) -> (Option<f64>, Option<f64>) {
-        let k = self
-            .kernel
-            .as_ref()
-            .ok()
-            .and_then(|r| r.iter().find(|x| x.pattern == p).map(|x| x.ops_per_sec));
-        let fv = self.folio.as_ref().ok().and_then(|r| {
-            r.patterns
-                .iter()
-                .find(|x| x.pattern == p)
-                .map(|x| x.ops_per_sec)
-        });
-        (k, fv)
+        (
+            self.kernel_of(p).map(|x| x.ops_per_sec),
+            self.folio_of(p).map(|x| x.ops_per_sec),
+        )
+    }
+
+    /// The kernel baseline's run of `p`, if it ran.
+    fn kernel_of(&self, p: Pattern) -> Option<&KernelRun> {
+        self.kernel.as_ref().ok()?.iter().find(|x| x.pattern == p)
+    }
+
+    /// foliovm's run of `p`, if it ran.
+    fn folio_of(&self, p: Pattern) -> Option<&FolioPattern> {
+        let r = self.folio.as_ref().ok()?;
+        r.patterns.iter().find(|x| x.pattern == p)
+    }
+
+    /// One line per pattern: what `kernel` and `folio` say of each setup's
+    /// run of it.
+    fn fmt_both(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        kernel: impl Fn(&KernelRun) -> String,
+        folio: impl Fn(&FolioPattern) -> String,
+    ) -> fmt::Result {
+        for &p in &self.opts.patterns {
+            writeln!(
+                f,
+                "    {:<10} kernel: {}; foliovm: {}",
+                p.name(),
+                self.kernel_of(p).map_or("did not run".into(), &kernel),
+                self.folio_of(p).map_or("did not run".into(), &folio)
+            )?;
+        }
+        Ok(())
     }
 
     fn fmt_stalls(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1380,27 +1403,7 @@ impl HostBenchReport {
             "  accesses that waited >= {} as the accessing thread saw them (log2 buckets: upper bounds):",
             us(STALL_NS)
         )?;
-        for p in &self.opts.patterns {
-            let k = self
-                .kernel
-                .as_ref()
-                .ok()
-                .and_then(|r| r.iter().find(|x| x.pattern == *p));
-            let fv = self
-                .folio
-                .as_ref()
-                .ok()
-                .and_then(|r| r.patterns.iter().find(|x| x.pattern == *p));
-            let line = |s: Option<&Stalls>| s.map_or("did not run".into(), Stalls::summary);
-            writeln!(
-                f,
-                "    {:<10} kernel: {}; foliovm: {}",
-                p.name(),
-                line(k.map(|x| &x.stalls)),
-                line(fv.map(|x| &x.stalls))
-            )?;
-        }
-        Ok(())
+        self.fmt_both(f, |k| k.stalls.summary(), |v| v.stalls.summary())
     }
 
     fn fmt_cpu_wait(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1408,45 +1411,19 @@ impl HostBenchReport {
             f,
             "  the accessing threads' waits for a CPU once runnable (schedstat, summed over threads):"
         )?;
-        let kernel = |p: Pattern| {
-            let r = self.kernel.as_ref().ok()?;
-            r.iter().find(|x| x.pattern == p)?.cpu_wait
-        };
-        let folio = |p: Pattern| {
-            let r = self.folio.as_ref().ok()?;
-            r.patterns.iter().find(|x| x.pattern == p)?.cpu_wait
-        };
         let line = |c: Option<CpuWait>| {
             c.map_or("not kept (kernel.task_delayacct off)".into(), |c| {
                 c.summary()
             })
         };
-        for &p in &self.opts.patterns {
-            writeln!(
-                f,
-                "    {:<10} kernel: {}; foliovm: {}",
-                p.name(),
-                line(kernel(p)),
-                line(folio(p))
-            )?;
-        }
-        Ok(())
+        self.fmt_both(f, |k| line(k.cpu_wait), |v| line(v.cpu_wait))
     }
 
     fn fmt_disk(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kernel = |p: Pattern| {
-            let r = self.kernel.as_ref().ok()?;
-            r.iter().find(|x| x.pattern == p)?.disk
-        };
-        let folio = |p: Pattern| {
-            let r = self.folio.as_ref().ok()?;
-            r.patterns.iter().find(|x| x.pattern == p)?.disk
-        };
-        let seen = self
-            .opts
-            .patterns
-            .iter()
-            .any(|&p| kernel(p).or(folio(p)).is_some());
+        let seen = self.opts.patterns.iter().any(|&p| {
+            self.kernel_of(p).and_then(|k| k.disk).is_some()
+                || self.folio_of(p).and_then(|v| v.disk).is_some()
+        });
         if !seen {
             return writeln!(
                 f,
@@ -1459,16 +1436,7 @@ impl HostBenchReport {
             "  swap device requests, mean time each in the block layer and device (whole device):"
         )?;
         let line = |d: Option<DiskIo>| d.map_or("no counters".into(), |d| d.summary());
-        for &p in &self.opts.patterns {
-            writeln!(
-                f,
-                "    {:<10} kernel: {}; foliovm: {}",
-                p.name(),
-                line(kernel(p)),
-                line(folio(p))
-            )?;
-        }
-        Ok(())
+        self.fmt_both(f, |k| line(k.disk), |v| line(v.disk))
     }
 
     fn fmt_kernel(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -440,6 +440,11 @@ fn repair_unbacked(
         if let (0, PteState::Present { folio, subpage }) =
             (e & sys::PM_HAS_PAGE, ptl.pte(idx).state())
         {
+            // Which path finds these is evidence for their cause.
+            log_error(&format!(
+                "relocation pull: vm {:?} index {} is present without its host page",
+                region.vm, idx.0
+            ));
             _ = crate::fault::restore_unbacked(inner, region, ptl, idx, folio, u64::from(subpage));
         }
     }

@@ -189,6 +189,11 @@ pub struct Stalls {
     pub hist: Histogram,
 }
 
+/// Every word of `words` as a number, or `None` if one is not.
+fn numbers<'a>(words: impl Iterator<Item = &'a str>) -> Option<Vec<u64>> {
+    words.map(|x| x.parse().ok()).collect()
+}
+
 /// An access this slow waited for something: a resident page is touched
 /// in well under a microsecond.
 pub const STALL_NS: u64 = 4_000;
@@ -233,10 +238,7 @@ impl Stalls {
     }
 
     fn decode(s: &str) -> Option<Stalls> {
-        let v: Vec<u64> = s
-            .split(',')
-            .map(|x| x.parse().ok())
-            .collect::<Option<_>>()?;
+        let v = numbers(s.split(','))?;
         let (&count, rest) = v.split_first()?;
         let (&sum_ns, buckets) = rest.split_first()?;
         let hist = Histogram {
@@ -278,10 +280,7 @@ impl DiskIo {
     /// Parse a block device's `stat` file (see the kernel's
     /// `Documentation/block/stat.rst`); `None` if it is not one.
     pub fn parse(stat: &str) -> Option<DiskIo> {
-        let v: Vec<u64> = stat
-            .split_whitespace()
-            .map(|x| x.parse().ok())
-            .collect::<Option<_>>()?;
+        let v = numbers(stat.split_whitespace())?;
         (v.len() >= 11).then(|| DiskIo {
             reads: v[0],
             read_ms: v[3],
@@ -336,10 +335,7 @@ impl DiskIo {
         if s == "-" {
             return Some(None);
         }
-        let v: Vec<u64> = s
-            .split(',')
-            .map(|x| x.parse().ok())
-            .collect::<Option<_>>()?;
+        let v = numbers(s.split(','))?;
         let [reads, read_ms, writes, write_sectors, write_ms] = v[..] else {
             return None;
         };
@@ -397,10 +393,10 @@ pub struct CpuWait {
 impl CpuWait {
     /// Parse a `schedstat` file: three numbers.
     pub fn parse(s: &str) -> Option<CpuWait> {
-        let v: Vec<u64> = s
-            .split_whitespace()
-            .map(|x| x.parse().ok())
-            .collect::<Option<_>>()?;
+        CpuWait::from_numbers(&numbers(s.split_whitespace())?)
+    }
+
+    fn from_numbers(v: &[u64]) -> Option<CpuWait> {
         let [run_ns, wait_ns, slices] = v[..] else {
             return None;
         };
@@ -457,7 +453,7 @@ impl CpuWait {
         if s == "-" {
             return Some(None);
         }
-        CpuWait::parse(&s.replace(',', " ")).map(Some)
+        CpuWait::from_numbers(&numbers(s.split(','))?).map(Some)
     }
 }
 

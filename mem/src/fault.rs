@@ -376,18 +376,17 @@ pub(crate) fn fault_in(
 /// Entry `idx` is `Present` (subpage `subpage` of `folio`) but its host
 /// page is absent: woken, the faulting thread would fault again, forever.
 ///
-/// This must not happen, and we do not know yet how it does. Under
-/// `mem/tests/swap_race.rs` it was seen in about one run in 20 to 100
-/// (more with the bitmap buddy allocator, once in CI): always after an
-/// install whose `UFFDIO_MOVE` from the pool reported the whole range
-/// moved, with the folio's pool page resident again afterwards and no
-/// recorded call of ours touching either page since. So the data is where
-/// the install took it from: a pool page that holds data (mapped, or in
-/// host swap) is moved in again. (After an install by `COPY`, that page is
-/// the data as installed; every case seen was a fresh install by `MOVE`
-/// not yet touched.) With no pool page either, the data is gone
-/// and the page is poisoned, so that the guest gets a memory error, never
-/// wrong data. Both are counted and logged.
+/// This must not happen. The one cause found was a kernel bug: a short
+/// `UFFDIO_MOVE` could report fewer pages than it moved (see
+/// `sys::userfaultfd::RawUffd::move_pages`, which now corrects the count).
+/// A move-out of the guest that stopped short left pages in the folio's
+/// pool range while their entries stayed `Present`, so the data is where
+/// the move took it: a pool page that holds data (mapped, or in host swap)
+/// is moved in again. If the folio's pool range changed since (a relabel
+/// by compaction frees the old range), that page is gone: the page is
+/// poisoned, so that the guest gets a memory error, never wrong data.
+/// Both are counted and logged. Kept as a safety net now that the count is
+/// corrected: a fault must never spin on such a page.
 ///
 /// A clean folio needs no reading of evidence: its swap slot holds its data
 /// (checksummed), so it is dropped back to `Swap(slot)` as reclaim drops a

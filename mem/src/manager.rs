@@ -1051,6 +1051,7 @@ impl MemoryManager {
             pool_zap_pages: inner.zapq.pages.load(Relaxed),
             pool_zap_forced: inner.zapq.forced.load(Relaxed),
             pool_stale_pages: inner.zapq.stale_pages(),
+            move_undercounts: crate::sys::userfaultfd::move_undercounts(),
             migration: inner.workers.migration(),
             ..Default::default()
         };

@@ -493,6 +493,10 @@ pub struct MmStats {
     pub pool_zap_forced: u64,
     /// Stale pool pages queued now (host memory beyond the budget).
     pub pool_stale_pages: u64,
+    /// `UFFDIO_MOVE` calls of this process whose reported count was short
+    /// of the pages they moved, corrected from the page tables (a kernel
+    /// bug, see `sys::userfaultfd::RawUffd::move_pages`).
+    pub move_undercounts: u64,
     /// Metadata bytes: page tables, folio table, allocator, per-VM records.
     pub metadata_bytes: u64,
     /// Guest pages of all VMs.

@@ -236,6 +236,17 @@ pub(crate) fn ensure_pulled(inner: &Inner, region: &Region, idx: PageIndex) -> b
     if !p.is_pending(t) {
         return true;
     }
+    // Only a live region pulls: before the switch the vCPUs still use the
+    // source, and a table pulled then leaves them faulting on a moved
+    // table for ever (woken as `Dead`) while the switch waits for them. A
+    // fault can reach a region that is not live yet: a message queued for
+    // a range that was unmapped since and is mapped again for the new
+    // region, read late; or a vCPU's, between the switch and the region
+    // going live. Either waits (the fault is parked and retried): the
+    // table must not be served before its entries arrive.
+    if region.state() != RegionState::Live {
+        return false;
+    }
     match pull_table(inner, region, &p, t, false) {
         Ok(moved) => {
             if moved {

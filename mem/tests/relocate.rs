@@ -415,6 +415,7 @@ fn racing_relocation_migration_compaction_reclaim_and_swapin_keep_every_word() {
         "rounds {counts:?}, MOVE counts corrected {}\n{:#?}\n{:#?}",
         s.move_undercounts, s.migration, s.swap
     );
+    assert_no_unbacked(&s);
     assert!(s.migration.relocations >= 3, "{:?}", s.migration);
     assert!(s.migration.migrated > 100);
     assert!(s.swap.swapout_pages > 0 && s.swap.swapin_file_pages > 0);

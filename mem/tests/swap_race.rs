@@ -160,6 +160,7 @@ fn race(delivery: FaultDelivery) {
     assert!(st.copied_in_pages > 0, "order-0 installs by COPY raced too");
     assert!(discards > 10);
     assert_eq!(st.read_errors + st.write_errors + st.poisoned_pages, 0);
+    assert_no_unbacked(&mm.stats());
     // With the VM alive: every Swap entry names a slot with count 1, no
     // slot is unnamed, the swap cache is empty, the allocator balances.
     settle_and_check(&mm);

@@ -202,3 +202,19 @@ pub fn read_via_gup(addr: usize) -> std::io::Result<u64> {
         _ => Err(std::io::Error::last_os_error()),
     }
 }
+
+/// No entry was ever found present without its host page: the state a
+/// short-counted `UFFDIO_MOVE` left behind (see `RawUffd::move_pages`),
+/// which the fault path repairs and counts.
+pub fn assert_no_unbacked(s: &mem::MmStats) {
+    let f = &s.faults;
+    assert_eq!(
+        (
+            f.unbacked_restored,
+            f.unbacked_poisoned,
+            f.unbacked_from_slot
+        ),
+        (0, 0, 0),
+        "entries present without their host page"
+    );
+}

@@ -382,9 +382,10 @@ pub(crate) fn fault_in(
 /// A move-out of the guest that stopped short left pages in the folio's
 /// pool range while their entries stayed `Present`, so the data is where
 /// the move took it: a pool page that holds data (mapped, or in host swap)
-/// is moved in again. If the folio's pool range changed since (a relabel
-/// by compaction frees the old range), that page is gone: the page is
-/// poisoned, so that the guest gets a memory error, never wrong data.
+/// is moved in again. When that page is gone too (we believe a relabel by
+/// compaction, which gives the folio a new pool range and frees the old
+/// one, did that in the one loss seen), the page is poisoned, so that the
+/// guest gets a memory error, never wrong data.
 /// Both are counted and logged. Kept as a safety net now that the count is
 /// corrected: a fault must never spin on such a page.
 ///

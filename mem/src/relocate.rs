@@ -628,6 +628,8 @@ pub(crate) fn relocate(
     sources
         .iter()
         .for_each(|(s, _)| s.set_state(RegionState::Retired));
+    // Faults parked on its pending tables meanwhile can pull them now.
+    inner.kick_worker();
 
     // Pull every table.
     let mut failure = None;
@@ -731,6 +733,7 @@ fn undo(
         .iter()
         .for_each(|(s, _)| s.set_state(RegionState::Live));
     dst.set_state(RegionState::Retired);
+    inner.kick_worker();
     for ((s, _), p) in sources.iter().zip(&back) {
         for st in 0..s.pt.nr_tables() {
             pull_table(inner, s, p, st, false).map_err(|e| e.to_string())?;

@@ -82,6 +82,47 @@ fn relocate(
     )
 }
 
+/// A fault on the new region before it is live (in the switch callback,
+/// as a late fault message for a reused host range would be) must neither
+/// pull its table while the vCPUs still use the old range nor be served
+/// from the empty table: it waits and reads the guest's data once the
+/// region is live. Pulled early, the old range's table was gone and a vCPU
+/// touching it faulted for ever while the switch waited for it.
+#[test]
+fn a_fault_on_the_new_range_before_the_switch_waits_and_pulls_nothing_early() {
+    let mm = manager(64 * MIB, 2);
+    let vm = mm.create_vm("early").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
+    let view = Arc::new(View::new(mem::GuestMemoryBackend::regions(&*b)));
+    let pages = 4 * MIB / PAGE_SIZE;
+    fill(&view, 0, pages, 3);
+    let early = std::sync::Mutex::new(None);
+    mm.relocate(
+        vm,
+        GuestAddress(0),
+        RelocateOp::ToAligned,
+        &mut |sw| {
+            if !sw.undo {
+                let at = Ram(sw.new[0]);
+                *early.lock().unwrap() = Some(std::thread::spawn(move || at.read(5 * PAGE_SIZE)));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                // A vCPU, still on the old range, touches the same table.
+                let (tx, rx) = std::sync::mpsc::channel();
+                let v = view.clone();
+                std::thread::spawn(move || tx.send(v.read(7 * PAGE_SIZE)));
+                let read = rx.recv_timeout(std::time::Duration::from_secs(10));
+                assert_eq!(read, Ok(pattern(7, 0, 3)), "a vCPU on the old range");
+            }
+            view.switch(sw)
+        },
+        &|_, _| {},
+    )
+    .unwrap();
+    let early = early.lock().unwrap().take().unwrap().join().unwrap();
+    assert_eq!(early, pattern(5, 0, 3), "the early fault reads the data");
+    verify(&view, 0, pages, 3, "after");
+}
+
 #[test]
 fn to_aligned_makes_misaligned_2m_folios_pmd_mapped() {
     let mm = manager(64 * MIB, 2);

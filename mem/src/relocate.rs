@@ -443,14 +443,12 @@ fn repair_unbacked(
     first: PageIndex,
     n: u64,
 ) {
-    let Ok(map) = sys::pagemap_range(region.host_addr(first).raw(), n as usize) else {
+    let Ok(backed) = sys::has_pages(region.host_addr(first).raw(), n as usize) else {
         return;
     };
-    for (k, e) in (0..n).zip(map) {
+    for (k, backed) in (0..n).zip(backed) {
         let idx = first.forward(k);
-        if let (0, PteState::Present { folio, subpage }) =
-            (e & sys::PM_HAS_PAGE, ptl.pte(idx).state())
-        {
+        if let (false, PteState::Present { folio, subpage }) = (backed, ptl.pte(idx).state()) {
             // Which path finds these is evidence for their cause.
             log_error(&format!(
                 "relocation pull: vm {:?} index {} is present without its host page",

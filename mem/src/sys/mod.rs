@@ -194,7 +194,7 @@ pub fn pagemap_range(addr: usize, n: usize) -> io::Result<Vec<u64>> {
 }
 
 /// The `pagemap` bits that say a page holds data: mapped, or in host swap.
-pub const PM_HAS_PAGE: u64 = 3 << 62;
+const PM_HAS_PAGE: u64 = 3 << 62;
 
 /// Whether the page at `addr` holds data in this process: mapped, or in
 /// host swap (`pagemap` bits 63 and 62). A page the host swapped out is not
@@ -203,7 +203,18 @@ pub const PM_HAS_PAGE: u64 = 3 << 62;
 /// # Errors
 /// Reading the pagemap.
 pub fn has_page(addr: usize) -> io::Result<bool> {
-    Ok(pagemap(addr)? & PM_HAS_PAGE != 0)
+    Ok(has_pages(addr, 1)?[0])
+}
+
+/// [`has_page`] for the `n` pages from `addr`, by one read of the pagemap.
+///
+/// # Errors
+/// Reading the pagemap.
+pub fn has_pages(addr: usize, n: usize) -> io::Result<Vec<bool>> {
+    Ok(pagemap_range(addr, n)?
+        .into_iter()
+        .map(|e| e & PM_HAS_PAGE != 0)
+        .collect())
 }
 
 /// An eventfd used to wake poll loops at shutdown.

@@ -5,6 +5,7 @@
 //! and checked in tests against the values the C headers produce
 //! (`UFFDIO_MOVE` = `_IOWR(0xAA, 0x05, struct uffdio_move)` = `0xc028aa05`).
 
+use crate::types::PAGE_SIZE;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -494,22 +495,20 @@ pub fn move_undercounts() -> u64 {
 /// `move_pages`), so nothing else changes them meanwhile. 0 if the page
 /// tables cannot be read.
 fn uncounted_moves(dst: usize, src: usize, len: u64, mode: u64) -> u64 {
-    let n = (len / 4096) as usize;
+    let n = (len / PAGE_SIZE) as usize;
     if n == 0 {
         return 0;
     }
-    let (Ok(d), Ok(s)) = (super::pagemap_range(dst, n), super::pagemap_range(src, n)) else {
+    let (Ok(at_dst), Ok(at_src)) = (super::has_pages(dst, n), super::has_pages(src, n)) else {
         return 0;
     };
     let holes_ok = mode & MOVE_MODE_ALLOW_SRC_HOLES != 0;
-    let moved = d
+    let moved = at_dst
         .iter()
-        .zip(&s)
-        .take_while(|&(&d, &s)| {
-            s & super::PM_HAS_PAGE == 0 && (holes_ok || d & super::PM_HAS_PAGE != 0)
-        })
+        .zip(&at_src)
+        .take_while(|&(&d, &s)| !s && (holes_ok || d))
         .count();
-    moved as u64 * 4096
+    moved as u64 * PAGE_SIZE
 }
 
 #[cfg(test)]
@@ -613,11 +612,7 @@ mod tests {
 
     /// Pages of `[addr, addr + n pages)` that hold a page (pagemap).
     fn populated(addr: usize, n: usize) -> Vec<bool> {
-        crate::sys::pagemap_range(addr, n)
-            .unwrap()
-            .into_iter()
-            .map(|e| e & crate::sys::PM_HAS_PAGE != 0)
-            .collect()
+        crate::sys::has_pages(addr, n).unwrap()
     }
 
     /// What every caller of `move_pages` builds on: the count it returns

@@ -1672,45 +1672,39 @@ mod tests {
         opts.patterns = vec![Pattern::Zipfian, Pattern::Uniform];
         // The CPU per page read: the process's, split by the accessing
         // threads' own time where the kernel kept it.
+        let ran = |run_ns| {
+            Some(CpuWait {
+                run_ns,
+                wait_ns: 0,
+                slices: 1,
+            })
+        };
         let mut one = round_of(&opts, Some(100.0), 150.0, 80.0);
         if let Ok(k) = one.kernel.as_mut() {
-            k[1].cpu_secs = 3.7;
-            k[1].pswpin = 100_000;
-            k[1].cpu_wait = Some(CpuWait {
-                run_ns: 3_700_000_000,
-                wait_ns: 0,
-                slices: 1,
-            });
+            (k[1].cpu_secs, k[1].pswpin, k[1].cpu_wait) = (3.7, 100_000, ran(3_700_000_000));
         }
         if let Ok(v) = one.folio.as_mut() {
-            v.patterns[1].cpu_secs = 6.1;
-            v.patterns[1].read_pages = 100_000;
-            v.patterns[1].cpu_wait = Some(CpuWait {
-                run_ns: 4_100_000_000,
-                wait_ns: 0,
-                slices: 1,
-            });
+            let u = &mut v.patterns[1];
+            (u.cpu_secs, u.read_pages, u.cpu_wait) = (6.1, 100_000, ran(4_100_000_000));
         }
         let text = one.to_string();
-        let per_page = text
-            .lines()
-            .skip_while(|l| !l.contains("CPU per page read from swap"))
-            .find(|l| l.trim_start().starts_with("uniform"))
-            .unwrap_or_default();
+        // The pattern's line in the CPU-per-page section.
+        let per_page = |name: &str| {
+            text.lines()
+                .skip_while(|l| !l.contains("CPU per page read from swap"))
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap_or_default()
+                .to_string()
+        };
         assert!(
-            per_page.contains(
+            per_page("uniform").contains(
                 "kernel: 37 µs (accessing threads 37 µs, other threads 0 µs); \
                  foliovm: 61 µs (accessing threads 41 µs, other threads 20 µs)"
             ),
             "{text}"
         );
-        let zipf = text
-            .lines()
-            .skip_while(|l| !l.contains("CPU per page read from swap"))
-            .find(|l| l.trim_start().starts_with("zipfian"))
-            .unwrap_or_default();
         assert!(
-            zipf.contains("kernel: no page read; foliovm: no page read"),
+            per_page("zipfian").contains("kernel: no page read; foliovm: no page read"),
             "{text}"
         );
     }

@@ -118,10 +118,21 @@ pub fn memory_source(run: &RunConfig) -> Result<MemorySource, VmmError> {
                 .next_multiple_of(2 << 20);
             let mut config = MmConfig::with_budget(budget);
             config.swap = run.memory.swap.clone();
+            config.handler_threads = handler_threads(run);
             let mm = MemoryManager::new(config).map_err(|e| VmmError::Memory(Box::new(e)))?;
             MemorySource::Folio(mm)
         }
     })
+}
+
+/// Fault handler threads for a run: one per vCPU of all its VMs, so that
+/// every vCPU can have its swap-in read in flight at once (a handler blocks
+/// on the read it serves), and one for the VMM's own accesses to guest
+/// memory (device emulation); at least two. Two handlers for any number of
+/// vCPUs had vCPUs queue behind each other's disk reads.
+fn handler_threads(run: &RunConfig) -> usize {
+    let vcpus: usize = run.vms.iter().map(|v| usize::from(v.vcpus)).sum();
+    (vcpus + 1).max(2)
 }
 
 /// Signal number of the last SIGINT/SIGTERM, and the eventfd its handler pokes.
@@ -277,5 +288,33 @@ pub fn run(run: &RunConfig) -> Result<Vec<RunOutcome>, VmmError> {
 impl From<event_manager::Error> for VmmError {
     fn from(e: event_manager::Error) -> Self {
         VmmError::EventLoop(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigFile;
+    use std::path::Path;
+
+    fn run_of(vcpus: &[u32]) -> RunConfig {
+        let vms: Vec<String> = vcpus
+            .iter()
+            .map(|n| {
+                format!(
+                    r#"{{"machine-config": {{"vcpu_count": {n}, "mem_size_mib": 64}},
+                        "foliovm": {{"workload": "seq:1M"}}}}"#
+                )
+            })
+            .collect();
+        let text = format!(r#"{{"vms": [{}]}}"#, vms.join(","));
+        ConfigFile::parse(&text, Path::new("t.json")).unwrap().0
+    }
+
+    #[test]
+    fn every_vcpu_of_every_vm_gets_a_fault_handler_and_the_vmm_one_more() {
+        assert_eq!(handler_threads(&run_of(&[1])), 2);
+        assert_eq!(handler_threads(&run_of(&[2, 3])), 6);
+        assert_eq!(handler_threads(&run_of(&[4, 4, 4, 4])), 17);
     }
 }

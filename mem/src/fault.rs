@@ -190,7 +190,10 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
                 .pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(page | usize::from(write));
+                .push(crate::stall::Parked {
+                    addr_write: page | usize::from(write),
+                    since: t0,
+                });
             if first {
                 // Retries come from the worker itself; kicking it again
                 // would spin it while the pool is exhausted.
@@ -229,6 +232,7 @@ pub(crate) fn fault_in_reclaiming(
     waits: bool,
 ) -> FaultOutcome {
     let (mut retries, mut reclaimed) = (0, false);
+    let (start, mut reported) = (Instant::now(), None::<Instant>);
     loop {
         match fault_in(inner, region, idx, write) {
             FaultOutcome::Retry if retries < MAX_RETRIES => retries += 1,
@@ -237,10 +241,20 @@ pub(crate) fn fault_in_reclaiming(
                 vmscan::direct_reclaim(inner, region);
             }
             FaultOutcome::Retry | FaultOutcome::NoMemory { .. } if waits => {
+                if reported.is_none() && start.elapsed() >= inner.stall_report_after {
+                    reported = Some(Instant::now());
+                    let addr = region.host_addr(idx).raw();
+                    crate::stall::report(inner, &[addr], start.elapsed());
+                }
                 inner.wait_for_memory(Duration::from_millis(10));
                 (retries, reclaimed) = (0, false);
             }
-            o => return o,
+            o => {
+                if let Some(t) = reported {
+                    crate::stall::over(t.elapsed());
+                }
+                return o;
+            }
         }
     }
 }

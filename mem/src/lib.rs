@@ -131,6 +131,7 @@ pub mod relocate;
 pub mod rmap;
 pub mod smaps;
 mod split;
+mod stall;
 pub mod stats;
 pub mod swap_cache;
 pub mod swap_file;

@@ -67,6 +67,9 @@ pub struct ReclaimConfig {
     pub low_watermark_bytes: Option<u64>,
     /// It reclaims until this much is free (`None`: twice the low mark).
     pub high_watermark_bytes: Option<u64>,
+    /// A fault that has waited this long for memory is reported as a
+    /// memory stall ([`crate::stall`]).
+    pub stall_report_after: Duration,
 }
 
 impl Default for ReclaimConfig {
@@ -75,6 +78,7 @@ impl Default for ReclaimConfig {
             background: true,
             low_watermark_bytes: None,
             high_watermark_bytes: None,
+            stall_report_after: Duration::from_secs(10),
         }
     }
 }
@@ -225,9 +229,9 @@ pub(crate) struct Inner {
     next_vm: AtomicU32,
     pub faults: FaultCounters,
     pub workers: WorkerCounters,
-    /// Faults waiting for memory: host page addresses, with bit 0 set for
-    /// a write access. Leaf.
-    pub pending: Mutex<Vec<usize>>,
+    /// Faults parked waiting for memory, retried by the pre-zeroing
+    /// worker. Leaf.
+    pub pending: Mutex<Vec<crate::stall::Parked>>,
     /// Worker wake-up flag. Leaf.
     kick: Mutex<bool>,
     kick_cv: Condvar,
@@ -245,6 +249,8 @@ pub(crate) struct Inner {
     /// Swap and reclaim counters of all VMs.
     pub swap_counters: SwapCounters,
     pub watermarks: Watermarks,
+    /// See [`ReclaimConfig::stall_report_after`].
+    pub stall_report_after: Duration,
     /// Reclaim passes and fault services running now (for
     /// [`MemoryManager::wait_idle`]).
     pub reclaimers: AtomicU64,
@@ -621,6 +627,7 @@ impl MemoryManager {
             swap,
             swap_counters: SwapCounters::default(),
             watermarks,
+            stall_report_after: config.reclaim.stall_report_after,
             reclaimers: AtomicU64::new(0),
             compacting: AtomicU64::new(0),
             memory_waiters: AtomicU64::new(0),

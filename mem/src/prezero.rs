@@ -12,12 +12,14 @@ use crate::buddy::{BlockState, FreeAreaStats};
 use crate::fault::handle_fault;
 use crate::manager::Inner;
 use crate::split::deferred_split_scan;
+use crate::stall::StallWatch;
 use crate::vm::log_error;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 /// Body of the worker thread.
 pub(crate) fn worker_thread(inner: &Inner) {
+    let mut stalls = StallWatch::default();
     while !inner.shutdown.load(Relaxed) {
         inner.wait_kick(Duration::from_millis(100));
         if inner.shutdown.load(Relaxed) {
@@ -33,6 +35,7 @@ pub(crate) fn worker_thread(inner: &Inner) {
         }
         retry_parked(inner);
         inner.notify_memory();
+        stalls.check(inner);
     }
 }
 
@@ -118,9 +121,9 @@ fn prepare_one(inner: &Inner) -> bool {
 /// Retry the faults parked for lack of ready memory.
 fn retry_parked(inner: &Inner) {
     let parked = std::mem::take(&mut *inner.pending.lock().unwrap_or_else(|e| e.into_inner()));
-    for entry in parked {
-        // A page address, with bit 0 for a write access (see `Inner::pending`).
-        let (addr, write) = (entry & !1, entry & 1 != 0);
-        handle_fault(inner, addr, Instant::now(), false, write);
+    for p in parked {
+        let (addr, write) = (p.addr_write & !1, p.addr_write & 1 != 0);
+        // From the fault's start: its latency counts its time parked.
+        handle_fault(inner, addr, p.since, false, write);
     }
 }

@@ -112,6 +112,10 @@ pub struct FaultCounters {
     pub parked_prezero: AtomicU64,
     /// Faults parked because the pool was exhausted.
     pub parked_oom: AtomicU64,
+    /// Memory stalls reported: faults that waited
+    /// [`crate::ReclaimConfig::stall_report_after`] for memory (one per
+    /// stall, see `crate::stall`).
+    pub memory_stalls: AtomicU64,
     /// Faults served with a smaller order than wanted (fragmentation).
     pub order_fallback: AtomicU64,
     /// Pages served by `UFFDIO_COPY` instead of `MOVE`.
@@ -143,6 +147,7 @@ impl FaultCounters {
             raced: self.raced.load(Relaxed),
             parked_prezero: self.parked_prezero.load(Relaxed),
             parked_oom: self.parked_oom.load(Relaxed),
+            memory_stalls: self.memory_stalls.load(Relaxed),
             order_fallback: self.order_fallback.load(Relaxed),
             fallback_copy_pages: self.fallback_copy_pages.load(Relaxed),
             fallback_zeropage_pages: self.fallback_zeropage_pages.load(Relaxed),
@@ -169,6 +174,8 @@ pub struct FaultStats {
     pub parked_prezero: u64,
     /// Faults parked on an exhausted pool.
     pub parked_oom: u64,
+    /// Memory stalls reported (faults that waited long for memory).
+    pub memory_stalls: u64,
     /// Faults served below the wanted order.
     pub order_fallback: u64,
     /// Pages served by `UFFDIO_COPY`.

@@ -90,6 +90,53 @@ fn exhausted_pool_parks_the_fault_until_memory_is_discarded() {
     settle_and_check(&mm);
 }
 
+/// A fault parked longer than `stall_report_after` is reported once as a
+/// memory stall (per VM and host-wide), keeps waiting rather than failing,
+/// and proceeds when memory is freed; its latency counts the wait.
+#[test]
+fn a_fault_that_waits_long_for_memory_is_reported_once_as_a_stall() {
+    let after = Duration::from_millis(300);
+    let mut c = config(2 * MIB, 1);
+    c.reclaim.stall_report_after = after;
+    let mm = mem::MemoryManager::new(c).unwrap();
+    let vm = mm.create_vm("stalled").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    ram.write(0, 7);
+    let stalls = || {
+        let (v, h) = (mm.vm_stats(vm).unwrap(), mm.stats());
+        (v.faults.memory_stalls, h.faults.memory_stalls)
+    };
+    assert_eq!(stalls(), (0, 0));
+    let t = std::thread::spawn(move || {
+        ram.write(3 * MIB, 9);
+        ram.read(3 * MIB)
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || stalls() != (0, 0)),
+        "no stall reported"
+    );
+    assert_eq!(stalls(), (1, 1));
+    // Reported once per stall, however long it lasts.
+    std::thread::sleep(after * 2);
+    assert_eq!(stalls(), (1, 1));
+    assert!(!t.is_finished(), "a stalled fault waits, it does not fail");
+    mm.discard(vm, GuestAddress(0), 2 * MIB).unwrap();
+    assert_eq!(t.join().unwrap(), 9);
+    // The install wakes the thread before the handler records the latency.
+    assert!(mm.wait_idle(Duration::from_secs(10)));
+    let lat = mm.vm_stats(vm).unwrap().faults.latency;
+    // Buckets are powers of two of ns: 2^28 ns is 268 ms.
+    assert!(
+        lat.buckets.iter().skip(28).sum::<u64>() >= 1,
+        "the parked fault's latency counts its wait: {lat:?}"
+    );
+    assert_eq!(stalls(), (1, 1));
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
 /// An entry `Present` whose host page is gone (seen under `swap_race`, cause
 /// unknown) is repaired by the next fault on it: from its folio's pool page
 /// when the data is there, or by poisoning the page, never by serving

@@ -203,3 +203,34 @@ fn child_reads_past_the_end_of_a_file() {
     eprintln!("read {v:#x} past the end of a file");
     std::process::exit(0);
 }
+
+/// A faulting thread that waits long for memory (no swap file, the budget
+/// in use) reports one memory stall and goes on when memory is freed.
+#[test]
+fn a_faulting_thread_that_waits_long_for_memory_reports_a_stall() {
+    let mut c = config(2 * MIB, 0);
+    c.fault_delivery = FaultDelivery::Faulter;
+    c.reclaim.stall_report_after = Duration::from_millis(300);
+    let mm = MemoryManager::new(c).unwrap();
+    let vm = mm.create_vm("stalled").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    ram.write(0, 7);
+    let t = std::thread::spawn(move || {
+        ram.write(3 * MIB, 9);
+        ram.read(3 * MIB)
+    });
+    let stalls = || mm.vm_stats(vm).unwrap().faults.memory_stalls;
+    assert!(
+        wait_until(Duration::from_secs(10), || stalls() > 0),
+        "no stall reported"
+    );
+    assert!(!t.is_finished(), "a stalled fault waits, it does not fail");
+    mm.discard(vm, GuestAddress(0), 2 * MIB).unwrap();
+    assert_eq!(t.join().unwrap(), 9);
+    assert_eq!(stalls(), 1);
+    assert_eq!(mm.stats().faults.memory_stalls, 1);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}

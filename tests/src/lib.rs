@@ -214,6 +214,20 @@ impl ApiVm {
         }
     }
 
+    /// Wait (up to `limit`) until the child's stderr so far contains
+    /// `text`; panics with the output so far otherwise.
+    pub fn wait_for_stderr(&self, text: &str, limit: Duration) {
+        let start = Instant::now();
+        while !String::from_utf8_lossy(&self.output[1].lock().unwrap()).contains(text) {
+            assert!(
+                start.elapsed() < limit,
+                "no {text:?} on stderr within {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&self.output[1].lock().unwrap())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Wait for the process to exit (up to `limit`) and return its output.
     pub fn wait(mut self, limit: Duration) -> Output {
         let start = Instant::now();

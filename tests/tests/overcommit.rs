@@ -2,7 +2,7 @@
 //! file; every page of both verifies, and every page of the sequential one
 //! went out to the swap file and came back several times.
 
-use foliovm_tests::{kvm_available, run_foliovm};
+use foliovm_tests::{kvm_available, run_foliovm, ApiVm};
 use std::time::Duration;
 
 #[test]
@@ -73,4 +73,55 @@ fn two_guests_over_budget_swap_and_verify_every_page() {
         .collect();
     assert_eq!(left.len(), 1, "{left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A guest that touches more than a budget with no swap file behind it
+/// does not hang silently: foliovm warns at start, reports the stall on
+/// stderr and in `GET /stats` once a fault has waited 10 s, and still
+/// stops cleanly on SIGTERM.
+#[test]
+fn a_guest_over_budget_without_swap_is_warned_of_and_its_stall_reported() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = ApiVm::spawn(
+        "stall",
+        &[
+            "run",
+            "--workload",
+            "seq:64M",
+            "--mem",
+            "128M",
+            "--mem-budget",
+            "32M",
+        ],
+    );
+    vm.wait_for_stderr(
+        "memory stall: 1 fault(s) of VM vm0",
+        Duration::from_secs(90),
+    );
+    let stats = vm.call("GET", "/stats", None).json();
+    assert_eq!(
+        stats["vms"][0]["memory"]["faults"]["memory_stalls"], 1,
+        "{stats}"
+    );
+    assert_eq!(stats["host"]["faults"]["memory_stalls"], 1, "{stats}");
+    let metrics = vm.call("GET", "/metrics", None).body;
+    assert!(
+        metrics.contains("foliovm_memory_stalls_total{vm=\"vm0\"} 1"),
+        "{metrics}"
+    );
+    // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let out = vm.wait(Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the memory budget is below the guests' memory and there is no swap file"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("there is no swap file, so guest memory cannot be swapped out"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("interrupted by signal 15"), "{stderr}");
 }

@@ -61,6 +61,7 @@ fn faults(f: &FaultStats) -> Value {
         "raced": f.raced,
         "parked_prezero": f.parked_prezero,
         "parked_oom": f.parked_oom,
+        "memory_stalls": f.memory_stalls,
         "order_fallback": f.order_fallback,
         "fallback_copy_pages": f.fallback_copy_pages,
         "fallback_zeropage_pages": f.fallback_zeropage_pages,
@@ -203,6 +204,7 @@ impl MemSample {
         let mut swapped = Vec::new();
         let mut swapins = Vec::new();
         let mut swapouts = Vec::new();
+        let mut stalls = Vec::new();
         for v in &self.vms {
             if let Some(s) = &v.stats {
                 for (o, b) in s.resident_bytes_by_order.iter().enumerate() {
@@ -213,6 +215,7 @@ impl MemSample {
                 }
                 let l = format!("{{vm=\"{}\"}}", v.name);
                 faults_rows.push((l.clone(), s.faults.events as f64));
+                stalls.push((l.clone(), s.faults.memory_stalls as f64));
                 swapped.push((l.clone(), (s.swap.swapped_pages * 4096) as f64));
                 swapins.push((l.clone(), s.swap.swapin_file_pages as f64));
                 swapouts.push((l, s.swap.swapout_pages as f64));
@@ -229,6 +232,12 @@ impl MemSample {
             "counter",
             "userfaultfd faults served.",
             faults_rows,
+        );
+        metric(
+            "memory_stalls_total",
+            "counter",
+            "Memory stalls: a fault that waited 10 s or more for memory, once per stall.",
+            stalls,
         );
         metric(
             "swapped_bytes",

@@ -116,6 +116,15 @@ pub fn memory_source(run: &RunConfig) -> Result<MemorySource, VmmError> {
                 .budget
                 .unwrap_or(run.total_mem_bytes())
                 .next_multiple_of(2 << 20);
+            if run.memory.swap.is_none() && budget < run.total_mem_bytes() {
+                tracing::warn!(
+                    budget_mib = budget >> 20,
+                    guest_mib = run.total_mem_bytes() >> 20,
+                    "the memory budget is below the guests' memory and there is no swap \
+                     file: a guest that touches more than the budget stalls until memory \
+                     is freed (give --swap-dir or --swap-file with --swap-size)"
+                );
+            }
             let mut config = MmConfig::with_budget(budget);
             config.swap = run.memory.swap.clone();
             config.handler_threads = handler_threads(run);

@@ -14,15 +14,31 @@ pub const MIB: u64 = 1 << 20;
 
 /// A manager with `budget` bytes and `threads` handler threads.
 pub fn manager(budget: u64, threads: usize) -> Arc<MemoryManager> {
-    MemoryManager::new(MmConfig {
+    MemoryManager::new(config(budget, threads)).expect("memory manager")
+}
+
+/// The config of [`manager`]: no swap file, default reclaim settings.
+pub fn config(budget: u64, threads: usize) -> MmConfig {
+    MmConfig {
         budget_bytes: budget,
         handler_threads: threads,
         fault_delivery: FaultDelivery::Handlers,
         prezero_limit_bytes: None,
         swap: None,
         reclaim: ReclaimConfig::default(),
-    })
-    .expect("memory manager")
+    }
+}
+
+/// Wait up to `limit` for `cond`; whether it came true.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        if t0.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
 
 /// A manager with `budget` bytes, `threads` handler threads and a swap

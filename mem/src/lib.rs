@@ -157,7 +157,9 @@ pub use relocate::{RelocateError, RelocateOp, RelocateReport, RelocateSwitch};
 pub use stats::{
     FaultStats, Histogram, MigrationStats, MmStats, SwapDeviceStats, SwapStats, VmStats,
 };
-pub use swap_file::{FaultPlan, InjectedFault, IoOp, SwapConfig, SwapFileError, SwapTarget};
+pub use swap_file::{
+    FaultPlan, InjectedFault, IoOp, SwapConfig, SwapFileError, SwapTarget, SLOW_EIO_DELAY,
+};
 pub use types::{
     FolioId, GuestAddress, HostAddr, Order, PageIndex, PoolOffset, SwapSlot, VmId, PAGE_SIZE,
 };

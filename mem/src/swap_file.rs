@@ -124,11 +124,18 @@ pub enum IoOp {
     Write,
 }
 
+/// How long an injected [`InjectedFault::SlowEio`] takes.
+pub const SLOW_EIO_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// A fault to inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InjectedFault {
     /// The syscall fails with `EIO`.
     Eio,
+    /// The syscall fails with `EIO` after [`SLOW_EIO_DELAY`], as a device
+    /// that times out would: long enough for other threads to meet the
+    /// I/O in flight (a refault waiting on the folio lock).
+    SlowEio,
     /// The syscall fails with `ENOSPC` (writes).
     Enospc,
     /// The read returns half the bytes asked for; the rest must be read
@@ -307,6 +314,10 @@ impl SwapFile {
         while done < want {
             let n = match (first, fault) {
                 (true, Some(InjectedFault::Eio)) => Err(io::Error::from_raw_os_error(libc::EIO)),
+                (true, Some(InjectedFault::SlowEio)) => {
+                    std::thread::sleep(SLOW_EIO_DELAY);
+                    Err(io::Error::from_raw_os_error(libc::EIO))
+                }
                 (true, Some(InjectedFault::Enospc)) => {
                     Err(io::Error::from_raw_os_error(libc::ENOSPC))
                 }
@@ -373,10 +384,15 @@ impl SwapFile {
         let total: usize = pages.iter().map(|b| b.len()).sum();
         let r = match self.injected(IoOp::Write) {
             Some(InjectedFault::Enospc) => Err(SwapIoError::NoSpace(slot.0)),
-            Some(InjectedFault::Eio) => Err(SwapIoError::Io {
-                slot: slot.0,
-                source: io::Error::from_raw_os_error(libc::EIO),
-            }),
+            Some(f @ (InjectedFault::Eio | InjectedFault::SlowEio)) => {
+                if f == InjectedFault::SlowEio {
+                    std::thread::sleep(SLOW_EIO_DELAY);
+                }
+                Err(SwapIoError::Io {
+                    slot: slot.0,
+                    source: io::Error::from_raw_os_error(libc::EIO),
+                })
+            }
             _ => self.write_all(slot, pages, total),
         };
         match r {

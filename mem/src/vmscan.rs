@@ -857,6 +857,8 @@ fn add_to_swap_locked<'a>(
         f.flags.insert(FolioFlags::SWAPCACHE);
         f.flags.insert(FolioFlags::WRITEBACK);
         f.flags.remove(FolioFlags::SAMPLED);
+        // Only a refault during this writeback may keep the folio cached.
+        f.flags.remove(FolioFlags::REFAULTED);
         f.refcount += 1; // the swap cache's reference
         let r = rmap::remove_rmap_ptes(&mut slab, ptl, id, 0, nr, BlockState::NeedsZero);
         debug_assert!(r.freed.is_none());
@@ -1031,6 +1033,11 @@ fn end_writeback(inner: &Inner, dev: &SwapDevice, w: &Writeback<'_>, crcs: Optio
         f.swap = None;
         f.flags.remove(FolioFlags::SWAPCACHE);
         f.flags.remove(FolioFlags::WRITEBACK);
+        // A refaulter waiting on the lock finds the cache empty and
+        // retries; the folio is mapped again, not kept for it. Left set,
+        // the flag would keep the folio in the cache after its next,
+        // successful writeback, unmapped and off the LRU.
+        f.flags.remove(FolioFlags::REFAULTED);
         let _ = slab.put_refs(id, 1);
         drop(slab);
         drop(st);

@@ -218,6 +218,65 @@ fn failed_swap_writes_map_the_folio_back() {
     settle_and_check(&mm);
 }
 
+/// A refault that waits on a folio whose swap write then fails finds it
+/// mapped back, and the folio swaps out normally afterwards: the failed
+/// writeback does not leave it marked as refaulted, which would keep it in
+/// the swap cache after its next, successful write (unmapped, off the LRU,
+/// its memory lost to the budget). Whether the refault retries before
+/// reclaim writes the folio again is a race, so the scenario runs 16 times
+/// (without the fix about one run in four showed the leak).
+#[test]
+fn a_refault_during_a_failed_swap_write_leaves_the_folio_reclaimable() {
+    let mm = swap_manager(16 * MIB, 2, 64 * MIB, false);
+    let pages = 2 * MIB / PAGE_SIZE;
+    for g in 0..16 {
+        // A new VM each round: one fresh 2 MiB folio.
+        let vm = mm.create_vm(&format!("slow-eio-{g}")).unwrap();
+        let b = mm.backend(vm, &[(GuestAddress(0), 2 * MIB)]).unwrap();
+        let ram = Ram::of(&*b);
+        for p in 0..pages {
+            ram.write(p * PAGE_SIZE, pattern(p, 0, g));
+        }
+        // Reclaim samples the folio and writes it; the write fails late.
+        mm.inject_swap_faults(plan(IoOp::Write, InjectedFault::SlowEio))
+            .unwrap();
+        let reclaim = {
+            let mm = mm.clone();
+            std::thread::spawn(move || mm.reclaim(Some(vm), 2 * MIB).unwrap())
+        };
+        std::thread::sleep(mem::SLOW_EIO_DELAY / 3);
+        let t0 = std::time::Instant::now();
+        assert_eq!(ram.read(5 * PAGE_SIZE), pattern(5, 0, g));
+        let waited = t0.elapsed();
+        let mut freed = reclaim.join().unwrap();
+        assert!(
+            waited >= mem::SLOW_EIO_DELAY / 3,
+            "round {g}: the access should have waited on the writeback, took {waited:?}"
+        );
+        assert_eq!(mm.vm_stats(vm).unwrap().swap.write_errors, 1, "round {g}");
+        // Disarmed: the folio goes out and its memory is free again.
+        mm.inject_swap_faults(Vec::new()).unwrap();
+        for _ in 0..4 {
+            freed += mm.reclaim(Some(vm), 2 * MIB).unwrap();
+        }
+        assert!(
+            freed >= 2 * MIB,
+            "round {g}: the folio was not freed after its write: {freed}"
+        );
+        assert_eq!(mm.vm_stats(vm).unwrap().resident_bytes(), 0, "round {g}");
+        for p in 0..pages {
+            assert_eq!(
+                ram.read(p * PAGE_SIZE),
+                pattern(p, 0, g),
+                "round {g}, page {p}"
+            );
+        }
+        drop(b);
+        mm.destroy_vm(vm).unwrap();
+    }
+    settle_and_check(&mm);
+}
+
 #[test]
 fn a_full_swap_file_leaves_memory_in_place() {
     // 2 MiB of swap for 8 MiB of guest: most folios cannot go out.

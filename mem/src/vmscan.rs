@@ -421,11 +421,17 @@ fn sample_folio(inner: &Inner, id: FolioId) {
     if ptl.is_dead() {
         return;
     }
-    let clean = inner
+    // A pin taken since `victim_info` looked (pins need only the
+    // page-table lock, which we hold now) keeps the folio mapped.
+    let Some(clean) = inner
         .folios
         .slab()
         .get(id)
-        .is_some_and(|f| f.flags.contains(FolioFlags::CLEAN));
+        .filter(|f| f.pincount == 0)
+        .map(|f| f.flags.contains(FolioFlags::CLEAN))
+    else {
+        return;
+    };
     let mut k = 0;
     while k < nr {
         if ptl.pte(first.forward(k)) != Pte::present(id, k) {
@@ -448,6 +454,14 @@ fn sample_folio(inner: &Inner, id: FolioId) {
             }
         }
         k += run;
+    }
+    // Sampled only if every page is out now. A MOVE that came up short
+    // (`EEXIST`, `ENOENT`, repeated `EBUSY`) leaves pages mapped, and a
+    // folio marked sampled with mapped pages would be taken as a victim
+    // on every pass and never sampled again; unmarked, it is sampled again
+    // later (its pages already out stay out, and a touch maps them back).
+    if !(0..nr).all(|k| ptl.pte(first.forward(k)) == Pte::prot_none(id, k)) {
+        return;
     }
     {
         let mut slab = inner.folios.slab();

@@ -254,6 +254,10 @@ fn a_refault_during_a_failed_swap_write_leaves_the_folio_reclaimable() {
             "round {g}: the access should have waited on the writeback, took {waited:?}"
         );
         assert_eq!(mm.vm_stats(vm).unwrap().swap.write_errors, 1, "round {g}");
+        // A handler may still be retrying the access's fault (a second
+        // event, raised while reclaim had the folio out again): it would
+        // refault the folio during the next writeback.
+        assert!(mm.wait_idle(std::time::Duration::from_secs(10)));
         // Disarmed: the folio goes out and its memory is free again.
         mm.inject_swap_faults(Vec::new()).unwrap();
         for _ in 0..4 {

@@ -611,13 +611,22 @@ fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<()
             MigrateError::Failed(FaultPoint::MigrateUnmap),
         );
     }
-    // Unmap every present run into its folio's pool range.
-    let pools: HashMap<FolioId, crate::types::PoolOffset> = {
+    // Unmap every present run into its folio's pool range. A member
+    // pinned since `scan_table` looked (a pin needs only the page-table
+    // lock, held again now) stays where the pin expects it.
+    let pools: Option<HashMap<FolioId, crate::types::PoolOffset>> = {
         let slab = inner.folios.slab();
         members
             .iter()
-            .map(|m| (m.0, slab.get(m.0).expect("we hold a reference").pool))
+            .map(|m| {
+                let f = slab.get(m.0).expect("we hold a reference");
+                (f.pincount == 0).then_some((m.0, f.pool))
+            })
             .collect()
+    };
+    let Some(pools) = pools else {
+        drop(ptl);
+        return abort(locks, new_lock, MigrateError::Pinned);
     };
     let mut moved: Vec<(u64, u64)> = Vec::new();
     let mut unmap_ok = true;

@@ -1178,6 +1178,14 @@ impl MemoryManager {
         check?;
         let folio_pages: u64 = {
             let slab = self.inner.folios.slab();
+            // At rest nothing holds a folio isolated: a mapped folio off
+            // the LRU could never be reclaimed (see `migrate_inner`).
+            if let Some((id, f)) = slab
+                .iter()
+                .find(|(_, f)| f.mapcount > 0 && !f.flags.contains(FolioFlags::LRU))
+            {
+                return Err(format!("folio {id:?} is mapped but not on the LRU: {f:?}"));
+            }
             Order::all()
                 .zip(slab.count_by_order())
                 .map(|(o, n)| o.nr_pages() * n)

@@ -132,7 +132,13 @@ fn migrate_inner(inner: &Inner, id: FolioId, target: Block) -> Result<FolioId, M
         } else if f.page_mapped.is_some() {
             Err(MigrateError::Partial)
         } else if f.mapcount as u64 == f.nr_pages() && !f.flags.contains(FolioFlags::SWAPCACHE) {
-            Ok(true)
+            match f.flags.contains(FolioFlags::LRU) {
+                true => Ok(true),
+                // Off the LRU, a mapped folio is isolated by reclaim, which
+                // owns it until it puts it back (`folio_isolate_lru()`
+                // failing): its replacement would never get onto the LRU.
+                false => Err(MigrateError::Busy),
+            }
         } else if f.mapcount == 0
             && f.flags.contains(FolioFlags::SWAPCACHE)
             && !f.flags.contains(FolioFlags::WRITEBACK)
@@ -236,6 +242,11 @@ fn migrate_mapped(
     let mut ptl = region.pt.lock(first);
     if ptl.is_dead() {
         return Err(MigrateError::Unmovable);
+    }
+    // A pin needs only the page-table lock: one taken since
+    // `migrate_inner` looked would keep pointing at the old folio.
+    if inner.folios.slab().live(id).pincount > 0 {
+        return Err(MigrateError::Pinned);
     }
     let in_guest = guest_mask(&ptl, id, first, nr).ok_or(MigrateError::Busy)?;
     if inner.inject.hit(FaultPoint::MigrateUnmap) {

@@ -455,22 +455,33 @@ fn swapin_read(
     let first = idx.align_down(order);
     let base = SwapSlot(slot.0 - (idx.0 - first.0) as u32);
     let nr = order.nr_pages();
-    let folio = new_swapin_folio(inner, region, first, block, base);
-    let lock = inner.folios.assume_locked(folio);
-    // Whether slots are plentiful (`!vm_swap_full()`), looked at under the
-    // swap lock this step takes anyway.
-    let (prepared, slots_plentiful) = {
+    // The folio is created and put in the swap cache under the swap lock
+    // and the folio-table lock together: if another faulter owns the slots,
+    // its record goes again before anyone (compaction looks folios up by
+    // id) could have seen it. Whether slots are plentiful
+    // (`!vm_swap_full()`) is looked at under the same swap lock.
+    let (folio, slots_plentiful) = {
         let mut st = dev.lock();
         let plentiful = st.map.nr_free() * 2 >= st.map.nr_slots();
-        (st.swapcache_prepare(base, nr, folio), plentiful)
+        let mut slab = inner.folios.slab();
+        let folio = new_swapin_folio(&mut slab, region, first, block, base);
+        match st.swapcache_prepare(base, nr, folio) {
+            true => (Some(folio), plentiful),
+            false => {
+                slab.live(folio).flags.remove(FolioFlags::LOCKED);
+                slab.remove(folio);
+                (None, plentiful)
+            }
+        }
     };
-    if !prepared {
-        // Another faulter owns these slots: find its folio next time. The
-        // folio was never visible, so nobody waits on its lock.
-        std::mem::forget(lock);
-        abandon(inner, folio, block);
+    let Some(folio) = folio else {
+        // Another faulter owns these slots: find its folio next time.
+        if let Err(e) = inner.buddy().free(block.offset, block.order, block.state) {
+            log_error(&format!("swapin abandon: {e}"));
+        }
         return FaultOutcome::Retry;
-    }
+    };
+    let lock = inner.folios.assume_locked(folio);
     // Place the markers, unless the entries changed since we looked.
     let placed = {
         let mut ptl = region.pt.lock(first);
@@ -537,7 +548,7 @@ fn swapin_read(
 /// A new folio for a swapin: born locked and in the swap cache (its
 /// references: ours and the cache's), mapped nowhere yet.
 fn new_swapin_folio(
-    inner: &Inner,
+    slab: &mut crate::folio::FolioSlab,
     region: &Region,
     first: PageIndex,
     block: Block,
@@ -548,7 +559,7 @@ fn new_swapin_folio(
     flags.insert(FolioFlags::SWAPCACHE);
     // Read for a fault, whose access is still to come.
     flags.insert(FolioFlags::REFERENCED);
-    inner.folios.slab().insert(Folio {
+    slab.insert(Folio {
         flags,
         refcount: 2,
         rmap: Some(Rmap {
@@ -561,19 +572,6 @@ fn new_swapin_folio(
         swap: Some(base),
         ..Folio::new(block.offset, block.order)
     })
-}
-
-/// Undo [`new_swapin_folio`] before anyone could see the folio.
-fn abandon(inner: &Inner, folio: FolioId, block: Block) {
-    let f = {
-        let mut slab = inner.folios.slab();
-        slab.live(folio).flags.remove(FolioFlags::LOCKED);
-        slab.remove(folio)
-    };
-    debug_assert_eq!(f.pool, block.offset);
-    if let Err(e) = inner.buddy().free(block.offset, block.order, block.state) {
-        log_error(&format!("swapin abandon: {e}"));
-    }
 }
 
 /// Read `nr` slots from `base` into the pool at `pool`; returns the pages

@@ -383,7 +383,22 @@ pub(crate) fn fault_in(
             swapin::wait_on_folio(inner, folio);
             FaultOutcome::Retry
         }
-        PteState::Poisoned => FaultOutcome::Poisoned,
+        PteState::Poisoned => {
+            // The kernel raises no MISSING fault through a poison marker:
+            // if one reached us, the marker is gone. Put it back (`EEXIST`
+            // if it is there after all), or the thread, woken, would fault
+            // here for ever instead of getting its memory error.
+            let addr = region.host_addr(idx).raw();
+            if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
+                if e.errno != libc::EEXIST {
+                    log_error(&format!(
+                        "UFFDIO_POISON again at {addr:#x}: errno {}",
+                        e.errno
+                    ));
+                }
+            }
+            FaultOutcome::Poisoned
+        }
     }
 }
 

@@ -356,6 +356,7 @@ fn pull_table(
         }
         // Move the present runs, host range to host range.
         let mut moved: Vec<(u64, u64)> = Vec::new();
+        let mut poisoned: Vec<u64> = Vec::new();
         let mut k = 0;
         let mut err = None;
         while k < n {
@@ -367,12 +368,7 @@ fn pull_table(
             };
             if !present(k) {
                 if sptl.pte(sfirst.forward(k)).state() == PteState::Poisoned {
-                    let addr = dst.host_addr(first.forward(k)).raw();
-                    if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
-                        log_error(&format!("relocation: re-poison at {addr:#x}: {}", e.errno));
-                    }
-                    let _ =
-                        sys::dontneed(src.host_addr(sfirst.forward(k)).raw(), PAGE_SIZE as usize);
+                    poisoned.push(k);
                 }
                 k += 1;
                 continue;
@@ -407,6 +403,16 @@ fn pull_table(
                 }
             }
             return Err(RelocateError::Move(e));
+        }
+        // Poison markers move only once nothing can fail: a pull that gave
+        // up after zapping one would leave a `Poisoned` entry with no
+        // marker, where the guest would fault for ever.
+        for k in poisoned {
+            let addr = dst.host_addr(first.forward(k)).raw();
+            if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
+                log_error(&format!("relocation: re-poison at {addr:#x}: {}", e.errno));
+            }
+            let _ = sys::dontneed(src.host_addr(sfirst.forward(k)).raw(), PAGE_SIZE as usize);
         }
         {
             let mut slab = inner.folios.slab();

@@ -92,6 +92,46 @@ fn check_poisoning(fault: InjectedFault) {
     settle_and_check(&mm);
 }
 
+/// A poisoned page whose kernel marker went missing (a relocation that
+/// gave up mid-table could once zap it) still gives a memory error: the
+/// fault that reaches the handler puts the marker back, instead of waking
+/// the access into the same fault for ever.
+#[test]
+fn a_poisoned_page_that_lost_its_marker_is_poisoned_again_on_access() {
+    let mm = swap_manager(4 * MIB, 2, 64 * MIB, false);
+    let (vm, b, ram) = swapped_vm(&mm);
+    let victim = 777;
+    let addr = ram.0.host_addr.add(victim * PAGE_SIZE).raw();
+    mm.inject_swap_faults(plan(IoOp::Read, InjectedFault::Eio))
+        .unwrap();
+    assert_eq!(try_read(addr), None, "poisoned by the failed read");
+    // SAFETY: a page of our guest mapping that holds only a poison marker;
+    // MADV_DONTNEED drops the marker and touches no Rust object.
+    let rc = unsafe {
+        libc::madvise(
+            addr as *mut libc::c_void,
+            PAGE_SIZE as usize,
+            libc::MADV_DONTNEED,
+        )
+    };
+    assert_eq!(rc, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(try_read(addr)));
+    let r = rx.recv_timeout(std::time::Duration::from_secs(10));
+    assert_eq!(
+        r,
+        Ok(None),
+        "the access must fail with a memory error, not spin or read data"
+    );
+    assert_eq!(try_read(addr), None, "and keep failing");
+    mm.discard(vm, ram.gpa(victim * PAGE_SIZE), PAGE_SIZE)
+        .unwrap();
+    assert_eq!(try_read(addr), Some(0), "a discard clears the poison");
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
 #[test]
 fn eio_on_swapin_poisons_the_page() {
     check_poisoning(InjectedFault::Eio);

@@ -89,6 +89,23 @@ pub(crate) fn discard(
     Ok(out)
 }
 
+/// Discard pages `[first, end)` of a region no relocation pulls into
+/// (the tail of a failed grow, see `relocate::undo`).
+///
+/// # Context
+/// No locks held.
+pub(crate) fn discard_pages(
+    inner: &Inner,
+    region: &Region,
+    first: PageIndex,
+    end: PageIndex,
+) -> DiscardOutcome {
+    let mut out = DiscardOutcome::default();
+    let moved = discard_in(inner, region, first, end, &mut out);
+    debug_assert!(moved.is_none(), "nothing pulls into {region:?}");
+    out
+}
+
 /// Discard pages `[first, end)` of `region`. Returns the first page not
 /// done if the region was relocated meanwhile.
 fn discard_in(

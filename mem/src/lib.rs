@@ -55,6 +55,7 @@
 //!
 //! leaf locks taken alone:   Inner::regions (registry), Inner::vms,
 //!                           Inner::pending, Inner::kick, Inner::kswapd_kick,
+//!                           Inner::unpins,
 //!                           SwapFile::plans (fault injection)
 //! inside folio_lock only:   wait-queue lock -> folio-table lock
 //! ```

@@ -31,7 +31,7 @@ use crate::vmscan::{self, VmLimits};
 use crate::RamRegion;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -260,6 +260,11 @@ pub(crate) struct Inner {
     /// Threads in [`Inner::wait_for_memory`]: the worker never holds off
     /// while one waits.
     pub memory_waiters: AtomicU64,
+    /// Unpins seen by [`Inner::wait_unpin`] waiters (a generation). Leaf.
+    unpins: Mutex<u64>,
+    unpin_cv: Condvar,
+    /// Threads that may wait for an unpin (counted before they look).
+    unpin_waiters: AtomicU64,
     /// When reclaim last ran, in ns since `started` (0: never).
     last_reclaim_ns: AtomicU64,
     /// The manager's creation, the epoch of `last_reclaim_ns`.
@@ -492,6 +497,48 @@ impl Inner {
         woken
     }
 
+    /// A folio's last pin went (see `pin::PinGuard`): wake the threads in
+    /// [`Inner::wait_unpin`], if any. Without waiters no lock is taken.
+    pub fn note_unpin(&self) {
+        if self.unpin_waiters.load(SeqCst) > 0 {
+            *self.unpins.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            self.unpin_cv.notify_all();
+        }
+    }
+
+    /// Run `attempt` until it returns `Some`, sleeping between tries until
+    /// some folio's last pin goes (or `limit` passes: then `None`). For
+    /// paths that must not fail on a transient pin (a relocation's undo).
+    /// The waiter counts itself before each attempt looks at pin counts,
+    /// so an unpin after that look always wakes it.
+    ///
+    /// # Context
+    /// No locks held.
+    pub fn wait_unpin<T>(
+        &self,
+        limit: Duration,
+        mut attempt: impl FnMut() -> Option<T>,
+    ) -> Option<T> {
+        let start = Instant::now();
+        self.unpin_waiters.fetch_add(1, SeqCst);
+        let r = loop {
+            let seen = *self.unpins.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = attempt() {
+                break Some(r);
+            }
+            let Some(left) = limit.checked_sub(start.elapsed()) else {
+                break None;
+            };
+            let g = self.unpins.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = self
+                .unpin_cv
+                .wait_timeout_while(g, left, |g| *g == seen)
+                .unwrap_or_else(|e| e.into_inner());
+        };
+        self.unpin_waiters.fetch_sub(1, SeqCst);
+        r
+    }
+
     /// Wake the background reclaimer.
     pub fn kick_kswapd(&self) {
         *self.kswapd_kick.lock().unwrap_or_else(|e| e.into_inner()) = true;
@@ -631,6 +678,9 @@ impl MemoryManager {
             reclaimers: AtomicU64::new(0),
             compacting: AtomicU64::new(0),
             memory_waiters: AtomicU64::new(0),
+            unpins: Mutex::new(0),
+            unpin_cv: Condvar::new(),
+            unpin_waiters: AtomicU64::new(0),
             last_reclaim_ns: AtomicU64::new(0),
             started: Instant::now(),
             kswapd_kick: Mutex::new(false),

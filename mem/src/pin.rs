@@ -222,6 +222,7 @@ impl Drop for PinGuard {
     fn drop(&mut self) {
         let mut freed = Vec::new();
         let mut pages = 0i64;
+        let mut unpinned = false;
         {
             let mut slab = self.inner.folios.slab();
             for &(id, n) in &self.pins {
@@ -230,10 +231,14 @@ impl Drop for PinGuard {
                     f.pincount -= n;
                     if f.pincount == 0 {
                         f.flags.remove(FolioFlags::PINNED);
+                        unpinned = true;
                     }
                 }
                 freed.extend(slab.put_refs(id, n));
             }
+        }
+        if unpinned {
+            self.inner.note_unpin();
         }
         for f in freed {
             self.inner.free_range(f);

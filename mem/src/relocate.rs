@@ -688,6 +688,10 @@ pub(crate) fn relocate(
     })
 }
 
+/// How long an undo waits for a page of a table it must move back to be
+/// unpinned (device pins last one request).
+const UNDO_PIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Move the tables already in `dst` back to the sources, switching the
 /// VMM back first (module docs).
 fn undo(
@@ -713,6 +717,8 @@ fn undo(
             pull.pending[t as usize].store(false, SeqCst);
         }
     }
+    dst.set_pull(None);
+    discard_tail(inner, dst, pull);
     let back: Vec<Arc<PullSource>> = sources
         .iter()
         .map(|(s, shift)| {
@@ -732,7 +738,6 @@ fn undo(
             p
         })
         .collect();
-    dst.set_pull(None);
     sources
         .iter()
         .for_each(|(s, _)| s.set_state(RegionState::Live));
@@ -740,11 +745,60 @@ fn undo(
     inner.kick_worker();
     for ((s, _), p) in sources.iter().zip(&back) {
         for st in 0..s.pt.nr_tables() {
-            pull_table(inner, s, p, st, false).map_err(|e| e.to_string())?;
+            // A device may have pinned a page of a table moved since the
+            // switch: undo cannot refuse, so it waits for the unpin.
+            let mut last = None;
+            let pulled =
+                inner.wait_unpin(UNDO_PIN_WAIT, || match pull_table(inner, s, p, st, false) {
+                    Err(RelocateError::Pinned(at)) => {
+                        last = Some(at);
+                        None
+                    }
+                    r => Some(r),
+                });
+            match pulled {
+                Some(r) => r.map_err(|e| e.to_string())?,
+                None => {
+                    return Err(format!(
+                        "page {} stayed pinned for {UNDO_PIN_WAIT:?}",
+                        last.unwrap_or_default()
+                    ))
+                }
+            };
         }
         s.set_pull(None);
     }
     Ok(())
+}
+
+/// Discard the pages of `dst` that no source had (the tail of a failed
+/// grow, in the source's last, partial table and in tables of their own):
+/// what the guest wrote there since the switch has nowhere to go back to,
+/// as memory unplugged from a guest. Moved back, such pages would land
+/// outside the source (`EINVAL`); left, their folios would leak with the
+/// region.
+///
+/// # Context
+/// After the switch back: the vCPUs use the sources again.
+fn discard_tail(inner: &Inner, dst: &Region, pull: &PullSource) {
+    let pages = dst.size() / PAGE_SIZE;
+    let mut pinned = 0;
+    for t in 0..dst.pt.nr_tables() {
+        let first = PageIndex(t * PTRS_PER_TABLE);
+        let end = PageIndex((first.0 + PTRS_PER_TABLE).min(pages));
+        let had = pull.source_of(t).map_or(0, |(s, st)| {
+            (s.size() / PAGE_SIZE - st * PTRS_PER_TABLE).min(PTRS_PER_TABLE)
+        });
+        if first.forward(had) < end {
+            let out = crate::discard::discard_pages(inner, dst, first.forward(had), end);
+            pinned += out.skipped_pinned_pages;
+        }
+    }
+    if pinned > 0 {
+        log_error(&format!(
+            "relocation undo: {pinned} pinned pages of the new tail stay until unpinned"
+        ));
+    }
 }
 
 /// Migrate every 2 MiB folio of `region` into a fresh THP block, so that

@@ -262,6 +262,117 @@ fn every_failed_step_is_undone() {
     settle_and_check(&mm);
 }
 
+/// A grow that fails after the switch is undone even when the guest wrote
+/// the new tail meanwhile, in the source's last, partial table and in
+/// tables with no source at all: that memory has nowhere to go back to, so
+/// it is discarded (nothing is moved outside the source, nothing leaks),
+/// and the source's data is intact.
+#[test]
+fn a_failed_grow_discards_what_the_guest_wrote_in_the_new_tail() {
+    let mm = swap_manager(32 * MIB, 2, 64 * MIB, false);
+    let vm = mm.create_vm("grow-undo").unwrap();
+    let size = 6 * MIB + 12 * 1024;
+    let b = mm.backend(vm, &[(GuestAddress(0), size)]).unwrap();
+    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
+    let pages = size / PAGE_SIZE;
+    fill(&view, 0, pages, 5);
+    let before = mm.vm_regions(vm).unwrap();
+    mm.inject_faults(vec![InjectPlan {
+        point: FaultPoint::RelocateCommit,
+        skip: 0,
+        count: 1,
+    }]);
+    let wrote = AtomicBool::new(false);
+    let e = mm
+        .relocate(
+            vm,
+            GuestAddress(0),
+            RelocateOp::Grow(10 * MIB),
+            &mut |sw| view.switch(sw),
+            &|_, _| {
+                // After the switch: the tail is guest memory now.
+                if !wrote.swap(true, SeqCst) {
+                    fill(&view, size, (10 * MIB - size) / PAGE_SIZE, 6);
+                }
+            },
+        )
+        .unwrap_err();
+    assert!(wrote.load(SeqCst));
+    assert!(
+        matches!(e, RelocateError::Injected(FaultPoint::RelocateCommit)),
+        "{e}"
+    );
+    assert_eq!(mm.vm_regions(vm).unwrap(), before, "undone");
+    verify(&view, 0, pages, 5, "after the failed grow");
+    assert_eq!(
+        mm.vm_stats(vm).unwrap().resident_bytes(),
+        size.next_multiple_of(PAGE_SIZE),
+        "only the source's pages are resident"
+    );
+    settle_and_check(&mm);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+    assert_eq!(mm.stats().free_bytes, 32 * MIB, "every folio was freed");
+}
+
+/// A device pin on a page of a table already moved to the new range does
+/// not make a failing relocation's undo fail: the undo waits for the unpin
+/// (one device request) and moves the table back.
+#[test]
+fn an_undo_waits_for_a_transient_pin_in_a_moved_table() {
+    let mm = manager(24 * MIB, 2);
+    let vm = mm.create_vm("undo-pin").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 8 * MIB)]).unwrap();
+    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
+    let pages = 8 * MIB / PAGE_SIZE;
+    fill(&view, 0, pages, 7);
+    let before = mm.vm_regions(vm).unwrap();
+    mm.inject_faults(vec![InjectPlan {
+        point: FaultPoint::RelocateCommit,
+        skip: 0,
+        count: 1,
+    }]);
+    let hold = std::time::Duration::from_millis(300);
+    let released = std::sync::Mutex::new(None);
+    let t0 = std::time::Instant::now();
+    let e = mm
+        .relocate(
+            vm,
+            GuestAddress(0),
+            RelocateOp::ToAligned,
+            &mut |sw| view.switch(sw),
+            &|done, _| {
+                let mut r = released.lock().unwrap();
+                if done == 1 && r.is_none() {
+                    // Table 0 is in the new range now: a device pins a page
+                    // of it for one request.
+                    let pin = mm.pin(vm, GuestAddress(8192), PAGE_SIZE).unwrap();
+                    *r = Some(std::thread::spawn(move || {
+                        std::thread::sleep(hold);
+                        drop(pin);
+                    }));
+                }
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, RelocateError::Injected(FaultPoint::RelocateCommit)),
+        "{e}"
+    );
+    released
+        .lock()
+        .unwrap()
+        .take()
+        .expect("pinned")
+        .join()
+        .unwrap();
+    assert!(t0.elapsed() >= hold, "the undo waited for the unpin");
+    assert_eq!(mm.vm_regions(vm).unwrap(), before, "undone");
+    verify(&view, 0, pages, 7, "after the undo");
+    settle_and_check(&mm);
+}
+
 #[test]
 fn merge_and_grow() {
     let mm = manager(64 * MIB, 2);

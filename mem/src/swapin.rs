@@ -157,14 +157,20 @@ fn refault_swapcache(
     let region = owner.as_deref().unwrap_or(region);
     let first = rmap.map_or(idx, |r| r.index);
     let nr = order.nr_pages();
-    let mapped = {
-        let mut ptl = region.pt.lock(first);
-        let mask = match ptl.is_dead() {
-            true => [0; 8],
-            false => entries_mask(&ptl, first, nr, |k| Pte::swap(base.forward(k))),
-        };
-        map_folio_pages(inner, region, &mut ptl, folio, first, &mask, false);
-        mask
+    // An rmap naming a region gone since leaves `first` meaningless here:
+    // then nothing maps (and nothing indexes past this region's tables).
+    let fits = first.0 + nr <= region.size() / PAGE_SIZE;
+    let mapped = match fits {
+        false => [0; 8],
+        true => {
+            let mut ptl = region.pt.lock(first);
+            let mask = match ptl.is_dead() {
+                true => [0; 8],
+                false => entries_mask(&ptl, first, nr, |k| Pte::swap(base.forward(k))),
+            };
+            map_folio_pages(inner, region, &mut ptl, folio, first, &mask, false);
+            mask
+        }
     };
     release_swap(inner, dev, folio, base, &mapped);
     both(inner, region, |c| {

@@ -53,10 +53,13 @@
 //!   +-- zap-queue lock      Inner::zapq (leaf; held across one
 //!                           process_madvise of stale pool ranges, see `gather`)
 //!
-//! leaf locks taken alone:   Inner::regions (registry), Inner::vms,
-//!                           Inner::pending, Inner::kick, Inner::kswapd_kick,
-//!                           Inner::unpins,
-//!                           SwapFile::plans (fault injection)
+//! leaf locks (nothing is   Inner::regions (registry), Inner::vms,
+//! taken under them):        Inner::pending, Inner::kick, Inner::kswapd_kick,
+//!                           Inner::unpins, SwapFile::plans (fault injection);
+//!                           taken alone, except Inner::pending under the zone
+//!                           lock (the worker's `faults_parked`) and
+//!                           Inner::kswapd_kick under the zone and page-table
+//!                           locks (`check_watermark` on allocation)
 //! inside folio_lock only:   wait-queue lock -> folio-table lock
 //! ```
 //! Handler threads take page-table and leaf locks (and folio locks under

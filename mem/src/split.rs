@@ -64,10 +64,19 @@ fn next_queued(inner: &Inner) -> Option<(FolioId, Rmap)> {
     }
 }
 
-fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
+fn split_one(inner: &Inner, id: FolioId, queued: Rmap) {
     let mut freed: Vec<FreedRange> = Vec::new();
+    let lock = inner.folios.lock(id);
+    // Read the rmap again under the folio lock, which holds it still: a
+    // relocation pull (it needs the lock) may have moved the folio since
+    // it was queued, and the old table, gone, would skip the split.
+    let rmap = inner
+        .folios
+        .slab()
+        .get(id)
+        .and_then(|f| f.rmap)
+        .unwrap_or(queued);
     if let Some(region) = inner.find_region(rmap.vm, rmap.region) {
-        let _lock = inner.folios.lock(id);
         let mut ptl = region.pt.lock(rmap.index);
         let mut slab = inner.folios.slab();
         // From here on a discard that leaves it partial queues it again.
@@ -160,6 +169,7 @@ fn split_one(inner: &Inner, id: FolioId, rmap: Rmap) {
     } else if let Some(f) = inner.folios.slab().get_mut(id) {
         f.flags.remove(FolioFlags::DEFERRED_SPLIT);
     }
+    drop(lock);
     // Drop our reference: this frees the folio if it was unmapped meanwhile.
     freed.extend(inner.folios.slab().put_refs(id, 1));
     for f in freed {

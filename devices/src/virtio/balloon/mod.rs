@@ -26,6 +26,9 @@ pub const TYPE_BALLOON: u32 = 5;
 pub const BALLOON_PAGE: u64 = 4096;
 /// Queue size; Linux needs at least 32 entries for reporting.
 pub const QUEUE_SIZE: u16 = 256;
+/// Page numbers one inflate or deflate request may carry: Linux sends at
+/// most `VIRTIO_BALLOON_ARRAY_PFNS_MAX` (256) per request.
+pub const MAX_PFNS_PER_REQUEST: u64 = 256;
 
 const F_MUST_TELL_HOST: u32 = 0;
 const F_STATS_VQ: u32 = 1;
@@ -204,9 +207,17 @@ impl Balloon {
             .warn(|| format!("balloon: malformed {what} request: {e}"));
     }
 
-    /// Inflate or deflate: the chain carries le32 page numbers.
+    /// Inflate or deflate: the chain carries le32 page numbers, at most
+    /// [`MAX_PFNS_PER_REQUEST`] of them (a guest could otherwise make the
+    /// VMM allocate for a list as long as its RAM, again per descriptor).
     fn page_list(&mut self, chain: &Chain, mem: &GuestMemoryMmap) -> Result<Vec<u64>, String> {
         let mut pfns = Vec::new();
+        let total: u64 = chain.buffers.iter().map(|b| u64::from(b.len)).sum();
+        if total > MAX_PFNS_PER_REQUEST * 4 {
+            return Err(format!(
+                "page list of {total} bytes is longer than {MAX_PFNS_PER_REQUEST} page numbers"
+            ));
+        }
         for b in &chain.buffers {
             if b.writable {
                 return Err("page list in a device-writable buffer".into());
@@ -553,7 +564,8 @@ mod tests {
         let mem = memory();
         let rec = Arc::new(Recorder::default());
         let mut b = Balloon::new(ALL, rec.clone());
-        // A page outside RAM, a list in a writable buffer, a ragged list, a loop.
+        // A page outside RAM, a list in a writable buffer, a ragged list, a
+        // loop, and a list longer than a request may be (257 pages).
         mem.write_slice(&0xfff_fffu32.to_le_bytes(), GuestAddress(0x10000))
             .unwrap();
         for d in [
@@ -561,13 +573,14 @@ mod tests {
             vec![desc(0x10000, 4, VRING_DESC_F_WRITE, 0)],
             vec![desc(0x10000, 3, 0, 0)],
             vec![desc(0x10000, 4, VRING_DESC_F_NEXT, 0)],
+            vec![desc(0x10000, (MAX_PFNS_PER_REQUEST as u32 + 1) * 4, 0, 0)],
         ] {
             activate(&mut b, &mem, 0, &d);
             b.process_queue(0);
             let q = &b.active.as_ref().unwrap().0.queues[0];
             assert_eq!(q.next_used(), 1, "the chain is returned");
         }
-        assert_eq!(b.counters().malformed, 4);
+        assert_eq!(b.counters().malformed, 5);
         assert!(rec.0.lock().unwrap().is_empty());
     }
 

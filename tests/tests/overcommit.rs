@@ -125,3 +125,52 @@ fn a_guest_over_budget_without_swap_is_warned_of_and_its_stall_reported() {
     );
     assert!(stderr.contains("interrupted by signal 15"), "{stderr}");
 }
+
+/// In a run of several VMs, one that finishes gives its guest memory back
+/// at once, not when the whole run ends: here the second VM touches more
+/// than the budget leaves it beside the first (no swap file), and it
+/// completes only because the first's memory was released when it stopped.
+#[test]
+fn a_vm_that_stops_gives_its_memory_to_the_vms_still_running() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("foliovm-reap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("vms.json");
+    let text = serde_json::json!({
+        "foliovm": {"mem_budget": "384M"},
+        "vms": [
+            {"name": "a", "machine-config": {"vcpu_count": 1, "mem_size_mib": 160},
+             "foliovm": {"workload": "seq:128M,passes=1"}},
+            {"name": "b", "machine-config": {"vcpu_count": 1, "mem_size_mib": 320},
+             "foliovm": {"workload": "seq:300M,passes=1"}}
+        ]
+    });
+    std::fs::write(&cfg, text.to_string()).unwrap();
+    let out = run_foliovm(
+        &[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--log-level",
+            "info",
+        ],
+        Duration::from_secs(120),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("guest memory released vm=a"), "{stderr}");
+    let results: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("FOLIOVM-RESULT "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 2, "{stdout}");
+    for r in &results {
+        assert_eq!(r["complete"], true, "{r}");
+        assert_eq!(r["mismatches"], 0, "{r}");
+    }
+}

@@ -147,6 +147,13 @@ impl Controller {
             || (!vms.is_empty() && vms.iter().all(|v| v.stop_signal().is_stopping()))
     }
 
+    /// Reap the VMs that stopped while others run: their vCPUs joined,
+    /// their guest memory given back ([`Vm::reap`]).
+    pub fn reap_stopped(&self) {
+        let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms.iter_mut().for_each(Vm::reap);
+    }
+
     /// Stop, join and summarise every VM.
     pub fn finish(&self) -> Vec<RunOutcome> {
         let vms = std::mem::take(&mut *self.vms.lock().unwrap_or_else(|p| p.into_inner()));

@@ -390,6 +390,9 @@ pub struct Vm {
     /// Holds the KVM VM (memslots, irqchip) open until after the vCPUs.
     _kvm: KvmVm,
     ram: GuestRam,
+    /// Set once a stopped VM was reaped while others still run
+    /// ([`Vm::reap`]).
+    outcome: Option<RunOutcome>,
 }
 
 impl Vm {
@@ -504,6 +507,7 @@ impl Vm {
             started: None,
             _kvm: kvm,
             ram,
+            outcome: None,
         })
     }
 
@@ -724,6 +728,35 @@ impl Vm {
     /// Stop the vCPUs (the stop reason must already be set, or `fallback`
     /// is used), join them and summarise the run.
     pub fn finish(mut self, fallback: ExitReason) -> RunOutcome {
+        match self.outcome.take() {
+            Some(o) => o,
+            None => self.conclude(fallback),
+        }
+    }
+
+    /// A VM that stopped while others of the run go on: join its vCPUs,
+    /// summarise its run now, and give its guest memory back to the
+    /// memory manager (every region discarded: its folios and swap slots
+    /// freed), so that the VMs still running can use it. Nothing if the VM
+    /// has not stopped or was reaped already.
+    pub fn reap(&mut self) {
+        if !self.ctx.stop.is_stopping() || self.outcome.is_some() {
+            return;
+        }
+        let fallback = ExitReason::Error("VM stopped without a reason".into());
+        let outcome = self.conclude(fallback);
+        if let Some((mm, id)) = &self.ram.manager {
+            for r in mm.vm_regions(*id).unwrap_or_default() {
+                if let Err(e) = mm.discard(*id, r.guest_base, r.size) {
+                    tracing::warn!(vm = %self.config.name, "releasing guest memory: {e}");
+                }
+            }
+            tracing::info!(vm = %self.config.name, "guest memory released");
+        }
+        self.outcome = Some(outcome);
+    }
+
+    fn conclude(&mut self, fallback: ExitReason) -> RunOutcome {
         let wall = self.started.map(|s| s.elapsed()).unwrap_or_default();
         self.ctx.stop.request(fallback);
         self.ctx.gate.open();

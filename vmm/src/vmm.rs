@@ -262,6 +262,10 @@ pub fn serve(opts: ServeOptions) -> Result<Vec<RunOutcome>, VmmError> {
         if let Err(e) = events.run_with_timeout(200) {
             controller.request_exit(ExitReason::Error(format!("event loop failed: {e}")));
         }
+        // A VM that stopped while others run gives its memory back now.
+        if !controller.should_exit() {
+            controller.reap_stopped();
+        }
     }
     drop(api);
     SIGNAL_FD.store(-1, Ordering::SeqCst);

@@ -695,6 +695,9 @@ impl Vm {
             }
             r
         };
+        if let mem::RelocateOp::Grow(size) = op {
+            check_grow(&mm.vm_regions(*id).unwrap_or_default(), gpa, size)?;
+        }
         tracing::info!(vm = %self.config.name, gpa, ?op, "relocating");
         let rep = mm
             .relocate(*id, mem::GuestAddress(gpa), op, &mut switch, progress)
@@ -810,6 +813,30 @@ impl Vm {
     }
 }
 
+/// Refuse to grow the RAM region holding `gpa` to `size` bytes across the
+/// 32-bit MMIO gap: the grown memslot would shadow the virtio-mmio
+/// windows, the workload guest's result page, the IOAPIC and the LAPIC.
+fn check_grow(regions: &[RamRegion], gpa: u64, size: u64) -> Result<(), String> {
+    let gap = layout::MMIO_GAP_START.raw();
+    let Some(r) = regions
+        .iter()
+        .find(|r| gpa >= r.guest_base.raw() && gpa < r.guest_base.raw() + r.size)
+    else {
+        // The memory manager names the missing region.
+        return Ok(());
+    };
+    let base = r.guest_base.raw();
+    match base < gap && base.saturating_add(size) > gap {
+        true => Err(format!(
+            "growing the RAM region at {base:#x} to {} MiB would reach into the MMIO gap at \
+             {gap:#x}; it can grow to at most {} MiB",
+            size >> 20,
+            (gap - base) >> 20
+        )),
+        false => Ok(()),
+    }
+}
+
 fn load_payload(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
@@ -836,6 +863,26 @@ fn load_payload(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn growing_ram_into_the_mmio_gap_is_refused() {
+        let low = RamRegion {
+            guest_base: mem::GuestAddress(0),
+            size: 128 << 20,
+            host_addr: mem::HostAddr(0x7f00_0000_0000),
+        };
+        let e = super::check_grow(&[low], 0, 3584 << 20).unwrap_err();
+        assert!(
+            e.contains("MMIO gap at 0xd0000000") && e.contains("at most 3328 MiB"),
+            "{e}"
+        );
+        assert!(super::check_grow(&[low], 0, 3328 << 20).is_ok());
+        let high = RamRegion {
+            guest_base: mem::GuestAddress(1 << 32),
+            ..low
+        };
+        assert!(super::check_grow(&[high], 1 << 32, 64 << 30).is_ok());
+    }
+
     use super::*;
 
     /// Subscribes one eventfd.

@@ -94,6 +94,22 @@ fn firecracker_api_sequence_boots_linux_and_ctrl_alt_del_ends_it() {
         Some(r#"{"action_type": "SendCtrlAltDel"}"#),
     );
     assert_eq!(r.status, 400, "no VM to send keys to yet: {}", r.body);
+    // A start that fails (a mistyped kernel path, with the default 128 MiB
+    // machine-config) leaves nothing behind: the memory made for it is not
+    // what the corrected start below (256 MiB) runs on.
+    let r = vm.call(
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = vm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("/nonexistent/vmlinux"), "{}", r.body);
     let r = vm.call("PUT", "/boot-source", Some(&boot));
     assert_eq!(r.status, 204, "{}", r.body);
     let r = vm.call(
@@ -109,6 +125,8 @@ fn firecracker_api_sequence_boots_linux_and_ctrl_alt_del_ends_it() {
     );
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(vm.call("GET", "/", None).json()["state"], "Running");
+    let budget = vm.call("GET", "/budget", None).json();
+    assert_eq!(budget["budget_bytes"], 256 << 20, "{budget}");
     let r = vm.call("PUT", "/boot-source", Some(&boot));
     assert_eq!(r.status, 400, "configuration is refused after start");
     vm.wait_for_line("api-42", LIMIT);

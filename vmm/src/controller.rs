@@ -79,10 +79,12 @@ impl Controller {
         }
     }
 
-    fn memory_source_for(&self, run: &RunConfig) -> Result<MemorySource, VmmError> {
+    /// The memory source of the run: the one set or made before, or a new
+    /// one sized for `run` (then also `true`).
+    fn memory_source_for(&self, run: &RunConfig) -> Result<(MemorySource, bool), VmmError> {
         let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = src.as_ref() {
-            return Ok(s.clone());
+            return Ok((s.clone(), false));
         }
         let run = RunConfig {
             vms: run.vms.clone(),
@@ -90,7 +92,7 @@ impl Controller {
         };
         let s = memory_source(&run)?;
         *src = Some(s.clone());
-        Ok(s)
+        Ok((s, true))
     }
 
     /// Use `source` for every VM (benchmarks share one manager across runs).
@@ -108,7 +110,7 @@ impl Controller {
         events: &mut EventManager<Subscriber>,
     ) -> Result<(), VmmError> {
         run.validate(&self.limits)?;
-        let source = self.memory_source_for(run)?;
+        let (source, _) = self.memory_source_for(run)?;
         let mut built = Vec::with_capacity(run.vms.len());
         for config in &run.vms {
             built.push(Vm::build(config, &source, &self.quirks, events)?);
@@ -318,7 +320,7 @@ impl ApiBackend for Controller {
         let run = RunConfig::single(config.clone(), self.memory.clone());
         run.validate(&self.limits)
             .map_err(|e| ApiError::bad(e.to_string()))?;
-        let source = self
+        let (source, made) = self
             .memory_source_for(&run)
             .map_err(|e| ApiError::internal(format!("{e:#}")))?;
         let quirks = self.quirks.clone();
@@ -326,7 +328,14 @@ impl ApiBackend for Controller {
         let vm = self
             .endpoint
             .call_blocking(move |ops| Vm::build(&config, &source, &quirks, ops))
-            .map_err(|e: VmmError| ApiError::bad(error_chain(&e)))?;
+            .map_err(|e: VmmError| {
+                // Sized for this machine-config: a retry after a fix (of
+                // the boot source, or of the memory size) gets a new one.
+                if made {
+                    *self.source.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                ApiError::bad(error_chain(&e))
+            })?;
         self.start_built(vec![vm])
             .map_err(|e| ApiError::internal(error_chain(&e)))
     }

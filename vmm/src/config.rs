@@ -76,6 +76,17 @@ impl std::str::FromStr for MemBackendKind {
     }
 }
 
+/// Whether `name` can name a VM: 1 to 64 characters of ASCII letters,
+/// digits, `-`, `_` and `.`, so that it is one segment of an API path, a
+/// thread name and a Prometheus label value as it is.
+pub fn valid_vm_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 /// One VM's configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmConfig {
@@ -157,6 +168,13 @@ impl VmConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the offending value.
     pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        if !valid_vm_name(&self.name) {
+            return Err(ConfigError::Invalid(format!(
+                "VM name {:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' and '.' \
+                 (the API addresses VMs by name in its paths)",
+                self.name
+            )));
+        }
         if self.mem_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "memory size must be greater than 0".into(),

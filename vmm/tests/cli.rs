@@ -181,6 +181,16 @@ fn malformed_config_files() {
     let (code, stderr) = foliovm(&["run", "--config", &both, "--kernel", "/x"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("cannot be used with"), "{stderr}");
+    // Names the API could not address, a thread could not carry, or a
+    // Prometheus label would break on.
+    // JSON string bodies: empty, a slash, a NUL, quotes.
+    for name in ["", "a/b", r"a\u0000b", r#"say \"hi\""#] {
+        let text = format!(
+            r#"{{"vms": [{{"name": "{name}", "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}}, "foliovm": {{"workload": "seq:4M"}}}}]}}"#
+        );
+        let f = d.file("names.json", text.as_bytes());
+        expect_error(&["run", "--config", &f], "must be 1 to 64 characters");
+    }
 }
 
 #[test]

@@ -379,11 +379,7 @@ fn operation_id(s: &str) -> Option<OperationId> {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    crate::config::valid_vm_name(name)
 }
 
 /// Route one request. Never panics; malformed requests get a 4xx and change

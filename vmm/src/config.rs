@@ -562,6 +562,15 @@ impl VmSections {
                 ))
             }
         };
+        if matches!(payload, GuestPayload::Workload(_))
+            && (!virtio.drives.is_empty() || virtio.balloon.is_some())
+        {
+            return Err(ConfigError::Invalid(
+                "drives and balloon need a Linux guest (boot-source): the workload guest \
+                 has no virtio drivers"
+                    .into(),
+            ));
+        }
         Ok(VmConfig {
             name: self.name.unwrap_or(default_name),
             payload,

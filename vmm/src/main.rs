@@ -274,9 +274,9 @@ struct RunArgs {
     /// default to what their range needs; Linux guests to 256M.
     #[arg(long)]
     mem: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
+    /// Number of vCPUs (default 1).
+    #[arg(long)]
+    vcpus: Option<u32>,
     /// Guest memory backend: `folio` (foliovm's memory manager) or `anon`
     /// (plain anonymous memory, the kernel serves faults; the baseline).
     /// Default: folio.
@@ -347,14 +347,15 @@ fn run_config(a: &RunArgs) -> Result<RunConfig> {
         let memory_flags = a.swap_file.is_some() || a.swap_dir.is_some() || a.swap_size.is_some();
         let vm_flags = a.mem_min.is_some() || a.mem_max.is_some() || a.priority.is_some();
         if a.mem.is_some()
+            || a.vcpus.is_some()
             || a.mem_budget.is_some()
             || a.mem_backend.is_some()
             || memory_flags
             || vm_flags
         {
             bail!(
-                "memory and swap flags cannot be combined with --config; \
-                 set machine-config.mem_size_mib and the foliovm section's mem_budget, mem_backend, swap_*, mem_min, mem_max, priority"
+                "VM, memory and swap flags cannot be combined with --config; \
+                 set machine-config.vcpu_count and mem_size_mib and the foliovm section's mem_budget, mem_backend, swap_*, mem_min, mem_max, priority"
             );
         }
         let (config, warnings) = ConfigFile::load(path)?;
@@ -380,8 +381,9 @@ fn run_config(a: &RunArgs) -> Result<RunConfig> {
         }
         (None, GuestPayload::Linux { .. }) => 256 << 20,
     };
-    let vcpus = u8::try_from(a.vcpus)
-        .map_err(|_| anyhow::anyhow!("vCPU count {} exceeds the maximum of 254", a.vcpus))?;
+    let n = a.vcpus.unwrap_or(1);
+    let vcpus = u8::try_from(n)
+        .map_err(|_| anyhow::anyhow!("vCPU count {n} exceeds the maximum of 254"))?;
     let memory = memory_config(a)?;
     let vm = VmConfig {
         name: "vm0".into(),
@@ -488,6 +490,20 @@ fn run(a: &RunArgs) -> Result<Vec<vmm::vmm::RunOutcome>> {
     let waits_for_api =
         a.api_sock.is_some() && a.kernel.is_none() && a.workload.is_none() && a.config.is_none();
     let (run, memory) = if waits_for_api {
+        let vm_flags = [
+            ("--mem", a.mem.is_some()),
+            ("--vcpus", a.vcpus.is_some()),
+            ("--mem-min", a.mem_min.is_some()),
+            ("--mem-max", a.mem_max.is_some()),
+            ("--priority", a.priority.is_some()),
+        ];
+        if let Some((flag, _)) = vm_flags.iter().find(|(_, given)| *given) {
+            bail!(
+                "{flag} describes a VM given on the command line (--kernel or --workload); \
+                 with --api-sock alone the VM comes from the API (PUT /machine-config, \
+                 PUT /vms/NAME/limits)"
+            );
+        }
         (None, memory_config(a)?)
     } else {
         let r = run_config(a)?;

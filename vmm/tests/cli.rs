@@ -183,6 +183,21 @@ fn malformed_config_files() {
     assert!(stderr.contains("cannot be used with"), "{stderr}");
     // Names the API could not address, a thread could not carry, or a
     // Prometheus label would break on.
+    let (code, stderr) = foliovm(&["run", "--config", &both, "--vcpus", "4"]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("cannot be combined with --config"),
+        "{stderr}"
+    );
+    let img = d.file("disk.img", &[0u8; 4096]);
+    let text = format!(
+        r#"{{"drives": [{{"drive_id": "d", "path_on_host": "{img}", "is_root_device": false, "is_read_only": true}}], "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}}, "foliovm": {{"workload": "seq:4M"}}}}"#
+    );
+    let f = d.file("wl-drive.json", text.as_bytes());
+    expect_error(
+        &["run", "--config", &f],
+        "drives and balloon need a Linux guest",
+    );
     // JSON string bodies: empty, a slash, a NUL, quotes.
     for name in ["", "a/b", r"a\u0000b", r#"say \"hi\""#] {
         let text = format!(
@@ -196,6 +211,21 @@ fn malformed_config_files() {
 #[test]
 fn nothing_to_run() {
     expect_error(&["run"], "nothing to run");
+}
+
+/// With `--api-sock` alone the VM comes from the API: flags that describe
+/// a command-line VM would be ignored, so they are refused.
+#[test]
+fn vm_flags_without_a_vm_are_refused() {
+    let sock = std::env::temp_dir().join(format!("foliovm-cli-flags-{}.sock", std::process::id()));
+    let sock = sock.to_str().unwrap();
+    for flag in [["--mem", "1G"], ["--vcpus", "4"], ["--mem-min", "64M"]] {
+        expect_error(
+            &["run", "--api-sock", sock, flag[0], flag[1]],
+            &format!("{} describes a VM given on the command line", flag[0]),
+        );
+    }
+    assert!(!std::path::Path::new(sock).exists(), "no API served");
 }
 
 #[test]

@@ -34,6 +34,9 @@ pub struct Controller {
     source: Mutex<Option<MemorySource>>,
     vms: Mutex<Vec<Vm>>,
     exit: AtomicBool,
+    /// Why the process exits, once it was asked to: VMs started after
+    /// that (an InstanceStart in flight) stop for the same reason.
+    exit_reason: Mutex<Option<ExitReason>>,
     ops: Operations,
 }
 
@@ -75,6 +78,7 @@ impl Controller {
             source: Mutex::new(None),
             vms: Mutex::new(Vec::new()),
             exit: AtomicBool::new(false),
+            exit_reason: Mutex::new(None),
             ops: Operations::default(),
         }
     }
@@ -126,17 +130,32 @@ impl Controller {
                 break;
             }
         }
-        self.vms
+        let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the VM list's lock, as `request_exit` walks it: a start
+        // that raced an exit request stops for its reason.
+        if let Some(r) = self
+            .exit_reason
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend(built);
+            .clone()
+        {
+            built
+                .iter()
+                .for_each(|v| v.stop_signal().request(r.clone()));
+        }
+        vms.extend(built);
         result
     }
 
     /// Ask every VM to stop and the process to exit (SIGINT/SIGTERM).
     pub fn request_exit(&self, reason: ExitReason) {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        self.exit_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(reason.clone());
         self.exit.store(true, Ordering::SeqCst);
-        for vm in self.vms.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for vm in vms.iter() {
             vm.stop_signal().request(reason.clone());
         }
     }

@@ -267,7 +267,11 @@ pub fn serve(opts: ServeOptions) -> Result<Vec<RunOutcome>, VmmError> {
             controller.reap_stopped();
         }
     }
-    drop(api);
+    if let Some(api) = api {
+        api.shut_down(|| {
+            let _ = events.run_with_timeout(20);
+        });
+    }
     SIGNAL_FD.store(-1, Ordering::SeqCst);
     Ok(controller.finish())
 }

@@ -64,6 +64,22 @@ impl ApiServer {
     }
 }
 
+impl ApiServer {
+    /// Stop serving: no new requests are taken, and `pump` runs until the
+    /// request being served has its answer. A request may be waiting for
+    /// the event loop (an InstanceStart builds its VM there): `pump` runs
+    /// that loop, which has stopped running otherwise.
+    pub fn shut_down(mut self, mut pump: impl FnMut()) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            while !t.is_finished() {
+                pump();
+            }
+            let _ = t.join();
+        }
+    }
+}
+
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.server.unblock();

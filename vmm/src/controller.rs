@@ -162,16 +162,33 @@ impl Controller {
 
     /// The event loop should end: an exit was requested, or VMs ran and all
     /// of them have stopped.
+    ///
+    /// The event loop asks this after every round: while an API request
+    /// holds the VM list (a synchronous relocation holds it throughout),
+    /// the VMs are looked at next round rather than the loop, which serves
+    /// the virtio devices, waiting for the request.
     pub fn should_exit(&self) -> bool {
-        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
-        self.exit.load(Ordering::SeqCst)
-            || (!vms.is_empty() && vms.iter().all(|v| v.stop_signal().is_stopping()))
+        if self.exit.load(Ordering::SeqCst) {
+            return true;
+        }
+        let vms = match self.vms.try_lock() {
+            Ok(v) => v,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        !vms.is_empty() && vms.iter().all(|v| v.stop_signal().is_stopping())
     }
 
     /// Reap the VMs that stopped while others run: their vCPUs joined,
     /// their guest memory given back ([`Vm::reap`]).
+    /// Skipped this round if an API request holds the VM list (see
+    /// [`Controller::should_exit`]).
     pub fn reap_stopped(&self) {
-        let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        let mut vms = match self.vms.try_lock() {
+            Ok(v) => v,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         vms.iter_mut().for_each(Vm::reap);
     }
 

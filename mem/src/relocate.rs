@@ -396,12 +396,13 @@ fn pull_table(
                     src.host_addr(sfirst.forward(k)).raw(),
                     dst.host_addr(first.forward(k)).raw(),
                 );
-                if let Err((done, e)) = move_host(inner, to, from, run) {
-                    log_error(&format!(
-                        "relocation: moving pages back failed: errno {e}; copying them back"
-                    ));
-                    let at = done * PAGE_SIZE;
-                    copy_back(inner, to + at as usize, from + at as usize, run - done);
+                // Not copied back when this fails too: the vCPUs use the new
+                // range since the switch and may be writing these pages, so
+                // a copy could lose a write. Left where they are, a fault on
+                // them repairs or poisons them (`fault::restore_unbacked`):
+                // an error the guest sees, never stale data.
+                if let Err((_, e)) = move_host(inner, to, from, run) {
+                    log_error(&format!("relocation: moving pages back failed: errno {e}"));
                 }
             }
             return Err(RelocateError::Move(e));
@@ -498,33 +499,6 @@ fn move_host(inner: &Inner, dst: usize, src: usize, nr: u64) -> Result<(), (u64,
     // only by a pull holding this lock).
     unsafe { inner.uffd.move_retrying(dst, src, nr * PAGE_SIZE, 0, 16) }
         .map_err(|p| (p.done / PAGE_SIZE, p.errno))
-}
-
-/// The last resort when pages a failed pull moved will not move back:
-/// copy them (`UFFDIO_COPY`, a new host page each) and drop the moved
-/// ones, so that the source entries, still `Present`, have their data where
-/// they say. A page that cannot be copied either is left where it is and
-/// logged; its fault then repairs it as far as the evidence allows
-/// (`fault::restore_unbacked`).
-///
-/// # Context
-/// As [`move_host`]: both page-table locks and the folio locks held.
-fn copy_back(inner: &Inner, to: usize, from: usize, nr: u64) {
-    let len = nr * PAGE_SIZE;
-    // SAFETY: `from` is a present guest range of ours (readable, nothing
-    // else writes it: its entries are locked and its vCPUs use the source
-    // range); `to` is the source hole the pages left, owned by this pull.
-    match unsafe { inner.uffd.copy(to, from, len) } {
-        Ok(()) => {
-            if let Err(e) = sys::dontneed(from, len as usize) {
-                log_error(&format!("relocation: dropping copied-back pages: {e}"));
-            }
-        }
-        Err(p) => log_error(&format!(
-            "relocation: copying pages back failed after {} bytes: errno {}",
-            p.done, p.errno
-        )),
-    }
 }
 
 /// The sources and the size of the new region for `op` on `r`.

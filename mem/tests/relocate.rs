@@ -262,6 +262,15 @@ fn every_failed_step_is_undone() {
     settle_and_check(&mm);
 }
 
+/// Make the next relocation fail at its commit, after every table moved.
+fn fail_next_commit(mm: &MemoryManager) {
+    mm.inject_faults(vec![InjectPlan {
+        point: FaultPoint::RelocateCommit,
+        skip: 0,
+        count: 1,
+    }]);
+}
+
 /// A grow that fails after the switch is undone even when the guest wrote
 /// the new tail meanwhile, in the source's last, partial table and in
 /// tables with no source at all: that memory has nowhere to go back to, so
@@ -277,11 +286,7 @@ fn a_failed_grow_discards_what_the_guest_wrote_in_the_new_tail() {
     let pages = size / PAGE_SIZE;
     fill(&view, 0, pages, 5);
     let before = mm.vm_regions(vm).unwrap();
-    mm.inject_faults(vec![InjectPlan {
-        point: FaultPoint::RelocateCommit,
-        skip: 0,
-        count: 1,
-    }]);
+    fail_next_commit(&mm);
     let wrote = AtomicBool::new(false);
     let e = mm
         .relocate(
@@ -328,11 +333,7 @@ fn an_undo_waits_for_a_transient_pin_in_a_moved_table() {
     let pages = 8 * MIB / PAGE_SIZE;
     fill(&view, 0, pages, 7);
     let before = mm.vm_regions(vm).unwrap();
-    mm.inject_faults(vec![InjectPlan {
-        point: FaultPoint::RelocateCommit,
-        skip: 0,
-        count: 1,
-    }]);
+    fail_next_commit(&mm);
     let hold = std::time::Duration::from_millis(300);
     let released = std::sync::Mutex::new(None);
     let t0 = std::time::Instant::now();

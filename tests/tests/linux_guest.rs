@@ -103,11 +103,14 @@ fn firecracker_api_sequence_boots_linux_and_ctrl_alt_del_ends_it() {
         Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#),
     );
     assert_eq!(r.status, 204, "{}", r.body);
-    let r = vm.call(
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    let start = || {
+        vm.call(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#),
+        )
+    };
+    let r = start();
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("/nonexistent/vmlinux"), "{}", r.body);
     let r = vm.call("PUT", "/boot-source", Some(&boot));
@@ -118,11 +121,7 @@ fn firecracker_api_sequence_boots_linux_and_ctrl_alt_del_ends_it() {
         Some(r#"{"vcpu_count": 1, "mem_size_mib": 256, "smt": false}"#),
     );
     assert_eq!(r.status, 204, "{}", r.body);
-    let r = vm.call(
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    let r = start();
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(vm.call("GET", "/", None).json()["state"], "Running");
     let budget = vm.call("GET", "/budget", None).json();

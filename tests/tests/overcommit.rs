@@ -3,42 +3,78 @@
 //! went out to the swap file and came back several times.
 
 use foliovm_tests::{kvm_available, run_foliovm, ApiVm};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// A finished `foliovm run --config` of several VMs.
+struct Run {
+    /// The temporary directory holding the config (the caller removes it).
+    dir: PathBuf,
+    stdout: String,
+    stderr: String,
+    /// The `FOLIOVM-RESULT` lines, parsed.
+    results: Vec<Value>,
+}
+
+/// Write `config(dir)` to `vms.json` in a fresh temporary directory and run
+/// `foliovm run --config` on it with `extra` arguments, within `limit`;
+/// foliovm must exit 0.
+fn run_config(
+    tag: &str,
+    config: impl FnOnce(&Path) -> Value,
+    extra: &[&str],
+    limit: Duration,
+) -> Run {
+    let dir = std::env::temp_dir().join(format!("foliovm-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("vms.json");
+    std::fs::write(&cfg, config(&dir).to_string()).unwrap();
+    let mut args = vec!["run", "--config", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = run_foliovm(&args, limit);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    let results = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("FOLIOVM-RESULT "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    Run {
+        dir,
+        stdout,
+        stderr,
+        results,
+    }
+}
 
 #[test]
 fn two_guests_over_budget_swap_and_verify_every_page() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("foliovm-oc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("vms.json");
-    let text = serde_json::json!({
-        "foliovm": {"mem_budget": "384M", "swap_dir": dir, "swap_size": "2G"},
-        "vms": [
-            {"name": "seq", "machine-config": {"vcpu_count": 1, "mem_size_mib": 520},
-             "foliovm": {"workload": "seq:512M,passes=3"}},
-            {"name": "zipf", "machine-config": {"vcpu_count": 1, "mem_size_mib": 520},
-             "foliovm": {"workload": "zipf:512M,ops=150000", "mem_min": "64M"}}
-        ]
-    });
-    std::fs::write(&cfg, text.to_string()).unwrap();
-    let out = run_foliovm(
-        &["run", "--config", cfg.to_str().unwrap()],
-        Duration::from_secs(600),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{stdout}\n{stderr}",
-        out.status
-    );
-    let results: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("FOLIOVM-RESULT "))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let config = |dir: &Path| {
+        serde_json::json!({
+            "foliovm": {"mem_budget": "384M", "swap_dir": dir, "swap_size": "2G"},
+            "vms": [
+                {"name": "seq", "machine-config": {"vcpu_count": 1, "mem_size_mib": 520},
+                 "foliovm": {"workload": "seq:512M,passes=3"}},
+                {"name": "zipf", "machine-config": {"vcpu_count": 1, "mem_size_mib": 520},
+                 "foliovm": {"workload": "zipf:512M,ops=150000", "mem_min": "64M"}}
+            ]
+        })
+    };
+    let Run {
+        dir,
+        stdout,
+        results,
+        ..
+    } = run_config("oc", config, &[], Duration::from_secs(600));
     assert_eq!(results.len(), 2, "{stdout}");
     let pages = (512u64 << 20) / 4096;
     for r in &results {
@@ -135,39 +171,26 @@ fn a_vm_that_stops_gives_its_memory_to_the_vms_still_running() {
     if !kvm_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("foliovm-reap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("vms.json");
-    let text = serde_json::json!({
-        "foliovm": {"mem_budget": "384M"},
-        "vms": [
-            {"name": "a", "machine-config": {"vcpu_count": 1, "mem_size_mib": 160},
-             "foliovm": {"workload": "seq:128M,passes=1"}},
-            {"name": "b", "machine-config": {"vcpu_count": 1, "mem_size_mib": 320},
-             "foliovm": {"workload": "seq:300M,passes=1"}}
-        ]
-    });
-    std::fs::write(&cfg, text.to_string()).unwrap();
-    let out = run_foliovm(
-        &[
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--log-level",
-            "info",
-        ],
+    let config = |_: &Path| {
+        serde_json::json!({
+            "foliovm": {"mem_budget": "384M"},
+            "vms": [
+                {"name": "a", "machine-config": {"vcpu_count": 1, "mem_size_mib": 160},
+                 "foliovm": {"workload": "seq:128M,passes=1"}},
+                {"name": "b", "machine-config": {"vcpu_count": 1, "mem_size_mib": 320},
+                 "foliovm": {"workload": "seq:300M,passes=1"}}
+            ]
+        })
+    };
+    let run = run_config(
+        "reap",
+        config,
+        &["--log-level", "info"],
         Duration::from_secs(120),
     );
-    let _ = std::fs::remove_dir_all(&dir);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let _ = std::fs::remove_dir_all(&run.dir);
+    let (stdout, stderr, results) = (run.stdout, run.stderr, run.results);
     assert!(stderr.contains("guest memory released vm=a"), "{stderr}");
-    let results: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("FOLIOVM-RESULT "))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(results.len(), 2, "{stdout}");
     for r in &results {
         assert_eq!(r["complete"], true, "{r}");

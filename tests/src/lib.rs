@@ -202,26 +202,26 @@ impl ApiVm {
     /// Wait (up to `limit`) until a line of the child's stdout is `line`;
     /// panics with the output so far otherwise.
     pub fn wait_for_line(&self, line: &str, limit: Duration) {
-        let start = Instant::now();
-        while !self.has_line(line) {
-            assert!(
-                start.elapsed() < limit,
-                "no line {line:?} within {limit:?}; stdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&self.output[0].lock().unwrap()),
-                String::from_utf8_lossy(&self.output[1].lock().unwrap())
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait_for_output(&format!("line {line:?}"), limit, || self.has_line(line));
     }
 
     /// Wait (up to `limit`) until the child's stderr so far contains
     /// `text`; panics with the output so far otherwise.
     pub fn wait_for_stderr(&self, text: &str, limit: Duration) {
+        self.wait_for_output(&format!("{text:?} on stderr"), limit, || {
+            String::from_utf8_lossy(&self.output[1].lock().unwrap()).contains(text)
+        });
+    }
+
+    /// Poll `seen` every 100 ms for up to `limit`; panics naming `what`,
+    /// with the output so far, if it never holds.
+    fn wait_for_output(&self, what: &str, limit: Duration, seen: impl Fn() -> bool) {
         let start = Instant::now();
-        while !String::from_utf8_lossy(&self.output[1].lock().unwrap()).contains(text) {
+        while !seen() {
             assert!(
                 start.elapsed() < limit,
-                "no {text:?} on stderr within {limit:?}; stderr:\n{}",
+                "no {what} within {limit:?}; stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&self.output[0].lock().unwrap()),
                 String::from_utf8_lossy(&self.output[1].lock().unwrap())
             );
             std::thread::sleep(Duration::from_millis(100));

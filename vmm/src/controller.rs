@@ -195,9 +195,8 @@ impl Controller {
     /// Stop, join and summarise every VM.
     pub fn finish(&self) -> Vec<RunOutcome> {
         let vms = std::mem::take(&mut *self.vms.lock().unwrap_or_else(|p| p.into_inner()));
-        let fallback = ExitReason::Error("VM stopped without a reason".into());
         vms.into_iter()
-            .map(|v| v.finish(fallback.clone()))
+            .map(|v| v.finish(ExitReason::unexplained()))
             .collect()
     }
 

@@ -45,6 +45,12 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
+    /// The reason of a VM stopped with none set: the fallback when it is
+    /// summarised.
+    pub fn unexplained() -> ExitReason {
+        ExitReason::Error("VM stopped without a reason".into())
+    }
+
     /// Process exit status: 0 for a clean guest stop, 130/143 for signals,
     /// 1 for errors.
     pub fn exit_code(&self) -> i32 {

@@ -746,8 +746,7 @@ impl Vm {
         if !self.ctx.stop.is_stopping() || self.outcome.is_some() {
             return;
         }
-        let fallback = ExitReason::Error("VM stopped without a reason".into());
-        let outcome = self.conclude(fallback);
+        let outcome = self.conclude(ExitReason::unexplained());
         if let Some((mm, id)) = &self.ram.manager {
             for r in mm.vm_regions(*id).unwrap_or_default() {
                 if let Err(e) = mm.discard(*id, r.guest_base, r.size) {
@@ -863,6 +862,8 @@ fn load_payload(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn growing_ram_into_the_mmio_gap_is_refused() {
         let low = RamRegion {
@@ -870,20 +871,18 @@ mod tests {
             size: 128 << 20,
             host_addr: mem::HostAddr(0x7f00_0000_0000),
         };
-        let e = super::check_grow(&[low], 0, 3584 << 20).unwrap_err();
+        let e = check_grow(&[low], 0, 3584 << 20).unwrap_err();
         assert!(
             e.contains("MMIO gap at 0xd0000000") && e.contains("at most 3328 MiB"),
             "{e}"
         );
-        assert!(super::check_grow(&[low], 0, 3328 << 20).is_ok());
+        assert!(check_grow(&[low], 0, 3328 << 20).is_ok());
         let high = RamRegion {
             guest_base: mem::GuestAddress(1 << 32),
             ..low
         };
-        assert!(super::check_grow(&[high], 1 << 32, 64 << 30).is_ok());
+        assert!(check_grow(&[high], 1 << 32, 64 << 30).is_ok());
     }
-
-    use super::*;
 
     /// Subscribes one eventfd.
     struct Watch(EventFd);

@@ -13,6 +13,7 @@
 //! `state` and `progress`), which `GET /operations/{id}` follows. Without
 //! it they answer when done, as before.
 
+use crate::config::valid_vm_name;
 use crate::operations::{Job, OperationId, Operations, SpawnError};
 use serde::{Deserialize, Serialize};
 
@@ -378,10 +379,6 @@ fn operation_id(s: &str) -> Option<OperationId> {
     s.parse().ok().map(OperationId)
 }
 
-fn valid_name(name: &str) -> bool {
-    crate::config::valid_vm_name(name)
-}
-
 /// Route one request. Never panics; malformed requests get a 4xx and change
 /// nothing.
 pub fn route(api: &dyn ApiBackend, method: &str, path: &str, body: &[u8]) -> ApiResponse {
@@ -448,15 +445,15 @@ fn dispatch(
         ("GET", ["balloon"]) => api.balloon(false).map(|v| ApiResponse::json(&v)),
         ("GET", ["balloon", "statistics"]) => api.balloon(true).map(|v| ApiResponse::json(&v)),
         ("GET", ["vms"]) => Ok(ApiResponse::json(&api.list_vms())),
-        ("GET", ["vms", name]) if valid_name(name) => {
+        ("GET", ["vms", name]) if valid_vm_name(name) => {
             api.vm_info(name).map(|v| ApiResponse::json(&v))
         }
-        ("PATCH", ["vms", name]) if valid_name(name) => {
+        ("PATCH", ["vms", name]) if valid_vm_name(name) => {
             let paused = paused_from(body)?;
             api.set_paused(Some(name), paused)
                 .map(|()| ApiResponse::no_content())
         }
-        ("PUT", ["vms", name, "limits"]) if valid_name(name) => {
+        ("PUT", ["vms", name, "limits"]) if valid_vm_name(name) => {
             let l: LimitsBody = parse(body)?;
             if l.mem_max_mib.is_some_and(|m| m < l.mem_min_mib.max(2)) {
                 return Err(ApiError::bad(
@@ -470,7 +467,7 @@ fn dispatch(
             }
             api.set_limits(name, l).map(|()| ApiResponse::no_content())
         }
-        ("PUT", ["vms", name, "compact"]) if valid_name(name) => {
+        ("PUT", ["vms", name, "compact"]) if valid_vm_name(name) => {
             let c: CompactBody = match body.iter().all(u8::is_ascii_whitespace) {
                 true => CompactBody::default(),
                 false => parse(body)?,
@@ -478,7 +475,7 @@ fn dispatch(
             let job = api.compact(name)?;
             run_job(api, job, c.run_async)
         }
-        ("PUT", ["vms", name, "relocate"]) if valid_name(name) => {
+        ("PUT", ["vms", name, "relocate"]) if valid_vm_name(name) => {
             let r: RelocateBody = parse(body)?;
             r.op()?;
             api.relocate(name, &r).map(|v| ApiResponse::json(&v))
@@ -491,7 +488,7 @@ fn dispatch(
                     r.mib
                 )));
             }
-            if r.vm.as_deref().is_some_and(|n| !valid_name(n)) {
+            if r.vm.as_deref().is_some_and(|n| !valid_vm_name(n)) {
                 return Err(ApiError::bad("invalid VM name"));
             }
             let job = api.reclaim(r.vm.as_deref(), r.mib << 20)?;
@@ -528,7 +525,7 @@ fn dispatch(
         (_, ["operations", id]) if operation_id(id).is_some() => Err(not_allowed(method, path)),
         (_, ["balloon", "statistics"]) => Err(not_allowed(method, path)),
         (_, ["vms", name] | ["vms", name, "limits" | "compact" | "relocate"])
-            if valid_name(name) =>
+            if valid_vm_name(name) =>
         {
             Err(not_allowed(method, path))
         }

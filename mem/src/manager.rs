@@ -237,6 +237,8 @@ pub(crate) struct Inner {
     kick_cv: Condvar,
     /// Signalled when ready memory appears (for pin's waits).
     memory_cv: Condvar,
+    /// Notifications of `memory_cv` so far; changed under `kick`.
+    memory_events: AtomicU64,
     /// Pages taken off the allocator by the pre-zeroing worker. Changed
     /// only under the zone lock, with the free lists, so that a reader
     /// holding that lock sees every page in one of the two.
@@ -474,6 +476,7 @@ impl Inner {
     /// Worker side: ready memory appeared.
     pub fn notify_memory(&self) {
         let _k = self.kick.lock().unwrap_or_else(|e| e.into_inner());
+        self.memory_events.fetch_add(1, Relaxed);
         self.memory_cv.notify_all();
     }
 
@@ -485,11 +488,14 @@ impl Inner {
     pub fn wait_for_memory(&self, timeout: Duration) -> bool {
         // Counted before the kick, so the worker it wakes sees it.
         self.memory_waiters.fetch_add(1, Relaxed);
+        // A notification between the kick and the wait below still ends
+        // the wait: it is counted, not only signalled.
+        let seen = self.memory_events.load(Relaxed);
         self.kick_worker();
         let k = self.kick.lock().unwrap_or_else(|e| e.into_inner());
         let woken = !self
             .memory_cv
-            .wait_timeout(k, timeout)
+            .wait_timeout_while(k, timeout, |_| self.memory_events.load(Relaxed) == seen)
             .unwrap_or_else(|e| e.into_inner())
             .1
             .timed_out();
@@ -667,6 +673,7 @@ impl MemoryManager {
             kick: Mutex::new(true),
             kick_cv: Condvar::new(),
             memory_cv: Condvar::new(),
+            memory_events: AtomicU64::new(0),
             isolated_pages: AtomicU64::new(0),
             prezero_limit_pages: limit,
             shutdown: AtomicBool::new(false),

@@ -28,6 +28,9 @@ use std::sync::Mutex;
 
 /// Slots per cluster, and so the smallest useful file: 2 MiB.
 pub const MIN_SWAP_BYTES: u64 = 2 << 20;
+/// The largest swap file: slot numbers ([`SwapSlot`]) are 32 bits, and the
+/// last cluster's slots plus a folio's page count must not wrap.
+pub const MAX_SWAP_BYTES: u64 = ((1 << 32) - MIN_SWAP_BYTES / PAGE_SIZE) * PAGE_SIZE;
 
 /// Where the swap file goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +50,38 @@ pub struct SwapConfig {
     pub size_bytes: u64,
 }
 
+impl SwapConfig {
+    /// Check, without keeping anything, that [`SwapFile::create`] could
+    /// make a file for this configuration now: its size, and its directory (an
+    /// unnamed file is opened and dropped there) or its path (it must not
+    /// exist, and its directory must). For a VMM that creates the file
+    /// only later (when its VM is started through the API), so that a bad
+    /// flag is refused at start. Space is not reserved.
+    ///
+    /// # Errors
+    /// See [`SwapFileError`].
+    pub fn check(&self) -> Result<(), SwapFileError> {
+        usable_size(self)?;
+        match &self.target {
+            SwapTarget::Dir(d) => open_tmpfile(d).map(drop),
+            SwapTarget::File(p) if p.symlink_metadata().is_ok() => {
+                Err(SwapFileError::Exists(p.clone()))
+            }
+            SwapTarget::File(p) => {
+                let dir = match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                match std::fs::metadata(dir) {
+                    Ok(m) if m.is_dir() => Ok(()),
+                    Ok(_) => Err(create_err(p, io::Error::from_raw_os_error(libc::ENOTDIR))),
+                    Err(e) => Err(create_err(p, e)),
+                }
+            }
+        }
+    }
+}
+
 /// Errors creating the swap file.
 #[derive(Debug, thiserror::Error)]
 pub enum SwapFileError {
@@ -57,6 +92,14 @@ pub enum SwapFileError {
         size: u64,
         /// Minimum.
         min: u64,
+    },
+    /// The size is above what 32-bit slot numbers address.
+    #[error("swap size {size} bytes is above the maximum of {max} bytes")]
+    TooLarge {
+        /// Requested size.
+        size: u64,
+        /// Maximum.
+        max: u64,
     },
     /// `--swap-file` names an existing file; it is never overwritten.
     #[error("swap file {0} already exists (refusing to overwrite it)")]
@@ -136,7 +179,7 @@ pub enum InjectedFault {
     /// that times out would: long enough for other threads to meet the
     /// I/O in flight (a refault waiting on the folio lock).
     SlowEio,
-    /// The syscall fails with `ENOSPC` (writes).
+    /// The syscall fails with `ENOSPC` (writes only).
     Enospc,
     /// The read returns half the bytes asked for; the rest must be read
     /// by a second call (the code handles genuine short reads this way).
@@ -204,13 +247,7 @@ impl SwapFile {
     /// # Errors
     /// See [`SwapFileError`].
     pub fn create(config: &SwapConfig) -> Result<SwapFile, SwapFileError> {
-        let size = config.size_bytes / MIN_SWAP_BYTES * MIN_SWAP_BYTES;
-        if size < MIN_SWAP_BYTES {
-            return Err(SwapFileError::TooSmall {
-                size: config.size_bytes,
-                min: MIN_SWAP_BYTES,
-            });
-        }
+        let size = usable_size(config)?;
         let (file, direct, where_) = match &config.target {
             SwapTarget::File(p) => open_unlinked(p)?,
             SwapTarget::Dir(d) => open_tmpfile(d)?,
@@ -249,7 +286,21 @@ impl SwapFile {
     }
 
     /// Replace the fault-injection plans (an empty list disarms injection).
+    ///
+    /// # Panics
+    /// If a plan names a fault its I/O cannot have: a short, truncated or
+    /// corrupted write, or a read that runs out of space. Such a plan
+    /// would be counted as injected and change nothing, and a test armed
+    /// with it would pass without testing anything.
     pub fn set_fault_plans(&self, plans: Vec<FaultPlan>) {
+        use InjectedFault::*;
+        for p in &plans {
+            let fits = match p.op {
+                IoOp::Read => p.fault != Enospc,
+                IoOp::Write => matches!(p.fault, Eio | SlowEio | Enospc),
+            };
+            assert!(fits, "fault plan {p:?}: a {:?} cannot fail that way", p.op);
+        }
         let mut p = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         self.armed.store(!plans.is_empty(), Relaxed);
         *p = plans;
@@ -455,6 +506,24 @@ impl SwapFile {
     }
 }
 
+/// `config`'s size rounded down to whole clusters, at least one.
+fn usable_size(config: &SwapConfig) -> Result<u64, SwapFileError> {
+    let size = config.size_bytes / MIN_SWAP_BYTES * MIN_SWAP_BYTES;
+    if size < MIN_SWAP_BYTES {
+        return Err(SwapFileError::TooSmall {
+            size: config.size_bytes,
+            min: MIN_SWAP_BYTES,
+        });
+    }
+    if size > MAX_SWAP_BYTES {
+        return Err(SwapFileError::TooLarge {
+            size: config.size_bytes,
+            max: MAX_SWAP_BYTES,
+        });
+    }
+    Ok(size)
+}
+
 /// Open `path` as a new file (never an existing one), then unlink it.
 fn open_unlinked(path: &Path) -> Result<(File, bool, PathBuf), SwapFileError> {
     let open = |direct: bool| {
@@ -586,6 +655,65 @@ mod tests {
         };
         let e = SwapFile::create(&nodir).unwrap_err();
         assert!(matches!(e, SwapFileError::Create(..)), "{e}");
+        let huge = tmp_config(MAX_SWAP_BYTES + MIN_SWAP_BYTES);
+        let e = SwapFile::create(&huge).unwrap_err();
+        assert!(matches!(e, SwapFileError::TooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    #[should_panic(expected = "a Write cannot fail that way")]
+    fn a_write_plan_that_would_change_nothing_is_refused() {
+        let f = SwapFile::create(&tmp_config(MIN_SWAP_BYTES)).unwrap();
+        f.set_fault_plans(vec![FaultPlan {
+            op: IoOp::Write,
+            fault: InjectedFault::Corrupt,
+            skip: 0,
+            count: 1,
+        }]);
+    }
+
+    #[test]
+    fn check_refuses_what_create_would_without_making_a_file() {
+        let tmp = std::env::temp_dir();
+        assert!(SwapConfig::check(&tmp_config(MIN_SWAP_BYTES)).is_ok());
+        assert!(matches!(
+            SwapConfig::check(&tmp_config(4096)),
+            Err(SwapFileError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            SwapConfig::check(&tmp_config(u64::MAX)),
+            Err(SwapFileError::TooLarge { .. })
+        ));
+        let nodir = SwapConfig {
+            target: SwapTarget::Dir("/nonexistent/foliovm".into()),
+            size_bytes: MIN_SWAP_BYTES,
+        };
+        assert!(matches!(
+            SwapConfig::check(&nodir),
+            Err(SwapFileError::Create(..))
+        ));
+        let path = tmp.join(format!("foliovm-check-{}", std::process::id()));
+        let file = SwapConfig {
+            target: SwapTarget::File(path.clone()),
+            size_bytes: MIN_SWAP_BYTES,
+        };
+        SwapConfig::check(&file).unwrap();
+        assert!(!path.exists(), "check made no file");
+        std::fs::write(&path, b"precious").unwrap();
+        assert!(matches!(
+            SwapConfig::check(&file),
+            Err(SwapFileError::Exists(_))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_file(&path).unwrap();
+        let in_missing_dir = SwapConfig {
+            target: SwapTarget::File("/nonexistent/foliovm/swap".into()),
+            size_bytes: MIN_SWAP_BYTES,
+        };
+        assert!(matches!(
+            SwapConfig::check(&in_missing_dir),
+            Err(SwapFileError::Create(..))
+        ));
     }
 
     #[test]

@@ -291,7 +291,15 @@ impl RunConfig {
                     vm.name
                 )));
             }
-            vm.validate(limits).map_err(|e| match e {
+            let limited = vm.limits != mem::VmLimits::default();
+            let checked = if limited && self.memory.backend != MemBackendKind::Folio {
+                Err(ConfigError::Invalid(
+                    "mem_min, mem_max and priority need the folio memory backend".into(),
+                ))
+            } else {
+                vm.validate(limits)
+            };
+            checked.map_err(|e| match e {
                 ConfigError::Invalid(m) if many => {
                     ConfigError::Invalid(format!("VM {:?}: {m}", vm.name))
                 }
@@ -777,6 +785,40 @@ mod tests {
         assert!(e.contains("unknown variant `tmpfs`"), "{e}");
         assert!("anon".parse::<MemBackendKind>().is_ok());
         assert!("x".parse::<MemBackendKind>().is_err());
+    }
+
+    #[test]
+    fn reclaim_limits_need_the_folio_backend() {
+        let anon = MemoryConfig {
+            backend: MemBackendKind::Anon,
+            budget: None,
+            swap: None,
+        };
+        let mut run = RunConfig::single(cfg(64 << 20, 1), anon);
+        assert!(run.validate(&LIMITS).is_ok());
+        for limits in [
+            mem::VmLimits {
+                min_bytes: 4 << 20,
+                ..Default::default()
+            },
+            mem::VmLimits {
+                max_bytes: Some(32 << 20),
+                ..Default::default()
+            },
+            mem::VmLimits {
+                priority: 1,
+                ..Default::default()
+            },
+        ] {
+            run.vms[0].limits = limits;
+            let e = run.validate(&LIMITS).unwrap_err().to_string();
+            assert!(
+                e.contains("need the folio memory backend"),
+                "{limits:?}: {e}"
+            );
+        }
+        run.memory.backend = MemBackendKind::Folio;
+        assert!(run.validate(&LIMITS).is_ok());
     }
 
     #[test]

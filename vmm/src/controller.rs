@@ -357,7 +357,7 @@ impl ApiBackend for Controller {
             .map_err(|e| ApiError::bad(e.to_string()))?;
         let (source, made) = self
             .memory_source_for(&run)
-            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            .map_err(|e| ApiError::internal(error_chain(&e)))?;
         let quirks = self.quirks.clone();
         // Devices register on the event loop, so the VM is built there.
         let vm = self

@@ -260,11 +260,11 @@ struct RunArgs {
     #[arg(long, conflicts_with = "workload")]
     kernel: Option<PathBuf>,
     /// Initrd / initramfs image.
-    #[arg(long, requires = "kernel")]
+    #[arg(long, requires = "kernel", conflicts_with = "workload")]
     initrd: Option<PathBuf>,
     /// Kernel command line (default: "console=ttyS0 reboot=k panic=1 pci=off").
     /// Words after " -- " are passed to init.
-    #[arg(long, requires = "kernel")]
+    #[arg(long, requires = "kernel", conflicts_with = "workload")]
     cmdline: Option<String>,
     /// Run the workload guest: PATTERN:SIZE[,key=value...], PATTERN one of
     /// seq, uniform, zipf (e.g. seq:256M, zipf:1G,theta=0.99).
@@ -303,11 +303,11 @@ struct RunArgs {
     mem_max: Option<String>,
     /// A virtio-blk drive: PATH[,ro][,root][,id=NAME] (raw image; repeatable).
     /// `root` makes it /dev/vda and adds root=/dev/vda. See docs/virtio.md.
-    #[arg(long, requires = "kernel")]
+    #[arg(long, requires = "kernel", conflicts_with = "workload")]
     drive: Vec<String>,
     /// A virtio-balloon with this initial target:
     /// SIZE[,deflate_on_oom][,stats=SECS][,no_reporting].
-    #[arg(long, requires = "kernel")]
+    #[arg(long, requires = "kernel", conflicts_with = "workload")]
     balloon: Option<String>,
     /// Reclaim priority among guests (lower is reclaimed first).
     #[arg(long, allow_negative_numbers = true)]
@@ -504,7 +504,13 @@ fn run(a: &RunArgs) -> Result<Vec<vmm::vmm::RunOutcome>> {
                  PUT /vms/NAME/limits)"
             );
         }
-        (None, memory_config(a)?)
+        let memory = memory_config(a)?;
+        // The swap file is made when the API starts the VM; a bad flag is
+        // refused now, not then.
+        if let Some(swap) = &memory.swap {
+            swap.check().context("invalid swap flags")?;
+        }
+        (None, memory)
     } else {
         let r = run_config(a)?;
         let m = r.memory.clone();
@@ -519,7 +525,12 @@ fn run(a: &RunArgs) -> Result<Vec<vmm::vmm::RunOutcome>> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // Bad flags exit 1, as other bad input does (clap's own code, 2, is
+    // the workload's "mismatch found"); help and version exit 0.
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 1 } else { 0 })
+    });
     let code = match cli.command {
         Command::Bench(b) => bench(b).unwrap_or_else(|e| {
             eprintln!("foliovm: error: {e:#}");

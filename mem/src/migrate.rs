@@ -570,7 +570,10 @@ fn relabel(
     let old = {
         let mut slab = inner.folios.slab();
         let f = slab.get_mut(id)?;
-        let old = (f.pool, f.order);
+        // The old range is a hole unless its state says it holds data (a
+        // swap-in whose MOVE met an existing page left it there): free it
+        // as no better than it is, so that data is zeroed, never handed on.
+        let old = (f.pool, f.order, f.pool_state.max(BlockState::NeedsPopulate));
         f.pool = target.offset;
         f.pool_state = BlockState::NeedsPopulate;
         old
@@ -584,7 +587,7 @@ fn relabel(
         FreedRange {
             pool: old.0,
             order: old.1,
-            state: BlockState::NeedsPopulate,
+            state: old.2,
             clean_slot: None,
         },
     ))

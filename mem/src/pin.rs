@@ -117,11 +117,6 @@ fn pin_once(
         }
         idx = idx.forward(1);
     }
-    guard
-        .region
-        .counters
-        .pinned_pages
-        .fetch_add((last.0 - first.0 + 1) as i64, Relaxed);
     Ok(guard)
 }
 
@@ -149,6 +144,9 @@ fn pin_page(
                 .expect("present entry names a live folio");
             f.pincount += 1;
             f.flags.insert(FolioFlags::PINNED);
+            // Counted per page, as the guard's drop uncounts them: a pin
+            // that fails part-way drops what it pinned so far.
+            region.counters.pinned_pages.fetch_add(1, Relaxed);
             match pins.last_mut() {
                 Some((id, n)) if *id == folio => *n += 1,
                 _ => pins.push((folio, 1)),
@@ -222,7 +220,7 @@ impl Drop for PinGuard {
     fn drop(&mut self) {
         let mut freed = Vec::new();
         let mut pages = 0i64;
-        let mut unpinned = false;
+        let (mut unpinned, mut queued) = (false, false);
         {
             let mut slab = self.inner.folios.slab();
             for &(id, n) in &self.pins {
@@ -232,6 +230,10 @@ impl Drop for PinGuard {
                     if f.pincount == 0 {
                         f.flags.remove(FolioFlags::PINNED);
                         unpinned = true;
+                        // The split scan drops pinned folios from its
+                        // queue (it cannot split them): a partly mapped
+                        // one goes back now that it can be split.
+                        queued |= crate::rmap::queue_if_partial(&mut slab, id);
                     }
                 }
                 freed.extend(slab.put_refs(id, n));
@@ -239,6 +241,9 @@ impl Drop for PinGuard {
         }
         if unpinned {
             self.inner.note_unpin();
+        }
+        if queued {
+            self.inner.kick_worker();
         }
         for f in freed {
             self.inner.free_range(f);

@@ -102,12 +102,24 @@ pub fn add_anon_rmap(
     f.flags.insert(FolioFlags::EXCLUSIVE);
     f.page_mapped = (n as u64 != nr).then(|| Box::new(*mask));
     update_mapped_range(f);
-    let partial = n > 0 && (n as u64) < nr && !f.flags.contains(FolioFlags::DEFERRED_SPLIT);
-    if partial {
-        f.flags.insert(FolioFlags::DEFERRED_SPLIT);
-        slab.deferred_split.push_back(id);
+    queue_if_partial(slab, id)
+}
+
+/// Put folio `id` on the deferred-split queue if it is partly mapped and
+/// not queued yet (`deferred_split_folio()`). Returns whether it was
+/// queued: the caller kicks the worker.
+///
+/// # Context
+/// Folio-table lock held (`slab`).
+pub(crate) fn queue_if_partial(slab: &mut FolioSlab, id: FolioId) -> bool {
+    let f = slab.live(id);
+    let partial = f.mapcount > 0 && (f.mapcount as u64) < f.nr_pages();
+    if !partial || f.flags.contains(FolioFlags::DEFERRED_SPLIT) {
+        return false;
     }
-    partial
+    f.flags.insert(FolioFlags::DEFERRED_SPLIT);
+    slab.deferred_split.push_back(id);
+    true
 }
 
 /// What [`remove_rmap_ptes`] did.
@@ -159,12 +171,7 @@ pub fn remove_rmap_ptes(
     }
     f.mapcount -= nr as u32;
     update_mapped_range(f);
-    let partial = f.mapcount > 0 && (f.mapcount as u64) < f.nr_pages();
-    if partial && !f.flags.contains(FolioFlags::DEFERRED_SPLIT) {
-        f.flags.insert(FolioFlags::DEFERRED_SPLIT);
-        slab.deferred_split.push_back(id);
-        out.queued_split = true;
-    }
+    out.queued_split = queue_if_partial(slab, id);
     out.freed = slab.put_refs(id, nr as u32);
     out
 }

@@ -30,6 +30,13 @@ if ((${#need[@]})); then
 	apt-get install -y -qq "${need[@]}"
 fi
 command -v cargo >/dev/null || { echo "setup.sh: cargo not found: install Rust (rustup) first" >&2; exit 1; }
+# The workspace's rust-version (Cargo.toml); Debian's own cargo is older.
+min=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+have=$(rustc --version | cut -d' ' -f2)
+if [ "$(printf '%s\n%s\n' "$min" "$have" | sort -V | head -n1)" != "$min" ]; then
+	echo "setup.sh: Rust $have is too old: foliovm needs $min or newer (rustup update)" >&2
+	exit 1
+fi
 
 guest-images/build.sh
 cargo build --release --workspace

@@ -97,6 +97,8 @@ pub fn run(image: &Path, req: u32, passes: usize) -> Result<BlkBench, String> {
         Ok(Throughput { bytes: size, secs })
     };
     let mut through_device = |write: bool| -> Result<(), String> {
+        let moved = |c: super::BlockCounters| if write { c.write_bytes } else { c.read_bytes };
+        let before = moved(dev.counters());
         let mut off = 0;
         while off < size {
             let n = depth.min((size - off) / u64::from(req));
@@ -136,6 +138,11 @@ pub fn run(image: &Path, req: u32, passes: usize) -> Result<BlkBench, String> {
         }
         if dev.counters().errors != 0 {
             return Err(format!("device reported errors: {:?}", dev.counters()));
+        }
+        // A pass times only what the device really moved.
+        let done = moved(dev.counters()) - before;
+        if done != size {
+            return Err(format!("device moved {done} of {size} bytes"));
         }
         Ok(())
     };
@@ -198,6 +205,8 @@ mod tests {
     fn the_bench_runs_and_moves_every_byte() {
         let p = std::env::temp_dir().join(format!("foliovm-blk-bench-{}", std::process::id()));
         std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+        // `run` fails unless the device's own counters moved the whole
+        // image in each direction.
         let b = run(&p, 64 << 10, 1).unwrap();
         assert_eq!(b.dev_read.bytes, 1 << 20);
         assert!(b.to_string().contains("read"));

@@ -544,7 +544,12 @@ mod tests {
     #[test]
     fn read_only_drives_refuse_writes() {
         let (_t, p) = image(4 * 512);
-        let mut r = rig(&p, true);
+        let ro = DiskImage::open(&p, true, "x").unwrap();
+        assert!(std::os::unix::fs::FileExt::write_at(&ro.file, &[1], 0).is_err());
+        // The device refuses by itself, not through the read-only fd: a
+        // rig whose file is writable but whose drive is read-only.
+        let mut r = rig(&p, false);
+        r.dev.disk.read_only = true;
         assert_ne!(r.dev.features() & (1 << F_RO), 0);
         r.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
         assert_eq!(r.submit(1, 0, &rw(true, 512)), (S_IOERR, 1));

@@ -331,8 +331,21 @@ pub struct BootSource {
     pub initrd_path: Option<PathBuf>,
 }
 
-/// Firecracker's `machine-config` section. `smt`, `cpu_template`,
-/// `track_dirty_pages` and `huge_pages` are accepted for compatibility.
+/// The warning for a Firecracker `cpu_template` other than `"None"`: it is
+/// accepted, so that Firecracker clients and configs work, and ignored.
+pub fn cpu_template_warning(t: Option<&serde_json::Value>) -> Option<String> {
+    match t {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if s == "None" => None,
+        Some(t) => Some(format!(
+            "machine-config.cpu_template {t} is ignored: the guest sees the CPUID KVM supports"
+        )),
+    }
+}
+
+/// Firecracker's `machine-config` section. `smt` and `track_dirty_pages`
+/// are accepted when false, `cpu_template` is accepted and ignored (with a
+/// warning), and `huge_pages` is `"None"` or `"2M"`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
@@ -340,13 +353,13 @@ pub struct MachineConfig {
     pub vcpu_count: u32,
     /// Guest memory in MiB.
     pub mem_size_mib: u64,
-    /// Accepted; SMT topology is not exposed (vCPUs are separate cores).
+    /// Must be false: SMT topology is not exposed (vCPUs are separate cores).
     #[serde(default)]
     pub smt: bool,
     /// Accepted and ignored; foliovm uses KVM's supported CPUID.
     #[serde(default)]
     pub cpu_template: Option<serde_json::Value>,
-    /// Accepted; dirty tracking is not implemented.
+    /// Must be false: dirty tracking is not implemented.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// Accepted: `None` or `2M` (foliovm always prefers 2 MiB folios).
@@ -532,6 +545,20 @@ impl VmSections {
             }
         }
         let mc = &self.machine_config;
+        // As `PUT /machine-config` answers them.
+        if mc.smt {
+            return Err(malformed(
+                "machine-config.smt is not supported (each vCPU is a core of its own)".into(),
+            ));
+        }
+        if mc.track_dirty_pages {
+            return Err(malformed(
+                "machine-config.track_dirty_pages is not supported".into(),
+            ));
+        }
+        if let Some(w) = cpu_template_warning(mc.cpu_template.as_ref()) {
+            warnings.push(w);
+        }
         if let Some(hp) = mc.huge_pages.as_deref() {
             if hp != "None" && hp != "2M" {
                 return Err(malformed(format!(
@@ -1008,11 +1035,34 @@ mod tests {
                 r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "1G"}, "foliovm": {"workload": "seq:1M"}}"#,
                 "huge_pages",
             ),
+            (
+                r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": true}, "foliovm": {"workload": "seq:1M"}}"#,
+                "smt is not supported",
+            ),
+            (
+                r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}, "foliovm": {"workload": "seq:1M"}}"#,
+                "track_dirty_pages is not supported",
+            ),
         ];
         for (text, want) in cases {
             let e = ConfigFile::parse(text, p).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn a_cpu_template_is_accepted_with_a_warning() {
+        let with = |t: &str| {
+            let text = format!(
+                r#"{{"machine-config": {{"vcpu_count": 1, "mem_size_mib": 64, "cpu_template": {t}}}, "foliovm": {{"workload": "seq:1M"}}}}"#
+            );
+            ConfigFile::parse(&text, Path::new("t.json")).unwrap().1
+        };
+        let w = with(r#""T2""#);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("cpu_template \"T2\" is ignored"), "{w:?}");
+        assert!(with(r#""None""#).is_empty());
+        assert!(with("null").is_empty());
     }
 
     #[test]

@@ -72,6 +72,7 @@ impl Controller {
                     mem_size_mib: 128,
                     smt: false,
                     track_dirty_pages: false,
+                    cpu_template: None,
                     huge_pages: None,
                 },
             }),
@@ -321,6 +322,7 @@ impl ApiBackend for Controller {
                 mem_size_mib: v.config().mem_bytes >> 20,
                 smt: false,
                 track_dirty_pages: false,
+                cpu_template: None,
                 huge_pages: None,
             };
         }

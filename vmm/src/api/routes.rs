@@ -116,6 +116,10 @@ pub struct MachineConfigBody {
     /// Accepted; dirty tracking is not implemented, must be false.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Accepted and ignored, with a warning in the log (Firecracker
+    /// clients send it); the guest sees the CPUID KVM supports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<serde_json::Value>,
     /// `None` or `2M`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
@@ -317,6 +321,9 @@ fn validate_machine_config(m: &MachineConfigBody) -> Result<(), ApiError> {
     }
     if m.track_dirty_pages {
         return Err(ApiError::bad("track_dirty_pages is not supported"));
+    }
+    if let Some(w) = crate::config::cpu_template_warning(m.cpu_template.as_ref()) {
+        tracing::warn!("{w}");
     }
     match m.huge_pages.as_deref() {
         None | Some("None") | Some("2M") => Ok(()),
@@ -587,6 +594,7 @@ mod tests {
                 mem_size_mib: 128,
                 smt: false,
                 track_dirty_pages: false,
+                cpu_template: None,
                 huge_pages: None,
             }
         }
@@ -709,7 +717,7 @@ mod tests {
             &f,
             "PUT",
             "/machine-config",
-            br#"{"vcpu_count": 2, "mem_size_mib": 1024, "smt": false, "track_dirty_pages": false}"#,
+            br#"{"vcpu_count": 2, "mem_size_mib": 1024, "smt": false, "track_dirty_pages": false, "cpu_template": "T2"}"#,
         );
         assert_eq!(r.status, 204, "{}", r.body);
         let r = route(

@@ -186,14 +186,7 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
             };
             c(vmc);
             c(&inner.faults);
-            inner
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(crate::stall::Parked {
-                    addr_write: page | usize::from(write),
-                    since: t0,
-                });
+            crate::stall::park(inner, page, write, t0);
             if first {
                 // Retries come from the worker itself; kicking it again
                 // would spin it while the pool is exhausted.

@@ -29,6 +29,28 @@ pub(crate) struct Parked {
     pub since: Instant,
 }
 
+/// Park a fault on host page `page` (a write if `write`), begun at `since`.
+/// A page parked already stays one entry: a faulting thread whose wait a
+/// signal interrupted (a vCPU kicked for a pause) faults again and sends a
+/// second message for the same page, and every retry of a duplicate would
+/// reclaim on its own.
+pub(crate) fn park(inner: &Inner, page: usize, write: bool, since: Instant) {
+    let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+    park_in(&mut pending, page, write, since);
+}
+
+/// [`park`] on the list itself.
+fn park_in(pending: &mut Vec<Parked>, page: usize, write: bool, since: Instant) {
+    match pending.iter_mut().find(|p| p.addr_write & !1 == page) {
+        // The first message's start stays: the wait is the fault's.
+        Some(p) => p.addr_write |= usize::from(write),
+        None => pending.push(Parked {
+            addr_write: page | usize::from(write),
+            since,
+        }),
+    }
+}
+
 /// The pre-zeroing worker's view of the parked faults: whether it has
 /// reported the stall they are in.
 #[derive(Debug, Default)]
@@ -122,5 +144,25 @@ fn why_reclaim_cannot_help(inner: &Inner) -> &'static str {
             "what is resident is protected (VM minimums), pinned, or being \
              swapped in or out"
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_parked_twice_is_one_entry_that_keeps_the_write_and_the_start() {
+        let (t0, t1) = (Instant::now(), Instant::now() + Duration::from_millis(5));
+        let mut pending = Vec::new();
+        park_in(&mut pending, 0x1000, false, t0);
+        park_in(&mut pending, 0x2000, false, t0);
+        for _ in 0..50 {
+            park_in(&mut pending, 0x1000, true, t1);
+        }
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[0].addr_write, 0x1001, "a write parked over a read");
+        assert_eq!(pending[0].since, t0, "the wait counts from the first");
+        assert_eq!(pending[1].addr_write, 0x2000);
     }
 }

@@ -31,8 +31,11 @@ unsafe impl Sync for Installed {}
 // SAFETY: as above.
 unsafe impl Send for Installed {}
 
-/// The handler's state, or the errno with which installing it failed.
-static INSTALLED: OnceLock<Result<Installed, i32>> = OnceLock::new();
+/// The handler's state. Published before the handler is installed, so
+/// that the handler, once it can run, always finds it.
+static STATE: OnceLock<Installed> = OnceLock::new();
+/// Whether installing succeeded, or the errno with which it failed.
+static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
 
 /// Install the handler once per process; later calls check that `serve` is
 /// the callback already installed.
@@ -40,34 +43,64 @@ static INSTALLED: OnceLock<Result<Installed, i32>> = OnceLock::new();
 /// # Errors
 /// The errno of `sigaction`.
 pub fn install(serve: ServeFn) -> io::Result<()> {
+    let errno = || {
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EINVAL)
+    };
     let got = INSTALLED.get_or_init(|| {
         // SAFETY: an all-zero `sigaction` is a valid value (SIG_DFL, empty
-        // mask, no flags); it is filled in below before use.
+        // mask, no flags); `previous` is filled in by the kernel, `act`
+        // below.
+        let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a null new action only reads the current one into
+        // `previous`, a live `sigaction`.
+        if unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) } != 0 {
+            return Err(errno());
+        }
+        let _ = STATE.set(Installed { serve, previous });
+        // SAFETY: as above.
         let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
         act.sa_sigaction = on_sigbus as *const () as usize;
         // SA_NODEFER: a SIGBUS inside the callback (a write-protected pool
         // page, say) is served like any other instead of killing us.
         act.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
-        // SAFETY: see above.
-        let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
-        // SAFETY: both pointers are to live `sigaction` values, and the
-        // handler is an `extern "C"` function with the SA_SIGINFO signature.
-        // Until `get_or_init` publishes this closure's result, the handler
-        // finds no state and treats the signal as not ours; no manager
-        // has registered guest memory for it yet.
-        match unsafe { libc::sigaction(libc::SIGBUS, &act, &mut previous) } {
-            0 => Ok(Installed { serve, previous }),
-            _ => Err(io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EINVAL)),
+        // SAFETY: `act` is a live `sigaction` and the handler is an
+        // `extern "C"` function with the SA_SIGINFO signature. `STATE` is
+        // published above, so the handler finds it from its first run.
+        match unsafe { libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()) } {
+            0 => Ok(()),
+            _ => Err(errno()),
         }
     });
     match got {
-        Ok(inst) => {
-            debug_assert!(inst.serve as usize == serve as usize);
+        Ok(()) => {
+            debug_assert!(STATE
+                .get()
+                .is_some_and(|i| i.serve as usize == serve as usize));
             Ok(())
         }
         Err(errno) => Err(io::Error::from_raw_os_error(*errno)),
+    }
+}
+
+/// Restores the interrupted code's `errno` when the handler returns: the
+/// serve path makes system calls, and the access it interrupted may sit
+/// between a failed call and the read of its `errno`.
+struct KeepErrno(libc::c_int);
+
+impl KeepErrno {
+    fn save() -> Self {
+        // SAFETY: `__errno_location` returns this thread's errno slot,
+        // valid for the thread's life.
+        KeepErrno(unsafe { *libc::__errno_location() })
+    }
+}
+
+impl Drop for KeepErrno {
+    fn drop(&mut self) {
+        // SAFETY: as in `save`.
+        unsafe { *libc::__errno_location() = self.0 };
     }
 }
 
@@ -82,7 +115,8 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             uc.uc_mcontext.gregs[libc::REG_ERR as usize] as u64,
         )
     };
-    let Some(Ok(inst)) = INSTALLED.get() else {
+    let _errno = KeepErrno::save();
+    let Some(inst) = STATE.get() else {
         return reset_default(sig);
     };
     if code == libc::BUS_ADRERR && (inst.serve)(addr, error_code) {

@@ -106,6 +106,12 @@ fn missing_and_non_kernel_images() {
     expect_error(&["run", "--kernel", &junk], "is not a Linux kernel image");
     let truncated = d.file("trunc", b"\x7fELF\x02\x01\x01");
     expect_error(&["run", "--kernel", &truncated], "cannot load kernel image");
+    // It loads at 16 MiB: an 8 MiB guest cannot hold it.
+    let k = d.file("vmlinux", &tiny_elf());
+    expect_error(
+        &["run", "--kernel", &k, "--mem", "8M"],
+        "needs guest RAM up to 17 MiB",
+    );
 }
 
 #[test]

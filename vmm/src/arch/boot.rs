@@ -52,6 +52,20 @@ pub enum BootError {
         /// linux-loader's description.
         reason: String,
     },
+    /// The kernel does not fit in guest RAM.
+    #[error("kernel image {path} needs guest RAM up to {needs_mib} MiB (it loads at {start:#x}..{end:#x}); the VM has {have_mib} MiB")]
+    KernelTooLarge {
+        /// Path given.
+        path: PathBuf,
+        /// Where the image loads, and where what it needs there ends.
+        start: u64,
+        /// End of that range.
+        end: u64,
+        /// `end` in MiB, rounded up.
+        needs_mib: u64,
+        /// The VM's RAM in MiB.
+        have_mib: u64,
+    },
     /// The initrd cannot be opened or read.
     #[error("cannot read initrd {path}")]
     InitrdIo {
@@ -154,6 +168,28 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         reason: e.to_string(),
     };
     let himem = vm_memory::GuestAddress(HIMEM_START.raw());
+    // Checked before the loader, whose own failure here only says it
+    // could not read the image; a bzImage also needs room to decompress.
+    if let Some((start, end)) = image_extent(&mut file, format) {
+        let fits = end > start
+            && vm_memory::GuestMemoryBackend::check_range(
+                mem,
+                vm_memory::GuestAddress(start),
+                (end - start) as usize,
+            );
+        if !fits {
+            return Err(BootError::KernelTooLarge {
+                path: path.to_path_buf(),
+                start,
+                end,
+                needs_mib: end.div_ceil(1 << 20),
+                have_mib: vm_memory::GuestMemoryBackend::iter(mem)
+                    .map(|r| vm_memory::GuestMemoryRegion::len(r))
+                    .sum::<u64>()
+                    >> 20,
+            });
+        }
+    }
     match format {
         KernelFormat::Elf => {
             let r = Elf::load(mem, None, &mut file, Some(himem)).map_err(load_err)?;
@@ -180,6 +216,59 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
                 format,
                 setup_header: Some(hdr),
             })
+        }
+    }
+}
+
+/// The guest-physical range a kernel image needs: an ELF's `PT_LOAD`
+/// segments (their memory size, `.bss` included), or a bzImage's
+/// protected-mode code from `code32_start` with its `init_size` (the room
+/// it decompresses in). `None` if the headers cannot be read; the loader
+/// then reports what is wrong.
+fn image_extent(file: &mut File, format: KernelFormat) -> Option<(u64, u64)> {
+    let mut at = |off: u64, buf: &mut [u8]| -> Option<()> {
+        file.seek(SeekFrom::Start(off)).ok()?;
+        file.read_exact(buf).ok()
+    };
+    match format {
+        KernelFormat::Elf => {
+            let mut eh = [0u8; 64];
+            at(0, &mut eh)?;
+            let phoff = u64::from_le_bytes(eh[0x20..0x28].try_into().ok()?);
+            let phentsize = u64::from(u16::from_le_bytes([eh[0x36], eh[0x37]]));
+            let phnum = u64::from(u16::from_le_bytes([eh[0x38], eh[0x39]]));
+            if phentsize < 0x38 {
+                return None;
+            }
+            let (mut lo, mut hi) = (u64::MAX, 0u64);
+            for i in 0..phnum {
+                let mut ph = [0u8; 0x38];
+                at(phoff.checked_add(i * phentsize)?, &mut ph)?;
+                if u32::from_le_bytes(ph[0..4].try_into().ok()?) != 1 {
+                    continue; // not PT_LOAD
+                }
+                let paddr = u64::from_le_bytes(ph[0x18..0x20].try_into().ok()?);
+                let memsz = u64::from_le_bytes(ph[0x28..0x30].try_into().ok()?);
+                lo = lo.min(paddr);
+                hi = hi.max(paddr.checked_add(memsz)?);
+            }
+            (lo < hi).then_some((lo, hi))
+        }
+        KernelFormat::BzImage => {
+            let mut hdr = [0u8; 0x268];
+            at(0, &mut hdr)?;
+            let setup_sects = match hdr[0x1f1] {
+                0 => 4,
+                n => u64::from(n),
+            };
+            let code32 = u64::from(u32::from_le_bytes(hdr[0x214..0x218].try_into().ok()?));
+            let init_size = u64::from(u32::from_le_bytes(hdr[0x260..0x264].try_into().ok()?));
+            let payload = file
+                .metadata()
+                .ok()?
+                .len()
+                .checked_sub((setup_sects + 1) * 512)?;
+            Some((code32, code32 + payload.max(init_size)))
         }
     }
 }
@@ -412,6 +501,44 @@ mod tests {
             build_cmdline(&"x".repeat(3000), &[]),
             Err(BootError::Cmdline(_))
         ));
+    }
+
+    #[test]
+    fn a_kernel_larger_than_guest_ram_is_named_with_the_ram_it_needs() {
+        let dir = std::env::temp_dir().join(format!("foliovm-boot-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bzImage");
+        // A bzImage header: one setup sector, 64-bit entry, code at 1 MiB,
+        // 12 KiB of payload that decompresses in 40 MiB.
+        let mut img = vec![0u8; 2 * 512 + 12 * 1024];
+        img[0x1f1] = 1;
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        img[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+        img[0x260..0x264].copy_from_slice(&(40u32 << 20).to_le_bytes());
+        std::fs::write(&p, &img).unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 32 << 20)]).unwrap();
+        let e = load_kernel(&mem, &p).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BootError::KernelTooLarge {
+                    start: 0x10_0000,
+                    needs_mib: 41,
+                    have_mib: 32,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("needs guest RAM up to 41 MiB"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -207,6 +207,17 @@ impl VmConfig {
     }
 }
 
+/// `bytes` for a message: in MiB when whole, else in KiB or bytes.
+pub fn show_size(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes.is_multiple_of(1 << 10) {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 /// Check per-VM reclaim limits against the VM's size.
 ///
 /// # Errors
@@ -214,16 +225,16 @@ impl VmConfig {
 pub fn check_limits(l: &mem::VmLimits, mem_bytes: u64) -> Result<(), ConfigError> {
     if l.min_bytes > mem_bytes {
         return Err(ConfigError::Invalid(format!(
-            "mem_min {} MiB exceeds the VM's {} MiB",
-            l.min_bytes >> 20,
-            mem_bytes >> 20
+            "mem_min {} exceeds the VM's {}",
+            show_size(l.min_bytes),
+            show_size(mem_bytes)
         )));
     }
     if let Some(max) = l.max_bytes {
         if max < l.min_bytes || max < 2 << 20 {
             return Err(ConfigError::Invalid(format!(
-                "mem_max {} MiB must be at least 2 MiB and at least mem_min",
-                max >> 20
+                "mem_max {} must be at least 2 MiB and at least mem_min",
+                show_size(max)
             )));
         }
     }
@@ -249,9 +260,12 @@ impl MemoryConfig {
                 "a memory budget needs the folio memory backend".into(),
             ));
         }
-        if b < 2 << 20 || !b.is_multiple_of(4096) {
+        // The pool is made of 2 MiB blocks; rounding up would let the VMs
+        // use more host memory than asked, rounding down less.
+        if b < 2 << 20 || !b.is_multiple_of(2 << 20) {
             return Err(ConfigError::Invalid(format!(
-                "memory budget {b} must be at least 2 MiB and a multiple of 4 KiB"
+                "memory budget {} must be a whole number of 2 MiB blocks (at least one)",
+                show_size(b)
             )));
         }
         if b > limits.host_mem_bytes {
@@ -763,6 +777,20 @@ mod tests {
         assert!(e.contains("maximum of 32"), "{e}");
         let e = cfg(4097, 1).validate(&LIMITS).unwrap_err().to_string();
         assert!(e.contains("multiple of 4 KiB"), "{e}");
+        // Sizes are named as given, not rounded to MiB.
+        let mut c = cfg(64 << 20, 1);
+        c.limits.max_bytes = Some(1024);
+        let e = c.validate(&LIMITS).unwrap_err().to_string();
+        assert!(e.contains("mem_max 1 KiB must be at least 2 MiB"), "{e}");
+        c.limits = mem::VmLimits {
+            min_bytes: (64 << 20) + 4096,
+            ..Default::default()
+        };
+        let e = c.validate(&LIMITS).unwrap_err().to_string();
+        assert!(
+            e.contains("mem_min 65540 KiB exceeds the VM's 64 MiB"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -776,12 +804,14 @@ mod tests {
         assert!(e.contains("needs the folio memory backend"), "{e}");
         m.backend = MemBackendKind::Folio;
         assert!(m.validate(&LIMITS).is_ok());
-        m.budget = Some(4096);
-        assert!(m
-            .validate(&LIMITS)
-            .unwrap_err()
-            .to_string()
-            .contains("at least 2 MiB"));
+        for bad in [4096, 3 << 20, (64 << 20) + 4096] {
+            m.budget = Some(bad);
+            let e = m.validate(&LIMITS).unwrap_err().to_string();
+            assert!(e.contains("a whole number of 2 MiB blocks"), "{e}");
+        }
+        m.budget = Some(3 << 20);
+        let e = m.validate(&LIMITS).unwrap_err().to_string();
+        assert!(e.contains("budget 3 MiB"), "{e}");
         m.budget = Some(64 << 30);
         assert!(m
             .validate(&LIMITS)

@@ -161,6 +161,14 @@ impl Controller {
         }
     }
 
+    /// Why an exit was requested, if one was ([`Controller::request_exit`]).
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The event loop should end: an exit was requested, or VMs ran and all
     /// of them have stopped.
     ///

@@ -485,7 +485,7 @@ fn init_logging(level: tracing::Level, file: Option<&std::path::Path>) -> Result
     Ok(())
 }
 
-fn run(a: &RunArgs) -> Result<Vec<vmm::vmm::RunOutcome>> {
+fn run(a: &RunArgs) -> Result<vmm::vmm::Served> {
     init_logging(a.log_level, a.log_file.as_deref())?;
     let waits_for_api =
         a.api_sock.is_some() && a.kernel.is_none() && a.workload.is_none() && a.config.is_none();
@@ -537,7 +537,17 @@ fn main() {
             1
         }),
         Command::Run(a) => match run(&a) {
-            Ok(outcomes) => report(&outcomes),
+            // With no VM (an API that never started one), a signal still
+            // exits 128 + its number, and an error 1 with its reason.
+            Ok(s) if s.outcomes.is_empty() => match s.exit {
+                Some(vmm::stop::ExitReason::Interrupted(sig)) => 128 + sig,
+                Some(r) if r.exit_code() != 0 => {
+                    eprintln!("foliovm: {r}");
+                    r.exit_code()
+                }
+                _ => 0,
+            },
+            Ok(s) => report(&s.outcomes),
             Err(e) => {
                 eprintln!("foliovm: error: {e:#}");
                 1

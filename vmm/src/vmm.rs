@@ -227,7 +227,7 @@ pub struct ServeOptions {
 /// # Errors
 /// Setup failures; a guest that fails at run time is an `Ok` outcome whose
 /// reason has a non-zero exit code.
-pub fn serve(opts: ServeOptions) -> Result<Vec<RunOutcome>, VmmError> {
+pub fn serve(opts: ServeOptions) -> Result<Served, VmmError> {
     let limits = host_limits()?;
     let mut events = event_manager()?;
     let controller = Arc::new(Controller::new(opts.memory.clone(), limits, &events));
@@ -273,7 +273,20 @@ pub fn serve(opts: ServeOptions) -> Result<Vec<RunOutcome>, VmmError> {
         });
     }
     SIGNAL_FD.store(-1, Ordering::SeqCst);
-    Ok(controller.finish())
+    Ok(Served {
+        outcomes: controller.finish(),
+        exit: controller.exit_reason(),
+    })
+}
+
+/// How [`serve`] ended.
+#[derive(Debug)]
+pub struct Served {
+    /// Each VM's outcome (none if no VM was started).
+    pub outcomes: Vec<RunOutcome>,
+    /// Why the process was asked to exit (a signal, an error), if it was;
+    /// `None` when it ended because every VM stopped.
+    pub exit: Option<ExitReason>,
 }
 
 /// Run every VM of `run` until all have stopped, on memory from `source`.
@@ -287,6 +300,7 @@ pub fn run_all(run: &RunConfig, source: &MemorySource) -> Result<Vec<RunOutcome>
         source: Some(source.clone()),
         api_sock: None,
     })
+    .map(|s| s.outcomes)
 }
 
 /// Build and run the VMs of `run` on memory of their own.
@@ -300,6 +314,7 @@ pub fn run(run: &RunConfig) -> Result<Vec<RunOutcome>, VmmError> {
         source: None,
         api_sock: None,
     })
+    .map(|s| s.outcomes)
 }
 
 impl From<event_manager::Error> for VmmError {

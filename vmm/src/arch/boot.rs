@@ -184,7 +184,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
                 end,
                 needs_mib: end.div_ceil(1 << 20),
                 have_mib: vm_memory::GuestMemoryBackend::iter(mem)
-                    .map(|r| vm_memory::GuestMemoryRegion::len(r))
+                    .map(vm_memory::GuestMemoryRegion::len)
                     .sum::<u64>()
                     >> 20,
             });

@@ -250,8 +250,11 @@ pub fn expected_word(addr: u64, epoch: u32) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    /// The blob is linked in whole and fits the one page it is loaded
+    /// into. (That it runs where it is loaded is what every workload-guest
+    /// test checks: tests/tests/workload_guest.rs.)
     #[test]
-    fn code_is_present_and_position_independent_sized() {
+    fn code_is_present_and_fits_its_page() {
         let c = super::code();
         assert!(c.len() > 100 && c.len() < 4096, "{}", c.len());
         // Starts with `mov r15, rdi` (49 89 ff).

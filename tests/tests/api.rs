@@ -540,3 +540,72 @@ fn sigterm_racing_instance_start_always_exits() {
         );
     }
 }
+
+/// What a hostile or broken client can do to the API socket: a huge
+/// `Content-Length` gets a 413 without the body being read (it used to
+/// abort the process, the HTTP library allocating the whole declared body
+/// to drain it), a header flood gets a 431, and a client that stalls
+/// mid-request holds only its own connection: other requests are
+/// answered, and SIGTERM still ends the process at once.
+#[test]
+fn hostile_clients_neither_crash_nor_block_the_api() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+    if !kvm_available() {
+        return;
+    }
+    let vm = ApiVm::spawn("hostile", &["run"]);
+    let exchange = |bytes: &[u8]| -> String {
+        let mut s = UnixStream::connect(&vm.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // The server may answer and close before taking all of it.
+        let _ = s.write_all(bytes);
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    let mut huge = b"PUT /boot-source HTTP/1.1\r\nContent-Length: 1000000000000\r\n\r\n".to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 70_000));
+    let answer = exchange(&huge);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let mut flood = b"GET / HTTP/1.1\r\nX-A: ".to_vec();
+    flood.extend(std::iter::repeat_n(b'a', 1 << 20));
+    let answer = exchange(&flood);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(vm.call("GET", "/", None).status, 200, "still serving");
+
+    // Two clients stall mid-request, one in the head, one in the body.
+    let mut stalled = Vec::new();
+    for partial in [
+        &b"GET / HTTP/1.1\r\nHost: x"[..],
+        b"PUT /machine-config HTTP/1.1\r\nContent-Length: 2000\r\n\r\n{",
+    ] {
+        let mut s = UnixStream::connect(&vm.sock).unwrap();
+        s.write_all(partial).unwrap();
+        stalled.push(s);
+    }
+    let t = Instant::now();
+    assert_eq!(vm.call("GET", "/", None).status, 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "a stalled client held the API for {:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let out = vm.wait(Duration::from_secs(20));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "SIGTERM took {:?} with stalled clients",
+        t.elapsed()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(stalled);
+}

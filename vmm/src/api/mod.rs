@@ -1,15 +1,28 @@
 //! The HTTP/1.1 + JSON API on a Unix socket (`--api-sock`), and its client.
 //!
-//! HTTP is tiny_http's job; [`routes`] decides what a request means.
+//! [`http`] reads requests, one thread per connection, within limits;
+//! [`routes`] decides what a request means. Requests are executed one at a
+//! time, in arrival order, on the `api` thread (as Firecracker's API
+//! thread does): a connection thread hands its parsed request over and
+//! writes the answer it gets back.
+//!
+//! ```text
+//! api-accept --spawns--> api-conn (per connection) --Request--> api (route)
+//!                                  <------------ApiResponse---------+
+//! ```
 
 pub mod client;
+pub mod http;
 pub mod routes;
 
-use routes::{route, ApiBackend, MAX_BODY};
-use std::io::Read;
+use routes::{route, ApiBackend, ApiError, ApiResponse};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Errors starting the API server.
 #[derive(Debug, thiserror::Error)]
@@ -26,14 +39,25 @@ pub enum ApiServerError {
 
 /// A running API server; stops when dropped.
 pub struct ApiServer {
-    server: Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    /// To tell the `api` thread to stop ([`Job::Stop`]).
+    jobs: Sender<Job>,
+    accept: Option<JoinHandle<()>>,
+    execute: Option<JoinHandle<()>>,
     path: PathBuf,
+}
+
+/// What the `api` thread is given to do.
+enum Job {
+    /// Execute a parsed request and send the answer back.
+    Request(http::Request, SyncSender<ApiResponse>),
+    /// Stop (after the request before, if any).
+    Stop,
 }
 
 impl ApiServer {
     /// Listen on `path` (a stale socket file there is replaced; any other
-    /// file is an error) and serve requests on a thread of its own.
+    /// file is an error) and serve requests on threads of their own.
     ///
     /// # Errors
     /// [`ApiServerError::Bind`].
@@ -49,29 +73,54 @@ impl ApiServer {
             }
             std::fs::remove_file(path).map_err(|e| bind_err(e.to_string()))?;
         }
-        let server =
-            Arc::new(tiny_http::Server::http_unix(path).map_err(|e| bind_err(e.to_string()))?);
-        let s = server.clone();
-        let thread = std::thread::Builder::new()
+        let listener = UnixListener::bind(path).map_err(|e| bind_err(e.to_string()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let execute = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve(&s, backend.as_ref()))
+            .spawn(move || execute(&queue, backend.as_ref()))
             .map_err(|e| bind_err(e.to_string()))?;
+        let (s, j) = (stop.clone(), jobs.clone());
+        let accept = std::thread::Builder::new()
+            .name("api-accept".into())
+            .spawn(move || accept(&listener, &j, &s));
+        let accept = match accept {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = jobs.send(Job::Stop);
+                let _ = execute.join();
+                return Err(bind_err(e.to_string()));
+            }
+        };
         Ok(ApiServer {
-            server,
-            thread: Some(thread),
+            stop,
+            jobs,
+            accept: Some(accept),
+            execute: Some(execute),
             path: path.to_path_buf(),
         })
     }
-}
 
-impl ApiServer {
+    /// No new connections or requests are taken; waits for the accepting
+    /// thread to end.
+    fn stop_accepting(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.accept.take() {
+            // Wakes the blocking accept, which then sees the flag.
+            let _ = UnixStream::connect(&self.path);
+            let _ = t.join();
+        }
+        let _ = self.jobs.send(Job::Stop);
+    }
+
     /// Stop serving: no new requests are taken, and `pump` runs until the
-    /// request being served has its answer. A request may be waiting for
+    /// request being executed has its answer. A request may be waiting for
     /// the event loop (an InstanceStart builds its VM there): `pump` runs
-    /// that loop, which has stopped running otherwise.
+    /// that loop, which has stopped running otherwise. Connection threads
+    /// are not waited for: each ends at its client's next byte or timeout.
     pub fn shut_down(mut self, mut pump: impl FnMut()) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
+        self.stop_accepting();
+        if let Some(t) = self.execute.take() {
             while !t.is_finished() {
                 pump();
             }
@@ -82,36 +131,105 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
+        self.stop_accepting();
+        if let Some(t) = self.execute.take() {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-fn serve(server: &tiny_http::Server, backend: &dyn ApiBackend) {
-    for mut request in server.incoming_requests() {
-        let mut body = Vec::new();
-        // Read one byte past the limit so the router can refuse oversize bodies.
-        let _ = request
-            .as_reader()
-            .take(MAX_BODY as u64 + 1)
-            .read_to_end(&mut body);
-        let method = request.method().as_str().to_string();
-        let resp = route(backend, &method, request.url(), &body);
-        if resp.status >= 400 {
-            tracing::info!(%method, url = request.url(), status = resp.status, body = %resp.body, "API request refused");
-        } else {
-            tracing::debug!(%method, url = request.url(), status = resp.status, "API request");
+/// The `api-accept` thread: a thread per connection, at most
+/// [`http::MAX_CONNECTIONS`] at once; one more is answered 503 and closed.
+fn accept(listener: &UnixListener, jobs: &Sender<Job>, stop: &AtomicBool) {
+    let open = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if stop.load(SeqCst) {
+            return;
         }
-        let header =
-            tiny_http::Header::from_bytes(&b"Content-Type"[..], resp.content_type.as_bytes())
-                .expect("a static ASCII header is valid");
-        let response = tiny_http::Response::from_string(resp.body)
-            .with_status_code(resp.status)
-            .with_header(header);
-        // The client may have gone away; nothing to do about it.
-        let _ = request.respond(response);
+        let Ok(mut conn) = conn else {
+            // Out of fds, say: the error repeats at once; do not spin on it.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        if open.load(SeqCst) >= http::MAX_CONNECTIONS {
+            let busy = ApiResponse::error(ApiError {
+                status: 503,
+                message: format!(
+                    "{} API connections are open already; close one",
+                    http::MAX_CONNECTIONS
+                ),
+            });
+            let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = http::write_response(&mut conn, &busy, true);
+            continue;
+        }
+        open.fetch_add(1, SeqCst);
+        let (jobs, open2) = (jobs.clone(), open.clone());
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .spawn(move || {
+                connection(conn, &jobs);
+                open2.fetch_sub(1, SeqCst);
+            });
+        if spawned.is_err() {
+            open.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
+/// An `api-conn` thread: read requests, have each executed, answer.
+fn connection(conn: UnixStream, jobs: &Sender<Job>) {
+    // A client that stops reading cannot hold the thread for ever.
+    let _ = conn.set_write_timeout(Some(http::REQUEST_TIMEOUT));
+    let mut reader = http::Reader::new(conn);
+    loop {
+        let (resp, close) = match reader.next_request() {
+            Ok(None) => return,
+            Ok(Some(req)) => {
+                let close = req.close;
+                let (tx, rx) = mpsc::sync_channel(1);
+                let job = Job::Request(req, tx);
+                let resp = match jobs.send(job).ok().and_then(|()| rx.recv().ok()) {
+                    Some(resp) => resp,
+                    None => ApiResponse::error(ApiError {
+                        status: 503,
+                        message: "foliovm is shutting down".into(),
+                    }),
+                };
+                (resp, close)
+            }
+            Err(refusal) => {
+                tracing::info!(
+                    status = refusal.status,
+                    reason = %refusal.message,
+                    "API request refused before routing"
+                );
+                let resp = ApiResponse::error(ApiError {
+                    status: refusal.status,
+                    message: refusal.message,
+                });
+                (resp, true)
+            }
+        };
+        if http::write_response(reader.stream(), &resp, close).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// The `api` thread: execute requests one at a time until told to stop.
+/// Requests queued behind the stop are dropped with the queue, and their
+/// connections answer 503.
+fn execute(queue: &Receiver<Job>, backend: &dyn ApiBackend) {
+    while let Ok(Job::Request(req, reply)) = queue.recv() {
+        let resp = route(backend, &req.method, &req.path, &req.body);
+        if resp.status >= 400 {
+            tracing::info!(method = %req.method, url = %req.path, status = resp.status, body = %resp.body, "API request refused");
+        } else {
+            tracing::debug!(method = %req.method, url = %req.path, status = resp.status, "API request");
+        }
+        // The connection may have gone away; nothing to do about it.
+        let _ = reply.send(resp);
     }
 }

@@ -79,7 +79,7 @@ impl ApiResponse {
             body: serde_json::to_string(v).expect("API types serialise"),
         }
     }
-    fn error(e: ApiError) -> Self {
+    pub(crate) fn error(e: ApiError) -> Self {
         ApiResponse {
             status: e.status,
             content_type: "application/json",

@@ -379,7 +379,10 @@ impl ApiBackend for Controller {
                 if made {
                     *self.source.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
-                ApiError::bad(error_chain(&e))
+                match e.is_request_error() {
+                    true => ApiError::bad(error_chain(&e)),
+                    false => ApiError::internal(error_chain(&e)),
+                }
             })?;
         self.start_built(vec![vm])
             .map_err(|e| ApiError::internal(error_chain(&e)))
@@ -395,7 +398,11 @@ impl ApiBackend for Controller {
     fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError> {
         self.with_vm(vm, |v| {
             let r = if paused { v.pause() } else { v.resume() };
-            r.map_err(|e| ApiError::bad(e.to_string()))
+            r.map_err(|e| match e {
+                // The vCPUs did not answer: the host's failure, not the request's.
+                crate::vm::VmStateError::PauseTimeout(_) => ApiError::internal(e.to_string()),
+                _ => ApiError::bad(e.to_string()),
+            })
         })
     }
 
@@ -525,9 +532,17 @@ impl ApiBackend for Controller {
     fn relocate(&self, vm: &str, body: &RelocateBody) -> Result<serde_json::Value, ApiError> {
         let op = body.op()?;
         self.with_vm(Some(vm), |v| {
-            let rep = v
-                .relocate(body.region_gpa, op, &|_, _| {})
-                .map_err(ApiError::bad)?;
+            let rep = v.relocate(body.region_gpa, op, &|_, _| {}).map_err(|e| {
+                let status = match e.blame {
+                    crate::vm::Blame::Request => 400,
+                    crate::vm::Blame::Conflict => 409,
+                    crate::vm::Blame::Host => 500,
+                };
+                ApiError {
+                    status,
+                    message: e.message,
+                }
+            })?;
             Ok(relocate_json(&rep))
         })
     }

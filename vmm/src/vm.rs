@@ -333,6 +333,26 @@ impl SubscriberOps for Registrations<'_> {
     }
 }
 
+/// Who a failed request is down to (for the API's status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The request cannot be met as asked (400).
+    Request,
+    /// Not now: something else holds what it needs (409).
+    Conflict,
+    /// The host failed it (500).
+    Host,
+}
+
+/// A failed [`Vm::relocate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelocateFailure {
+    /// Whose failure it is.
+    pub blame: Blame,
+    /// What failed.
+    pub message: String,
+}
+
 /// Errors changing a VM's run state.
 #[derive(Debug, thiserror::Error)]
 pub enum VmStateError {
@@ -656,16 +676,23 @@ impl Vm {
         gpa: u64,
         op: mem::RelocateOp,
         progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<mem::RelocateReport, String> {
-        let (mm, id) = self
-            .ram
-            .manager
-            .as_ref()
-            .ok_or("relocation needs the folio memory backend (--mem-backend folio)")?;
+    ) -> Result<mem::RelocateReport, RelocateFailure> {
+        let refuse = |message: String| RelocateFailure {
+            blame: Blame::Request,
+            message,
+        };
+        let (mm, id) = self.ram.manager.as_ref().ok_or_else(|| {
+            refuse("relocation needs the folio memory backend (--mem-backend folio)".into())
+        })?;
         let paused = match self.state() {
             VmState::Running => false,
             VmState::Paused => true,
-            s => return Err(format!("VM {} is {s:?}, not running", self.config.name)),
+            s => {
+                return Err(refuse(format!(
+                    "VM {} is {s:?}, not running",
+                    self.config.name
+                )))
+            }
         };
         let mut switch = |sw: &mem::RelocateSwitch| -> Result<(), String> {
             if !paused {
@@ -696,12 +723,23 @@ impl Vm {
             r
         };
         if let mem::RelocateOp::Grow(size) = op {
-            check_grow(&mm.vm_regions(*id).unwrap_or_default(), gpa, size)?;
+            check_grow(&mm.vm_regions(*id).unwrap_or_default(), gpa, size).map_err(refuse)?;
         }
         tracing::info!(vm = %self.config.name, gpa, ?op, "relocating");
         let rep = mm
             .relocate(*id, mem::GuestAddress(gpa), op, &mut switch, progress)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                use mem::RelocateError as E;
+                let blame = match e {
+                    E::NoSuchVm(_) | E::NoSuchRegion(_) | E::BadRequest(_) => Blame::Request,
+                    E::Busy | E::Pinned(_) => Blame::Conflict,
+                    _ => Blame::Host,
+                };
+                RelocateFailure {
+                    blame,
+                    message: e.to_string(),
+                }
+            })?;
         tracing::info!(vm = %self.config.name, switch_us = rep.switch_ns / 1000, "relocated");
         Ok(rep)
     }

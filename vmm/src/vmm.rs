@@ -67,6 +67,21 @@ pub enum VmmError {
     },
 }
 
+impl VmmError {
+    /// Whether the request (its configuration, kernel, workload or drives)
+    /// is at fault, rather than the host (KVM, memory, threads).
+    pub fn is_request_error(&self) -> bool {
+        matches!(
+            self,
+            VmmError::Config(_)
+                | VmmError::Boot(_)
+                | VmmError::Spec(_)
+                | VmmError::Workload(_)
+                | VmmError::Virtio(_)
+        )
+    }
+}
+
 pub(crate) fn host(what: &str) -> impl FnOnce(std::io::Error) -> VmmError + '_ {
     move |source| VmmError::Host {
         what: what.to_string(),
@@ -328,6 +343,18 @@ mod tests {
     use super::*;
     use crate::config::ConfigFile;
     use std::path::Path;
+
+    #[test]
+    fn the_request_is_blamed_for_its_own_errors_only() {
+        let bad_kernel = VmmError::Boot(boot::BootError::NotAKernel { path: "/k".into() });
+        assert!(bad_kernel.is_request_error());
+        let host = VmmError::Host {
+            what: "eventfd".into(),
+            source: std::io::Error::from_raw_os_error(libc::EMFILE),
+        };
+        assert!(!host.is_request_error());
+        assert!(!VmmError::Memory("no memory".into()).is_request_error());
+    }
 
     fn run_of(vcpus: &[u32]) -> RunConfig {
         let vms: Vec<String> = vcpus

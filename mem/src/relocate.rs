@@ -281,7 +281,10 @@ fn pull_table(
         };
         let sfirst = PageIndex(st * PTRS_PER_TABLE);
         let mut sptl = src.pt.lock(sfirst);
-        let n = sptl.end().0 - sfirst.0;
+        // The shorter of the two: a grow's last source table is partial
+        // (its undo pulls back only what the source has; `discard_tail`
+        // dropped the rest).
+        let n = (sptl.end().0 - sfirst.0).min(dptl.end().0 - first.0);
         repair_unbacked(inner, src, &mut sptl, sfirst, n);
         // Dropped last: references outlive the folio locks below.
         let mut refs = Refs(inner, Vec::new());
@@ -712,11 +715,14 @@ fn undo(
         undo: true,
     };
     switch(&sw)?;
-    // Close the tables still pending: they never left the sources.
+    // Close the tables still pending: they never left the sources. Closed
+    // as moved (their entries live elsewhere), not dead: an operation by
+    // guest address (discard) that meets one looks the home up again and
+    // finds the source, instead of taking the empty table for it.
     for t in 0..dst.pt.nr_tables() {
         let mut ptl = dst.pt.lock(PageIndex(t * PTRS_PER_TABLE));
         if pull.is_pending(t) {
-            ptl.set_dead();
+            ptl.set_moved();
             pull.pending[t as usize].store(false, SeqCst);
         }
     }
@@ -792,7 +798,10 @@ fn discard_tail(inner: &Inner, dst: &Region, pull: &PullSource) {
         let had = pull.source_of(t).map_or(0, |(s, st)| {
             (s.size() / PAGE_SIZE - st * PTRS_PER_TABLE).min(PTRS_PER_TABLE)
         });
-        if first.forward(had) < end {
+        // A table never pulled (closed above) took no fault: a fault pulls
+        // its table before it installs anything.
+        let never_pulled = dst.pt.lock(first).is_moved();
+        if first.forward(had) < end && !never_pulled {
             let out = crate::discard::discard_pages(inner, dst, first.forward(had), end);
             pinned += out.skipped_pinned_pages;
         }

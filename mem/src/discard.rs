@@ -47,8 +47,11 @@ pub enum DiscardError {
 /// What a discard did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DiscardOutcome {
-    /// Pages unmapped and returned.
+    /// Pages dropped: resident ones, and swapped, zero or poisoned entries
+    /// (their slots and markers go too).
     pub discarded_pages: u64,
+    /// Of those, the pages that held host memory and gave it back.
+    pub resident_pages: u64,
     /// Pages left in place because their folio is pinned.
     pub skipped_pinned_pages: u64,
     /// Large folios that became partially mapped (queued for split).
@@ -222,6 +225,7 @@ fn discard_table(
         }
         region.counters.resident(order, -(nr as i64));
         out.discarded_pages += nr;
+        out.resident_pages += nr;
         out.partial_folios += removal.queued_split as u64;
         i = i.forward(nr);
     }

@@ -422,3 +422,69 @@ fn reclaim_does_not_wake_the_worker_for_each_folio_it_frees() {
     );
     t.destroy(&mm);
 }
+
+/// A discard of swapped-out pages drops their slots but returns no memory:
+/// it says so (`resident_pages`, what the balloon reports as returned),
+/// apart from the pages it dropped (`discarded_pages`).
+#[test]
+fn a_discard_counts_the_memory_it_returned_apart_from_the_entries_it_dropped() {
+    let mm = swap_manager(16 * MIB, 2, 64 * MIB, false);
+    let vm = mm.create_vm("discard-swapped").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    let pages = 4 * MIB / PAGE_SIZE;
+    for p in 0..pages {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 1));
+    }
+    while mm.vm_stats(vm).unwrap().resident_bytes() > 0 {
+        assert!(
+            mm.reclaim(Some(vm), 4 * MIB).unwrap() > 0,
+            "reclaim stalled"
+        );
+    }
+    // Two pages back in memory, the rest in swap.
+    assert_eq!(ram.read(0), pattern(0, 0, 1));
+    assert_eq!(ram.read(PAGE_SIZE), pattern(1, 0, 1));
+    let resident = mm.vm_stats(vm).unwrap().resident_bytes() / PAGE_SIZE;
+    assert!(resident >= 2, "{resident}");
+    let out = mm.discard(vm, GuestAddress(0), 4 * MIB).unwrap();
+    assert_eq!(out.discarded_pages, pages);
+    assert_eq!(out.resident_pages, resident);
+    assert_eq!(mm.vm_stats(vm).unwrap().resident_bytes(), 0);
+    assert_eq!(ram.read(0), 0);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
+/// Pages swapped in by reads stay clean, each holding its slot; when they
+/// are discarded their slots are free at once, not only at the next
+/// swap-out (the file looked fuller than it was meanwhile).
+#[test]
+fn slots_of_discarded_clean_pages_are_free_at_once() {
+    let mm = swap_manager(16 * MIB, 2, 64 * MIB, false);
+    let vm = mm.create_vm("clean-discard").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    let pages = 4 * MIB / PAGE_SIZE;
+    for p in 0..pages {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 2));
+    }
+    while mm.vm_stats(vm).unwrap().resident_bytes() > 0 {
+        assert!(
+            mm.reclaim(Some(vm), 4 * MIB).unwrap() > 0,
+            "reclaim stalled"
+        );
+    }
+    for p in 0..pages {
+        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 2));
+    }
+    let kept = mm.vm_stats(vm).unwrap().swap.clean_kept_pages;
+    assert!(kept > 0, "reads keep pages clean");
+    assert!(mm.stats().swap_device.used_bytes > 0);
+    mm.discard(vm, GuestAddress(0), 4 * MIB).unwrap();
+    assert_eq!(mm.stats().swap_device.used_bytes, 0, "{kept} clean pages");
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}

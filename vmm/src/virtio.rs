@@ -370,7 +370,7 @@ impl RamControl for VmRam {
         let out_of_range = RamError::OutOfRange { gpa, len };
         match &self.manager {
             Some((mm, vm)) => match mm.discard(*vm, mem::GuestAddress(gpa), len) {
-                Ok(o) => Ok(o.discarded_pages * PAGE_SIZE),
+                Ok(o) => Ok(o.resident_pages * PAGE_SIZE),
                 Err(mem::DiscardError::OutOfRange { .. } | mem::DiscardError::Unaligned { .. }) => {
                     Err(out_of_range)
                 }

@@ -47,7 +47,8 @@
 //!   |                       splitting a sampled folio, `split_sampled`)
 //!   +-- swap lock           SwapDevice::state (swap map + swap cache)
 //!   |     +-- folio-table lock   (swap-cache lookup takes its reference)
-//!   |     +-- clean-slot queue   Inner::clean_frees (leaf; drained here)
+//!   |     +-- clean-slot queue   SwapDevice::clean_frees (leaf; drained
+//!   |                            by every SwapDevice::lock)
 //!   +-- folio-table lock    FolioTable::slab (leaf; also guards the LRU lists)
 //!   +-- zone lock           Inner::buddy (leaf; never nested with the above)
 //!   +-- zap-queue lock      Inner::zapq (leaf; held across one

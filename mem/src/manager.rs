@@ -217,11 +217,6 @@ pub(crate) struct Inner {
     /// Stale pool copies of folios installed by COPY, waiting for one
     /// batched zap (`gather`). Leaf.
     pub zapq: ZapQueue,
-    /// Slots of clean folios that were freed or dirtied, waiting for their
-    /// count to be dropped under the swap lock ([`Inner::drain_clean_slots`]).
-    /// A queue, so that any path may release one whatever locks it holds.
-    /// Leaf.
-    pub clean_frees: Mutex<Vec<SwapSlot>>,
     /// Registered guest regions by host start. Leaf, never held while faulting.
     regions: RwLock<BTreeMap<usize, Arc<Region>>>,
     /// Live VMs. Leaf.
@@ -385,28 +380,14 @@ impl Inner {
     }
 
     /// Queue the count a clean folio held on `slot` for release (the folio
-    /// was freed, or written, or lost its write protection).
+    /// was freed, or written, or lost its write protection); see
+    /// [`SwapDevice::release_clean`].
     ///
     /// # Context
     /// Any; takes a leaf lock.
     pub fn release_clean_slot(&self, slot: SwapSlot) {
-        self.clean_frees
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(slot);
-    }
-
-    /// Drop the counts queued by [`Inner::release_clean_slot`].
-    ///
-    /// # Context
-    /// The swap lock is held (`st`).
-    pub fn drain_clean_slots(&self, st: &mut crate::swap_cache::SwapState) {
-        let slots =
-            std::mem::take(&mut *self.clean_frees.lock().unwrap_or_else(|e| e.into_inner()));
-        for slot in slots {
-            if let Err(e) = st.swap_free_nr(slot, 1) {
-                log_error(&format!("release of clean slot {slot:?}: {e}"));
-            }
+        if let Some(d) = self.swap.as_ref() {
+            d.release_clean(slot);
         }
     }
 
@@ -663,7 +644,6 @@ impl MemoryManager {
             pool,
             folios: FolioTable::default(),
             zapq: ZapQueue::default(),
-            clean_frees: Mutex::default(),
             regions: RwLock::default(),
             vms: Mutex::default(),
             next_vm: AtomicU32::new(0),
@@ -1264,7 +1244,7 @@ impl MemoryManager {
         let Some(dev) = self.inner.swap.as_ref() else {
             return Ok(());
         };
-        self.inner.drain_clean_slots(&mut dev.lock());
+        drop(dev.lock()); // drops the queued clean-slot counts
         let mut named = 0u64;
         let mut swapped_counter = 0i64;
         for vm in self.inner.live_vms() {

@@ -22,6 +22,10 @@ use crate::swap_file::{SwapConfig, SwapFile, SwapFileError};
 use crate::swap_map::{SwapMap, SwapMapError};
 use crate::types::{FolioId, SwapSlot};
 use std::collections::BTreeMap;
+use std::sync::atomic::{
+    AtomicUsize,
+    Ordering::{AcqRel, Acquire},
+};
 use std::sync::{Mutex, MutexGuard};
 
 /// Slot → folio, one record per folio (its slots are contiguous).
@@ -168,6 +172,13 @@ pub struct SwapDevice {
     pub file: SwapFile,
     /// The swap lock: below the page-table lock, above the folio-table lock.
     state: Mutex<SwapState>,
+    /// Slots of clean folios that were freed or dirtied, waiting for their
+    /// count to be dropped under the swap lock: a queue, so that any path
+    /// may release one whatever locks it holds. Leaf; drained by every
+    /// [`SwapDevice::lock`] that finds it non-empty.
+    clean_frees: Mutex<Vec<SwapSlot>>,
+    /// Slots in `clean_frees` (read without its lock).
+    nr_clean_frees: AtomicUsize,
 }
 
 impl SwapDevice {
@@ -184,12 +195,40 @@ impl SwapDevice {
                 map,
                 cache: SwapCache::default(),
             }),
+            clean_frees: Mutex::default(),
+            nr_clean_frees: AtomicUsize::new(0),
         })
     }
 
-    /// Take the swap lock.
+    /// Take the swap lock. The counts of released clean slots are dropped
+    /// first, so that whoever looks at the map sees them free: a slot left
+    /// queued until the next swap-out made the file look fuller than it
+    /// was, to the stats and to the swap-in's choice to keep pages clean.
     pub fn lock(&self) -> MutexGuard<'_, SwapState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.nr_clean_frees.load(Acquire) > 0 {
+            let slots =
+                std::mem::take(&mut *self.clean_frees.lock().unwrap_or_else(|e| e.into_inner()));
+            self.nr_clean_frees.fetch_sub(slots.len(), AcqRel);
+            for slot in slots {
+                if let Err(e) = st.swap_free_nr(slot, 1) {
+                    crate::vm::log_error(&format!("release of clean slot {slot:?}: {e}"));
+                }
+            }
+        }
+        st
+    }
+
+    /// Queue the count a clean folio held on `slot` for release (the folio
+    /// was freed, or written, or lost its write protection); the next
+    /// [`SwapDevice::lock`] drops it.
+    ///
+    /// # Context
+    /// Any; takes a leaf lock.
+    pub fn release_clean(&self, slot: SwapSlot) {
+        let mut q = self.clean_frees.lock().unwrap_or_else(|e| e.into_inner());
+        q.push(slot);
+        self.nr_clean_frees.fetch_add(1, AcqRel);
     }
 }
 

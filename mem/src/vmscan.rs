@@ -855,11 +855,7 @@ fn add_to_swap_locked<'a>(
 ) -> Result<Writeback<'a>, FolioLockGuard<'a>> {
     let id = lock.id();
     let nr = order.nr_pages();
-    let base = {
-        let mut st = dev.lock();
-        inner.drain_clean_slots(&mut st);
-        st.add_to_swap(id, order)
-    };
+    let base = { dev.lock().add_to_swap(id, order) };
     let Some(base) = base else {
         return Err(lock);
     };

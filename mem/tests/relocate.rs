@@ -374,15 +374,19 @@ fn an_undo_waits_for_a_transient_pin_in_a_moved_table() {
     settle_and_check(&mm);
 }
 
-/// A discard during the undo of a failed merge reaches the entries where
-/// they are: a table of the second region that was never pulled lives on
-/// in that region, not in the closed table of the new range that comes
-/// first by guest address. (Closed as dead, that table took the discard,
-/// which then did nothing and reported success.)
-#[test]
-fn a_discard_during_an_undo_reaches_the_tables_that_never_moved() {
+/// A VM with adjacent regions of 4 and 6 MiB, filled with generation `g`.
+fn two_regions(
+    name: &str,
+    g: u64,
+) -> (
+    Arc<MemoryManager>,
+    mem::VmId,
+    Arc<mem::FolioBackend>,
+    View,
+    u64,
+) {
     let mm = manager(64 * MIB, 2);
-    let vm = mm.create_vm("undo-discard").unwrap();
+    let vm = mm.create_vm(name).unwrap();
     let b = mm
         .backend(
             vm,
@@ -391,7 +395,18 @@ fn a_discard_during_an_undo_reaches_the_tables_that_never_moved() {
         .unwrap();
     let view = View::new(mem::GuestMemoryBackend::regions(&*b));
     let pages = 10 * MIB / PAGE_SIZE;
-    fill(&view, 0, pages, 8);
+    fill(&view, 0, pages, g);
+    (mm, vm, b, view, pages)
+}
+
+/// A discard during the undo of a failed merge reaches the entries where
+/// they are: a table of the second region that was never pulled lives on
+/// in that region, not in the closed table of the new range that comes
+/// first by guest address. (Closed as dead, that table took the discard,
+/// which then did nothing and reported success.)
+#[test]
+fn a_discard_during_an_undo_reaches_the_tables_that_never_moved() {
+    let (mm, vm, _b, view, pages) = two_regions("undo-discard", 8);
     let before = mm.vm_regions(vm).unwrap();
     // Table 0 moves, table 1 fails: the undo starts with tables 1..5 of the
     // new range never pulled.
@@ -452,17 +467,7 @@ fn a_discard_during_an_undo_reaches_the_tables_that_never_moved() {
 
 #[test]
 fn merge_and_grow() {
-    let mm = manager(64 * MIB, 2);
-    let vm = mm.create_vm("merge").unwrap();
-    let b = mm
-        .backend(
-            vm,
-            &[(GuestAddress(0), 4 * MIB), (GuestAddress(4 * MIB), 6 * MIB)],
-        )
-        .unwrap();
-    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
-    let pages = 10 * MIB / PAGE_SIZE;
-    fill(&view, 0, pages, 3);
+    let (mm, vm, _b, view, pages) = two_regions("merge", 3);
     // Not adjacent / not a region / shrinking: refused, nothing changes.
     assert!(matches!(
         relocate(&mm, vm, &view, 0, RelocateOp::Grow(2 * MIB)),

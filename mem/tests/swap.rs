@@ -423,18 +423,25 @@ fn reclaim_does_not_wake_the_worker_for_each_folio_it_frees() {
     t.destroy(&mm);
 }
 
-/// A discard of swapped-out pages drops their slots but returns no memory:
-/// it says so (`resident_pages`, what the balloon reports as returned),
-/// apart from the pages it dropped (`discarded_pages`).
-#[test]
-fn a_discard_counts_the_memory_it_returned_apart_from_the_entries_it_dropped() {
+/// A 4 MiB VM whose pages (`pattern(p, 0, g)` at each page's start) are
+/// all swapped out.
+fn swapped_out_4m(
+    name: &str,
+    g: u64,
+) -> (
+    std::sync::Arc<mem::MemoryManager>,
+    mem::VmId,
+    std::sync::Arc<mem::FolioBackend>,
+    Ram,
+    u64,
+) {
     let mm = swap_manager(16 * MIB, 2, 64 * MIB, false);
-    let vm = mm.create_vm("discard-swapped").unwrap();
+    let vm = mm.create_vm(name).unwrap();
     let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
     let ram = Ram::of(&*b);
     let pages = 4 * MIB / PAGE_SIZE;
     for p in 0..pages {
-        ram.write(p * PAGE_SIZE, pattern(p, 0, 1));
+        ram.write(p * PAGE_SIZE, pattern(p, 0, g));
     }
     while mm.vm_stats(vm).unwrap().resident_bytes() > 0 {
         assert!(
@@ -442,6 +449,15 @@ fn a_discard_counts_the_memory_it_returned_apart_from_the_entries_it_dropped() {
             "reclaim stalled"
         );
     }
+    (mm, vm, b, ram, pages)
+}
+
+/// A discard of swapped-out pages drops their slots but returns no memory:
+/// it says so (`resident_pages`, what the balloon reports as returned),
+/// apart from the pages it dropped (`discarded_pages`).
+#[test]
+fn a_discard_counts_the_memory_it_returned_apart_from_the_entries_it_dropped() {
+    let (mm, vm, b, ram, pages) = swapped_out_4m("discard-swapped", 1);
     // Two pages back in memory, the rest in swap.
     assert_eq!(ram.read(0), pattern(0, 0, 1));
     assert_eq!(ram.read(PAGE_SIZE), pattern(1, 0, 1));
@@ -462,20 +478,7 @@ fn a_discard_counts_the_memory_it_returned_apart_from_the_entries_it_dropped() {
 /// swap-out (the file looked fuller than it was meanwhile).
 #[test]
 fn slots_of_discarded_clean_pages_are_free_at_once() {
-    let mm = swap_manager(16 * MIB, 2, 64 * MIB, false);
-    let vm = mm.create_vm("clean-discard").unwrap();
-    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
-    let ram = Ram::of(&*b);
-    let pages = 4 * MIB / PAGE_SIZE;
-    for p in 0..pages {
-        ram.write(p * PAGE_SIZE, pattern(p, 0, 2));
-    }
-    while mm.vm_stats(vm).unwrap().resident_bytes() > 0 {
-        assert!(
-            mm.reclaim(Some(vm), 4 * MIB).unwrap() > 0,
-            "reclaim stalled"
-        );
-    }
+    let (mm, vm, b, ram, pages) = swapped_out_4m("clean-discard", 2);
     for p in 0..pages {
         assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 2));
     }

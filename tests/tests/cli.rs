@@ -1,10 +1,11 @@
 //! Bad input gets a clear one-line error and a non-zero exit, never a panic.
 
+use foliovm_tests::{foliovm_bin, kvm_available};
 use std::path::PathBuf;
 use std::process::Command;
 
 fn foliovm(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_foliovm"))
+    let out = Command::new(foliovm_bin())
         .args(args)
         .output()
         .expect("run foliovm");
@@ -72,29 +73,9 @@ fn tiny_elf() -> Vec<u8> {
     e
 }
 
-/// Whether these tests can start a VM. Without a usable `/dev/kvm` they
-/// are skipped, unless `FOLIOVM_REQUIRE_KVM=1` (as CI sets it), which makes
-/// that a failure. The same rule as `foliovm_tests::kvm_available`, which
-/// this crate cannot depend on (that crate depends on this one).
-fn kvm() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("FOLIOVM_REQUIRE_KVM").as_deref() != Ok("1"),
-            "/dev/kvm is not usable and FOLIOVM_REQUIRE_KVM=1"
-        );
-        eprintln!("skipping: /dev/kvm is not usable");
-    }
-    ok
-}
-
 #[test]
 fn missing_and_non_kernel_images() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let d = TempDir::new("img");
@@ -116,7 +97,7 @@ fn missing_and_non_kernel_images() {
 
 #[test]
 fn initrd_that_does_not_fit() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let d = TempDir::new("initrd");
@@ -146,7 +127,7 @@ fn initrd_that_does_not_fit() {
 
 #[test]
 fn memory_and_vcpu_limits() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     expect_error(
@@ -271,7 +252,7 @@ fn flags_the_guest_cannot_use_are_refused() {
     }
     expect_error(&["run", "--bogus"], "unexpected argument '--bogus'");
     let (code, stdout) = {
-        let out = Command::new(env!("CARGO_BIN_EXE_foliovm"))
+        let out = Command::new(foliovm_bin())
             .args(["run", "--help"])
             .output()
             .expect("run foliovm");
@@ -328,7 +309,7 @@ fn vm_flags_without_a_vm_are_refused() {
 
 #[test]
 fn guest_exceptions_and_triple_faults_fail_with_one_line() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (code, stderr) = foliovm(&["run", "--workload", "ud:4K"]);
@@ -349,12 +330,12 @@ fn guest_exceptions_and_triple_faults_fail_with_one_line() {
 
 #[test]
 fn logs_go_to_the_log_file_at_the_chosen_level() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let d = TempDir::new("log");
     let log = d.0.join("foliovm.log");
-    let out = Command::new(env!("CARGO_BIN_EXE_foliovm"))
+    let out = Command::new(foliovm_bin())
         .args([
             "run",
             "--workload",

@@ -16,6 +16,7 @@ pub mod http;
 pub mod routes;
 
 use routes::{route, ApiBackend, ApiError, ApiResponse};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -40,6 +41,12 @@ pub enum ApiServerError {
 /// A running API server; stops when dropped.
 pub struct ApiServer {
     stop: Arc<AtomicBool>,
+    /// The listening socket (a second handle): shut down to wake the
+    /// accepting thread, whatever became of the socket's path.
+    listener: UnixListener,
+    /// The socket file's device and inode: removed on drop only if the
+    /// path still names this socket.
+    ident: (u64, u64),
     /// To tell the `api` thread to stop ([`Job::Stop`]).
     jobs: Sender<Job>,
     accept: Option<JoinHandle<()>>,
@@ -74,6 +81,8 @@ impl ApiServer {
             std::fs::remove_file(path).map_err(|e| bind_err(e.to_string()))?;
         }
         let listener = UnixListener::bind(path).map_err(|e| bind_err(e.to_string()))?;
+        let ident = socket_ident(path).map_err(|e| bind_err(e.to_string()))?;
+        let handle = listener.try_clone().map_err(|e| bind_err(e.to_string()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (jobs, queue) = mpsc::channel::<Job>();
         let execute = std::thread::Builder::new()
@@ -94,6 +103,8 @@ impl ApiServer {
         };
         Ok(ApiServer {
             stop,
+            listener: handle,
+            ident,
             jobs,
             accept: Some(accept),
             execute: Some(execute),
@@ -106,8 +117,12 @@ impl ApiServer {
     fn stop_accepting(&mut self) {
         self.stop.store(true, SeqCst);
         if let Some(t) = self.accept.take() {
-            // Wakes the blocking accept, which then sees the flag.
-            let _ = UnixStream::connect(&self.path);
+            // SAFETY: shutdown(2) on a socket this server owns (kept open
+            // by `self.listener`); it takes no pointers. A blocked accept on
+            // it returns (EINVAL) and the thread sees the flag; connecting
+            // to the path would not reach it if the file was removed or
+            // replaced meanwhile.
+            unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
             let _ = t.join();
         }
         let _ = self.jobs.send(Job::Stop);
@@ -135,8 +150,18 @@ impl Drop for ApiServer {
         if let Some(t) = self.execute.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        // Another foliovm may have taken the path over since.
+        if socket_ident(&self.path).ok() == Some(self.ident) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+/// The device and inode of the socket file at `path`.
+fn socket_ident(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// The `api-accept` thread: a thread per connection, at most
@@ -145,6 +170,10 @@ fn accept(listener: &UnixListener, jobs: &Sender<Job>, stop: &AtomicBool) {
     let open = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         if stop.load(SeqCst) {
+            return;
+        }
+        // Shut down under us by someone else: nothing more will come.
+        if matches!(&conn, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
             return;
         }
         let Ok(mut conn) = conn else {

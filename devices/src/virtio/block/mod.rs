@@ -541,6 +541,33 @@ mod tests {
         assert_eq!((c.read_bytes, c.write_bytes, c.malformed), (1024, 512, 0));
     }
 
+    /// The chain is a byte stream: data sharing a buffer with the header
+    /// (a write) or with the status (a read) moves like any other. (It was
+    /// dropped and the request answered OK.)
+    #[test]
+    fn data_sharing_a_buffer_with_the_header_or_the_status_is_moved() {
+        let (_t, p) = image(4 * 512);
+        let mut r = rig(&p, false);
+        // Write sector 1 from the 512 bytes after the header.
+        r.mem
+            .write_slice(&[0xcd; 512], GuestAddress(HDR + 16))
+            .unwrap();
+        let merged_out = [desc(HDR, 16 + 512, N, 1), desc(STATUS, 1, W, 0)];
+        assert_eq!(r.submit(1, 1, &merged_out), (S_OK, 1));
+        assert!(std::fs::read(&p).unwrap()[512..1024]
+            .iter()
+            .all(|&b| b == 0xcd));
+        // Read sector 2 into a buffer whose last byte is the status.
+        let merged_in = [desc(HDR, 16, N, 1), desc(DATA, 512 + 1, W, 0)];
+        let (_, len) = r.submit(0, 2, &merged_in);
+        assert_eq!(len, 513);
+        let st: u8 = r.mem.read_obj(GuestAddress(DATA + 512)).unwrap();
+        assert_eq!(st, S_OK);
+        let mut buf = [0u8; 512];
+        r.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert!(buf.iter().all(|&b| b == 2), "sector 2's bytes");
+    }
+
     #[test]
     fn read_only_drives_refuse_writes() {
         let (_t, p) = image(4 * 512);

@@ -128,7 +128,25 @@ impl Request {
             t => RequestKind::Unsupported(t),
         };
         let sector = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
-        let data = bufs[1..bufs.len() - 1].to_vec();
+        // The chain is one byte stream (the device may assume no layout):
+        // the header's first 16 bytes, the status's last byte, and the data
+        // between them, also where it shares a buffer with either.
+        let mut data = Vec::with_capacity(bufs.len());
+        if header.len > HEADER_LEN {
+            data.push(Buffer {
+                addr: header.addr.unchecked_add_len(u64::from(HEADER_LEN)),
+                len: header.len - HEADER_LEN,
+                writable: false,
+            });
+        }
+        data.extend_from_slice(&bufs[1..bufs.len() - 1]);
+        let last = bufs[bufs.len() - 1];
+        if last.len > 1 {
+            data.push(Buffer {
+                len: last.len - 1,
+                ..last
+            });
+        }
         let want_writable = match kind {
             RequestKind::In | RequestKind::GetId => Some(true),
             RequestKind::Out => Some(false),
@@ -176,7 +194,7 @@ pub fn status_buffer(chain: &Chain) -> Option<Buffer> {
         return None;
     }
     // The status is the last byte of the last buffer (Linux sends a 1-byte
-    // buffer; a longer one is legal).
+    // buffer; a longer one is legal, its other bytes are data).
     Some(Buffer {
         addr: last.addr.unchecked_add_len(u64::from(last.len) - 1),
         len: 1,
@@ -263,9 +281,10 @@ mod tests {
             vec![buf(0x10000, 16, false), buf(0x11000, 513, true)],
         );
         assert_eq!(status_buffer(&c), Some(buf(0x11200, 1, true)));
-        // Data are only the buffers between header and status (the layout
-        // Linux sends); the rest of the status buffer is not data.
-        assert_eq!(Request::parse(&c, &m, 10).unwrap().data_len(), 0);
+        // The rest of the status buffer is data (the device may assume no
+        // layout): a 512-byte read into its first 512 bytes.
+        let r = Request::parse(&c, &m, 10).unwrap();
+        assert_eq!(r.data, vec![buf(0x11000, 512, true)]);
     }
 
     #[test]

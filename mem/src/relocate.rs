@@ -40,7 +40,7 @@
 use crate::anon::{AnonError, AnonMapping, HUGE_PAGE_SIZE};
 use crate::inject::FaultPoint;
 use crate::manager::Inner;
-use crate::pte::{PteState, PtlGuard, PTRS_PER_TABLE};
+use crate::pte::{Pte, PteState, PtlGuard, PTRS_PER_TABLE};
 use crate::sys;
 use crate::types::{FolioId, GuestAddress, PageIndex, VmId, PAGE_SIZE};
 use crate::vm::{log_error, Region, RegionState, VmState};
@@ -90,6 +90,10 @@ pub enum RelocateError {
     /// A folio of the region is pinned for device I/O.
     #[error("a folio at guest page {0} is pinned for device I/O")]
     Pinned(u64),
+    /// An undo met the grown tail's page at this index before it was
+    /// discarded (transient: a fault waits and tries again).
+    #[error("page {0} of a grown tail is still in use")]
+    TailInUse(u64),
     /// `UFFDIO_MOVE` refused to move pages.
     #[error("moving guest pages failed: errno {0}")]
     Move(i32),
@@ -103,14 +107,44 @@ pub enum RelocateError {
 }
 
 /// The regions the VMM must switch its memslots between.
-#[derive(Debug, Clone)]
-pub struct RelocateSwitch {
+pub struct RelocateSwitch<'a> {
     /// The regions the VM uses now (remove their memslots).
     pub old: Vec<RamRegion>,
     /// The regions it uses from now on (add memslots for them).
     pub new: Vec<RamRegion>,
     /// Whether this switch undoes a failed relocation.
     pub undo: bool,
+    /// Makes `new` the regions found by guest address; runs once.
+    make_live: &'a (dyn Fn() + Sync),
+}
+
+impl RelocateSwitch<'_> {
+    /// Make the new regions the ones the manager finds by guest address
+    /// (for pins and discards), and the old ones retired.
+    ///
+    /// Call it with the memslots switched and the vCPUs paused, while no
+    /// device can start a request, and before the devices address the new
+    /// ranges: a device pins a page by guest address and then accesses it
+    /// through its own view of guest memory, and both must name the same
+    /// region. (Pinning the old region's page and then writing through the
+    /// new range faults on a table the pin keeps from moving: a deadlock.)
+    /// If the switch callback does not call it, the manager does when the
+    /// callback returns, which is right for a VMM whose devices do not pin.
+    /// Once it is called the callback must not fail: the new regions are
+    /// in use.
+    pub fn make_live(&self) {
+        (self.make_live)()
+    }
+}
+
+impl std::fmt::Debug for RelocateSwitch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelocateSwitch")
+            .field("old", &self.old)
+            .field("new", &self.new)
+            .field("undo", &self.undo)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a relocation did.
@@ -254,6 +288,8 @@ pub(crate) fn ensure_pulled(inner: &Inner, region: &Region, idx: PageIndex) -> b
             }
             true
         }
+        // The undo discards it, then the fault (parked) pulls.
+        Err(RelocateError::TailInUse(_)) => false,
         Err(e) => {
             log_error(&format!("pull of table {t} on a fault: {e}"));
             false
@@ -285,6 +321,14 @@ fn pull_table(
         // (its undo pulls back only what the source has; `discard_tail`
         // dropped the rest).
         let n = (sptl.end().0 - sfirst.0).min(dptl.end().0 - first.0);
+        // The table is taken whole, so it must fit: entries past the
+        // destination's end (a grown tail the undo has not discarded yet)
+        // would be carried along, out of reach.
+        if let Some(k) =
+            (n..sptl.end().0 - sfirst.0).find(|&k| sptl.pte(sfirst.forward(k)) != Pte::NONE)
+        {
+            return Err(RelocateError::TailInUse(sfirst.0 + k));
+        }
         repair_unbacked(inner, src, &mut sptl, sfirst, n);
         // Dropped last: references outlive the folio locks below.
         let mut refs = Refs(inner, Vec::new());
@@ -611,11 +655,26 @@ pub(crate) fn relocate(
             .unregister(dst.host_base().raw(), dst.size() as usize);
     };
 
-    // The switch: the only pause.
+    // The switch: the only pause. From the moment the VMM makes the new
+    // region live, lookups by guest address find it: nothing may pull a
+    // table while the vCPUs or devices can still reach the old range.
+    // (Faults on the new range, possible from the switch on, pull.)
+    let live = std::sync::Once::new();
+    let make_live = || {
+        live.call_once(|| {
+            dst.set_state(RegionState::Live);
+            sources
+                .iter()
+                .for_each(|(s, _)| s.set_state(RegionState::Retired));
+            // Faults parked on its pending tables meanwhile can pull them now.
+            inner.kick_worker();
+        })
+    };
     let sw = RelocateSwitch {
         old: old.clone(),
         new: vec![dst.ram_region()],
         undo: false,
+        make_live: &make_live,
     };
     let ts = Instant::now();
     let switched = match inner.inject.hit(FaultPoint::RelocateSwitch) {
@@ -627,19 +686,19 @@ pub(crate) fn relocate(
     };
     let switch_ns = ts.elapsed().as_nanos() as u64;
     if let Err(e) = switched {
-        dst.set_pull(None);
-        drop_dst(&dst);
-        return Err(RelocateError::Switch(e));
+        if live.is_completed() {
+            // The VMM failed after making it live: it cannot be undone
+            // safely from here (devices may address the new range).
+            log_error(&format!(
+                "relocation: the switch failed after going live: {e}"
+            ));
+        } else {
+            dst.set_pull(None);
+            drop_dst(&dst);
+            return Err(RelocateError::Switch(e));
+        }
     }
-    // Only now do lookups by guest address find the new region: nothing
-    // may pull a table while the vCPUs can still reach the old range.
-    // (Faults on the new range, possible from the switch on, pull.)
-    dst.set_state(RegionState::Live);
-    sources
-        .iter()
-        .for_each(|(s, _)| s.set_state(RegionState::Retired));
-    // Faults parked on its pending tables meanwhile can pull them now.
-    inner.kick_worker();
+    sw.make_live();
 
     // Pull every table.
     let mut failure = None;
@@ -708,51 +767,66 @@ fn undo(
     switch: &mut dyn FnMut(&RelocateSwitch) -> Result<(), String>,
 ) -> Result<(), String> {
     // Switch back first: until then the vCPUs use the new range and may
-    // still pull tables into it on their faults.
+    // still pull tables into it on their faults. Going live (in the pause,
+    // if the VMM calls it there) closes the tables still pending (they
+    // never left the sources) and sets the sources up to pull the others
+    // back, before anything can reach the sources by guest address again.
+    let back: std::sync::OnceLock<Vec<Arc<PullSource>>> = std::sync::OnceLock::new();
+    let make_live = || {
+        back.get_or_init(|| {
+            // Closed as moved (their entries live elsewhere), not dead: an
+            // operation by guest address (discard) that meets one looks the
+            // home up again and finds the source, instead of taking the
+            // empty table for it.
+            for t in 0..dst.pt.nr_tables() {
+                let mut ptl = dst.pt.lock(PageIndex(t * PTRS_PER_TABLE));
+                if pull.is_pending(t) {
+                    ptl.set_moved();
+                    pull.pending[t as usize].store(false, SeqCst);
+                }
+            }
+            dst.set_pull(None);
+            let back = sources
+                .iter()
+                .map(|(s, shift)| {
+                    let dst_has = |st: u64| {
+                        let t = st as i64 + shift;
+                        t >= 0 && (t as u64) < dst.pt.nr_tables() && {
+                            let ptl = dst.pt.lock(PageIndex(t as u64 * PTRS_PER_TABLE));
+                            !ptl.is_dead()
+                        }
+                    };
+                    let p = Arc::new(PullSource::new(
+                        vec![(dst.clone(), -shift)],
+                        s.pt.nr_tables(),
+                        dst_has,
+                    ));
+                    s.set_pull(Some(p.clone()));
+                    p
+                })
+                .collect();
+            sources
+                .iter()
+                .for_each(|(s, _)| s.set_state(RegionState::Live));
+            dst.set_state(RegionState::Retired);
+            inner.kick_worker();
+            back
+        });
+    };
     let sw = RelocateSwitch {
         old: vec![dst.ram_region()],
         new: sources.iter().map(|(s, _)| s.ram_region()).collect(),
         undo: true,
+        make_live: &make_live,
     };
     switch(&sw)?;
-    // Close the tables still pending: they never left the sources. Closed
-    // as moved (their entries live elsewhere), not dead: an operation by
-    // guest address (discard) that meets one looks the home up again and
-    // finds the source, instead of taking the empty table for it.
-    for t in 0..dst.pt.nr_tables() {
-        let mut ptl = dst.pt.lock(PageIndex(t * PTRS_PER_TABLE));
-        if pull.is_pending(t) {
-            ptl.set_moved();
-            pull.pending[t as usize].store(false, SeqCst);
-        }
-    }
-    dst.set_pull(None);
-    discard_tail(inner, dst, pull);
-    let back: Vec<Arc<PullSource>> = sources
-        .iter()
-        .map(|(s, shift)| {
-            let dst_has = |st: u64| {
-                let t = st as i64 + shift;
-                t >= 0 && (t as u64) < dst.pt.nr_tables() && {
-                    let ptl = dst.pt.lock(PageIndex(t as u64 * PTRS_PER_TABLE));
-                    !ptl.is_dead()
-                }
-            };
-            let p = Arc::new(PullSource::new(
-                vec![(dst.clone(), -shift)],
-                s.pt.nr_tables(),
-                dst_has,
-            ));
-            s.set_pull(Some(p.clone()));
-            p
-        })
-        .collect();
-    sources
-        .iter()
-        .for_each(|(s, _)| s.set_state(RegionState::Live));
-    dst.set_state(RegionState::Retired);
-    inner.kick_worker();
-    for ((s, _), p) in sources.iter().zip(&back) {
+    sw.make_live();
+    let back = back.get().expect("made live");
+    // What the guest wrote in a grown tail since the switch: before the
+    // pulls below, which leave a table's entries past the source's end
+    // behind (and refuse while there are any).
+    discard_tail(inner, dst, pull)?;
+    for ((s, _), p) in sources.iter().zip(back) {
         for st in 0..s.pt.nr_tables() {
             // A device may have pinned a page of a table moved since the
             // switch: undo cannot refuse, so it waits for the unpin.
@@ -789,28 +863,34 @@ fn undo(
 ///
 /// # Context
 /// After the switch back: the vCPUs use the sources again.
-fn discard_tail(inner: &Inner, dst: &Region, pull: &PullSource) {
+fn discard_tail(inner: &Inner, dst: &Region, pull: &PullSource) -> Result<(), String> {
     let pages = dst.size() / PAGE_SIZE;
-    let mut pinned = 0;
     for t in 0..dst.pt.nr_tables() {
         let first = PageIndex(t * PTRS_PER_TABLE);
         let end = PageIndex((first.0 + PTRS_PER_TABLE).min(pages));
         let had = pull.source_of(t).map_or(0, |(s, st)| {
             (s.size() / PAGE_SIZE - st * PTRS_PER_TABLE).min(PTRS_PER_TABLE)
         });
-        // A table never pulled (closed above) took no fault: a fault pulls
-        // its table before it installs anything.
+        // A table never pulled (closed as moved) took no fault: a fault
+        // pulls its table before it installs anything.
         let never_pulled = dst.pt.lock(first).is_moved();
-        if first.forward(had) < end && !never_pulled {
+        if first.forward(had) >= end || never_pulled {
+            continue;
+        }
+        // A device may hold a pin on a tail page for one request: wait for
+        // it, as the pulls below do (the tail must be empty before its
+        // table goes back).
+        let emptied = inner.wait_unpin(UNDO_PIN_WAIT, || {
             let out = crate::discard::discard_pages(inner, dst, first.forward(had), end);
-            pinned += out.skipped_pinned_pages;
+            (out.skipped_pinned_pages == 0).then_some(())
+        });
+        if emptied.is_none() {
+            return Err(format!(
+                "a page of the grown tail (table {t}) stayed pinned for {UNDO_PIN_WAIT:?}"
+            ));
         }
     }
-    if pinned > 0 {
-        log_error(&format!(
-            "relocation undo: {pinned} pinned pages of the new tail stay until unpinned"
-        ));
-    }
+    Ok(())
 }
 
 /// Migrate every 2 MiB folio of `region` into a fresh THP block, so that

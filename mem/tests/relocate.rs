@@ -465,6 +465,60 @@ fn a_discard_during_an_undo_reaches_the_tables_that_never_moved() {
     settle_and_check(&mm);
 }
 
+/// A device pins a page by guest address, then writes it through its own
+/// view of guest memory. The switch makes the new region live before the
+/// device gets the new view (`RelocateSwitch::make_live`), so the pin and
+/// the write name the same region. Pinned in the old region while writing
+/// through the new one, the write faulted on a table the pin kept from
+/// moving, and the relocation and the device waited for each other.
+#[test]
+fn a_device_pinning_right_after_the_switch_writes_where_it_pinned() {
+    let mm = manager(64 * MIB, 2);
+    let vm = mm.create_vm("switch-pin").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 8 * MIB)]).unwrap();
+    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
+    let pages = 8 * MIB / PAGE_SIZE;
+    fill(&view, 0, pages, 9);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let relocator = {
+        let mm = mm.clone();
+        std::thread::spawn(move || {
+            let r = mm.relocate(
+                vm,
+                GuestAddress(0),
+                RelocateOp::ToAligned,
+                &mut |sw| {
+                    sw.make_live();
+                    view.switch(sw)?;
+                    if !sw.undo {
+                        // The device's next request, on the new view, in
+                        // the pause (as one queued behind the switch).
+                        let pin = mm.pin(vm, GuestAddress(3 * MIB + 8), 8).unwrap();
+                        view.write(3 * MIB + 8, 0xfeed);
+                        drop(pin);
+                    }
+                    Ok(())
+                },
+                &|_, _| {},
+            );
+            tx.send((r.map(|_| ()), view)).unwrap();
+        })
+    };
+    let (r, view) = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the relocation and the device wait for each other");
+    relocator.join().unwrap();
+    r.unwrap();
+    for p in 0..pages {
+        let want = match p == 3 * MIB / PAGE_SIZE {
+            true => 0xfeed,
+            false => pattern(p, 1, 9),
+        };
+        assert_eq!(view.read(p * PAGE_SIZE + 8), want, "page {p}");
+    }
+    settle_and_check(&mm);
+}
+
 #[test]
 fn merge_and_grow() {
     let (mm, vm, _b, view, pages) = two_regions("merge", 3);

@@ -528,14 +528,21 @@ pub struct VirtioDevices {
 
 impl VirtioDevices {
     /// Guest memory moved (region relocation, vCPUs paused): every device
-    /// addresses its queues through `mem` from now on. Each transport is
-    /// locked in turn, so no device is in the middle of a request; the
-    /// event loop runs their queues under the same locks.
-    pub fn set_memory(&self, mem: &GuestMemoryMmap) {
-        for t in &self.transports {
-            t.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_memory(mem.clone());
+    /// addresses its queues through `mem` from now on. Every transport is
+    /// locked (the event loop runs their queues under the same locks), then
+    /// `between` runs, then each gets `mem`: no device is in a request from
+    /// the first lock to the last unlock, so no request sees `between`'s
+    /// effect with the old memory, or the new memory without it (a
+    /// relocation makes its regions live there).
+    pub fn switch_memory(&self, mem: &GuestMemoryMmap, between: impl FnOnce()) {
+        let mut locked: Vec<_> = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        between();
+        for t in &mut locked {
+            t.set_memory(mem.clone());
         }
     }
 

@@ -695,6 +695,16 @@ impl Vm {
             }
         };
         let mut switch = |sw: &mem::RelocateSwitch| -> Result<(), String> {
+            // What the devices and vCPUs address from now on; built first,
+            // so that nothing can fail once the new regions are live.
+            let now = mm.vm_regions(*id).unwrap_or_default();
+            let mut view: Vec<RamRegion> = now
+                .into_iter()
+                .filter(|r| !sw.old.contains(r) && !sw.new.contains(r))
+                .chain(sw.new.iter().copied())
+                .collect();
+            view.sort_by_key(|r| r.guest_base);
+            let m = guest_memory(&view).map_err(|e| e.to_string())?;
             if !paused {
                 self.pause().map_err(|e| e.to_string())?;
             }
@@ -702,20 +712,16 @@ impl Vm {
             // their slots exist (see `KvmVm::switch_memory`).
             let r = unsafe { self._kvm.switch_memory(&sw.old, &sw.new) }
                 .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    let now = mm.vm_regions(*id).unwrap_or_default();
-                    let mut view: Vec<RamRegion> = now
-                        .into_iter()
-                        .filter(|r| !sw.old.contains(r) && !sw.new.contains(r))
-                        .chain(sw.new.iter().copied())
-                        .collect();
-                    view.sort_by_key(|r| r.guest_base);
-                    let m = guest_memory(&view).map_err(|e| e.to_string())?;
-                    if let Some(v) = &self.virtio {
-                        v.set_memory(&m);
+                .map(|()| {
+                    // The devices pin by guest address and then access
+                    // through their view: the manager's regions go live
+                    // while every device is held off, and the devices get
+                    // the new view before any runs again.
+                    match &self.virtio {
+                        Some(v) => v.switch_memory(&m, || sw.make_live()),
+                        None => sw.make_live(),
                     }
                     *self.ctx.mem.write().unwrap_or_else(|p| p.into_inner()) = m;
-                    Ok(())
                 });
             if !paused {
                 let _ = self.resume();

@@ -160,22 +160,30 @@ fn refault_swapcache(
     // An rmap naming a region gone since leaves `first` meaningless here:
     // then nothing maps (and nothing indexes past this region's tables).
     let fits = first.0 + nr <= region.size() / PAGE_SIZE;
+    // Before the install wakes the faulting threads: the folio leaves the
+    // swap cache, and the mapped entries' slot references go.
+    let settle = |mask: &PageMask| {
+        release_swap(inner, dev, folio, base, mask);
+        both(inner, region, |c| {
+            c.swapin_cache_folios.fetch_add(1, Relaxed)
+        });
+    };
     let mapped = match fits {
-        false => [0; 8],
+        false => {
+            settle(&[0; 8]);
+            [0; 8]
+        }
         true => {
             let mut ptl = region.pt.lock(first);
             let mask = match ptl.is_dead() {
                 true => [0; 8],
                 false => entries_mask(&ptl, first, nr, |k| Pte::swap(base.forward(k))),
             };
-            map_folio_pages(inner, region, &mut ptl, folio, first, &mask, false);
+            let m = (folio, first);
+            map_folio_pages(inner, region, &mut ptl, m, &mask, false, || settle(&mask));
             mask
         }
     };
-    release_swap(inner, dev, folio, base, &mapped);
-    both(inner, region, |c| {
-        c.swapin_cache_folios.fetch_add(1, Relaxed)
-    });
     drop(lock);
     inner.put_folio(folio, 1);
     let sub = idx.0.wrapping_sub(first.0);
@@ -207,31 +215,44 @@ fn entries_mask(
 /// rmap and put the folio on the youngest generation. Returns whether the
 /// whole folio was mapped write-protected.
 ///
+/// `settle` runs once, after the entries and counters are set and before
+/// the install: the install wakes the faulting threads, and whatever they
+/// do next (a discard, a look at the statistics) must find the swap slots
+/// and swap cache already settled, not a moment later.
+///
 /// # Context
 /// Folio lock and the page-table lock (`ptl`) held.
 pub(crate) fn map_folio_pages(
     inner: &Inner,
     region: &Region,
     ptl: &mut PtlGuard<'_>,
-    folio: FolioId,
-    first: PageIndex,
+    (folio, first): (FolioId, PageIndex),
     mask: &PageMask,
     wp: bool,
+    settle: impl FnOnce(),
 ) -> bool {
     let Some((pool, order)) = inner.folios.slab().get(folio).map(|f| (f.pool, f.order)) else {
+        settle();
         return false;
     };
     let nr = order.nr_pages();
     let n: u64 = (0..nr).filter(|&k| mask_test(mask, k)).count() as u64;
     if n == 0 {
+        settle();
         return false;
     }
-    // Bookkeeping first (the MOVE wakes the faulting threads).
+    // Bookkeeping first: the MOVE wakes the faulting threads, and by then
+    // the counters they may read must already include these pages.
     {
         let mut slab = inner.folios.slab();
         rmap::add_anon_rmap(&mut slab, ptl, folio, mask);
         slab.lru_add(folio);
     }
+    region.counters.resident(order, n as i64);
+    both(inner, region, |c| {
+        c.swapped_pages.fetch_sub(n as i64, Relaxed)
+    });
+    settle();
     let mut protected = false;
     if n == nr {
         ptl.set_range(first, nr, Pte::present(folio, 0));
@@ -249,10 +270,6 @@ pub(crate) fn map_folio_pages(
             k += run;
         }
     }
-    region.counters.resident(order, n as i64);
-    both(inner, region, |c| {
-        c.swapped_pages.fetch_sub(n as i64, Relaxed)
-    });
     protected
 }
 
@@ -512,33 +529,49 @@ fn swapin_read(
         && order == Order::BASE
         && slots_plentiful
         && region.counters.clean_policy.should_keep();
-    let (mapped, poisoned, clean) = {
+    let (mapped, poisoned) = {
         let mut ptl = region.pt.lock(first);
         let marker = Pte::new(PteState::SwapinMarker { folio });
         let marked = entries_mask(&ptl, first, nr, |_| marker);
         let good: PageMask = std::array::from_fn(|w| marked[w] & !bad[w]);
         let poison: PageMask = std::array::from_fn(|w| marked[w] & bad[w]);
-        let clean = map_folio_pages(inner, region, &mut ptl, folio, first, &good, keep_clean);
+        // The folio leaves the swap cache before the install wakes the
+        // faulting threads. Kept clean, it owns its slot; otherwise every
+        // marker's slot reference goes: mapped, poisoned or removed by a
+        // discard, the entry that named the slot is gone. Under the
+        // page-table lock, so that a WP fault (which needs it) sees the
+        // folio clean only once it owns the slot.
+        let settle = || {
+            match keep_clean {
+                true => keep_slot_clean(inner, dev, folio, base),
+                false => release_swap(inner, dev, folio, base, &full_mask(nr)),
+            }
+            let n_good = (0..nr).filter(|&k| mask_test(&good, k)).count() as u64;
+            both(inner, region, |c| {
+                c.swapin_file_folios.fetch_add(1, Relaxed);
+                c.swapin_file_pages.fetch_add(n_good, Relaxed);
+            });
+        };
+        let clean = map_folio_pages(
+            inner,
+            region,
+            &mut ptl,
+            (folio, first),
+            &good,
+            keep_clean,
+            settle,
+        );
+        if keep_clean && !clean {
+            // Not mapped (bad or discarded) or not write-protected.
+            inner.clear_clean(folio);
+        }
         poison_pages(inner, region, &mut ptl, first, nr, &poison);
         if clean {
-            // Under the page-table lock, so that a WP fault (which needs
-            // it) sees the folio clean only once it owns the slot.
-            keep_slot_clean(inner, dev, folio, base);
             region.counters.clean_policy.kept();
             both(inner, region, |c| c.clean_kept_pages.fetch_add(1, Relaxed));
         }
-        (good, poison, clean)
+        (good, poison)
     };
-    if !clean {
-        // Every marker stood for one slot reference: mapped, poisoned or
-        // removed by a discard, the entry that named the slot is gone.
-        release_swap(inner, dev, folio, base, &full_mask(nr));
-    }
-    let n_mapped = (0..nr).filter(|&k| mask_test(&mapped, k)).count() as u64;
-    both(inner, region, |c| {
-        c.swapin_file_folios.fetch_add(1, Relaxed);
-        c.swapin_file_pages.fetch_add(n_mapped, Relaxed);
-    });
     drop(lock);
     inner.put_folio(folio, 1);
     let k = idx.0 - first.0;

@@ -1022,7 +1022,7 @@ fn pageout(inner: &Inner, dev: &SwapDevice, run: Vec<Writeback<'_>>) -> u64 {
 fn end_writeback(inner: &Inner, dev: &SwapDevice, w: &Writeback<'_>, crcs: Option<&[u32]>) -> u64 {
     let id = w.lock.id();
     let Some(crcs) = crcs else {
-        let mask = {
+        {
             let mut ptl = w.region.pt.lock(w.first);
             let mut m = [0u64; 8];
             for k in 0..w.nr {
@@ -1030,27 +1030,28 @@ fn end_writeback(inner: &Inner, dev: &SwapDevice, w: &Writeback<'_>, crcs: Optio
                     m[(k / 64) as usize] |= 1 << (k % 64);
                 }
             }
-            map_folio_pages(inner, &w.region, &mut ptl, id, w.first, &m, false);
-            m
-        };
-        let mut st = dev.lock();
-        for k in (0..w.nr).filter(|&k| rmap::mask_test(&mask, k)) {
-            let _ = st.swap_free_nr(w.base.forward(k), 1);
+            // The slots and the swap cache are settled before the install
+            // wakes the faulting threads.
+            let settle = || {
+                let mut st = dev.lock();
+                for k in (0..w.nr).filter(|&k| rmap::mask_test(&m, k)) {
+                    let _ = st.swap_free_nr(w.base.forward(k), 1);
+                }
+                let _ = st.delete_from_swap_cache(w.base, w.nr);
+                let mut slab = inner.folios.slab();
+                let f = slab.live(id);
+                f.swap = None;
+                f.flags.remove(FolioFlags::SWAPCACHE);
+                f.flags.remove(FolioFlags::WRITEBACK);
+                // A refaulter waiting on the lock finds the cache empty and
+                // retries; the folio is mapped again, not kept for it. Left
+                // set, the flag would keep the folio in the cache after its
+                // next, successful writeback, unmapped and off the LRU.
+                f.flags.remove(FolioFlags::REFAULTED);
+                let _ = slab.put_refs(id, 1);
+            };
+            map_folio_pages(inner, &w.region, &mut ptl, (id, w.first), &m, false, settle);
         }
-        let _ = st.delete_from_swap_cache(w.base, w.nr);
-        let mut slab = inner.folios.slab();
-        let f = slab.live(id);
-        f.swap = None;
-        f.flags.remove(FolioFlags::SWAPCACHE);
-        f.flags.remove(FolioFlags::WRITEBACK);
-        // A refaulter waiting on the lock finds the cache empty and
-        // retries; the folio is mapped again, not kept for it. Left set,
-        // the flag would keep the folio in the cache after its next,
-        // successful writeback, unmapped and off the LRU.
-        f.flags.remove(FolioFlags::REFAULTED);
-        let _ = slab.put_refs(id, 1);
-        drop(slab);
-        drop(st);
         both(inner, &w.region, |c| c.write_errors.fetch_add(1, Relaxed));
         return 0;
     };

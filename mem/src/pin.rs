@@ -65,6 +65,14 @@ impl std::fmt::Debug for PinGuard {
     }
 }
 
+/// One wait of a pin for memory to become ready.
+const PIN_WAIT: Duration = Duration::from_millis(10);
+/// A pin gives up after this many waits that ended without any memory
+/// event (about 50 ms) ...
+const PIN_WAITS_IDLE: u32 = 5;
+/// ... or this many in all, while memory events come but none serves it.
+const PIN_WAITS_WOKEN: u32 = 20;
+
 pub(crate) fn pin(
     inner: &Arc<Inner>,
     vm: Arc<VmState>,
@@ -161,9 +169,13 @@ fn pin_page(
                     crate::vmscan::direct_reclaim(inner, region);
                 }
                 // Device threads may wait for the worker; handlers never do.
+                // Briefly: the caller is the VMM's event loop, and a device
+                // given `NoMemory` puts its request back and retries later
+                // (see `devices::virtio::QueueState::Deferred`), rather than
+                // hold every other device of every VM meanwhile.
                 waited += 1;
-                if waited > 500 || !inner.wait_for_memory(Duration::from_millis(10)) && waited > 100
-                {
+                let woken = inner.wait_for_memory(PIN_WAIT);
+                if waited >= PIN_WAITS_WOKEN || !woken && waited >= PIN_WAITS_IDLE {
                     return Err(PinError::NoMemory);
                 }
             }

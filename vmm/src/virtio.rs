@@ -25,7 +25,7 @@ use crate::kvm::{KvmError, KvmVm};
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonEvent, BalloonHandle};
 use devices::virtio::block::{Block, DiskImage};
 use devices::virtio::mmio::{MemorySwitch, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::{IrqLine, PinToken, RamControl, RamError, VirtioDevice};
+use devices::virtio::{IrqLine, PinToken, QueueState, RamControl, RamError, VirtioDevice};
 use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
@@ -358,10 +358,11 @@ struct VmRam {
 impl RamControl for VmRam {
     fn pin(&self, gpa: u64, len: u64) -> Result<Option<PinToken>, RamError> {
         match &self.manager {
-            Some((mm, vm)) => mm
-                .pin(*vm, mem::GuestAddress(gpa), len)
-                .map(|g| Some(Box::new(g) as PinToken))
-                .map_err(|e| RamError::Backend(e.to_string())),
+            Some((mm, vm)) => match mm.pin(*vm, mem::GuestAddress(gpa), len) {
+                Ok(g) => Ok(Some(Box::new(g) as PinToken)),
+                Err(mem::PinError::NoMemory) => Err(RamError::NoMemory { gpa, len }),
+                Err(e) => Err(RamError::Backend(e.to_string())),
+            },
             None => Ok(None),
         }
     }
@@ -406,25 +407,77 @@ impl RamControl for VmRam {
 }
 
 /// Runs queue notifications of one device on the event loop.
+/// The first retry of a deferred queue comes this soon; each retry that
+/// finds it deferred again waits twice as long, up to [`RETRY_MAX`], so a
+/// long memory stall costs the event loop a pin attempt now and then.
+const RETRY_FIRST: Duration = Duration::from_millis(5);
+/// The longest wait between two retries of a deferred queue.
+const RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// A device's queue notifications on the event loop, and the retries of
+/// queues it deferred ([`QueueState::Deferred`]: a request waits for guest
+/// memory) on a timer.
 struct QueueEvents<D: VirtioDevice> {
     transport: Arc<Mutex<MmioTransport<D>>>,
     fds: Vec<i32>,
+    retry: TimerFd,
+    /// Queues left deferred by their last processing.
+    deferred: Vec<bool>,
+    /// Whether `retry` is armed.
+    armed: bool,
+    /// The wait before the next retry.
+    backoff: Duration,
+}
+
+impl<D: VirtioDevice> QueueEvents<D> {
+    fn process_queue(&mut self, i: usize) {
+        let state = self
+            .transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .notified(i);
+        if let Some(d) = self.deferred.get_mut(i) {
+            *d = state == QueueState::Deferred;
+        }
+    }
+
+    /// Arm the retry timer if a queue is deferred and it is not armed yet.
+    fn arm(&mut self) {
+        if self.armed || !self.deferred.contains(&true) {
+            return;
+        }
+        match self.retry.reset(self.backoff, None) {
+            Ok(()) => self.armed = true,
+            Err(e) => eprintln!("foliovm: warning: cannot arm a virtio retry timer: {e}"),
+        }
+    }
 }
 
 impl<D: VirtioDevice + 'static> MutEventSubscriber for QueueEvents<D> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if let Some(i) = self.fds.iter().position(|&fd| fd == events.fd()) {
-            self.transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .notified(i);
+            self.process_queue(i);
+        } else if events.fd() == self.retry.as_raw_fd() {
+            let _ = self.retry.wait();
+            self.armed = false;
+            for i in 0..self.deferred.len() {
+                if self.deferred[i] {
+                    self.process_queue(i);
+                }
+            }
+            self.backoff = match self.deferred.contains(&true) {
+                true => (self.backoff * 2).min(RETRY_MAX),
+                false => RETRY_FIRST,
+            };
         }
+        self.arm();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         for &fd in &self.fds {
             let _ = ops.add(Events::new_raw(fd, EventSet::IN));
         }
+        let _ = ops.add(Events::new(&self.retry, EventSet::IN));
     }
 }
 
@@ -674,7 +727,7 @@ fn place<D: VirtioDevice + 'static>(
         }
         notify.push(fd);
     }
-    let fds = notify.iter().map(|f| f.as_raw_fd()).collect();
+    let fds: Vec<i32> = notify.iter().map(|f| f.as_raw_fd()).collect();
     let t = Arc::new(Mutex::new(MmioTransport::new(
         dev,
         mem.clone(),
@@ -685,7 +738,11 @@ fn place<D: VirtioDevice + 'static>(
         .expect("virtio windows are disjoint and nothing else is placed there");
     let sub: Subscriber = Arc::new(Mutex::new(QueueEvents {
         transport: t.clone(),
+        deferred: vec![false; fds.len()],
         fds,
+        retry: TimerFd::new().map_err(errno("retry timerfd", index))?,
+        armed: false,
+        backoff: RETRY_FIRST,
     }));
     events.add_subscriber(sub);
     Ok(t)
@@ -821,5 +878,106 @@ mod tests {
         )
         .unwrap();
         assert!(from_sections(vec![], Some(hinting), &mut w).is_err());
+    }
+
+    /// One queue whose processing is deferred `left` times, then drains.
+    struct Deferring {
+        left: u32,
+        calls: Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl VirtioDevice for Deferring {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            1 << devices::virtio::VIRTIO_F_VERSION_1
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(&mut self, _queues: devices::virtio::ActiveQueues) {}
+        fn reset(&mut self) {}
+        fn set_memory(&mut self, _mem: GuestMemoryMmap) {}
+        fn process_queue(&mut self, _index: usize) -> QueueState {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match self.left {
+                0 => QueueState::Drained,
+                _ => {
+                    self.left -= 1;
+                    QueueState::Deferred
+                }
+            }
+        }
+    }
+
+    /// A queue its device deferred (a request waiting for guest memory) is
+    /// processed again by the event loop's retry timer, with no further
+    /// notification from the guest, until it drains; then the retries
+    /// stop. Without them the request would wait for the guest's next kick,
+    /// which may never come.
+    #[test]
+    fn a_deferred_queue_is_retried_until_it_drains() {
+        use devices::BusDevice;
+        use event_manager::EventManager;
+        use std::sync::atomic::Ordering::SeqCst;
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let dev = Deferring {
+            left: 4,
+            calls: calls.clone(),
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let fd = notify.as_raw_fd();
+        let t = Arc::new(Mutex::new(MmioTransport::new(
+            dev,
+            mem,
+            IrqLine::new(|| Ok(())),
+            vec![notify],
+        )));
+        {
+            // The driver's probe: features, one queue, DRIVER_OK.
+            let mut t = t.lock().unwrap();
+            let mut wr = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
+            wr(0x070, 1 | 2);
+            wr(0x024, 1);
+            wr(0x020, 1);
+            wr(0x070, 1 | 2 | 8);
+            wr(0x030, 0);
+            wr(0x038, 16);
+            wr(0x080, 0x1000);
+            wr(0x090, 0x1100);
+            wr(0x0a0, 0x1200);
+            wr(0x044, 1);
+            wr(0x070, 1 | 2 | 8 | 4);
+            assert!(t.is_live());
+        }
+        let mut events: EventManager<Subscriber> = EventManager::new().unwrap();
+        events.add_subscriber(Arc::new(Mutex::new(QueueEvents {
+            transport: t,
+            fds: vec![fd],
+            retry: TimerFd::new().unwrap(),
+            deferred: vec![false],
+            armed: false,
+            backoff: RETRY_FIRST,
+        })));
+        // Activation notified the queue once; the rest are retries
+        // (5 + 10 + 20 + 40 ms of back-off).
+        let start = std::time::Instant::now();
+        while calls.load(SeqCst) < 5 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "retries stopped at {} calls",
+                calls.load(SeqCst)
+            );
+            events.run_with_timeout(100).unwrap();
+        }
+        // Drained: no more retries.
+        for _ in 0..5 {
+            events.run_with_timeout(100).unwrap();
+        }
+        assert_eq!(calls.load(SeqCst), 5);
     }
 }

@@ -25,7 +25,7 @@
 //! `Reset --ACK,DRIVER--> Negotiating --FEATURES_OK--> FeaturesOk
 //! --DRIVER_OK--> Live`; a write of 0 from any state resets.
 
-use super::{ActiveQueues, GuestMemoryMmap, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{ActiveQueues, GuestMemoryMmap, IrqLine, QueueState, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::BusDevice;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -312,14 +312,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.irq.ack(u32::MAX);
     }
 
-    /// An event-loop notification for queue `index`: consume it and let the
-    /// device process the queue.
-    pub fn notified(&mut self, index: usize) {
+    /// An event-loop notification for queue `index` (or a due retry of a
+    /// deferred one): consume it and let the device process the queue.
+    pub fn notified(&mut self, index: usize) -> QueueState {
         if let Some(s) = self.queues.get(index) {
             let _ = s.notify.read();
         }
-        if self.live {
-            self.device.process_queue(index);
+        match self.live {
+            true => self.device.process_queue(index),
+            false => QueueState::Drained,
         }
     }
 }
@@ -413,8 +414,9 @@ mod tests {
         fn set_memory(&mut self, _mem: GuestMemoryMmap) {
             self.0.lock().unwrap().memory_switches += 1;
         }
-        fn process_queue(&mut self, index: usize) {
+        fn process_queue(&mut self, index: usize) -> QueueState {
             self.0.lock().unwrap().processed.push(index);
+            QueueState::Drained
         }
     }
 

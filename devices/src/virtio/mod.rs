@@ -97,7 +97,16 @@ pub enum RamError {
         /// Length.
         len: u64,
     },
-    /// The memory backend refused (out of memory, VM going away).
+    /// No memory could be made free for the range in time (the budget is
+    /// exhausted and reclaim cannot help yet). Transient: try again later.
+    #[error("no memory free for guest range {gpa:#x}+{len:#x} yet")]
+    NoMemory {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The memory backend refused (VM going away, poisoned page).
     #[error("memory backend: {0}")]
     Backend(String),
 }
@@ -173,8 +182,20 @@ pub trait VirtioDevice: Send {
     /// address the queues through `mem` from now on. Called with the
     /// transport locked, so never in the middle of processing a queue.
     fn set_memory(&mut self, mem: GuestMemoryMmap);
-    /// The guest notified queue `index` (an ioeventfd fired).
-    fn process_queue(&mut self, index: usize);
+    /// The guest notified queue `index` (an ioeventfd fired), or a retry of
+    /// a queue left [`QueueState::Deferred`] is due.
+    fn process_queue(&mut self, index: usize) -> QueueState;
+}
+
+/// What processing a queue left in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueState {
+    /// Nothing the device put off; the next notification brings more.
+    Drained,
+    /// A request waits for guest memory (a pin found the budget exhausted):
+    /// the queue must be processed again after a while, notified or not.
+    /// The guest sees a slow request, never an error.
+    Deferred,
 }
 
 /// Read `data.len()` bytes of a little-endian config blob at `offset`;

@@ -10,7 +10,7 @@
 //! direction and size rules of their own request format.
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// The most descriptors a chain may have (the largest queue we offer).
@@ -135,15 +135,37 @@ pub fn pop_chain(
     Some(parse_chain(chain, mem).map_err(|e| (head, e)))
 }
 
+/// What a device did with one chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Done: put `head` on the used ring, `len` bytes written to the driver.
+    Used(u16, u32),
+    /// The device keeps the chain and answers it later itself.
+    Kept,
+    /// The device cannot serve the chain now (guest memory is short): it
+    /// goes back to the queue, and the drain stops there, so that chains
+    /// are still served in order once it is tried again.
+    Deferred,
+}
+
+/// What a drain of a queue left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Drained {
+    /// The driver must be interrupted.
+    pub notify: bool,
+    /// A chain was deferred ([`Served::Deferred`]): drain again later,
+    /// without waiting for a notification.
+    pub deferred: bool,
+}
+
 /// Run `f` on every available chain of `queue`, put each on the used ring
-/// with the `(head, length)` `f` returns (`None`: the device keeps the
-/// chain for later), and re-enable notifications (with event index) until
-/// the ring stays empty. Returns whether the driver must be interrupted.
+/// as `f` says ([`Served`]), and re-enable notifications (with event
+/// index) until the ring stays empty.
 pub fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
-    f: impl FnMut(Result<Chain, (u16, ChainError)>) -> Option<(u16, u32)>,
-) -> bool {
+    f: impl FnMut(Result<Chain, (u16, ChainError)>) -> Served,
+) -> Drained {
     drain_queue_observed(queue, mem, f, || {})
 }
 
@@ -153,11 +175,14 @@ pub fn drain_queue(
 fn drain_queue_observed(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
-    mut f: impl FnMut(Result<Chain, (u16, ChainError)>) -> Option<(u16, u32)>,
+    mut f: impl FnMut(Result<Chain, (u16, ChainError)>) -> Served,
     mut before_enable: impl FnMut(),
-) -> bool {
+) -> Drained {
     let mut used_any = false;
     let mut empty_rounds = 0;
+    let notify = |queue: &mut Queue, used_any: bool| {
+        used_any && queue.needs_notification(mem).unwrap_or(true)
+    };
     loop {
         if queue.disable_notification(mem).is_err() {
             break;
@@ -165,11 +190,27 @@ fn drain_queue_observed(
         let mut popped = false;
         while let Some(c) = pop_chain(queue, mem) {
             popped = true;
-            let Some((head, len)) = f(c) else { continue };
+            let (head, len) = match f(c) {
+                Served::Used(head, len) => (head, len),
+                Served::Kept => continue,
+                Served::Deferred => {
+                    // Unpopped: the retry pops the same chain first.
+                    // Notifications stay off meanwhile; the retry's drain
+                    // turns them on again.
+                    queue.go_to_previous_position();
+                    return Drained {
+                        notify: notify(queue, used_any),
+                        deferred: true,
+                    };
+                }
+            };
             if queue.add_used(mem, head, len).is_err() {
                 // Only a corrupt used ring address gets here; the queue
                 // was checked at activation, so stop rather than spin.
-                return used_any;
+                return Drained {
+                    notify: used_any,
+                    deferred: false,
+                };
             }
             used_any = true;
         }
@@ -187,7 +228,10 @@ fn drain_queue_observed(
             _ => break,
         }
     }
-    used_any && queue.needs_notification(mem).unwrap_or(true)
+    Drained {
+        notify: notify(queue, used_any),
+        deferred: false,
+    }
 }
 
 /// Test helpers: a guest memory and a queue in it, with raw descriptors.
@@ -304,7 +348,10 @@ mod tests {
         vq.avail().idx().store(100u16.to_le());
         let mut q: Queue = vq.create_queue().unwrap();
         assert!(pop_chain(&mut q, &mem).is_none());
-        assert!(!drain_queue(&mut q, &mem, |_| unreachable!()));
+        assert_eq!(
+            drain_queue(&mut q, &mem, |_| unreachable!()),
+            Drained::default()
+        );
     }
 
     /// A chain the driver adds after a round popped nothing, while
@@ -325,7 +372,7 @@ mod tests {
             |c| {
                 let c = c.unwrap();
                 served.push(c.head);
-                Some((c.head, 0))
+                Served::Used(c.head, 0)
             },
             || {
                 if !added {
@@ -336,7 +383,7 @@ mod tests {
             },
         );
         assert_eq!(served, vec![0]);
-        assert!(notify);
+        assert!(notify.notify && !notify.deferred);
         assert_eq!(q.next_used(), 1);
     }
 
@@ -351,10 +398,59 @@ mod tests {
                 Err((h, _)) => *h,
             };
             seen.push(c.is_ok());
-            Some((head, 0))
+            Served::Used(head, 0)
         });
         assert_eq!(seen, vec![false]);
-        assert!(notify);
+        assert!(notify.notify);
         assert_eq!(q.next_used(), 1);
+    }
+
+    /// A deferred chain stays in the queue, ahead of the ones after it: the
+    /// next drain pops it first, and nothing goes to the used ring until it
+    /// is served.
+    #[test]
+    fn a_deferred_chain_is_served_first_on_the_next_drain() {
+        let mem = memory();
+        let vq = virtio_queue::mock::MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        for i in 0..2u16 {
+            vq.desc_table()
+                .store(i, desc(0x10000 + u64::from(i) * 16, 16, 0, 0))
+                .unwrap();
+            vq.avail().ring().ref_at(i.into()).unwrap().store(i.to_le());
+        }
+        vq.avail().idx().store(2u16.to_le());
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut seen = Vec::new();
+        let mut memory_short = 2;
+        let mut serve = |c: Result<Chain, (u16, ChainError)>| {
+            let head = c.unwrap().head;
+            seen.push(head);
+            if memory_short > 0 {
+                memory_short -= 1;
+                return Served::Deferred;
+            }
+            Served::Used(head, 0)
+        };
+        for _ in 0..2 {
+            let d = drain_queue(&mut q, &mem, &mut serve);
+            assert_eq!(
+                d,
+                Drained {
+                    notify: false,
+                    deferred: true
+                }
+            );
+        }
+        assert_eq!(q.next_used(), 0, "nothing answered while deferred");
+        let d = drain_queue(&mut q, &mem, &mut serve);
+        assert_eq!(
+            d,
+            Drained {
+                notify: true,
+                deferred: false
+            }
+        );
+        assert_eq!(seen, vec![0, 0, 0, 1]);
+        assert_eq!(q.next_used(), 2);
     }
 }

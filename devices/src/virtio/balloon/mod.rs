@@ -14,8 +14,8 @@
 //! target at run time through [`BalloonHandle::set_target`].
 
 use super::mmio::MmioTransport;
-use super::queue::{drain_queue, Chain, ChainError};
-use super::{ActiveQueues, RamControl, VirtioDevice, WarnLimit, VIRTIO_F_VERSION_1};
+use super::queue::{drain_queue, Chain, ChainError, Served};
+use super::{ActiveQueues, QueueState, RamControl, VirtioDevice, WarnLimit, VIRTIO_F_VERSION_1};
 use std::sync::{Arc, Mutex};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -423,18 +423,23 @@ impl VirtioDevice for Balloon {
         }
     }
 
-    fn process_queue(&mut self, index: usize) {
+    fn process_queue(&mut self, index: usize) -> QueueState {
         let Some((mut active, roles)) = self.active.take() else {
-            return;
+            return QueueState::Drained;
         };
         if let (Some(q), Some(&role)) = (active.queues.get_mut(index), roles.get(index)) {
             let mem = active.mem.clone();
-            let notify = drain_queue(q, &mem, |c| self.handle(role, c, &mem).map(|h| (h, 0)));
-            if notify {
+            let served = |c| match self.handle(role, c, &mem) {
+                Some(head) => Served::Used(head, 0),
+                None => Served::Kept,
+            };
+            if drain_queue(q, &mem, served).notify {
                 active.irq.signal(super::INT_USED_RING);
             }
         }
         self.active = Some((active, roles));
+        // The balloon pins nothing: it never defers.
+        QueueState::Drained
     }
 }
 

@@ -5,13 +5,23 @@
 //! is a KVM ioeventfd). Data moves with `pread`/`pwrite` straight between
 //! the image and guest memory, through vm-memory's bounds-checked slices,
 //! with each data buffer pinned for the duration ([`RamControl::pin`]).
+//!
+//! A pin that finds no memory (the budget exhausted, reclaim not keeping
+//! up) does not fail the request: it goes back to the queue and the queue
+//! is [`QueueState::Deferred`], to be retried by the VMM a little later,
+//! as a guest fault waits for memory. The event loop is not held while it
+//! waits, and the guest sees a slow request, not an I/O error. Retrying
+//! repeats the transfer of the buffers already done, which is harmless: a
+//! driver leaves a request's buffers alone until it completes.
 
 pub mod bench;
 pub mod request;
 
 use self::request::{status_buffer, Request, RequestKind, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK};
-use super::queue::{drain_queue, Chain, ChainError};
-use super::{ActiveQueues, RamControl, VirtioDevice, WarnLimit, VIRTIO_F_VERSION_1};
+use super::queue::{drain_queue, Chain, ChainError, Served};
+use super::{
+    ActiveQueues, QueueState, RamControl, RamError, VirtioDevice, WarnLimit, VIRTIO_F_VERSION_1,
+};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -149,6 +159,8 @@ pub struct BlockCounters {
     pub errors: u64,
     /// Malformed chains or requests.
     pub malformed: u64,
+    /// Times a request was put back to wait for guest memory.
+    pub deferred: u64,
 }
 
 /// A virtio-blk device.
@@ -188,11 +200,7 @@ impl Block {
     }
 
     /// Handle one chain; returns (head, used length).
-    fn handle(
-        &mut self,
-        chain: Result<Chain, (u16, ChainError)>,
-        mem: &GuestMemoryMmap,
-    ) -> (u16, u32) {
+    fn handle(&mut self, chain: Result<Chain, (u16, ChainError)>, mem: &GuestMemoryMmap) -> Served {
         let chain = match chain {
             Ok(c) => c,
             Err((head, e)) => {
@@ -202,11 +210,14 @@ impl Block {
                 self.counters.errors += 1;
                 let name = &self.name;
                 self.warn.warn(|| format!("{name}: malformed request: {e}"));
-                return (head, 0);
+                return Served::Used(head, 0);
             }
         };
         let (status, written) = match Request::parse(&chain, mem, self.disk.nsectors) {
-            Ok(req) => self.execute(&req, mem),
+            Ok(req) => match self.execute(&req, mem) {
+                Some(done) => done,
+                None => return Served::Deferred,
+            },
             Err(e) => {
                 self.counters.malformed += 1;
                 let name = &self.name;
@@ -220,21 +231,23 @@ impl Block {
             self.counters.errors += 1;
         }
         match status_buffer(&chain) {
-            Some(st) if mem.write_obj(status, st.addr).is_ok() => (chain.head, written + 1),
-            _ => (chain.head, 0),
+            Some(st) if mem.write_obj(status, st.addr).is_ok() => {
+                Served::Used(chain.head, written + 1)
+            }
+            _ => Served::Used(chain.head, 0),
         }
     }
 
     /// Run a checked request; returns (status, bytes written to the guest
-    /// before the status).
-    fn execute(&mut self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
-        match req.kind {
+    /// before the status), or `None` when it must wait for guest memory.
+    fn execute(&mut self, req: &Request, mem: &GuestMemoryMmap) -> Option<(u8, u32)> {
+        Some(match req.kind {
             RequestKind::In => match self.transfer(req, mem, Direction::Read) {
                 Ok(n) => {
                     self.counters.read_bytes += n;
                     (S_OK, n as u32)
                 }
-                Err(e) => self.io_error("read", req, &e),
+                Err(e) => self.transfer_error("read", req, e)?,
             },
             RequestKind::Out if self.disk.read_only => {
                 let name = &self.name;
@@ -251,7 +264,7 @@ impl Block {
                     self.counters.write_bytes += n;
                     (S_OK, 0)
                 }
-                Err(e) => self.io_error("write", req, &e),
+                Err(e) => self.transfer_error("write", req, e)?,
             },
             RequestKind::Flush => match self.disk.file.sync_data() {
                 Ok(()) => (S_OK, 0),
@@ -259,7 +272,7 @@ impl Block {
             },
             RequestKind::GetId => {
                 let Some(b) = req.data.first() else {
-                    return (S_IOERR, 0);
+                    return Some((S_IOERR, 0));
                 };
                 let n = (b.len as usize).min(ID_LEN);
                 match mem.write_slice(&self.disk.id[..n], b.addr) {
@@ -268,6 +281,25 @@ impl Block {
                 }
             }
             RequestKind::Unsupported(_) => (request::S_UNSUPP, 0),
+        })
+    }
+
+    /// A transfer stopped by `e`: the request fails, or (`None`) waits for
+    /// guest memory.
+    fn transfer_error(&mut self, op: &str, req: &Request, e: TransferError) -> Option<(u8, u32)> {
+        match e {
+            TransferError::Io(e) => Some(self.io_error(op, req, &e)),
+            TransferError::NoMemory(e) => {
+                self.counters.deferred += 1;
+                let name = &self.name;
+                self.warn.warn(|| {
+                    format!(
+                        "{name}: {op} at sector {} waits for guest memory ({e}); retried shortly",
+                        req.sector
+                    )
+                });
+                None
+            }
         }
     }
 
@@ -284,19 +316,20 @@ impl Block {
         req: &Request,
         mem: &GuestMemoryMmap,
         dir: Direction,
-    ) -> std::io::Result<u64> {
+    ) -> Result<u64, TransferError> {
         let mut offset = req.sector * SECTOR_SIZE;
         for b in &req.data {
             if b.len == 0 {
                 continue;
             }
-            let _pin = self
-                .ram
-                .pin(b.addr.0, u64::from(b.len))
-                .map_err(std::io::Error::other)?;
+            let _pin = match self.ram.pin(b.addr.0, u64::from(b.len)) {
+                Ok(pin) => pin,
+                Err(e @ RamError::NoMemory { .. }) => return Err(TransferError::NoMemory(e)),
+                Err(e) => return Err(TransferError::Io(std::io::Error::other(e))),
+            };
             let slice = mem
                 .get_slice(b.addr, b.len as usize)
-                .map_err(std::io::Error::other)?;
+                .map_err(|e| TransferError::Io(std::io::Error::other(e)))?;
             let ptr = slice.ptr_guard_mut();
             let mut done = 0usize;
             while done < b.len as usize {
@@ -317,15 +350,15 @@ impl Block {
                 match r {
                     r if r > 0 => done += r as usize,
                     0 => {
-                        return Err(std::io::Error::new(
+                        return Err(TransferError::Io(std::io::Error::new(
                             std::io::ErrorKind::UnexpectedEof,
                             "image shrank under the guest",
-                        ))
+                        )))
                     }
                     _ => {
                         let e = std::io::Error::last_os_error();
                         if e.kind() != std::io::ErrorKind::Interrupted {
-                            return Err(e);
+                            return Err(TransferError::Io(e));
                         }
                     }
                 }
@@ -334,6 +367,14 @@ impl Block {
         }
         Ok(req.data_len())
     }
+}
+
+/// Why a transfer stopped.
+enum TransferError {
+    /// A buffer's pin found no memory: the request waits.
+    NoMemory(RamError),
+    /// Anything else: the request fails.
+    Io(std::io::Error),
 }
 
 #[derive(Clone, Copy)]
@@ -385,18 +426,23 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn process_queue(&mut self, index: usize) {
+    fn process_queue(&mut self, index: usize) -> QueueState {
         let Some(mut active) = self.active.take() else {
-            return;
+            return QueueState::Drained;
         };
+        let mut state = QueueState::Drained;
         if let Some(q) = active.queues.get_mut(index) {
             let mem = active.mem.clone();
-            let notify = drain_queue(q, &mem, |c| Some(self.handle(c, &mem)));
-            if notify {
+            let drained = drain_queue(q, &mem, |c| self.handle(c, &mem));
+            if drained.notify {
                 active.irq.signal(super::INT_USED_RING);
+            }
+            if drained.deferred {
+                state = QueueState::Deferred;
             }
         }
         self.active = Some(active);
+        state
     }
 }
 
@@ -404,7 +450,7 @@ impl VirtioDevice for Block {
 mod tests {
     use super::*;
     use crate::virtio::queue::testing::{desc, memory, queue_with};
-    use crate::virtio::{IrqLine, NoRamControl};
+    use crate::virtio::{IrqLine, NoRamControl, QueueState, RamError};
     use std::io::Write;
     use std::sync::atomic::{AtomicU32, Ordering};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -686,5 +732,68 @@ mod tests {
         );
         let old: u8 = r.mem.read_obj(GuestAddress(STATUS)).unwrap();
         assert_eq!(old, 0xff, "the old mapping is not written after the switch");
+    }
+
+    /// Pins that find no memory the first `short` times, then succeed.
+    struct ShortRam(AtomicU32);
+
+    impl RamControl for ShortRam {
+        fn pin(&self, gpa: u64, len: u64) -> Result<Option<crate::virtio::PinToken>, RamError> {
+            match self.0.load(Ordering::SeqCst) {
+                0 => Ok(None),
+                n => {
+                    self.0.store(n - 1, Ordering::SeqCst);
+                    Err(RamError::NoMemory { gpa, len })
+                }
+            }
+        }
+        fn discard(&self, _gpa: u64, _len: u64) -> Result<u64, RamError> {
+            unreachable!("a block device discards nothing")
+        }
+    }
+
+    /// A request whose buffer cannot be pinned for lack of memory waits in
+    /// the queue, unanswered, and is served when memory comes: the guest
+    /// sees a slow request, not an I/O error (it got `S_IOERR` after 1-5 s
+    /// of holding the event loop). A pin failing otherwise still fails it.
+    #[test]
+    fn a_request_short_of_memory_waits_instead_of_failing() {
+        let (_t, p) = image(8 * 512);
+        let disk = DiskImage::open(&p, false, "x").unwrap();
+        let ram = Arc::new(ShortRam(AtomicU32::new(2)));
+        let mut dev = Block::new(disk, ram.clone(), "vda");
+        let mem = memory();
+        let mut h = [0u8; 16];
+        h[8..16].copy_from_slice(&3u64.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let irqs = Arc::new(AtomicU32::new(0));
+        let i = irqs.clone();
+        dev.activate(ActiveQueues {
+            queues: vec![queue_with(&mem, 0, &rw(false, 512))],
+            mem: mem.clone(),
+            irq: IrqLine::new(move || {
+                i.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }),
+            acked_features: 0,
+        });
+        let used = |dev: &Block| dev.active.as_ref().unwrap().queues[0].next_used();
+        for round in 1..=2 {
+            assert_eq!(dev.process_queue(0), QueueState::Deferred, "round {round}");
+            assert_eq!(used(&dev), 0, "unanswered while memory is short");
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xff);
+            assert_eq!(irqs.load(Ordering::SeqCst), 0);
+            assert_eq!(dev.counters().deferred, round);
+        }
+        assert_eq!(dev.process_queue(0), QueueState::Drained);
+        assert_eq!(used(&dev), 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+        let mut buf = [0u8; 512];
+        mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert!(buf.iter().all(|&b| b == 3), "sector 3 was read");
+        let c = dev.counters();
+        assert_eq!((c.ok, c.errors, c.read_bytes), (1, 0, 512));
+        assert_eq!(irqs.load(Ordering::SeqCst), 1);
     }
 }

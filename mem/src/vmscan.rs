@@ -537,6 +537,8 @@ pub(crate) fn map_prot_none(
         crate::swapin::clean_folio_written(inner, region, folio);
         clean = false;
     }
+    // Counted before the installs wake the faulting thread.
+    both(inner, region, |c| c.sample_refaults.fetch_add(1, Relaxed));
     let nr = order.nr_pages();
     let mut k = 0;
     while k < nr {
@@ -557,7 +559,6 @@ pub(crate) fn map_prot_none(
         }
         k += run;
     }
-    both(inner, region, |c| c.sample_refaults.fetch_add(1, Relaxed));
 }
 
 /// A sampled-out large folio is touched at `at` while reclaim runs: cut it

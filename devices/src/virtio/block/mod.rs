@@ -171,6 +171,9 @@ pub struct Block {
     active: Option<ActiveQueues>,
     counters: BlockCounters,
     warn: WarnLimit,
+    /// Since when the request at the head of the queue waits for guest
+    /// memory (reported once when it starts and once when it ends).
+    memory_wait: Option<std::time::Instant>,
     name: String,
 }
 
@@ -190,6 +193,7 @@ impl Block {
             active: None,
             counters: BlockCounters::default(),
             warn: WarnLimit::default(),
+            memory_wait: None,
             name: name.to_string(),
         }
     }
@@ -215,7 +219,17 @@ impl Block {
         };
         let (status, written) = match Request::parse(&chain, mem, self.disk.nsectors) {
             Ok(req) => match self.execute(&req, mem) {
-                Some(done) => done,
+                Some(done) => {
+                    if let Some(t) = self.memory_wait.take() {
+                        eprintln!(
+                            "foliovm: {}: request at sector {} served after waiting {:.1} s for guest memory",
+                            self.name,
+                            req.sector,
+                            t.elapsed().as_secs_f64()
+                        );
+                    }
+                    done
+                }
                 None => return Served::Deferred,
             },
             Err(e) => {
@@ -291,13 +305,13 @@ impl Block {
             TransferError::Io(e) => Some(self.io_error(op, req, &e)),
             TransferError::NoMemory(e) => {
                 self.counters.deferred += 1;
-                let name = &self.name;
-                self.warn.warn(|| {
-                    format!(
-                        "{name}: {op} at sector {} waits for guest memory ({e}); retried shortly",
-                        req.sector
-                    )
-                });
+                if self.memory_wait.is_none() {
+                    self.memory_wait = Some(std::time::Instant::now());
+                    eprintln!(
+                        "foliovm: warning: {}: {op} at sector {} waits for guest memory ({e}); retried until memory comes",
+                        self.name, req.sector
+                    );
+                }
                 None
             }
         }
@@ -418,6 +432,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+        self.memory_wait = None;
     }
 
     fn set_memory(&mut self, mem: GuestMemoryMmap) {

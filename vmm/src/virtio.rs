@@ -406,7 +406,6 @@ impl RamControl for VmRam {
     }
 }
 
-/// Runs queue notifications of one device on the event loop.
 /// The first retry of a deferred queue comes this soon; each retry that
 /// finds it deferred again waits twice as long, up to [`RETRY_MAX`], so a
 /// long memory stall costs the event loop a pin attempt now and then.
@@ -465,10 +464,12 @@ impl<D: VirtioDevice + 'static> MutEventSubscriber for QueueEvents<D> {
                     self.process_queue(i);
                 }
             }
-            self.backoff = match self.deferred.contains(&true) {
-                true => (self.backoff * 2).min(RETRY_MAX),
-                false => RETRY_FIRST,
-            };
+            self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        }
+        if !self.deferred.contains(&true) {
+            // Served, by a retry or a notification: the next wait for
+            // memory starts with short retries again.
+            self.backoff = RETRY_FIRST;
         }
         self.arm();
     }

@@ -17,7 +17,7 @@ use crate::types::{FolioId, GuestAddress, HostAddr, PageIndex, VmId, PAGE_SIZE};
 use crate::vm::{Region, RegionState, VmState};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Errors from [`crate::MemoryManager::pin`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -67,11 +67,8 @@ impl std::fmt::Debug for PinGuard {
 
 /// One wait of a pin for memory to become ready.
 const PIN_WAIT: Duration = Duration::from_millis(10);
-/// A pin gives up after this many waits that ended without any memory
-/// event (about 50 ms) ...
-const PIN_WAITS_IDLE: u32 = 5;
-/// ... or this many in all, while memory events come but none serves it.
-const PIN_WAITS_WOKEN: u32 = 20;
+/// A page's pin gives up when it has found no memory for this long.
+const PIN_WAIT_LIMIT: Duration = Duration::from_millis(50);
 
 pub(crate) fn pin(
     inner: &Arc<Inner>,
@@ -138,7 +135,7 @@ fn pin_page(
     idx: PageIndex,
     pins: &mut Vec<(FolioId, u32)>,
 ) -> Result<(), PinError> {
-    let mut waited = 0;
+    let mut short_since = None;
     loop {
         let ptl = region.pt.lock(idx);
         if ptl.is_dead() {
@@ -173,11 +170,11 @@ fn pin_page(
                 // given `NoMemory` puts its request back and retries later
                 // (see `devices::virtio::QueueState::Deferred`), rather than
                 // hold every other device of every VM meanwhile.
-                waited += 1;
-                let woken = inner.wait_for_memory(PIN_WAIT);
-                if waited >= PIN_WAITS_WOKEN || !woken && waited >= PIN_WAITS_IDLE {
+                let since = *short_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= PIN_WAIT_LIMIT {
                     return Err(PinError::NoMemory);
                 }
+                inner.wait_for_memory(PIN_WAIT);
             }
             FaultOutcome::Poisoned => return Err(PinError::Poisoned),
             FaultOutcome::Installed(_)

@@ -981,4 +981,55 @@ mod tests {
         }
         assert_eq!(calls.load(SeqCst), 5);
     }
+
+    /// With the guest's budget full and nothing to reclaim (no swap), a
+    /// device pin reaches the devices as the transient `NoMemory` that
+    /// makes a request wait ([`QueueState::Deferred`]), not as a failure;
+    /// once memory is freed the same pin succeeds.
+    #[test]
+    fn an_exhausted_budget_gives_devices_a_transient_pin_error() {
+        use mem::GuestMemoryBackend;
+        const MIB: u64 = 1 << 20;
+        let mm = MemoryManager::new(mem::MmConfig {
+            budget_bytes: 4 * MIB,
+            handler_threads: 1,
+            fault_delivery: mem::FaultDelivery::Handlers,
+            prezero_limit_bytes: None,
+            swap: None,
+            reclaim: mem::ReclaimConfig::default(),
+        })
+        .unwrap();
+        let vm = mm.create_vm("pin").unwrap();
+        let b = mm.backend(vm, &[(mem::GuestAddress(0), 8 * MIB)]).unwrap();
+        let region = b.regions()[0];
+        // The guest fills its budget (host threads fault like vCPUs).
+        for p in 0..4 * MIB / PAGE_SIZE {
+            // SAFETY: inside the region's live host mapping, which `b`
+            // keeps; guest memory is written volatile, never borrowed.
+            unsafe {
+                let at = region.host_addr.add(p * PAGE_SIZE).as_ptr().cast::<u64>();
+                std::ptr::write_volatile(at, p + 1);
+            }
+        }
+        let ram = VmRam {
+            mem: GuestMemoryMmap::new(),
+            manager: Some((mm.clone(), vm)),
+        };
+        let gpa = 6 * MIB;
+        let t = std::time::Instant::now();
+        let e = ram.pin(gpa, PAGE_SIZE).err();
+        eprintln!("the pin gave up after {:?}", t.elapsed());
+        assert_eq!(
+            e,
+            Some(RamError::NoMemory {
+                gpa,
+                len: PAGE_SIZE
+            })
+        );
+        // Memory comes back (a balloon, say): the retry succeeds.
+        mm.discard(vm, mem::GuestAddress(0), MIB).unwrap();
+        assert!(ram.pin(gpa, PAGE_SIZE).unwrap().is_some());
+        drop(b);
+        mm.destroy_vm(vm).unwrap();
+    }
 }

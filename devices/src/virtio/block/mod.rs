@@ -769,8 +769,8 @@ mod tests {
 
     /// A request whose buffer cannot be pinned for lack of memory waits in
     /// the queue, unanswered, and is served when memory comes: the guest
-    /// sees a slow request, not an I/O error (it got `S_IOERR` after 1-5 s
-    /// of holding the event loop). A pin failing otherwise still fails it.
+    /// sees a slow request, not an I/O error (it got `S_IOERR`, after up
+    /// to 5 s of holding the event loop).
     #[test]
     fn a_request_short_of_memory_waits_instead_of_failing() {
         let (_t, p) = image(8 * 512);

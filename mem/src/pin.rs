@@ -33,7 +33,9 @@ pub enum PinError {
         /// Length.
         len: u64,
     },
-    /// No memory became ready in time to populate the range.
+    /// No memory became ready within `PIN_WAIT_LIMIT` (50 ms) to populate the
+    /// range. Transient: the caller may try again later (a device puts its
+    /// request back; see `devices::virtio::QueueState::Deferred`).
     #[error("no memory to populate the pinned range")]
     NoMemory,
     /// The VM is being torn down.

@@ -224,6 +224,7 @@ impl Controller {
                     vcpus: v.config().vcpus,
                     mem_bytes: v.config().mem_bytes,
                     stats: v.manager().and_then(|(mm, id)| mm.vm_stats(*id)),
+                    drives: v.drive_counters(),
                 })
                 .collect(),
         }

@@ -1,6 +1,7 @@
 //! Memory statistics as JSON (for the API) and in the Prometheus text
 //! format (for `GET /metrics`). One source for both: [`MemSample`].
 
+use devices::virtio::block::BlockCounters;
 use mem::{FaultStats, Histogram, MmStats, Order, SwapStats, VmStats};
 use serde_json::{json, Value};
 use std::fmt::Write;
@@ -17,6 +18,8 @@ pub struct VmSample {
     pub mem_bytes: u64,
     /// The manager's view (folio backend only).
     pub stats: Option<VmStats>,
+    /// Each drive's id and counters.
+    pub drives: Vec<(String, BlockCounters)>,
 }
 
 /// The host-wide memory statistics and every VM's.
@@ -34,6 +37,13 @@ fn by_order(v: &[u64]) -> Value {
         m.insert(size_name(i), json!(b));
     }
     Value::Object(m)
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn size_name(order: usize) -> String {
@@ -104,6 +114,15 @@ pub fn vm_json(v: &VmSample) -> Value {
         "state": v.state,
         "vcpus": v.vcpus,
         "mem_bytes": v.mem_bytes,
+        "drives": v.drives.iter().map(|(id, c)| json!({
+            "id": id,
+            "ok_requests": c.ok,
+            "error_requests": c.errors,
+            "malformed_requests": c.malformed,
+            "read_bytes": c.read_bytes,
+            "write_bytes": c.write_bytes,
+            "memory_waits": c.deferred,
+        })).collect::<Vec<_>>(),
     });
     if let Some(s) = &v.stats {
         o["memory"] = json!({
@@ -257,6 +276,42 @@ impl MemSample {
             "Pages written to the swap file.",
             swapouts,
         );
+        type DriveField = fn(&BlockCounters) -> u64;
+        let drive_metrics: [(&str, &str, DriveField); 4] = [
+            (
+                "drive_read_bytes_total",
+                "Bytes the guest read from a drive.",
+                |c| c.read_bytes,
+            ),
+            (
+                "drive_write_bytes_total",
+                "Bytes the guest wrote to a drive.",
+                |c| c.write_bytes,
+            ),
+            (
+                "drive_errors_total",
+                "Drive requests answered with an error (malformed ones included).",
+                |c| c.errors,
+            ),
+            (
+                "drive_memory_waits_total",
+                "Times a drive request was put back to wait for guest memory.",
+                |c| c.deferred,
+            ),
+        ];
+        for (name, help, field) in drive_metrics {
+            let rows = self
+                .vms
+                .iter()
+                .flat_map(|v| {
+                    v.drives.iter().map(move |(id, c)| {
+                        let labels = format!("{{vm=\"{}\",drive=\"{}\"}}", v.name, escape(id));
+                        (labels, field(c) as f64)
+                    })
+                })
+                .collect();
+            metric(name, "counter", help, rows);
+        }
         if let Some(h) = &self.host {
             let free = (0..Order::COUNT)
                 .map(|o| {
@@ -356,10 +411,30 @@ mod tests {
                 vcpus: 1,
                 mem_bytes: 1 << 20,
                 stats: None,
+                drives: vec![(
+                    "root\"fs".into(),
+                    BlockCounters {
+                        read_bytes: 4096,
+                        deferred: 3,
+                        ..Default::default()
+                    },
+                )],
             }],
         };
         let text = s.to_prometheus();
         assert!(text.contains("foliovm_vm_running{vm=\"a\"} 1\n"), "{text}");
+        assert!(
+            text.contains("foliovm_drive_read_bytes_total{vm=\"a\",drive=\"root\\\"fs\"} 4096\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("foliovm_drive_memory_waits_total{vm=\"a\",drive=\"root\\\"fs\"} 3\n"),
+            "{text}"
+        );
+        let drive = &s.to_json()["vms"][0]["drives"][0];
+        assert_eq!(drive["id"], "root\"fs");
+        assert_eq!(drive["read_bytes"], 4096);
+        assert_eq!(drive["memory_waits"], 3);
         assert!(
             text.contains("foliovm_vm_memory_bytes{vm=\"a\"} 1048576\n"),
             "{text}"

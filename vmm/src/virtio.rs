@@ -23,7 +23,7 @@ use crate::arch::layout::MMIO_DEVICES_START;
 use crate::config::{parse_size, ConfigError};
 use crate::kvm::{KvmError, KvmVm};
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonEvent, BalloonHandle};
-use devices::virtio::block::{Block, DiskImage};
+use devices::virtio::block::{Block, BlockCounters, DiskImage};
 use devices::virtio::mmio::{MemorySwitch, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{IrqLine, PinToken, QueueState, RamControl, RamError, VirtioDevice};
 use devices::Bus;
@@ -575,12 +575,26 @@ impl MemStats {
 pub struct VirtioDevices {
     /// The balloon, for the API (`set_target`) and statistics.
     pub balloon: Option<BalloonHandle>,
+    /// The drives by id, for their counters.
+    drives: Vec<(String, Arc<Mutex<MmioTransport<Block>>>)>,
     stats: MemStats,
     /// Every device's transport, for guest memory switches.
     transports: Vec<Arc<Mutex<dyn MemorySwitch>>>,
 }
 
 impl VirtioDevices {
+    /// Each drive's id and counters, in attach order. Takes each drive's
+    /// transport lock, so it waits for a request in progress.
+    pub fn drive_counters(&self) -> Vec<(String, BlockCounters)> {
+        self.drives
+            .iter()
+            .map(|(id, t)| {
+                let t = t.lock().unwrap_or_else(|p| p.into_inner());
+                (id.clone(), t.device().counters())
+            })
+            .collect()
+    }
+
     /// Guest memory moved (region relocation, vCPUs paused): every device
     /// addresses its queues through `mem` from now on. Every transport is
     /// locked (the event loop runs their queues under the same locks), then
@@ -630,6 +644,7 @@ pub fn attach(
     let stats = MemStats { manager };
     let mut index = 0;
     let mut transports: Vec<Arc<Mutex<dyn MemorySwitch>>> = Vec::new();
+    let mut drives = Vec::new();
     for d in config.ordered_drives() {
         let disk =
             DiskImage::open(&d.path, d.read_only, &d.id).map_err(|source| VirtioError::Disk {
@@ -638,7 +653,9 @@ pub fn attach(
             })?;
         let name = format!("drive {}", d.id);
         let dev = Block::new(disk, ram.clone(), &name);
-        transports.push(place(dev, index, vm, mem, mmio, events)?);
+        let t = place(dev, index, vm, mem, mmio, events)?;
+        transports.push(t.clone());
+        drives.push((d.id.clone(), t));
         index += 1;
     }
     let mut balloon = None;
@@ -678,6 +695,7 @@ pub fn attach(
     }
     Ok(VirtioDevices {
         balloon,
+        drives,
         stats,
         transports,
     })

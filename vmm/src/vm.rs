@@ -546,6 +546,13 @@ impl Vm {
         &self.ctx.stop
     }
 
+    /// Each drive's id and counters.
+    pub fn drive_counters(&self) -> Vec<(String, devices::virtio::block::BlockCounters)> {
+        self.virtio
+            .as_ref()
+            .map_or_else(Vec::new, |v| v.drive_counters())
+    }
+
     /// The balloon, if the VM has one.
     pub fn balloon(&self) -> Option<&devices::virtio::balloon::BalloonHandle> {
         self.virtio.as_ref()?.balloon.as_ref()

@@ -207,9 +207,16 @@ fn linux_guest_uses_drives_and_balloon() {
     // Relocate guest RAM while the guest does drive I/O.
     vm.wait_for_line("RELOC-IO-START", LIMIT);
     let (mut relocated, mut refused) = (0, Vec::new());
-    while !vm.has_line("RELOC-IO-END")
-        && vm.call("GET", "/vms/vm0", None).json()["state"] == "Running"
-    {
+    // The VM as the API showed it last while it ran.
+    let mut last_seen = Value::Null;
+    while !vm.has_line("RELOC-IO-END") && {
+        let seen = vm.call("GET", "/vms/vm0", None).json();
+        let running = seen["state"] == "Running";
+        if running {
+            last_seen = seen;
+        }
+        running
+    } {
         let r = vm.call("PUT", "/vms/vm0/relocate", Some(r#"{"to_aligned": true}"#));
         match r.status {
             200 => relocated += 1,
@@ -233,6 +240,17 @@ fn linux_guest_uses_drives_and_balloon() {
         "exit {:?}\nstderr:\n{stderr}",
         out.status
     );
+
+    // The API counts each drive's traffic: the root filesystem was read
+    // from by then, without errors.
+    let drives = last_seen["drives"]
+        .as_array()
+        .expect("drives in GET /vms/vm0");
+    let ids: Vec<&str> = drives.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["rootfs", "scratch", "golden"], "{last_seen}");
+    assert!(drives[0]["read_bytes"].as_u64().unwrap() > 0, "{last_seen}");
+    assert_eq!(drives[0]["error_requests"], 0, "{last_seen}");
+    assert!(drives[0]["memory_waits"].is_u64(), "{last_seen}");
 
     // Relocation under drive I/O: the queues followed the memory.
     eprintln!("relocations during drive I/O: {relocated} done, refused: {refused:?}");

@@ -69,7 +69,8 @@ impl std::fmt::Debug for PinGuard {
 
 /// One wait of a pin for memory to become ready.
 const PIN_WAIT: Duration = Duration::from_millis(10);
-/// A page's pin gives up when it has found no memory for this long.
+/// A pin gives up when it has waited this long for memory in all, over
+/// all of its pages.
 const PIN_WAIT_LIMIT: Duration = Duration::from_millis(50);
 
 pub(crate) fn pin(
@@ -79,8 +80,10 @@ pub(crate) fn pin(
     len: u64,
 ) -> Result<PinGuard, PinError> {
     let mut tries = 0;
+    // When the pin first found no memory.
+    let mut short_since = None;
     loop {
-        match pin_once(inner, vm.clone(), gpa, len) {
+        match pin_once(inner, vm.clone(), gpa, len, &mut short_since) {
             // A relocation moved the range under us (the old region's table
             // is gone, and the new region is the VM's as soon as the
             // relocation flips them): pin again where it is now.
@@ -98,6 +101,7 @@ fn pin_once(
     vm: Arc<VmState>,
     gpa: GuestAddress,
     len: u64,
+    short_since: &mut Option<Instant>,
 ) -> Result<PinGuard, (PinError, Option<Arc<Region>>)> {
     let range = PinError::OutOfRange {
         gpa: gpa.raw(),
@@ -118,7 +122,13 @@ fn pin_once(
     };
     let mut idx = first;
     while idx <= last {
-        if let Err(e) = pin_page(&guard.inner, &guard.region, idx, &mut guard.pins) {
+        if let Err(e) = pin_page(
+            &guard.inner,
+            &guard.region,
+            idx,
+            &mut guard.pins,
+            short_since,
+        ) {
             let r = guard.region.clone();
             return Err((e, Some(r)));
         }
@@ -127,7 +137,8 @@ fn pin_once(
     Ok(guard)
 }
 
-/// Fault in (if needed) and pin page `idx`.
+/// Fault in (if needed) and pin page `idx`; `short_since` is when the
+/// pin first found no memory, for [`PIN_WAIT_LIMIT`].
 ///
 /// # Context
 /// No locks held; takes the page-table lock, then the folio-table lock.
@@ -136,8 +147,8 @@ fn pin_page(
     region: &Region,
     idx: PageIndex,
     pins: &mut Vec<(FolioId, u32)>,
+    short_since: &mut Option<Instant>,
 ) -> Result<(), PinError> {
-    let mut short_since = None;
     loop {
         let ptl = region.pt.lock(idx);
         if ptl.is_dead() {

@@ -277,7 +277,17 @@ impl MemSample {
             swapouts,
         );
         type DriveField = fn(&BlockCounters) -> u64;
-        let drive_metrics: [(&str, &str, DriveField); 4] = [
+        let drive_metrics: [(&str, &str, DriveField); 6] = [
+            (
+                "drive_ok_requests_total",
+                "Drive requests answered with success.",
+                |c| c.ok,
+            ),
+            (
+                "drive_malformed_requests_total",
+                "Drive requests the device could not parse (answered with an error).",
+                |c| c.malformed,
+            ),
             (
                 "drive_read_bytes_total",
                 "Bytes the guest read from a drive.",
@@ -416,6 +426,8 @@ mod tests {
                     BlockCounters {
                         read_bytes: 4096,
                         deferred: 3,
+                        ok: 7,
+                        malformed: 2,
                         ..Default::default()
                     },
                 )],
@@ -431,6 +443,11 @@ mod tests {
             text.contains("foliovm_drive_memory_waits_total{vm=\"a\",drive=\"root\\\"fs\"} 3\n"),
             "{text}"
         );
+        for (name, value) in [("ok_requests", 7), ("malformed_requests", 2)] {
+            let line =
+                format!("foliovm_drive_{name}_total{{vm=\"a\",drive=\"root\\\"fs\"}} {value}\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
         let drive = &s.to_json()["vms"][0]["drives"][0];
         assert_eq!(drive["id"], "root\"fs");
         assert_eq!(drive["read_bytes"], 4096);

@@ -31,7 +31,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
 use mem::{MemoryManager, VmId, PAGE_SIZE};
 use serde::Deserialize;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -413,6 +413,27 @@ const RETRY_FIRST: Duration = Duration::from_millis(5);
 /// The longest wait between two retries of a deferred queue.
 const RETRY_MAX: Duration = Duration::from_millis(500);
 
+/// A non-blocking timer for a transport's queue retries.
+///
+/// Non-blocking because [`QueueEvents`] disarms it once nothing waits: an
+/// expiry already reported by epoll in the same round is then gone, and
+/// reading it must not block the event loop.
+fn retry_timer() -> std::io::Result<TimerFd> {
+    // SAFETY: timerfd_create takes no pointers; its result is checked.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a timerfd just created and owned by nobody else; the
+    // TimerFd takes ownership and closes it on drop.
+    Ok(unsafe { TimerFd::from_raw_fd(fd) })
+}
+
 /// A device's queue notifications on the event loop, and the retries of
 /// queues it deferred ([`QueueState::Deferred`]: a request waits for guest
 /// memory) on a timer.
@@ -457,7 +478,10 @@ impl<D: VirtioDevice + 'static> MutEventSubscriber for QueueEvents<D> {
         if let Some(i) = self.fds.iter().position(|&fd| fd == events.fd()) {
             self.process_queue(i);
         } else if events.fd() == self.retry.as_raw_fd() {
-            let _ = self.retry.wait();
+            if self.retry.wait().is_err() {
+                // Disarmed after epoll reported it (below): nothing is due.
+                return;
+            }
             self.armed = false;
             for i in 0..self.deferred.len() {
                 if self.deferred[i] {
@@ -468,8 +492,12 @@ impl<D: VirtioDevice + 'static> MutEventSubscriber for QueueEvents<D> {
         }
         if !self.deferred.contains(&true) {
             // Served, by a retry or a notification: the next wait for
-            // memory starts with short retries again.
+            // memory starts with short retries again, also if the timer
+            // is still armed far ahead by the wait that just ended.
             self.backoff = RETRY_FIRST;
+            if self.armed && self.retry.clear().is_ok() {
+                self.armed = false;
+            }
         }
         self.arm();
     }
@@ -759,7 +787,11 @@ fn place<D: VirtioDevice + 'static>(
         transport: t.clone(),
         deferred: vec![false; fds.len()],
         fds,
-        retry: TimerFd::new().map_err(errno("retry timerfd", index))?,
+        retry: retry_timer().map_err(|source| VirtioError::Host {
+            what: "retry timerfd",
+            index,
+            source,
+        })?,
         armed: false,
         backoff: RETRY_FIRST,
     }));
@@ -770,6 +802,8 @@ fn place<D: VirtioDevice + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    use std::time::Instant;
 
     #[test]
     fn drive_flags() {
@@ -899,10 +933,12 @@ mod tests {
         assert!(from_sections(vec![], Some(hinting), &mut w).is_err());
     }
 
-    /// One queue whose processing is deferred `left` times, then drains.
+    /// One queue whose processing is deferred while `defer` is above zero
+    /// (each deferral counts it down), then drains; the time of every
+    /// processing is kept.
     struct Deferring {
-        left: u32,
-        calls: Arc<std::sync::atomic::AtomicU32>,
+        defer: Arc<AtomicU32>,
+        calls: Arc<Mutex<Vec<Instant>>>,
     }
 
     impl VirtioDevice for Deferring {
@@ -921,34 +957,40 @@ mod tests {
         fn reset(&mut self) {}
         fn set_memory(&mut self, _mem: GuestMemoryMmap) {}
         fn process_queue(&mut self, _index: usize) -> QueueState {
-            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            match self.left {
-                0 => QueueState::Drained,
-                _ => {
-                    self.left -= 1;
-                    QueueState::Deferred
-                }
+            self.calls.lock().unwrap().push(Instant::now());
+            let left = self.defer.load(SeqCst);
+            if left == 0 {
+                return QueueState::Drained;
             }
+            self.defer.store(left - 1, SeqCst);
+            QueueState::Deferred
         }
     }
 
-    /// A queue its device deferred (a request waiting for guest memory) is
-    /// processed again by the event loop's retry timer, with no further
-    /// notification from the guest, until it drains; then the retries
-    /// stop. Without them the request would wait for the guest's next kick,
-    /// which may never come.
-    #[test]
-    fn a_deferred_queue_is_retried_until_it_drains() {
+    /// A `Deferring` device on an event loop.
+    struct DeferringLoop {
+        events: event_manager::EventManager<Subscriber>,
+        /// The device's deferrals left.
+        defer: Arc<AtomicU32>,
+        /// When the device processed its queue.
+        calls: Arc<Mutex<Vec<Instant>>>,
+        /// The queue's notifier, as the guest kicks it.
+        kick: EventFd,
+    }
+
+    /// A `Deferring` device probed by a driver (features, one queue,
+    /// DRIVER_OK) and put on an event loop.
+    fn deferring_on_event_loop(defer: u32) -> DeferringLoop {
         use devices::BusDevice;
-        use event_manager::EventManager;
-        use std::sync::atomic::Ordering::SeqCst;
-        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let defer = Arc::new(AtomicU32::new(defer));
+        let calls = Arc::new(Mutex::new(Vec::new()));
         let dev = Deferring {
-            left: 4,
+            defer: defer.clone(),
             calls: calls.clone(),
         };
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = notify.try_clone().unwrap();
         let fd = notify.as_raw_fd();
         let t = Arc::new(Mutex::new(MmioTransport::new(
             dev,
@@ -957,7 +999,6 @@ mod tests {
             vec![notify],
         )));
         {
-            // The driver's probe: features, one queue, DRIVER_OK.
             let mut t = t.lock().unwrap();
             let mut wr = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
             wr(0x070, 1 | 2);
@@ -973,31 +1014,90 @@ mod tests {
             wr(0x070, 1 | 2 | 8 | 4);
             assert!(t.is_live());
         }
-        let mut events: EventManager<Subscriber> = EventManager::new().unwrap();
+        let mut events = event_manager::EventManager::<Subscriber>::new().unwrap();
         events.add_subscriber(Arc::new(Mutex::new(QueueEvents {
             transport: t,
             fds: vec![fd],
-            retry: TimerFd::new().unwrap(),
+            retry: retry_timer().unwrap(),
             deferred: vec![false],
             armed: false,
             backoff: RETRY_FIRST,
         })));
-        // Activation notified the queue once; the rest are retries
-        // (5 + 10 + 20 + 40 ms of back-off).
-        let start = std::time::Instant::now();
-        while calls.load(SeqCst) < 5 {
+        DeferringLoop {
+            events,
+            defer,
+            calls,
+            kick,
+        }
+    }
+
+    /// Run the event loop until the device was processed `n` times in all.
+    fn run_until_processed(
+        events: &mut event_manager::EventManager<Subscriber>,
+        calls: &Mutex<Vec<Instant>>,
+        n: usize,
+    ) {
+        let start = Instant::now();
+        while calls.lock().unwrap().len() < n {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "retries stopped at {} calls",
-                calls.load(SeqCst)
+                calls.lock().unwrap().len()
             );
             events.run_with_timeout(100).unwrap();
         }
+    }
+
+    /// A queue its device deferred (a request waiting for guest memory) is
+    /// processed again by the event loop's retry timer, with no further
+    /// notification from the guest, until it drains; then the retries
+    /// stop. Without them the request would wait for the guest's next kick,
+    /// which may never come.
+    #[test]
+    fn a_deferred_queue_is_retried_until_it_drains() {
+        let DeferringLoop {
+            mut events, calls, ..
+        } = deferring_on_event_loop(4);
+        // Activation notified the queue once; the rest are retries
+        // (5 + 10 + 20 + 40 ms of back-off).
+        run_until_processed(&mut events, &calls, 5);
         // Drained: no more retries.
         for _ in 0..5 {
             events.run_with_timeout(100).unwrap();
         }
-        assert_eq!(calls.load(SeqCst), 5);
+        assert_eq!(calls.lock().unwrap().len(), 5);
+    }
+
+    /// A long memory wait that a guest notification ends (not a retry)
+    /// leaves the retry timer armed far ahead; the next wait for memory
+    /// must still be retried soon, not when that old timer fires. Without
+    /// disarming it, the first retry came after 320 ms.
+    #[test]
+    fn a_new_memory_wait_starts_with_a_short_retry() {
+        let DeferringLoop {
+            mut events,
+            defer,
+            calls,
+            kick,
+        } = deferring_on_event_loop(u32::MAX);
+        // Activation and six retries (5 + 10 + ... + 160 ms): the timer is
+        // now armed for 320 ms.
+        run_until_processed(&mut events, &calls, 7);
+        // Memory comes and the guest notifies: served.
+        defer.store(0, SeqCst);
+        kick.write(1).unwrap();
+        run_until_processed(&mut events, &calls, 8);
+        // Short of memory again at once: the next request waits.
+        defer.store(u32::MAX, SeqCst);
+        kick.write(1).unwrap();
+        run_until_processed(&mut events, &calls, 9);
+        let deferred_at = Instant::now();
+        run_until_processed(&mut events, &calls, 10);
+        let first_retry = calls.lock().unwrap()[9] - deferred_at;
+        assert!(
+            first_retry < Duration::from_millis(100),
+            "the first retry of a new memory wait came after {first_retry:?}, not about {RETRY_FIRST:?}"
+        );
     }
 
     /// With the guest's budget full and nothing to reclaim (no swap), a
@@ -1044,6 +1144,31 @@ mod tests {
                 len: PAGE_SIZE
             })
         );
+        // Memory trickling in, a page every 40 ms, does not make a pin of
+        // four pages wait for each in turn: the limit is the pin's, not
+        // each page's, so the event loop the pin holds is held about
+        // 50 ms, not 160.
+        let trickle = {
+            let mm = mm.clone();
+            std::thread::spawn(move || {
+                for p in 0..4 {
+                    std::thread::sleep(Duration::from_millis(40));
+                    mm.discard(vm, mem::GuestAddress(p * PAGE_SIZE), PAGE_SIZE)
+                        .unwrap();
+                }
+            })
+        };
+        let t = std::time::Instant::now();
+        let e = ram.pin(gpa, 4 * PAGE_SIZE).err();
+        eprintln!("the pin of four pages returned after {:?}", t.elapsed());
+        assert_eq!(
+            e,
+            Some(RamError::NoMemory {
+                gpa,
+                len: 4 * PAGE_SIZE
+            })
+        );
+        trickle.join().unwrap();
         // Memory comes back (a balloon, say): the retry succeeds.
         mm.discard(vm, mem::GuestAddress(0), MIB).unwrap();
         assert!(ram.pin(gpa, PAGE_SIZE).unwrap().is_some());

@@ -612,3 +612,25 @@ fn hostile_clients_neither_crash_nor_block_the_api() {
     );
     drop(stalled);
 }
+
+/// A second foliovm given the socket a running one serves refuses it
+/// instead of replacing it: the first keeps its API. Before, the second
+/// removed the socket file and bound its own, and the first process could
+/// no longer be reached.
+#[test]
+fn a_socket_another_foliovm_serves_is_not_taken_over() {
+    if !kvm_available() {
+        return;
+    }
+    let first = ApiVm::spawn("taken", &["run"]);
+    let sock = first.sock.to_str().unwrap();
+    let out = foliovm_tests::run_foliovm(&["run", "--api-sock", sock], Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another process is serving"), "{stderr}");
+    assert_eq!(
+        first.call("GET", "/", None).status,
+        200,
+        "the first still serves"
+    );
+}

@@ -63,8 +63,8 @@ enum Job {
 }
 
 impl ApiServer {
-    /// Listen on `path` (a stale socket file there is replaced; any other
-    /// file is an error) and serve requests on threads of their own.
+    /// Listen on `path` (a stale socket file there is replaced; a socket
+    /// another process serves, or any other file, is an error) and serve requests on threads of their own.
     ///
     /// # Errors
     /// [`ApiServerError::Bind`].
@@ -77,6 +77,15 @@ impl ApiServer {
             use std::os::unix::fs::FileTypeExt;
             if !meta.file_type().is_socket() {
                 return Err(bind_err("a file that is not a socket is in the way".into()));
+            }
+            // A socket someone still listens on is another process's API
+            // (another foliovm, say): replacing it would cut that process
+            // off from its users. Only a stale one (connection refused)
+            // is replaced.
+            if UnixStream::connect(path).is_ok() {
+                return Err(bind_err(
+                    "another process is serving this socket (is another foliovm running?)".into(),
+                ));
             }
             std::fs::remove_file(path).map_err(|e| bind_err(e.to_string()))?;
         }

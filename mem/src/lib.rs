@@ -31,8 +31,10 @@
 //!
 //! # Lock order
 //! ```text
-//! budget lock               MemoryManager::budget_lock (set_budget only;
-//!   |                       held across its reclaim, so above everything)
+//! budget lock               MemoryManager::budget_lock (set_budget, and
+//!   |                       set_vm_limits for its check of the minimums;
+//!   |                       held across set_budget's reclaim, so above
+//!   |                       everything)
 //! folio lock                FolioTable::lock (sleeping; hashed wait queue).
 //!   |                       Held across swap I/O (writeback, swapin read)
 //!   |                       and a migration's copy. Several at once only by

@@ -164,6 +164,17 @@ pub enum VmError {
     /// No VM has this id (never created, or destroyed).
     #[error("no VM {0:?}")]
     NoSuchVm(VmId),
+    /// The VMs' minimums would add up to more than the budget; reclaim
+    /// never takes a VM below its minimum, so no VM could then grow.
+    #[error(
+        "the VMs' minimums would add up to {needed} bytes, more than the {budget}-byte budget"
+    )]
+    MinimumsAboveBudget {
+        /// What the minimums would add up to.
+        needed: u64,
+        /// The budget now.
+        budget: u64,
+    },
 }
 
 /// Errors from [`MemoryManager::reclaim`] and [`MemoryManager::inject_swap_faults`].
@@ -919,9 +930,24 @@ impl MemoryManager {
     /// next background reclaim round.
     ///
     /// # Errors
-    /// [`VmError::NoSuchVm`].
+    /// [`VmError::NoSuchVm`]; [`VmError::MinimumsAboveBudget`] when the
+    /// VMs' minimums, this one's new, would not fit in the budget.
     pub fn set_vm_limits(&self, vm: VmId, limits: VmLimits) -> Result<(), VmError> {
         let state = self.inner.vm(vm).ok_or(VmError::NoSuchVm(vm))?;
+        // Against a concurrent budget change, which checks the minimums.
+        let _serial = self.budget_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let others: u64 = self
+            .inner
+            .live_vms()
+            .iter()
+            .filter(|v| !Arc::ptr_eq(v, &state))
+            .map(|v| v.min_pages() * PAGE_SIZE)
+            .sum();
+        let needed = others + limits.min_bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let budget = self.budget_bytes();
+        if needed > budget {
+            return Err(VmError::MinimumsAboveBudget { needed, budget });
+        }
         state.set_limits(limits);
         self.inner.kick_kswapd();
         Ok(())

@@ -194,3 +194,36 @@ fn lowering_the_budget_holds_against_a_guest_thrashing_near_its_minimum() {
     assert!(s.swap.swapin_file_pages > 0);
     t.destroy(&mm);
 }
+
+/// Minimums that would not fit in the budget are refused (reclaim never
+/// goes below a minimum, so every VM would stall past its own), counting
+/// every VM's, and the lowered budget's; a VM may lower its own.
+#[test]
+fn minimums_that_exceed_the_budget_are_refused() {
+    let mm = manager(32 * MIB, 1);
+    let (a, b) = (mm.create_vm("a").unwrap(), mm.create_vm("b").unwrap());
+    let min = |m: u64| VmLimits {
+        min_bytes: m * MIB,
+        ..Default::default()
+    };
+    mm.set_vm_limits(a, min(16)).unwrap();
+    mm.set_vm_limits(b, min(16)).unwrap();
+    assert_eq!(
+        mm.set_vm_limits(b, min(17)),
+        Err(mem::VmError::MinimumsAboveBudget {
+            needed: 33 * MIB,
+            budget: 32 * MIB
+        })
+    );
+    // A's own minimum is replaced, not added to.
+    mm.set_vm_limits(a, min(10)).unwrap();
+    mm.set_budget(28 * MIB).unwrap();
+    assert_eq!(
+        mm.set_vm_limits(a, min(14)),
+        Err(mem::VmError::MinimumsAboveBudget {
+            needed: 30 * MIB,
+            budget: 28 * MIB
+        })
+    );
+    mm.set_vm_limits(a, min(12)).unwrap();
+}

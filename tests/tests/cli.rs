@@ -304,6 +304,11 @@ fn vm_flags_without_a_vm_are_refused() {
         ],
         "below the minimum",
     );
+    // So is a budget no VM could be started with.
+    expect_error(
+        &["run", "--api-sock", sock, "--mem-budget", "3M"],
+        "must be a whole number of 2 MiB blocks",
+    );
     assert!(!std::path::Path::new(sock).exists(), "no API served");
 }
 

@@ -320,6 +320,16 @@ impl RunConfig {
                 other => other,
             })?;
         }
+        // Reclaim never takes a VM below its minimum: minimums that fill
+        // the budget leave no VM room to fault beyond its own.
+        let mins: u64 = self.vms.iter().map(|v| v.limits.min_bytes).sum();
+        if let Some(b) = self.memory.budget.filter(|&b| mins > b) {
+            return Err(ConfigError::Invalid(format!(
+                "the VMs' mem_min add up to {}, more than the memory budget of {}",
+                show_size(mins),
+                show_size(b)
+            )));
+        }
         Ok(())
     }
 
@@ -876,6 +886,34 @@ mod tests {
         }
         run.memory.backend = MemBackendKind::Folio;
         assert!(run.validate(&LIMITS).is_ok());
+    }
+
+    /// Minimums that add up to more than the budget are refused: reclaim
+    /// never goes below them, so every VM would stall on its first fault
+    /// past its minimum.
+    #[test]
+    fn minimums_must_fit_in_the_budget() {
+        let folio = MemoryConfig {
+            backend: MemBackendKind::Folio,
+            budget: Some(16 << 20),
+            swap: None,
+        };
+        let mut run = RunConfig::single(cfg(64 << 20, 1), folio);
+        let mut b = cfg(64 << 20, 1);
+        b.name = "b".into();
+        run.vms.push(b);
+        let min = |m: u64| mem::VmLimits {
+            min_bytes: m << 20,
+            ..Default::default()
+        };
+        (run.vms[0].limits, run.vms[1].limits) = (min(8), min(8));
+        assert!(run.validate(&LIMITS).is_ok());
+        run.vms[1].limits = min(12);
+        let e = run.validate(&LIMITS).unwrap_err().to_string();
+        assert!(
+            e.contains("mem_min add up to 20 MiB, more than the memory budget of 16 MiB"),
+            "{e}"
+        );
     }
 
     #[test]

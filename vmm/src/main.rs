@@ -505,8 +505,9 @@ fn run(a: &RunArgs) -> Result<vmm::vmm::Served> {
             );
         }
         let memory = memory_config(a)?;
-        // The swap file is made when the API starts the VM; a bad flag is
-        // refused now, not then.
+        // The memory and swap are made when the API starts the VM; a bad
+        // flag is refused now, not then.
+        memory.validate(&vmm::vmm::host_limits()?)?;
         if let Some(swap) = &memory.swap {
             swap.check().context("invalid swap flags")?;
         }

@@ -298,6 +298,10 @@ fn reclaim_operations_and_the_budget_through_the_socket() {
     let r = vm.call("PUT", "/budget", Some(r#"{"budget_mib": 256}"#));
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.fault().unwrap().contains("above the pool"), "{}", r.body);
+    // Whole 2 MiB blocks, as at start (`--mem-budget`).
+    let r = vm.call("PUT", "/budget", Some(r#"{"budget_mib": 3}"#));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.fault().unwrap().contains("2 MiB blocks"), "{}", r.body);
     let r = vm.call("PUT", "/vms/vm0/limits", Some(r#"{"mem_min_mib": 48}"#));
     assert_eq!(r.status, 204, "{}", r.body);
     let r = vm.call("PUT", "/budget", Some(r#"{"budget_mib": 32}"#));

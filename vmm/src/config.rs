@@ -241,6 +241,22 @@ pub fn check_limits(l: &mem::VmLimits, mem_bytes: u64) -> Result<(), ConfigError
     Ok(())
 }
 
+/// A budget, at start or at run time, is whole 2 MiB blocks.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming the budget.
+pub fn check_budget_blocks(b: u64) -> Result<(), ConfigError> {
+    // The pool is made of 2 MiB blocks; rounding up would let the VMs use
+    // more host memory than asked, rounding down less.
+    if b < 2 << 20 || !b.is_multiple_of(2 << 20) {
+        return Err(ConfigError::Invalid(format!(
+            "memory budget {} must be a whole number of 2 MiB blocks (at least one)",
+            show_size(b)
+        )));
+    }
+    Ok(())
+}
+
 impl MemoryConfig {
     /// Check the budget against the backend and the host.
     ///
@@ -260,14 +276,7 @@ impl MemoryConfig {
                 "a memory budget needs the folio memory backend".into(),
             ));
         }
-        // The pool is made of 2 MiB blocks; rounding up would let the VMs
-        // use more host memory than asked, rounding down less.
-        if b < 2 << 20 || !b.is_multiple_of(2 << 20) {
-            return Err(ConfigError::Invalid(format!(
-                "memory budget {} must be a whole number of 2 MiB blocks (at least one)",
-                show_size(b)
-            )));
-        }
+        check_budget_blocks(b)?;
         if b > limits.host_mem_bytes {
             return Err(ConfigError::Invalid(format!(
                 "memory budget {} MiB exceeds the host's {} MiB",

@@ -559,6 +559,7 @@ impl ApiBackend for Controller {
     }
 
     fn set_budget(&self, bytes: u64) -> Result<serde_json::Value, ApiError> {
+        crate::config::check_budget_blocks(bytes).map_err(|e| ApiError::bad(e.to_string()))?;
         let mm = self.manager_for_budget()?;
         let c = mm.set_budget(bytes).map_err(|e| match e {
             // The request is valid, but the VMs' memory cannot make room now.

@@ -316,10 +316,16 @@ fn progress_bar(op: &Value, what: &str) -> indicatif::ProgressBar {
     .with_message(what.to_string())
 }
 
+/// A size the API takes in whole MiB; anything else is refused rather than
+/// rounded, so what ctl reports is what the API was asked.
 fn mib_arg(s: &str) -> Result<u64, String> {
-    vmm::config::parse_size(s)
-        .map(|b| b >> 20)
-        .map_err(|e| e.to_string())
+    let b = vmm::config::parse_size(s).map_err(|e| e.to_string())?;
+    if !b.is_multiple_of(1 << 20) {
+        return Err(format!(
+            "{s} is not a whole number of MiB (the API takes sizes in MiB)"
+        ));
+    }
+    Ok(b >> 20)
 }
 
 /// Run a ctl command; returns the process exit status.
@@ -335,6 +341,15 @@ pub fn main(sock: &Path, json: bool, cmd: CtlCmd) -> i32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_are_whole_mib_or_refused() {
+        assert_eq!(super::mib_arg("2G"), Ok(2048));
+        assert_eq!(super::mib_arg("0"), Ok(0));
+        let e = super::mib_arg("1500K").unwrap_err();
+        assert!(e.contains("1500K is not a whole number of MiB"), "{e}");
+        assert!(super::mib_arg("1K").is_err());
+    }
+
     #[test]
     fn table_lists_each_vm() {
         let stats = serde_json::json!({

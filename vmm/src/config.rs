@@ -14,6 +14,9 @@ pub enum ConfigError {
     /// A size string such as `512M` could not be parsed.
     #[error("invalid size {0:?}: expected a number with an optional K, M, G or T suffix (plain numbers are MiB)")]
     BadSize(String),
+    /// A size string is well formed but does not fit in 64 bits of bytes.
+    #[error("size {0:?} is too large")]
+    SizeTooLarge(String),
     /// The config file could not be read.
     #[error("cannot read config file {path}")]
     Read {
@@ -149,8 +152,24 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         Some(_) => (t, 1 << 20),
         None => return Err(bad()),
     };
-    let n: u64 = num.trim().parse().map_err(|_| bad())?;
-    n.checked_mul(mult).ok_or_else(bad)
+    let digits = num.trim();
+    let n: u64 = match digits.parse() {
+        Ok(n) => n,
+        Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(ConfigError::SizeTooLarge(s.to_string()))
+        }
+        Err(_) => return Err(bad()),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| ConfigError::SizeTooLarge(s.to_string()))
+}
+
+/// [`parse_size`] for the setting `what`, which a refusal names.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `what`.
+pub fn parse_size_of(what: &str, s: &str) -> Result<u64, ConfigError> {
+    parse_size(s).map_err(|e| ConfigError::Invalid(format!("{what}: {e}")))
 }
 
 /// Limits the host imposes, passed in so validation is testable.
@@ -456,10 +475,14 @@ impl FoliovmSection {
             min_bytes: self
                 .mem_min
                 .as_deref()
-                .map(parse_size)
+                .map(|m| parse_size_of("mem_min", m))
                 .transpose()?
                 .unwrap_or(0),
-            max_bytes: self.mem_max.as_deref().map(parse_size).transpose()?,
+            max_bytes: self
+                .mem_max
+                .as_deref()
+                .map(|m| parse_size_of("mem_max", m))
+                .transpose()?,
             priority: self.priority.unwrap_or(0),
         })
     }
@@ -493,7 +516,7 @@ pub fn swap_config(
     let size = size.ok_or_else(|| ConfigError::Invalid("a swap file needs a swap size".into()))?;
     Ok(Some(mem::SwapConfig {
         target,
-        size_bytes: parse_size(size)?,
+        size_bytes: parse_size_of("swap size", size)?,
     }))
 }
 
@@ -551,7 +574,11 @@ pub struct ConfigFile;
 fn memory_settings(fv: &FoliovmSection) -> Result<MemoryConfig, ConfigError> {
     Ok(MemoryConfig {
         backend: fv.mem_backend.unwrap_or_default(),
-        budget: fv.mem_budget.as_deref().map(parse_size).transpose()?,
+        budget: fv
+            .mem_budget
+            .as_deref()
+            .map(|b| parse_size_of("mem_budget", b))
+            .transpose()?,
         swap: swap_config(
             fv.swap_file.as_deref(),
             fv.swap_dir.as_deref(),
@@ -756,20 +783,24 @@ mod tests {
         assert_eq!(parse_size("64K").unwrap(), 64 << 10);
         assert_eq!(parse_size("256").unwrap(), 256 << 20);
         assert_eq!(parse_size("4096B").unwrap(), 4096);
-        for bad in [
-            "",
-            "M",
-            "12Q",
-            "-1G",
-            "1.5G",
-            "99999999999999999999G",
-            "18446744073709551615T",
-        ] {
+        for bad in ["", "M", "12Q", "-1G", "1.5G"] {
             assert!(
                 matches!(parse_size(bad), Err(ConfigError::BadSize(_))),
                 "{bad}"
             );
         }
+        // Well formed, but too large, and said so.
+        for big in ["99999999999999999999G", "18446744073709551615T"] {
+            assert_eq!(
+                parse_size(big).unwrap_err().to_string(),
+                format!("size {big:?} is too large")
+            );
+        }
+        assert_eq!(
+            parse_size_of("mem_budget", "abc").unwrap_err().to_string(),
+            "mem_budget: invalid size \"abc\": expected a number with an optional K, M, G \
+             or T suffix (plain numbers are MiB)"
+        );
     }
 
     fn cfg(mem: u64, vcpus: u8) -> VmConfig {

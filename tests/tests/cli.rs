@@ -174,6 +174,15 @@ fn malformed_config_files() {
         br#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "cpus": 2}}"#,
     );
     expect_error(&["run", "--config", &unknown], "unknown field `cpus`");
+    // A key given twice, at any depth, rather than the last one winning.
+    let twice = d.file(
+        "twice.json",
+        br#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "mem_size_mib": 128}}"#,
+    );
+    expect_error(
+        &["run", "--config", &twice],
+        "key \"mem_size_mib\" given twice at line 1",
+    );
     expect_error(
         &["run", "--config", "/nonexistent.json"],
         "cannot read config file",

@@ -123,6 +123,13 @@ fn initrd_that_does_not_fit() {
         &["run", "--kernel", &k, "--initrd", "/nonexistent/initrd"],
         "cannot read initrd",
     );
+    // Nothing a kernel could unpack: refused, not booted into a panic.
+    let empty = d.file("empty.cpio", b"");
+    expect_error(&["run", "--kernel", &k, "--initrd", &empty], "is empty");
+    expect_error(
+        &["run", "--kernel", &k, "--initrd", "/dev/null"],
+        "is not a regular file",
+    );
 }
 
 #[test]

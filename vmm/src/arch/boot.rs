@@ -75,6 +75,15 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
+    /// The initrd is empty or not a regular file: nothing a kernel could
+    /// unpack, and the guest would only fail to mount its root.
+    #[error("initrd {path} is {what}")]
+    InitrdNotAnImage {
+        /// Path given.
+        path: PathBuf,
+        /// "empty" or "not a regular file".
+        what: &'static str,
+    },
     /// The initrd does not fit between the kernel and the top of low memory.
     #[error("initrd {path} ({size} bytes) does not fit in guest memory: {available} bytes free between the kernel and the top of low RAM")]
     InitrdTooLarge {
@@ -306,7 +315,8 @@ pub fn initrd_placement(
 /// Returns its guest address and size.
 ///
 /// # Errors
-/// [`BootError::InitrdIo`] or [`BootError::InitrdTooLarge`].
+/// [`BootError::InitrdIo`], [`BootError::InitrdNotAnImage`] or
+/// [`BootError::InitrdTooLarge`].
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
@@ -318,7 +328,18 @@ pub fn load_initrd(
         source,
     };
     let mut file = File::open(path).map_err(io)?;
-    let size = file.metadata().map_err(io)?.len();
+    let meta = file.metadata().map_err(io)?;
+    let size = meta.len();
+    let refuse = |what| BootError::InitrdNotAnImage {
+        path: path.to_path_buf(),
+        what,
+    };
+    if !meta.is_file() {
+        return Err(refuse("not a regular file"));
+    }
+    if size == 0 {
+        return Err(refuse("empty"));
+    }
     let addr = initrd_placement(mem_bytes, kernel_end, size).map_err(|available| {
         BootError::InitrdTooLarge {
             path: path.to_path_buf(),

@@ -131,14 +131,8 @@ pub fn memory_source(run: &RunConfig) -> Result<MemorySource, VmmError> {
                 .budget
                 .unwrap_or(run.total_mem_bytes())
                 .next_multiple_of(2 << 20);
-            if run.memory.swap.is_none() && budget < run.total_mem_bytes() {
-                tracing::warn!(
-                    budget_mib = budget >> 20,
-                    guest_mib = run.total_mem_bytes() >> 20,
-                    "the memory budget is below the guests' memory and there is no swap \
-                     file: a guest that touches more than the budget stalls until memory \
-                     is freed (give --swap-dir or --swap-file with --swap-size)"
-                );
+            if let Some(w) = overcommit_warning(budget, run.total_mem_bytes(), &run.memory.swap) {
+                tracing::warn!("{w}");
             }
             let mut config = MmConfig::with_budget(budget);
             config.swap = run.memory.swap.clone();
@@ -147,6 +141,31 @@ pub fn memory_source(run: &RunConfig) -> Result<MemorySource, VmmError> {
             MemorySource::Folio(mm)
         }
     })
+}
+
+/// Why guests of `guests` bytes in all may stall for good under `budget`
+/// and `swap`, if they may.
+fn overcommit_warning(budget: u64, guests: u64, swap: &Option<mem::SwapConfig>) -> Option<String> {
+    let mib = |b: u64| b >> 20;
+    match swap {
+        None if budget < guests => Some(format!(
+            "the memory budget is below the guests' memory and there is no swap file \
+             ({} MiB budget, {} MiB of guest memory): a guest that touches more than the \
+             budget stalls until memory is freed (give --swap-dir or --swap-file with \
+             --swap-size)",
+            mib(budget),
+            mib(guests)
+        )),
+        Some(s) if budget.saturating_add(s.size_bytes) < guests => Some(format!(
+            "the memory budget and the swap file together are below the guests' memory \
+             ({} MiB budget, {} MiB swap, {} MiB of guest memory): guests that touch all \
+             of it stall once the swap file is full (give a larger --swap-size)",
+            mib(budget),
+            mib(s.size_bytes),
+            mib(guests)
+        )),
+        _ => None,
+    }
 }
 
 /// Fault handler threads for a run: one per vCPU of all its VMs, so that
@@ -354,6 +373,26 @@ mod tests {
         };
         assert!(!host.is_request_error());
         assert!(!VmmError::Memory("no memory".into()).is_request_error());
+    }
+
+    #[test]
+    fn overcommit_that_can_stall_for_good_is_warned_of() {
+        const MIB: u64 = 1 << 20;
+        let swap = |mib| {
+            Some(mem::SwapConfig {
+                target: mem::SwapTarget::Dir("/tmp".into()),
+                size_bytes: mib * MIB,
+            })
+        };
+        assert_eq!(overcommit_warning(64 * MIB, 64 * MIB, &None), None);
+        let w = overcommit_warning(32 * MIB, 64 * MIB, &None).unwrap();
+        assert!(
+            w.contains("there is no swap file (32 MiB budget, 64 MiB"),
+            "{w}"
+        );
+        assert_eq!(overcommit_warning(32 * MIB, 64 * MIB, &swap(32)), None);
+        let w = overcommit_warning(32 * MIB, 64 * MIB, &swap(16)).unwrap();
+        assert!(w.contains("(32 MiB budget, 16 MiB swap, 64 MiB"), "{w}");
     }
 
     fn run_of(vcpus: &[u32]) -> RunConfig {

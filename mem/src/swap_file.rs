@@ -102,7 +102,7 @@ pub enum SwapFileError {
         max: u64,
     },
     /// `--swap-file` names an existing file; it is never overwritten.
-    #[error("swap file {0} already exists (refusing to overwrite it)")]
+    #[error("swap file {0} already exists (it is never overwritten; give a new path, or --swap-dir for a directory to create it in)")]
     Exists(PathBuf),
     /// The file could not be created or opened.
     #[error("cannot create swap file in {0}")]

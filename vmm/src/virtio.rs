@@ -166,7 +166,19 @@ pub fn parse_drive_flag(s: &str, index: usize) -> Result<DriveConfig, ConfigErro
         read_only: false,
         root: false,
     };
+    let mut seen = Vec::new();
     for p in parts {
+        // ro and rw are one setting; id=NAME is keyed by its name.
+        let key = match p {
+            "rw" => "ro",
+            _ => p.split_once('=').map_or(p, |(k, _)| k),
+        };
+        if seen.contains(&key) {
+            return Err(ConfigError::Invalid(format!(
+                "--drive {s:?}: option {p:?} repeats an earlier one"
+            )));
+        }
+        seen.push(key);
         match p {
             "ro" => d.read_only = true,
             "rw" => d.read_only = false,
@@ -199,7 +211,15 @@ pub fn parse_balloon_flag(s: &str) -> Result<BalloonSpec, ConfigError> {
         },
         stats_interval_s: 0,
     };
+    let mut seen = Vec::new();
     for p in parts {
+        let key = p.split_once('=').map_or(p, |(k, _)| k);
+        if seen.contains(&key) {
+            return Err(ConfigError::Invalid(format!(
+                "--balloon {s:?}: option {p:?} repeats an earlier one"
+            )));
+        }
+        seen.push(key);
         match p {
             "deflate_on_oom" => b.device.deflate_on_oom = true,
             "no_reporting" => b.device.free_page_reporting = false,
@@ -821,6 +841,11 @@ mod tests {
         for bad in ["", ",ro", "a.img,fast", "a.img,id="] {
             assert!(parse_drive_flag(bad, 0).is_err(), "{bad}");
         }
+        // An option given twice, or ro and rw both: refused, not the last wins.
+        for twice in ["x,ro,ro", "x,ro,rw", "x,id=a,id=b", "x,root,root"] {
+            let e = parse_drive_flag(twice, 0).unwrap_err().to_string();
+            assert!(e.contains("repeats an earlier one"), "{twice}: {e}");
+        }
     }
 
     #[test]
@@ -836,6 +861,10 @@ mod tests {
                 .free_page_reporting
         );
         assert!(parse_balloon_flag("1G,bogus").is_err());
+        let e = parse_balloon_flag("1G,stats=1,stats=2")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"stats=2\" repeats an earlier one"), "{e}");
         assert!(parse_balloon_flag("lots").is_err());
     }
 

@@ -38,6 +38,14 @@ pub enum BootError {
         /// Path given.
         path: PathBuf,
     },
+    /// The ELF file is not a 64-bit x86 image.
+    #[error("{path} is an ELF {what}, not a 64-bit x86 (x86-64) kernel")]
+    ElfNotX86_64 {
+        /// Path given.
+        path: PathBuf,
+        /// What it is instead.
+        what: &'static str,
+    },
     /// The bzImage has no 64-bit entry point.
     #[error("{path} is a bzImage without a 64-bit entry point (XLF_KERNEL_64)")]
     Not64Bit {
@@ -141,6 +149,20 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootE
     file.seek(SeekFrom::Start(0)).map_err(io)?;
     let n = read_up_to(file, &mut head).map_err(io)?;
     if n >= 4 && head[0..4] == *b"\x7fELF" {
+        // e_ident[EI_CLASS] is 2 for 64-bit; e_machine (little-endian, at
+        // 18) is 62 for x86-64. linux-loader's own refusal of a 32-bit
+        // image names a header field instead.
+        let refuse = |what| BootError::ElfNotX86_64 {
+            path: path.to_path_buf(),
+            what,
+        };
+        // (A header too short to tell is left to the loader's refusal.)
+        if n >= 20 && head[4] != 2 {
+            return Err(refuse("of 32 bits"));
+        }
+        if n >= 20 && head[18..20] != 62u16.to_le_bytes() {
+            return Err(refuse("for another architecture"));
+        }
         return Ok(KernelFormat::Elf);
     }
     if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
@@ -575,6 +597,21 @@ mod tests {
             GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 32 << 20)]).unwrap();
         let e = load_kernel(&mem, &p).unwrap_err();
         assert!(matches!(e, BootError::NotAKernel { .. }), "{e}");
+        // ELF headers of 32 bits, and for another machine (aarch64).
+        let mut elf = [0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 1;
+        elf[18] = 62;
+        std::fs::write(&p, elf).unwrap();
+        let e = load_kernel(&mem, &p).unwrap_err().to_string();
+        assert!(
+            e.ends_with("is an ELF of 32 bits, not a 64-bit x86 (x86-64) kernel"),
+            "{e}"
+        );
+        (elf[4], elf[18]) = (2, 183);
+        std::fs::write(&p, elf).unwrap();
+        let e = load_kernel(&mem, &p).unwrap_err().to_string();
+        assert!(e.contains("is an ELF for another architecture"), "{e}");
         let e = load_kernel(&mem, &dir.join("missing")).unwrap_err();
         assert!(matches!(e, BootError::KernelIo { .. }), "{e}");
         // A truncated ELF: magic but no valid headers.

@@ -75,13 +75,13 @@ const SEL_TSS: u16 = 6;
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
     /// Guest memory too small for the range.
-    #[error("workload range of {size} MiB needs at least {need} MiB of guest memory (--mem), have {have} MiB")]
+    #[error("workload range of {size} MiB needs at least {need} MiB of guest memory (--mem or mem_size_mib), the VM has {}", crate::config::show_size(*have))]
     TooSmall {
         /// Range in MiB.
         size: u64,
         /// Needed MiB.
         need: u64,
-        /// Given MiB.
+        /// The VM's memory in bytes.
         have: u64,
     },
     /// The range would cross the 32-bit MMIO gap.
@@ -125,7 +125,7 @@ impl WorkloadLayout {
             return Err(WorkloadError::TooSmall {
                 size: spec.size >> 20,
                 need: end.div_ceil(1 << 20),
-                have: mem_bytes >> 20,
+                have: mem_bytes,
             });
         }
         let v = u64::from(vcpus);
@@ -517,6 +517,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("needs at least 260 MiB"), "{e}");
+        assert!(e.ends_with("the VM has 256 MiB"), "{e}");
+        let e = WorkloadLayout::plan(&spec, 2, 4 << 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("the VM has 4 KiB"), "{e}");
         let big: WorkloadSpec = "seq:4G".parse().unwrap();
         assert!(matches!(
             WorkloadLayout::plan(&big, 1, 8 << 30),

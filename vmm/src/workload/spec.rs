@@ -120,10 +120,15 @@ impl std::str::FromStr for WorkloadSpec {
             count: None,
             seed: 0x5eed,
         };
+        let mut seen = Vec::new();
         for opt in parts {
             let (k, v) = opt
                 .split_once('=')
                 .ok_or_else(|| SpecError::Option(opt.to_string(), "expected key=value".into()))?;
+            if seen.contains(&k) {
+                return Err(SpecError::Option(opt.to_string(), "given twice".into()));
+            }
+            seen.push(k);
             let num = || {
                 v.parse::<u64>().map_err(|_| {
                     SpecError::Option(opt.to_string(), "expected an unsigned integer".into())
@@ -198,6 +203,7 @@ mod tests {
             ("zipf:1M,theta=0", "theta"),
             ("zipf:1M,ops=0", "at least 1"),
             ("zipf:1M,ops", "key=value"),
+            ("seq:8M,passes=1,passes=2", "\"passes=2\": given twice"),
         ] {
             let e = bad.parse::<WorkloadSpec>().unwrap_err().to_string();
             assert!(e.contains(want), "{bad}: {e}");

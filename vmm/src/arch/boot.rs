@@ -388,12 +388,19 @@ pub fn build_cmdline(base: &str, extra: &[String]) -> Result<Cmdline, BootError>
         None => (base, None),
     };
     let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let added: usize = extra.iter().map(|e| e.trim().len() + 1).sum();
     let mut push = |s: &str| -> Result<(), BootError> {
         if s.trim().is_empty() {
             return Ok(());
         }
-        c.insert_str(s.trim())
-            .map_err(|e| BootError::Cmdline(e.to_string()))
+        c.insert_str(s.trim()).map_err(|e| match e {
+            linux_loader::cmdline::Error::TooLarge => BootError::Cmdline(format!(
+                "longer than the {} bytes the kernel takes (with a terminating NUL), \
+                 counting the {added} bytes foliovm adds for its devices",
+                CMDLINE_MAX_SIZE
+            )),
+            e => BootError::Cmdline(e.to_string()),
+        })
     };
     push(kernel_part)?;
     for e in extra {
@@ -540,10 +547,13 @@ mod tests {
             c.as_cstring().unwrap().to_str().unwrap(),
             "console=ttyS0 noxsave nopku"
         );
-        assert!(matches!(
-            build_cmdline(&"x".repeat(3000), &[]),
-            Err(BootError::Cmdline(_))
-        ));
+        let e = build_cmdline(&"x".repeat(2040), &extra)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("longer than the 2048 bytes the kernel takes (with a terminating NUL), counting the 14 bytes foliovm adds"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -206,24 +206,18 @@ fn minimums_that_exceed_the_budget_are_refused() {
         min_bytes: m * MIB,
         ..Default::default()
     };
+    let refused = |needed, budget| {
+        Err(mem::VmError::MinimumsAboveBudget {
+            needed: needed * MIB,
+            budget: budget * MIB,
+        })
+    };
     mm.set_vm_limits(a, min(16)).unwrap();
     mm.set_vm_limits(b, min(16)).unwrap();
-    assert_eq!(
-        mm.set_vm_limits(b, min(17)),
-        Err(mem::VmError::MinimumsAboveBudget {
-            needed: 33 * MIB,
-            budget: 32 * MIB
-        })
-    );
+    assert_eq!(mm.set_vm_limits(b, min(17)), refused(33, 32));
     // A's own minimum is replaced, not added to.
     mm.set_vm_limits(a, min(10)).unwrap();
     mm.set_budget(28 * MIB).unwrap();
-    assert_eq!(
-        mm.set_vm_limits(a, min(14)),
-        Err(mem::VmError::MinimumsAboveBudget {
-            needed: 30 * MIB,
-            budget: 28 * MIB
-        })
-    );
+    assert_eq!(mm.set_vm_limits(a, min(14)), refused(30, 28));
     mm.set_vm_limits(a, min(12)).unwrap();
 }

@@ -206,6 +206,17 @@ fn linux_guest_uses_drives_and_balloon() {
     let vm = ApiVm::spawn("virtio-guest", &args);
     // Relocate guest RAM while the guest does drive I/O.
     vm.wait_for_line("RELOC-IO-START", LIMIT);
+    // The balloon as Firecracker's clients read it, plus its size.
+    let bal = vm.call("GET", "/balloon", None).json();
+    assert_eq!(
+        (
+            bal["amount_mib"].as_u64(),
+            bal["deflate_on_oom"].as_bool(),
+            bal["stats_polling_interval_s"].as_u64()
+        ),
+        (Some(BALLOON_MIB), Some(false), Some(5)),
+        "{bal}"
+    );
     let (mut relocated, mut refused) = (0, Vec::new());
     // The VM as the API showed it last while it ran.
     let mut last_seen = Value::Null;

@@ -437,8 +437,12 @@ impl ApiBackend for Controller {
                 return Ok(serde_json::Value::Object(m));
             }
             let c = b.counters();
+            let spec = v.config().virtio.balloon.as_ref();
             Ok(serde_json::json!({
                 "amount_mib": c.target_bytes >> 20,
+                // Firecracker's fields, as configured.
+                "deflate_on_oom": spec.is_some_and(|s| s.device.deflate_on_oom),
+                "stats_polling_interval_s": spec.map_or(0, |s| s.stats_interval_s),
                 "actual_mib": c.actual_bytes >> 20,
                 "inflated_bytes": c.inflated_bytes,
                 "deflated_bytes": c.deflated_bytes,

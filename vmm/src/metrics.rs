@@ -76,6 +76,10 @@ fn faults(f: &FaultStats) -> Value {
         "fallback_copy_pages": f.fallback_copy_pages,
         "fallback_zeropage_pages": f.fallback_zeropage_pages,
         "move_retries": f.move_retries,
+        "move_eexist_pages": f.move_eexist_pages,
+        "unbacked_restored": f.unbacked_restored,
+        "unbacked_poisoned": f.unbacked_poisoned,
+        "unbacked_from_slot": f.unbacked_from_slot,
         "latency": latency(&f.latency),
     })
 }
@@ -154,6 +158,7 @@ pub fn host_json(h: &MmStats) -> Value {
         "unusable_index_2m_permille": h.unusable_index_pmd,
         "deferred_split_queue": h.deferred_split_queue,
         "faults": faults(&h.faults),
+        "move_undercounts": h.move_undercounts,
         "metadata_bytes": h.metadata_bytes,
         "guest_pages": h.guest_pages,
         "metadata_bytes_per_guest_page": h.metadata_bytes as f64 / h.guest_pages.max(1) as f64,
@@ -409,6 +414,35 @@ mod tests {
         assert_eq!(size_name(4), "64K");
         assert_eq!(size_name(8), "1M");
         assert_eq!(size_name(9), "2M");
+    }
+
+    /// The README names these counters as what to look at when the
+    /// kernel's `UFFDIO_MOVE` undercounts or a present page lost its host
+    /// page; `GET /stats` must carry them.
+    #[test]
+    fn repair_counters_are_in_the_stats() {
+        let f = FaultStats {
+            unbacked_restored: 1,
+            unbacked_poisoned: 2,
+            unbacked_from_slot: 3,
+            move_eexist_pages: 4,
+            ..Default::default()
+        };
+        let j = faults(&f);
+        assert_eq!(
+            [
+                &j["unbacked_restored"],
+                &j["unbacked_poisoned"],
+                &j["unbacked_from_slot"],
+                &j["move_eexist_pages"]
+            ],
+            [1, 2, 3, 4]
+        );
+        let h = MmStats {
+            move_undercounts: 5,
+            ..Default::default()
+        };
+        assert_eq!(host_json(&h)["move_undercounts"], 5);
     }
 
     #[test]

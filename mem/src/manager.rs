@@ -943,7 +943,8 @@ impl MemoryManager {
             .filter(|v| !Arc::ptr_eq(v, &state))
             .map(|v| v.min_pages() * PAGE_SIZE)
             .sum();
-        let needed = others + limits.min_bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        // Whole pages, as `VmState::set_limits` keeps it.
+        let needed = others + limits.min_bytes / PAGE_SIZE * PAGE_SIZE;
         let budget = self.budget_bytes();
         if needed > budget {
             return Err(VmError::MinimumsAboveBudget { needed, budget });

@@ -64,7 +64,8 @@ enum Job {
 
 impl ApiServer {
     /// Listen on `path` (a stale socket file there is replaced; a socket
-    /// another process serves, or any other file, is an error) and serve requests on threads of their own.
+    /// another process serves, or any other file, is an error) and serve
+    /// requests on threads of their own.
     ///
     /// # Errors
     /// [`ApiServerError::Bind`].

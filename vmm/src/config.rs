@@ -222,6 +222,15 @@ impl VmConfig {
             )));
         }
         check_limits(&self.limits, self.mem_bytes)?;
+        // A workload that does not fit is refused here, where a config
+        // file's error names the VM, rather than when the VM is built.
+        if let GuestPayload::Workload(w) = &self.payload {
+            let spec: crate::workload::WorkloadSpec = w
+                .parse()
+                .map_err(|e: crate::workload::SpecError| ConfigError::Invalid(e.to_string()))?;
+            crate::workload::WorkloadLayout::plan(&spec, self.vcpus, self.mem_bytes)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         self.virtio.validate(self.mem_bytes)
     }
 }
@@ -1042,6 +1051,14 @@ mod tests {
         let e = bad.validate(&LIMITS).unwrap_err().to_string();
         assert!(
             e.contains("VM \"vm1\": vCPU count must be at least 1"),
+            "{e}"
+        );
+        // A workload larger than its VM, named by the VM it is in.
+        let mut big = c.clone();
+        big.vms[1].mem_bytes = 128 << 20;
+        let e = big.validate(&LIMITS).unwrap_err().to_string();
+        assert!(
+            e.starts_with("VM \"vm1\": workload range of 256 MiB needs at least"),
             "{e}"
         );
 

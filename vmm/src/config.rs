@@ -164,6 +164,21 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| ConfigError::SizeTooLarge(s.to_string()))
 }
 
+/// The first of a flag's comma-separated options whose `key` repeats an
+/// earlier option's (`key=value` options are keyed by `key`): refused by
+/// the flag parsers rather than letting the last one win.
+pub fn repeated_option<'a>(opts: &[&'a str], key: impl Fn(&'a str) -> &'a str) -> Option<&'a str> {
+    let keys: Vec<&str> = opts.iter().map(|&o| key(o)).collect();
+    (1..opts.len())
+        .find(|&i| keys[..i].contains(&keys[i]))
+        .map(|i| opts[i])
+}
+
+/// An option's key: the part before `=`, or all of it.
+pub fn option_key(opt: &str) -> &str {
+    opt.split_once('=').map_or(opt, |(k, _)| k)
+}
+
 /// [`parse_size`] for the setting `what`, which a refusal names.
 ///
 /// # Errors

@@ -20,7 +20,7 @@
 //! target and when the VM ends (see `docs/virtio.md`).
 
 use crate::arch::layout::MMIO_DEVICES_START;
-use crate::config::{parse_size, ConfigError};
+use crate::config::{option_key, parse_size, repeated_option, ConfigError};
 use crate::kvm::{KvmError, KvmVm};
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonEvent, BalloonHandle};
 use devices::virtio::block::{Block, BlockCounters, DiskImage};
@@ -166,19 +166,15 @@ pub fn parse_drive_flag(s: &str, index: usize) -> Result<DriveConfig, ConfigErro
         read_only: false,
         root: false,
     };
-    let mut seen = Vec::new();
-    for p in parts {
-        // ro and rw are one setting; id=NAME is keyed by its name.
-        let key = match p {
-            "rw" => "ro",
-            _ => p.split_once('=').map_or(p, |(k, _)| k),
-        };
-        if seen.contains(&key) {
-            return Err(ConfigError::Invalid(format!(
-                "--drive {s:?}: option {p:?} repeats an earlier one"
-            )));
-        }
-        seen.push(key);
+    let opts: Vec<&str> = parts.collect();
+    // ro and rw are one setting.
+    let key = |p| if p == "rw" { "ro" } else { option_key(p) };
+    if let Some(p) = repeated_option(&opts, key) {
+        return Err(ConfigError::Invalid(format!(
+            "--drive {s:?}: option {p:?} repeats an earlier one"
+        )));
+    }
+    for p in opts {
         match p {
             "ro" => d.read_only = true,
             "rw" => d.read_only = false,
@@ -211,15 +207,13 @@ pub fn parse_balloon_flag(s: &str) -> Result<BalloonSpec, ConfigError> {
         },
         stats_interval_s: 0,
     };
-    let mut seen = Vec::new();
-    for p in parts {
-        let key = p.split_once('=').map_or(p, |(k, _)| k);
-        if seen.contains(&key) {
-            return Err(ConfigError::Invalid(format!(
-                "--balloon {s:?}: option {p:?} repeats an earlier one"
-            )));
-        }
-        seen.push(key);
+    let opts: Vec<&str> = parts.collect();
+    if let Some(p) = repeated_option(&opts, option_key) {
+        return Err(ConfigError::Invalid(format!(
+            "--balloon {s:?}: option {p:?} repeats an earlier one"
+        )));
+    }
+    for p in opts {
         match p {
             "deflate_on_oom" => b.device.deflate_on_oom = true,
             "no_reporting" => b.device.free_page_reporting = false,

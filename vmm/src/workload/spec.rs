@@ -15,7 +15,7 @@
 //! (if it was written before) and writes it again with the next epoch; a final
 //! sweep verifies every page written.
 
-use crate::config::parse_size;
+use crate::config::{option_key, parse_size, repeated_option};
 
 /// The access pattern.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,15 +120,14 @@ impl std::str::FromStr for WorkloadSpec {
             count: None,
             seed: 0x5eed,
         };
-        let mut seen = Vec::new();
-        for opt in parts {
+        let opts: Vec<&str> = parts.collect();
+        if let Some(opt) = repeated_option(&opts, option_key) {
+            return Err(SpecError::Option(opt.to_string(), "given twice".into()));
+        }
+        for opt in opts {
             let (k, v) = opt
                 .split_once('=')
                 .ok_or_else(|| SpecError::Option(opt.to_string(), "expected key=value".into()))?;
-            if seen.contains(&k) {
-                return Err(SpecError::Option(opt.to_string(), "given twice".into()));
-            }
-            seen.push(k);
             let num = || {
                 v.parse::<u64>().map_err(|_| {
                     SpecError::Option(opt.to_string(), "expected an unsigned integer".into())

@@ -559,11 +559,6 @@ fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<()
             None => break,
         }
     }
-    // Their data moves into a new folio (or, on undo, back by MOVE, which
-    // drops write protection): none stays clean.
-    for l in &locks {
-        inner.clear_clean(l.id());
-    }
     // The new folio, born locked, owns the target block from here on: its
     // last reference frees it, whoever drops it.
     let new = inner.folios.slab().insert(Folio {
@@ -628,6 +623,12 @@ fn collapse_inner(inner: &Inner, region: &Region, first: PageIndex) -> Result<()
         drop(ptl);
         return abort(locks, new_lock, MigrateError::Pinned);
     };
+    // From here their data moves into the new folio (or, on undo, back by
+    // MOVE, which drops write protection): none stays clean. An abort
+    // before this point left every member as it was, clean ones too.
+    for l in &locks {
+        inner.clear_clean(l.id());
+    }
     let mut moved: Vec<(u64, u64)> = Vec::new();
     let mut unmap_ok = true;
     for &(id, k0, order) in &members {

@@ -105,10 +105,6 @@ pub(crate) fn migrate_locked(
     id: FolioId,
     target: Block,
 ) -> Result<FolioId, MigrateError> {
-    // The target's pages (or, on undo, the old ones) go back into the
-    // guest by MOVE, which does not keep the write protection of a clean
-    // folio: it stops being clean.
-    inner.clear_clean(id);
     let r = migrate_inner(inner, id, target);
     match r {
         Ok(_) => inner.workers.migrate_success.fetch_add(1, Relaxed),
@@ -164,7 +160,10 @@ fn migrate_inner(inner: &Inner, id: FolioId, target: Block) -> Result<FolioId, M
     let region = rmap.and_then(|r| inner.find_region(r.vm, r.region));
     let r = match (mapped, region, rmap) {
         (true, Some(region), Some(rmap)) => migrate_mapped(inner, &region, id, rmap, target),
-        (false, _, _) => migrate_swapcache(inner, id, target),
+        (false, _, _) => {
+            inner.clear_clean(id);
+            migrate_swapcache(inner, id, target)
+        }
         _ => Err(MigrateError::Unmovable),
     };
     if r.is_err() {
@@ -252,6 +251,12 @@ fn migrate_mapped(
     if inner.inject.hit(FaultPoint::MigrateUnmap) {
         return Err(MigrateError::Failed(FaultPoint::MigrateUnmap));
     }
+    // The target's pages (or, on undo, the old ones) go back into the
+    // guest by MOVE, which does not keep the write protection of a clean
+    // folio: from here it stops being clean. A refusal above left it as
+    // it was. (`clear_clean` takes only the folio-table lock and a leaf
+    // lock, which nest below the page-table lock.)
+    inner.clear_clean(id);
     // Step 2: the atomic unmap.
     let mut out: PageMask = [0; 8];
     for (k, n) in runs(&in_guest, nr) {

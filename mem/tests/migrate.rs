@@ -425,3 +425,76 @@ fn unmapped_swap_cache_folio_migrates_with_its_cache_pointer() {
     let resident = mm.vm_stats(vm).unwrap().resident_bytes();
     assert_eq!(mm.stats().free_bytes, 16 * MIB - resident);
 }
+
+/// Swap all of `t`'s memory out and read every page back, in a scattered
+/// order so that each comes back alone, as an order-0 folio; returns how
+/// many were kept clean (write-protected, their slots kept).
+fn swap_out_and_read_back(mm: &mem::MemoryManager, t: &TestVm, g: u64) -> u64 {
+    mm.reclaim(Some(t.id), t.pages * PAGE_SIZE).unwrap();
+    settle_and_check(mm);
+    assert_eq!(mm.vm_stats(t.id).unwrap().resident_bytes(), 0, "all out");
+    let before = mm.vm_stats(t.id).unwrap().swap.clean_kept_pages;
+    for p in (0..t.pages).map(|i| i * 167 % t.pages) {
+        for w in [0, 1, 511] {
+            assert_eq!(t.ram.read(p * PAGE_SIZE + w * 8), pattern(p, w, g));
+        }
+    }
+    settle_and_check(mm);
+    mm.vm_stats(t.id).unwrap().swap.clean_kept_pages - before
+}
+
+/// Reclaim all of `t` and return the pages written to swap and the clean
+/// pages dropped without a write.
+fn reclaim_counting_writes(mm: &mem::MemoryManager, t: &TestVm) -> (u64, u64) {
+    let before = mm.vm_stats(t.id).unwrap().swap;
+    mm.reclaim(Some(t.id), t.pages * PAGE_SIZE).unwrap();
+    settle_and_check(mm);
+    let after = mm.vm_stats(t.id).unwrap().swap;
+    (
+        after.swapout_pages - before.swapout_pages,
+        after.clean_dropped_pages - before.clean_dropped_pages,
+    )
+}
+
+/// A migration or a collapse that fails before it moves anything leaves a
+/// clean folio clean: reclaimed again, it costs no write. (They used to
+/// give up the clean state, and its slot, before their first check.)
+#[test]
+fn a_refused_migration_or_collapse_keeps_clean_folios_clean() {
+    for (what, small) in [("migration", false), ("collapse", true)] {
+        let mm = swap_manager(16 * MIB, 2, 16 * MIB, false);
+        let t = TestVm::new(&mm, what, TABLE);
+        fill(&t.ram, t.pages, 1);
+        if small {
+            shatter(&mm, t.id, &t.ram, 0, 1);
+        }
+        let kept = swap_out_and_read_back(&mm, &t, 1);
+        assert_eq!(kept, t.pages, "{what}: every page read back is clean");
+        mm.inject_faults(vec![InjectPlan {
+            point: FaultPoint::MigrateUnmap,
+            skip: 0,
+            count: 1,
+        }]);
+        match small {
+            false => {
+                let r = mm.migrate_range(t.id, GuestAddress(0), PAGE_SIZE).unwrap();
+                assert_eq!(r, (0, 1), "the injected failure fails the migration");
+            }
+            true => {
+                let rep = mm.compact(Some(t.id), &|_, _| {}).unwrap();
+                assert_eq!(rep.collapsed, 0, "the injected failure aborts: {rep:?}");
+            }
+        }
+        mm.inject_faults(vec![]);
+        settle_and_check(&mm);
+        verify(&t.ram, t.pages, 1, what);
+        let (written, dropped) = reclaim_counting_writes(&mm, &t);
+        assert_eq!(
+            (written, dropped),
+            (0, t.pages),
+            "{what}: after the failure every page is still clean (written, dropped)"
+        );
+        verify(&t.ram, t.pages, 1, what);
+        t.destroy(&mm);
+    }
+}

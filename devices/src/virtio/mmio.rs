@@ -28,6 +28,7 @@
 use super::{ActiveQueues, GuestMemoryMmap, IrqLine, QueueState, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::BusDevice;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Size of a device's register window.
@@ -48,8 +49,65 @@ const S_FAILED: u32 = 128;
 /// Queue configuration the driver writes before DRIVER_OK.
 struct QueueSlot {
     queue: Queue,
+    /// QueueNum and the ring addresses as the driver wrote them. They go
+    /// into `queue` at DRIVER_OK, where one the queue cannot take fails
+    /// the device: `Queue`'s setters drop such a value silently, which
+    /// would leave the queue at its maximum size or a ring at its old
+    /// address (guest address 0), not where the driver put it.
+    regs: QueueRegs,
     /// Notification eventfd (also a KVM ioeventfd on QueueNotify).
     notify: EventFd,
+}
+
+/// A queue's QueueNum and ring address registers, as written.
+#[derive(Debug, Clone, Copy)]
+struct QueueRegs {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueRegs {
+    /// The reset values: the maximum size, rings at 0.
+    fn new(max: u16) -> Self {
+        QueueRegs {
+            size: max,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+
+    /// Put these values into `queue`.
+    fn apply(&self, queue: &mut Queue) -> Result<(), virtio_queue::Error> {
+        queue.try_set_size(self.size)?;
+        queue.try_set_desc_table_address(GuestAddress(self.desc))?;
+        queue.try_set_avail_ring_address(GuestAddress(self.avail))?;
+        queue.try_set_used_ring_address(GuestAddress(self.used))
+    }
+}
+
+/// Why DRIVER_OK found a queue unusable.
+#[derive(Debug, thiserror::Error)]
+enum QueueSetupError {
+    /// QueueNum or a ring address the queue cannot take (not a power of
+    /// two, above the maximum, a misaligned ring).
+    #[error("queue {index}: {source}")]
+    Register {
+        /// Queue index.
+        index: usize,
+        /// What virtio-queue refused.
+        source: virtio_queue::Error,
+    },
+    /// A ring is not inside guest RAM.
+    #[error("queue {index}: a ring (size {size}) is not inside guest RAM")]
+    Inaccessible {
+        /// Queue index.
+        index: usize,
+        /// Queue size.
+        size: u16,
+    },
 }
 
 /// A virtio device's MMIO register window.
@@ -84,6 +142,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .zip(notify)
             .map(|(&max, notify)| QueueSlot {
                 queue: Queue::new(max).expect("queue sizes are powers of two"),
+                regs: QueueRegs::new(max),
                 notify,
             })
             .collect();
@@ -135,14 +194,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.live
     }
 
-    fn selected(&mut self) -> Option<&mut Queue> {
+    fn selected(&mut self) -> Option<&mut QueueSlot> {
         // Queue registers are frozen once the device is live.
         if self.live {
             return None;
         }
-        self.queues
-            .get_mut(self.queue_sel as usize)
-            .map(|s| &mut s.queue)
+        self.queues.get_mut(self.queue_sel as usize)
     }
 
     fn read_reg(&self, offset: u64) -> u32 {
@@ -187,15 +244,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             },
             0x030 => self.queue_sel = v,
             0x038 => {
-                if let Some(q) = self.selected() {
-                    // Queue::set_size ignores invalid sizes; is_valid()
-                    // at DRIVER_OK then refuses the queue.
-                    q.set_size(v as u16);
+                if let Some(s) = self.selected() {
+                    // Checked at DRIVER_OK (a value above u16 is no size).
+                    s.regs.size = u16::try_from(v).unwrap_or(0);
                 }
             }
             0x044 => {
-                if let Some(q) = self.selected() {
-                    q.set_ready(v == 1);
+                if let Some(s) = self.selected() {
+                    s.queue.set_ready(v == 1);
                 }
             }
             0x050 => {
@@ -212,17 +268,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn write_queue_addr(&mut self, offset: u64, v: u32) {
-        let Some(q) = self.selected() else { return };
-        let (lo, hi) = if offset & 4 == 0 {
-            (Some(v), None)
-        } else {
-            (None, Some(v))
+        let Some(s) = self.selected() else { return };
+        let addr = match offset & !4 {
+            0x080 => &mut s.regs.desc,
+            0x090 => &mut s.regs.avail,
+            _ => &mut s.regs.used,
         };
-        match offset & !4 {
-            0x080 => q.set_desc_table_address(lo, hi),
-            0x090 => q.set_avail_ring_address(lo, hi),
-            _ => q.set_used_ring_address(lo, hi),
-        }
+        // Checked at DRIVER_OK, once both halves are in.
+        *addr = if offset & 4 == 0 {
+            (*addr & !0xffff_ffff) | u64::from(v)
+        } else {
+            (*addr & 0xffff_ffff) | (u64::from(v) << 32)
+        };
     }
 
     fn write_status(&mut self, v: u32) {
@@ -244,10 +301,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         if new & S_DRIVER_OK != 0 {
             // FeaturesOk --DRIVER_OK--> Live, if every ready queue is valid.
-            if self.status & S_FEATURES_OK == 0 || !self.activate() {
+            let refused = if self.status & S_FEATURES_OK == 0 {
+                Some("before FEATURES_OK".to_string())
+            } else {
+                self.activate()
+                    .err()
+                    .map(|e| format!("with an invalid {e}"))
+            };
+            if let Some(why) = refused {
                 self.status |= S_FAILED;
                 eprintln!(
-                    "foliovm: warning: virtio device type {}: driver set DRIVER_OK with an invalid queue setup",
+                    "foliovm: warning: virtio device type {}: driver set DRIVER_OK {why}",
                     self.device.device_type()
                 );
                 return;
@@ -256,14 +320,21 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status = v;
     }
 
-    fn activate(&mut self) -> bool {
+    fn activate(&mut self) -> Result<(), QueueSetupError> {
         let mem = &self.mem;
-        if self
-            .queues
-            .iter()
-            .any(|s| s.queue.ready() && !s.queue.is_valid(mem))
-        {
-            return false;
+        for (index, s) in self.queues.iter_mut().enumerate() {
+            if !s.queue.ready() {
+                continue;
+            }
+            s.regs
+                .apply(&mut s.queue)
+                .map_err(|source| QueueSetupError::Register { index, source })?;
+            if !s.queue.is_valid(mem) {
+                return Err(QueueSetupError::Inaccessible {
+                    index,
+                    size: s.queue.size(),
+                });
+            }
         }
         let event_idx = self.driver_features & (1 << super::VIRTIO_RING_F_EVENT_IDX) != 0;
         // The device takes the configured queues; the transport keeps
@@ -290,7 +361,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         for s in &self.queues {
             let _ = s.notify.write(1);
         }
-        true
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -301,6 +372,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.live = false;
         for s in &mut self.queues {
             s.queue.reset();
+            s.regs = QueueRegs::new(s.queue.max_size());
             // Drain a notification that raced with the reset.
             let _ = s.notify.read();
         }
@@ -558,6 +630,66 @@ mod tests {
         let (mut t, _) = transport();
         wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK);
         assert!(!t.is_live());
+    }
+
+    /// Probe a transport up to FEATURES_OK.
+    fn negotiate(t: &mut MmioTransport<ProbeDev>) {
+        wr(t, 0x070, S_ACKNOWLEDGE | S_DRIVER);
+        wr(t, 0x024, 1);
+        wr(t, 0x020, 1);
+        wr(t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+    }
+
+    /// A queue size or ring address that the queue cannot take (not a
+    /// power of two, above the maximum, zero; a misaligned ring) fails
+    /// the device at DRIVER_OK. It used to be dropped silently: the device
+    /// went live with the maximum size, or a ring at the old address
+    /// (guest address 0), and wrote used elements past the driver's ring
+    /// or over guest memory the driver never gave it.
+    #[test]
+    fn a_queue_register_value_the_queue_cannot_take_fails_the_device() {
+        let bad: [(u64, u32); 7] = [
+            (0x038, 10),
+            (0x038, 32),
+            (0x038, 0),
+            (0x080, 0x1008),
+            (0x090, 0x1101),
+            (0x0a0, 0x1202),
+            (0x084, 0),
+        ];
+        for (i, (reg, v)) in bad.into_iter().enumerate() {
+            let (mut t, p) = transport();
+            negotiate(&mut t);
+            setup_queue(&mut t, 0, 0x1000);
+            wr(&mut t, 0x044, 0);
+            wr(&mut t, reg, v);
+            wr(&mut t, 0x044, 1);
+            wr(
+                &mut t,
+                0x070,
+                S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+            );
+            if i == 6 {
+                // A valid write (the high half of an aligned address).
+                assert!(t.is_live(), "a valid write");
+                continue;
+            }
+            assert!(!t.is_live(), "register {reg:#x} = {v:#x} was accepted");
+            assert_ne!(rd(&mut t, 0x070) & S_FAILED, 0);
+            assert_eq!(p.lock().unwrap().activated, None);
+        }
+        // A bad value the driver then corrects is fine.
+        let (mut t, _) = transport();
+        negotiate(&mut t);
+        wr(&mut t, 0x038, 10);
+        wr(&mut t, 0x080, 0x1008);
+        setup_queue(&mut t, 0, 0x1000);
+        wr(
+            &mut t,
+            0x070,
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
+        assert!(t.is_live());
     }
 
     #[test]

@@ -23,9 +23,12 @@
 //!
 //! Device status lifecycle (virtio 1.x §3.1), as the transport enforces it:
 //! `Reset --ACK,DRIVER--> Negotiating --FEATURES_OK--> FeaturesOk
-//! --DRIVER_OK--> Live`; a write of 0 from any state resets.
+//! --DRIVER_OK--> Live`; a write of 0 from any state resets. A write that
+//! would clear a bit (which a driver must not do, §2.1.2) is ignored.
 
-use super::{ActiveQueues, GuestMemoryMmap, IrqLine, QueueState, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    ActiveQueues, GuestMemoryMmap, IrqLine, QueueState, VirtioDevice, WarnLimit, VIRTIO_F_VERSION_1,
+};
 use crate::BusDevice;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
@@ -124,6 +127,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     config_generation: u32,
     /// Whether the device holds the queues (DRIVER_OK was accepted).
     live: bool,
+    /// Rate limit for warnings about the driver.
+    warn: WarnLimit,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -158,6 +163,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status: 0,
             config_generation: 0,
             live: false,
+            warn: WarnLimit::default(),
         }
     }
 
@@ -287,6 +293,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.reset();
             return;
         }
+        if v & self.status != self.status {
+            // Clearing DRIVER_OK and setting it again would activate a
+            // live device a second time, with unconfigured queues.
+            let (ty, old) = (self.device.device_type(), self.status);
+            self.warn.warn(|| {
+                format!("virtio device type {ty}: driver wrote status {v:#x} over {old:#x}, clearing bits; ignored")
+            });
+            return;
+        }
         let new = v & !self.status;
         if new & S_FEATURES_OK != 0 {
             // Reset --ACK,DRIVER--> Negotiating --FEATURES_OK--> FeaturesOk,
@@ -310,10 +325,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             };
             if let Some(why) = refused {
                 self.status |= S_FAILED;
-                eprintln!(
-                    "foliovm: warning: virtio device type {}: driver set DRIVER_OK {why}",
-                    self.device.device_type()
-                );
+                let ty = self.device.device_type();
+                self.warn
+                    .warn(|| format!("virtio device type {ty}: driver set DRIVER_OK {why}"));
                 return;
             }
         }
@@ -452,6 +466,7 @@ mod tests {
     #[derive(Default)]
     struct Probe {
         activated: Option<usize>,
+        activations: usize,
         resets: usize,
         memory_switches: usize,
         processed: Vec<usize>,
@@ -478,7 +493,9 @@ mod tests {
             p.config[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         }
         fn activate(&mut self, q: ActiveQueues) {
-            self.0.lock().unwrap().activated = Some(q.queues.len());
+            let mut p = self.0.lock().unwrap();
+            p.activated = Some(q.queues.len());
+            p.activations += 1;
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
@@ -690,6 +707,34 @@ mod tests {
             S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
         );
         assert!(t.is_live());
+    }
+
+    /// A live device's driver that clears DRIVER_OK and sets it again
+    /// does not activate the device a second time. It did: the device
+    /// dropped its queues for the transport's fresh, unconfigured ones
+    /// (rings at guest address 0), and served those.
+    #[test]
+    fn driver_ok_cleared_and_set_again_does_not_reactivate() {
+        let (mut t, p) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1000);
+        let live = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;
+        wr(&mut t, 0x070, live);
+        assert!(t.is_live());
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        assert_eq!(rd(&mut t, 0x070), live, "a status bit cannot be cleared");
+        wr(&mut t, 0x070, live);
+        wr(&mut t, 0x070, S_ACKNOWLEDGE);
+        wr(&mut t, 0x070, live);
+        assert!(t.is_live());
+        assert_eq!(p.lock().unwrap().activations, 1);
+        // A reset still works, and the device can be set up again.
+        wr(&mut t, 0x070, 0);
+        assert!(!t.is_live());
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1000);
+        wr(&mut t, 0x070, live);
+        assert_eq!(p.lock().unwrap().activations, 2);
     }
 
     #[test]

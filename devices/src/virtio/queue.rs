@@ -178,6 +178,12 @@ fn drain_queue_observed(
     mut f: impl FnMut(Result<Chain, (u16, ChainError)>) -> Served,
     mut before_enable: impl FnMut(),
 ) -> Drained {
+    if !queue.ready() {
+        // The driver did not set this queue ready, so its ring addresses
+        // were never checked or given: nothing of it is touched, not even
+        // its notification flags.
+        return Drained::default();
+    }
     let mut used_any = false;
     let mut empty_rounds = 0;
     let notify = |queue: &mut Queue, used_any: bool| {
@@ -272,6 +278,7 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
+    use vm_memory::Bytes;
 
     const N: u32 = VRING_DESC_F_NEXT;
     const W: u32 = VRING_DESC_F_WRITE;
@@ -385,6 +392,30 @@ mod tests {
         assert_eq!(served, vec![0]);
         assert!(notify.notify && !notify.deferred);
         assert_eq!(q.next_used(), 1);
+    }
+
+    /// A queue the driver never set ready (a device activated without
+    /// it, or notified for it) is left alone: nothing is written to guest
+    /// memory where its rings would be. Its notification flags (the used
+    /// ring's flags, or the avail event with EVENT_IDX) were written at
+    /// its ring addresses, guest address 0 unless the driver wrote others.
+    #[test]
+    fn a_queue_that_is_not_ready_is_not_touched() {
+        let mem = memory();
+        for event_idx in [false, true] {
+            mem.write_slice(&[0xa5; 0x1000], GuestAddress(0)).unwrap();
+            let mut q = Queue::new(16).unwrap();
+            q.set_event_idx(event_idx);
+            let d = drain_queue(&mut q, &mem, |_| unreachable!());
+            assert_eq!(d, Drained::default());
+            let mut after = [0u8; 0x1000];
+            mem.read_slice(&mut after, GuestAddress(0)).unwrap();
+            let changed: Vec<usize> = (0..after.len()).filter(|&i| after[i] != 0xa5).collect();
+            assert!(
+                changed.is_empty(),
+                "event_idx {event_idx}: guest bytes {changed:x?} written"
+            );
+        }
     }
 
     #[test]

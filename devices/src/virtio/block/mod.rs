@@ -4,7 +4,8 @@
 //! Requests run on the VMM's event-loop thread (the queue's notification
 //! is a KVM ioeventfd). Data moves with `pread`/`pwrite` straight between
 //! the image and guest memory, through vm-memory's bounds-checked slices,
-//! with each data buffer pinned for the duration ([`RamControl::pin`]).
+//! with each data buffer pinned while it moves ([`RamControl::pin`]), in
+//! pieces of at most [`PIN_CHUNK`].
 //!
 //! A pin that finds no memory (the budget exhausted, reclaim not keeping
 //! up) does not fail the request: it goes back to the queue and the queue
@@ -32,6 +33,12 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 pub const TYPE_BLOCK: u32 = 2;
 /// Queue size; `seg_max` is two less (header and status).
 pub const QUEUE_SIZE: u16 = 256;
+
+/// The most of a buffer pinned at once: a transfer pins and moves each
+/// buffer piece by piece, every piece inside one 2 MiB-aligned guest
+/// range, so that a request never needs more guest memory resident and
+/// pinned at once than that, however large its buffers.
+pub const PIN_CHUNK: u64 = 2 << 20;
 
 const F_SEG_MAX: u32 = 2;
 const F_RO: u32 = 5;
@@ -333,53 +340,73 @@ impl Block {
     ) -> Result<u64, TransferError> {
         let mut offset = req.sector * SECTOR_SIZE;
         for b in &req.data {
-            if b.len == 0 {
-                continue;
+            let len = u64::from(b.len);
+            let mut at = 0u64;
+            while at < len {
+                // The buffer is inside guest RAM (checked with its chain),
+                // so this does not overflow.
+                let gpa = b.addr.0 + at;
+                let n = (PIN_CHUNK - gpa % PIN_CHUNK).min(len - at);
+                self.transfer_piece(mem, gpa, n, offset + at, dir)?;
+                at += n;
             }
-            let _pin = match self.ram.pin(b.addr.0, u64::from(b.len)) {
-                Ok(pin) => pin,
-                Err(e @ RamError::NoMemory { .. }) => return Err(TransferError::NoMemory(e)),
-                Err(e) => return Err(TransferError::Io(std::io::Error::other(e))),
+            offset += len;
+        }
+        Ok(req.data_len())
+    }
+
+    /// Pin `[gpa, gpa + len)` and move it to or from the image at `offset`.
+    fn transfer_piece(
+        &self,
+        mem: &GuestMemoryMmap,
+        gpa: u64,
+        len: u64,
+        offset: u64,
+        dir: Direction,
+    ) -> Result<(), TransferError> {
+        let _pin = match self.ram.pin(gpa, len) {
+            Ok(pin) => pin,
+            Err(e @ RamError::NoMemory { .. }) => return Err(TransferError::NoMemory(e)),
+            Err(e) => return Err(TransferError::Io(std::io::Error::other(e))),
+        };
+        let len = len as usize;
+        let slice = mem
+            .get_slice(vm_memory::GuestAddress(gpa), len)
+            .map_err(|e| TransferError::Io(std::io::Error::other(e)))?;
+        let ptr = slice.ptr_guard_mut();
+        let mut done = 0usize;
+        while done < len {
+            let left = len - done;
+            // SAFETY: [ptr, ptr + len) is a guest-memory slice that
+            // vm-memory bounds-checked against one mapped region, kept
+            // mapped by `mem` and pinned in place by `_pin`. Guest memory
+            // is never borrowed as a Rust slice; the kernel copies into
+            // or out of it, which is sound with concurrent vCPU access.
+            let r = unsafe {
+                let p = ptr.as_ptr().add(done).cast();
+                let off = (offset + done as u64) as libc::off_t;
+                match dir {
+                    Direction::Read => libc::pread(self.disk.file.as_raw_fd(), p, left, off),
+                    Direction::Write => libc::pwrite(self.disk.file.as_raw_fd(), p, left, off),
+                }
             };
-            let slice = mem
-                .get_slice(b.addr, b.len as usize)
-                .map_err(|e| TransferError::Io(std::io::Error::other(e)))?;
-            let ptr = slice.ptr_guard_mut();
-            let mut done = 0usize;
-            while done < b.len as usize {
-                let left = b.len as usize - done;
-                // SAFETY: [ptr, ptr + len) is a guest-memory slice that
-                // vm-memory bounds-checked against one mapped region, kept
-                // mapped by `mem` and pinned in place by `_pin`. Guest memory
-                // is never borrowed as a Rust slice; the kernel copies into
-                // or out of it, which is sound with concurrent vCPU access.
-                let r = unsafe {
-                    let p = ptr.as_ptr().add(done).cast();
-                    let off = (offset + done as u64) as libc::off_t;
-                    match dir {
-                        Direction::Read => libc::pread(self.disk.file.as_raw_fd(), p, left, off),
-                        Direction::Write => libc::pwrite(self.disk.file.as_raw_fd(), p, left, off),
-                    }
-                };
-                match r {
-                    r if r > 0 => done += r as usize,
-                    0 => {
-                        return Err(TransferError::Io(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "image shrank under the guest",
-                        )))
-                    }
-                    _ => {
-                        let e = std::io::Error::last_os_error();
-                        if e.kind() != std::io::ErrorKind::Interrupted {
-                            return Err(TransferError::Io(e));
-                        }
+            match r {
+                r if r > 0 => done += r as usize,
+                0 => {
+                    return Err(TransferError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "image shrank under the guest",
+                    )))
+                }
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(TransferError::Io(e));
                     }
                 }
             }
-            offset += u64::from(b.len);
         }
-        Ok(req.data_len())
+        Ok(())
     }
 }
 
@@ -747,6 +774,70 @@ mod tests {
         );
         let old: u8 = r.mem.read_obj(GuestAddress(STATUS)).unwrap();
         assert_eq!(old, 0xff, "the old mapping is not written after the switch");
+    }
+
+    /// Memory that can hold `limit` bytes pinned at once: a longer pin
+    /// never finds memory. Records the length of every pin.
+    struct SmallRam {
+        limit: u64,
+        pins: std::sync::Mutex<Vec<u64>>,
+    }
+
+    impl RamControl for SmallRam {
+        fn pin(&self, gpa: u64, len: u64) -> Result<Option<crate::virtio::PinToken>, RamError> {
+            self.pins.lock().unwrap().push(len);
+            if len > self.limit {
+                return Err(RamError::NoMemory { gpa, len });
+            }
+            Ok(None)
+        }
+        fn discard(&self, _gpa: u64, _len: u64) -> Result<u64, RamError> {
+            unreachable!("a block device discards nothing")
+        }
+    }
+
+    /// A buffer larger than the memory the VM can have resident at once
+    /// is still served: it is pinned and moved 2 MiB-aligned piece by
+    /// piece. It was pinned whole, which never found memory: the request
+    /// was put back and retried for ever, each retry holding the event
+    /// loop for the pin's wait.
+    #[test]
+    fn a_buffer_larger_than_pinnable_memory_is_served_piece_by_piece() {
+        const MIB: u64 = 1 << 20;
+        let (_t, p) = image(8 * MIB as usize);
+        let disk = DiskImage::open(&p, false, "x").unwrap();
+        let ram = Arc::new(SmallRam {
+            limit: PIN_CHUNK,
+            pins: Default::default(),
+        });
+        let mut dev = Block::new(disk, ram.clone(), "vda");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        // Read sectors 1.. into 5 MiB at 1 MiB + 512 (not chunk aligned).
+        let (data, len) = (MIB + 512, 5 * MIB as u32);
+        let mut h = [0u8; 16];
+        h[8..16].copy_from_slice(&1u64.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let descs = [
+            desc(HDR, 16, N, 1),
+            desc(data, len, N | W, 2),
+            desc(STATUS, 1, W, 0),
+        ];
+        dev.activate(ActiveQueues {
+            queues: vec![queue_with(&mem, 0, &descs)],
+            mem: mem.clone(),
+            irq: IrqLine::new(|| Ok(())),
+            acked_features: 0,
+        });
+        assert_eq!(dev.process_queue(0), QueueState::Drained);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+        let mut buf = vec![0u8; len as usize];
+        mem.read_slice(&mut buf, GuestAddress(data)).unwrap();
+        let want: Vec<u8> = (0..len as usize).map(|i| (i / 512 + 1) as u8).collect();
+        assert!(buf == want, "the image's bytes from sector 1");
+        let pins = ram.pins.lock().unwrap();
+        assert!(pins.iter().all(|&n| n <= PIN_CHUNK), "{pins:?}");
+        assert_eq!(pins.iter().sum::<u64>(), u64::from(len));
     }
 
     /// Pins that find no memory the first `short` times, then succeed.

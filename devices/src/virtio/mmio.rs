@@ -399,15 +399,21 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     /// An event-loop notification for queue `index` (or a due retry of a
-    /// deferred one): consume it and let the device process the queue.
+    /// deferred one): consume it and let the device process the queue. A
+    /// queue the device left [`QueueState::More`] is notified again.
     pub fn notified(&mut self, index: usize) -> QueueState {
-        if let Some(s) = self.queues.get(index) {
-            let _ = s.notify.read();
+        let Some(s) = self.queues.get(index) else {
+            return QueueState::Drained;
+        };
+        let _ = s.notify.read();
+        if !self.live {
+            return QueueState::Drained;
         }
-        match self.live {
-            true => self.device.process_queue(index),
-            false => QueueState::Drained,
+        let state = self.device.process_queue(index);
+        if state == QueueState::More {
+            let _ = self.queues[index].notify.write(1);
         }
+        state
     }
 }
 
@@ -470,6 +476,8 @@ mod tests {
         resets: usize,
         memory_switches: usize,
         processed: Vec<usize>,
+        /// What `process_queue` answers.
+        state: Option<QueueState>,
         config: [u8; 8],
     }
 
@@ -504,8 +512,9 @@ mod tests {
             self.0.lock().unwrap().memory_switches += 1;
         }
         fn process_queue(&mut self, index: usize) -> QueueState {
-            self.0.lock().unwrap().processed.push(index);
-            QueueState::Drained
+            let mut p = self.0.lock().unwrap();
+            p.processed.push(index);
+            p.state.unwrap_or(QueueState::Drained)
         }
     }
 
@@ -735,6 +744,29 @@ mod tests {
         setup_queue(&mut t, 0, 0x1000);
         wr(&mut t, 0x070, live);
         assert_eq!(p.lock().unwrap().activations, 2);
+    }
+
+    /// A queue the device left with more chains than one drain serves is
+    /// notified again by the transport, so the event loop comes back to
+    /// it (after the other work waiting) without a guest kick.
+    #[test]
+    fn a_queue_left_with_more_work_is_notified_again() {
+        let (mut t, p) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1000);
+        wr(
+            &mut t,
+            0x070,
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
+        t.notified(1);
+        assert!(t.queues[1].notify.read().is_err(), "consumed");
+        p.lock().unwrap().state = Some(QueueState::More);
+        assert_eq!(t.notified(1), QueueState::More);
+        assert_eq!(t.queues[1].notify.read().unwrap(), 1);
+        p.lock().unwrap().state = Some(QueueState::Deferred);
+        t.notified(1);
+        assert!(t.queues[1].notify.read().is_err(), "retried on a timer");
     }
 
     #[test]

@@ -196,6 +196,10 @@ pub enum QueueState {
     /// the queue must be processed again after a while, notified or not.
     /// The guest sees a slow request, never an error.
     Deferred,
+    /// The queue was left with chains available after a drain's budget
+    /// ([`queue::DRAIN_BUDGET`]): the transport notifies it again, so the
+    /// event loop comes back to it after the other work waiting.
+    More,
 }
 
 /// Read `data.len()` bytes of a little-endian config blob at `offset`;

@@ -135,6 +135,12 @@ pub fn pop_chain(
     Some(parse_chain(chain, mem).map_err(|e| (head, e)))
 }
 
+/// The most chains one drain serves (the largest queue we offer). A
+/// driver can make chains available as fast as the device serves them
+/// (from another vCPU), so a drain without a limit could hold the event
+/// loop, which every device of every VM shares, for ever.
+pub const DRAIN_BUDGET: usize = 256;
+
 /// What a device did with one chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Served {
@@ -156,11 +162,15 @@ pub struct Drained {
     /// A chain was deferred ([`Served::Deferred`]): drain again later,
     /// without waiting for a notification.
     pub deferred: bool,
+    /// The drain stopped after [`DRAIN_BUDGET`] chains with more
+    /// available: drain again once other work has had its turn.
+    pub more: bool,
 }
 
 /// Run `f` on every available chain of `queue`, put each on the used ring
 /// as `f` says ([`Served`]), and re-enable notifications (with event
-/// index) until the ring stays empty.
+/// index) until the ring stays empty, or stop after [`DRAIN_BUDGET`]
+/// chains ([`Drained::more`]).
 pub fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -186,6 +196,7 @@ fn drain_queue_observed(
     }
     let mut used_any = false;
     let mut empty_rounds = 0;
+    let mut served = 0;
     let notify = |queue: &mut Queue, used_any: bool| {
         used_any && queue.needs_notification(mem).unwrap_or(true)
     };
@@ -194,8 +205,20 @@ fn drain_queue_observed(
             break;
         }
         let mut popped = false;
-        while let Some(c) = pop_chain(queue, mem) {
+        loop {
+            if served == DRAIN_BUDGET {
+                // Notifications stay off: the caller drains again soon.
+                return Drained {
+                    notify: notify(queue, used_any),
+                    deferred: false,
+                    more: true,
+                };
+            }
+            let Some(c) = pop_chain(queue, mem) else {
+                break;
+            };
             popped = true;
+            served += 1;
             let (head, len) = match f(c) {
                 Served::Used(head, len) => (head, len),
                 Served::Kept => continue,
@@ -207,6 +230,7 @@ fn drain_queue_observed(
                     return Drained {
                         notify: notify(queue, used_any),
                         deferred: true,
+                        more: false,
                     };
                 }
             };
@@ -216,6 +240,7 @@ fn drain_queue_observed(
                 return Drained {
                     notify: used_any,
                     deferred: false,
+                    more: false,
                 };
             }
             used_any = true;
@@ -237,6 +262,7 @@ fn drain_queue_observed(
     Drained {
         notify: notify(queue, used_any),
         deferred: false,
+        more: false,
     }
 }
 
@@ -418,6 +444,58 @@ mod tests {
         }
     }
 
+    /// A driver that makes a new chain available each time the device
+    /// serves one (another vCPU can keep up with any device) does not keep
+    /// the drain, and with it the event loop every device of every VM
+    /// shares, going for ever: it stops after `DRAIN_BUDGET` chains and
+    /// says there is more.
+    #[test]
+    fn a_driver_that_keeps_adding_chains_cannot_hold_the_drain() {
+        // Rings laid out by hand: the mock's avail and used rings of a
+        // 16-entry queue overlap from avail entry 8 on.
+        let mem = memory();
+        let (avail, used) = (0x1000u64, 0x2000u64);
+        mem.write_obj(desc(0x10000, 16, 0, 0), GuestAddress(0))
+            .unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(0), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(used as u32), Some(0));
+        q.set_ready(true);
+        // The driver makes chain 0 available: ring entry idx % 16, then idx.
+        let add = |mem: &GuestMemoryMmap| {
+            let idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+            let slot = avail + 4 + 2 * u64::from(idx % 16);
+            mem.write_obj(0u16, GuestAddress(slot)).unwrap();
+            mem.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+                .unwrap();
+        };
+        add(&mem);
+        let mut served = 0usize;
+        let d = drain_queue(&mut q, &mem, |c| {
+            served += 1;
+            assert!(served <= 100_000, "the drain never returned");
+            add(&mem);
+            Served::Used(c.unwrap().head, 0)
+        });
+        assert_eq!(served, DRAIN_BUDGET);
+        assert_eq!(
+            d,
+            Drained {
+                notify: true,
+                deferred: false,
+                more: true
+            }
+        );
+        // The next drain goes on where this one stopped.
+        let mut next = 0;
+        drain_queue(&mut q, &mem, |c| {
+            next += 1;
+            Served::Used(c.unwrap().head, 0)
+        });
+        assert_eq!(next, 1, "the chain left over");
+    }
+
     #[test]
     fn drain_completes_malformed_chains_too() {
         let mem = memory();
@@ -468,7 +546,8 @@ mod tests {
                 d,
                 Drained {
                     notify: false,
-                    deferred: true
+                    deferred: true,
+                    more: false
                 }
             );
         }
@@ -478,7 +557,8 @@ mod tests {
             d,
             Drained {
                 notify: true,
-                deferred: false
+                deferred: false,
+                more: false
             }
         );
         assert_eq!(seen, vec![0, 0, 0, 1]);

@@ -427,19 +427,24 @@ impl VirtioDevice for Balloon {
         let Some((mut active, roles)) = self.active.take() else {
             return QueueState::Drained;
         };
+        let mut state = QueueState::Drained;
         if let (Some(q), Some(&role)) = (active.queues.get_mut(index), roles.get(index)) {
             let mem = active.mem.clone();
             let served = |c| match self.handle(role, c, &mem) {
                 Some(head) => Served::Used(head, 0),
                 None => Served::Kept,
             };
-            if drain_queue(q, &mem, served).notify {
+            // The balloon pins nothing: it never defers.
+            let drained = drain_queue(q, &mem, served);
+            if drained.notify {
                 active.irq.signal(super::INT_USED_RING);
+            }
+            if drained.more {
+                state = QueueState::More;
             }
         }
         self.active = Some((active, roles));
-        // The balloon pins nothing: it never defers.
-        QueueState::Drained
+        state
     }
 }
 

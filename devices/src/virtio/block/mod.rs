@@ -481,6 +481,8 @@ impl VirtioDevice for Block {
             }
             if drained.deferred {
                 state = QueueState::Deferred;
+            } else if drained.more {
+                state = QueueState::More;
             }
         }
         self.active = Some(active);

@@ -324,7 +324,8 @@ impl Balloon {
             Role::Reporting => self.report(&chain),
             Role::Stats => {
                 if self.stats_head.is_some() {
-                    // A second buffer while we hold one: give the old one back.
+                    // A second buffer while we hold one: the new one goes
+                    // back at once (unfilled); we keep the one we hold.
                     self.malformed("stats", &"a second stats buffer");
                     return Some(chain.head);
                 }

@@ -219,9 +219,10 @@ impl PinGuard {
     /// # Panics
     /// If the read runs past the pinned range.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) {
-        assert!(offset + buf.len() as u64 <= self.len, "read past the pin");
-        // SAFETY: the range is inside the pinned, present guest mapping,
-        // which stays mapped while `self` holds the VM; guest memory is
+        assert!(self.contains(offset, buf.len()), "read past the pin");
+        // SAFETY: the range is inside the pinned guest range (checked just
+        // above, without overflow), whose mapping stays mapped while `self`
+        // holds its region (the region owns the mapping); guest memory is
         // shared with vCPUs, so it is copied, never borrowed as a slice.
         unsafe { std::ptr::copy(self.host.add(offset).as_ptr(), buf.as_mut_ptr(), buf.len()) }
     }
@@ -231,10 +232,21 @@ impl PinGuard {
     /// # Panics
     /// If the write runs past the pinned range.
     pub fn write_at(&self, offset: u64, data: &[u8]) {
-        assert!(offset + data.len() as u64 <= self.len, "write past the pin");
+        assert!(self.contains(offset, data.len()), "write past the pin");
         // SAFETY: as in `read_at`; the pinned pages are present and
         // writable, and a pinned folio is never moved out.
         unsafe { std::ptr::copy(data.as_ptr(), self.host.add(offset).as_ptr(), data.len()) }
+    }
+}
+
+impl PinGuard {
+    /// Whether `[offset, offset + len)` lies inside the pinned range. An
+    /// `offset` near `u64::MAX` must not wrap around to pass the check:
+    /// the copies index host memory by it.
+    fn contains(&self, offset: u64, len: usize) -> bool {
+        offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= self.len)
     }
 }
 

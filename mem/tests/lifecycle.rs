@@ -148,6 +148,32 @@ fn pin_populates_without_faults_and_blocks_discard() {
     settle_and_check(&mm);
 }
 
+/// A pin's copies refuse an offset whose end wraps past `u64::MAX`: the
+/// bounds check once added them unchecked, so in a release build
+/// `write_at(u64::MAX, ..)` passed it and wrote the byte before the pin.
+#[test]
+fn pin_copies_refuse_offsets_that_wrap() {
+    let mm = manager(4 * MIB, 1);
+    let vm = mm.create_vm("pin-wrap").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    ram.write(PAGE_SIZE - 8, 0x1122_3344_5566_7788);
+    let pin = mm.pin(vm, GuestAddress(PAGE_SIZE), 16).unwrap();
+    let write = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pin.write_at(u64::MAX, &[0xff]);
+    }));
+    assert!(write.is_err(), "a write at u64::MAX must panic");
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pin.read_at(u64::MAX - 1, &mut [0u8; 4]);
+    }));
+    assert!(read.is_err(), "a read wrapping past u64::MAX must panic");
+    assert_eq!(ram.read(PAGE_SIZE - 8), 0x1122_3344_5566_7788);
+    drop(pin);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
 /// The split scan cannot split a pinned folio and drops it from its queue;
 /// the last unpin queues it again. Without that, a partly discarded 2 MiB
 /// folio pinned at the wrong moment kept its discarded pages for good.

@@ -59,6 +59,27 @@ impl Pool {
         self.map.host_addr().add(off.0)
     }
 
+    /// The host address of the pool range `[off, off + bytes)`, if it is
+    /// page aligned and lies inside the mapping. Everything that hands a
+    /// pool range to the kernel or writes it goes through this: an offset
+    /// from a caller is not trusted to be in bounds.
+    fn range(&self, off: PoolOffset, bytes: u64) -> io::Result<usize> {
+        let end = off.0.checked_add(bytes);
+        match end {
+            Some(end) if off.0.is_multiple_of(PAGE_SIZE) && end <= self.nr_pages * PAGE_SIZE => {
+                Ok(self.map.host_addr().add(off.0).raw())
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "pool range {:#x}+{bytes:#x} is not inside the pool ({:#x} bytes)",
+                    off.0,
+                    self.nr_pages * PAGE_SIZE
+                ),
+            )),
+        }
+    }
+
     /// Make the free block at `off` `Ready`: populated, zero, and for order 9
     /// one THP. Runs on the pre-zeroing worker only.
     ///
@@ -66,13 +87,14 @@ impl Pool {
     /// fail under host memory pressure; the block is still zero then).
     ///
     /// # Errors
-    /// The errno of populating the range (then the block stays unprepared).
+    /// The errno of populating the range (then the block stays unprepared);
+    /// [`io::ErrorKind::InvalidInput`] if the block is not inside the pool.
     ///
     /// # Context
     /// The block is isolated: taken from the buddy allocator, owned by the
     /// worker, mapped by no guest. No locks held.
     pub fn prepare(&self, off: PoolOffset, order: Order, state: BlockState) -> io::Result<bool> {
-        let addr = self.host_addr(off).raw();
+        let addr = self.range(off, order.bytes())?;
         let len = order.bytes() as usize;
         if order == Order::PMD {
             // What the block holds does not matter, only that it ends up
@@ -93,9 +115,11 @@ impl Pool {
         // Fill holes with zeroed pages; populated pages are left alone.
         sys::populate_write(addr, len)?;
         if state == BlockState::NeedsZero {
-            // SAFETY: the block is isolated (see # Context): no guest maps it
-            // and no Rust reference points into it, and populate_write just
-            // made every page present and writable.
+            // SAFETY: `[addr, addr+len)` lies inside the pool mapping
+            // (checked above) and populate_write just made every page present
+            // and writable. No Rust reference points into it: pool memory is
+            // borrowed only by `pages_mut`, whose callers own their range
+            // alone, and this block is isolated (see # Context).
             unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
         }
         Ok(false)
@@ -103,26 +127,79 @@ impl Pool {
 
     /// The bytes of `nr` pool pages at `off`, for swap I/O.
     ///
+    /// # Panics
+    /// If the range is not inside the pool.
+    ///
     /// # Safety
     /// The caller owns the range for the lifetime of the slice: it belongs
     /// to a locked folio whose pages are not mapped into any guest (they
-    /// sit in the pool), and no other slice of it exists.
+    /// sit in the pool), no other slice of it exists, and nothing changes
+    /// it meanwhile ([`Pool::prepare`], [`Pool::drop_pages`], a zap or a
+    /// `UFFDIO_MOVE` into or out of it).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn pages_mut(&self, off: PoolOffset, nr: u64) -> &mut [u8] {
-        debug_assert!(off.pfn() + nr <= self.nr_pages);
-        // SAFETY: in bounds of the live mapping (asserted); exclusivity is
-        // the caller's contract.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.host_addr(off).as_ptr(), (nr * PAGE_SIZE) as usize)
-        }
+        let bytes = nr.checked_mul(PAGE_SIZE).expect("pool range overflows");
+        let addr = self
+            .range(off, bytes)
+            .unwrap_or_else(|e| panic!("pages_mut: {e}"));
+        // SAFETY: `[addr, addr+bytes)` lies inside the live pool mapping
+        // (checked just above), which `&self` keeps mapped for the slice's
+        // lifetime; exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, bytes as usize) }
     }
 
     /// Drop the pages of a pool range (after a COPY fallback left them here
     /// while the folio's data now lives in the guest).
     ///
     /// # Errors
-    /// The errno of `MADV_DONTNEED`.
+    /// The errno of `MADV_DONTNEED`; [`io::ErrorKind::InvalidInput`] if the
+    /// range is not inside the pool.
     pub fn drop_pages(&self, off: PoolOffset, nr_pages: u64) -> io::Result<()> {
-        sys::dontneed(self.host_addr(off).raw(), (nr_pages * PAGE_SIZE) as usize)
+        let bytes = nr_pages.saturating_mul(PAGE_SIZE);
+        let addr = self.range(off, bytes)?;
+        sys::dontneed(addr, bytes as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safe call with a range outside the pool is refused, not carried
+    /// out on whatever memory lies past the mapping: `prepare` zeroes and
+    /// drops pages, `drop_pages` drops them.
+    #[test]
+    fn ranges_outside_the_pool_are_refused() {
+        let pool = Pool::new(16 * PAGE_SIZE).unwrap();
+        let past = PoolOffset(pool.len() as u64);
+        let invalid = |r: io::Result<()>| r.is_err_and(|e| e.kind() == io::ErrorKind::InvalidInput);
+        for state in [BlockState::NeedsZero, BlockState::NeedsPopulate] {
+            assert!(invalid(pool.prepare(past, Order::BASE, state).map(drop)));
+            assert!(invalid(
+                pool.prepare(PoolOffset(!4095), Order(4), state).map(drop)
+            ));
+        }
+        // Straddling the end, and a page count whose bytes overflow.
+        assert!(invalid(
+            pool.prepare(PoolOffset(8 * PAGE_SIZE), Order(4), BlockState::NeedsZero)
+                .map(drop)
+        ));
+        assert!(invalid(pool.drop_pages(past, 1)));
+        assert!(invalid(pool.drop_pages(PoolOffset(15 * PAGE_SIZE), 2)));
+        assert!(invalid(pool.drop_pages(PoolOffset(0), u64::MAX / 2)));
+        assert!(invalid(pool.drop_pages(PoolOffset(1), 1)));
+        // In bounds they work.
+        pool.prepare(PoolOffset(0), Order(4), BlockState::NeedsZero)
+            .unwrap();
+        pool.drop_pages(PoolOffset(15 * PAGE_SIZE), 1).unwrap();
+    }
+
+    #[test]
+    #[should_panic(expected = "not inside the pool")]
+    fn pages_mut_past_the_pool_panics() {
+        let pool = Pool::new(4 * PAGE_SIZE).unwrap();
+        // SAFETY: nothing else uses this pool; the call must panic before
+        // making a slice.
+        let _ = unsafe { pool.pages_mut(PoolOffset(2 * PAGE_SIZE), 3) };
     }
 }

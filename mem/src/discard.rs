@@ -259,7 +259,10 @@ fn discard_unmapped(
         }
         PteState::Poisoned => {
             let addr = region.host_addr(idx).raw();
-            if let Err(e) = sys::dontneed(addr, PAGE_SIZE as usize) {
+            // SAFETY: one guest page whose entry (`Poisoned`) we hold under
+            // the page-table lock; zapping it clears the poison marker, and
+            // no data or Rust reference is there.
+            if let Err(e) = unsafe { sys::dontneed(addr, PAGE_SIZE as usize) } {
                 crate::vm::log_error(&format!("discard of a poisoned page: {e}"));
             }
         }
@@ -311,7 +314,10 @@ fn move_back(
         .counters
         .discard_fallback_dontneed
         .fetch_add(left / PAGE_SIZE, Relaxed);
-    if let Err(e) = sys::dontneed(src + done as usize, left as usize) {
+    // SAFETY: the guest pages of this folio that did not move, whose entries
+    // we hold under the page-table lock; the guest gave them up (discard),
+    // and guest memory is never borrowed by Rust code.
+    if let Err(e) = unsafe { sys::dontneed(src + done as usize, left as usize) } {
         crate::vm::log_error(&format!("discard: dontneed: {e}"));
     }
     BlockState::NeedsZero

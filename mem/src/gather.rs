@@ -135,7 +135,11 @@ impl ZapQueue {
         // A failure leaves pages behind: a later MOVE into the range then
         // fails with EEXIST and moves less, which every caller handles (the
         // data stays in the guest). Nothing is lost, so log and go on.
-        if let Err(e) = sys::dontneed_many(&ranges) {
+        // SAFETY: pool ranges of the queue: stale copies of folios whose data
+        // lives in the guest (see # Invariant), which no path moves into,
+        // frees or borrows (`pages_mut`) before `ensure_hole` drained them,
+        // and that drain waits for this lock.
+        if let Err(e) = unsafe { sys::dontneed_many(&ranges) } {
             log_error(&format!("zap of {} stale pool ranges: {e}", ranges.len()));
         }
         q.clear();

@@ -894,8 +894,14 @@ impl MemoryManager {
                 return false;
             }
             if how == DebugUnmap::Drop {
-                return crate::sys::dontneed(region.host_addr(idx).raw(), PAGE_SIZE as usize)
-                    .is_ok();
+                // SAFETY: one guest page of the region's mapping, its entry
+                // held under the page-table lock and its folio locked; guest
+                // memory is never borrowed by Rust code. Dropping its data is
+                // the point: the fault that follows repairs the entry.
+                let r = unsafe {
+                    crate::sys::dontneed(region.host_addr(idx).raw(), PAGE_SIZE as usize)
+                };
+                return r.is_ok();
             }
             let pool = self.inner.folios.slab().get(folio).map(|f| f.pool);
             let Some(pool) = pool else { return false };

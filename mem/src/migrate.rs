@@ -274,7 +274,13 @@ fn migrate_mapped(
     if target.order == Order::PMD {
         // Free the now empty PTE table of a PTE-mapped 2 MiB range (see
         // `compact`), so that the target moves in as one PMD.
-        let _ = crate::sys::dontneed(region.host_addr(first).raw(), Order::PMD.bytes() as usize);
+        // SAFETY: a 2 MiB range of the region's guest mapping whose entries
+        // are all `Migration` under the page-table lock we hold, its pages
+        // just moved out: nothing is there to lose, and guest memory is
+        // never borrowed by Rust code.
+        let _ = unsafe {
+            crate::sys::dontneed(region.host_addr(first).raw(), Order::PMD.bytes() as usize)
+        };
     }
     drop(ptl);
 
@@ -468,7 +474,10 @@ pub(crate) fn migrate_batch_for_compaction(
             )
         })
         .collect();
-    let holes = match crate::sys::dontneed_many(&ranges) {
+    // SAFETY: pool ranges of blocks just allocated for this call (free
+    // ranges have no stale copy queued: `free_range` made them holes), so
+    // nothing else reaches them and no slice covers them.
+    let holes = match unsafe { crate::sys::dontneed_many(&ranges) } {
         Ok(()) => true,
         Err(e) => {
             log_error(&format!("compaction: dontneed of targets: {e}"));

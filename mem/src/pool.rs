@@ -104,7 +104,11 @@ impl Pool {
             // (a 2 MiB copy), and it takes the mmap lock only for reading,
             // where MADV_COLLAPSE takes it for writing and stalls every
             // fault and madvise of the process meanwhile.
-            sys::dontneed(addr, len)?;
+            // SAFETY: a range of the pool mapping (checked above), private
+            // anonymous memory that Rust code reaches only through
+            // `pages_mut`, whose callers own their range alone; this block is
+            // isolated (see # Context), so no such slice covers it.
+            unsafe { sys::dontneed(addr, len)? };
             sys::populate_write(addr, len)?;
             // A no-op on the THP just faulted in (the range is PMD-mapped,
             // the kernel only looks); when the kernel fell back to small
@@ -157,7 +161,11 @@ impl Pool {
     pub fn drop_pages(&self, off: PoolOffset, nr_pages: u64) -> io::Result<()> {
         let bytes = nr_pages.saturating_mul(PAGE_SIZE);
         let addr = self.range(off, bytes)?;
-        sys::dontneed(addr, bytes as usize)
+        // SAFETY: a range of the pool mapping (checked above), private
+        // anonymous memory that Rust code reaches only through `pages_mut`,
+        // whose callers own their range alone and let nothing drop it
+        // meanwhile.
+        unsafe { sys::dontneed(addr, bytes as usize) }
     }
 }
 

@@ -462,7 +462,12 @@ fn pull_table(
             if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
                 log_error(&format!("relocation: re-poison at {addr:#x}: {}", e.errno));
             }
-            let _ = sys::dontneed(src.host_addr(sfirst.forward(k)).raw(), PAGE_SIZE as usize);
+            // SAFETY: the old region's poisoned page, whose table we hold
+            // under its page-table lock; zapping drops only the marker (no
+            // data, no Rust reference is there).
+            let _ = unsafe {
+                sys::dontneed(src.host_addr(sfirst.forward(k)).raw(), PAGE_SIZE as usize)
+            };
         }
         {
             let mut slab = inner.folios.slab();

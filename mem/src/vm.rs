@@ -409,7 +409,10 @@ impl Drop for VmState {
                 log_error(&format!("vm {} teardown: unregister: {e}", self.name));
             }
             // Free the guest's pages now, before their pool ranges are reused.
-            if let Err(e) = sys::dontneed(r.host_base().raw(), r.size() as usize) {
+            // SAFETY: the region's own guest mapping, with every entry
+            // unmapped above; the VM's last reference is going (no backend,
+            // pin or KVM slot uses it), and guest memory is never borrowed.
+            if let Err(e) = unsafe { sys::dontneed(r.host_base().raw(), r.size() as usize) } {
                 log_error(&format!("vm {} teardown: dontneed: {e}", self.name));
             }
         }

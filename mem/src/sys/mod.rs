@@ -13,12 +13,16 @@ const MADV_POPULATE_WRITE: libc::c_int = 23;
 /// `MADV_COLLAPSE` (Linux 6.1): synchronously collapse a range into THPs.
 const MADV_COLLAPSE: libc::c_int = 25;
 
-fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
-    // SAFETY: none of the advices used here (DONTNEED, POPULATE_WRITE,
-    // COLLAPSE) make memory invalid for Rust: DONTNEED on private anon memory
-    // leaves zero-fill-on-demand pages behind, the others keep contents.
-    // Callers only pass ranges of mappings this crate owns; a bad range fails
-    // with an errno rather than touching foreign memory.
+/// `madvise(2)` on `[addr, addr+len)`.
+///
+/// # Safety
+/// If `advice` changes what the range reads (`MADV_DONTNEED`), the caller
+/// must own the range as [`dontneed`] requires. Advice that keeps contents
+/// (`MADV_POPULATE_WRITE`, `MADV_COLLAPSE`) needs nothing: an unmapped or
+/// unsuitable range fails with an errno.
+unsafe fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: madvise takes no pointer it dereferences; what the advice does
+    // to the range's contents is the caller's contract.
     let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
     if rc == 0 {
         Ok(())
@@ -32,8 +36,17 @@ fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
 ///
 /// # Errors
 /// The errno of `madvise(MADV_DONTNEED)`.
-pub fn dontneed(addr: usize, len: usize) -> io::Result<()> {
-    madvise(addr, len, libc::MADV_DONTNEED)
+///
+/// # Safety
+/// The range's contents change under anything that points into it, and
+/// the kernel drops whatever memory is mapped there (a range in the heap
+/// does not fail, it is zeroed). So the range must be a private anonymous
+/// mapping this crate owns (the pool or a guest region), that the caller
+/// owns for the call (the folio lock or page-table lock that covers it,
+/// or the last reference), and that no Rust reference points into.
+pub unsafe fn dontneed(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { madvise(addr, len, libc::MADV_DONTNEED) }
 }
 
 /// `MADV_DONTNEED` on many ranges of our own address space in one
@@ -43,7 +56,10 @@ pub fn dontneed(addr: usize, len: usize) -> io::Result<()> {
 ///
 /// # Errors
 /// The errno of the fallback `madvise`.
-pub fn dontneed_many(ranges: &[(usize, usize)]) -> io::Result<()> {
+///
+/// # Safety
+/// As [`dontneed`], for every range.
+pub unsafe fn dontneed_many(ranges: &[(usize, usize)]) -> io::Result<()> {
     // Adjacent ranges become one: the kernel pays a VMA lookup and a page
     // walk per range.
     let mut sorted = ranges.to_vec();
@@ -66,9 +82,10 @@ pub fn dontneed_many(ranges: &[(usize, usize)]) -> io::Result<()> {
             })
             .collect();
         let done = if pidfd >= 0 {
-            // SAFETY: `iov` describes ranges of our own mappings that the
-            // caller owns and no reference points into; MADV_DONTNEED only
-            // drops their pages. The kernel reads `iov` for the call only.
+            // SAFETY: `iov` describes the caller's ranges, which it owns
+            // with no reference into them (our contract); MADV_DONTNEED
+            // only drops their pages. The kernel reads `iov`, a live array
+            // of `iov.len()` entries, for the call only.
             unsafe {
                 libc::syscall(
                     libc::SYS_process_madvise,
@@ -85,7 +102,8 @@ pub fn dontneed_many(ranges: &[(usize, usize)]) -> io::Result<()> {
         let total: usize = chunk.iter().map(|r| r.1).sum();
         if done < 0 || done as usize != total {
             for &(a, l) in chunk {
-                dontneed(a, l)?;
+                // SAFETY: one of the caller's ranges (our contract).
+                unsafe { dontneed(a, l)? };
             }
         }
     }
@@ -127,7 +145,9 @@ fn self_pidfd() -> i32 {
 /// # Errors
 /// The errno of `madvise(MADV_POPULATE_WRITE)`.
 pub fn populate_write(addr: usize, len: usize) -> io::Result<()> {
-    madvise(addr, len, MADV_POPULATE_WRITE)
+    // SAFETY: POPULATE_WRITE only faults pages in (breaking COW keeps the
+    // data); populated pages keep their contents.
+    unsafe { madvise(addr, len, MADV_POPULATE_WRITE) }
 }
 
 /// Collapse `[addr, addr+len)` into PMD-mapped THPs (a no-op if it already is).
@@ -135,7 +155,9 @@ pub fn populate_write(addr: usize, len: usize) -> io::Result<()> {
 /// # Errors
 /// The errno of `madvise(MADV_COLLAPSE)`.
 pub fn collapse(addr: usize, len: usize) -> io::Result<()> {
-    madvise(addr, len, MADV_COLLAPSE)
+    // SAFETY: MADV_COLLAPSE copies pages into a THP and keeps their
+    // contents (holes read as zero before and after).
+    unsafe { madvise(addr, len, MADV_COLLAPSE) }
 }
 
 /// Whether the page at `addr` (page-aligned) is resident (`mincore(2)`).

@@ -35,6 +35,20 @@
 //! The signal handler runs on the faulting thread, interrupted at an access
 //! to guest memory, with no manager lock held. It may sleep (folio locks,
 //! swap I/O, waiting for memory) like a handler thread.
+//!
+//! # Why the handler may allocate and lock
+//! The fault path is not async-signal-safe: it allocates, takes `std`
+//! mutexes and read-write locks (the manager's, [`MANAGERS`]), does file
+//! I/O and may log to `stderr`. That is sound here only because this
+//! `SIGBUS` is synchronous: the kernel raises it at the faulting thread's
+//! own access to guest memory, never at an arbitrary instruction, so the
+//! interrupted code is that access and not the inside of `malloc` (which
+//! never touches guest memory) or of a critical section of the handler's
+//! locks, provided no thread accesses guest memory while holding one of
+//! them. The manager's locks obey that by the lock-order rule above;
+//! `MANAGERS` is held only for a lookup; the one lock a guest thread could
+//! still hold is `stderr`'s (printing bytes straight from guest memory),
+//! and a thread that does that must not use this mode.
 
 use crate::fault::{fault_in_reclaiming, handle_wp_fault, FaultOutcome};
 use crate::manager::Inner;

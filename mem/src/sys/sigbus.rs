@@ -20,16 +20,13 @@ pub const PF_WRITE: u64 = 2;
 /// page-fault error code; returns false if the address is not its own.
 pub type ServeFn = fn(addr: usize, error_code: u64) -> bool;
 
+/// Written once, before the handler can run, and only read after. (Plain
+/// data: `libc::sigaction` is `Send + Sync` by itself, so no `unsafe impl`
+/// is needed for the static.)
 struct Installed {
     serve: ServeFn,
     previous: libc::sigaction,
 }
-
-// SAFETY: `libc::sigaction` is plain data (a handler address, a mask and
-// flags); it is written once before the handler can run and only read after.
-unsafe impl Sync for Installed {}
-// SAFETY: as above.
-unsafe impl Send for Installed {}
 
 /// The handler's state. Published before the handler is installed, so
 /// that the handler, once it can run, always finds it.
@@ -104,6 +101,11 @@ impl Drop for KeepErrno {
     }
 }
 
+/// The handler. It is not async-signal-safe, and need not be for the
+/// faults it serves: see "Why the handler may allocate and lock" in
+/// `crate::faulter`. For any other `SIGBUS` it only reads `STATE` (a
+/// `OnceLock`, lock-free once set) and calls `serve`, which looks the
+/// address up under read locks, before passing the signal on.
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo and ucontext to SA_SIGINFO
     // handlers; si_addr is the faulting address for SIGBUS.

@@ -166,6 +166,9 @@ impl HostBenchOpts {
         if o.threads == 0 || o.budget < 2 << 20 {
             return Err("the benchmark needs a thread and a budget of at least 2M".into());
         }
+        if o.threads > MAX_THREADS {
+            return Err(format!("--threads is at most {MAX_THREADS}"));
+        }
         Ok(o)
     }
 
@@ -713,9 +716,18 @@ pub fn trace(pattern: Pattern, pages: u64, threads: u64, ops: u64) -> Vec<u64> {
     }
 }
 
+/// The most accessing threads: thread `t` uses word `t` of every page it
+/// touches, and two threads sharing a word would race (non-atomic
+/// accesses from two threads to one word are undefined behaviour, volatile
+/// or not).
+pub const MAX_THREADS: u64 = PAGE_SIZE / 8;
+
 /// Run `pattern` over `pages` pages at `base` from `threads` threads;
 /// returns accesses per second, the accesses that waited, and the threads'
 /// waits for a CPU (`None` if the kernel did not keep them).
+///
+/// # Panics
+/// If `threads` exceeds [`MAX_THREADS`].
 ///
 /// # Safety
 /// `[base, base + pages * 4 KiB)` is a live read-write mapping for the
@@ -727,6 +739,10 @@ unsafe fn run_pattern(
     threads: u64,
     ops: u64,
 ) -> (f64, Stalls, Option<CpuWait>) {
+    assert!(
+        threads <= MAX_THREADS,
+        "{threads} threads would share words"
+    );
     let zipf = Zipf::new(pages, 0.99);
     let start = Instant::now();
     let mut stalls = Stalls::default();
@@ -740,11 +756,11 @@ unsafe fn run_pattern(
                     let cpu0 = CpuWait::now();
                     for p in thread_pages(pattern, pages, t, threads, ops, zipf) {
                         n += 1;
-                        let addr =
-                            (base + (p * PAGE_SIZE) as usize + (t as usize % 512) * 8) as *mut u64;
+                        let addr = (base + (p * PAGE_SIZE) as usize + t as usize * 8) as *mut u64;
                         let t0 = Instant::now();
-                        // SAFETY: inside the mapping (the caller's contract);
-                        // each thread owns its own word of every page.
+                        // SAFETY: inside the mapping (the caller's contract;
+                        // `t < MAX_THREADS` words fit in a page); each thread
+                        // owns its own word of every page.
                         unsafe {
                             let v = std::ptr::read_volatile(addr);
                             std::ptr::write_volatile(addr, v.wrapping_add(1));
@@ -795,7 +811,11 @@ fn parse_child_args(args: &[String]) -> Result<(u64, u64, u64, Vec<Pattern>), St
         .split(',')
         .map(|p| Pattern::parse(p).ok_or(format!("unknown pattern {p:?}")))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((num(ws)?, num(threads)?, num(ops)?, patterns))
+    let threads = num(threads)?;
+    if threads == 0 || threads > MAX_THREADS {
+        return Err(format!("threads must be 1 to {MAX_THREADS}, got {threads}"));
+    }
+    Ok((num(ws)?, threads, num(ops)?, patterns))
 }
 
 fn result_line(r: &KernelRun) -> String {
@@ -1588,6 +1608,16 @@ mod tests {
             "bad value \"seq,random\" for --patterns"
         );
         assert_eq!(err("--threads"), "bad value \"\" for --threads");
+        // Thread t owns word t of every page: a 513th would share one.
+        assert_eq!(err("--threads 513"), "--threads is at most 512");
+        assert!(HostBenchOpts::parse(&args("--threads 512"), child()).is_ok());
+        let child_args = |t: &str| {
+            let a: Vec<String> = ["4194304", t, "10", "seq"].map(String::from).to_vec();
+            parse_child_args(&a)
+        };
+        assert!(child_args("512").is_ok());
+        assert!(child_args("513").unwrap_err().contains("1 to 512"));
+        assert!(child_args("0").is_err());
         assert_eq!(err("--frobnicate 1"), "unknown option --frobnicate");
         assert!(err("--budget 1M").contains("at least 2M"));
         assert!(err("--budget 99999999999G").contains("--budget"));

@@ -138,8 +138,10 @@ enum BenchCmd {
         /// run, `always`, or `never`.
         #[arg(long, default_value = "auto")]
         host_threads: vmm::bench::overcommit::HostThreads,
-        /// Accessing threads of the host-thread run.
-        #[arg(long, default_value_t = 4)]
+        /// Accessing threads of the host-thread run (each owns a word of
+        /// every page, so at most 512).
+        #[arg(long, default_value_t = 4,
+              value_parser = clap::value_parser!(u64).range(1..=mem::bench::MAX_THREADS))]
         threads: u64,
         /// Accesses of the host-thread run's zipf and uniform patterns.
         #[arg(long, default_value_t = 200_000)]

@@ -54,15 +54,23 @@ impl AnonMapping {
     /// 4 KiB below 2 MiB) past the 2 MiB boundary.
     ///
     /// # Errors
-    /// [`AnonError::Mmap`] if the kernel refuses the mapping.
+    /// [`AnonError::Mmap`] if the kernel refuses the mapping, or (`EINVAL`)
+    /// for an offset that is not a multiple of 4 KiB below 2 MiB.
     pub fn with_offset(len: u64, offset: u64) -> Result<Self, AnonError> {
-        debug_assert!(offset < HUGE_PAGE_SIZE && offset.is_multiple_of(4096));
-        let align = HUGE_PAGE_SIZE as usize;
-        let len = len + offset;
-        let len_usize = usize::try_from(len).map_err(|_| AnonError::Mmap {
+        let refuse = |errno| AnonError::Mmap {
             size: len,
-            source: io::Error::from_raw_os_error(libc::ENOMEM),
-        })?;
+            source: io::Error::from_raw_os_error(errno),
+        };
+        if offset >= HUGE_PAGE_SIZE || !offset.is_multiple_of(4096) {
+            return Err(refuse(libc::EINVAL));
+        }
+        let align = HUGE_PAGE_SIZE as usize;
+        // Checked: a wrapped sum made a tiny mapping that `len` below (the
+        // sum minus `offset`, wrapping back) then claimed to be huge.
+        let len = len
+            .checked_add(offset)
+            .ok_or_else(|| refuse(libc::ENOMEM))?;
+        let len_usize = usize::try_from(len).map_err(|_| refuse(libc::ENOMEM))?;
         let reserve_len = len_usize
             .checked_add(align)
             .ok_or_else(|| AnonError::Mmap {
@@ -190,6 +198,20 @@ mod tests {
         s[0] = 1;
         s[s.len() - 1] = 2;
         assert_eq!(s[1], 0);
+    }
+
+    #[test]
+    fn offsets_that_wrap_or_are_out_of_range_are_refused() {
+        // len + offset overflows u64: once a 4 KiB mapping whose `len()`
+        // said almost 2^64.
+        assert!(AnonMapping::with_offset(!4095, 8192).is_err());
+        assert!(AnonMapping::with_offset(4096, HUGE_PAGE_SIZE).is_err());
+        assert!(AnonMapping::with_offset(4096, 100).is_err());
+        let m = AnonMapping::with_offset(4096, 8192).unwrap();
+        assert_eq!(
+            (m.len(), m.host_addr().raw() % HUGE_PAGE_SIZE as usize),
+            (4096, 8192)
+        );
     }
 
     #[test]

@@ -158,9 +158,13 @@ impl KvmVm {
             unsafe { self.fd.set_user_memory_region(region) }
                 .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        for r in new {
+        for (i, r) in new.iter().enumerate() {
             // SAFETY: the caller's contract.
             if let Err(e) = unsafe { self.add_slot(*r) } {
+                // The new slots added so far go too: a caller whose switch
+                // failed may unmap the new ranges, and a slot left on one
+                // would let the guest reach whatever is mapped there next.
+                self.delete_slots(&new[..i]);
                 for (_, o) in &removed {
                     // SAFETY: the old ranges are still mapped (the switch
                     // failed, so the relocation is undone).
@@ -170,6 +174,29 @@ impl KvmVm {
             }
         }
         Ok(())
+    }
+
+    /// Delete the memslots of `regions` (best effort: a failed deletion is
+    /// left for the VM's teardown).
+    fn delete_slots(&self, regions: &[RamRegion]) {
+        let gone: Vec<(u32, RamRegion)> = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let (gone, keep) = slots.drain(..).partition(|(_, r)| regions.contains(r));
+            *slots = keep;
+            gone
+        };
+        for (slot, r) in gone {
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: r.guest_base.raw(),
+                memory_size: 0,
+                userspace_addr: r.host_addr.raw() as u64,
+            };
+            // SAFETY: deleting a slot (size 0) makes KVM drop its mapping of
+            // the range; it touches no memory.
+            let _ = unsafe { self.fd.set_user_memory_region(region) };
+        }
     }
 
     /// The in-kernel PIC/IOAPIC/LAPIC and PIT that a Linux guest needs.

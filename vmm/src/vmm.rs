@@ -181,6 +181,13 @@ fn handler_threads(run: &RunConfig) -> usize {
 /// Signal number of the last SIGINT/SIGTERM, and the eventfd its handler pokes.
 static SIGNAL_NUM: AtomicI32 = AtomicI32::new(0);
 static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+/// The eventfd behind `SIGNAL_FD`: made once and never closed, so the raw
+/// fd the handler writes to can never name another file. (One per `serve`,
+/// closed when it returned, left `SIGNAL_FD` naming a closed fd on
+/// `serve`'s error paths, and a handler that had loaded it just before the
+/// reset wrote 8 bytes into whatever file reused the number.) Each `serve`
+/// watches a duplicate of it.
+static SIGNAL_EVT: std::sync::OnceLock<EventFd> = std::sync::OnceLock::new();
 
 extern "C" fn on_terminate(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     SIGNAL_NUM.store(num, Ordering::SeqCst);
@@ -188,7 +195,7 @@ extern "C" fn on_terminate(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
     if fd >= 0 {
         let one: u64 = 1;
         // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte
-        // buffer, and fd is an eventfd that stays open for the process life.
+        // buffer, and fd is `SIGNAL_EVT`'s, which is never closed.
         unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
     }
 }
@@ -217,7 +224,19 @@ impl MutEventSubscriber for SignalWatch {
 /// Install the SIGINT/SIGTERM handlers and the vCPU kick handler, and
 /// return the eventfd the former poke.
 fn install_signal_handlers() -> Result<EventFd, VmmError> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("cannot create signal eventfd"))?;
+    let evt = match SIGNAL_EVT.get() {
+        Some(e) => e,
+        None => {
+            let e =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(host("cannot create signal eventfd"))?;
+            SIGNAL_EVT.get_or_init(|| e)
+        }
+    };
+    // A poke that raced with the end of an earlier `serve` is not for us.
+    let _ = evt.read();
+    let watched = evt
+        .try_clone()
+        .map_err(host("cannot duplicate signal eventfd"))?;
     SIGNAL_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         register_signal_handler(sig, on_terminate).map_err(|e| VmmError::Host {
@@ -229,7 +248,7 @@ fn install_signal_handlers() -> Result<EventFd, VmmError> {
         what: "cannot install vCPU kick handler".into(),
         source: std::io::Error::from_raw_os_error(e.errno()),
     })?;
-    Ok(evt)
+    Ok(watched)
 }
 
 /// A new event manager.

@@ -638,3 +638,52 @@ fn a_socket_another_foliovm_serves_is_not_taken_over() {
         "the first still serves"
     );
 }
+
+/// A boot source naming a FIFO (a client's mistake: a named pipe where the
+/// kernel should be) gets a 400 at `InstanceStart`, and the VMM goes on
+/// serving. Before, the image was opened on the event loop thread and the
+/// open waited for a writer that never came: the start never answered,
+/// nor did any later request, and SIGTERM went unheard (the event loop
+/// turns it into the exit).
+#[test]
+fn a_fifo_for_a_kernel_is_refused_and_wedges_nothing() {
+    use std::time::Instant;
+    if !kvm_available() {
+        return;
+    }
+    let vm = ApiVm::spawn("fifo", &["run"]);
+    let fifo = vm.sock.with_extension("fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) reads the NUL-terminated path `c` owns.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let boot = serde_json::json!({ "kernel_image_path": fifo }).to_string();
+    assert_eq!(vm.call("PUT", "/boot-source", Some(&boot)).status, 204);
+    let t = Instant::now();
+    let r = vmm::api::client::request(
+        &vm.sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        Duration::from_secs(15),
+    )
+    .expect("InstanceStart with a FIFO for a kernel answers");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.fault().unwrap().contains("not a regular file"),
+        "{}",
+        r.body
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(vm.call("GET", "/", None).json()["state"], "Not started");
+    // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let out = vm.wait(Duration::from_secs(20));
+    let _ = std::fs::remove_file(&fifo);
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -173,6 +173,36 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootE
     })
 }
 
+/// Open `path` for reading if it is a regular file; anything else (a
+/// FIFO, a terminal, a socket, a directory) is an `InvalidInput` error.
+/// The path comes from an API client and the image is loaded on the event
+/// loop thread: the open must not wait, as opening a FIFO does until a
+/// writer comes, and the reads must not either. So it opens with
+/// `O_NONBLOCK`, looks at what it opened, and then restores blocking
+/// reads (a regular file's never wait for another process).
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: fcntl(2) on a descriptor `file` owns and keeps open; F_GETFL
+    // and F_SETFL take and change only its status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -189,7 +219,7 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// # Errors
 /// See [`BootError`].
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::KernelIo {
+    let mut file = open_regular(path).map_err(|source| BootError::KernelIo {
         path: path.to_path_buf(),
         source,
     })?;
@@ -349,16 +379,18 @@ pub fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    let size = meta.len();
     let refuse = |what| BootError::InitrdNotAnImage {
         path: path.to_path_buf(),
         what,
     };
-    if !meta.is_file() {
-        return Err(refuse("not a regular file"));
-    }
+    let mut file = match open_regular(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            return Err(refuse("not a regular file"))
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let size = file.metadata().map_err(io)?.len();
     if size == 0 {
         return Err(refuse("empty"));
     }
@@ -631,6 +663,40 @@ mod tests {
             .unwrap();
         let e = load_kernel(&mem, &p).unwrap_err();
         assert!(matches!(e, BootError::Load { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A kernel or initrd path naming a FIFO (or a terminal, a socket) is
+    /// refused at once. Opening a FIFO blocks until a writer comes, and a
+    /// boot source comes from an API client: before, an InstanceStart
+    /// with one blocked the event loop thread for good, so the API
+    /// answered nothing more and SIGTERM went unheard.
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("foliovm-boot-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) reads the NUL-terminated path `c` owns.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = fifo.clone();
+        std::thread::spawn(move || {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 32 << 20)])
+                .unwrap();
+            // As the API answers it: the error and its causes.
+            let chain = |e: BootError| crate::controller::error_chain(&e);
+            let _ = tx.send(load_kernel(&mem, &p).map(|_| ()).map_err(chain));
+            let initrd = load_initrd(&mem, 32 << 20, HIMEM_START, &p);
+            let _ = tx.send(initrd.map(|_| ()).map_err(chain));
+        });
+        for what in ["kernel", "initrd"] {
+            let r = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("loading a FIFO as the {what} blocked"));
+            let e = r.expect_err("a FIFO is no image");
+            assert!(e.contains("not a regular file"), "{what}: {e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

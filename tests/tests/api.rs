@@ -687,3 +687,39 @@ fn a_fifo_for_a_kernel_is_refused_and_wedges_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Clients that connect and send nothing cannot lock the API out: with
+/// every connection slot taken by silent clients, a new client is served
+/// (the silent connection that waited longest is closed to make room).
+/// Before, it was answered 503 until the silent ones hit the 60 s idle
+/// timeout, and a client reconnecting as they closed locked the API out
+/// for good.
+#[test]
+fn silent_connections_cannot_lock_other_clients_out() {
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+    if !kvm_available() {
+        return;
+    }
+    let vm = ApiVm::spawn("silent", &["run"]);
+    let silent: Vec<UnixStream> = (0..vmm::api::http::MAX_CONNECTIONS + 8)
+        .map(|_| UnixStream::connect(&vm.sock).unwrap())
+        .collect();
+    std::thread::sleep(vmm::api::http::EVICT_AFTER + Duration::from_millis(500));
+    let t = Instant::now();
+    for _ in 0..3 {
+        let r = vm.call("GET", "/", None);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    drop(silent);
+    // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let out = vm.wait(Duration::from_secs(20));
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

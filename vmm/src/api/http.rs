@@ -8,7 +8,7 @@
 //! | body (`Content-Length` only)  | [`MAX_BODY`], else 413 (unread) |
 //! | a request, first byte to last | [`REQUEST_TIMEOUT`], else 408 |
 //! | an idle kept-alive connection | closed after [`IDLE_TIMEOUT`] |
-//! | connections at once           | [`MAX_CONNECTIONS`], else 503 |
+//! | connections at once           | [`MAX_CONNECTIONS`]: one more closes the one waiting longest (≥ [`EVICT_AFTER`]) on its client, else 503 |
 //!
 //! A connection that breaks a limit gets its answer and is closed; nothing
 //! of it is read further. Requests are executed one at a time elsewhere
@@ -30,6 +30,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 32;
+/// When all [`MAX_CONNECTIONS`] are open, one more closes the connection
+/// that has waited on its client (for a request, or the rest of one) the
+/// longest, if it has waited this long.
+pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
 /// One parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]

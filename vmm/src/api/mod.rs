@@ -19,11 +19,11 @@ use routes::{route, ApiBackend, ApiError, ApiResponse};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Errors starting the API server.
 #[derive(Debug, thiserror::Error)]
@@ -174,10 +174,94 @@ fn socket_ident(path: &Path) -> std::io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
+/// The open connections, for the accepting thread to make room in when
+/// all [`http::MAX_CONNECTIONS`] slots are taken.
+#[derive(Default)]
+struct Slots {
+    next_id: u64,
+    open: Vec<Slot>,
+}
+
+/// One open connection.
+struct Slot {
+    id: u64,
+    /// A second handle, to shut the connection down.
+    stream: UnixStream,
+    /// Since when the connection has waited on its client (for a request,
+    /// or for the rest of one); `None` while its request is queued,
+    /// executed or answered.
+    waiting_since: Option<Instant>,
+}
+
+impl Slots {
+    /// Take a slot for `conn`, making room if all are taken: the
+    /// connection that has waited on its client the longest, and at least
+    /// [`http::EVICT_AFTER`], is shut down. `None` if there is no room.
+    fn take(&mut self, conn: &UnixStream) -> Option<u64> {
+        let stream = conn.try_clone().ok()?;
+        if self.open.len() >= http::MAX_CONNECTIONS {
+            let now = Instant::now();
+            let victim = self
+                .open
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i, s.waiting_since?)))
+                .filter(|(_, since)| now.duration_since(*since) >= http::EVICT_AFTER)
+                .min_by_key(|(_, since)| *since)?
+                .0;
+            let slot = self.open.swap_remove(victim);
+            // Its thread's read ends at once, and the thread with it.
+            let _ = slot.stream.shutdown(std::net::Shutdown::Both);
+            tracing::info!(
+                waited_ms = slot
+                    .waiting_since
+                    .map_or(0, |t| now.duration_since(t).as_millis()),
+                "API connections all taken: closed the one waiting longest on its client"
+            );
+        }
+        self.next_id += 1;
+        self.open.push(Slot {
+            id: self.next_id,
+            stream,
+            waiting_since: Some(Instant::now()),
+        });
+        Some(self.next_id)
+    }
+
+    /// Connection `id` now waits on its client (`true`) or has a request
+    /// to execute (`false`). `false` if the connection was closed to make
+    /// room: its thread ends, and a request it read is not executed.
+    fn set_waiting(&mut self, id: u64, waiting: bool) -> bool {
+        match self.open.iter_mut().find(|s| s.id == id) {
+            Some(s) => {
+                s.waiting_since = match (waiting, s.waiting_since) {
+                    (true, Some(t)) => Some(t),
+                    (true, None) => Some(Instant::now()),
+                    (false, _) => None,
+                };
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn release(&mut self, id: u64) {
+        self.open.retain(|s| s.id != id);
+    }
+}
+
+fn lock(slots: &Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
+    slots.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The `api-accept` thread: a thread per connection, at most
-/// [`http::MAX_CONNECTIONS`] at once; one more is answered 503 and closed.
+/// [`http::MAX_CONNECTIONS`] at once. One more closes the connection that
+/// has waited on its client the longest (at least [`http::EVICT_AFTER`]),
+/// so that clients that connect and send nothing, or send slowly, cannot
+/// lock others out; when every connection has a request in hand, it is
+/// answered 503 and closed.
 fn accept(listener: &UnixListener, jobs: &Sender<Job>, stop: &AtomicBool) {
-    let open = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Mutex::new(Slots::default()));
     for conn in listener.incoming() {
         if stop.load(SeqCst) {
             return;
@@ -191,39 +275,46 @@ fn accept(listener: &UnixListener, jobs: &Sender<Job>, stop: &AtomicBool) {
             std::thread::sleep(Duration::from_millis(10));
             continue;
         };
-        if open.load(SeqCst) >= http::MAX_CONNECTIONS {
+        let Some(id) = lock(&slots).take(&conn) else {
             let busy = ApiResponse::error(ApiError {
                 status: 503,
                 message: format!(
-                    "{} API connections are open already; close one",
+                    "{} API connections are open and busy already; close one",
                     http::MAX_CONNECTIONS
                 ),
             });
             let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = http::write_response(&mut conn, &busy, true);
             continue;
-        }
-        open.fetch_add(1, SeqCst);
-        let (jobs, open2) = (jobs.clone(), open.clone());
+        };
+        let (jobs, slots2) = (jobs.clone(), slots.clone());
         let spawned = std::thread::Builder::new()
             .name("api-conn".into())
             .spawn(move || {
-                connection(conn, &jobs);
-                open2.fetch_sub(1, SeqCst);
+                connection(conn, &jobs, &slots2, id);
+                lock(&slots2).release(id);
             });
         if spawned.is_err() {
-            open.fetch_sub(1, SeqCst);
+            lock(&slots).release(id);
         }
     }
 }
 
 /// An `api-conn` thread: read requests, have each executed, answer.
-fn connection(conn: UnixStream, jobs: &Sender<Job>) {
+fn connection(conn: UnixStream, jobs: &Sender<Job>, slots: &Mutex<Slots>, id: u64) {
     // A client that stops reading cannot hold the thread for ever.
     let _ = conn.set_write_timeout(Some(http::REQUEST_TIMEOUT));
     let mut reader = http::Reader::new(conn);
     loop {
-        let (resp, close) = match reader.next_request() {
+        if !lock(slots).set_waiting(id, true) {
+            return;
+        }
+        let next = reader.next_request();
+        // Closed to make room while reading: answer nothing, execute nothing.
+        if !lock(slots).set_waiting(id, false) {
+            return;
+        }
+        let (resp, close) = match next {
             Ok(None) => return,
             Ok(Some(req)) => {
                 let close = req.close;
@@ -270,5 +361,68 @@ fn execute(queue: &Receiver<Job>, backend: &dyn ApiBackend) {
         }
         // The connection may have gone away; nothing to do about it.
         let _ = reply.send(resp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// `n` connections in `slots`, each waiting on its client since
+    /// `ago`; returns the client ends.
+    fn fill(slots: &mut Slots, n: usize, ago: Duration) -> Vec<UnixStream> {
+        (0..n)
+            .map(|_| {
+                let (client, server) = UnixStream::pair().unwrap();
+                slots.take(&server).expect("room");
+                slots.open.last_mut().unwrap().waiting_since = Some(Instant::now() - ago);
+                client
+            })
+            .collect()
+    }
+
+    fn closed(client: &mut UnixStream) -> bool {
+        client.set_nonblocking(true).unwrap();
+        matches!(client.read(&mut [0u8; 1]), Ok(0))
+    }
+
+    #[test]
+    fn a_full_house_closes_the_connection_waiting_longest_on_its_client() {
+        let mut slots = Slots::default();
+        let old = http::EVICT_AFTER * 2;
+        let mut clients = fill(&mut slots, http::MAX_CONNECTIONS, old);
+        // The oldest waiter has a request in hand now: it is not taken.
+        slots.open[0].waiting_since = Some(Instant::now() - old * 3);
+        assert!(slots.set_waiting(1, false));
+        slots.open[1].waiting_since = Some(Instant::now() - old * 2);
+        let (_, server) = UnixStream::pair().unwrap();
+        let id = slots.take(&server).expect("room made");
+        assert_eq!(slots.open.len(), http::MAX_CONNECTIONS);
+        assert!(closed(&mut clients[1]), "the longest waiter was closed");
+        assert!(!closed(&mut clients[0]) && !closed(&mut clients[2]));
+        assert!(
+            !slots.set_waiting(2, true),
+            "its thread learns it was closed"
+        );
+        assert!(slots.set_waiting(1, true) && slots.set_waiting(id, false));
+        slots.release(id);
+        assert_eq!(slots.open.len(), http::MAX_CONNECTIONS - 1);
+    }
+
+    #[test]
+    fn busy_or_recent_connections_are_never_closed_for_room() {
+        let mut slots = Slots::default();
+        let mut clients = fill(&mut slots, http::MAX_CONNECTIONS, Duration::ZERO);
+        let (_, server) = UnixStream::pair().unwrap();
+        assert_eq!(slots.take(&server), None, "all just connected: 503");
+        for id in 1..=http::MAX_CONNECTIONS as u64 {
+            assert!(slots.set_waiting(id, false));
+        }
+        for s in &mut slots.open {
+            assert_eq!(s.waiting_since, None);
+        }
+        assert_eq!(slots.take(&server), None, "all busy: 503");
+        assert!(clients.iter_mut().all(|c| !closed(c)));
     }
 }

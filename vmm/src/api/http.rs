@@ -227,9 +227,11 @@ impl Head {
                 .trim();
             let is = |name: &str| h.name.eq_ignore_ascii_case(name);
             if is("content-length") {
-                let n: u64 = value
-                    .parse()
-                    .map_err(|_| refuse(400, format!("bad Content-Length {value:?}")))?;
+                // Digits only (RFC 9110 §8.6): `parse` would take "+5".
+                let n: u64 = Some(value)
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| refuse(400, format!("bad Content-Length {value:?}")))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(refuse(400, "conflicting Content-Length headers"));
                 }
@@ -405,6 +407,22 @@ mod tests {
             Some(req("PUT", "/x", b"{}", false))
         );
         assert_eq!(r.stream().out, b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+
+    #[test]
+    fn a_content_length_that_is_not_digits_is_refused() {
+        for v in ["+2", "-2", "0x2", "2 2", "", "2.0"] {
+            let head = format!("PUT /x HTTP/1.1\r\nContent-Length: {v}\r\n\r\n{{}}");
+            let e = Reader::new(Fake::new(&[head.as_bytes()], false))
+                .next_request()
+                .unwrap_err();
+            assert_eq!(e.status, 400, "Content-Length {v:?}");
+        }
+        let ok = b"PUT /x HTTP/1.1\r\nContent-Length: 02\r\n\r\n{}";
+        assert_eq!(
+            Reader::new(Fake::new(&[ok], false)).next_request().unwrap(),
+            Some(req("PUT", "/x", b"{}", false))
+        );
     }
 
     #[test]

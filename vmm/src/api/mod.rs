@@ -353,7 +353,7 @@ fn connection(conn: UnixStream, jobs: &Sender<Job>, slots: &Mutex<Slots>, id: u6
 /// connections answer 503.
 fn execute(queue: &Receiver<Job>, backend: &dyn ApiBackend) {
     while let Ok(Job::Request(req, reply)) = queue.recv() {
-        let resp = route(backend, &req.method, &req.path, &req.body);
+        let resp = contained(|| route(backend, &req.method, &req.path, &req.body));
         if resp.status >= 400 {
             tracing::info!(method = %req.method, url = %req.path, status = resp.status, body = %resp.body, "API request refused");
         } else {
@@ -364,10 +364,64 @@ fn execute(queue: &Receiver<Job>, backend: &dyn ApiBackend) {
     }
 }
 
+/// Run `f`, turning a panic into a 500 answer. A request that hits a bug
+/// fails alone: without this the `api` thread would end with it, and every
+/// later request be answered 503 ("shutting down") while the VMs run on.
+/// The panic itself is printed by the panic hook. Locks it leaves poisoned
+/// are taken over by their next users, as everywhere in the VMM.
+fn contained(f: impl FnOnce() -> ApiResponse) -> ApiResponse {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %what, "an API request panicked");
+        ApiResponse::error(ApiError {
+            status: 500,
+            message: format!("internal error: the request panicked ({what}); foliovm runs on"),
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Read;
+
+    /// A request that panics is answered 500, and the `api` thread goes
+    /// on to answer the next one.
+    #[test]
+    fn a_panicking_request_gets_a_500_and_the_next_is_served() {
+        let backend = Arc::new(routes::tests::Fake::default());
+        backend.panics.store(true, SeqCst);
+        let (jobs, queue) = mpsc::channel();
+        let b = backend.clone();
+        let server = std::thread::spawn(move || execute(&queue, &*b));
+        for panics in [true, true, false] {
+            backend.panics.store(panics, SeqCst);
+            let (reply, answer) = mpsc::sync_channel(1);
+            let req = http::Request {
+                method: "GET".into(),
+                path: "/".into(),
+                body: Vec::new(),
+                close: false,
+            };
+            jobs.send(Job::Request(req, reply)).unwrap();
+            let resp = answer
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the api thread answers");
+            match panics {
+                true => {
+                    assert_eq!(resp.status, 500, "{}", resp.body);
+                    assert!(resp.body.contains("a bug in GET /"), "{}", resp.body);
+                }
+                false => assert_eq!(resp.status, 200, "{}", resp.body),
+            }
+        }
+        drop(jobs);
+        server.join().unwrap();
+    }
 
     /// `n` connections in `slots`, each waiting on its client since
     /// `ago`; returns the client ends.

@@ -541,17 +541,20 @@ fn dispatch(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     /// A backend that records every change it is asked to make.
     #[derive(Default)]
-    struct Fake {
+    pub(crate) struct Fake {
         calls: Arc<Mutex<Vec<String>>>,
         started: Mutex<bool>,
         ops: Operations,
+        /// `GET /` panics (a bug in a request, for the `api` thread's
+        /// tests) while this is set.
+        pub(crate) panics: std::sync::atomic::AtomicBool,
     }
 
     impl Fake {
@@ -565,6 +568,9 @@ mod tests {
 
     impl ApiBackend for Fake {
         fn instance_info(&self) -> InstanceInfo {
+            if self.panics.load(std::sync::atomic::Ordering::SeqCst) {
+                panic!("a bug in GET /");
+            }
             InstanceInfo {
                 app_name: "foliovm".into(),
                 id: "vm0".into(),

@@ -1170,6 +1170,7 @@ impl MemoryManager {
                 used_bytes: st.map.nr_used() * PAGE_SIZE,
                 cache_pages: st.cache.nr_pages(),
                 direct_io: dev.file.direct_io(),
+                in_memory: dev.file.in_memory(),
                 reads: c.reads.load(Relaxed),
                 read_bytes: c.read_bytes.load(Relaxed),
                 writes: c.writes.load(Relaxed),

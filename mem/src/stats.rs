@@ -326,6 +326,9 @@ pub struct SwapDeviceStats {
     pub cache_pages: u64,
     /// Whether the file uses `O_DIRECT`.
     pub direct_io: bool,
+    /// Whether the file is on a file system in host memory (tmpfs, ramfs),
+    /// where swapped-out pages still take host RAM.
+    pub in_memory: bool,
     /// Read requests / bytes, write requests / bytes.
     pub reads: u64,
     /// Bytes read.

@@ -230,6 +230,7 @@ pub struct SwapFile {
     file: File,
     nr_slots: u64,
     direct: bool,
+    in_memory: bool,
     plans: Mutex<Vec<FaultPlan>>,
     armed: AtomicBool,
     /// Counters.
@@ -265,10 +266,12 @@ impl SwapFile {
                 _ => SwapFileError::Allocate(where_, e),
             });
         }
+        let in_memory = on_memory_fs(&file);
         Ok(SwapFile {
             file,
             nr_slots: size / PAGE_SIZE,
             direct,
+            in_memory,
             plans: Mutex::default(),
             armed: AtomicBool::new(false),
             counters: SwapIoCounters::default(),
@@ -283,6 +286,12 @@ impl SwapFile {
     /// Whether the file is read and written with `O_DIRECT`.
     pub fn direct_io(&self) -> bool {
         self.direct
+    }
+
+    /// Whether the file lives in host memory (tmpfs, ramfs): what is
+    /// swapped out to it still takes host RAM.
+    pub fn in_memory(&self) -> bool {
+        self.in_memory
     }
 
     /// Replace the fault-injection plans (an empty list disarms injection).
@@ -584,6 +593,21 @@ fn open_tmpfile(dir: &Path) -> Result<(File, bool, PathBuf), SwapFileError> {
     Ok((f, direct, dir.to_owned()))
 }
 
+/// Whether `file` is on a file system kept in memory (tmpfs, ramfs).
+fn on_memory_fs(file: &File) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs(2) writes one `statfs` into the buffer we own and
+    // reads nothing but the fd, which `file` keeps open.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs returned 0, so it filled the whole struct.
+    let kind = unsafe { st.assume_init() }.f_type;
+    // ramfs's magic (linux/magic.h), which libc does not name.
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    kind == libc::TMPFS_MAGIC || kind == RAMFS_MAGIC
+}
+
 fn create_err(path: &Path, e: io::Error) -> SwapFileError {
     SwapFileError::Create(path.to_owned(), e)
 }
@@ -658,6 +682,20 @@ mod tests {
         let huge = tmp_config(MAX_SWAP_BYTES + MIN_SWAP_BYTES);
         let e = SwapFile::create(&huge).unwrap_err();
         assert!(matches!(e, SwapFileError::TooLarge { .. }), "{e}");
+    }
+
+    /// A swap file on tmpfs says it is in memory; one on a disk does not.
+    #[test]
+    fn a_swap_file_in_host_memory_is_told_apart() {
+        let in_dir = |d: &str| SwapConfig {
+            target: SwapTarget::Dir(d.into()),
+            size_bytes: MIN_SWAP_BYTES,
+        };
+        let shm = SwapFile::create(&in_dir("/dev/shm")).expect("a swap file in /dev/shm");
+        assert!(shm.in_memory(), "/dev/shm is tmpfs");
+        let disk = SwapFile::create(&in_dir("/var/tmp")).expect("a swap file in /var/tmp");
+        assert!(!disk.in_memory(), "/var/tmp is on a disk");
+        assert!(disk.direct_io());
     }
 
     #[test]

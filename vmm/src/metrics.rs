@@ -168,6 +168,7 @@ pub fn host_json(h: &MmStats) -> Value {
             "used_bytes": h.swap_device.used_bytes,
             "swap_cache_pages": h.swap_device.cache_pages,
             "direct_io": h.swap_device.direct_io,
+            "in_memory": h.swap_device.in_memory,
         },
         "migration": {
             "migrated_folios": h.migration.migrated,

@@ -138,6 +138,9 @@ pub fn memory_source(run: &RunConfig) -> Result<MemorySource, VmmError> {
             config.swap = run.memory.swap.clone();
             config.handler_threads = handler_threads(run);
             let mm = MemoryManager::new(config).map_err(|e| VmmError::Memory(Box::new(e)))?;
+            if let Some(w) = swap_file_warning(&mm.stats().swap_device) {
+                tracing::warn!("{w}");
+            }
             MemorySource::Folio(mm)
         }
     })
@@ -166,6 +169,28 @@ fn overcommit_warning(budget: u64, guests: u64, swap: &Option<mem::SwapConfig>) 
         )),
         _ => None,
     }
+}
+
+/// Why the swap file may not give the host the memory it swaps out, if
+/// it may not.
+fn swap_file_warning(d: &mem::SwapDeviceStats) -> Option<String> {
+    if d.total_bytes == 0 {
+        return None;
+    }
+    if d.in_memory {
+        return Some(
+            "the swap file is on a file system kept in memory (tmpfs or ramfs): guest \
+             memory swapped out to it still takes host RAM, so swapping frees none \
+             (give a --swap-dir or --swap-file on a disk)"
+                .into(),
+        );
+    }
+    (!d.direct_io).then(|| {
+        "the swap file's file system does not take O_DIRECT: swap I/O goes through the \
+         host page cache, which keeps copies of swapped-out pages beyond the memory \
+         budget until the host reclaims them"
+            .into()
+    })
 }
 
 /// Fault handler threads for a run: one per vCPU of all its VMs, so that
@@ -412,6 +437,22 @@ mod tests {
         assert_eq!(overcommit_warning(32 * MIB, 64 * MIB, &swap(32)), None);
         let w = overcommit_warning(32 * MIB, 64 * MIB, &swap(16)).unwrap();
         assert!(w.contains("(32 MiB budget, 16 MiB swap, 64 MiB"), "{w}");
+    }
+
+    #[test]
+    fn a_swap_file_that_frees_no_host_memory_is_warned_of() {
+        let dev = |in_memory, direct_io| mem::SwapDeviceStats {
+            total_bytes: 64 << 20,
+            in_memory,
+            direct_io,
+            ..Default::default()
+        };
+        assert_eq!(swap_file_warning(&dev(false, true)), None);
+        assert_eq!(swap_file_warning(&mem::SwapDeviceStats::default()), None);
+        let w = swap_file_warning(&dev(true, false)).unwrap();
+        assert!(w.contains("kept in memory (tmpfs or ramfs)"), "{w}");
+        let w = swap_file_warning(&dev(false, false)).unwrap();
+        assert!(w.contains("does not take O_DIRECT"), "{w}");
     }
 
     fn run_of(vcpus: &[u32]) -> RunConfig {

@@ -90,7 +90,7 @@ impl ApiServer {
             }
             std::fs::remove_file(path).map_err(|e| bind_err(e.to_string()))?;
         }
-        let listener = UnixListener::bind(path).map_err(|e| bind_err(e.to_string()))?;
+        let listener = bind_listening(path).map_err(|e| bind_err(e.to_string()))?;
         let ident = socket_ident(path).map_err(|e| bind_err(e.to_string()))?;
         let handle = listener.try_clone().map_err(|e| bind_err(e.to_string()))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -165,6 +165,41 @@ impl Drop for ApiServer {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// A listening socket at `path`, whose file appears only once it listens.
+///
+/// Bound in place, the file would appear at `bind(2)`, a moment before
+/// `listen(2)`: a client that waits for the file and connects at once (as
+/// scripts do with Firecracker's socket) would be refused in that moment.
+/// So the socket is bound under a temporary name beside `path` and moved
+/// there once it listens, without replacing a file that appeared at `path`
+/// meanwhile (`RENAME_NOREPLACE`: that is an error, as `bind` would give).
+fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = path.with_file_name(format!(".foliovm-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (from, to) = (c(&tmp)?, c(path)?);
+    // SAFETY: renameat2(2) reads the two NUL-terminated paths, which live
+    // until it returns; AT_FDCWD makes them relative to the working
+    // directory, as `bind` took them.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 /// The device and inode of the socket file at `path`.
@@ -388,6 +423,36 @@ fn contained(f: impl FnOnce() -> ApiResponse) -> ApiResponse {
 mod tests {
     use super::*;
     use std::io::Read;
+
+    /// A client that connects as soon as the socket file appears (how
+    /// scripts wait for Firecracker's) is never refused: the file appears
+    /// only once the server listens. Bound in place, it appeared at
+    /// `bind(2)`, a moment before `listen(2)`, and a connection in that
+    /// moment got `ECONNREFUSED`.
+    #[test]
+    fn the_socket_file_appears_only_once_it_takes_connections() {
+        let dir = std::env::temp_dir().join(format!("foliovm-api-appear-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let mut refused = 0;
+        for _ in 0..1000 {
+            let p = path.clone();
+            let watcher = std::thread::spawn(move || loop {
+                if std::fs::symlink_metadata(&p).is_ok() {
+                    return UnixStream::connect(&p).is_err();
+                }
+            });
+            let backend: Arc<dyn ApiBackend> = Arc::new(routes::tests::Fake::default());
+            let server = ApiServer::spawn(&path, backend).unwrap();
+            refused += usize::from(watcher.join().unwrap());
+            drop(server);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            refused, 0,
+            "connections refused right after the file appeared"
+        );
+    }
 
     /// A request that panics is answered 500, and the `api` thread goes
     /// on to answer the next one.

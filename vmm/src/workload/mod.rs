@@ -464,15 +464,20 @@ impl WorkloadResult {
         let max_tsc = reports.iter().map(|r| r.tsc).max().unwrap_or(0);
         let max_main = reports.iter().map(|r| r.tsc_main).max().unwrap_or(0);
         let secs = |ticks: u64| tsc_khz.map(|k| ticks as f64 / (f64::from(k) * 1000.0));
+        // The guest writes these counters: sums saturate rather than wrap
+        // (a wrapped mismatch count of 0 would pass a failed run).
+        let sum = |f: fn(&VcpuReport) -> u64| {
+            reports.iter().map(f).fold(0u64, |a, b| a.saturating_add(b))
+        };
         WorkloadResult {
             vm: config.name.clone(),
             pattern: spec.pattern.name(),
             size: spec.size,
             vcpus: config.vcpus,
             backend,
-            ops: reports.iter().map(|r| r.ops).sum(),
-            verified_pages: reports.iter().map(|r| r.verified).sum(),
-            mismatches: reports.iter().map(|r| r.mismatches).sum(),
+            ops: sum(|r| r.ops),
+            verified_pages: sum(|r| r.verified),
+            mismatches: sum(|r| r.mismatches),
             first_mismatch: reports
                 .iter()
                 .find(|r| r.mismatches > 0)
@@ -578,5 +583,39 @@ mod tests {
         assert_eq!(r.write(1, REG_DONE, 1), ReportEvent::Done { all: true });
         assert_eq!(r.write(1, REG_EXCEPTION, 14), ReportEvent::Exception(14));
         assert_eq!(r.reports()[0].ops, 5);
+    }
+
+    #[test]
+    fn hostile_report_values_neither_overflow_nor_hide_mismatches() {
+        // The guest writes the counters; two vCPUs whose mismatch counts
+        // add up to 2^64 must not make the sum wrap to 0 (a clean run).
+        let spec: WorkloadSpec = "seq:1M".parse().unwrap();
+        let config = crate::config::VmConfig {
+            name: "vm0".into(),
+            payload: crate::config::GuestPayload::Workload("seq:1M".into()),
+            mem_bytes: 64 << 20,
+            vcpus: 2,
+            limits: mem::VmLimits::default(),
+            virtio: Default::default(),
+        };
+        let r = WorkloadReport::new(2);
+        for v in 0..2 {
+            for reg in [REG_OPS, REG_MISMATCHES, REG_VERIFIED, REG_TSC, REG_TSC_MAIN] {
+                r.write(v, reg, 1 << 63);
+            }
+            r.write(v, REG_DONE, 1);
+        }
+        let res = WorkloadResult::new(
+            &spec,
+            &config,
+            "anon",
+            &r.reports(),
+            Some(1),
+            std::time::Duration::ZERO,
+        );
+        assert_eq!(res.mismatches, u64::MAX);
+        assert_eq!((res.ops, res.verified_pages), (u64::MAX, u64::MAX));
+        assert!(!res.ok(), "mismatches reported by the guest were lost");
+        assert!(res.line().starts_with("FOLIOVM-RESULT {"));
     }
 }

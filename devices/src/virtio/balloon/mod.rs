@@ -93,7 +93,8 @@ pub struct BalloonCounters {
     pub report_returned_bytes: u64,
     /// Malformed chains or page numbers outside guest RAM.
     pub malformed: u64,
-    /// Times the guest wrote `actual` equal to a non-zero target.
+    /// Times the guest reached a non-zero target: once per target the
+    /// VMM sets and per device reset, however often it writes `actual`.
     pub targets_reached: u64,
 }
 
@@ -116,6 +117,9 @@ pub struct Balloon {
     ram: Arc<dyn RamControl>,
     num_pages: u32,
     actual: u32,
+    /// [`BalloonEvent::TargetReached`] was sent for the current target
+    /// (re-armed by a new target or a device reset).
+    reached: bool,
     queue_sizes: Vec<u16>,
     active: Option<(ActiveQueues, Vec<Role>)>,
     /// The stats buffer the driver gave us, held until we want new stats.
@@ -135,6 +139,7 @@ impl Balloon {
             ram,
             num_pages: pages_of(cfg.target_bytes),
             actual: 0,
+            reached: false,
             queue_sizes: vec![QUEUE_SIZE; nq],
             active: None,
             stats_head: None,
@@ -172,6 +177,7 @@ impl Balloon {
     fn set_target_pages(&mut self, pages: u32) -> bool {
         let changed = pages != self.num_pages;
         self.num_pages = pages;
+        self.reached &= !changed;
         changed
     }
 
@@ -393,7 +399,10 @@ impl VirtioDevice for Balloon {
             return;
         }
         self.actual = u32::from_le_bytes(data.try_into().expect("4 bytes"));
-        if self.actual == self.num_pages && self.num_pages != 0 {
+        // Once per target: a guest writing `actual` in a loop would
+        // otherwise cost the VMM a statistics line per write.
+        if self.actual == self.num_pages && self.num_pages != 0 && !self.reached {
+            self.reached = true;
             self.counters.targets_reached += 1;
             self.event(BalloonEvent::TargetReached);
         }
@@ -416,6 +425,7 @@ impl VirtioDevice for Balloon {
         self.active = None;
         self.stats_head = None;
         self.actual = 0;
+        self.reached = false;
     }
 
     fn set_memory(&mut self, mem: GuestMemoryMmap) {
@@ -670,6 +680,32 @@ mod tests {
             plain.features(),
             1 << VIRTIO_F_VERSION_1 | 1 << F_MUST_TELL_HOST
         );
+    }
+
+    #[test]
+    fn a_guest_rewriting_actual_reaches_each_target_once() {
+        // A guest that writes `actual` = target in a loop (from every
+        // vCPU) gets one event per target, not one per write: each event
+        // costs the VMM a statistics line on its event loop.
+        let mut b = Balloon::new(ALL, Arc::new(Recorder::default()));
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = events.clone();
+        b.set_event_hook(move |e| seen.lock().unwrap().push(e));
+        for i in 0..10_000u32 {
+            // Alternating away and back does not re-arm it either.
+            let v: u32 = if i % 2 == 0 { 16 } else { 15 };
+            b.write_config(4, &v.to_le_bytes());
+        }
+        b.write_config(4, &16u32.to_le_bytes());
+        assert_eq!(b.counters().targets_reached, 1);
+        assert_eq!(*events.lock().unwrap(), vec![BalloonEvent::TargetReached]);
+        // A new target, and a device reset, re-arm it.
+        b.set_target_pages(32);
+        b.write_config(4, &32u32.to_le_bytes());
+        b.write_config(4, &32u32.to_le_bytes());
+        b.reset();
+        b.write_config(4, &32u32.to_le_bytes());
+        assert_eq!(b.counters().targets_reached, 3);
     }
 
     #[test]

@@ -524,6 +524,26 @@ impl<D: VirtioDevice + 'static> MutEventSubscriber for QueueEvents<D> {
     }
 }
 
+/// The balloon's event hook: queue the event for [`BalloonEvents`] and
+/// wake it. An event already waiting is not queued again: a guest that
+/// resets and re-activates its balloon in a loop, from every vCPU, would
+/// otherwise grow the queue faster than the event loop prints its lines.
+fn balloon_event_hook(
+    pending: Arc<Mutex<Vec<BalloonEvent>>>,
+    wake: EventFd,
+) -> impl Fn(BalloonEvent) + Send + 'static {
+    move |e| {
+        if e == BalloonEvent::Stats {
+            return;
+        }
+        let mut q = pending.lock().unwrap_or_else(|p| p.into_inner());
+        if !q.contains(&e) {
+            q.push(e);
+            let _ = wake.write(1);
+        }
+    }
+}
+
 /// Balloon side jobs on the event loop: statistics polling and memory
 /// statistics lines when the guest reaches a target.
 struct BalloonEvents {
@@ -707,12 +727,7 @@ pub fn attach(
         let pending = Arc::new(Mutex::new(Vec::new()));
         let queue = pending.clone();
         let mut dev = Balloon::new(spec.device, ram.clone());
-        dev.set_event_hook(move |e| {
-            if e != BalloonEvent::Stats {
-                queue.lock().unwrap_or_else(|p| p.into_inner()).push(e);
-                let _ = hook.write(1);
-            }
-        });
+        dev.set_event_hook(balloon_event_hook(queue, hook));
         let t = place(dev, index, vm, mem, mmio, events)?;
         transports.push(t.clone());
         let handle = BalloonHandle::new(t);
@@ -818,6 +833,28 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
     use std::time::Instant;
+
+    #[test]
+    fn balloon_events_wait_once_however_often_the_guest_raises_them() {
+        let pending = Arc::new(Mutex::new(Vec::new()));
+        let wake = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let hook = balloon_event_hook(pending.clone(), wake.try_clone().unwrap());
+        for _ in 0..10_000 {
+            hook(BalloonEvent::Activated);
+            hook(BalloonEvent::TargetReached);
+            hook(BalloonEvent::Stats);
+        }
+        assert_eq!(pending.lock().unwrap().len(), 2, "one of each waits");
+        assert_eq!(
+            *pending.lock().unwrap(),
+            vec![BalloonEvent::Activated, BalloonEvent::TargetReached]
+        );
+        assert_eq!(wake.read().unwrap(), 2);
+        // Once the event loop took them, they queue again.
+        pending.lock().unwrap().clear();
+        hook(BalloonEvent::Activated);
+        assert_eq!(*pending.lock().unwrap(), vec![BalloonEvent::Activated]);
+    }
 
     #[test]
     fn drive_flags() {

@@ -9,6 +9,8 @@ pub mod legacy;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+/// What devices raise their lines through (for the VMM's own lines).
+pub use vm_superio::Trigger;
 
 use vmm_sys_util::eventfd::EventFd;
 

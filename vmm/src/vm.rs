@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
 /// Default kernel command line, as Firecracker's.
@@ -212,32 +211,60 @@ fn load_workload(
     })
 }
 
-/// Watches one VM's reset line and stop signal on the event loop.
+/// Watches one VM's stop signal on the event loop.
 struct Control {
     stop: Arc<StopSignal>,
-    reset: EventFd,
 }
 
 impl MutEventSubscriber for Control {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.reset.as_raw_fd() {
-            let _ = self.reset.read();
-            self.stop.request(ExitReason::GuestReset);
-        } else if fd == self.stop.eventfd().as_raw_fd() {
+        if events.fd() == self.stop.eventfd().as_raw_fd() {
             let _ = self.stop.eventfd().read();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.reset.as_raw_fd(), self.stop.eventfd().as_raw_fd()] {
-            let _ = ops.add(Events::new_raw(fd, EventSet::IN));
+        let _ = ops.add(Events::new_raw(
+            self.stop.eventfd().as_raw_fd(),
+            EventSet::IN,
+        ));
+    }
+}
+
+/// The i8042's output lines: IRQ 1, and the CPU reset line.
+pub(crate) enum I8042Line {
+    /// The keyboard interrupt (a KVM irqfd).
+    Irq(EventFdTrigger),
+    /// Reset: the VM stops on the spot, from the vCPU thread that pulsed
+    /// it, which then leaves the guest rather than run on (a Linux guest
+    /// whose reset is not seen at once goes on to other reboot methods,
+    /// and its last one, a triple fault, would become the stop reason).
+    Reset(Arc<StopSignal>),
+}
+
+impl devices::Trigger for I8042Line {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        match self {
+            I8042Line::Irq(irq) => irq.trigger(),
+            I8042Line::Reset(stop) => {
+                stop.request(ExitReason::GuestReset);
+                Ok(())
+            }
         }
     }
 }
 
 /// The i8042 as the VM keeps it, to send Ctrl+Alt+Del.
-type Keyboard = Arc<Mutex<I8042<EventFdTrigger>>>;
+pub(crate) type Keyboard = Arc<Mutex<I8042<I8042Line>>>;
+
+/// An i8042 whose reset stops the VM of `stop`.
+pub(crate) fn i8042(stop: Arc<StopSignal>, kbd_irq: EventFdTrigger) -> Keyboard {
+    Arc::new(Mutex::new(I8042::new(
+        I8042Line::Reset(stop),
+        I8042Line::Irq(kbd_irq),
+    )))
+}
 
 /// An eventfd registered as KVM irqfd for `gsi`.
 fn irqfd(vm: &KvmVm, gsi: u32, what: &str) -> Result<EventFdTrigger, VmmError> {
@@ -252,12 +279,13 @@ fn irqfd(vm: &KvmVm, gsi: u32, what: &str) -> Result<EventFdTrigger, VmmError> {
 }
 
 /// Legacy devices for a Linux guest: COM1 and the i8042 (reset line and
-/// keyboard). Returns the reset eventfd to watch and the i8042.
+/// keyboard). Returns the i8042.
 fn legacy_devices(
     vm: &KvmVm,
     pio: &mut Bus,
+    stop: &Arc<StopSignal>,
     events: &mut dyn SubscriberOps<Subscriber = Subscriber>,
-) -> Result<(EventFd, Keyboard), VmmError> {
+) -> Result<Keyboard, VmmError> {
     let irq = irqfd(vm, COM1_IRQ, "cannot create serial irq eventfd")?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(irq, std::io::stdout())));
     pio.insert(serial.clone(), COM1, 8)
@@ -274,16 +302,11 @@ fn legacy_devices(
         )));
         events.add_subscriber(input);
     }
-    let reset = EventFdTrigger::new().map_err(host("cannot create reset eventfd"))?;
-    let reset_watch = reset
-        .0
-        .try_clone()
-        .map_err(host("cannot clone reset eventfd"))?;
     let kbd_irq = irqfd(vm, I8042_KBD_IRQ, "cannot create keyboard irq eventfd")?;
-    let keyboard = Arc::new(Mutex::new(I8042::new(reset, kbd_irq)));
+    let keyboard = i8042(stop.clone(), kbd_irq);
     pio.insert(keyboard.clone(), I8042_PORT, 5)
         .expect("i8042 ports do not overlap COM1");
-    Ok((reset_watch, keyboard))
+    Ok(keyboard)
 }
 
 /// The event loop as a VM build sees it: every subscriber added through
@@ -475,18 +498,12 @@ impl Vm {
         }
         let stop = Arc::new(StopSignal::new().map_err(host("cannot create stop eventfd"))?);
         let mut pio = Bus::new();
-        let (reset, keyboard) = if linux {
-            let (reset, keyboard) = legacy_devices(&kvm, &mut pio, events)?;
-            (reset, Some(keyboard))
+        let keyboard = if linux {
+            Some(legacy_devices(&kvm, &mut pio, &stop, events)?)
         } else {
-            let reset =
-                EventFd::new(libc::EFD_NONBLOCK).map_err(host("cannot create reset eventfd"))?;
-            (reset, None)
+            None
         };
-        events.add_subscriber(Arc::new(Mutex::new(Control {
-            stop: stop.clone(),
-            reset,
-        })));
+        events.add_subscriber(Arc::new(Mutex::new(Control { stop: stop.clone() })));
         let mut mmio = Bus::new();
         let virtio = if linux {
             Some(crate::virtio::attach(
@@ -914,6 +931,7 @@ fn load_payload(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm_sys_util::eventfd::EventFd;
 
     #[test]
     fn growing_ram_into_the_mmio_gap_is_refused() {

@@ -347,6 +347,44 @@ fn exception_frame(ctx: &VcpuContext, index: usize) -> [u64; 6] {
 mod tests {
     use super::*;
 
+    fn context(pio: Bus) -> VcpuContext {
+        VcpuContext {
+            pio,
+            mmio: Bus::new(),
+            workload: None,
+            stop: Arc::new(StopSignal::new().unwrap()),
+            gate: RunGate::default(),
+            mem: std::sync::RwLock::new(GuestMemoryMmap::default()),
+        }
+    }
+
+    #[test]
+    fn an_i8042_reset_stops_the_vm_before_the_vcpu_runs_on() {
+        // Linux with reboot=k pulses 0x64 <- 0xfe ten times within about a
+        // millisecond, then tries other reboot methods down to a triple
+        // fault: the reset must have stopped the VM once the exit of the
+        // first pulse is handled, not when the event loop gets to it.
+        let stop = Arc::new(StopSignal::new().unwrap());
+        let mut pio = Bus::new();
+        let kbd = crate::vm::i8042(stop.clone(), devices::EventFdTrigger::new().unwrap());
+        pio.insert(kbd, 0x60, 5).unwrap();
+        let ctx = VcpuContext {
+            stop: stop.clone(),
+            ..context(pio)
+        };
+        assert!(handle_exit(0, VcpuExit::IoOut(0x64, &[0xfe]), &ctx).is_none());
+        assert!(
+            ctx.stop.is_stopping(),
+            "the vCPU would enter the guest again"
+        );
+        assert_eq!(ctx.stop.reason(), Some(ExitReason::GuestReset));
+        // Another vCPU's triple fault coming after it does not replace it.
+        if let Some(Step::Stop(r)) = handle_exit(1, VcpuExit::Shutdown, &ctx) {
+            ctx.stop.request(r);
+        }
+        assert_eq!(ctx.stop.reason(), Some(ExitReason::GuestReset));
+    }
+
     #[test]
     fn gate_parks_until_opened_or_stopped() {
         let gate = Arc::new(RunGate::default());

@@ -762,7 +762,9 @@ impl MemoryManager {
     /// Faults are served from the moment this returns.
     ///
     /// # Errors
-    /// See [`BackendError`].
+    /// See [`BackendError`]. After any but
+    /// [`BackendError::AlreadyCreated`] the VM still has no memory, and
+    /// may ask again.
     pub fn backend(
         self: &Arc<Self>,
         vm: VmId,
@@ -795,28 +797,65 @@ impl MemoryManager {
         if state.created.swap(true, Relaxed) {
             return Err(BackendError::AlreadyCreated(vm));
         }
-        let mut regions = Vec::with_capacity(layout.len());
-        for &(base, size) in layout {
-            let map = AnonMapping::with_offset(size, host_offset).map_err(BackendError::Mmap)?;
-            let id = state.next_region.fetch_add(1, Relaxed);
-            let r = Region::new(vm, id, base, map, state.counters.clone());
-            regions.push(Arc::new(r));
-        }
-        regions.sort_by_key(|r| r.guest_base);
-        let ram = regions.iter().map(|r| r.ram_region()).collect();
-        *state.regions.write().unwrap_or_else(|e| e.into_inner()) = regions;
-        for r in state.regions() {
-            self.inner.register_region(&r);
-            self.inner
-                .uffd
-                .register(r.host_base().raw(), r.size() as usize, GUEST_REGISTER_MODE)
-                .map_err(BackendError::Register)?;
-        }
+        // A failure leaves the VM as it was: without memory, free to ask
+        // again (the claim above only keeps two callers from racing).
+        let ram = self
+            .create_regions(&state, layout, host_offset)
+            .inspect_err(|_| {
+                state.created.store(false, Relaxed);
+            })?;
         Ok(Arc::new(FolioBackend {
             _mm: self.clone(),
             vm: state,
             ram,
         }))
+    }
+
+    /// Map and register `state`'s regions; on failure, none is left
+    /// mapped or registered.
+    fn create_regions(
+        &self,
+        state: &VmState,
+        layout: &[(GuestAddress, u64)],
+        host_offset: u64,
+    ) -> Result<Vec<RamRegion>, BackendError> {
+        let mut regions = Vec::with_capacity(layout.len());
+        for &(base, size) in layout {
+            let map = AnonMapping::with_offset(size, host_offset).map_err(BackendError::Mmap)?;
+            let id = state.next_region.fetch_add(1, Relaxed);
+            let r = Region::new(state.id, id, base, map, state.counters.clone());
+            regions.push(Arc::new(r));
+        }
+        regions.sort_by_key(|r| r.guest_base);
+        let ram = regions.iter().map(|r| r.ram_region()).collect();
+        *state.regions.write().unwrap_or_else(|e| e.into_inner()) = regions;
+        let regions = state.regions();
+        for (i, r) in regions.iter().enumerate() {
+            self.inner.register_region(r);
+            let registered = self.inner.uffd.register(
+                r.host_base().raw(),
+                r.size() as usize,
+                GUEST_REGISTER_MODE,
+            );
+            if let Err(e) = registered {
+                // Nothing can have faulted on them: no caller has their
+                // addresses yet.
+                for r in &regions[..=i] {
+                    self.inner.unregister_region(r);
+                    let _ = self
+                        .inner
+                        .uffd
+                        .unregister(r.host_base().raw(), r.size() as usize);
+                }
+                state
+                    .regions
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+                return Err(BackendError::Register(e));
+            }
+        }
+        Ok(ram)
     }
 
     /// Destroy a VM: it is torn down, and all its folios are returned to the

@@ -165,7 +165,8 @@ pub use stats::{
     FaultStats, Histogram, MigrationStats, MmStats, SwapDeviceStats, SwapStats, VmStats,
 };
 pub use swap_file::{
-    FaultPlan, InjectedFault, IoOp, SwapConfig, SwapFileError, SwapTarget, SLOW_EIO_DELAY,
+    FaultPlan, ImpossibleFaultPlan, InjectedFault, IoOp, SwapConfig, SwapFileError, SwapTarget,
+    SLOW_EIO_DELAY,
 };
 pub use types::{
     FolioId, GuestAddress, HostAddr, Order, PageIndex, PoolOffset, SwapSlot, VmId, PAGE_SIZE,

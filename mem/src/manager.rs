@@ -20,7 +20,7 @@ use crate::relocate::{RelocateError, RelocateOp, RelocateReport, RelocateSwitch}
 use crate::stats::{FaultCounters, MmStats, VmCounters, VmStats, WorkerCounters};
 use crate::stats::{SwapCounters, SwapDeviceStats};
 use crate::swap_cache::SwapDevice;
-use crate::swap_file::{FaultPlan, SwapConfig, SwapFileError};
+use crate::swap_file::{FaultPlan, ImpossibleFaultPlan, SwapConfig, SwapFileError};
 use crate::swap_map::SlotState;
 use crate::sys::userfaultfd::{RawUffd, FEATURE_MOVE, REGISTER_MODE_MISSING, REGISTER_MODE_WP};
 use crate::sys::userfaultfd::{FEATURE_POISON, FEATURE_SIGBUS};
@@ -186,6 +186,9 @@ pub enum ReclaimError {
     /// The manager has no swap file, so nothing can be reclaimed.
     #[error("no swap file configured")]
     NoSwap,
+    /// A swap fault plan names a fault its I/O cannot have.
+    #[error(transparent)]
+    BadFaultPlan(#[from] ImpossibleFaultPlan),
 }
 
 /// Errors from [`MemoryManager::backend`].
@@ -1046,10 +1049,12 @@ impl MemoryManager {
     /// empty list disarms injection.
     ///
     /// # Errors
-    /// [`ReclaimError::NoSwap`] without a swap file.
+    /// [`ReclaimError::NoSwap`] without a swap file;
+    /// [`ReclaimError::BadFaultPlan`] for a plan that cannot happen (the
+    /// armed plans are unchanged).
     pub fn inject_swap_faults(&self, plans: Vec<FaultPlan>) -> Result<(), ReclaimError> {
         let dev = self.inner.swap.as_ref().ok_or(ReclaimError::NoSwap)?;
-        dev.file.set_fault_plans(plans);
+        dev.file.set_fault_plans(plans)?;
         Ok(())
     }
 

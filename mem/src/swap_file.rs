@@ -205,6 +205,12 @@ pub struct FaultPlan {
     pub count: u64,
 }
 
+/// A [`FaultPlan`] naming a fault its I/O cannot have (see
+/// [`SwapFile::set_fault_plans`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("fault plan {0:?}: a {op:?} cannot fail that way", op = .0.op)]
+pub struct ImpossibleFaultPlan(pub FaultPlan);
+
 /// I/O counters of the swap file.
 #[derive(Debug, Default)]
 pub struct SwapIoCounters {
@@ -296,23 +302,27 @@ impl SwapFile {
 
     /// Replace the fault-injection plans (an empty list disarms injection).
     ///
-    /// # Panics
-    /// If a plan names a fault its I/O cannot have: a short, truncated or
-    /// corrupted write, or a read that runs out of space. Such a plan
-    /// would be counted as injected and change nothing, and a test armed
-    /// with it would pass without testing anything.
-    pub fn set_fault_plans(&self, plans: Vec<FaultPlan>) {
+    /// # Errors
+    /// [`ImpossibleFaultPlan`], and the plans are unchanged, if a plan names
+    /// a fault its I/O cannot have: a short, truncated or corrupted write,
+    /// or a read that runs out of space. Such a plan would be counted as
+    /// injected and change nothing, and a test armed with it would pass
+    /// without testing anything.
+    pub fn set_fault_plans(&self, plans: Vec<FaultPlan>) -> Result<(), ImpossibleFaultPlan> {
         use InjectedFault::*;
         for p in &plans {
             let fits = match p.op {
                 IoOp::Read => p.fault != Enospc,
                 IoOp::Write => matches!(p.fault, Eio | SlowEio | Enospc),
             };
-            assert!(fits, "fault plan {p:?}: a {:?} cannot fail that way", p.op);
+            if !fits {
+                return Err(ImpossibleFaultPlan(*p));
+            }
         }
         let mut p = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         self.armed.store(!plans.is_empty(), Relaxed);
         *p = plans;
+        Ok(())
     }
 
     fn injected(&self, op: IoOp) -> Option<InjectedFault> {
@@ -699,15 +709,20 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "a Write cannot fail that way")]
     fn a_write_plan_that_would_change_nothing_is_refused() {
         let f = SwapFile::create(&tmp_config(MIN_SWAP_BYTES)).unwrap();
-        f.set_fault_plans(vec![FaultPlan {
+        let plan = FaultPlan {
             op: IoOp::Write,
             fault: InjectedFault::Corrupt,
             skip: 0,
             count: 1,
-        }]);
+        };
+        let e = f.set_fault_plans(vec![plan]).unwrap_err();
+        assert_eq!(e, ImpossibleFaultPlan(plan));
+        assert!(
+            e.to_string().contains("a Write cannot fail that way"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -790,28 +805,33 @@ mod tests {
             skip: 0,
             count: 1,
         };
-        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::ShortRead)]);
+        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::ShortRead)])
+            .unwrap();
         r.fill(0);
         f.read(SwapSlot(4), &mut r, &crcs).unwrap();
         assert_eq!(&r[..8192], &a[..], "a short read is continued");
         assert!(f.counters.short_retries.load(Relaxed) >= 1);
 
-        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::Corrupt)]);
+        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::Corrupt)])
+            .unwrap();
         match f.read(SwapSlot(4), &mut r, &crcs) {
             Err(SwapIoError::Checksum { bad, .. }) => assert_eq!(bad, vec![0]),
             other => panic!("{other:?}"),
         }
-        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::Truncated)]);
+        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::Truncated)])
+            .unwrap();
         assert!(matches!(
             f.read(SwapSlot(4), &mut r, &crcs),
             Err(SwapIoError::ShortRead { done: 0, .. })
         ));
-        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::Eio)]);
+        f.set_fault_plans(vec![plan(IoOp::Read, InjectedFault::Eio)])
+            .unwrap();
         assert!(matches!(
             f.read(SwapSlot(4), &mut r, &crcs),
             Err(SwapIoError::Io { .. })
         ));
-        f.set_fault_plans(vec![plan(IoOp::Write, InjectedFault::Enospc)]);
+        f.set_fault_plans(vec![plan(IoOp::Write, InjectedFault::Enospc)])
+            .unwrap();
         assert!(matches!(
             f.write(SwapSlot(0), &[&b]),
             Err(SwapIoError::NoSpace(0))

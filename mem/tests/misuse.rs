@@ -4,7 +4,9 @@
 mod common;
 
 use common::*;
-use mem::{BackendError, GuestAddress};
+use mem::{
+    BackendError, FaultPlan, GuestAddress, ImpossibleFaultPlan, InjectedFault, IoOp, ReclaimError,
+};
 
 #[test]
 fn a_backend_whose_mapping_fails_leaves_the_vm_able_to_get_one() {
@@ -22,4 +24,23 @@ fn a_backend_whose_mapping_fails_leaves_the_vm_able_to_get_one() {
     drop(b);
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);
+}
+
+#[test]
+fn a_swap_fault_plan_that_cannot_happen_is_refused_not_a_panic() {
+    let mm = swap_manager(4 * MIB, 1, 8 * MIB, false);
+    let plan = FaultPlan {
+        op: IoOp::Write,
+        fault: InjectedFault::Corrupt,
+        skip: 0,
+        count: 1,
+    };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        mm.inject_swap_faults(vec![plan])
+    }));
+    let r = r.expect("inject_swap_faults panicked");
+    assert_eq!(
+        r,
+        Err(ReclaimError::BadFaultPlan(ImpossibleFaultPlan(plan)))
+    );
 }

@@ -572,7 +572,13 @@ fn plan(
                     r.size()
                 ));
             }
-            let end = r.guest_base.raw() + size;
+            // A region ends at or below u64::MAX, as `backend` requires.
+            let Some(end) = r.guest_base.checked_add(size).map(|e| e.raw()) else {
+                return bad(format!(
+                    "growing the region at {:#x} to {size:#x} ends past the top of the guest address space",
+                    r.guest_base.raw()
+                ));
+            };
             let clash = vm.regions().into_iter().any(|o| {
                 o.index != r.index && o.guest_base.raw() < end && o.guest_base > r.guest_base
             });

@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use mem::{
     BackendError, FaultPlan, GuestAddress, ImpossibleFaultPlan, InjectedFault, IoOp, ReclaimError,
+    RelocateError, RelocateOp, RelocateSwitch, PAGE_SIZE,
 };
 
 #[test]
@@ -43,4 +44,37 @@ fn a_swap_fault_plan_that_cannot_happen_is_refused_not_a_panic() {
         r,
         Err(ReclaimError::BadFaultPlan(ImpossibleFaultPlan(plan)))
     );
+}
+
+fn no_switch(_: &RelocateSwitch) -> Result<(), String> {
+    Ok(())
+}
+
+#[test]
+fn growing_a_region_past_the_top_of_the_guest_address_space_is_refused() {
+    let mm = manager(8 * MIB, 1);
+    let vm = mm.create_vm("top").unwrap();
+    let top = 0u64.wrapping_sub(8 * MIB);
+    let b = mm
+        .backend(
+            vm,
+            &[(GuestAddress(0), 2 * MIB), (GuestAddress(top), 4 * MIB)],
+        )
+        .unwrap();
+    let before = mm.vm_regions(vm).unwrap();
+    // It would end 4 KiB past u64::MAX, wrapping onto the region at 0.
+    let e = mm
+        .relocate(
+            vm,
+            GuestAddress(top),
+            RelocateOp::Grow(8 * MIB + PAGE_SIZE),
+            &mut no_switch,
+            &|_, _| {},
+        )
+        .unwrap_err();
+    assert!(matches!(e, RelocateError::BadRequest(_)), "{e:?}");
+    assert_eq!(mm.vm_regions(vm).unwrap(), before);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
 }

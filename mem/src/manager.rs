@@ -984,15 +984,19 @@ impl MemoryManager {
         let state = self.inner.vm(vm).ok_or(VmError::NoSuchVm(vm))?;
         // Against a concurrent budget change, which checks the minimums.
         let _serial = self.budget_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let others: u64 = self
+        // In pages, saturating: a minimum near u64::MAX must not wrap the
+        // sum below the budget.
+        let others = self
             .inner
             .live_vms()
             .iter()
             .filter(|v| !Arc::ptr_eq(v, &state))
-            .map(|v| v.min_pages() * PAGE_SIZE)
-            .sum();
+            .map(|v| v.min_pages())
+            .fold(0, u64::saturating_add);
         // Whole pages, as `VmState::set_limits` keeps it.
-        let needed = others + limits.min_bytes / PAGE_SIZE * PAGE_SIZE;
+        let needed = others
+            .saturating_add(limits.min_bytes / PAGE_SIZE)
+            .saturating_mul(PAGE_SIZE);
         let budget = self.budget_bytes();
         if needed > budget {
             return Err(VmError::MinimumsAboveBudget { needed, budget });

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use mem::{
     BackendError, FaultPlan, GuestAddress, ImpossibleFaultPlan, InjectedFault, IoOp, ReclaimError,
-    RelocateError, RelocateOp, RelocateSwitch, PAGE_SIZE,
+    RelocateError, RelocateOp, RelocateSwitch, VmError, VmLimits, PAGE_SIZE,
 };
 
 #[test]
@@ -77,4 +77,19 @@ fn growing_a_region_past_the_top_of_the_guest_address_space_is_refused() {
     drop(b);
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);
+}
+
+#[test]
+fn a_huge_minimum_cannot_wrap_past_the_budget_check() {
+    let mm = manager(8 * MIB, 1);
+    let a = mm.create_vm("a").unwrap();
+    let b = mm.create_vm("b").unwrap();
+    let min = |min_bytes| VmLimits {
+        min_bytes,
+        ..VmLimits::default()
+    };
+    mm.set_vm_limits(a, min(MIB)).unwrap();
+    let e = mm.set_vm_limits(b, min(u64::MAX)).unwrap_err();
+    assert!(matches!(e, VmError::MinimumsAboveBudget { .. }), "{e:?}");
+    assert_eq!(mm.vm_stats(b).unwrap().limits, VmLimits::default());
 }

@@ -175,6 +175,15 @@ pub enum VmError {
         /// The budget now.
         budget: u64,
     },
+    /// The minimum is above the maximum: reclaim enforcing the maximum
+    /// would take the VM below its minimum.
+    #[error("the VM's minimum of {min} bytes is above its maximum of {max} bytes")]
+    MinAboveMax {
+        /// The minimum asked for.
+        min: u64,
+        /// The maximum asked for.
+        max: u64,
+    },
 }
 
 /// Errors from [`MemoryManager::reclaim`] and [`MemoryManager::inject_swap_faults`].
@@ -978,10 +987,17 @@ impl MemoryManager {
     /// next background reclaim round.
     ///
     /// # Errors
-    /// [`VmError::NoSuchVm`]; [`VmError::MinimumsAboveBudget`] when the
-    /// VMs' minimums, this one's new, would not fit in the budget.
+    /// [`VmError::NoSuchVm`]; [`VmError::MinAboveMax`]; and
+    /// [`VmError::MinimumsAboveBudget`] when the VMs' minimums, this one's
+    /// new, would not fit in the budget. The limits are unchanged then.
     pub fn set_vm_limits(&self, vm: VmId, limits: VmLimits) -> Result<(), VmError> {
         let state = self.inner.vm(vm).ok_or(VmError::NoSuchVm(vm))?;
+        if let Some(max) = limits.max_bytes.filter(|&m| m < limits.min_bytes) {
+            return Err(VmError::MinAboveMax {
+                min: limits.min_bytes,
+                max,
+            });
+        }
         // Against a concurrent budget change, which checks the minimums.
         let _serial = self.budget_lock.lock().unwrap_or_else(|e| e.into_inner());
         // In pages, saturating: a minimum near u64::MAX must not wrap the

@@ -99,6 +99,7 @@ pub struct VmLimits {
     pub min_bytes: u64,
     /// The VM's resident memory is reclaimed down to this (a memcg-like
     /// `memory.max`, enforced on its faults and by the background reclaimer).
+    /// At least `min_bytes`.
     pub max_bytes: Option<u64>,
     /// Among VMs above their minimum, lower priorities are reclaimed first.
     pub priority: i32,

@@ -93,3 +93,23 @@ fn a_huge_minimum_cannot_wrap_past_the_budget_check() {
     assert!(matches!(e, VmError::MinimumsAboveBudget { .. }), "{e:?}");
     assert_eq!(mm.vm_stats(b).unwrap().limits, VmLimits::default());
 }
+
+#[test]
+fn a_minimum_above_the_maximum_is_refused() {
+    let mm = manager(8 * MIB, 1);
+    let a = mm.create_vm("a").unwrap();
+    let l = VmLimits {
+        min_bytes: 4 * MIB,
+        max_bytes: Some(2 * MIB),
+        priority: 0,
+    };
+    let e = mm.set_vm_limits(a, l);
+    assert_eq!(
+        e,
+        Err(VmError::MinAboveMax {
+            min: 4 * MIB,
+            max: 2 * MIB
+        })
+    );
+    assert_eq!(mm.vm_stats(a).unwrap().limits, VmLimits::default());
+}

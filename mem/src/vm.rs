@@ -316,7 +316,9 @@ impl VmState {
         let max = self.max_pages.load(Relaxed);
         VmLimits {
             min_bytes: self.min_pages.load(Relaxed) * PAGE_SIZE,
-            max_bytes: (max != u64::MAX).then(|| max * PAGE_SIZE),
+            // Saturating: a maximum set near u64::MAX is kept rounded up
+            // to whole pages, which is 2^64 bytes for the largest.
+            max_bytes: (max != u64::MAX).then(|| max.saturating_mul(PAGE_SIZE)),
             priority: self.priority.load(Relaxed),
         }
     }

@@ -113,3 +113,16 @@ fn a_minimum_above_the_maximum_is_refused() {
     );
     assert_eq!(mm.vm_stats(a).unwrap().limits, VmLimits::default());
 }
+
+#[test]
+fn the_largest_maximum_reads_back_as_set() {
+    let mm = manager(8 * MIB, 1);
+    let a = mm.create_vm("a").unwrap();
+    let l = VmLimits {
+        min_bytes: 0,
+        max_bytes: Some(u64::MAX),
+        priority: 0,
+    };
+    mm.set_vm_limits(a, l).unwrap();
+    assert_eq!(mm.vm_stats(a).unwrap().limits, l);
+}

@@ -217,6 +217,10 @@ pub enum BackendError {
         /// Its size.
         size: u64,
     },
+    /// The host offset of [`MemoryManager::backend_with_offset`] is not a
+    /// multiple of 4 KiB below 2 MiB.
+    #[error("host offset {0:#x} is not a multiple of 4 KiB below 2 MiB")]
+    BadHostOffset(u64),
     /// A region could not be mapped.
     #[error("cannot map guest RAM")]
     Mmap(#[source] AnonError),
@@ -791,7 +795,8 @@ impl MemoryManager {
     /// exists to show what relocation `--to-aligned` repairs.
     ///
     /// # Errors
-    /// See [`BackendError`]; [`BackendError::BadLayout`] for a bad offset.
+    /// See [`BackendError`]; [`BackendError::BadHostOffset`] for a bad
+    /// offset.
     pub fn backend_with_offset(
         self: &Arc<Self>,
         vm: VmId,
@@ -799,10 +804,7 @@ impl MemoryManager {
         host_offset: u64,
     ) -> Result<Arc<FolioBackend>, BackendError> {
         if !host_offset.is_multiple_of(PAGE_SIZE) || host_offset >= crate::anon::HUGE_PAGE_SIZE {
-            return Err(BackendError::BadLayout {
-                guest_base: 0,
-                size: host_offset,
-            });
+            return Err(BackendError::BadHostOffset(host_offset));
         }
         let state = self.inner.vm(vm).ok_or(BackendError::NoSuchVm(vm))?;
         check_layout(layout)?;

@@ -126,3 +126,22 @@ fn the_largest_maximum_reads_back_as_set() {
     mm.set_vm_limits(a, l).unwrap();
     assert_eq!(mm.vm_stats(a).unwrap().limits, l);
 }
+
+#[test]
+fn a_bad_host_offset_is_named_as_such() {
+    let mm = manager(4 * MIB, 1);
+    let vm = mm.create_vm("a").unwrap();
+    let layout = [(GuestAddress(0), 4 * MIB)];
+    for off in [1, PAGE_SIZE + 1, 2 * MIB, u64::MAX] {
+        let e = mm.backend_with_offset(vm, &layout, off).unwrap_err();
+        assert!(
+            matches!(e, BackendError::BadHostOffset(o) if o == off),
+            "{e:?}"
+        );
+    }
+    // The VM still gets its memory.
+    let b = mm.backend_with_offset(vm, &layout, PAGE_SIZE).unwrap();
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}

@@ -25,7 +25,7 @@ use crate::swap_map::SlotState;
 use crate::sys::userfaultfd::{RawUffd, FEATURE_MOVE, REGISTER_MODE_MISSING, REGISTER_MODE_WP};
 use crate::sys::userfaultfd::{FEATURE_POISON, FEATURE_SIGBUS};
 use crate::sys::EventFd;
-use crate::types::{GuestAddress, Order, SwapSlot, VmId, PAGE_SIZE};
+use crate::types::{GuestAddress, Order, PageIndex, SwapSlot, VmId, PAGE_SIZE};
 use crate::vm::{log_error, FolioBackend, Region, VmState};
 use crate::vmscan::{self, VmLimits};
 use crate::RamRegion;
@@ -174,6 +174,14 @@ pub enum VmError {
         needed: u64,
         /// The budget now.
         budget: u64,
+    },
+    /// The range is empty, or not inside one guest RAM region of the VM.
+    #[error("range {gpa:#x}+{len:#x} is not inside one guest RAM region")]
+    OutOfRange {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
     },
     /// The minimum is above the maximum: reclaim enforcing the maximum
     /// would take the VM below its minimum.
@@ -1139,7 +1147,8 @@ impl MemoryManager {
     /// Returns `(migrated, not migrated)`; failures were undone.
     ///
     /// # Errors
-    /// [`VmError::NoSuchVm`].
+    /// [`VmError::NoSuchVm`]; [`VmError::OutOfRange`] for an empty range
+    /// or one not inside one region.
     pub fn migrate_range(
         &self,
         vm: VmId,
@@ -1147,10 +1156,17 @@ impl MemoryManager {
         len: u64,
     ) -> Result<(u64, u64), VmError> {
         let state = self.inner.vm(vm).ok_or(VmError::NoSuchVm(vm))?;
-        let Some((region, first)) = state.region_of(gpa, len) else {
-            return Ok((0, 0));
+        let range = VmError::OutOfRange {
+            gpa: gpa.raw(),
+            len,
         };
-        let end = first.forward(len.div_ceil(PAGE_SIZE));
+        if len == 0 {
+            return Err(range);
+        }
+        let (region, first) = state.region_of(gpa, len).ok_or(range)?;
+        // Every page the bytes touch, the last one too when `gpa` is not
+        // page aligned (inside the region: `region_of` checked the end).
+        let end = PageIndex::from_offset(gpa.raw() - region.guest_base.raw() + len - 1).forward(1);
         let mut ids = Vec::new();
         let mut idx = first;
         while idx < end {

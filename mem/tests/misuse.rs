@@ -145,3 +145,39 @@ fn a_bad_host_offset_is_named_as_such() {
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);
 }
+
+#[test]
+fn migrate_range_refuses_a_range_outside_the_vm_and_covers_an_unaligned_one() {
+    let mm = manager(4 * MIB, 1);
+    let vm = mm.create_vm("m").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    for (gpa, len) in [
+        (4 * MIB, PAGE_SIZE),
+        (0, 0),
+        (4 * MIB - PAGE_SIZE, 2 * PAGE_SIZE),
+    ] {
+        assert_eq!(
+            mm.migrate_range(vm, GuestAddress(gpa), len),
+            Err(VmError::OutOfRange { gpa, len })
+        );
+    }
+    // Page 0 alone in an order-0 folio, page 1 empty, pages 2..4 an
+    // order-1 folio: what splitting a 2 MiB folio around page 1 leaves.
+    for p in 0..512 {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 1));
+    }
+    mm.discard(vm, GuestAddress(PAGE_SIZE), PAGE_SIZE).unwrap();
+    settle_and_check(&mm);
+    // Bytes 100..100 + 8 KiB touch pages 0, 1 and 2: two folios.
+    assert_eq!(
+        mm.migrate_range(vm, GuestAddress(100), 2 * PAGE_SIZE),
+        Ok((2, 0))
+    );
+    for p in (0..512).filter(|&p| p != 1) {
+        assert_eq!(ram.read(p * PAGE_SIZE), pattern(p, 0, 1), "page {p}");
+    }
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}

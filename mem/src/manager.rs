@@ -225,6 +225,10 @@ pub enum BackendError {
         /// Its size.
         size: u64,
     },
+    /// The layout names no region: the VM would get no memory, and could
+    /// not ask again.
+    #[error("VM {0:?}: a guest RAM layout needs at least one region")]
+    NoRegions(VmId),
     /// The host offset of [`MemoryManager::backend_with_offset`] is not a
     /// multiple of 4 KiB below 2 MiB.
     #[error("host offset {0:#x} is not a multiple of 4 KiB below 2 MiB")]
@@ -815,6 +819,9 @@ impl MemoryManager {
             return Err(BackendError::BadHostOffset(host_offset));
         }
         let state = self.inner.vm(vm).ok_or(BackendError::NoSuchVm(vm))?;
+        if layout.is_empty() {
+            return Err(BackendError::NoRegions(vm));
+        }
         check_layout(layout)?;
         if state.created.swap(true, Relaxed) {
             return Err(BackendError::AlreadyCreated(vm));

@@ -181,3 +181,15 @@ fn migrate_range_refuses_a_range_outside_the_vm_and_covers_an_unaligned_one() {
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);
 }
+
+#[test]
+fn an_empty_layout_is_refused_and_the_vm_may_ask_again() {
+    let mm = manager(4 * MIB, 1);
+    let vm = mm.create_vm("a").unwrap();
+    let e = mm.backend(vm, &[]).unwrap_err();
+    assert!(matches!(e, BackendError::NoRegions(v) if v == vm), "{e:?}");
+    let b = mm.backend(vm, &[(GuestAddress(0), 2 * MIB)]).unwrap();
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}

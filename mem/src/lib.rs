@@ -156,7 +156,7 @@ pub use hotplug::{BudgetChange, BudgetError};
 pub use inject::{FaultPoint, InjectPlan};
 pub use manager::{
     BackendError, DebugUnmap, MemoryManager, MmConfig, MmError, ReclaimConfig, ReclaimError,
-    VmError,
+    VmError, MAX_HANDLER_THREADS,
 };
 pub use migrate::MigrateError;
 pub use pin::{PinError, PinGuard};

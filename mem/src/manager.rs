@@ -36,6 +36,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// The most fault handler threads a manager starts ([`MmConfig`]).
+pub const MAX_HANDLER_THREADS: usize = 4096;
+
 /// Configuration of a [`MemoryManager`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MmConfig {
@@ -662,6 +665,11 @@ impl MemoryManager {
         let faulter = config.fault_delivery == FaultDelivery::Faulter;
         if config.handler_threads == 0 && !faulter {
             return Err(MmError::BadConfig("no handler threads"));
+        }
+        if config.handler_threads > MAX_HANDLER_THREADS {
+            // Started one by one until the host refused, they would take
+            // long and end in a `Thread` error anyway.
+            return Err(MmError::BadConfig("more than 4096 handler threads"));
         }
         let swap = match &config.swap {
             Some(c) => Some(SwapDevice::new(c).map_err(MmError::Swap)?),

@@ -193,3 +193,22 @@ fn an_empty_layout_is_refused_and_the_vm_may_ask_again() {
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);
 }
+
+/// Too many handler threads are refused at once, not started one by one
+/// until the host refuses one.
+#[test]
+fn a_handler_thread_count_beyond_the_limit_is_refused() {
+    let mut c = config(4 * MIB, mem::MAX_HANDLER_THREADS + 1);
+    let t = std::time::Instant::now();
+    let Err(e) = mem::MemoryManager::new(c.clone()) else {
+        panic!("4097 handler threads were started");
+    };
+    assert!(e.to_string().contains("handler threads"), "{e}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    c.handler_threads = 2;
+    assert!(mem::MemoryManager::new(c).is_ok());
+}

@@ -41,7 +41,8 @@ fn stats_table(stats: &Value) -> String {
             "{:<12} {:<12} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
             v["name"].as_str().unwrap_or("?"),
             v["state"].as_str().unwrap_or("?"),
-            v["vcpus"],
+            // A `Value` prints as JSON and ignores the width: a string pads.
+            v["vcpus"].to_string(),
             mib(&v["mem_bytes"]),
             mib(&m["resident_bytes"]),
             mib(&m["resident_bytes_by_order"]["2M"]),
@@ -361,6 +362,14 @@ mod tests {
         });
         let t = super::stats_table(&stats);
         assert!(t.contains("a            Running"), "{t}");
+        // Every column lines up with its header, the vCPU count too.
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0].find("VCPUS").map(|i| i + 5),
+            lines[1].find("2 ").map(|i| i + 1),
+            "{t}"
+        );
+        assert_eq!(lines[0].len(), lines[1].len(), "{t}");
         assert!(t.contains("512M"), "{t}");
         assert!(t.contains("90us"), "{t}");
         assert!(

@@ -247,9 +247,6 @@ fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
     }
 }
 
-/// Start a long operation with `PUT path` (the body asks for `"async":
-/// true`) and follow it to its end: a progress bar when stdout is a
-/// terminal, nothing in a pipe. Returns the operation's result.
 /// A guest-physical address: decimal or 0x-hex.
 fn gpa_arg(s: &str) -> Result<u64, String> {
     let r = match s.strip_prefix("0x") {
@@ -259,6 +256,9 @@ fn gpa_arg(s: &str) -> Result<u64, String> {
     r.map_err(|_| format!("invalid guest address {s:?}"))
 }
 
+/// Start a long operation with `PUT path` (the body asks for `"async":
+/// true`) and follow it to its end: a progress bar when stdout is a
+/// terminal, nothing in a pipe. Returns the operation's result.
 fn follow(sock: &Path, body: &str, path: &str, what: &str) -> Result<Value, String> {
     let op = call(sock, "PUT", path, Some(body))?.json();
     let id = op["id"]

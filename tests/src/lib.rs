@@ -228,6 +228,21 @@ impl ApiVm {
         }
     }
 
+    /// Send SIGTERM and wait (up to `limit`) for the exit, which must be
+    /// 128 + SIGTERM; panics with stderr otherwise.
+    pub fn terminate(self, limit: Duration) -> Output {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let out = self.wait(limit);
+        assert_eq!(
+            out.status.code(),
+            Some(143),
+            "exit after SIGTERM; stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// Wait for the process to exit (up to `limit`) and return its output.
     pub fn wait(mut self, limit: Duration) -> Output {
         let start = Instant::now();

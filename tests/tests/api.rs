@@ -88,15 +88,7 @@ fn api_drives_a_running_workload_guest() {
     );
 
     // SIGTERM stops it cleanly.
-    // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
-    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
-    let out = vm.wait(Duration::from_secs(20));
-    assert_eq!(
-        out.status.code(),
-        Some(143),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = vm.terminate(Duration::from_secs(20));
     let r = result_line(&out);
     assert_eq!(r["complete"], false);
 }
@@ -600,19 +592,11 @@ fn hostile_clients_neither_crash_nor_block_the_api() {
     // remove it; the wake-up once went through it).
     std::fs::remove_file(&vm.sock).unwrap();
     let t = Instant::now();
-    // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
-    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
-    let out = vm.wait(Duration::from_secs(20));
+    vm.terminate(Duration::from_secs(20));
     assert!(
         t.elapsed() < Duration::from_secs(3),
         "SIGTERM took {:?} with stalled clients and no socket file",
         t.elapsed()
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(143),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     drop(stalled);
 }
@@ -676,16 +660,8 @@ fn a_fifo_for_a_kernel_is_refused_and_wedges_nothing() {
     );
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert_eq!(vm.call("GET", "/", None).json()["state"], "Not started");
-    // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
-    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
-    let out = vm.wait(Duration::from_secs(20));
     let _ = std::fs::remove_file(&fifo);
-    assert_eq!(
-        out.status.code(),
-        Some(143),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vm.terminate(Duration::from_secs(20));
 }
 
 /// Clients that connect and send nothing cannot lock the API out: with
@@ -713,13 +689,5 @@ fn silent_connections_cannot_lock_other_clients_out() {
     }
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     drop(silent);
-    // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
-    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
-    let out = vm.wait(Duration::from_secs(20));
-    assert_eq!(
-        out.status.code(),
-        Some(143),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vm.terminate(Duration::from_secs(20));
 }

@@ -27,3 +27,16 @@ pub mod virtio;
 pub mod vm;
 pub mod vmm;
 pub mod workload;
+
+/// Run `f`; a panic in it comes back as its message. For the threads that
+/// must outlive a bug in what they run (the API's, the vCPUs'): locks the
+/// panic leaves poisoned are taken over by their next users, as everywhere
+/// in the VMM, and the panic itself is printed by the panic hook.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default()
+    })
+}

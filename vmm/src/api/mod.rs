@@ -402,15 +402,9 @@ fn execute(queue: &Receiver<Job>, backend: &dyn ApiBackend) {
 /// Run `f`, turning a panic into a 500 answer. A request that hits a bug
 /// fails alone: without this the `api` thread would end with it, and every
 /// later request be answered 503 ("shutting down") while the VMs run on.
-/// The panic itself is printed by the panic hook. Locks it leaves poisoned
-/// are taken over by their next users, as everywhere in the VMM.
+/// See [`crate::catch_panic`].
 fn contained(f: impl FnOnce() -> ApiResponse) -> ApiResponse {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let what = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+    crate::catch_panic(f).unwrap_or_else(|what| {
         tracing::error!(panic = %what, "an API request panicked");
         ApiResponse::error(ApiError {
             status: 500,

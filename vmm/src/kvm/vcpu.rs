@@ -255,19 +255,10 @@ enum Step {
 
 /// Handle one exit. A panic in a device model (or here) stops the VM with
 /// an error naming it: the vCPU thread unwinding on its own would leave
-/// the VM running without that vCPU and without a stop reason. Locks it
-/// leaves poisoned are taken over by their next users, as everywhere in
-/// the VMM; the panic itself is printed by the panic hook.
+/// the VM running without that vCPU and without a stop reason (see
+/// [`crate::catch_panic`]).
 fn handle_exit(index: usize, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<Step> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        dispatch_exit(index, exit, ctx)
-    }))
-    .unwrap_or_else(|p| {
-        let what = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+    crate::catch_panic(|| dispatch_exit(index, exit, ctx)).unwrap_or_else(|what| {
         Some(Step::Stop(ExitReason::Error(format!(
             "vCPU {index} panicked handling a guest exit: {what}"
         ))))

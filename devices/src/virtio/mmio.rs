@@ -468,6 +468,9 @@ mod tests {
     use crate::virtio::queue::testing::memory;
     use std::sync::{Arc, Mutex};
 
+    /// The status of a live device: every step up to DRIVER_OK.
+    const LIVE: u32 = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;
+
     /// A device that records what the transport does to it.
     #[derive(Default)]
     struct Probe {
@@ -583,11 +586,7 @@ mod tests {
         wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
         assert_ne!(rd(&mut t, 0x070) & S_FEATURES_OK, 0);
         setup_queue(&mut t, 0, 0x1000);
-        wr(
-            &mut t,
-            0x070,
-            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-        );
+        wr(&mut t, 0x070, LIVE);
         assert!(t.is_live());
         assert_eq!(p.lock().unwrap().activated, Some(2));
         // A memory switch reaches a live device (not a reset one, below).
@@ -644,11 +643,7 @@ mod tests {
         wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
         // Descriptor table outside guest memory.
         setup_queue(&mut t, 0, 0x7000_0000);
-        wr(
-            &mut t,
-            0x070,
-            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-        );
+        wr(&mut t, 0x070, LIVE);
         assert!(!t.is_live());
         assert_ne!(rd(&mut t, 0x070) & S_FAILED, 0);
         assert_eq!(p.lock().unwrap().activated, None);
@@ -690,11 +685,7 @@ mod tests {
             wr(&mut t, 0x044, 0);
             wr(&mut t, reg, v);
             wr(&mut t, 0x044, 1);
-            wr(
-                &mut t,
-                0x070,
-                S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-            );
+            wr(&mut t, 0x070, LIVE);
             if i == 6 {
                 // A valid write (the high half of an aligned address).
                 assert!(t.is_live(), "a valid write");
@@ -710,11 +701,7 @@ mod tests {
         wr(&mut t, 0x038, 10);
         wr(&mut t, 0x080, 0x1008);
         setup_queue(&mut t, 0, 0x1000);
-        wr(
-            &mut t,
-            0x070,
-            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-        );
+        wr(&mut t, 0x070, LIVE);
         assert!(t.is_live());
     }
 
@@ -727,14 +714,13 @@ mod tests {
         let (mut t, p) = transport();
         negotiate(&mut t);
         setup_queue(&mut t, 0, 0x1000);
-        let live = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;
-        wr(&mut t, 0x070, live);
+        wr(&mut t, 0x070, LIVE);
         assert!(t.is_live());
         wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-        assert_eq!(rd(&mut t, 0x070), live, "a status bit cannot be cleared");
-        wr(&mut t, 0x070, live);
+        assert_eq!(rd(&mut t, 0x070), LIVE, "a status bit cannot be cleared");
+        wr(&mut t, 0x070, LIVE);
         wr(&mut t, 0x070, S_ACKNOWLEDGE);
-        wr(&mut t, 0x070, live);
+        wr(&mut t, 0x070, LIVE);
         assert!(t.is_live());
         assert_eq!(p.lock().unwrap().activations, 1);
         // A reset still works, and the device can be set up again.
@@ -742,7 +728,7 @@ mod tests {
         assert!(!t.is_live());
         negotiate(&mut t);
         setup_queue(&mut t, 0, 0x1000);
-        wr(&mut t, 0x070, live);
+        wr(&mut t, 0x070, LIVE);
         assert_eq!(p.lock().unwrap().activations, 2);
     }
 
@@ -754,11 +740,7 @@ mod tests {
         let (mut t, p) = transport();
         negotiate(&mut t);
         setup_queue(&mut t, 0, 0x1000);
-        wr(
-            &mut t,
-            0x070,
-            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-        );
+        wr(&mut t, 0x070, LIVE);
         t.notified(1);
         assert!(t.queues[1].notify.read().is_err(), "consumed");
         p.lock().unwrap().state = Some(QueueState::More);

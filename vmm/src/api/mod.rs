@@ -177,7 +177,14 @@ impl Drop for ApiServer {
 /// meanwhile (`RENAME_NOREPLACE`: that is an error, as `bind` would give).
 fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::ffi::OsStrExt;
-    let tmp = path.with_file_name(format!(".foliovm-{}.sock", std::process::id()));
+    // Unique per call too: two servers started at once in one process
+    // must not bind, remove or rename each other's temporary socket.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = path.with_file_name(format!(
+        ".foliovm-{}-{}.sock",
+        std::process::id(),
+        SEQ.fetch_add(1, SeqCst)
+    ));
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)?;
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
@@ -446,6 +453,33 @@ mod tests {
             refused, 0,
             "connections refused right after the file appeared"
         );
+    }
+
+    /// Servers started at once in one process, on sockets in one
+    /// directory, each get their own socket (the temporary names they bind
+    /// first must not collide).
+    #[test]
+    fn servers_started_at_once_in_one_directory_each_get_their_socket() {
+        let dir = std::env::temp_dir().join(format!("foliovm-api-many-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for round in 0..20 {
+            let threads: Vec<_> = (0..8)
+                .map(|i| {
+                    let path = dir.join(format!("s{round}-{i}.sock"));
+                    std::thread::spawn(move || {
+                        let backend: Arc<dyn ApiBackend> = Arc::new(routes::tests::Fake::default());
+                        let server = ApiServer::spawn(&path, backend)
+                            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                        assert!(UnixStream::connect(&path).is_ok(), "{}", path.display());
+                        drop(server);
+                    })
+                })
+                .collect();
+            threads.into_iter().for_each(|t| t.join().unwrap());
+        }
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A request that panics is answered 500, and the `api` thread goes

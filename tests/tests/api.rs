@@ -420,6 +420,17 @@ fn relocation_and_compaction_under_a_running_guest() {
         first["remapped_huge"].as_u64().unwrap() > 0,
         "nothing remapped as PMDs ({huge_before} bytes of 2 MiB folios resident just before): {first}"
     );
+    // A grow shows in the VM's size everywhere the API reports it.
+    let r = vm.call(
+        "PUT",
+        "/vms/vm0/relocate",
+        Some(r#"{"region_gpa": 0, "grow_mib": 192}"#),
+    );
+    assert_eq!(r.status, 200, "grow: {}", r.body);
+    let m = vm.call("GET", "/machine-config", None).json();
+    assert_eq!(m["mem_size_mib"], 192, "{m}");
+    let s = stats(&vm);
+    assert_eq!(s["vms"][0]["mem_bytes"], 192u64 << 20, "{s}");
     let (mut relocations, mut compactions) = (0, 0);
     let (mut pauses, mut remapped) = (Vec::new(), Vec::new());
     while vm.call("GET", "/vms/vm0", None).json()["state"] == "Running" && relocations < 20 {

@@ -222,7 +222,7 @@ impl Controller {
                     name: v.name().to_string(),
                     state: state_name(v.state()),
                     vcpus: v.config().vcpus,
-                    mem_bytes: v.config().mem_bytes,
+                    mem_bytes: v.ram_bytes(),
                     stats: v.manager().and_then(|(mm, id)| mm.vm_stats(*id)),
                     drives: v.drive_counters(),
                 })
@@ -328,7 +328,7 @@ impl ApiBackend for Controller {
         if let Some(v) = self.vms.lock().unwrap_or_else(|p| p.into_inner()).first() {
             return MachineConfigBody {
                 vcpu_count: u32::from(v.config().vcpus),
-                mem_size_mib: v.config().mem_bytes >> 20,
+                mem_size_mib: v.ram_bytes() >> 20,
                 smt: false,
                 track_dirty_pages: false,
                 cpu_template: None,

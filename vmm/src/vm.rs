@@ -558,6 +558,14 @@ impl Vm {
         &self.config
     }
 
+    /// Its guest RAM now: the configured size, plus what a relocation's
+    /// grow added since.
+    pub fn ram_bytes(&self) -> u64 {
+        self.manager()
+            .and_then(|(mm, id)| mm.vm_regions(*id))
+            .map_or(self.config.mem_bytes, |r| r.iter().map(|r| r.size).sum())
+    }
+
     /// The signal every thread uses to stop this VM.
     pub fn stop_signal(&self) -> &Arc<StopSignal> {
         &self.ctx.stop

@@ -19,7 +19,7 @@
 
 use crate::buddy::FreeError;
 use crate::manager::Inner;
-use crate::types::{Order, PAGE_SIZE};
+use crate::types::{Order, ShowSize, PAGE_SIZE};
 use crate::vmscan;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -37,10 +37,10 @@ const STALLS: u32 = 3;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BudgetError {
     /// The budget is zero or not a whole number of 4 KiB pages.
-    #[error("budget {0} bytes is not a positive multiple of 4 KiB")]
+    #[error("budget {} is not a positive multiple of 4 KiB", ShowSize(*.0))]
     Unaligned(u64),
     /// The budget is above the pool mapped at start.
-    #[error("budget {requested} bytes is above the pool of {max} bytes mapped at start")]
+    #[error("budget {} is above the pool of {} mapped at start", ShowSize(*requested), ShowSize(*max))]
     AboveMax {
         /// The budget asked for.
         requested: u64,
@@ -48,7 +48,7 @@ pub enum BudgetError {
         max: u64,
     },
     /// The budget is below what the VMs' minimums and pinned pages hold.
-    #[error("budget {requested} bytes is below the {needed} bytes that VM minimums and pinned pages keep resident")]
+    #[error("budget {} is below the {} that VM minimums and pinned pages keep resident", ShowSize(*requested), ShowSize(*needed))]
     BelowMinimums {
         /// The budget asked for.
         requested: u64,

@@ -169,7 +169,8 @@ pub use swap_file::{
     SLOW_EIO_DELAY,
 };
 pub use types::{
-    FolioId, GuestAddress, HostAddr, Order, PageIndex, PoolOffset, SwapSlot, VmId, PAGE_SIZE,
+    FolioId, GuestAddress, HostAddr, Order, PageIndex, PoolOffset, ShowSize, SwapSlot, VmId,
+    PAGE_SIZE,
 };
 pub use vm::FolioBackend;
 pub use vmscan::VmLimits;

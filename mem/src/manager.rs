@@ -25,7 +25,7 @@ use crate::swap_map::SlotState;
 use crate::sys::userfaultfd::{RawUffd, FEATURE_MOVE, REGISTER_MODE_MISSING, REGISTER_MODE_WP};
 use crate::sys::userfaultfd::{FEATURE_POISON, FEATURE_SIGBUS};
 use crate::sys::EventFd;
-use crate::types::{GuestAddress, Order, PageIndex, SwapSlot, VmId, PAGE_SIZE};
+use crate::types::{GuestAddress, Order, PageIndex, ShowSize, SwapSlot, VmId, PAGE_SIZE};
 use crate::vm::{log_error, FolioBackend, Region, VmState};
 use crate::vmscan::{self, VmLimits};
 use crate::RamRegion;
@@ -188,7 +188,7 @@ pub enum VmError {
     },
     /// The minimum is above the maximum: reclaim enforcing the maximum
     /// would take the VM below its minimum.
-    #[error("the VM's minimum of {min} bytes is above its maximum of {max} bytes")]
+    #[error("the VM's minimum of {} is above its maximum of {}", ShowSize(*min), ShowSize(*max))]
     MinAboveMax {
         /// The minimum asked for.
         min: u64,

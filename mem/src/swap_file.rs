@@ -17,7 +17,7 @@
 //! Analogue of the swap file side of `mm/swapfile.c` (`swapon`) and of
 //! `mm/page_io.c` (`swap_writepage()`, `swap_read_folio()`).
 
-use crate::types::{SwapSlot, PAGE_SIZE};
+use crate::types::{ShowSize, SwapSlot, PAGE_SIZE};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -86,7 +86,7 @@ impl SwapConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SwapFileError {
     /// The size is below one cluster.
-    #[error("swap size {size} bytes is below the minimum of {min} bytes")]
+    #[error("swap size {} is below the minimum of {}", ShowSize(*size), ShowSize(*min))]
     TooSmall {
         /// Requested size.
         size: u64,
@@ -94,7 +94,7 @@ pub enum SwapFileError {
         min: u64,
     },
     /// The size is above what 32-bit slot numbers address.
-    #[error("swap size {size} bytes is above the maximum of {max} bytes")]
+    #[error("swap size {} is above the maximum of {}", ShowSize(*size), ShowSize(*max))]
     TooLarge {
         /// Requested size.
         size: u64,
@@ -667,10 +667,13 @@ mod tests {
 
     #[test]
     fn too_small_and_existing_files_are_refused() {
-        assert!(matches!(
-            SwapFile::create(&tmp_config(4096)),
-            Err(SwapFileError::TooSmall { .. })
-        ));
+        let e = SwapFile::create(&tmp_config(4096)).unwrap_err();
+        assert!(matches!(e, SwapFileError::TooSmall { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "swap size 4 KiB is below the minimum of 2 MiB",
+            "sizes are shown in the units a user gives them in"
+        );
         let path = std::env::temp_dir().join(format!("foliovm-exists-{}", std::process::id()));
         std::fs::write(&path, b"precious").unwrap();
         let cfg = SwapConfig {

@@ -5,6 +5,24 @@ pub const PAGE_SIZE: u64 = 4096;
 /// log2 of [`PAGE_SIZE`].
 pub const PAGE_SHIFT: u32 = 12;
 
+/// A byte count as a message shows it: in MiB when whole, else in KiB
+/// when whole, else in bytes ("64 MiB", "6 KiB", "1000 bytes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShowSize(pub u64);
+
+impl std::fmt::Display for ShowSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        if b != 0 && b.is_multiple_of(1 << 20) {
+            write!(f, "{} MiB", b >> 20)
+        } else if b != 0 && b.is_multiple_of(1 << 10) {
+            write!(f, "{} KiB", b >> 10)
+        } else {
+            write!(f, "{b} bytes")
+        }
+    }
+}
+
 /// A guest-physical address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct GuestAddress(pub u64);

@@ -252,13 +252,7 @@ impl VmConfig {
 
 /// `bytes` for a message: in MiB when whole, else in KiB or bytes.
 pub fn show_size(bytes: u64) -> String {
-    if bytes.is_multiple_of(1 << 20) {
-        format!("{} MiB", bytes >> 20)
-    } else if bytes.is_multiple_of(1 << 10) {
-        format!("{} KiB", bytes >> 10)
-    } else {
-        format!("{bytes} bytes")
-    }
+    mem::ShowSize(bytes).to_string()
 }
 
 /// Check per-VM reclaim limits against the VM's size.

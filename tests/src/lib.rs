@@ -167,6 +167,16 @@ impl ApiVm {
         vm
     }
 
+    /// The foliovm process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The API socket's path.
+    pub fn sock(&self) -> &std::path::Path {
+        &self.sock
+    }
+
     /// One API request; panics if the socket does not answer.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> vmm::api::client::Reply {
         vmm::api::client::request(&self.sock, method, path, body, Duration::from_secs(60))

@@ -702,3 +702,68 @@ fn silent_connections_cannot_lock_other_clients_out() {
     drop(silent);
     vm.terminate(Duration::from_secs(20));
 }
+
+/// SIGTERM during a large synchronous `PUT /reclaim` ends the process
+/// after the reclaim step in hand, not after the whole request: shutting
+/// down waits for the request being served, and reclaim runs at disk speed
+/// (before, the process reclaimed all 768 MiB before it exited).
+#[test]
+fn sigterm_stops_a_synchronous_reclaim_between_steps() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = ApiVm::spawn(
+        "reclaim-exit",
+        &[
+            "run",
+            "--workload",
+            "seq:800M,passes=1000000",
+            "--mem",
+            "832M",
+            "--log-level",
+            "info",
+            "--swap-dir",
+            "/var/tmp",
+            "--swap-size",
+            "1G",
+        ],
+    );
+    let start = std::time::Instant::now();
+    while vm.call("GET", "/stats", None).json()["vms"][0]["memory"]["resident_bytes"]
+        .as_u64()
+        .unwrap()
+        < 780 << 20
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "guest never faulted 780 MiB in"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = vm.call("PATCH", "/vms/vm0", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(r.status, 204, "pause: {}", r.body);
+    let pid = vm.pid() as i32;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // The answer may or may not reach us before the process ends.
+            let _ = vmm::api::client::request(
+                vm.sock(),
+                "PUT",
+                "/reclaim",
+                Some(r#"{"vm": "vm0", "mib": 768}"#),
+                Duration::from_secs(120),
+            );
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    });
+    let out = vm.wait(Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(143), "exit after SIGTERM");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("stopped after reclaiming"))
+        .unwrap_or_else(|| panic!("the reclaim was not stopped:\n{err}"));
+    assert!(line.contains("foliovm is exiting"), "{line}");
+}

@@ -15,7 +15,7 @@ use crate::vm::{MemorySource, Vm, VmState};
 use crate::vmm::{memory_source, RunOutcome, Subscriber, VmmError};
 use event_manager::{EventManager, RemoteEndpoint};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The VM the Firecracker-style API configures before `InstanceStart`.
 #[derive(Debug, Clone)]
@@ -33,7 +33,8 @@ pub struct Controller {
     pending: Mutex<Pending>,
     source: Mutex<Option<MemorySource>>,
     vms: Mutex<Vec<Vm>>,
-    exit: AtomicBool,
+    /// Set once an exit was requested; long jobs look at it between steps.
+    exit: Arc<AtomicBool>,
     /// Why the process exits, once it was asked to: VMs started after
     /// that (an InstanceStart in flight) stop for the same reason.
     exit_reason: Mutex<Option<ExitReason>>,
@@ -78,7 +79,7 @@ impl Controller {
             }),
             source: Mutex::new(None),
             vms: Mutex::new(Vec::new()),
-            exit: AtomicBool::new(false),
+            exit: Arc::new(AtomicBool::new(false)),
             exit_reason: Mutex::new(None),
             ops: Operations::default(),
         }
@@ -496,10 +497,18 @@ impl ApiBackend for Controller {
             ));
         }
         // mem's reclaim, driven in steps so that progress shows; it stops
-        // early when a step frees nothing (nothing more is reclaimable).
+        // early when a step frees nothing (nothing more is reclaimable),
+        // and when the process is to exit: shutting down waits for a
+        // synchronous request, and a large reclaim runs at disk speed.
+        let exit = self.exit.clone();
         Ok(Job::new("reclaim", "bytes", bytes, move |progress| {
             let mut freed = 0;
             while freed < bytes {
+                if exit.load(Ordering::SeqCst) {
+                    return Err(format!(
+                        "foliovm is exiting; stopped after reclaiming {freed} of {bytes} bytes"
+                    ));
+                }
                 let got = mm
                     .reclaim(id, RECLAIM_STEP.min(bytes - freed))
                     .map_err(|e| error_chain(&e))?;

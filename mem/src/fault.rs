@@ -382,7 +382,9 @@ pub(crate) fn fault_in(
             // if it is there after all), or the thread, woken, would fault
             // here for ever instead of getting its memory error.
             let addr = region.host_addr(idx).raw();
-            if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
+            // SAFETY: a guest page under the page-table lock we hold, whose
+            // entry is `Poisoned`: its data is lost, accesses must fail.
+            if let Err(e) = unsafe { inner.uffd.poison(addr, PAGE_SIZE) } {
                 if e.errno != libc::EEXIST {
                     log_error(&format!(
                         "UFFDIO_POISON again at {addr:#x}: errno {}",
@@ -484,7 +486,10 @@ pub(crate) fn restore_unbacked(
     for c in [&region.counters.faults, &inner.faults] {
         c.unbacked_poisoned.fetch_add(1, Relaxed);
     }
-    if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
+    // SAFETY: a guest page under the page-table lock we hold (`ptl`),
+    // its entry just set `Poisoned`: its data is gone from the guest and the
+    // pool, so accesses must fail rather than read zero.
+    if let Err(e) = unsafe { inner.uffd.poison(addr, PAGE_SIZE) } {
         log_error(&format!("UFFDIO_POISON at {addr:#x}: errno {}", e.errno));
     }
     log_error(&format!(

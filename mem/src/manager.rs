@@ -680,7 +680,11 @@ impl MemoryManager {
         let uffd =
             RawUffd::open(FEATURE_MOVE | FEATURE_POISON | sigbus).map_err(MmError::Userfaultfd)?;
         let watermarks = Watermarks::new(&config.reclaim, pool.nr_pages());
-        uffd.register(pool.base().raw(), pool.len(), REGISTER_MODE_WP)
+        // SAFETY: the pool is the manager's own mapping, just made. WP mode
+        // raises a fault only on a page write-protected through this fd, and
+        // every one is answered (`fault::handle_wp_fault` lifts a protection
+        // it finds in the pool); MISSING is never registered here.
+        unsafe { uffd.register(pool.base().raw(), pool.len(), REGISTER_MODE_WP) }
             .map_err(MmError::RegisterPool)?;
         let limit = config
             .prezero_limit_bytes
@@ -869,11 +873,16 @@ impl MemoryManager {
         let regions = state.regions();
         for (i, r) in regions.iter().enumerate() {
             self.inner.register_region(r);
-            let registered = self.inner.uffd.register(
-                r.host_base().raw(),
-                r.size() as usize,
-                GUEST_REGISTER_MODE,
-            );
+            // SAFETY: the region's guest mapping, made just above for this
+            // VM and used by nothing else; its faults are served from here on
+            // (`register_region` made the region findable first).
+            let registered = unsafe {
+                self.inner.uffd.register(
+                    r.host_base().raw(),
+                    r.size() as usize,
+                    GUEST_REGISTER_MODE,
+                )
+            };
             if let Err(e) = registered {
                 // Nothing can have faulted on them: no caller has their
                 // addresses yet.

@@ -459,7 +459,11 @@ fn pull_table(
         // marker, where the guest would fault for ever.
         for k in poisoned {
             let addr = dst.host_addr(first.forward(k)).raw();
-            if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
+            // SAFETY: a hole of the new region under its page-table lock
+            // (`dptl`, the old one's under `sptl`) whose entry in the table
+            // being pulled is `Poisoned`: its data is lost, and the marker
+            // moves here from the old page.
+            if let Err(e) = unsafe { inner.uffd.poison(addr, PAGE_SIZE) } {
                 log_error(&format!("relocation: re-poison at {addr:#x}: {}", e.errno));
             }
             // SAFETY: the old region's poisoned page, whose table we hold
@@ -649,11 +653,17 @@ pub(crate) fn relocate(
     let pull = Arc::new(PullSource::new(sources.clone(), nt, |_| true));
     dst.set_pull(Some(pull.clone()));
     inner.register_region(&dst);
-    if let Err(e) = inner.uffd.register(
-        dst.host_base().raw(),
-        dst.size() as usize,
-        crate::manager::GUEST_REGISTER_MODE,
-    ) {
+    // SAFETY: the new region's mapping, made just above and reached by
+    // nothing else until the switch; its faults are served from here on
+    // (`register_region` made it findable first).
+    let registered = unsafe {
+        inner.uffd.register(
+            dst.host_base().raw(),
+            dst.size() as usize,
+            crate::manager::GUEST_REGISTER_MODE,
+        )
+    };
+    if let Err(e) = registered {
         inner.unregister_region(&dst);
         return Err(RelocateError::Register(e));
     }

@@ -672,7 +672,10 @@ fn poison_pages(
         let idx = first.forward(k);
         ptl.set_pte(idx, Pte::new(PteState::Poisoned));
         let addr = region.host_addr(idx).raw();
-        if let Err(e) = inner.uffd.poison(addr, PAGE_SIZE) {
+        // SAFETY: a guest page under the page-table lock we hold, whose
+        // entry was our swapin marker (a hole) and whose data could not be
+        // read intact: its accesses must get a memory error.
+        if let Err(e) = unsafe { inner.uffd.poison(addr, PAGE_SIZE) } {
             log_error(&format!("UFFDIO_POISON at {addr:#x}: errno {}", e.errno));
         }
         both(inner, region, |c| {

@@ -213,7 +213,29 @@ impl RawUffd {
     ///
     /// # Errors
     /// The errno of `UFFDIO_REGISTER`.
-    pub fn register(&self, start: usize, len: usize, mode: u64) -> io::Result<()> {
+    ///
+    /// # Safety
+    /// Until the range is unregistered or unmapped, the kernel no longer
+    /// answers its faults itself (a hole for `REGISTER_MODE_MISSING`, a
+    /// write to a page write-protected through this fd for
+    /// `REGISTER_MODE_WP`): the faulting thread waits for whoever serves
+    /// this fd, or with [`FEATURE_SIGBUS`] gets `SIGBUS`, and a
+    /// kernel-mode access (a `read(2)` into the range) fails with `EFAULT`.
+    /// Any holder of the fd may also poison its holes
+    /// ([`RawUffd::poison`]). On memory that other code uses (the heap, a
+    /// stack, a library's mapping) that hangs or kills threads that did
+    /// nothing wrong, so the range must be a private anonymous mapping
+    /// the caller made for this and owns outright, whose faults it serves
+    /// for as long as the range stays registered.
+    ///
+    /// ```compile_fail,E0133
+    /// // Registering needs an `unsafe` block and its contract.
+    /// use mem::sys::userfaultfd::{RawUffd, REGISTER_MODE_MISSING};
+    /// let heap = vec![0u8; 1 << 20];
+    /// let u = RawUffd::open(0).unwrap();
+    /// let _ = u.register(heap.as_ptr() as usize & !4095, 4096, REGISTER_MODE_MISSING);
+    /// ```
+    pub unsafe fn register(&self, start: usize, len: usize, mode: u64) -> io::Result<()> {
         let mut r = UffdioRegister {
             range: UffdioRange {
                 start: start as u64,
@@ -408,7 +430,9 @@ impl RawUffd {
             mode: if protect { WRITEPROTECT_MODE_WP } else { 0 },
         };
         // Changing protections moves no data and cannot invalidate any Rust
-        // reference, so this needs no unsafe contract.
+        // reference; the write faults it causes can only be in a range
+        // registered WP, whose registrant serves them (the contract of
+        // `register`), so this needs no unsafe contract of its own.
         self.ioctl(UFFDIO_WRITEPROTECT, &mut w)
     }
 
@@ -440,7 +464,24 @@ impl RawUffd {
     ///
     /// # Errors
     /// [`PartialFill`] with the bytes done and the errno.
-    pub fn poison(&self, dst: usize, len: u64) -> Result<(), PartialFill> {
+    ///
+    /// # Safety
+    /// From now on every access to the range is a memory error (`SIGBUS`;
+    /// `EFAULT` for a kernel-mode access) where the hole read as zero, or
+    /// faulted to this fd, before. The kernel takes any hole of any range
+    /// registered on a userfaultfd, the pool's included, so the range must
+    /// be a hole of guest memory the caller owns for the call (under the
+    /// page-table lock that covers it) whose contents are lost, so that a
+    /// memory error is the answer its accesses must get; never memory
+    /// that Rust code reads (the pool, through [`crate::pool::Pool::pages_mut`]).
+    ///
+    /// ```compile_fail,E0133
+    /// // Poisoning needs an `unsafe` block and its contract.
+    /// use mem::sys::userfaultfd::{RawUffd, FEATURE_POISON};
+    /// let u = RawUffd::open(FEATURE_POISON).unwrap();
+    /// let _ = u.poison(0x1000, 4096);
+    /// ```
+    pub unsafe fn poison(&self, dst: usize, len: u64) -> Result<(), PartialFill> {
         let mut p = UffdioPoison {
             range: UffdioRange {
                 start: dst as u64,
@@ -449,8 +490,8 @@ impl RawUffd {
             mode: 0,
             updated: 0,
         };
-        // A poison marker goes into a hole: no page and so no Rust
-        // reference is affected.
+        // The marker goes into a hole only (EEXIST otherwise), so no data
+        // is lost; what it does to later accesses is the caller's contract.
         self.ioctl(UFFDIO_POISON, &mut p).map_err(|e| PartialFill {
             done: p.updated.max(0) as u64,
             errno: e.raw_os_error().unwrap_or(libc::EIO),
@@ -588,9 +629,13 @@ mod tests {
     fn copy_with_wp_faults_on_the_first_write_only() {
         let u = RawUffd::open(FEATURE_MOVE).unwrap();
         let (guest, pool, src) = (anon(4), anon(4), anon(1));
-        u.register(guest, 4 * 4096, REGISTER_MODE_MISSING | REGISTER_MODE_WP)
-            .unwrap();
-        u.register(pool, 4 * 4096, REGISTER_MODE_WP).unwrap();
+        // SAFETY: both are fresh mappings of this test, whose faults the
+        // test serves (`write_faults_wp`); nothing else uses them.
+        unsafe {
+            u.register(guest, 4 * 4096, REGISTER_MODE_MISSING | REGISTER_MODE_WP)
+                .unwrap();
+            u.register(pool, 4 * 4096, REGISTER_MODE_WP).unwrap();
+        }
         // SAFETY: `src` is a live page of this test; `guest` is a hole.
         unsafe {
             (src as *mut u8).write_volatile(42);
@@ -630,8 +675,12 @@ mod tests {
         const LEN: usize = N * 4096;
         let u = RawUffd::open(FEATURE_MOVE).unwrap();
         let (a, b, src) = (anon(N), anon(N), anon(N));
-        u.register(a, LEN, REGISTER_MODE_MISSING).unwrap();
-        u.register(b, LEN, REGISTER_MODE_MISSING).unwrap();
+        // SAFETY: fresh mappings of this test; it touches a page of them
+        // only where one is present (checked before the final reads).
+        unsafe {
+            u.register(a, LEN, REGISTER_MODE_MISSING).unwrap();
+            u.register(b, LEN, REGISTER_MODE_MISSING).unwrap();
+        }
         for p in 0..N {
             // SAFETY: a page of a test mapping nothing else uses.
             unsafe { ((src + p * 4096) as *mut u64).write_volatile(p as u64 + 1) };

@@ -34,7 +34,10 @@
 //! # Context
 //! The signal handler runs on the faulting thread, interrupted at an access
 //! to guest memory, with no manager lock held. It may sleep (folio locks,
-//! swap I/O, waiting for memory) like a handler thread.
+//! swap I/O, waiting for memory) like a handler thread. It can hold the
+//! last reference to another VM (direct reclaim holds each live VM for a
+//! moment while another thread destroys one): that VM's teardown is then
+//! handed to the pre-zeroing worker ([`serving`]), not run here.
 //!
 //! # Why the handler may allocate and lock
 //! The fault path is not async-signal-safe: it allocates, takes `std`
@@ -55,6 +58,7 @@ use crate::manager::Inner;
 use crate::sys::sigbus::{self, PF_PROT, PF_WRITE};
 use crate::types::PAGE_SIZE;
 use crate::vmscan;
+use std::cell::Cell;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Instant;
@@ -70,6 +74,32 @@ pub enum FaultDelivery {
     /// `SIGBUS` on the faulting thread, which serves its own fault (see the
     /// module docs for what that asks of the threads that touch guest memory).
     Faulter,
+}
+
+thread_local! {
+    /// Whether this thread is in the `SIGBUS` handler, in [`serve`].
+    static SERVING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is serving a fault in its `SIGBUS` handler. Work
+/// that must not run there (a VM's teardown) is handed to a manager thread.
+pub(crate) fn serving() -> bool {
+    SERVING.with(Cell::get)
+}
+
+/// Marks this thread [`serving`] until dropped.
+struct Serving(bool);
+
+impl Serving {
+    fn enter() -> Serving {
+        Serving(SERVING.with(|s| s.replace(true)))
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVING.with(|s| s.set(self.0));
+    }
 }
 
 /// The managers whose faults the `SIGBUS` handler serves.
@@ -99,6 +129,8 @@ fn owner(addr: usize) -> Option<Arc<Inner>> {
 
 /// The `SIGBUS` callback: serve the fault at `addr` if a manager owns it.
 fn serve(addr: usize, error_code: u64) -> bool {
+    // Set before `owner`: the `Arc`s it upgrades are references too.
+    let _serving = Serving::enter();
     let Some(inner) = owner(addr) else {
         return false;
     };
@@ -141,4 +173,103 @@ pub(crate) fn serve_missing(inner: &Inner, addr: usize, write: bool) -> bool {
     inner.faults.latency.record(ns);
     inner.reclaimers.fetch_sub(1, Relaxed);
     outcome != FaultOutcome::Poisoned
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use crate::{
+        FaultDelivery, FaultPlan, GuestAddress, GuestMemoryBackend, InjectedFault, IoOp,
+        MemoryManager, MmConfig, ReclaimConfig, SwapConfig, SwapTarget, PAGE_SIZE,
+    };
+    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::{Duration, Instant};
+
+    /// `VmState`s whose last reference went on a thread in its handler.
+    pub(crate) static DROPPED_IN_HANDLER: AtomicU64 = AtomicU64::new(0);
+    /// VM teardowns that ran on a thread in its handler.
+    pub(crate) static TORN_DOWN_IN_HANDLER: AtomicU64 = AtomicU64::new(0);
+
+    const MIB: u64 = 1 << 20;
+
+    /// A thread writing VM `x` runs out of memory and reclaims directly in
+    /// its `SIGBUS` handler, where it holds every live VM in turn
+    /// (`vmscan::pick_vm`) and VM `y`'s swap writes take 300 ms each
+    /// (`SlowEio`). Meanwhile `y` is destroyed and its backend dropped, so
+    /// the handler holds `y`'s last reference: the teardown must not run
+    /// there, but on the pre-zeroing worker, and still free `y`'s memory
+    /// (which is what lets the writer go on).
+    #[test]
+    fn a_vm_whose_last_reference_goes_in_a_sigbus_handler_is_torn_down_elsewhere() {
+        let mm = MemoryManager::new(MmConfig {
+            budget_bytes: 8 * MIB,
+            handler_threads: 0,
+            fault_delivery: FaultDelivery::Faulter,
+            prezero_limit_bytes: None,
+            swap: Some(SwapConfig {
+                target: SwapTarget::Dir(std::env::temp_dir()),
+                size_bytes: 64 * MIB,
+            }),
+            reclaim: ReclaimConfig {
+                background: false,
+                ..ReclaimConfig::default()
+            },
+        })
+        .unwrap();
+        let write = |b: &dyn GuestMemoryBackend, pages: u64| {
+            let base = b.regions()[0].host_addr.raw();
+            for p in 0..pages {
+                // SAFETY: a page of a live backend's guest RAM, which Rust
+                // code never borrows; the fault is served in our handler.
+                unsafe { ((base + (p * PAGE_SIZE) as usize) as *mut u64).write_volatile(p + 1) };
+            }
+        };
+        let y = mm.create_vm("victim").unwrap();
+        let by = mm.backend(y, &[(GuestAddress(0), 12 * MIB)]).unwrap();
+        write(&*by, 12 * MIB / PAGE_SIZE);
+        let x = mm.create_vm("writer").unwrap();
+        let bx = mm.backend(x, &[(GuestAddress(0), 8 * MIB)]).unwrap();
+        mm.inject_swap_faults(vec![FaultPlan {
+            op: IoOp::Write,
+            fault: InjectedFault::SlowEio,
+            skip: 0,
+            count: u64::MAX,
+        }])
+        .unwrap();
+        let before = DROPPED_IN_HANDLER.load(Relaxed);
+        let writer = {
+            let bx = bx.clone();
+            std::thread::spawn(move || write(&*bx, 8 * MIB / PAGE_SIZE))
+        };
+        let t0 = Instant::now();
+        while mm.vm_stats(x).unwrap().swap.direct_reclaims == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no direct reclaim");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        drop(by);
+        mm.destroy_vm(y).unwrap();
+        // With the writes failing, only `y`'s teardown frees memory.
+        let t0 = Instant::now();
+        while !writer.is_finished() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the writer still waits for memory a minute after y went"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        writer.join().unwrap();
+        mm.inject_swap_faults(Vec::new()).unwrap();
+        assert!(
+            DROPPED_IN_HANDLER.load(Relaxed) > before,
+            "the race was not reproduced: y's last reference went elsewhere"
+        );
+        assert_eq!(
+            TORN_DOWN_IN_HANDLER.load(Relaxed),
+            0,
+            "a VM was torn down in a SIGBUS handler"
+        );
+        drop(bx);
+        mm.destroy_vm(x).unwrap();
+    }
 }

@@ -58,7 +58,8 @@
 //!
 //! leaf locks (nothing is   Inner::regions (registry), Inner::vms,
 //! taken under them):        Inner::pending, Inner::kick, Inner::kswapd_kick,
-//!                           Inner::unpins, SwapFile::plans (fault injection);
+//!                           Inner::unpins, Inner::deferred_teardowns,
+//!                           SwapFile::plans (fault injection);
 //!                           taken alone, except Inner::pending under the zone
 //!                           lock (the worker's `faults_parked`) and
 //!                           Inner::kswapd_kick under the zone and page-table

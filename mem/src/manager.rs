@@ -316,6 +316,9 @@ pub(crate) struct Inner {
     /// Background compaction wake-up flag. Leaf.
     kcompactd_kick: Mutex<bool>,
     kcompactd_cv: Condvar,
+    /// VM teardowns handed to the pre-zeroing worker by a `SIGBUS`
+    /// handler ([`Inner::defer_teardown`]). Leaf.
+    deferred_teardowns: Mutex<Vec<crate::vm::Teardown>>,
 }
 
 /// How long after reclaim last ran the pool counts as under reclaim
@@ -335,6 +338,33 @@ impl Inner {
         let last = self.last_reclaim_ns.load(Relaxed);
         let now = self.started.elapsed().as_nanos() as u64;
         last != 0 && now.saturating_sub(last) < RECLAIM_RECENT.as_nanos() as u64
+    }
+
+    /// Have the pre-zeroing worker run `t`: a VM's last reference went in
+    /// a fault served in a `SIGBUS` handler (see `VmState`'s drop).
+    pub(crate) fn defer_teardown(&self, t: crate::vm::Teardown) {
+        self.deferred_teardowns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(t);
+        self.kick_worker();
+    }
+
+    /// Run the teardowns [`Inner::defer_teardown`] handed over.
+    ///
+    /// # Context
+    /// The pre-zeroing worker, or the manager's drop after it stopped; no
+    /// lock held.
+    pub(crate) fn run_deferred_teardowns(&self) {
+        let ts = std::mem::take(
+            &mut *self
+                .deferred_teardowns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for t in ts {
+            t.run(self);
+        }
     }
 
     /// Take the zone lock.
@@ -726,6 +756,7 @@ impl MemoryManager {
             inject: Injector::default(),
             kcompactd_kick: Mutex::new(false),
             kcompactd_cv: Condvar::new(),
+            deferred_teardowns: Mutex::default(),
         });
         if faulter {
             crate::faulter::register(&inner).map_err(MmError::SignalHandler)?;
@@ -1504,5 +1535,7 @@ impl Drop for MemoryManager {
         {
             let _ = t.join();
         }
+        // Handed over by a SIGBUS handler after the worker's last look.
+        self.inner.run_deferred_teardowns();
     }
 }

@@ -25,6 +25,7 @@ pub(crate) fn worker_thread(inner: &Inner) {
         if inner.shutdown.load(Relaxed) {
             return;
         }
+        inner.run_deferred_teardowns();
         deferred_split_scan(inner);
         while prepare_one(inner) {
             retry_parked(inner);

@@ -399,11 +399,51 @@ impl VmState {
 
 impl Drop for VmState {
     fn drop(&mut self) {
-        let inner = self.inner.clone();
+        let regions = std::mem::take(self.regions.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let teardown = Teardown {
+            name: std::mem::take(&mut self.name),
+            regions,
+        };
+        let serving = crate::faulter::serving();
+        #[cfg(test)]
+        if serving {
+            crate::faulter::tests::DROPPED_IN_HANDLER.fetch_add(1, Relaxed);
+        }
+        // The last reference can be dropped by a fault served in a `SIGBUS`
+        // handler: direct reclaim there holds every live VM for a moment
+        // (`vmscan::pick_vm`), and another thread may destroy one of them
+        // meanwhile. Unregistering, zapping and unmapping another VM's RAM
+        // does not belong on that faulting thread, in signal context.
+        if serving {
+            self.inner.defer_teardown(teardown);
+        } else {
+            teardown.run(&self.inner);
+        }
+    }
+}
+
+/// What is left to do of a VM whose last reference went: unmap, unregister
+/// and free its regions.
+#[derive(Debug)]
+pub(crate) struct Teardown {
+    name: String,
+    regions: Vec<Arc<Region>>,
+}
+
+impl Teardown {
+    /// Tear the regions down.
+    ///
+    /// # Context
+    /// No lock held; not in a `SIGBUS` handler ([`crate::faulter::serving`]).
+    pub(crate) fn run(self, inner: &Inner) {
+        #[cfg(test)]
+        if crate::faulter::serving() {
+            crate::faulter::tests::TORN_DOWN_IN_HANDLER.fetch_add(1, Relaxed);
+        }
         let mut freed = Vec::new();
-        for r in self.all_regions() {
+        for r in self.regions {
             inner.unregister_region(&r);
-            freed.extend(r.unmap_all(&inner));
+            freed.extend(r.unmap_all(inner));
             if let Err(e) = inner
                 .uffd
                 .unregister(r.host_base().raw(), r.size() as usize)
@@ -412,7 +452,7 @@ impl Drop for VmState {
             }
             // Free the guest's pages now, before their pool ranges are reused.
             // SAFETY: the region's own guest mapping, with every entry
-            // unmapped above; the VM's last reference is going (no backend,
+            // unmapped above; the VM's last reference went (no backend,
             // pin or KVM slot uses it), and guest memory is never borrowed.
             if let Err(e) = unsafe { sys::dontneed(r.host_base().raw(), r.size() as usize) } {
                 log_error(&format!("vm {} teardown: dontneed: {e}", self.name));

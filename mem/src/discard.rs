@@ -16,7 +16,7 @@ use crate::pte::{Pte, PteState, PtlGuard};
 use crate::rmap;
 use crate::sys;
 use crate::sys::userfaultfd::MOVE_MODE_ALLOW_SRC_HOLES;
-use crate::types::{FolioId, GuestAddress, PageIndex, VmId, PAGE_SIZE};
+use crate::types::{FolioId, GuestAddress, PageIndex, SwapSlot, VmId, PAGE_SIZE};
 use crate::vm::{Region, VmState};
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -136,18 +136,24 @@ fn discard_in(
             moved = Some(idx);
             break;
         }
-        if !ptl.is_dead() && ptl.nr_used() > 0 {
-            if let Err((at, folio)) = discard_table(inner, region, &mut ptl, idx, stop, out) {
-                // A migration or collapse owns the entry: wait for it on the
-                // folio lock (the entry keeps the folio alive until then).
-                inner.folios.slab().get_ref(folio);
-                drop(ptl);
-                crate::swapin::wait_on_folio(inner, folio);
-                idx = at;
-                continue;
-            }
-        }
+        // Swap-cache folios whose slots lost their last entry here.
+        let mut cached = Vec::new();
+        let r = match !ptl.is_dead() && ptl.nr_used() > 0 {
+            true => discard_table(inner, region, &mut ptl, (idx, stop), out, &mut cached),
+            false => Ok(()),
+        };
         drop(ptl);
+        if let (Some(dev), false) = (inner.swap.as_ref(), cached.is_empty()) {
+            crate::swapin::free_swap_cache(inner, dev, cached);
+        }
+        if let Err((at, folio)) = r {
+            // A migration or collapse owns the entry: wait for it on the
+            // folio lock (`discard_table` took a reference under the
+            // page-table lock: the entry kept the folio alive until then).
+            crate::swapin::wait_on_folio(inner, folio);
+            idx = at;
+            continue;
+        }
         idx = stop;
     }
     let c = &region.counters;
@@ -164,7 +170,9 @@ fn discard_in(
 }
 
 /// Discard `[from, to)` inside the table locked by `ptl`. Stops at a
-/// `Migration` entry, returning its page and folio for the caller to wait.
+/// `Migration` entry, returning its page and folio (referenced) for the
+/// caller to wait. Swap-cache folios whose slots lost their last entry are
+/// added to `cached`, referenced (see `swapin::unnamed_cached`).
 ///
 /// # Context
 /// Page-table lock held; takes the folio-table and zone locks (not nested).
@@ -172,9 +180,9 @@ fn discard_table(
     inner: &Inner,
     region: &Region,
     ptl: &mut PtlGuard<'_>,
-    from: PageIndex,
-    to: PageIndex,
+    (from, to): (PageIndex, PageIndex),
     out: &mut DiscardOutcome,
+    cached: &mut Vec<(FolioId, SwapSlot)>,
 ) -> Result<(), (PageIndex, FolioId)> {
     let mut i = from;
     while i < to {
@@ -187,9 +195,12 @@ fn discard_table(
                 i = i.forward(1);
                 continue;
             }
-            PteState::Migration { folio } => return Err((i, folio)),
+            PteState::Migration { folio } => {
+                inner.folios.slab().get_ref(folio);
+                return Err((i, folio));
+            }
             _ => {
-                discard_unmapped(inner, region, ptl, i, pte);
+                discard_unmapped(inner, region, ptl, i, pte, cached);
                 out.discarded_pages += 1;
                 i = i.forward(1);
                 continue;
@@ -233,24 +244,29 @@ fn discard_table(
 }
 
 /// Discard one page that no folio maps: a swap entry (its slot reference
-/// goes), a swapin marker (the swapin finds it gone and cleans up its folio
-/// and slot), a zero entry, or a poisoned page (its kernel marker is zapped).
+/// goes; a folio caching the slot no entry names any more is added to
+/// `cached`), a swapin marker (the swapin finds it gone and cleans up its
+/// folio and slot), a zero entry, or a poisoned page (its kernel marker is
+/// zapped).
 ///
 /// # Context
-/// Page-table lock held; takes the swap lock.
+/// Page-table lock held; takes the swap lock, then the folio-table lock.
 fn discard_unmapped(
     inner: &Inner,
     region: &Region,
     ptl: &mut PtlGuard<'_>,
     idx: PageIndex,
     pte: Pte,
+    cached: &mut Vec<(FolioId, SwapSlot)>,
 ) {
     match pte.state() {
         PteState::Swap { slot } => {
             if let Some(dev) = inner.swap.as_ref() {
-                if let Err(e) = dev.lock().swap_free_nr(slot, 1) {
+                let mut st = dev.lock();
+                if let Err(e) = st.swap_free_nr(slot, 1) {
                     crate::vm::log_error(&format!("discard: {e}"));
                 }
+                crate::swapin::unnamed_cached(inner, &st, slot, cached);
             }
             crate::swapin::both(inner, region, |c| c.swapped_pages.fetch_sub(1, Relaxed));
         }

@@ -27,7 +27,8 @@ pub enum FaultPoint {
     /// Swap-out: a folio whose write succeeded stays in the swap cache,
     /// unmapped and unlocked, as when a refault is waiting for it (not a
     /// failure: it drives the paths that meet such a folio; the next fault
-    /// on its slots maps it from the cache).
+    /// on its slots maps it from the cache, and a discard or teardown that
+    /// drops the last entry naming its slots frees it).
     SwapKeepCache,
     /// Deferred split: a pass of the worker leaves the queue alone (not a
     /// failure: a partially discarded large folio stays whole and queued,

@@ -11,8 +11,10 @@
 //!
 //! Invariant: a folio is in the swap cache only while the owner of its swap
 //! I/O holds its folio lock, or until the first waiter that took a
-//! reference during that time gets the lock and maps it back. Slots of a
-//! cached folio carry `HAS_CACHE` in the swap map.
+//! reference during that time gets the lock and maps it back, or until the
+//! last entry naming its slots goes (a discard or teardown then takes it
+//! out, `swapin::free_swap_cache`). Slots of a cached folio carry
+//! `HAS_CACHE` in the swap map.
 //!
 //! # Context
 //! The swap lock ([`SwapDevice::lock`]) is taken below the page-table lock

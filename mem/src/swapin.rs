@@ -29,8 +29,9 @@ use crate::folio::{Folio, FolioFlags};
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
 use crate::rmap::{self, full_mask, mask_test, PageMask, Rmap};
-use crate::swap_cache::SwapDevice;
+use crate::swap_cache::{SwapDevice, SwapState};
 use crate::swap_file::SwapIoError;
+use crate::swap_map::SlotState;
 use crate::types::{FolioId, Order, PageIndex, PoolOffset, SwapSlot, PAGE_SIZE};
 use crate::vm::{log_error, Region};
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
@@ -313,6 +314,94 @@ fn release_swap(
         slab.put_refs(folio, 1)
     };
     debug_assert!(freed.is_none(), "the caller still holds a reference");
+}
+
+/// After the count of `slot` was dropped because its entry went (a discard
+/// or the VM's teardown): if no entry names it now but a folio caches it,
+/// take a reference on that folio (under the swap lock, as a lookup must)
+/// and add it to `found`, for [`free_swap_cache`] once no page-table lock
+/// is held. First half of `free_swap_and_cache()`.
+///
+/// # Context
+/// Swap lock held (`st`); takes the folio-table lock.
+pub(crate) fn unnamed_cached(
+    inner: &Inner,
+    st: &SwapState,
+    slot: SwapSlot,
+    found: &mut Vec<(FolioId, SwapSlot)>,
+) {
+    let unnamed = st.map.state(slot)
+        == (SlotState::Used {
+            count: 0,
+            cached: true,
+        });
+    let Some((folio, base)) = st.cache.lookup(slot).filter(|_| unnamed) else {
+        return;
+    };
+    if !found.iter().any(|&(f, _)| f == folio) {
+        inner.folios.slab().get_ref(folio);
+        found.push((folio, base));
+    }
+}
+
+/// Take each folio of `found` (referenced by [`unnamed_cached`]) out of the
+/// swap cache if no entry names any of its slots any more, then drop the
+/// reference (`__try_to_reclaim_swap()`). Only a fault on its slots could
+/// find such a folio otherwise: one left in the cache after its write with
+/// nobody waiting for it (`FaultPoint::SwapKeepCache`) would stay there,
+/// with its slots and pool range, for ever. Whoever holds the folio lock
+/// meanwhile (its writeback or swapin, a refault waiting for it) either
+/// takes it out of the cache itself, found gone here, or leaves it for
+/// this; a migration leaves the new folio, which is followed.
+///
+/// # Context
+/// No locks held; sleeps on folio locks. Lock order: folio lock → swap lock
+/// → folio-table lock.
+pub(crate) fn free_swap_cache(inner: &Inner, dev: &SwapDevice, found: Vec<(FolioId, SwapSlot)>) {
+    for (mut folio, base) in found {
+        let lock = loop {
+            let lock = inner.folios.lock(folio);
+            let mut st = dev.lock();
+            let moved = match st.cache.lookup(base) {
+                Some((f, b)) if f == folio && b == base => None,
+                // Migrated while we slept: look at the new one.
+                Some((moved, b)) if b == base && moved != folio => Some(moved),
+                _ => break lock,
+            };
+            let Some(moved) = moved else {
+                let mut slab = inner.folios.slab();
+                let f = slab.live(folio);
+                let nr = f.order.nr_pages();
+                let unnamed = f.mapcount == 0
+                    && (0..nr).all(|k| {
+                        st.map.state(base.forward(k))
+                            == (SlotState::Used {
+                                count: 0,
+                                cached: true,
+                            })
+                    });
+                if unnamed {
+                    f.swap = None;
+                    f.flags.remove(FolioFlags::SWAPCACHE);
+                    f.flags.remove(FolioFlags::REFAULTED);
+                    let freed = slab.put_refs(folio, 1);
+                    debug_assert!(freed.is_none(), "we hold a reference");
+                    drop(slab);
+                    if let Err(e) = st.delete_from_swap_cache(base, nr) {
+                        log_error(&format!("free of an unnamed swap-cache folio: {e}"));
+                    }
+                }
+                break lock;
+            };
+            inner.folios.slab().get_ref(moved);
+            drop(st);
+            drop(lock);
+            inner.put_folio(folio, 1);
+            folio = moved;
+        };
+        drop(lock);
+        inner.put_folio(folio, 1);
+    }
 }
 
 /// Kept clean pages a VM's recent history counts before it decides.

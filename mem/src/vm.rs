@@ -187,8 +187,13 @@ impl Region {
     /// Takes each page-table lock in turn (then the swap and folio-table
     /// locks); marks the tables dead so racing handlers and swapins install
     /// nothing more (a swapin in flight finds its markers gone and cleans up).
+    /// Then, with no lock held, sleeps on the folio lock of each swap-cache
+    /// folio whose slots no entry names any more, to free it
+    /// (`swapin::free_swap_cache`).
     fn unmap_all(&self, inner: &Inner) -> Vec<FreedRange> {
         let mut freed = Vec::new();
+        // Swap-cache folios whose slots lost their last entry here.
+        let mut cached = Vec::new();
         for t in 0..self.pt.nr_tables() {
             let mut ptl = self.pt.lock(PageIndex(t * PTRS_PER_TABLE));
             ptl.set_dead();
@@ -237,10 +242,14 @@ impl Region {
                     if let Err(e) = st.swap_free_nr(s, 1) {
                         log_error(&format!("teardown: {e}"));
                     }
+                    crate::swapin::unnamed_cached(inner, &st, s, &mut cached);
                 }
             }
             self.counters.swap.swapped_pages.fetch_sub(gone, Relaxed);
             inner.swap_counters.swapped_pages.fetch_sub(gone, Relaxed);
+        }
+        if let (Some(dev), false) = (inner.swap.as_ref(), cached.is_empty()) {
+            crate::swapin::free_swap_cache(inner, dev, cached);
         }
         freed
     }

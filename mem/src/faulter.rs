@@ -129,6 +129,15 @@ fn owner(addr: usize) -> Option<Arc<Inner>> {
 
 /// The `SIGBUS` callback: serve the fault at `addr` if a manager owns it.
 fn serve(addr: usize, error_code: u64) -> bool {
+    // The handler runs with `SA_NODEFER`, and nothing it runs touches guest
+    // memory from user mode (installs and reads of guest pages are system
+    // calls). Should a change ever make it do so, the nested fault is not
+    // served: serving it could wait for a lock this thread holds. The
+    // `SIGBUS` then goes to the previous handler, by default ending the
+    // process with it, instead of hanging.
+    if serving() {
+        return false;
+    }
     // Set before `owner`: the `Arc`s it upgrades are references too.
     let _serving = Serving::enter();
     let Some(inner) = owner(addr) else {

@@ -1048,8 +1048,10 @@ impl MemoryManager {
         pin::pin(&self.inner, state, gpa, len)
     }
 
-    /// Set `vm`'s reclaim limits; they apply from its next fault and the
-    /// next background reclaim round.
+    /// Set `vm`'s reclaim limits. Reclaim already running stops at the new
+    /// minimum (and, enforcing the maximum, at the new maximum) from its
+    /// next batch; a maximum is otherwise enforced from the VM's next fault
+    /// and the next background reclaim round.
     ///
     /// # Errors
     /// [`VmError::NoSuchVm`]; [`VmError::MinAboveMax`]; and

@@ -332,7 +332,8 @@ impl VmState {
         }
     }
 
-    /// Set the limits (takes effect on the next fault or reclaim round).
+    /// Set the limits (reclaim in flight reads them at each batch; see
+    /// `vmscan::Floor`).
     pub fn set_limits(&self, l: VmLimits) {
         self.min_pages.store(l.min_bytes / PAGE_SIZE, Relaxed);
         let max = l.max_bytes.map_or(u64::MAX, |b| b.div_ceil(PAGE_SIZE));

@@ -135,7 +135,7 @@ pub(crate) fn enforce_vm_max(inner: &Inner, region: &Region) {
     let excess = vm.resident_pages().saturating_sub(vm.max_pages());
     if excess > 0 {
         inner.reclaimers.fetch_add(1, Relaxed);
-        shrink_vm(inner, &vm, excess + SCAN_BATCH as u64, vm.max_pages());
+        shrink_vm(inner, &vm, excess + SCAN_BATCH as u64, Floor::Max);
         inner.reclaimers.fetch_sub(1, Relaxed);
     }
 }
@@ -162,7 +162,7 @@ fn free_pages_from(inner: &Inner, vm: Option<VmId>, nr_pages: u64) -> u64 {
             None => pick_vm(inner, &tried),
         };
         let Some(victim) = victim else { break };
-        let got = shrink_vm(inner, &victim, nr_pages - freed, victim.min_pages());
+        let got = shrink_vm(inner, &victim, nr_pages - freed, Floor::Min);
         if got == 0 {
             tried.insert(victim.id);
         }
@@ -186,9 +186,36 @@ fn pick_vm(inner: &Inner, tried: &HashSet<VmId>) -> Option<Arc<VmState>> {
         })
 }
 
+/// The resident pages a reclaim of a VM stops at: its minimum, or (when
+/// enforcing its maximum) its maximum, never below its minimum.
+///
+/// Read from the VM's limits at every isolation, not once per reclaim:
+/// [`crate::MemoryManager::set_vm_limits`] may raise the minimum (or lift
+/// the maximum) while a reclaim runs, and a reclaim that kept the floor it
+/// started with took the VM down to its old one, far below the minimum just
+/// set (`raising_a_minimum_stops_reclaim_in_flight` in
+/// `mem/tests/budget.rs`). Limits are two separate stores too, so a
+/// maximum is never trusted to be at least the minimum read beside it.
+#[derive(Debug, Clone, Copy)]
+enum Floor {
+    /// The VM's minimum.
+    Min,
+    /// The VM's maximum, or its minimum if that is higher.
+    Max,
+}
+
+impl Floor {
+    fn pages(self, vm: &VmState) -> u64 {
+        match self {
+            Floor::Min => vm.min_pages(),
+            Floor::Max => vm.max_pages().max(vm.min_pages()),
+        }
+    }
+}
+
 /// Reclaim up to `nr` pages from `vm`, not going below `floor` resident
 /// pages. Returns the pages freed.
-fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: u64) -> u64 {
+fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: Floor) -> u64 {
     let (mut freed, mut scanned) = (0, 0);
     // Each folio is at most sampled once and then evicted once per pass.
     let budget = inner.folios.slab().lru_pages(vm.id) * 2 + SCAN_BATCH as u64;
@@ -258,7 +285,7 @@ fn probation_target(lru_pages: u64) -> u64 {
 ///
 /// Victims come from the head of the probation list: folios sampled and
 /// not touched since, the longest waiting first, taken off the LRU with a
-/// reference, while the VM stays above `floor` resident pages; their pages
+/// reference, while the VM stays above `floor`'s resident pages; their pages
 /// are reserved in `vm.reclaiming` (`Isolated::reserved`) until the caller
 /// is done with them. The list gives victims only once it holds half its
 /// target ([`probation_target`]), so that a folio sampled a moment ago is
@@ -278,7 +305,7 @@ fn isolate_folios(
     inner: &Inner,
     vm: &VmState,
     want: u64,
-    floor: u64,
+    floor: Floor,
     respect_heat: bool,
 ) -> Isolated {
     let mut batch = Isolated::default();
@@ -288,7 +315,7 @@ fn isolate_folios(
     // reserved, unless that takes the VM below its minimum.
     let evict = |slab: &mut FolioSlab, batch: &mut Isolated, id: FolioId, nr: u64| {
         let taken = vm.reclaiming.fetch_add(nr, Relaxed) + nr;
-        if vm.resident_pages() < floor + taken {
+        if vm.resident_pages() < floor.pages(vm).saturating_add(taken) {
             vm.reclaiming.fetch_sub(nr, Relaxed);
             return false;
         }
@@ -1124,7 +1151,7 @@ fn balance(inner: &Inner) {
         let excess = vm.resident_pages().saturating_sub(vm.max_pages());
         if excess > 0 {
             inner.reclaimers.fetch_add(1, Relaxed);
-            shrink_vm(inner, &vm, excess, vm.max_pages());
+            shrink_vm(inner, &vm, excess, Floor::Max);
             inner.reclaimers.fetch_sub(1, Relaxed);
         }
     }

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use mem::{BudgetError, GuestAddress, VmLimits, PAGE_SIZE};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 fn fill(ram: Ram, bytes: u64, g: u64) {
     for p in 0..bytes / PAGE_SIZE {
@@ -220,4 +221,114 @@ fn minimums_that_exceed_the_budget_are_refused() {
     mm.set_budget(28 * MIB).unwrap();
     assert_eq!(mm.set_vm_limits(a, min(14)), refused(30, 28));
     mm.set_vm_limits(a, min(12)).unwrap();
+}
+
+/// Touch every page of `t` in a scattered order (a stride coprime with the
+/// page count), reading generation `old` (if any) and writing `new`: a
+/// swapped-out page comes back as an order-0 folio, as no two faults in a
+/// row continue a readahead stream.
+fn rewrite_scattered(t: &TestVm, old: Option<u64>, new: u64) {
+    let stride = 4099;
+    assert_eq!(gcd(stride, t.pages), 1);
+    for i in 0..t.pages {
+        let p = i * stride % t.pages;
+        if let Some(g) = old {
+            assert_eq!(t.ram.read(p * PAGE_SIZE), pattern(p, 0, g), "page {p}");
+        }
+        t.ram.write(p * PAGE_SIZE, pattern(p, 0, new));
+    }
+}
+
+/// Sets its flag when dropped, on a panic too.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    match b {
+        0 => a,
+        b => gcd(b, a % b),
+    }
+}
+
+/// A minimum raised while reclaim is taking the VM down holds at once:
+/// reclaim in flight stops at the new minimum. Each round caps the VM at
+/// 4 MiB (the background reclaimer and an API reclaimer take it down),
+/// then, with reclaim under way, lifts the cap and sets a minimum a little
+/// under what the VM holds. Reclaim read the floor once per pass, and the
+/// pass enforcing the old cap took the VM on down to it: before the fix
+/// the VM ended with 4-13 MiB under a minimum of 45-51 MiB in 5 runs of 5,
+/// at the first round. The folios are order 0 (swapped in one by one), so
+/// what was isolated before the raise is at most a few batches of 32 pages
+/// per reclaimer, well inside the 1 MiB allowed here.
+#[test]
+fn raising_a_minimum_stops_reclaim_in_flight() {
+    const GUEST: u64 = 64 * MIB;
+    let mm = swap_manager(96 * MIB, 2, 256 * MIB, true);
+    let t = TestVm::new(&mm, "raised", GUEST);
+    let vm = t.id;
+    t.fill(0);
+    // Out to swap, then back as order-0 folios.
+    assert_eq!(mm.reclaim(Some(vm), GUEST).unwrap(), GUEST);
+    rewrite_scattered(&t, Some(0), 1);
+    let s = mm.vm_stats(vm).unwrap();
+    assert!(
+        s.resident_bytes_by_order[0] >= GUEST - 4 * MIB,
+        "the premise: order-0 folios, {:?}",
+        s.resident_bytes_by_order
+    );
+    let resident = || mm.vm_stats(vm).unwrap().resident_bytes();
+    let limits = |min_bytes, max_bytes| VmLimits {
+        min_bytes,
+        max_bytes,
+        priority: 0,
+    };
+    let (stop, squeeze) = (AtomicBool::new(false), AtomicBool::new(false));
+    std::thread::scope(|s| {
+        // An API reclaimer on this VM too, while the cap is on: it reads
+        // the floor once per call.
+        s.spawn(|| {
+            while !stop.load(Relaxed) {
+                match squeeze.load(Relaxed) {
+                    true => drop(mm.reclaim(Some(vm), 2 * MIB).unwrap()),
+                    false => std::thread::sleep(std::time::Duration::from_millis(1)),
+                }
+            }
+        });
+        // A failed assertion below must stop it too, or the scope waits.
+        let _stop = StopOnDrop(&stop);
+        for round in 0..5u64 {
+            assert!(resident() >= GUEST - 4 * MIB, "round {round}: not back in");
+            squeeze.store(true, Relaxed);
+            mm.set_vm_limits(vm, limits(0, Some(4 * MIB))).unwrap();
+            assert!(
+                wait_until(std::time::Duration::from_secs(20), || resident()
+                    < GUEST - 8 * MIB),
+                "round {round}: reclaim did not start"
+            );
+            // A minimum a little under what the VM holds now, in whole MiB.
+            let min = (resident().saturating_sub(4 * MIB) / MIB).max(8) * MIB;
+            mm.set_vm_limits(vm, limits(min, None)).unwrap();
+            let at_raise = resident();
+            // Let every reclaim in flight end; the API reclaimer keeps
+            // asking for more meanwhile.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            squeeze.store(false, Relaxed);
+            let after = resident();
+            assert!(
+                after + MIB >= min.min(at_raise),
+                "round {round}: {after} bytes resident under a minimum of {min} \
+                 ({at_raise} when it was set)"
+            );
+            // Everything back in, checked, as order-0 folios again.
+            mm.set_vm_limits(vm, limits(0, None)).unwrap();
+            rewrite_scattered(&t, Some(round + 1), round + 2);
+        }
+    });
+    rewrite_scattered(&t, Some(6), 7);
+    t.destroy(&mm);
 }

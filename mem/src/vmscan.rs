@@ -63,7 +63,10 @@
 //! # Who is reclaimed
 //! A VM above its `max_bytes` first; otherwise the VMs above their
 //! `min_bytes`, lowest `priority` first, then the one furthest above its
-//! minimum. No VM is ever taken below its minimum.
+//! minimum. No VM is ever taken below its minimum by reclaim for others.
+//! A fault that finds every VM at its minimum (minimums may add up to the
+//! budget) swaps out a folio of its own VM to make room for its page, at
+//! most one 2 MiB folio below the minimum, which its fault puts back.
 //!
 //! Analogues: `shrink_folio_list()`, `pageout()`, `try_to_free_pages()`,
 //! `kswapd()`/`balance_pgdat()`, `change_prot_numa()`.
@@ -118,7 +121,34 @@ pub(crate) fn can_reclaim(inner: &Inner) -> bool {
 pub(crate) fn direct_reclaim(inner: &Inner, region: &Region) {
     both(inner, region, |c| c.direct_reclaims.fetch_add(1, Relaxed));
     inner.kick_kswapd();
-    try_to_free_pages(inner, None, DIRECT_RECLAIM_PAGES);
+    if try_to_free_pages(inner, None, DIRECT_RECLAIM_PAGES) == 0 {
+        reclaim_own(inner, region.vm);
+    }
+}
+
+/// Direct reclaim that found nothing above any VM's minimum: make room for
+/// the faulting VM's page with a folio of its own, down to one 2 MiB folio
+/// below its minimum ([`Floor::Own`]), so that the fault swaps rather than
+/// waits for memory no reclaim will ever free. Returns the pages freed.
+///
+/// Minimums may add up to the whole budget; with every VM at its minimum,
+/// a VM whose working set is larger could then not run at all: its first
+/// fault past its minimum waited forever with the swap file empty
+/// (`a_vm_at_its_minimum_swaps_its_own_pages_when_minimums_fill_the_budget`
+/// in `mem/tests/budget.rs`). Its own fault puts back what this takes, so
+/// it is below its minimum only while that fault is served (or while
+/// another VM below its own minimum takes the page first).
+///
+/// # Context
+/// No locks held.
+fn reclaim_own(inner: &Inner, vm: VmId) -> u64 {
+    let Some(vm) = inner.vm(vm) else {
+        return 0;
+    };
+    inner.reclaimers.fetch_add(1, Relaxed);
+    let freed = shrink_vm(inner, &vm, SCAN_BATCH as u64, Floor::Own);
+    inner.reclaimers.fetch_sub(1, Relaxed);
+    freed
 }
 
 /// Reclaim the faulting VM down to its `max_bytes` before it gets more.
@@ -187,7 +217,8 @@ fn pick_vm(inner: &Inner, tried: &HashSet<VmId>) -> Option<Arc<VmState>> {
 }
 
 /// The resident pages a reclaim of a VM stops at: its minimum, or (when
-/// enforcing its maximum) its maximum, never below its minimum.
+/// enforcing its maximum) its maximum, never below its minimum; only a VM
+/// reclaiming for its own fault goes a little below ([`Floor::Own`]).
 ///
 /// Read from the VM's limits at every isolation, not once per reclaim:
 /// [`crate::MemoryManager::set_vm_limits`] may raise the minimum (or lift
@@ -202,6 +233,9 @@ enum Floor {
     Min,
     /// The VM's maximum, or its minimum if that is higher.
     Max,
+    /// One 2 MiB folio below the VM's minimum: a fault of the VM itself
+    /// reclaiming for itself when nothing else can be ([`reclaim_own`]).
+    Own,
 }
 
 impl Floor {
@@ -209,6 +243,7 @@ impl Floor {
         match self {
             Floor::Min => vm.min_pages(),
             Floor::Max => vm.max_pages().max(vm.min_pages()),
+            Floor::Own => vm.min_pages().saturating_sub(Order::PMD.nr_pages()),
         }
     }
 }

@@ -332,3 +332,78 @@ fn raising_a_minimum_stops_reclaim_in_flight() {
     rewrite_scattered(&t, Some(6), 7);
     t.destroy(&mm);
 }
+
+/// Minimums may add up to the whole budget. With every VM at its minimum,
+/// a VM whose working set is larger still runs: its faults swap out its
+/// own pages (one folio at most below its minimum), and the other VM,
+/// idle at its minimum, loses none of its pages. Before, reclaim found no
+/// VM above its minimum, and the first fault past the minimum waited for
+/// memory forever with the swap file empty: in 3 runs of 3 the guest
+/// threads stopped after 5-6 accesses (four 2 MiB folios) for the 30 s
+/// allowed, until the test lowered the other VM's minimum to let them end.
+#[test]
+fn a_vm_at_its_minimum_swaps_its_own_pages_when_minimums_fill_the_budget() {
+    const THREADS: u64 = 3;
+    const ACCESSES: u64 = 20_000;
+    let mm = swap_manager(16 * MIB, 2, 256 * MIB, true);
+    let min = |m: u64| VmLimits {
+        min_bytes: m * MIB,
+        ..VmLimits::default()
+    };
+    let idle = TestVm::with_limits(&mm, "idle", 8 * MIB, min(8));
+    idle.fill(1);
+    let busy = TestVm::with_limits(&mm, "busy", 32 * MIB, min(8));
+    let (ram, pages) = (busy.ram, busy.pages);
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let unblocked: Option<u64> = std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let done = &done;
+            s.spawn(move || {
+                // This thread's pages are those with `p % THREADS == t`.
+                let mut want = vec![0u64; (pages / THREADS) as usize];
+                let mut rng = Rng(0x5bd1 + t);
+                for n in 1..=ACCESSES {
+                    let i = rng.below(pages / THREADS);
+                    let p = i * THREADS + t;
+                    let off = p * PAGE_SIZE + t * 8;
+                    assert_eq!(ram.read(off), want[i as usize], "page {p}");
+                    want[i as usize] = pattern(p, t, n);
+                    ram.write(off, want[i as usize]);
+                    done.fetch_add(1, Relaxed);
+                }
+                for (i, w) in want.iter().enumerate() {
+                    let p = i as u64 * THREADS + t;
+                    assert_eq!(ram.read(p * PAGE_SIZE + t * 8), *w, "page {p}");
+                }
+            });
+        }
+        let all = || done.load(Relaxed) == THREADS * ACCESSES;
+        let finished = wait_until(std::time::Duration::from_secs(30), all);
+        let stalled_at = done.load(Relaxed);
+        if !finished {
+            // Let the stuck guest threads end: the idle VM's minimum goes.
+            mm.set_vm_limits(idle.id, VmLimits::default()).unwrap();
+        }
+        (!finished).then_some(stalled_at)
+    });
+    assert_eq!(
+        unblocked,
+        None,
+        "the busy VM stalled at its minimum after this many accesses: {:?}",
+        mm.vm_stats(busy.id).unwrap()
+    );
+    let (b, i) = (mm.vm_stats(busy.id).unwrap(), mm.vm_stats(idle.id).unwrap());
+    assert!(b.swap.swapout_pages > 0, "{:?}", b.swap);
+    assert_eq!(
+        i.swap.swapout_pages, 0,
+        "the idle VM lost pages: {:?}",
+        i.swap
+    );
+    assert_eq!(i.resident_bytes(), 8 * MIB);
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    let b = mm.vm_stats(busy.id).unwrap().resident_bytes();
+    assert!(b + 2 * MIB >= 8 * MIB, "busy VM at {b} bytes");
+    idle.verify(1);
+    busy.destroy(&mm);
+    idle.destroy(&mm);
+}

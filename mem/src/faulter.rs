@@ -118,6 +118,16 @@ pub(crate) fn register(inner: &Arc<Inner>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Stop serving `inner`'s faults: its manager is being dropped. After this,
+/// no `SIGBUS` handler upgrades a reference to it, so none can hold its last
+/// one ([`owner`] upgrades every manager it looks at, the ones that do not
+/// own the address too, and drops those in the handler). Handlers looking
+/// meanwhile hold the lock this waits for.
+pub(crate) fn unregister(inner: &Arc<Inner>) {
+    let mut m = MANAGERS.write().unwrap_or_else(|e| e.into_inner());
+    m.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(inner)));
+}
+
 /// The manager whose guest regions or pool hold `addr`.
 fn owner(addr: usize) -> Option<Arc<Inner>> {
     let m = MANAGERS.read().unwrap_or_else(|e| e.into_inner());

@@ -1515,6 +1515,8 @@ fn check_layout(layout: &[(GuestAddress, u64)]) -> Result<(), BackendError> {
 
 impl Drop for MemoryManager {
     fn drop(&mut self) {
+        // No SIGBUS handler may take a reference to us from now on.
+        crate::faulter::unregister(&self.inner);
         // Backends hold the manager, so no VM has memory any more; drop the
         // remaining VM records, then stop the threads.
         let vms: Vec<_> = self

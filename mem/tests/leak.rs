@@ -14,8 +14,8 @@ mod common;
 
 use common::*;
 use mem::{
-    FaultPlan, FaultPoint, GuestAddress, InjectPlan, InjectedFault, IoOp, MemoryManager,
-    RelocateError, RelocateOp, VmId, PAGE_SIZE,
+    FaultPlan, FaultPoint, FolioBackend, GuestAddress, InjectPlan, InjectedFault, IoOp,
+    MemoryManager, RelocateError, RelocateOp, VmId, PAGE_SIZE,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
@@ -440,18 +440,24 @@ fn collapse_fills_holes_with_zero_and_frees_members_zeroed() {
         }
     }
     // The members' ranges (A's data) are free now: B gets them zeroed.
-    let b = mm.create_vm("b").unwrap();
-    let bb = mm.backend(b, &[(GuestAddress(0), 14 * MIB)]).unwrap();
-    let rb = Ram::of(&*bb);
-    for p in 0..14 * MIB / PAGE_SIZE {
-        for (w, got) in page_words(rb, p) {
-            assert_eq!(got, 0, "B page {p} word {w}: {}", describe(got));
-        }
-    }
+    let (b, bb) = fresh_vm_reads_zero(&mm, 14 * MIB);
     drop((ba, bb));
     mm.destroy_vm(a).unwrap();
     mm.destroy_vm(b).unwrap();
     settle_and_check(&mm);
+}
+
+/// A new VM "b" of `size` bytes, every word of which reads zero.
+fn fresh_vm_reads_zero(mm: &Arc<MemoryManager>, size: u64) -> (VmId, Arc<FolioBackend>) {
+    let b = mm.create_vm("b").unwrap();
+    let bb = mm.backend(b, &[(GuestAddress(0), size)]).unwrap();
+    let rb = Ram::of(&*bb);
+    for p in 0..size / PAGE_SIZE {
+        for (w, got) in page_words(rb, p) {
+            assert_eq!(got, 0, "B page {p} word {w}: {}", describe(got));
+        }
+    }
+    (b, bb)
 }
 
 /// What the guest wrote in the tail of a grow that failed was discarded:
@@ -509,14 +515,7 @@ fn a_failed_grows_tail_reads_zero_after_the_next_grow_and_for_another_vm() {
             assert_eq!(got, want, "page {p} word {w}: {}", describe(got));
         }
     }
-    let b = mm.create_vm("b").unwrap();
-    let bb = mm.backend(b, &[(GuestAddress(0), 16 * MIB)]).unwrap();
-    let rb = Ram::of(&*bb);
-    for p in 0..16 * MIB / PAGE_SIZE {
-        for (w, got) in page_words(rb, p) {
-            assert_eq!(got, 0, "B page {p} word {w}: {}", describe(got));
-        }
-    }
+    let (b, bb) = fresh_vm_reads_zero(&mm, 16 * MIB);
     drop((ba, bb));
     mm.destroy_vm(a).unwrap();
     mm.destroy_vm(b).unwrap();

@@ -625,17 +625,7 @@ fn racing_relocation_migration_compaction_reclaim_and_swapin_keep_every_word() {
             })
         })
         .collect();
-    let spawn = |f: Box<dyn Fn(u64) + Send>| {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(SeqCst) {
-                f(n);
-                n += 1;
-            }
-            n
-        })
-    };
+    let spawn = |f: Box<dyn Fn(u64) + Send>| spawn_until(&stop, f);
     let relocator = {
         let (mm, view) = (mm.clone(), view.clone());
         spawn(Box::new(move |_| {

@@ -183,17 +183,7 @@ fn kept_folios_racing_faults_pins_discards_and_compaction_balance() {
         })
     };
     let accessors: Vec<_> = (0..WORDS).map(|w| accessor(w, w == VCPUS)).collect();
-    let spawn = |f: Box<dyn Fn(u64) + Send>| {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(SeqCst) {
-                f(n);
-                n += 1;
-            }
-            n
-        })
-    };
+    let spawn = |f: Box<dyn Fn(u64) + Send>| spawn_until(&stop, f);
     let reclaimer = {
         let mm = mm.clone();
         spawn(Box::new(move |_| {

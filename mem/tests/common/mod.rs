@@ -29,6 +29,23 @@ pub fn config(budget: u64, threads: usize) -> MmConfig {
     }
 }
 
+/// A thread that calls `f(0)`, `f(1)`, ... until `stop` is set, and
+/// returns how many calls it made.
+pub fn spawn_until(
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+    f: Box<dyn Fn(u64) + Send>,
+) -> std::thread::JoinHandle<u64> {
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            f(n);
+            n += 1;
+        }
+        n
+    })
+}
+
 /// Wait up to `limit` for `cond`; whether it came true.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let t0 = std::time::Instant::now();

@@ -407,3 +407,100 @@ fn a_vm_at_its_minimum_swaps_its_own_pages_when_minimums_fill_the_budget() {
     busy.destroy(&mm);
     idle.destroy(&mm);
 }
+
+/// Many threads in several VMs whose minimums add up to the whole budget,
+/// each VM's working set three times its minimum: every fault past the
+/// minimums swaps out a folio of its own VM (`vmscan::reclaim_own`), with
+/// the others' faults doing the same at once. No thread may stop making
+/// progress (its own page evicted before its access retried, over and
+/// over, or two VMs taking the freed memory from each other for ever), and
+/// every word reads back as written.
+fn minimums_fill_the_budget_every_thread_progresses(delivery: mem::FaultDelivery) {
+    use std::sync::atomic::AtomicU64;
+    use std::time::{Duration, Instant};
+    const VMS: u64 = 4;
+    const THREADS: u64 = 3;
+    const ACCESSES: u64 = 6_000;
+    /// A thread whose count stays put this long is stuck.
+    const STALL: Duration = Duration::from_secs(20);
+    let mm = swap_manager_with(16 * MIB, 2, 256 * MIB, true, delivery);
+    let min = VmLimits {
+        min_bytes: 4 * MIB,
+        ..VmLimits::default()
+    };
+    let vms: Vec<TestVm> = (0..VMS)
+        .map(|v| TestVm::with_limits(&mm, &format!("vm{v}"), 12 * MIB, min))
+        .collect();
+    let done: Vec<AtomicU64> = (0..VMS * THREADS).map(|_| AtomicU64::new(0)).collect();
+    let stuck: Option<(usize, u64)> = std::thread::scope(|s| {
+        for (v, vm) in vms.iter().enumerate() {
+            for t in 0..THREADS {
+                let (ram, pages) = (vm.ram, vm.pages);
+                let done = &done[v * THREADS as usize + t as usize];
+                s.spawn(move || {
+                    let mut want = vec![0u64; (pages / THREADS) as usize];
+                    let mut rng = Rng(0x9e11 + v as u64 * 31 + t);
+                    for n in 1..=ACCESSES {
+                        let i = rng.below(pages / THREADS);
+                        let p = i * THREADS + t;
+                        let off = p * PAGE_SIZE + t * 8;
+                        assert_eq!(ram.read(off), want[i as usize], "vm {v} page {p}");
+                        want[i as usize] = pattern(p, t, n);
+                        ram.write(off, want[i as usize]);
+                        done.store(n, Relaxed);
+                    }
+                    for (i, w) in want.iter().enumerate() {
+                        let p = i as u64 * THREADS + t;
+                        assert_eq!(ram.read(p * PAGE_SIZE + t * 8), *w, "vm {v} page {p}");
+                    }
+                });
+            }
+        }
+        let mut last: Vec<(u64, Instant)> = done.iter().map(|_| (0, Instant::now())).collect();
+        let stuck = loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut all = true;
+            let mut stuck = None;
+            for (k, d) in done.iter().enumerate() {
+                let n = d.load(Relaxed);
+                all &= n == ACCESSES;
+                if n != last[k].0 {
+                    last[k] = (n, Instant::now());
+                } else if n < ACCESSES && last[k].1.elapsed() > STALL {
+                    stuck = Some((k, n));
+                }
+            }
+            if all || stuck.is_some() {
+                break stuck;
+            }
+        };
+        if stuck.is_some() {
+            // Let the stuck threads end: the minimums go.
+            for vm in &vms {
+                mm.set_vm_limits(vm.id, VmLimits::default()).unwrap();
+            }
+        }
+        stuck
+    });
+    let stats: Vec<_> = vms.iter().map(|v| mm.vm_stats(v.id).unwrap()).collect();
+    assert_eq!(
+        stuck, None,
+        "(thread, accesses) made no progress for {STALL:?}: {stats:?}"
+    );
+    for s in &stats {
+        assert!(s.swap.swapout_pages > 0, "{:?}", s.swap);
+    }
+    for vm in vms {
+        vm.destroy(&mm);
+    }
+}
+
+#[test]
+fn minimums_fill_the_budget_every_thread_progresses_handlers() {
+    minimums_fill_the_budget_every_thread_progresses(mem::FaultDelivery::Handlers);
+}
+
+#[test]
+fn minimums_fill_the_budget_every_thread_progresses_faulter() {
+    minimums_fill_the_budget_every_thread_progresses(mem::FaultDelivery::Faulter);
+}

@@ -350,7 +350,10 @@ pub(crate) fn fault_in(
             FaultOutcome::Raced
         }
         PteState::None | PteState::Zero => {
-            let want = choose_order(&ptl, idx);
+            let want = match inner.own_reclaim_recent(&region.counters) {
+                true => Order::BASE,
+                false => choose_order(&ptl, idx),
+            };
             match alloc_for_fault(inner, region, want) {
                 Ok(block) => {
                     let first = idx.align_down(block.order);

@@ -340,6 +340,28 @@ impl Inner {
         last != 0 && now.saturating_sub(last) < RECLAIM_RECENT.as_nanos() as u64
     }
 
+    /// A fault of the VM of `c` swapped out the VM's own memory to make
+    /// room ([`crate::vmscan`]'s `reclaim_own`): every VM is at its minimum.
+    pub(crate) fn note_own_reclaim(&self, c: &crate::stats::VmCounters) {
+        let ns = self.started.elapsed().as_nanos() as u64;
+        c.own_reclaim_ns.store(ns.max(1), Relaxed);
+    }
+
+    /// Whether a fault of the VM of `c` reclaimed its own memory within
+    /// [`RECLAIM_RECENT`]. Its faults then take order-0 folios (first
+    /// touch and swapin), like a THP fault that its memcg cannot charge:
+    /// the VM lives in its minimum plus at most the 2 MiB its own reclaim
+    /// may take below it, and a fault that filled that room with a large
+    /// folio made the next fault of the same access evict it again. An
+    /// access needing two pages in different 2 MiB ranges (an unaligned
+    /// word, a page walk) then never completed: each fault evicted the
+    /// other page's 2 MiB folio to install its own.
+    pub(crate) fn own_reclaim_recent(&self, c: &crate::stats::VmCounters) -> bool {
+        let last = c.own_reclaim_ns.load(Relaxed);
+        let now = self.started.elapsed().as_nanos() as u64;
+        last != 0 && now.saturating_sub(last) < RECLAIM_RECENT.as_nanos() as u64
+    }
+
     /// Have the pre-zeroing worker run `t`: a VM's last reference went in
     /// a fault served in a `SIGBUS` handler (see `VmState`'s drop).
     pub(crate) fn defer_teardown(&self, t: crate::vm::Teardown) {

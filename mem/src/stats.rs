@@ -367,6 +367,10 @@ pub struct VmCounters {
     pub swap: SwapCounters,
     /// Whether read swapins of this VM are kept clean.
     pub(crate) clean_policy: crate::swapin::CleanPolicy,
+    /// When a fault of this VM last swapped out its own memory for want of
+    /// any other (`vmscan::reclaim_own`), in ns of the manager's clock
+    /// (0: never). See [`crate::manager::Inner::own_reclaim_recent`].
+    pub(crate) own_reclaim_ns: AtomicU64,
 }
 
 impl VmCounters {

@@ -554,7 +554,12 @@ fn swapin_read(
         if ptl.pte(idx) != Pte::swap(slot) {
             return FaultOutcome::Retry;
         }
-        choose_swapin_order(&ptl, region, idx, slot)
+        // Small while the VM reclaims its own memory to fault, as a first
+        // touch is (`Inner::own_reclaim_recent`).
+        match inner.own_reclaim_recent(&region.counters) {
+            true => Order::BASE,
+            false => choose_swapin_order(&ptl, region, idx, slot),
+        }
     };
     let Some((order, block)) = Order::all()
         .rev()

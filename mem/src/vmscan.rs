@@ -66,7 +66,10 @@
 //! minimum. No VM is ever taken below its minimum by reclaim for others.
 //! A fault that finds every VM at its minimum (minimums may add up to the
 //! budget) swaps out a folio of its own VM to make room for its page, at
-//! most one 2 MiB folio below the minimum, which its fault puts back.
+//! most one 2 MiB folio below the minimum, which its fault puts back. For
+//! a second after that, the VM's faults take order-0 folios
+//! (`Inner::own_reclaim_recent`): an access needing pages of two 2 MiB
+//! ranges could otherwise never hold both within that room.
 //!
 //! Analogues: `shrink_folio_list()`, `pageout()`, `try_to_free_pages()`,
 //! `kswapd()`/`balance_pgdat()`, `change_prot_numa()`.
@@ -147,6 +150,11 @@ fn reclaim_own(inner: &Inner, vm: VmId) -> u64 {
     };
     inner.reclaimers.fetch_add(1, Relaxed);
     let freed = shrink_vm(inner, &vm, SCAN_BATCH as u64, Floor::Own);
+    if freed > 0 {
+        // Its faults take small folios for a while, so that what this
+        // freed holds the pages of the access (`Inner::own_reclaim_recent`).
+        inner.note_own_reclaim(&vm.counters);
+    }
     inner.reclaimers.fetch_sub(1, Relaxed);
     freed
 }

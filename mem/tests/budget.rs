@@ -504,3 +504,85 @@ fn minimums_fill_the_budget_every_thread_progresses_handlers() {
 fn minimums_fill_the_budget_every_thread_progresses_faulter() {
     minimums_fill_the_budget_every_thread_progresses(mem::FaultDelivery::Faulter);
 }
+
+/// One access needing two pages at once (an unaligned word across a 2 MiB
+/// boundary, as a guest page walk needs its tables and the data page) in
+/// a VM at its minimum, with every other VM at its own. Its faults swap
+/// out its own memory, at most 2 MiB below its minimum
+/// (`vmscan::reclaim_own`); a fault that then filled that room with a
+/// 2 MiB folio made the other page's fault evict it again, for ever.
+/// Before, 3 runs of 3 made no access for the 30 s allowed (about 19,000
+/// faults of 2 MiB folios, each evicting the other, until the test
+/// lowered the other VM's minimum).
+fn an_access_across_two_folios_completes_at_a_minimum(delivery: mem::FaultDelivery) {
+    use std::time::Duration;
+    const ROUNDS: u64 = 2000;
+    let mm = swap_manager_with(8 * MIB, 2, 256 * MIB, true, delivery);
+    let min = |m: u64| VmLimits {
+        min_bytes: m * MIB,
+        ..VmLimits::default()
+    };
+    let big = TestVm::with_limits(&mm, "big", 6 * MIB, min(6));
+    big.fill(1);
+    let small = TestVm::with_limits(&mm, "small", 24 * MIB, min(2));
+    // Data in the top 8 MiB (word 1 of each page), swapped out for the
+    // accesses below, which go to the untouched 16 MiB under it.
+    let data = 16 * MIB / PAGE_SIZE..small.pages;
+    for p in data.clone() {
+        small.ram.write(p * PAGE_SIZE + 8, pattern(p, 1, 2));
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let base = small.ram.0.host_addr.raw();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let stuck = std::thread::scope(|s| {
+        let done = &done;
+        s.spawn(move || {
+            let mut rng = Rng(7);
+            let mut want = [0u64; 8];
+            for n in 1..=ROUNDS {
+                let b = 1 + rng.below(7) as usize;
+                let at = (base + b * (2 * MIB) as usize - 4) as *mut u64;
+                // SAFETY: 8 bytes inside the small VM's live region, which
+                // Rust code never borrows; the fault is served for us.
+                let v = unsafe { std::ptr::read_unaligned(at) };
+                assert_eq!(v, want[b], "the word across 2 MiB boundary {b}");
+                want[b] = pattern(b as u64, 0, n);
+                // SAFETY: as above.
+                unsafe { std::ptr::write_unaligned(at, want[b]) };
+                done.store(n, Relaxed);
+            }
+        });
+        let finished = wait_until(Duration::from_secs(30), || done.load(Relaxed) == ROUNDS);
+        let stalled_at = done.load(Relaxed);
+        let stats = mm.vm_stats(small.id).unwrap();
+        if !finished {
+            // Let the stuck thread end: the big VM's minimum goes.
+            mm.set_vm_limits(big.id, VmLimits::default()).unwrap();
+        }
+        (!finished).then_some((stalled_at, stats))
+    });
+    assert!(
+        stuck.is_none(),
+        "stuck for 30 s after (accesses, stats) {stuck:?}"
+    );
+    for p in data {
+        assert_eq!(
+            small.ram.read(p * PAGE_SIZE + 8),
+            pattern(p, 1, 2),
+            "page {p}"
+        );
+    }
+    big.verify(1);
+    small.destroy(&mm);
+    big.destroy(&mm);
+}
+
+#[test]
+fn an_access_across_two_folios_completes_at_a_minimum_handlers() {
+    an_access_across_two_folios_completes_at_a_minimum(mem::FaultDelivery::Handlers);
+}
+
+#[test]
+fn an_access_across_two_folios_completes_at_a_minimum_faulter() {
+    an_access_across_two_folios_completes_at_a_minimum(mem::FaultDelivery::Faulter);
+}

@@ -34,6 +34,10 @@ use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
+/// How often [`Vm::kick_until`] signals vCPUs that have not done what it
+/// waits for.
+const KICK_INTERVAL: Duration = Duration::from_millis(1);
+
 /// Default kernel command line, as Firecracker's.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 const COM1: u64 = 0x3f8;
@@ -638,8 +642,19 @@ impl Vm {
             }
             // Parking vCPUs wake us; re-kick after 1 ms for one that was
             // not yet in KVM_RUN when its signal came.
+            let round = Instant::now();
             let live = || self.threads.iter().filter(|t| !t.is_finished()).count();
-            self.ctx.gate.wait_parked(live, Duration::from_millis(1));
+            self.ctx.gate.wait_parked(live, KICK_INTERVAL);
+            // That returns at once while released vCPUs still count as
+            // parked (a paused VM being stopped: they have not left the
+            // gate yet). Kicks then came back to back, and each vCPU spent
+            // its time in the kernel delivering them, never reaching the
+            // code that leaves the gate: stopping a paused VM hung.
+            if !done() {
+                if let Some(rest) = KICK_INTERVAL.checked_sub(round.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
         }
         true
     }

@@ -150,6 +150,23 @@ fn api_waits_for_configuration_and_refuses_incomplete_starts() {
 }
 
 /// Follow `GET /operations/{id}` until the operation is no longer running.
+/// Wait (up to `limit`) until the first VM has `bytes` resident.
+fn wait_resident(vm: &ApiVm, bytes: u64, limit: Duration) {
+    let start = std::time::Instant::now();
+    while vm.call("GET", "/stats", None).json()["vms"][0]["memory"]["resident_bytes"]
+        .as_u64()
+        .unwrap()
+        < bytes
+    {
+        assert!(
+            start.elapsed() < limit,
+            "guest never faulted {} MiB in",
+            bytes >> 20
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn wait_operation(vm: &ApiVm, id: u64) -> serde_json::Value {
     let start = std::time::Instant::now();
     loop {
@@ -198,18 +215,7 @@ fn reclaim_operations_and_the_budget_through_the_socket() {
         ],
     );
     // Let the guest populate its memory first.
-    let start = std::time::Instant::now();
-    while vm.call("GET", "/stats", None).json()["vms"][0]["memory"]["resident_bytes"]
-        .as_u64()
-        .unwrap()
-        < 64 << 20
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "guest never faulted 64 MiB in"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_resident(&vm, 64 << 20, Duration::from_secs(60));
 
     let r = vm.call(
         "PUT",
@@ -728,18 +734,7 @@ fn sigterm_stops_a_synchronous_reclaim_between_steps() {
             "1G",
         ],
     );
-    let start = std::time::Instant::now();
-    while vm.call("GET", "/stats", None).json()["vms"][0]["memory"]["resident_bytes"]
-        .as_u64()
-        .unwrap()
-        < 780 << 20
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "guest never faulted 780 MiB in"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_resident(&vm, 780 << 20, Duration::from_secs(120));
     let r = vm.call("PATCH", "/vms/vm0", Some(r#"{"state": "Paused"}"#));
     assert_eq!(r.status, 204, "pause: {}", r.body);
     let pid = vm.pid() as i32;

@@ -220,6 +220,9 @@ pub struct SwapCounters {
     pub zero_dropped_pages: AtomicU64,
     /// Pages reclaimed without a write because the file copy was valid.
     pub clean_dropped_pages: AtomicU64,
+    /// Pages of unmapped swap-cache folios that reclaim freed without I/O
+    /// (`swapin::shrink_swap_cache`; only fault injection leaves any).
+    pub cache_dropped_pages: AtomicU64,
     /// Pages swapped in by a read fault and kept clean (write-protected,
     /// their slot kept).
     pub clean_kept_pages: AtomicU64,
@@ -267,6 +270,7 @@ impl SwapCounters {
             copied_in_pages: l(&self.copied_in_pages),
             zero_dropped_pages: l(&self.zero_dropped_pages),
             clean_dropped_pages: l(&self.clean_dropped_pages),
+            cache_dropped_pages: l(&self.cache_dropped_pages),
             clean_kept_pages: l(&self.clean_kept_pages),
             clean_dirtied_pages: l(&self.clean_dirtied_pages),
             poisoned_pages: l(&self.poisoned_pages),
@@ -299,6 +303,7 @@ pub struct SwapStats {
     pub copied_in_pages: u64,
     pub zero_dropped_pages: u64,
     pub clean_dropped_pages: u64,
+    pub cache_dropped_pages: u64,
     pub clean_kept_pages: u64,
     pub clean_dirtied_pages: u64,
     pub poisoned_pages: u64,

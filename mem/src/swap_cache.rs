@@ -13,8 +13,9 @@
 //! I/O holds its folio lock, or until the first waiter that took a
 //! reference during that time gets the lock and maps it back, or until the
 //! last entry naming its slots goes (a discard or teardown then takes it
-//! out, `swapin::free_swap_cache`). Slots of a cached folio carry
-//! `HAS_CACHE` in the swap map.
+//! out, `swapin::free_swap_cache`), or until reclaim finds that nothing
+//! but the cache references it (`swapin::shrink_swap_cache`). Slots of a
+//! cached folio carry `HAS_CACHE` in the swap map.
 //!
 //! # Context
 //! The swap lock ([`SwapDevice::lock`]) is taken below the page-table lock
@@ -90,6 +91,13 @@ impl SwapCache {
     /// Folios cached.
     pub fn nr_folios(&self) -> u64 {
         self.map.len() as u64
+    }
+
+    /// Every cached folio: its first slot, the folio and its slots.
+    pub fn iter(&self) -> impl Iterator<Item = (SwapSlot, FolioId, u64)> + '_ {
+        self.map
+            .iter()
+            .map(|(&base, &(folio, nr))| (SwapSlot(base), folio, nr as u64))
     }
 }
 

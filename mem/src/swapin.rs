@@ -25,7 +25,7 @@
 
 use crate::buddy::{Block, BlockState};
 use crate::fault::{install_from_pool, FaultOutcome};
-use crate::folio::{Folio, FolioFlags};
+use crate::folio::{Folio, FolioFlags, FolioSlab};
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
 use crate::rmap::{self, full_mask, mask_test, PageMask, Rmap};
@@ -294,26 +294,42 @@ fn release_swap(
         .slab()
         .get(folio)
         .map_or(1, |f| f.order.nr_pages());
-    {
-        let mut st = dev.lock();
-        for k in (0..nr).filter(|&k| mask_test(replaced, k)) {
-            if let Err(e) = st.swap_free_nr(base.forward(k), 1) {
-                log_error(&format!("swapin release: {e}"));
-            }
-        }
-        if let Err(e) = st.delete_from_swap_cache(base, nr) {
+    let mut st = dev.lock();
+    for k in (0..nr).filter(|&k| mask_test(replaced, k)) {
+        if let Err(e) = st.swap_free_nr(base.forward(k), 1) {
             log_error(&format!("swapin release: {e}"));
         }
     }
-    let freed = {
-        let mut slab = inner.folios.slab();
-        let f = slab.live(folio);
-        f.swap = None;
-        f.flags.remove(FolioFlags::SWAPCACHE);
-        f.flags.remove(FolioFlags::REFAULTED);
-        slab.put_refs(folio, 1)
-    };
-    debug_assert!(freed.is_none(), "the caller still holds a reference");
+    uncache(&mut st, &mut inner.folios.slab(), folio, base, nr);
+}
+
+/// Take `folio`, which caches `[base, base + nr)`, out of the swap cache
+/// and drop the cache's reference (`delete_from_swap_cache()` +
+/// `folio_ref_sub()`): slots no entry names are freed, the others keep
+/// their data for a fault to read.
+///
+/// # Context
+/// Folio lock held, and the swap lock (`st`) and the folio-table lock
+/// (`slab`); the caller holds a reference besides the cache's.
+pub(crate) fn uncache(
+    st: &mut SwapState,
+    slab: &mut FolioSlab,
+    folio: FolioId,
+    base: SwapSlot,
+    nr: u64,
+) {
+    let f = slab.live(folio);
+    f.swap = None;
+    f.flags.remove(FolioFlags::SWAPCACHE);
+    f.flags.remove(FolioFlags::REFAULTED);
+    let freed = slab.put_refs(folio, 1);
+    debug_assert!(freed.is_none(), "the caller holds a reference");
+    if let Err(e) = st.delete_from_swap_cache(base, nr) {
+        log_error(&format!(
+            "swap cache removal of {folio:?} at slot {}: {e}",
+            base.0
+        ));
+    }
 }
 
 /// After the count of `slot` was dropped because its entry went (a discard
@@ -381,16 +397,9 @@ pub(crate) fn free_swap_cache(inner: &Inner, dev: &SwapDevice, found: Vec<(Folio
                             })
                     });
                 if unnamed {
-                    f.swap = None;
-                    f.flags.remove(FolioFlags::SWAPCACHE);
-                    f.flags.remove(FolioFlags::REFAULTED);
-                    let freed = slab.put_refs(folio, 1);
-                    debug_assert!(freed.is_none(), "we hold a reference");
-                    drop(slab);
-                    if let Err(e) = st.delete_from_swap_cache(base, nr) {
-                        log_error(&format!("free of an unnamed swap-cache folio: {e}"));
-                    }
+                    uncache(&mut st, &mut slab, folio, base, nr);
                 }
+                drop(slab);
                 break lock;
             };
             inner.folios.slab().get_ref(moved);
@@ -402,6 +411,94 @@ pub(crate) fn free_swap_cache(inner: &Inner, dev: &SwapDevice, found: Vec<(Folio
         drop(lock);
         inner.put_folio(folio, 1);
     }
+}
+
+/// Free up to about `nr_pages` pages of swap-cache folios that nothing but
+/// the cache references (of `vm`'s, or of any VM): unmapped, unlocked, not
+/// under I/O, with no faulter waiting to map them back. Their write
+/// finished (checksummed), so their slots hold their data: the entries
+/// naming them stay `Swap` and a fault reads the file, and slots no entry
+/// names are freed. Returns the pages freed. Analogue of reclaim meeting a
+/// clean swap-cache folio (`__remove_mapping()` in `shrink_folio_list()`).
+///
+/// Without fault injection there is none to find: a folio stays in the
+/// cache after its I/O only for a faulter that holds a reference and takes
+/// it out. `FaultPoint::SwapKeepCache` keeps folios there with nobody to
+/// map them back, as Linux keeps a swapped-out folio cached. Left alone
+/// they filled the whole budget, and every fault then waited for memory
+/// for good (`kept_folios_racing_faults_pins_discards_and_compaction_balance`
+/// in `mem/tests/swap_keep_cache.rs`, under CPU load); reclaim owes them
+/// what Linux's gives them.
+///
+/// # Context
+/// No locks held; only trylocks folios. Lock order: swap lock →
+/// folio-table lock, then folio lock → swap lock → folio-table lock.
+pub(crate) fn shrink_swap_cache(
+    inner: &Inner,
+    dev: &SwapDevice,
+    vm: Option<crate::VmId>,
+    nr_pages: u64,
+) -> u64 {
+    // `ours`: we hold a reference and the lock.
+    let idle = |f: &Folio, ours: bool| {
+        f.refcount == 1 + u32::from(ours)
+            && f.mapcount == 0
+            && f.pincount == 0
+            && f.flags.contains(FolioFlags::LOCKED) == ours
+            && !f.flags.contains(FolioFlags::WRITEBACK)
+            && vm.is_none_or(|v| f.rmap.is_some_and(|r| r.vm == v))
+    };
+    // A reference on each, taken under the swap lock as a lookup takes it.
+    let found: Vec<(FolioId, SwapSlot, u64)> = {
+        let st = dev.lock();
+        let mut slab = inner.folios.slab();
+        let mut pages = 0;
+        let mut found = Vec::new();
+        for (base, folio, nr) in st.cache.iter() {
+            if pages >= nr_pages {
+                break;
+            }
+            if slab.get(folio).is_some_and(|f| idle(f, false)) {
+                slab.get_ref(folio);
+                found.push((folio, base, nr));
+                pages += nr;
+            }
+        }
+        found
+    };
+    let mut freed = 0;
+    for (folio, base, nr) in found {
+        if let Some(lock) = inner.folios.trylock(folio) {
+            let mut st = dev.lock();
+            let mut slab = inner.folios.slab();
+            // Still cached for these slots, and referenced by the cache and
+            // us alone: a faulter that looked it up since holds a reference
+            // of its own and maps it back (`refault_swapcache`).
+            let f = slab.live(folio);
+            let rmap = f.rmap;
+            let drop_it = st.cache.lookup(base) == Some((folio, base)) && idle(f, true);
+            if drop_it {
+                uncache(&mut st, &mut slab, folio, base, nr);
+                freed += nr;
+            }
+            drop(slab);
+            drop(st);
+            drop(lock);
+            let region = rmap.and_then(|r| inner.find_region(r.vm, r.region));
+            for c in [
+                Some(&inner.swap_counters),
+                region.as_ref().map(|r| &r.counters.swap),
+            ]
+            .into_iter()
+            .flatten()
+            .filter(|_| drop_it)
+            {
+                c.cache_dropped_pages.fetch_add(nr, Relaxed);
+            }
+        }
+        inner.put_folio(folio, 1);
+    }
+    freed
 }
 
 /// Kept clean pages a VM's recent history counts before it decides.

@@ -206,6 +206,10 @@ fn free_pages_from(inner: &Inner, vm: Option<VmId>, nr_pages: u64) -> u64 {
         }
         freed += got;
     }
+    // Last, swap-cache folios nothing else holds, which are off the LRU.
+    if let (Some(dev), 0) = (inner.swap.as_ref(), freed) {
+        freed = crate::swapin::shrink_swap_cache(inner, dev, vm, nr_pages);
+    }
     freed
 }
 
@@ -1143,13 +1147,7 @@ fn end_writeback(inner: &Inner, dev: &SwapDevice, w: &Writeback<'_>, crcs: Optio
         // (it marked the folio under the swap lock, which we hold).
         let refaulted = f.flags.contains(FolioFlags::REFAULTED);
         if !refaulted {
-            f.swap = None;
-            f.flags.remove(FolioFlags::SWAPCACHE);
-            let _ = slab.put_refs(id, 1);
-            drop(slab);
-            if let Err(e) = st.delete_from_swap_cache(w.base, w.nr) {
-                log_error(&format!("end of writeback: {e}"));
-            }
+            crate::swapin::uncache(&mut st, &mut slab, id, w.base, w.nr);
         }
         refaulted
     };

@@ -97,6 +97,7 @@ pub fn swap_json(s: &SwapStats) -> Value {
         "copied_in_pages": s.copied_in_pages,
         "zero_dropped_pages": s.zero_dropped_pages,
         "clean_dropped_pages": s.clean_dropped_pages,
+        "cache_dropped_pages": s.cache_dropped_pages,
         "clean_kept_pages": s.clean_kept_pages,
         "clean_dirtied_pages": s.clean_dirtied_pages,
         "poisoned_pages": s.poisoned_pages,

@@ -105,27 +105,42 @@ impl FolioSlab {
     /// Add to the tail of generation `seq` (clamped to the live range), or
     /// of the probation list for [`PROBATION`].
     pub(crate) fn lru_add_seq(&mut self, id: FolioId, seq: u64) {
+        self.lru_link(id, seq, false);
+    }
+
+    /// [`FolioSlab::lru_add_seq`] at the head of the list: first for
+    /// reclaim to meet.
+    pub(crate) fn lru_add_seq_head(&mut self, id: FolioId, seq: u64) {
+        self.lru_link(id, seq, true);
+    }
+
+    fn lru_link(&mut self, id: FolioId, seq: u64, head: bool) {
         let vm = self.folio_vm(id);
         let lv = self.lruvec(vm);
         let gen = match seq {
             PROBATION => PROBATION_LIST,
             s => gen_of(s.clamp(lv.min_seq, lv.max_seq)),
         };
-        let tail = lv.lists[gen].tail;
+        let (prev, next) = match head {
+            true => (NO_LINK, lv.lists[gen].head),
+            false => (lv.lists[gen].tail, NO_LINK),
+        };
         let f = self.live(id);
         debug_assert!(!f.flags.contains(FolioFlags::LRU));
         f.flags.insert(FolioFlags::LRU);
-        f.lru.prev = tail;
-        f.lru.next = NO_LINK;
+        f.lru.prev = prev;
+        f.lru.next = next;
         f.flags.set_gen(gen);
         let nr = f.nr_pages();
-        match tail {
+        match prev {
             NO_LINK => self.lruvecs[vm].lists[gen].head = id.0,
-            t => self.live(FolioId(t)).lru.next = id.0,
+            p => self.live(FolioId(p)).lru.next = id.0,
         }
-        let lv = &mut self.lruvecs[vm];
-        lv.lists[gen].tail = id.0;
-        lv.nr_pages[gen] += nr;
+        match next {
+            NO_LINK => self.lruvecs[vm].lists[gen].tail = id.0,
+            n => self.live(FolioId(n)).lru.prev = id.0,
+        }
+        self.lruvecs[vm].nr_pages[gen] += nr;
     }
 
     /// Put `new` on the LRU where `old` is, and take `old` off

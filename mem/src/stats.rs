@@ -243,6 +243,9 @@ pub struct SwapCounters {
     /// Sampled large folios split into base folios when one page was
     /// touched (`vmscan::split_sampled`).
     pub sampled_splits: AtomicU64,
+    /// Sampled large folios split because evicting one whole would take
+    /// its VM below the floor reclaim must keep (`vmscan::split_to_fit`).
+    pub floor_splits: AtomicU64,
     /// Folios looked at by reclaim.
     pub reclaim_scanned: AtomicU64,
     /// Pages freed by reclaim.
@@ -280,6 +283,7 @@ impl SwapCounters {
             sampled_folios: l(&self.sampled_folios),
             sample_refaults: l(&self.sample_refaults),
             sampled_splits: l(&self.sampled_splits),
+            floor_splits: l(&self.floor_splits),
             reclaim_scanned: l(&self.reclaim_scanned),
             reclaimed_pages: l(&self.reclaimed_pages),
             direct_reclaims: l(&self.direct_reclaims),
@@ -313,6 +317,7 @@ pub struct SwapStats {
     pub sampled_folios: u64,
     pub sample_refaults: u64,
     pub sampled_splits: u64,
+    pub floor_splits: u64,
     pub reclaim_scanned: u64,
     pub reclaimed_pages: u64,
     pub direct_reclaims: u64,

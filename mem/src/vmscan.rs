@@ -274,17 +274,22 @@ fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: Floor) -> u64 {
             sample,
             reserved,
             skipped,
+            split,
         } = isolate_folios(inner, vm, nr - freed, floor, scanned < budget / 2);
-        if evict.is_empty() && sample.is_empty() && skipped == 0 {
+        if evict.is_empty() && sample.is_empty() && skipped == 0 && split.is_none() {
             break;
         }
-        scanned += (evict.len() + sample.len()) as u64 + skipped;
+        scanned += (evict.len() + sample.len()) as u64 + skipped + u64::from(split.is_some());
         for id in sample {
             sample_folio(inner, id);
             inner.put_folio(id, 1);
         }
         freed += shrink_folio_list(inner, evict);
         vm.reclaiming.fetch_sub(reserved, Relaxed);
+        if let Some(id) = split {
+            split_to_fit(inner, id);
+            inner.put_folio(id, 1);
+        }
     }
     if scanned > 0 {
         inner.note_reclaim();
@@ -308,6 +313,9 @@ struct Isolated {
     reserved: u64,
     /// Hot folios rotated unsampled ([`FolioFlags::sample_on_pass`]).
     skipped: u64,
+    /// A sampled-out large folio (referenced) too large to evict above the
+    /// floor, though some of it would fit: split it ([`split_to_fit`]).
+    split: Option<FolioId>,
 }
 
 /// A folio reclaim can neither sample nor evict now: locked, pinned,
@@ -359,11 +367,18 @@ fn isolate_folios(
     let mut slab = inner.folios.slab();
     let target = probation_target(slab.lru_pages(vm.id));
     // Take `id` (of `nr` pages) off the LRU as a victim, its pages
-    // reserved, unless that takes the VM below its minimum.
+    // reserved, unless that takes the VM below its minimum. If it does but
+    // part of it would fit, it is to be split (once a batch), and stays.
     let evict = |slab: &mut FolioSlab, batch: &mut Isolated, id: FolioId, nr: u64| {
         let taken = vm.reclaiming.fetch_add(nr, Relaxed) + nr;
-        if vm.resident_pages() < floor.pages(vm).saturating_add(taken) {
-            vm.reclaiming.fetch_sub(nr, Relaxed);
+        let floor = floor.pages(vm);
+        if vm.resident_pages() < floor.saturating_add(taken) {
+            let taken = vm.reclaiming.fetch_sub(nr, Relaxed) - nr;
+            let room = vm.resident_pages() > floor.saturating_add(taken);
+            if nr > 1 && room && batch.split.is_none() {
+                slab.get_ref(id);
+                batch.split = Some(id);
+            }
             return false;
         }
         batch.reserved += nr;
@@ -419,7 +434,9 @@ fn isolate_folios(
                 continue;
             }
             if !evict(&mut slab, &mut batch, id, nr) {
-                slab.lru_rotate(id);
+                if batch.split != Some(id) {
+                    slab.lru_rotate(id);
+                }
                 break;
             }
         } else if respect_heat && f.flags.contains(FolioFlags::REFERENCED) {
@@ -658,10 +675,10 @@ fn split_sampled(
     folio: FolioId,
     at: PageIndex,
 ) -> Option<FolioId> {
-    let (order, first, pool) = {
+    let (order, first) = {
         let slab = inner.folios.slab();
         let f = slab.get(folio)?;
-        (f.order, f.rmap?.index, f.pool)
+        (f.order, f.rmap?.index)
     };
     let nr = order.nr_pages();
     let k = at.0.checked_sub(first.0).filter(|&k| k < nr)?;
@@ -673,39 +690,94 @@ fn split_sampled(
     }
     // Lock order: folio lock before the page-table lock, so only a trylock.
     let lock = inner.folios.trylock(folio)?;
-    let seq = {
+    let pieces = split_whole_sampled(inner, region, ptl, folio, false)?;
+    drop(lock);
+    Some(pieces[k as usize])
+}
+
+/// Split the locked large `folio`, unpinned and wholly sampled out on the
+/// LRU (checked here), into base folios in place, still sampled out, on
+/// its list: at the tail, or at the head with `to_head` (first for reclaim
+/// to meet, in page order). Returns the pieces in page order (the first
+/// keeps the folio's id), or `None` when it is not such a folio.
+///
+/// # Context
+/// Folio lock and the page-table lock (`ptl`) covering it held.
+fn split_whole_sampled(
+    inner: &Inner,
+    region: &Region,
+    ptl: &mut PtlGuard<'_>,
+    folio: FolioId,
+    to_head: bool,
+) -> Option<Vec<FolioId>> {
+    let (order, first, pool, seq) = {
         let mut slab = inner.folios.slab();
         let f = slab.get(folio)?;
-        let whole = f.flags.contains(FolioFlags::LRU)
+        let (order, first, pool) = (f.order, f.rmap?.index, f.pool);
+        let nr = order.nr_pages();
+        let whole = order > Order::BASE
+            && f.flags.contains(FolioFlags::LRU)
             && f.flags.contains(FolioFlags::SAMPLED)
             && !f.flags.contains(FolioFlags::CLEAN)
             && !f.flags.contains(FolioFlags::SWAPCACHE)
             && f.pincount == 0
             && f.page_mapped.is_none()
             && f.mapcount as u64 == nr
+            && ptl.first() <= first
+            && first.forward(nr) <= ptl.end()
             && (0..nr).all(|k| ptl.pte(first.forward(k)) == Pte::prot_none(folio, k));
         if !whole {
             return None;
         }
         let seq = slab.lru_seq(folio)?;
         slab.lru_del(folio);
-        seq
+        (order, first, pool, seq)
     };
     let new = split_prot_none(inner, region, ptl, folio, first, order, pool, 0);
+    let pieces: Vec<FolioId> = std::iter::once(folio).chain(new.iter().copied()).collect();
     {
         let mut slab = inner.folios.slab();
-        slab.lru_add_seq(folio, seq);
-        new.iter().for_each(|&pid| slab.lru_add_seq(pid, seq));
+        match to_head {
+            true => pieces
+                .iter()
+                .rev()
+                .for_each(|&p| slab.lru_add_seq_head(p, seq)),
+            false => pieces.iter().for_each(|&p| slab.lru_add_seq(p, seq)),
+        }
     }
     // The pieces were born locked (see `split_prot_none`); nobody can have
-    // found them yet, so nobody waits: unlock them with the folio.
+    // found them yet, so nobody waits: unlock them (the folio stays locked).
     new.iter()
         .for_each(|&pid| drop(inner.folios.assume_locked(pid)));
+    Some(pieces)
+}
+
+/// Split `id`, a sampled-out large folio that reclaim cannot evict whole
+/// without taking its VM below the floor, into base folios at the head of
+/// its list, so that the next isolation evicts those of them the floor
+/// allows. Without this a VM above its minimum by less than its smallest
+/// victim gave nothing, and another VM with nothing of its own to reclaim
+/// waited for memory until a limit changed
+/// (`a_vm_less_than_a_folio_above_its_minimum_gives_the_difference` in
+/// `mem/tests/budget.rs`). A memory cgroup splits a THP it swaps out
+/// piecewise for the same reason (`split_folio_to_list()` in
+/// `shrink_folio_list()`).
+///
+/// # Context
+/// No locks held; the caller holds a reference on `id`.
+fn split_to_fit(inner: &Inner, id: FolioId) {
+    let Some((region, first, _, _)) = victim_info(inner, id) else {
+        return;
+    };
+    let Some(lock) = inner.folios.trylock(id) else {
+        return;
+    };
+    let mut ptl = region.pt.lock(first);
+    if !ptl.is_dead() && split_whole_sampled(inner, &region, &mut ptl, id, true).is_some() {
+        both(inner, &region, |c| c.floor_splits.fetch_add(1, Relaxed));
+    }
+    drop(ptl);
     drop(lock);
-    Some(match k {
-        0 => folio,
-        k => new[k as usize - 1],
-    })
 }
 
 /// A folio whose pages are unmapped and in the swap cache, waiting for its

@@ -586,3 +586,61 @@ fn an_access_across_two_folios_completes_at_a_minimum_handlers() {
 fn an_access_across_two_folios_completes_at_a_minimum_faulter() {
     an_access_across_two_folios_completes_at_a_minimum(mem::FaultDelivery::Faulter);
 }
+
+/// A VM above its minimum by less than any folio it has, and another VM
+/// with nothing of its own to give: reclaim for the second must split one
+/// of the first's folios and take the difference, not wait. Before, every
+/// victim of the first VM would have taken it below its minimum, so the
+/// second VM's first fault waited for memory until a limit changed.
+#[test]
+fn a_vm_less_than_a_folio_above_its_minimum_gives_the_difference() {
+    let mm = swap_manager(4 * MIB, 2, 64 * MIB, false);
+    let limits = VmLimits {
+        min_bytes: 3 * MIB,
+        ..VmLimits::default()
+    };
+    let a = TestVm::with_limits(&mm, "a", 4 * MIB, limits);
+    // Two 2 MiB folios need the pool prepared as two 2 MiB blocks first: a
+    // fault that finds none falls back to smaller folios.
+    let ready = || mm.stats().ready_bytes_by_order[9] == 4 * MIB;
+    assert!(wait_until(std::time::Duration::from_secs(30), ready));
+    a.fill(1);
+    let s = mm.stats();
+    assert_eq!(
+        s.folios_by_order[9], 2,
+        "the first VM holds the whole budget in two 2 MiB folios: {s:?}"
+    );
+    let b = TestVm::new(&mm, "b", 2 * MIB);
+    let done = AtomicBool::new(false);
+    let finished = std::thread::scope(|s| {
+        s.spawn(|| {
+            for p in 0..b.pages {
+                b.ram.write(p * PAGE_SIZE, pattern(p, 0, 2));
+            }
+            done.store(true, Relaxed);
+        });
+        let finished = wait_until(std::time::Duration::from_secs(30), || done.load(Relaxed));
+        if !finished {
+            // Let the stuck thread end.
+            mm.set_vm_limits(a.id, VmLimits::default()).unwrap();
+        }
+        finished
+    });
+    assert!(
+        finished,
+        "the second VM waited for memory: {:?}",
+        mm.stats()
+    );
+    let r = mm.vm_stats(a.id).unwrap().resident_bytes();
+    assert!(
+        r >= 3 * MIB,
+        "the first VM went below its minimum: {r} bytes"
+    );
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    a.verify(1);
+    for p in 0..b.pages {
+        assert_eq!(b.ram.read(p * PAGE_SIZE), pattern(p, 0, 2), "page {p}");
+    }
+    b.destroy(&mm);
+    a.destroy(&mm);
+}

@@ -111,6 +111,23 @@ pub struct VmLimits {
     pub priority: i32,
 }
 
+/// How long a reclaim pass goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Until {
+    /// Until it has freed what it was asked (background and API reclaim,
+    /// a VM's maximum).
+    Target,
+    /// Until then, or until the pool's free memory is back at the low
+    /// watermark, whoever freed it: a fault's direct reclaim needs memory
+    /// to exist, not to have freed it itself (the allocator retries after
+    /// each batch, as `__alloc_pages_direct_reclaim()` does). Without
+    /// this, a fault whose reclaim met failing swap writes went on through
+    /// its whole scan after a VM stopped and freed the budget (the writer in
+    /// `faulter::tests::a_vm_whose_last_reference_goes_in_a_sigbus_handler_is_torn_down_elsewhere`
+    /// still waited a minute after, 1 run in about 15).
+    Memory,
+}
+
 /// Whether reclaim can free anything at all (it needs a swap device; zero
 /// folios could be dropped without one, but a guest rarely has many).
 pub(crate) fn can_reclaim(inner: &Inner) -> bool {
@@ -124,7 +141,7 @@ pub(crate) fn can_reclaim(inner: &Inner) -> bool {
 pub(crate) fn direct_reclaim(inner: &Inner, region: &Region) {
     both(inner, region, |c| c.direct_reclaims.fetch_add(1, Relaxed));
     inner.kick_kswapd();
-    if try_to_free_pages(inner, None, DIRECT_RECLAIM_PAGES) == 0 {
+    if try_to_free_pages(inner, None, DIRECT_RECLAIM_PAGES, Until::Memory) == 0 {
         reclaim_own(inner, region.vm);
     }
 }
@@ -149,7 +166,7 @@ fn reclaim_own(inner: &Inner, vm: VmId) -> u64 {
         return 0;
     };
     inner.reclaimers.fetch_add(1, Relaxed);
-    let freed = shrink_vm(inner, &vm, SCAN_BATCH as u64, Floor::Own);
+    let freed = shrink_vm(inner, &vm, SCAN_BATCH as u64, Floor::Own, Until::Memory);
     if freed > 0 {
         // Its faults take small folios for a while, so that what this
         // freed holds the pages of the access (`Inner::own_reclaim_recent`).
@@ -173,7 +190,13 @@ pub(crate) fn enforce_vm_max(inner: &Inner, region: &Region) {
     let excess = vm.resident_pages().saturating_sub(vm.max_pages());
     if excess > 0 {
         inner.reclaimers.fetch_add(1, Relaxed);
-        shrink_vm(inner, &vm, excess + SCAN_BATCH as u64, Floor::Max);
+        shrink_vm(
+            inner,
+            &vm,
+            excess + SCAN_BATCH as u64,
+            Floor::Max,
+            Until::Target,
+        );
         inner.reclaimers.fetch_sub(1, Relaxed);
     }
 }
@@ -183,31 +206,36 @@ pub(crate) fn enforce_vm_max(inner: &Inner, region: &Region) {
 ///
 /// # Context
 /// No locks held.
-pub(crate) fn try_to_free_pages(inner: &Inner, vm: Option<VmId>, nr_pages: u64) -> u64 {
+pub(crate) fn try_to_free_pages(
+    inner: &Inner,
+    vm: Option<VmId>,
+    nr_pages: u64,
+    until: Until,
+) -> u64 {
     inner.reclaimers.fetch_add(1, Relaxed);
-    let freed = free_pages_from(inner, vm, nr_pages);
+    let freed = free_pages_from(inner, vm, nr_pages, until);
     inner.reclaimers.fetch_sub(1, Relaxed);
     freed
 }
 
-fn free_pages_from(inner: &Inner, vm: Option<VmId>, nr_pages: u64) -> u64 {
+fn free_pages_from(inner: &Inner, vm: Option<VmId>, nr_pages: u64, until: Until) -> u64 {
     let mut freed = 0;
     let mut tried = HashSet::new();
-    while freed < nr_pages {
+    while freed < nr_pages && !memory_back(inner, until) {
         let victim = match vm {
             Some(id) if !tried.contains(&id) => inner.vm(id),
             Some(_) => None,
             None => pick_vm(inner, &tried),
         };
         let Some(victim) = victim else { break };
-        let got = shrink_vm(inner, &victim, nr_pages - freed, Floor::Min);
+        let got = shrink_vm(inner, &victim, nr_pages - freed, Floor::Min, until);
         if got == 0 {
             tried.insert(victim.id);
         }
         freed += got;
     }
     // Last, swap-cache folios nothing else holds, which are off the LRU.
-    if let (Some(dev), 0) = (inner.swap.as_ref(), freed) {
+    if let (Some(dev), 0, false) = (inner.swap.as_ref(), freed, memory_back(inner, until)) {
         freed = crate::swapin::shrink_swap_cache(inner, dev, vm, nr_pages);
     }
     freed
@@ -260,13 +288,19 @@ impl Floor {
     }
 }
 
+/// Whether a pass that runs [`Until::Memory`] may stop: the pool's free
+/// memory is back at the low watermark.
+fn memory_back(inner: &Inner, until: Until) -> bool {
+    until == Until::Memory && inner.buddy().nr_free() >= inner.watermarks.low
+}
+
 /// Reclaim up to `nr` pages from `vm`, not going below `floor` resident
 /// pages. Returns the pages freed.
-fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: Floor) -> u64 {
+fn shrink_vm(inner: &Inner, vm: &VmState, nr: u64, floor: Floor, until: Until) -> u64 {
     let (mut freed, mut scanned) = (0, 0);
     // Each folio is at most sampled once and then evicted once per pass.
     let budget = inner.folios.slab().lru_pages(vm.id) * 2 + SCAN_BATCH as u64;
-    while freed < nr && scanned < budget {
+    while freed < nr && scanned < budget && !memory_back(inner, until) {
         // Pages other reclaimers are taking from this VM count against the
         // floor too, so that concurrent reclaim cannot undershoot it.
         let Isolated {
@@ -1264,7 +1298,7 @@ fn balance(inner: &Inner) {
         let excess = vm.resident_pages().saturating_sub(vm.max_pages());
         if excess > 0 {
             inner.reclaimers.fetch_add(1, Relaxed);
-            shrink_vm(inner, &vm, excess, Floor::Max);
+            shrink_vm(inner, &vm, excess, Floor::Max, Until::Target);
             inner.reclaimers.fetch_sub(1, Relaxed);
         }
     }
@@ -1274,7 +1308,7 @@ fn balance(inner: &Inner) {
     }
     let mut free = free;
     while free < inner.watermarks.high && !inner.shutdown.load(Relaxed) {
-        let got = try_to_free_pages(inner, None, inner.watermarks.high - free);
+        let got = try_to_free_pages(inner, None, inner.watermarks.high - free, Until::Target);
         if got == 0 {
             break;
         }
@@ -1285,7 +1319,7 @@ fn balance(inner: &Inner) {
 /// Reclaim for the API: about `bytes` from `vm` (or by policy from all),
 /// respecting minimums. Returns bytes freed.
 pub(crate) fn reclaim_bytes(inner: &Inner, vm: Option<VmId>, bytes: u64) -> u64 {
-    try_to_free_pages(inner, vm, bytes.div_ceil(PAGE_SIZE)) * PAGE_SIZE
+    try_to_free_pages(inner, vm, bytes.div_ceil(PAGE_SIZE), Until::Target) * PAGE_SIZE
 }
 
 #[cfg(test)]

@@ -144,7 +144,7 @@ fn discard_in(
         };
         drop(ptl);
         if let (Some(dev), false) = (inner.swap.as_ref(), cached.is_empty()) {
-            crate::swapin::free_swap_cache(inner, dev, cached);
+            crate::swapin::free_swap_cache(inner, dev, cached, false);
         }
         if let Err((at, folio)) = r {
             // A migration or collapse owns the entry: wait for it on the

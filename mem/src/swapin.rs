@@ -370,19 +370,39 @@ pub(crate) fn unnamed_cached(
 /// takes it out of the cache itself, found gone here, or leaves it for
 /// this; a migration leaves the new folio, which is followed.
 ///
+/// With `wait` false a folio whose lock is held is left alone, as
+/// `free_swap_and_cache()` only trylocks: a discard must not wait for a
+/// swap write (up to a whole reclaim batch of them) on the VMM's event
+/// loop. The holder takes it out of the cache then: a writeback that no
+/// faulter met ends by doing so, and a faulter that waited on it maps what
+/// entries are left, none, and does so too. Only a folio the fault
+/// injection keeps cached with nobody to map it back stays, until reclaim
+/// frees it ([`shrink_swap_cache`]). The VM's teardown waits.
+///
 /// # Context
-/// No locks held; sleeps on folio locks. Lock order: folio lock → swap lock
-/// → folio-table lock.
-pub(crate) fn free_swap_cache(inner: &Inner, dev: &SwapDevice, found: Vec<(FolioId, SwapSlot)>) {
+/// No locks held; sleeps on folio locks if `wait`. Lock order: folio lock →
+/// swap lock → folio-table lock.
+pub(crate) fn free_swap_cache(
+    inner: &Inner,
+    dev: &SwapDevice,
+    found: Vec<(FolioId, SwapSlot)>,
+    wait: bool,
+) {
     for (mut folio, base) in found {
         let lock = loop {
-            let lock = inner.folios.lock(folio);
+            let lock = match wait {
+                true => inner.folios.lock(folio),
+                false => match inner.folios.trylock(folio) {
+                    Some(lock) => lock,
+                    None => break None,
+                },
+            };
             let mut st = dev.lock();
             let moved = match st.cache.lookup(base) {
                 Some((f, b)) if f == folio && b == base => None,
                 // Migrated while we slept: look at the new one.
                 Some((moved, b)) if b == base && moved != folio => Some(moved),
-                _ => break lock,
+                _ => break Some(lock),
             };
             let Some(moved) = moved else {
                 let mut slab = inner.folios.slab();
@@ -400,7 +420,7 @@ pub(crate) fn free_swap_cache(inner: &Inner, dev: &SwapDevice, found: Vec<(Folio
                     uncache(&mut st, &mut slab, folio, base, nr);
                 }
                 drop(slab);
-                break lock;
+                break Some(lock);
             };
             inner.folios.slab().get_ref(moved);
             drop(st);

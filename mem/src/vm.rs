@@ -249,7 +249,7 @@ impl Region {
             inner.swap_counters.swapped_pages.fetch_sub(gone, Relaxed);
         }
         if let (Some(dev), false) = (inner.swap.as_ref(), cached.is_empty()) {
-            crate::swapin::free_swap_cache(inner, dev, cached);
+            crate::swapin::free_swap_cache(inner, dev, cached, true);
         }
         freed
     }

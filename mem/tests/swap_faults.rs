@@ -258,6 +258,58 @@ fn failed_swap_writes_map_the_folio_back() {
     settle_and_check(&mm);
 }
 
+/// A discard (the balloon, on the VMM's event loop) of pages whose swap
+/// write is in flight does not wait for the write: it drops the entries
+/// and leaves the folio to its writeback, which takes it out of the swap
+/// cache when the write ends. Nothing is left behind, and the pages read
+/// zero. The discard used to sleep on the folio lock until the write
+/// ended (here 300 ms; in a real reclaim up to a batch of writes).
+#[test]
+fn a_discard_does_not_wait_for_a_swap_write_in_flight() {
+    let mm = swap_manager(16 * MIB, 2, 64 * MIB, false);
+    let vm = mm.create_vm("discard-in-flight").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 2 * MIB)]).unwrap();
+    let ram = Ram::of(&*b);
+    for p in 0..2 * MIB / PAGE_SIZE {
+        ram.write(p * PAGE_SIZE, pattern(p, 0, 1));
+    }
+    mm.inject_swap_faults(plan(IoOp::Write, InjectedFault::SlowEio))
+        .unwrap();
+    let reclaim = {
+        let mm = mm.clone();
+        std::thread::spawn(move || mm.reclaim(Some(vm), 2 * MIB).unwrap())
+    };
+    // The folio is unmapped and in the swap cache, its write begun.
+    let swapped = || mm.vm_stats(vm).unwrap().swap.swapped_pages > 0;
+    assert!(wait_until(std::time::Duration::from_secs(10), swapped));
+    let t0 = std::time::Instant::now();
+    let out = mm.discard(vm, GuestAddress(0), 2 * MIB).unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took < mem::SLOW_EIO_DELAY / 3,
+        "the discard waited for the write: {took:?}"
+    );
+    assert!(!reclaim.is_finished(), "the write ended first: no test");
+    reclaim.join().unwrap();
+    assert_eq!(out.discarded_pages, 2 * MIB / PAGE_SIZE);
+    mm.inject_swap_faults(Vec::new()).unwrap();
+    let s = mm.vm_stats(vm).unwrap();
+    assert_eq!((s.swap.write_errors, s.resident_bytes()), (1, 0));
+    let d = mm.stats().swap_device;
+    assert_eq!(
+        (d.cache_pages, d.used_bytes),
+        (0, 0),
+        "left in the swap cache"
+    );
+    for p in 0..2 * MIB / PAGE_SIZE {
+        assert_eq!(ram.read(p * PAGE_SIZE), 0, "page {p}");
+    }
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+    assert_eq!(mm.stats().free_bytes, 16 * MIB);
+}
+
 /// A refault that waits on a folio whose swap write then fails finds it
 /// mapped back, and the folio swaps out normally afterwards: the failed
 /// writeback does not leave it marked as refaulted, which would keep it in

@@ -63,13 +63,19 @@
 //! # Who is reclaimed
 //! A VM above its `max_bytes` first; otherwise the VMs above their
 //! `min_bytes`, lowest `priority` first, then the one furthest above its
-//! minimum. No VM is ever taken below its minimum by reclaim for others.
+//! minimum. No VM is ever taken below its minimum by reclaim for others;
+//! a sampled large folio that would take it below whole is split in place
+//! and the pages above the minimum go ([`split_to_fit`]).
 //! A fault that finds every VM at its minimum (minimums may add up to the
 //! budget) swaps out a folio of its own VM to make room for its page, at
 //! most one 2 MiB folio below the minimum, which its fault puts back. For
 //! a second after that, the VM's faults take order-0 folios
 //! (`Inner::own_reclaim_recent`): an access needing pages of two 2 MiB
-//! ranges could otherwise never hold both within that room.
+//! ranges could otherwise never hold both within that room. A fault's
+//! direct reclaim stops as soon as the pool's free memory is back at the
+//! low watermark, whoever freed it ([`Until::Memory`]). When the LRUs give
+//! nothing, reclaim frees swap-cache folios that nothing else holds
+//! (`swapin::shrink_swap_cache`).
 //!
 //! Analogues: `shrink_folio_list()`, `pageout()`, `try_to_free_pages()`,
 //! `kswapd()`/`balance_pgdat()`, `change_prot_numa()`.

@@ -375,9 +375,12 @@ pub(crate) fn unnamed_cached(
 /// swap write (up to a whole reclaim batch of them) on the VMM's event
 /// loop. The holder takes it out of the cache then: a writeback that no
 /// faulter met ends by doing so, and a faulter that waited on it maps what
-/// entries are left, none, and does so too. Only a folio the fault
-/// injection keeps cached with nobody to map it back stays, until reclaim
-/// frees it ([`shrink_swap_cache`]). The VM's teardown waits.
+/// entries are left, none, and does so too. The fault injection keeps a
+/// folio cached only while an entry names one of its slots (its writeback
+/// looks under the swap lock); one it kept whose last entry goes while
+/// another holder (a migration, a relocation pull, reclaim) has the lock
+/// stays, until reclaim frees it ([`shrink_swap_cache`]). The VM's
+/// teardown waits.
 ///
 /// # Context
 /// No locks held; sleeps on folio locks if `wait`. Lock order: folio lock →

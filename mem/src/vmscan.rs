@@ -87,6 +87,7 @@ use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
 use crate::rmap::{self, Rmap};
 use crate::swap_cache::SwapDevice;
+use crate::swap_map::SlotState;
 use crate::swapin::{both, map_folio_pages};
 use crate::types::{FolioId, Order, PageIndex, PoolOffset, SwapSlot, VmId, PAGE_SIZE};
 use crate::vm::{log_error, Region, VmState};
@@ -1249,10 +1250,22 @@ fn end_writeback(inner: &Inner, dev: &SwapDevice, w: &Writeback<'_>, crcs: Optio
         for (k, &c) in crcs.iter().enumerate() {
             st.map.set_crc(w.base.forward(k as u64), c);
         }
+        // Kept only while an entry names one of its slots: a discard that
+        // dropped the last of them during the write left the folio to us
+        // (`swapin::free_swap_cache` does not wait for a write), and a
+        // folio no fault can find would stay in the cache with its slots,
+        // past the VM's teardown, until reclaim ran short of memory
+        // (`a_folio_kept_after_a_discard_during_its_write_leaves_the_cache`).
+        let named = (0..w.nr).any(|k| {
+            matches!(
+                st.map.state(w.base.forward(k)),
+                SlotState::Used { count: 1.., .. }
+            )
+        });
         let mut slab = inner.folios.slab();
         let f = slab.live(id);
         f.flags.remove(FolioFlags::WRITEBACK);
-        if keep {
+        if keep && named {
             f.flags.insert(FolioFlags::REFAULTED);
         }
         // A refaulter waiting on the lock maps the folio from the cache

@@ -318,3 +318,73 @@ fn kept_folios_racing_faults_pins_discards_and_compaction_balance() {
     );
     assert_eq!(s.free_bytes, 3 * MIB);
 }
+
+/// A discard that drops the last entries of folios whose swap write is in
+/// flight leaves them to their writeback (it does not wait for the write);
+/// a folio the write then keeps in the swap cache (`SwapKeepCache`: as if a
+/// refault waited for it) must still leave the cache, since no entry names
+/// its slots any more and no fault will ever map it back. Here the first
+/// write of a reclaim batch fails slowly (`SlowEio`), so the batch's later
+/// folios wait, locked and in the swap cache, while the discard runs; the
+/// first of them whose write succeeds is kept.
+#[test]
+fn a_folio_kept_after_a_discard_during_its_write_leaves_the_cache() {
+    use mem::{FaultPlan, InjectedFault, IoOp};
+    const GUEST: u64 = 64 * MIB;
+    let mm = swap_manager(96 * MIB, 2, 256 * MIB, false);
+    let t = TestVm::new(&mm, "kept-discard", GUEST);
+    // 2 MiB folios, so that a reclaim batch holds several runs of writes.
+    let ready = || mm.stats().ready_bytes_by_order[9] >= GUEST;
+    assert!(wait_until(std::time::Duration::from_secs(30), ready));
+    t.fill(1);
+    mm.inject_swap_faults(vec![FaultPlan {
+        op: IoOp::Write,
+        fault: InjectedFault::SlowEio,
+        skip: 0,
+        count: 1,
+    }])
+    .unwrap();
+    keep_next(&mm, 1);
+    let reclaim = {
+        let (mm, vm) = (mm.clone(), t.id);
+        std::thread::spawn(move || mm.reclaim(Some(vm), GUEST).unwrap())
+    };
+    let swapped = || mm.vm_stats(t.id).unwrap().swap.swapped_pages > 0;
+    assert!(wait_until(std::time::Duration::from_secs(10), swapped));
+    // The batch is prepared (every victim unmapped, in the swap cache and
+    // locked) long before the slow write fails.
+    std::thread::sleep(mem::SLOW_EIO_DELAY / 6);
+    let cached = mm.stats().swap_device.cache_pages;
+    mm.discard(t.id, t.ram.gpa(0), GUEST).unwrap();
+    assert!(!reclaim.is_finished(), "the write ended first: no test");
+    reclaim.join().unwrap();
+    mm.inject_swap_faults(Vec::new()).unwrap();
+    mm.inject_faults(vec![]);
+    let s = mm.stats();
+    eprintln!(
+        "cached during the discard: {cached} pages; folios whose write failed {}, \
+         swapped out {}, kept {} pages",
+        s.swap.write_errors, s.swap.swapout_folios, s.swap_device.cache_pages
+    );
+    assert!(s.swap.write_errors > 0, "the slow write failed");
+    assert!(
+        cached > 2 * 512,
+        "the batch held more than the failing run: {cached} pages"
+    );
+    assert_eq!(
+        (s.swap_device.cache_pages, s.swap_device.used_bytes),
+        (0, 0),
+        "a folio no entry names stayed in the swap cache with its slots"
+    );
+    for p in 0..t.pages {
+        assert_eq!(t.ram.read(p * PAGE_SIZE), 0, "page {p}");
+    }
+    settle_and_check(&mm);
+    t.destroy(&mm);
+    let s = mm.stats();
+    assert_eq!(
+        (s.swap_device.used_bytes, s.swap_device.cache_pages),
+        (0, 0)
+    );
+    assert_eq!(s.free_bytes, 96 * MIB);
+}

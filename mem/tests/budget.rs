@@ -644,3 +644,163 @@ fn a_vm_less_than_a_folio_above_its_minimum_gives_the_difference() {
     b.destroy(&mm);
     a.destroy(&mm);
 }
+
+/// Many threads against the floor split (`vmscan::split_to_fit`): three
+/// VMs whose minimums leave each less than a 2 MiB folio to give, filled
+/// with 2 MiB folios, each with two vCPU threads that check every word
+/// they read and write new generations over a wandering window and
+/// discard 64 KiB runs of their own pages, while compaction runs over them
+/// and background and direct reclaim split and evict. Every word reads
+/// back as last written (zero after a discard), no VM is seen more than a
+/// 2 MiB folio below its minimum (a fault's own reclaim may go that far),
+/// and the allocator, swap map and swap cache balance after.
+#[test]
+fn vms_at_their_minimums_split_and_evict_large_folios_without_losing_a_word() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    const VMS: u64 = 3;
+    const THREADS: u64 = 2;
+    const RAM: u64 = 12 * MIB;
+    const PAGES: u64 = RAM / PAGE_SIZE;
+    const CHUNK: u64 = 16;
+    const WORDS: [u64; 2] = [0, PAGE_SIZE / 8 - 1];
+    const MIN: u64 = 7 * MIB + 3 * MIB / 4;
+    const SECS: u64 = 8;
+    let mm = swap_manager(24 * MIB, 3, 256 * MIB, true);
+    let limits = VmLimits {
+        min_bytes: MIN,
+        ..VmLimits::default()
+    };
+    let vms: Vec<TestVm> = (0..VMS)
+        .map(|v| TestVm::with_limits(&mm, &format!("floor{v}"), RAM, limits))
+        .collect();
+    let ready = || mm.stats().ready_bytes_by_order[9] >= 16 * MIB;
+    assert!(wait_until(std::time::Duration::from_secs(30), ready));
+    // Per page and word: the value last written. Thread `w` of a VM owns
+    // the chunks `c` with `c % THREADS == w`.
+    let expected: Vec<Vec<AtomicU64>> = (0..VMS)
+        .map(|_| (0..PAGES * 2).map(|_| AtomicU64::new(0)).collect())
+        .collect();
+    // Every page written: each VM holds at least its minimum from here.
+    for (v, vm) in vms.iter().enumerate() {
+        for p in 0..PAGES {
+            for (k, &word) in WORDS.iter().enumerate() {
+                let val = (p << 16) | ((v as u64) << 8) | (k as u64 + 0x80);
+                vm.ram.write(p * PAGE_SIZE + word * 8, val);
+                expected[v][(p * 2) as usize + k].store(val, SeqCst);
+            }
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let running = || t0.elapsed() < std::time::Duration::from_secs(SECS);
+    let below = AtomicU64::new(0);
+    let accesses = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for (v, vm) in vms.iter().enumerate() {
+            for w in 0..THREADS {
+                let (vm, exp, accesses, mm) = (vm, &expected[v], &accesses, &*mm);
+                s.spawn(move || {
+                    let mut rng = Rng(0x51 + (v as u64) * 977 + w * 31);
+                    let mut i = 0u64;
+                    let mine = |p: u64| {
+                        let c = p / CHUNK;
+                        (c - c % THREADS + w) * CHUNK + p % CHUNK
+                    };
+                    while running() {
+                        i += 1;
+                        // A 4 MiB window wandering over the VM, so that
+                        // its 2 MiB folios cool, get sampled and go.
+                        let win = (i / 3000 * 256) % (PAGES - 1024);
+                        let p = mine(win + rng.below(1024));
+                        for (k, &word) in WORDS.iter().enumerate() {
+                            let at = p * PAGE_SIZE + word * 8;
+                            let e = &exp[(p * 2) as usize + k];
+                            let got = vm.ram.read(at);
+                            assert_eq!(
+                                got,
+                                e.load(SeqCst),
+                                "vm {v} thread {w} page {p} word {word} at access {i}"
+                            );
+                            if rng.below(2) == 0 {
+                                let val = (i << 16) | ((v as u64) << 8) | (w + 1);
+                                vm.ram.write(at, val);
+                                e.store(val, SeqCst);
+                            }
+                        }
+                        if rng.below(3000) == 0 {
+                            let c = mine(win + rng.below(1024)) / CHUNK;
+                            let gpa = vm.ram.gpa(c * CHUNK * PAGE_SIZE);
+                            let out = mm.discard(vm.id, gpa, CHUNK * PAGE_SIZE).unwrap();
+                            assert_eq!(out.skipped_pinned_pages, 0);
+                            // Read back as zero, which faults the pages
+                            // in again: the VM keeps its minimum's worth.
+                            for q in c * CHUNK..(c + 1) * CHUNK {
+                                for (k, &word) in WORDS.iter().enumerate() {
+                                    exp[(q * 2) as usize + k].store(0, SeqCst);
+                                    let got = vm.ram.read(q * PAGE_SIZE + word * 8);
+                                    assert_eq!(got, 0, "vm {v} page {q} after its discard");
+                                }
+                            }
+                        }
+                    }
+                    accesses.fetch_add(i, SeqCst);
+                });
+            }
+        }
+        let (mmr, vmsr, running) = (&*mm, &vms, &running);
+        s.spawn(move || {
+            while running() {
+                for vm in vmsr {
+                    let _ = mmr.compact(Some(vm.id), &|_, _| {});
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        let below = &below;
+        s.spawn(move || {
+            while running() {
+                for vm in vmsr {
+                    let r = mmr.vm_stats(vm.id).unwrap().resident_bytes();
+                    // A fault's own reclaim may take its VM a 2 MiB folio
+                    // below; each thread's discard, a chunk until read.
+                    if r + 2 * MIB + THREADS * CHUNK * PAGE_SIZE < MIN {
+                        below.fetch_add(1, SeqCst);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        });
+    });
+    let s = mm.stats();
+    eprintln!(
+        "{} accesses; floor splits {}, sampled splits {}, swapped out {} pages, \
+         collapsed {}, folios by order {:?}",
+        accesses.load(SeqCst),
+        s.swap.floor_splits,
+        s.swap.sampled_splits,
+        s.swap.swapout_pages,
+        s.migration.collapsed,
+        s.folios_by_order
+    );
+    assert_eq!(below.load(SeqCst), 0, "a VM went below its minimum");
+    assert!(s.swap.floor_splits > 0, "no floor split: no test");
+    for (v, vm) in vms.iter().enumerate() {
+        for p in 0..PAGES {
+            for (k, &word) in WORDS.iter().enumerate() {
+                let want = expected[v][(p * 2) as usize + k].load(SeqCst);
+                let got = vm.ram.read(p * PAGE_SIZE + word * 8);
+                assert_eq!(got, want, "vm {v} page {p} word {word}");
+            }
+        }
+    }
+    let s = mm.stats();
+    assert_eq!(s.swap.read_errors + s.swap.write_errors, 0);
+    settle_and_check(&mm);
+    for vm in vms {
+        vm.destroy(&mm);
+    }
+    let s = mm.stats();
+    assert_eq!(
+        (s.swap_device.used_bytes, s.swap_device.cache_pages),
+        (0, 0)
+    );
+}

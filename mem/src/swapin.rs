@@ -379,8 +379,8 @@ pub(crate) fn unnamed_cached(
 /// folio cached only while an entry names one of its slots (its writeback
 /// looks under the swap lock); one it kept whose last entry goes while
 /// another holder (a migration, a relocation pull, reclaim) has the lock
-/// stays, until reclaim frees it ([`shrink_swap_cache`]). The VM's
-/// teardown waits.
+/// stays, until reclaim frees it ([`shrink_swap_cache`]) or its VM is torn
+/// down (`vm::Teardown::run`). The VM's teardown waits.
 ///
 /// # Context
 /// No locks held; sleeps on folio locks if `wait`. Lock order: folio lock →

@@ -451,6 +451,7 @@ impl Teardown {
             crate::faulter::tests::TORN_DOWN_IN_HANDLER.fetch_add(1, Relaxed);
         }
         let mut freed = Vec::new();
+        let vm = self.regions.first().map(|r| r.vm);
         for r in self.regions {
             inner.unregister_region(&r);
             freed.extend(r.unmap_all(inner));
@@ -470,6 +471,13 @@ impl Teardown {
         }
         for f in freed {
             inner.free_range(f);
+        }
+        // A folio the fault injection kept in the swap cache, whose last
+        // entry went while another holder had its lock, is named by no
+        // entry, so `unmap_all` did not meet it (`swapin::free_swap_cache`):
+        // it goes with its VM, not at the next shortage.
+        if let (Some(dev), Some(vm)) = (inner.swap.as_ref(), vm) {
+            crate::swapin::shrink_swap_cache(inner, dev, Some(vm), u64::MAX);
         }
     }
 }

@@ -5,9 +5,10 @@
 //! index, an unreadable descriptor or a loop (its TTL runs out). That is
 //! safe but hides the error, so [`parse_chain`] walks the chain itself
 //! through the iterator and turns every way a chain can be malformed into a
-//! [`ChainError`]: a truncated chain (the last descriptor still says NEXT),
-//! a buffer outside guest RAM, an empty chain. Devices then check the
-//! direction and size rules of their own request format.
+//! [`ChainError`]: a head index past the queue ([`pop_chain`]), a truncated
+//! chain (the last descriptor still says NEXT), a buffer outside guest RAM,
+//! an empty chain. Devices then check the direction and size rules of their
+//! own request format.
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -55,6 +56,15 @@ pub enum ChainError {
         head: u16,
         /// Descriptors read.
         len: usize,
+    },
+    /// The avail ring names a head index past the queue: nothing of the
+    /// chain can be read, and it cannot go to the used ring either.
+    #[error("descriptor chain head {head} is past the queue size {size}")]
+    HeadOutOfRange {
+        /// Head index.
+        head: u16,
+        /// Queue size.
+        size: u16,
     },
     /// A buffer lies (partly) outside guest RAM.
     #[error("descriptor chain {head}: buffer {addr:#x}+{len:#x} is outside guest RAM")]
@@ -132,6 +142,10 @@ pub fn pop_chain(
 ) -> Option<Result<Chain, (u16, ChainError)>> {
     let chain = queue.pop_descriptor_chain(mem)?;
     let head = chain.head_index();
+    let size = queue.size();
+    if head >= size {
+        return Some(Err((head, ChainError::HeadOutOfRange { head, size })));
+    }
     Some(parse_chain(chain, mem).map_err(|e| (head, e)))
 }
 
@@ -234,6 +248,12 @@ fn drain_queue_observed(
                     };
                 }
             };
+            if head >= queue.size() {
+                // A head index past the queue (the device has logged the
+                // chain as malformed): no used element can name it, so it
+                // is dropped, and the chains after it are still served.
+                continue;
+            }
             if queue.add_used(mem, head, len).is_err() {
                 // Only a corrupt used ring address gets here; the queue
                 // was checked at activation, so stop rather than spin.
@@ -494,6 +514,40 @@ mod tests {
             Served::Used(c.unwrap().head, 0)
         });
         assert_eq!(next, 1, "the chain left over");
+    }
+
+    /// A chain whose head index is past the queue size cannot go to the
+    /// used ring (there is no such id to return): it is dropped, and the
+    /// chains after it are still served. The drain used to stop at it with
+    /// the driver's notifications left off (VRING_USED_F_NO_NOTIFY set),
+    /// so the driver never kicked again and the queue hung for good.
+    #[test]
+    fn a_head_index_past_the_queue_size_does_not_hang_the_queue() {
+        let mem = memory();
+        let vq = virtio_queue::mock::MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        vq.desc_table().store(0, desc(0x10000, 16, 0, 0)).unwrap();
+        for (i, head) in [16u16, 0].into_iter().enumerate() {
+            vq.avail().ring().ref_at(i).unwrap().store(head.to_le());
+        }
+        vq.avail().idx().store(2u16.to_le());
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut seen = Vec::new();
+        let d = drain_queue(&mut q, &mem, |c| {
+            let head = match c {
+                Ok(c) => c.head,
+                Err((h, e)) => {
+                    assert_eq!(e, ChainError::HeadOutOfRange { head: 16, size: 16 });
+                    h
+                }
+            };
+            seen.push(head);
+            Served::Used(head, 0)
+        });
+        assert_eq!(seen, vec![16, 0]);
+        assert_eq!(q.next_used(), 1, "chain 0 answered");
+        assert!(d.notify && !d.more && !d.deferred);
+        let flags: u16 = mem.read_obj(GuestAddress(q.used_ring())).unwrap();
+        assert_eq!(flags, 0, "the driver's notifications are on again");
     }
 
     #[test]

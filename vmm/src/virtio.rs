@@ -1160,6 +1160,31 @@ mod tests {
         );
     }
 
+    /// The anon backend's discard, with ranges a balloon driver may send
+    /// (inflated page numbers, reported buffers): one that leaves guest
+    /// RAM, straddles its end or is empty outside it is refused as out of
+    /// range; nothing outside guest RAM is touched.
+    #[test]
+    fn anon_discards_outside_guest_ram_are_refused() {
+        const MIB: u64 = 1 << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let ram = VmRam { mem, manager: None };
+        for (gpa, len) in [
+            (MIB, PAGE_SIZE),
+            (MIB - PAGE_SIZE, 2 * PAGE_SIZE),
+            (!(PAGE_SIZE - 1), 0),
+            ((u64::from(u32::MAX)) * PAGE_SIZE, PAGE_SIZE),
+        ] {
+            assert_eq!(
+                ram.discard(gpa, len),
+                Err(RamError::OutOfRange { gpa, len }),
+                "{gpa:#x}+{len:#x}"
+            );
+        }
+        assert_eq!(ram.discard(0, 0), Ok(0));
+        assert_eq!(ram.discard(MIB - PAGE_SIZE, PAGE_SIZE), Ok(PAGE_SIZE));
+    }
+
     /// With the guest's budget full and nothing to reclaim (no swap), a
     /// device pin reaches the devices as the transient `NoMemory` that
     /// makes a request wait ([`QueueState::Deferred`]), not as a failure;

@@ -732,6 +732,38 @@ mod tests {
         assert_eq!(p.lock().unwrap().activations, 2);
     }
 
+    /// Queue registers written while the device is live (a size that is
+    /// no size, rings elsewhere, QueueReady off) change nothing: the
+    /// device keeps the queues it was given, and the transport's copy is
+    /// untouched until a reset.
+    #[test]
+    fn queue_registers_are_frozen_while_live() {
+        let (mut t, p) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1000);
+        wr(&mut t, 0x070, LIVE);
+        assert!(t.is_live());
+        let before = t.queues[0].regs;
+        for (reg, v) in [
+            (0x038, 3),
+            (0x038, 0),
+            (0x080, 0x7000_0001),
+            (0x094, 0xffff_ffff),
+            (0x0a0, 0x3),
+            (0x044, 0),
+        ] {
+            wr(&mut t, 0x030, 0);
+            wr(&mut t, reg, v);
+        }
+        let after = t.queues[0].regs;
+        assert_eq!(
+            (after.size, after.desc, after.avail, after.used),
+            (before.size, before.desc, before.avail, before.used)
+        );
+        assert!(t.is_live());
+        assert_eq!(p.lock().unwrap().activations, 1);
+    }
+
     /// A queue the device left with more chains than one drain serves is
     /// notified again by the transport, so the event loop comes back to
     /// it (after the other work waiting) without a guest kick.

@@ -393,6 +393,51 @@ mod tests {
         assert_eq!(e, ChainError::Empty { head: 0 });
     }
 
+    /// Indirect tables nested in an indirect table, tables longer than a
+    /// chain may be, and loops inside a table are refused.
+    #[test]
+    fn nested_long_and_looping_indirect_tables_are_refused() {
+        const I: u32 = VRING_DESC_F_INDIRECT;
+        let mem = memory();
+        let table = 0x20000u64;
+        let put = |i: u64, d| mem.write_obj(d, GuestAddress(table + 16 * i)).unwrap();
+        let run = |len: u32| {
+            let mut q = queue_with(&mem, 0, &[desc(table, len, I, 0)]);
+            pop_chain(&mut q, &mem).unwrap().map_err(|(_, e)| e)
+        };
+        // A table whose first entry is itself indirect: nothing is walked.
+        put(0, desc(0x30000, 32, I, 0));
+        assert_eq!(run(16), Err(ChainError::Empty { head: 0 }));
+        // The same after a good entry: the chain is truncated there.
+        put(0, desc(0x10000, 16, N, 1));
+        put(1, desc(0x30000, 32, I, 0));
+        assert_eq!(run(32), Err(ChainError::Truncated { head: 0, len: 1 }));
+        // A loop inside the table (0 -> 1 -> 0): the table's TTL ends it.
+        put(1, desc(0x10000, 16, N, 0));
+        assert!(matches!(run(32), Err(ChainError::Truncated { .. })));
+        // 2048 chained entries, more than MAX_CHAIN_LEN: refused there.
+        for i in 0..2048u64 {
+            put(i, desc(0x10000, 1, N, (i + 1) as u16));
+        }
+        put(2047, desc(0x10000, 1, 0, 0));
+        assert_eq!(
+            run(2048 * 16),
+            Err(ChainError::Truncated {
+                head: 0,
+                len: MAX_CHAIN_LEN
+            })
+        );
+    }
+
+    /// Zero-length buffers pass the RAM check wherever they point (an
+    /// empty range is in any memory); a device never touches guest memory
+    /// through one, which the block and balloon tests check.
+    #[test]
+    fn zero_length_buffers_are_accepted_anywhere() {
+        let c = parse(&[desc(u64::MAX - 4, 0, 0, 0)]).unwrap();
+        assert_eq!(c.buffers[0].len, 0);
+    }
+
     #[test]
     fn a_bogus_avail_index_yields_nothing() {
         let mem = memory();

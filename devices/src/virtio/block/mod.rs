@@ -722,6 +722,37 @@ mod tests {
         assert_eq!(r.dev.counters().ok, 0);
     }
 
+    /// Zero-length buffers pass the chain's RAM check wherever they point;
+    /// the device never touches memory through one. A zero-length status
+    /// buffer is no status.
+    #[test]
+    fn zero_length_buffers_touch_nothing() {
+        let (_t, p) = image(4 * 512);
+        let mut r = rig(&p, false);
+        let far = 0xffff_ffff_ffff_f000;
+        // A read with an empty data buffer outside RAM before a real one.
+        let descs = [
+            desc(HDR, 16, N, 1),
+            desc(far, 0, N | W, 2),
+            desc(DATA, 512, N | W, 3),
+            desc(STATUS, 1, W, 0),
+        ];
+        assert_eq!(r.submit(0, 1, &descs), (S_OK, 513));
+        // GET_ID into an empty buffer outside RAM.
+        let descs = [
+            desc(HDR, 16, N, 1),
+            desc(far, 0, N | W, 2),
+            desc(STATUS, 1, W, 0),
+        ];
+        assert_eq!(r.submit(8, 0, &descs), (S_OK, 1));
+        // An empty status buffer (outside RAM, or not): no status.
+        for at in [far, STATUS] {
+            let descs = [desc(HDR, 16, N, 1), desc(at, 0, W, 0)];
+            assert_eq!(r.submit(4, 0, &descs), (0xff, 0));
+        }
+        assert_eq!(r.dev.counters().malformed, 2);
+    }
+
     #[test]
     fn bad_images_are_clear_errors() {
         let e = DiskImage::open(Path::new("/nonexistent/disk.img"), false, "x").unwrap_err();

@@ -179,6 +179,10 @@ pub struct Drained {
     /// The drain stopped after [`DRAIN_BUDGET`] chains with more
     /// available: drain again once other work has had its turn.
     pub more: bool,
+    /// The driver's avail index, when it is more than the queue size
+    /// ahead of the device's: a driver error that stops the queue until a
+    /// reset (nothing more is popped). The device should log it.
+    pub bad_avail_idx: Option<u16>,
 }
 
 /// Run `f` on every available chain of `queue`, put each on the used ring
@@ -211,6 +215,7 @@ fn drain_queue_observed(
     let mut used_any = false;
     let mut empty_rounds = 0;
     let mut served = 0;
+    let mut bad_avail_idx = None;
     let notify = |queue: &mut Queue, used_any: bool| {
         used_any && queue.needs_notification(mem).unwrap_or(true)
     };
@@ -226,6 +231,7 @@ fn drain_queue_observed(
                     notify: notify(queue, used_any),
                     deferred: false,
                     more: true,
+                    bad_avail_idx: None,
                 };
             }
             let Some(c) = pop_chain(queue, mem) else {
@@ -245,6 +251,7 @@ fn drain_queue_observed(
                         notify: notify(queue, used_any),
                         deferred: true,
                         more: false,
+                        bad_avail_idx: None,
                     };
                 }
             };
@@ -261,6 +268,7 @@ fn drain_queue_observed(
                     notify: used_any,
                     deferred: false,
                     more: false,
+                    bad_avail_idx: None,
                 };
             }
             used_any = true;
@@ -272,6 +280,14 @@ fn drain_queue_observed(
         // or a hostile driver would keep this thread spinning.
         if !popped {
             empty_rounds += 1;
+            let ahead = queue
+                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .map(|idx| (idx.0, idx.0.wrapping_sub(queue.next_avail())));
+            if let Ok((idx, ahead)) = ahead {
+                if ahead > queue.size() {
+                    bad_avail_idx = Some(idx);
+                }
+            }
         }
         before_enable();
         match queue.enable_notification(mem) {
@@ -283,6 +299,7 @@ fn drain_queue_observed(
         notify: notify(queue, used_any),
         deferred: false,
         more: false,
+        bad_avail_idx,
     }
 }
 
@@ -448,7 +465,10 @@ mod tests {
         assert!(pop_chain(&mut q, &mem).is_none());
         assert_eq!(
             drain_queue(&mut q, &mem, |_| unreachable!()),
-            Drained::default()
+            Drained {
+                bad_avail_idx: Some(100),
+                ..Drained::default()
+            }
         );
     }
 
@@ -549,7 +569,8 @@ mod tests {
             Drained {
                 notify: true,
                 deferred: false,
-                more: true
+                more: true,
+                bad_avail_idx: None
             }
         );
         // The next drain goes on where this one stopped.
@@ -646,7 +667,8 @@ mod tests {
                 Drained {
                     notify: false,
                     deferred: true,
-                    more: false
+                    more: false,
+                    bad_avail_idx: None
                 }
             );
         }
@@ -657,7 +679,8 @@ mod tests {
             Drained {
                 notify: true,
                 deferred: false,
-                more: false
+                more: false,
+                bad_avail_idx: None
             }
         );
         assert_eq!(seen, vec![0, 0, 0, 1]);

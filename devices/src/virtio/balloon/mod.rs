@@ -450,6 +450,12 @@ impl VirtioDevice for Balloon {
             if drained.notify {
                 active.irq.signal(super::INT_USED_RING);
             }
+            if let Some(idx) = drained.bad_avail_idx {
+                self.malformed(
+                    "queue",
+                    &format!("avail index {idx} is more than the queue size ahead; queue {index} stopped until the driver resets the device"),
+                );
+            }
             if drained.more {
                 state = QueueState::More;
             }

@@ -43,6 +43,19 @@ fn swapped_with_kept(kept: u32) -> (std::sync::Arc<mem::MemoryManager>, TestVm) 
     (mm, t)
 }
 
+/// Tear `t` down, then check the swap file and cache are empty and the
+/// whole `budget` free.
+fn destroy_leaving_nothing(mm: &mem::MemoryManager, t: TestVm, budget: u64) {
+    settle_and_check(mm);
+    t.destroy(mm);
+    let s = mm.stats();
+    assert_eq!(
+        (s.swap_device.used_bytes, s.swap_device.cache_pages),
+        (0, 0)
+    );
+    assert_eq!(s.free_bytes, budget);
+}
+
 #[test]
 fn a_discard_of_a_kept_folios_page_frees_it() {
     let (mm, t) = swapped_with_kept(3);
@@ -309,14 +322,7 @@ fn kept_folios_racing_faults_pins_discards_and_compaction_balance() {
         0
     );
     assert_no_unbacked(&s);
-    settle_and_check(&mm);
-    t.destroy(&mm);
-    let s = mm.stats();
-    assert_eq!(
-        (s.swap_device.used_bytes, s.swap_device.cache_pages),
-        (0, 0)
-    );
-    assert_eq!(s.free_bytes, 3 * MIB);
+    destroy_leaving_nothing(&mm, t, 3 * MIB);
 }
 
 /// A discard that drops the last entries of folios whose swap write is in
@@ -379,12 +385,5 @@ fn a_folio_kept_after_a_discard_during_its_write_leaves_the_cache() {
     for p in 0..t.pages {
         assert_eq!(t.ram.read(p * PAGE_SIZE), 0, "page {p}");
     }
-    settle_and_check(&mm);
-    t.destroy(&mm);
-    let s = mm.stats();
-    assert_eq!(
-        (s.swap_device.used_bytes, s.swap_device.cache_pages),
-        (0, 0)
-    );
-    assert_eq!(s.free_bytes, 96 * MIB);
+    destroy_leaving_nothing(&mm, t, 96 * MIB);
 }

@@ -661,6 +661,16 @@ mod tests {
         wr(t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
     }
 
+    /// A transport whose driver negotiated, set queue 0 up at 0x1000 and
+    /// set DRIVER_OK.
+    fn live_transport() -> (MmioTransport<ProbeDev>, Arc<Mutex<Probe>>) {
+        let (mut t, p) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1000);
+        wr(&mut t, 0x070, LIVE);
+        (t, p)
+    }
+
     /// A queue size or ring address that the queue cannot take (not a
     /// power of two, above the maximum, zero; a misaligned ring) fails
     /// the device at DRIVER_OK. It used to be dropped silently: the device
@@ -711,10 +721,7 @@ mod tests {
     /// (rings at guest address 0), and served those.
     #[test]
     fn driver_ok_cleared_and_set_again_does_not_reactivate() {
-        let (mut t, p) = transport();
-        negotiate(&mut t);
-        setup_queue(&mut t, 0, 0x1000);
-        wr(&mut t, 0x070, LIVE);
+        let (mut t, p) = live_transport();
         assert!(t.is_live());
         wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
         assert_eq!(rd(&mut t, 0x070), LIVE, "a status bit cannot be cleared");
@@ -738,10 +745,7 @@ mod tests {
     /// untouched until a reset.
     #[test]
     fn queue_registers_are_frozen_while_live() {
-        let (mut t, p) = transport();
-        negotiate(&mut t);
-        setup_queue(&mut t, 0, 0x1000);
-        wr(&mut t, 0x070, LIVE);
+        let (mut t, p) = live_transport();
         assert!(t.is_live());
         let before = t.queues[0].regs;
         for (reg, v) in [
@@ -769,10 +773,7 @@ mod tests {
     /// it (after the other work waiting) without a guest kick.
     #[test]
     fn a_queue_left_with_more_work_is_notified_again() {
-        let (mut t, p) = transport();
-        negotiate(&mut t);
-        setup_queue(&mut t, 0, 0x1000);
-        wr(&mut t, 0x070, LIVE);
+        let (mut t, p) = live_transport();
         t.notified(1);
         assert!(t.queues[1].notify.read().is_err(), "consumed");
         p.lock().unwrap().state = Some(QueueState::More);

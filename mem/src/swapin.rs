@@ -507,16 +507,14 @@ pub(crate) fn shrink_swap_cache(
             drop(slab);
             drop(st);
             drop(lock);
-            let region = rmap.and_then(|r| inner.find_region(r.vm, r.region));
-            for c in [
-                Some(&inner.swap_counters),
-                region.as_ref().map(|r| &r.counters.swap),
-            ]
-            .into_iter()
-            .flatten()
-            .filter(|_| drop_it)
-            {
-                c.cache_dropped_pages.fetch_add(nr, Relaxed);
+            if drop_it {
+                inner
+                    .swap_counters
+                    .cache_dropped_pages
+                    .fetch_add(nr, Relaxed);
+                if let Some(r) = rmap.and_then(|r| inner.find_region(r.vm, r.region)) {
+                    r.counters.swap.cache_dropped_pages.fetch_add(nr, Relaxed);
+                }
             }
         }
         inner.put_folio(folio, 1);

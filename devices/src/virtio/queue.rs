@@ -155,6 +155,14 @@ pub fn pop_chain(
 /// loop, which every device of every VM shares, for ever.
 pub const DRAIN_BUDGET: usize = 256;
 
+/// The longest one drain goes on serving chains: once it has served at
+/// least one and this much time went by, it stops as after
+/// [`DRAIN_BUDGET`] chains. A chain count alone does not bound the time:
+/// a block request can move hundreds of MiB, a flush can wait for the
+/// disk, and 256 of them would hold the event loop for seconds or
+/// minutes, while every other device of every VM waits.
+pub const DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// What a device did with one chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Served {
@@ -176,8 +184,8 @@ pub struct Drained {
     /// A chain was deferred ([`Served::Deferred`]): drain again later,
     /// without waiting for a notification.
     pub deferred: bool,
-    /// The drain stopped after [`DRAIN_BUDGET`] chains with more
-    /// available: drain again once other work has had its turn.
+    /// The drain stopped after [`DRAIN_BUDGET`] chains or [`DRAIN_TIME`]
+    /// with more available: drain again once other work has had its turn.
     pub more: bool,
     /// The driver's avail index, when it is more than the queue size
     /// ahead of the device's: a driver error that stops the queue until a
@@ -188,7 +196,7 @@ pub struct Drained {
 /// Run `f` on every available chain of `queue`, put each on the used ring
 /// as `f` says ([`Served`]), and re-enable notifications (with event
 /// index) until the ring stays empty, or stop after [`DRAIN_BUDGET`]
-/// chains ([`Drained::more`]).
+/// chains or [`DRAIN_TIME`] ([`Drained::more`]).
 pub fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -216,6 +224,7 @@ fn drain_queue_observed(
     let mut empty_rounds = 0;
     let mut served = 0;
     let mut bad_avail_idx = None;
+    let start = std::time::Instant::now();
     let notify = |queue: &mut Queue, used_any: bool| {
         used_any && queue.needs_notification(mem).unwrap_or(true)
     };
@@ -225,7 +234,7 @@ fn drain_queue_observed(
         }
         let mut popped = false;
         loop {
-            if served == DRAIN_BUDGET {
+            if served == DRAIN_BUDGET || (served > 0 && start.elapsed() >= DRAIN_TIME) {
                 // Notifications stay off: the caller drains again soon.
                 return Drained {
                     notify: notify(queue, used_any),
@@ -529,16 +538,11 @@ mod tests {
         }
     }
 
-    /// A driver that makes a new chain available each time the device
-    /// serves one (another vCPU can keep up with any device) does not keep
-    /// the drain, and with it the event loop every device of every VM
-    /// shares, going for ever: it stops after `DRAIN_BUDGET` chains and
-    /// says there is more.
-    #[test]
-    fn a_driver_that_keeps_adding_chains_cannot_hold_the_drain() {
-        // Rings laid out by hand: the mock's avail and used rings of a
-        // 16-entry queue overlap from avail entry 8 on.
-        let mem = memory();
+    /// A 16-entry queue with rings laid out by hand (the mock's avail and
+    /// used rings of a 16-entry queue overlap from avail entry 8 on), and
+    /// a driver that makes chain 0 available once more each time it is
+    /// called: ring entry `idx % 16`, then `idx`. Chain 0 is available once.
+    fn refilled_queue(mem: &GuestMemoryMmap) -> (Queue, impl Fn(&GuestMemoryMmap)) {
         let (avail, used) = (0x1000u64, 0x2000u64);
         mem.write_obj(desc(0x10000, 16, 0, 0), GuestAddress(0))
             .unwrap();
@@ -547,15 +551,36 @@ mod tests {
         q.set_avail_ring_address(Some(avail as u32), Some(0));
         q.set_used_ring_address(Some(used as u32), Some(0));
         q.set_ready(true);
-        // The driver makes chain 0 available: ring entry idx % 16, then idx.
-        let add = |mem: &GuestMemoryMmap| {
+        let add = move |mem: &GuestMemoryMmap| {
             let idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
             let slot = avail + 4 + 2 * u64::from(idx % 16);
             mem.write_obj(0u16, GuestAddress(slot)).unwrap();
             mem.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
                 .unwrap();
         };
-        add(&mem);
+        add(mem);
+        (q, add)
+    }
+
+    /// The drain after one that stopped with chains left serves them.
+    fn drain_goes_on(q: &mut Queue, mem: &GuestMemoryMmap) {
+        let mut next = 0;
+        drain_queue(q, mem, |c| {
+            next += 1;
+            Served::Used(c.unwrap().head, 0)
+        });
+        assert_eq!(next, 1, "the chain left over");
+    }
+
+    /// A driver that makes a new chain available each time the device
+    /// serves one (another vCPU can keep up with any device) does not keep
+    /// the drain, and with it the event loop every device of every VM
+    /// shares, going for ever: it stops after `DRAIN_BUDGET` chains and
+    /// says there is more.
+    #[test]
+    fn a_driver_that_keeps_adding_chains_cannot_hold_the_drain() {
+        let mem = memory();
+        let (mut q, add) = refilled_queue(&mem);
         let mut served = 0usize;
         let d = drain_queue(&mut q, &mem, |c| {
             served += 1;
@@ -573,13 +598,34 @@ mod tests {
                 bad_avail_idx: None
             }
         );
-        // The next drain goes on where this one stopped.
-        let mut next = 0;
-        drain_queue(&mut q, &mem, |c| {
-            next += 1;
+        drain_goes_on(&mut q, &mem);
+    }
+
+    /// Chains that each take long to serve (a huge block request, a
+    /// flush) do not hold the drain for `DRAIN_BUDGET` of them: it stops
+    /// once `DRAIN_TIME` went by and says there is more.
+    #[test]
+    fn slow_chains_cannot_hold_the_drain_for_their_whole_count() {
+        let mem = memory();
+        let (mut q, add) = refilled_queue(&mem);
+        let each = std::time::Duration::from_millis(2);
+        let mut served = 0usize;
+        let start = std::time::Instant::now();
+        let d = drain_queue(&mut q, &mem, |c| {
+            served += 1;
+            std::thread::sleep(each);
+            add(&mem);
             Served::Used(c.unwrap().head, 0)
         });
-        assert_eq!(next, 1, "the chain left over");
+        // Without the time limit: 256 chains, over half a second.
+        assert!(d.more && !d.deferred, "{d:?}");
+        assert!(
+            served < DRAIN_BUDGET / 4,
+            "{served} chains of {each:?} each served in one drain ({:?})",
+            start.elapsed()
+        );
+        assert!(start.elapsed() >= DRAIN_TIME);
+        drain_goes_on(&mut q, &mem);
     }
 
     /// A chain whose head index is past the queue size cannot go to the

@@ -40,6 +40,7 @@ pub const QUEUE_SIZE: u16 = 256;
 /// pinned at once than that, however large its buffers.
 pub const PIN_CHUNK: u64 = 2 << 20;
 
+const F_SIZE_MAX: u32 = 1;
 const F_SEG_MAX: u32 = 2;
 const F_RO: u32 = 5;
 const F_BLK_SIZE: u32 = 6;
@@ -191,6 +192,7 @@ impl Block {
         // seg_max le32, geometry (4 bytes), blk_size le32.
         let mut config = [0u8; 24];
         config[0..8].copy_from_slice(&disk.nsectors.to_le_bytes());
+        config[8..12].copy_from_slice(&request::SIZE_MAX.to_le_bytes());
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         Block {
@@ -436,6 +438,7 @@ impl VirtioDevice for Block {
     fn features(&self) -> u64 {
         let mut f = 1u64 << VIRTIO_F_VERSION_1
             | 1 << super::VIRTIO_RING_F_EVENT_IDX
+            | 1 << F_SIZE_MAX
             | 1 << F_SEG_MAX
             | 1 << F_BLK_SIZE
             | 1 << F_FLUSH;
@@ -663,6 +666,25 @@ mod tests {
         let mut buf = [0u8; 512];
         r.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
         assert!(buf.iter().all(|&b| b == 2), "sector 2's bytes");
+    }
+
+    /// The device offers `size_max` (with `seg_max`), so that a driver
+    /// keeps its requests within the length the device serves.
+    #[test]
+    fn the_largest_segment_and_their_count_are_offered() {
+        let (_t, p) = image(4 * 512);
+        let r = rig(&p, false);
+        assert_ne!(r.dev.features() & (1 << F_SIZE_MAX), 0);
+        assert_ne!(r.dev.features() & (1 << F_SEG_MAX), 0);
+        let (mut size_max, mut seg_max) = ([0u8; 4], [0u8; 4]);
+        r.dev.read_config(8, &mut size_max);
+        r.dev.read_config(12, &mut seg_max);
+        let (size_max, seg_max) = (u32::from_le_bytes(size_max), u32::from_le_bytes(seg_max));
+        assert_eq!(size_max, request::SIZE_MAX);
+        assert_eq!(
+            u64::from(seg_max) * u64::from(size_max),
+            request::MAX_DATA_LEN
+        );
     }
 
     #[test]

@@ -17,6 +17,19 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const HEADER_LEN: u32 = 16;
 /// Length of a GET_ID answer.
 pub const ID_LEN: usize = 20;
+/// The largest data buffer the device offers to take (`size_max`, with
+/// `VIRTIO_BLK_F_SIZE_MAX`). Linux makes it its largest segment, and
+/// Linux's default request is about a MiB in all.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// The most data one read or write may carry: `seg_max` buffers of
+/// `size_max` each, which a driver that keeps to both never exceeds.
+/// Longer requests are refused, so that one request cannot keep the event
+/// loop (shared by every device of every VM) moving data for minutes: a
+/// chain can name the same guest memory in each of its buffers, gigabytes
+/// each, so without a limit a small guest's request could move hundreds of
+/// GiB. This also keeps the length a read reports in the used ring (32
+/// bits) exact.
+pub const MAX_DATA_LEN: u64 = (super::QUEUE_SIZE as u64 - 2) * SIZE_MAX as u64;
 
 /// Request types (virtio_blk.h `VIRTIO_BLK_T_*`).
 const T_IN: u32 = 0;
@@ -81,6 +94,19 @@ pub enum RequestError {
         kind: RequestKind,
         /// Data length.
         len: u64,
+    },
+    /// A read or write longer than the limits the device offers allow
+    /// ([`MAX_DATA_LEN`]).
+    #[error(
+        "{kind:?} request of {len} bytes is longer than the {max} bytes seg_max and size_max allow"
+    )]
+    TooLong {
+        /// The request type.
+        kind: RequestKind,
+        /// Data length.
+        len: u64,
+        /// The most allowed.
+        max: u64,
     },
     /// A read or write past the end of the disk.
     #[error("{kind:?} request at sector {sector} for {len} bytes runs past the disk's {nsectors} sectors")]
@@ -161,6 +187,13 @@ impl Request {
             let len: u64 = data.iter().map(|b| u64::from(b.len)).sum();
             if !len.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::PartialSector { kind, len });
+            }
+            if len > MAX_DATA_LEN {
+                return Err(RequestError::TooLong {
+                    kind,
+                    len,
+                    max: MAX_DATA_LEN,
+                });
             }
             let end = sector.checked_add(len / SECTOR_SIZE);
             if end.is_none_or(|e| e > nsectors) {
@@ -370,6 +403,52 @@ mod tests {
         for (bufs, kind, sector, want) in cases {
             let c = chain(&m, kind, sector, bufs.clone());
             assert_eq!(Request::parse(&c, &m, 100), Err(want), "{bufs:?}");
+        }
+    }
+    /// A chain may name the same guest memory in every buffer, so a small
+    /// guest's request could ask to move far more than its RAM. Up to
+    /// `seg_max` buffers of `size_max` each are served; more is refused
+    /// before anything moves.
+    #[test]
+    fn requests_longer_than_seg_max_buffers_of_size_max_are_refused() {
+        let m = memory();
+        let hdr = buf(0x10000, 16, false);
+        let st = buf(0x13000, 1, true);
+        let nsectors = 1 << 40;
+        let seg_max = u32::from(super::super::QUEUE_SIZE - 2);
+        for (kind, w, k) in [
+            (T_IN, true, RequestKind::In),
+            (T_OUT, false, RequestKind::Out),
+        ] {
+            let mut bufs = vec![hdr];
+            bufs.extend((0..seg_max).map(|_| buf(0x20000, SIZE_MAX, w)));
+            bufs.push(st);
+            let r = Request::parse(&chain(&m, kind, 0, bufs.clone()), &m, nsectors).unwrap();
+            assert_eq!(r.data_len(), MAX_DATA_LEN);
+            // One sector more, in the last buffer or as a buffer of its own.
+            let last = bufs.len() - 2;
+            bufs[last].len += 512;
+            let want = Err(RequestError::TooLong {
+                kind: k,
+                len: MAX_DATA_LEN + 512,
+                max: MAX_DATA_LEN,
+            });
+            assert_eq!(
+                Request::parse(&chain(&m, kind, 0, bufs.clone()), &m, nsectors),
+                want
+            );
+            bufs[last].len -= 512;
+            bufs.insert(last, buf(0x20000, 512, w));
+            assert_eq!(
+                Request::parse(&chain(&m, kind, 0, bufs), &m, nsectors),
+                want
+            );
+            // Gigabytes in few buffers.
+            let huge = vec![hdr, buf(0x20000, !511, w), st];
+            assert!(matches!(
+                Request::parse(&chain(&m, kind, 0, huge), &m, nsectors),
+                Err(RequestError::TooLong { .. })
+            ));
         }
     }
 }

@@ -6,21 +6,63 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The `foliovm` binary built by the same `cargo test` invocation: it sits
-/// in the profile directory, one level above this test's `deps/` directory.
+/// The `foliovm` binary of the profile this test was built in: it sits in
+/// the profile directory, one level above this test's `deps/` directory.
+///
+/// `cargo test --workspace` builds it only when something else asks for
+/// it (this crate is not its package, so cargo does not count it among
+/// the binaries these tests need): on a fresh target directory it would be
+/// missing, and after a change to `vmm` stale. So the first call in each
+/// test binary has cargo build it (a no-op when it is up to date). Run
+/// outside cargo (no `CARGO` in the environment), the binary found is used
+/// as it is.
 pub fn foliovm_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
+    static BIN: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BIN.get_or_init(build_foliovm)
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn build_foliovm() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
-        .expect("test binary lives in <target>/<profile>/deps");
+        .ok_or("test binary does not live in <target>/<profile>/deps")?;
     let bin = profile_dir.join("foliovm");
-    assert!(
-        bin.exists(),
-        "{} not found: run the tests with `cargo test --workspace` so the binary is built",
-        bin.display()
-    );
-    bin
+    if let (Some(cargo), Some(target), Some(profile)) = (
+        std::env::var_os("CARGO"),
+        profile_dir.parent(),
+        profile_dir.file_name().and_then(|p| p.to_str()),
+    ) {
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(repo_root())
+            .args(["build", "--quiet", "-p", "vmm", "--bin", "foliovm"])
+            .arg("--target-dir")
+            .arg(target);
+        match profile {
+            "debug" => {}
+            "release" => _ = cmd.arg("--release"),
+            p => _ = cmd.args(["--profile", p]),
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run cargo to build foliovm: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "building foliovm failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not found: run the tests with `cargo test --workspace`",
+            bin.display()
+        ))
+    }
 }
 
 /// The repository root.

@@ -611,6 +611,27 @@ mod tests {
         assert!(rec.0.lock().unwrap().is_empty());
     }
 
+    /// A driver's avail index more than the queue size ahead stops the
+    /// queue (nothing of it is popped), and the balloon counts it as
+    /// malformed rather than dropping it silently.
+    #[test]
+    fn a_bogus_avail_index_is_counted_and_nothing_is_discarded() {
+        let mem = memory();
+        let rec = Arc::new(Recorder::default());
+        let mut b = Balloon::new(ALL, rec.clone());
+        mem.write_slice(&0x20u32.to_le_bytes(), GuestAddress(0x10000))
+            .unwrap();
+        activate(&mut b, &mem, 0, &[desc(0x10000, 4, 0, 0)]);
+        // The avail ring: flags u16, then the index.
+        let avail = b.active.as_ref().unwrap().0.queues[0].avail_ring();
+        mem.write_obj(100u16, GuestAddress(avail + 2)).unwrap();
+        assert_eq!(b.process_queue(0), QueueState::Drained);
+        assert_eq!(b.counters().malformed, 1);
+        assert!(rec.0.lock().unwrap().is_empty());
+        let q = &b.active.as_ref().unwrap().0.queues[0];
+        assert_eq!(q.next_used(), 0, "nothing was served");
+    }
+
     #[test]
     fn stats_buffers_are_held_until_requested() {
         let mem = memory();

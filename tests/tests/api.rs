@@ -788,3 +788,66 @@ fn sigterm_to_a_paused_vm_exits() {
         vm.terminate(Duration::from_secs(20));
     }
 }
+
+/// A VM of a several-VM run that has stopped holds no memory: its
+/// minimum no longer takes room in the budget from the VMs still
+/// running, and requests that act on its memory are refused. Before, its
+/// `mem_min` kept counting (a running VM could not get a minimum the
+/// budget had room for), and `PUT /vms/{name}/limits` on it answered 204.
+#[test]
+fn a_stopped_vm_keeps_no_minimum_and_refuses_memory_requests() {
+    if !kvm_available() {
+        return;
+    }
+    let cfg = std::env::temp_dir().join(format!("foliovm-stopped-{}.json", std::process::id()));
+    std::fs::write(
+        &cfg,
+        r#"{"foliovm": {"mem_budget": "64M", "swap_dir": "/var/tmp", "swap_size": "128M"},
+            "vms": [
+              {"name": "short", "machine-config": {"vcpu_count": 1, "mem_size_mib": 40},
+               "foliovm": {"workload": "seq:4M,passes=1", "mem_min": "32M"}},
+              {"name": "long", "machine-config": {"vcpu_count": 1, "mem_size_mib": 72},
+               "foliovm": {"workload": "seq:32M,passes=1000000"}}
+            ]}"#,
+    )
+    .unwrap();
+    let vm = ApiVm::spawn("stopped", &["run", "--config", cfg.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&cfg);
+    let start = std::time::Instant::now();
+    while vm.call("GET", "/vms/short", None).json()["state"] != "Stopped" {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "short never ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Reaped: its memory is gone, and so is its claim on the budget.
+    let start = std::time::Instant::now();
+    loop {
+        let r = vm.call("PUT", "/vms/long/limits", Some(r#"{"mem_min_mib": 48}"#));
+        if r.status == 204 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the stopped VM's minimum still counts: {} {}",
+            r.status,
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (method, path, body) in [
+        ("PUT", "/vms/short/limits", r#"{"mem_min_mib": 8}"#),
+        ("PUT", "/reclaim", r#"{"vm": "short", "mib": 8}"#),
+        ("PUT", "/vms/short/compact", "{}"),
+    ] {
+        let r = vm.call(method, path, Some(body));
+        assert_eq!(r.status, 400, "{method} {path}: {}", r.body);
+        assert!(
+            r.fault().unwrap().contains("VM \"short\" is not running"),
+            "{method} {path}: {}",
+            r.body
+        );
+    }
+    vm.terminate(Duration::from_secs(20));
+}

@@ -256,6 +256,23 @@ impl Controller {
         }
     }
 
+    /// [`Controller::with_vm`] for a request on the VM's memory: refused
+    /// once the VM has stopped (its memory is released when it is reaped).
+    fn with_live_vm<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Vm) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.with_vm(Some(name), |v| {
+            if v.state() == VmState::Stopped {
+                return Err(ApiError::bad(
+                    crate::vm::VmStateError::NotRunning(v.name().to_string()).to_string(),
+                ));
+            }
+            f(v)
+        })
+    }
+
     /// The shared memory manager, for the host budget.
     fn manager_for_budget(&self) -> Result<std::sync::Arc<mem::MemoryManager>, ApiError> {
         match &*self.source.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -455,7 +472,7 @@ impl ApiBackend for Controller {
     }
 
     fn set_limits(&self, vm: &str, body: LimitsBody) -> Result<(), ApiError> {
-        self.with_vm(Some(vm), |v| {
+        self.with_live_vm(vm, |v| {
             let limits = mem::VmLimits {
                 min_bytes: body.mem_min_mib << 20,
                 max_bytes: body.mem_max_mib.map(|m| m << 20),
@@ -478,10 +495,18 @@ impl ApiBackend for Controller {
         let (mm, id) = {
             let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
             let pick = match vm {
-                Some(n) => vms
-                    .iter()
-                    .find(|v| v.name() == n)
-                    .ok_or_else(|| ApiError::not_found(format!("no VM named {n:?}")))?,
+                Some(n) => {
+                    let v = vms
+                        .iter()
+                        .find(|v| v.name() == n)
+                        .ok_or_else(|| ApiError::not_found(format!("no VM named {n:?}")))?;
+                    if v.state() == VmState::Stopped {
+                        return Err(ApiError::bad(
+                            crate::vm::VmStateError::NotRunning(n.to_string()).to_string(),
+                        ));
+                    }
+                    v
+                }
                 None => vms
                     .first()
                     .ok_or_else(|| ApiError::bad("no VM is running"))?,
@@ -527,7 +552,7 @@ impl ApiBackend for Controller {
     }
 
     fn compact(&self, vm: &str) -> Result<Job, ApiError> {
-        let (mm, id) = self.with_vm(Some(vm), |v| {
+        let (mm, id) = self.with_live_vm(vm, |v| {
             v.manager()
                 .cloned()
                 .ok_or_else(|| ApiError::bad("compaction needs the folio memory backend"))

@@ -844,6 +844,11 @@ impl Vm {
                     tracing::warn!(vm = %self.config.name, "releasing guest memory: {e}");
                 }
             }
+            // Nothing is left to protect: its minimum would only keep
+            // room in the budget from the VMs still running.
+            if let Err(e) = mm.set_vm_limits(*id, mem::VmLimits::default()) {
+                tracing::warn!(vm = %self.config.name, "clearing reclaim limits: {e}");
+            }
             tracing::info!(vm = %self.config.name, "guest memory released");
         }
         self.outcome = Some(outcome);

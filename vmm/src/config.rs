@@ -31,7 +31,8 @@ pub enum ConfigError {
     Malformed {
         /// The file.
         path: PathBuf,
-        /// serde's description, with line and column.
+        /// What is wrong: serde's description (with line and column when
+        /// it has them), in a `vms` list after the VM it is about.
         message: String,
     },
     /// A value is out of range or a required value is missing.
@@ -572,7 +573,9 @@ pub struct VmSections {
 struct MultiFile {
     #[serde(default)]
     foliovm: Option<FoliovmSection>,
-    vms: Vec<VmSections>,
+    /// Each a [`VmSections`], parsed one by one so that an error names
+    /// its VM.
+    vms: Vec<serde_json::Value>,
 }
 
 /// Firecracker top-level sections that are accepted but not implemented.
@@ -777,17 +780,33 @@ impl ConfigFile {
             }
             let memory = memory_settings(&top)?;
             let mut vms = Vec::with_capacity(file.vms.len());
-            for (i, sections) in file.vms.into_iter().enumerate() {
+            for (i, entry) in file.vms.into_iter().enumerate() {
+                // Which VM an error is about: by its name (or the default
+                // one), or by its place when the name is not a string.
+                let label = match entry.get("name") {
+                    None => format!("VM \"vm{i}\""),
+                    Some(serde_json::Value::String(n)) => format!("VM {n:?}"),
+                    Some(_) => format!("vms[{i}]"),
+                };
+                let malformed = |m: String| malformed(format!("{label}: {m}"));
+                let sections: VmSections =
+                    serde_json::from_value(entry).map_err(|e| malformed(e.to_string()))?;
                 if sections
                     .foliovm
                     .as_ref()
                     .is_some_and(FoliovmSection::has_memory_settings)
                 {
-                    return Err(malformed(format!(
-                        "vms[{i}]: mem_backend, mem_budget and swap settings belong in the top-level foliovm section"
-                    )));
+                    return Err(malformed(
+                        "mem_backend, mem_budget and swap settings belong in the top-level foliovm section".into(),
+                    ));
                 }
-                vms.push(sections.into_vm(format!("vm{i}"), &malformed, &mut warnings)?);
+                let vm = sections
+                    .into_vm(format!("vm{i}"), &malformed, &mut warnings)
+                    .map_err(|e| match e {
+                        ConfigError::Invalid(m) => ConfigError::Invalid(format!("{label}: {m}")),
+                        other => other,
+                    })?;
+                vms.push(vm);
             }
             return Ok((RunConfig { vms, memory }, warnings));
         }
@@ -1233,6 +1252,54 @@ mod tests {
         for (text, want) in cases {
             let e = ConfigFile::parse(text, p).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    /// In a `vms` list an error names the VM it is about: serde's own
+    /// (parsed from a value, it has no line and column), and a bad value
+    /// found while reading the VM's sections.
+    #[test]
+    fn errors_in_a_vms_list_name_the_vm() {
+        let good = r#"{"name": "a", "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M"}}"#;
+        for (second, want) in [
+            (
+                r#"{"name": "b", "machine-config": {"vcpu_count": "1", "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M"}}"#,
+                r#"VM "b": invalid type: string "1", expected u32"#,
+            ),
+            (
+                r#"{"machine-config": {"vcpu_count": 1}, "foliovm": {"workload": "seq:1M"}}"#,
+                r#"VM "vm1": missing field `mem_size_mib`"#,
+            ),
+            (
+                r#"{"name": "b", "cpus": 2, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M"}}"#,
+                r#"VM "b": unknown key "cpus""#,
+            ),
+            (
+                r#"{"name": "b", "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M", "mem_min": "x"}}"#,
+                r#"VM "b": mem_min: invalid size "x""#,
+            ),
+            (
+                r#"{"name": "b", "machine-config": {"vcpu_count": 1, "mem_size_mib": 18446744073709551615}, "foliovm": {"workload": "seq:1M"}}"#,
+                r#"VM "b": mem_size_mib 18446744073709551615 is too large"#,
+            ),
+            (
+                r#"{"name": "b", "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#,
+                r#"VM "b": config needs a boot-source section"#,
+            ),
+            (
+                r#"{"name": 7, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M"}}"#,
+                "vms[1]: invalid type: integer `7`, expected a string",
+            ),
+            (
+                r#"{"name": "b", "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M", "swap_size": "1G"}}"#,
+                r#"VM "b": mem_backend, mem_budget and swap settings belong in the top-level"#,
+            ),
+        ] {
+            let text = format!(r#"{{"vms": [{good}, {second}]}}"#);
+            let e = ConfigFile::parse(&text, Path::new("m.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{second}: {e}");
         }
     }
 

@@ -851,3 +851,62 @@ fn a_stopped_vm_keeps_no_minimum_and_refuses_memory_requests() {
     }
     vm.terminate(Duration::from_secs(20));
 }
+
+/// Requests with no per-VM path (the balloon, SendCtrlAltDel) are refused
+/// in a run of several VMs with a message that says so; before, they
+/// pointed at `/vms/{name}`, which has no balloon or action to use.
+#[test]
+fn requests_for_the_only_vm_say_so_when_several_run() {
+    if !kvm_available() {
+        return;
+    }
+    let cfg = std::env::temp_dir().join(format!("foliovm-only-{}.json", std::process::id()));
+    let vm_entry = |name: &str| {
+        format!(
+            r#"{{"name": "{name}", "machine-config": {{"vcpu_count": 1, "mem_size_mib": 16}},
+                 "foliovm": {{"workload": "seq:8M,passes=1000000"}}}}"#
+        )
+    };
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"vms": [{}, {}]}}"#, vm_entry("a"), vm_entry("b")),
+    )
+    .unwrap();
+    let vm = ApiVm::spawn("only", &["run", "--config", cfg.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&cfg);
+    for (method, path, body, want) in [
+        (
+            "PATCH",
+            "/balloon",
+            Some(r#"{"amount_mib": 4}"#),
+            "PATCH /balloon acts on the VM of a run of one VM, and 2 VMs run here",
+        ),
+        (
+            "GET",
+            "/balloon",
+            None,
+            "GET /balloon acts on the VM of a run of one VM",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+            "SendCtrlAltDel acts on the VM of a run of one VM",
+        ),
+        (
+            "PATCH",
+            "/vm",
+            Some(r#"{"state": "Paused"}"#),
+            "2 VMs run here; name one with PATCH /vms/{name}",
+        ),
+    ] {
+        let r = vm.call(method, path, body);
+        assert_eq!(r.status, 400, "{method} {path}: {}", r.body);
+        assert!(
+            r.fault().unwrap().contains(want),
+            "{method} {path}: {}",
+            r.body
+        );
+    }
+    vm.terminate(Duration::from_secs(20));
+}

@@ -241,7 +241,7 @@ impl Controller {
             Some(n) => vms.iter().find(|v| v.name() == n),
             None if vms.len() > 1 => {
                 return Err(ApiError::bad(format!(
-                    "{} VMs run here; name one with /vms/{{name}}",
+                    "{} VMs run here; name one with PATCH /vms/{{name}}",
                     vms.len()
                 )))
             }
@@ -254,6 +254,22 @@ impl Controller {
                 None => ApiError::bad("the microVM has not been started"),
             }),
         }
+    }
+
+    /// [`Controller::with_vm`] for a request that has no per-VM path
+    /// (`what`, e.g. `PATCH /balloon`): refused when several VMs run.
+    fn with_only_vm<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Vm) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let n = self.vms.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if n > 1 {
+            return Err(ApiError::bad(format!(
+                "{what} acts on the VM of a run of one VM, and {n} VMs run here"
+            )));
+        }
+        self.with_vm(None, f)
     }
 
     /// [`Controller::with_vm`] for a request on the VM's memory: refused
@@ -408,7 +424,7 @@ impl ApiBackend for Controller {
     }
 
     fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
-        self.with_vm(None, |v| {
+        self.with_only_vm("SendCtrlAltDel", |v| {
             v.send_ctrl_alt_del()
                 .map_err(|e| ApiError::bad(error_chain(&e)))
         })
@@ -426,7 +442,7 @@ impl ApiBackend for Controller {
     }
 
     fn set_balloon(&self, amount_mib: u64) -> Result<(), ApiError> {
-        self.with_vm(None, |v| {
+        self.with_only_vm("PATCH /balloon", |v| {
             if amount_mib << 20 > v.config().mem_bytes {
                 return Err(ApiError::bad(format!(
                     "amount_mib {amount_mib} exceeds the guest's {} MiB",
@@ -442,7 +458,7 @@ impl ApiBackend for Controller {
     }
 
     fn balloon(&self, stats: bool) -> Result<serde_json::Value, ApiError> {
-        self.with_vm(None, |v| {
+        self.with_only_vm("GET /balloon", |v| {
             let b = v
                 .balloon()
                 .ok_or_else(|| ApiError::bad("the VM has no balloon (start it with --balloon)"))?;

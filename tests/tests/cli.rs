@@ -385,3 +385,32 @@ fn logs_go_to_the_log_file_at_the_chosen_level() {
         "invalid value 'loud'",
     );
 }
+
+/// A swap size that is refused is the one line on stderr: the warning
+/// that budget and swap together are below the guest's memory came
+/// first, for a swap file that was never made.
+#[test]
+fn a_refused_swap_size_is_not_warned_of_first() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, stderr) = foliovm(&[
+        "run",
+        "--workload",
+        "seq:4M",
+        "--mem",
+        "64M",
+        "--mem-budget",
+        "32M",
+        "--swap-dir",
+        "/var/tmp",
+        "--swap-size",
+        "1M",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("swap size 1 MiB is below the minimum of 2 MiB"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

@@ -131,13 +131,14 @@ pub fn memory_source(run: &RunConfig) -> Result<MemorySource, VmmError> {
                 .budget
                 .unwrap_or(run.total_mem_bytes())
                 .next_multiple_of(2 << 20);
-            if let Some(w) = overcommit_warning(budget, run.total_mem_bytes(), &run.memory.swap) {
-                tracing::warn!("{w}");
-            }
             let mut config = MmConfig::with_budget(budget);
             config.swap = run.memory.swap.clone();
             config.handler_threads = handler_threads(run);
             let mm = MemoryManager::new(config).map_err(|e| VmmError::Memory(Box::new(e)))?;
+            // Once the swap file is made: not for one that is refused.
+            if let Some(w) = overcommit_warning(budget, run.total_mem_bytes(), &run.memory.swap) {
+                tracing::warn!("{w}");
+            }
             if let Some(w) = swap_file_warning(&mm.stats().swap_device) {
                 tracing::warn!("{w}");
             }

@@ -879,7 +879,8 @@ fn requests_for_the_only_vm_say_so_when_several_run() {
             "PATCH",
             "/balloon",
             Some(r#"{"amount_mib": 4}"#),
-            "PATCH /balloon acts on the VM of a run of one VM, and 2 VMs run here",
+            "PATCH /balloon acts on the VM of a run of one VM, and 2 VMs run here; \
+             name one with PATCH /vms/{name}/balloon",
         ),
         (
             "GET",
@@ -899,6 +900,15 @@ fn requests_for_the_only_vm_say_so_when_several_run() {
             Some(r#"{"state": "Paused"}"#),
             "2 VMs run here; name one with PATCH /vms/{name}",
         ),
+        // The per-VM paths reach the VM named (a workload guest has no
+        // balloon).
+        (
+            "PATCH",
+            "/vms/b/balloon",
+            Some(r#"{"amount_mib": 4}"#),
+            "the VM has no balloon",
+        ),
+        ("GET", "/vms/a/balloon", None, "the VM has no balloon"),
     ] {
         let r = vm.call(method, path, body);
         assert_eq!(r.status, 400, "{method} {path}: {}", r.body);

@@ -261,15 +261,31 @@ impl Controller {
     fn with_only_vm<T>(
         &self,
         what: &str,
+        per_vm: &str,
         f: impl FnOnce(&Vm) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let n = self.vms.lock().unwrap_or_else(|p| p.into_inner()).len();
         if n > 1 {
             return Err(ApiError::bad(format!(
-                "{what} acts on the VM of a run of one VM, and {n} VMs run here"
+                "{what} acts on the VM of a run of one VM, and {n} VMs run here; name one with {per_vm}"
             )));
         }
         self.with_vm(None, f)
+    }
+
+    /// [`Controller::with_vm`] for the VM named `vm`, or without a name
+    /// [`Controller::with_only_vm`].
+    fn with_named_or_only_vm<T>(
+        &self,
+        vm: Option<&str>,
+        what: &str,
+        per_vm: &str,
+        f: impl FnOnce(&Vm) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        match vm {
+            Some(_) => self.with_vm(vm, f),
+            None => self.with_only_vm(what, per_vm, f),
+        }
     }
 
     /// [`Controller::with_vm`] for a request on the VM's memory: refused
@@ -423,8 +439,8 @@ impl ApiBackend for Controller {
             .map_err(|e| ApiError::internal(error_chain(&e)))
     }
 
-    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
-        self.with_only_vm("SendCtrlAltDel", |v| {
+    fn send_ctrl_alt_del(&self, vm: Option<&str>) -> Result<(), ApiError> {
+        self.with_named_or_only_vm(vm, "SendCtrlAltDel", "PUT /vms/{name}/actions", |v| {
             v.send_ctrl_alt_del()
                 .map_err(|e| ApiError::bad(error_chain(&e)))
         })
@@ -441,8 +457,8 @@ impl ApiBackend for Controller {
         })
     }
 
-    fn set_balloon(&self, amount_mib: u64) -> Result<(), ApiError> {
-        self.with_only_vm("PATCH /balloon", |v| {
+    fn set_balloon(&self, vm: Option<&str>, amount_mib: u64) -> Result<(), ApiError> {
+        self.with_named_or_only_vm(vm, "PATCH /balloon", "PATCH /vms/{name}/balloon", |v| {
             if amount_mib << 20 > v.config().mem_bytes {
                 return Err(ApiError::bad(format!(
                     "amount_mib {amount_mib} exceeds the guest's {} MiB",
@@ -457,8 +473,8 @@ impl ApiBackend for Controller {
         })
     }
 
-    fn balloon(&self, stats: bool) -> Result<serde_json::Value, ApiError> {
-        self.with_only_vm("GET /balloon", |v| {
+    fn balloon(&self, vm: Option<&str>, stats: bool) -> Result<serde_json::Value, ApiError> {
+        self.with_named_or_only_vm(vm, "GET /balloon", "GET /vms/{name}/balloon", |v| {
             let b = v
                 .balloon()
                 .ok_or_else(|| ApiError::bad("the VM has no balloon (start it with --balloon)"))?;

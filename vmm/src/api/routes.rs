@@ -254,15 +254,16 @@ pub trait ApiBackend: Send + Sync {
     fn machine_config(&self) -> MachineConfigBody;
     /// Build and start the configured VM.
     fn instance_start(&self) -> Result<(), ApiError>;
-    /// Press Ctrl+Alt+Del on the (only) VM's keyboard.
-    fn send_ctrl_alt_del(&self) -> Result<(), ApiError>;
+    /// Press Ctrl+Alt+Del on a VM's keyboard; `None` means the only one.
+    fn send_ctrl_alt_del(&self, vm: Option<&str>) -> Result<(), ApiError>;
     /// Pause (`true`) or resume (`false`) a VM; `None` means the only one.
     fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError>;
-    /// Set the (only) VM's balloon target.
-    fn set_balloon(&self, amount_mib: u64) -> Result<(), ApiError>;
-    /// The balloon's target, size and counters (`GET /balloon`), or with
-    /// `stats` the guest's statistics (`GET /balloon/statistics`).
-    fn balloon(&self, stats: bool) -> Result<serde_json::Value, ApiError>;
+    /// Set a VM's balloon target; `None` means the only VM.
+    fn set_balloon(&self, vm: Option<&str>, amount_mib: u64) -> Result<(), ApiError>;
+    /// A VM's balloon target, size and counters (`GET /balloon`), or with
+    /// `stats` the guest's statistics (`GET /balloon/statistics`); `None`
+    /// means the only VM.
+    fn balloon(&self, vm: Option<&str>, stats: bool) -> Result<serde_json::Value, ApiError>;
     /// Set a VM's reclaim limits.
     fn set_limits(&self, vm: &str, limits: LimitsBody) -> Result<(), ApiError>;
     /// A job that reclaims `bytes` from `vm` (or the VMs the policy
@@ -401,6 +402,23 @@ pub fn route(api: &dyn ApiBackend, method: &str, path: &str, body: &[u8]) -> Api
     result.unwrap_or_else(ApiResponse::error)
 }
 
+/// `PATCH /balloon` or `PATCH /vms/{name}/balloon`.
+fn set_balloon(
+    api: &dyn ApiBackend,
+    vm: Option<&str>,
+    body: &[u8],
+) -> Result<ApiResponse, ApiError> {
+    let b: BalloonUpdateBody = parse(body)?;
+    if b.amount_mib > (1 << 24) {
+        return Err(ApiError::bad(format!(
+            "amount_mib {} is out of range",
+            b.amount_mib
+        )));
+    }
+    api.set_balloon(vm, b.amount_mib)
+        .map(|()| ApiResponse::no_content())
+}
+
 fn dispatch(
     api: &dyn ApiBackend,
     method: &str,
@@ -429,8 +447,21 @@ fn dispatch(
             match a.action_type.as_str() {
                 "InstanceStart" => api.instance_start().map(|()| ApiResponse::no_content()),
                 "FlushMetrics" => Ok(ApiResponse::no_content()),
-                "SendCtrlAltDel" => api.send_ctrl_alt_del().map(|()| ApiResponse::no_content()),
+                "SendCtrlAltDel" => api
+                    .send_ctrl_alt_del(None)
+                    .map(|()| ApiResponse::no_content()),
                 other => Err(ApiError::bad(format!("unknown action_type {other:?}"))),
+            }
+        }
+        ("PUT", ["vms", name, "actions"]) if valid_vm_name(name) => {
+            let a: ActionBody = parse(body)?;
+            match a.action_type.as_str() {
+                "SendCtrlAltDel" => api
+                    .send_ctrl_alt_del(Some(name))
+                    .map(|()| ApiResponse::no_content()),
+                other => Err(ApiError::bad(format!(
+                    "action_type {other:?} does not act on one VM (SendCtrlAltDel does)"
+                ))),
             }
         }
         ("PATCH", ["vm"]) => {
@@ -438,19 +469,20 @@ fn dispatch(
             api.set_paused(None, paused)
                 .map(|()| ApiResponse::no_content())
         }
-        ("PATCH", ["balloon"]) => {
-            let b: BalloonUpdateBody = parse(body)?;
-            if b.amount_mib > (1 << 24) {
-                return Err(ApiError::bad(format!(
-                    "amount_mib {} is out of range",
-                    b.amount_mib
-                )));
-            }
-            api.set_balloon(b.amount_mib)
-                .map(|()| ApiResponse::no_content())
+        ("PATCH", ["balloon"]) => set_balloon(api, None, body),
+        ("GET", ["balloon"]) => api.balloon(None, false).map(|v| ApiResponse::json(&v)),
+        ("GET", ["balloon", "statistics"]) => {
+            api.balloon(None, true).map(|v| ApiResponse::json(&v))
         }
-        ("GET", ["balloon"]) => api.balloon(false).map(|v| ApiResponse::json(&v)),
-        ("GET", ["balloon", "statistics"]) => api.balloon(true).map(|v| ApiResponse::json(&v)),
+        ("PATCH", ["vms", name, "balloon"]) if valid_vm_name(name) => {
+            set_balloon(api, Some(name), body)
+        }
+        ("GET", ["vms", name, "balloon"]) if valid_vm_name(name) => api
+            .balloon(Some(name), false)
+            .map(|v| ApiResponse::json(&v)),
+        ("GET", ["vms", name, "balloon", "statistics"]) if valid_vm_name(name) => {
+            api.balloon(Some(name), true).map(|v| ApiResponse::json(&v))
+        }
         ("GET", ["vms"]) => Ok(ApiResponse::json(&api.list_vms())),
         ("GET", ["vms", name]) if valid_vm_name(name) => {
             api.vm_info(name).map(|v| ApiResponse::json(&v))
@@ -531,11 +563,12 @@ fn dispatch(
         ) => Err(not_allowed(method, path)),
         (_, ["operations", id]) if operation_id(id).is_some() => Err(not_allowed(method, path)),
         (_, ["balloon", "statistics"]) => Err(not_allowed(method, path)),
-        (_, ["vms", name] | ["vms", name, "limits" | "compact" | "relocate"])
-            if valid_vm_name(name) =>
-        {
-            Err(not_allowed(method, path))
-        }
+        (
+            _,
+            ["vms", name]
+            | ["vms", name, "limits" | "compact" | "relocate" | "balloon" | "actions"]
+            | ["vms", name, "balloon", "statistics"],
+        ) if valid_vm_name(name) => Err(not_allowed(method, path)),
         _ => Err(ApiError::not_found(format!("no such resource: {path}"))),
     }
 }
@@ -563,6 +596,13 @@ pub(crate) mod tests {
         }
         fn record(&self, c: String) {
             self.calls.lock().unwrap().push(c);
+        }
+        /// Refuses a VM named other than `vm0`.
+        fn vm(&self, vm: Option<&str>) -> Result<(), ApiError> {
+            match vm {
+                Some(n) if n != "vm0" => Err(ApiError::not_found(format!("no VM named {n:?}"))),
+                _ => Ok(()),
+            }
         }
     }
 
@@ -609,11 +649,12 @@ pub(crate) mod tests {
             self.record("start".into());
             Ok(())
         }
-        fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        fn send_ctrl_alt_del(&self, vm: Option<&str>) -> Result<(), ApiError> {
             if !*self.started.lock().unwrap() {
                 return Err(ApiError::bad("the microVM has not been started"));
             }
-            self.record("ctrl-alt-del".into());
+            self.vm(vm)?;
+            self.record(format!("ctrl-alt-del {vm:?}"));
             Ok(())
         }
         fn set_paused(&self, vm: Option<&str>, paused: bool) -> Result<(), ApiError> {
@@ -625,12 +666,17 @@ pub(crate) mod tests {
                 }
             }
         }
-        fn set_balloon(&self, mib: u64) -> Result<(), ApiError> {
-            self.record(format!("balloon {mib}"));
+        fn set_balloon(&self, vm: Option<&str>, mib: u64) -> Result<(), ApiError> {
+            self.vm(vm)?;
+            self.record(format!("balloon {vm:?} {mib}"));
             Ok(())
         }
-        fn balloon(&self, _stats: bool) -> Result<serde_json::Value, ApiError> {
-            Err(ApiError::bad("no balloon"))
+        fn balloon(&self, vm: Option<&str>, stats: bool) -> Result<serde_json::Value, ApiError> {
+            self.vm(vm)?;
+            match vm {
+                None => Err(ApiError::bad("no balloon")),
+                Some(_) => Ok(serde_json::json!({ "stats": stats })),
+            }
         }
         fn set_limits(&self, vm: &str, l: LimitsBody) -> Result<(), ApiError> {
             if vm != "vm0" {
@@ -741,7 +787,7 @@ pub(crate) mod tests {
             br#"{"action_type": "SendCtrlAltDel"}"#,
         );
         assert_eq!(r.status, 204, "{}", r.body);
-        assert_eq!(f.calls()[3], "ctrl-alt-del");
+        assert_eq!(f.calls()[3], "ctrl-alt-del None");
         let r = route(&f, "GET", "/", b"");
         assert!(r.body.contains("\"state\":\"Running\""), "{}", r.body);
         let r = route(
@@ -1174,5 +1220,83 @@ pub(crate) mod tests {
             let ok = (1..=254).contains(&vcpus) && (1..=(1 << 24)).contains(&mib);
             proptest::prop_assert_eq!(r.status, if ok { 204 } else { 400 });
         }
+    }
+
+    /// In a run of several VMs, each VM's balloon and Ctrl+Alt+Del are
+    /// reached under `/vms/{name}` (the paths without a name act on the
+    /// only VM of a run of one).
+    #[test]
+    fn balloon_and_ctrl_alt_del_of_a_named_vm() {
+        let f = Fake::default();
+        *f.started.lock().unwrap() = true;
+        let r = route(&f, "PATCH", "/vms/vm0/balloon", br#"{"amount_mib": 4}"#);
+        assert_eq!(r.status, 204, "{}", r.body);
+        let r = route(&f, "GET", "/vms/vm0/balloon", b"");
+        assert_eq!((r.status, r.body.as_str()), (200, r#"{"stats":false}"#));
+        let r = route(&f, "GET", "/vms/vm0/balloon/statistics", b"");
+        assert_eq!((r.status, r.body.as_str()), (200, r#"{"stats":true}"#));
+        let r = route(
+            &f,
+            "PUT",
+            "/vms/vm0/actions",
+            br#"{"action_type": "SendCtrlAltDel"}"#,
+        );
+        assert_eq!(r.status, 204, "{}", r.body);
+        assert_eq!(
+            f.calls(),
+            ["balloon Some(\"vm0\") 4", "ctrl-alt-del Some(\"vm0\")"]
+        );
+        for (method, path, body, status, want) in [
+            (
+                "PATCH",
+                "/vms/zz/balloon",
+                &br#"{"amount_mib": 4}"#[..],
+                404,
+                "no VM named",
+            ),
+            ("GET", "/vms/zz/balloon/statistics", b"", 404, "no VM named"),
+            (
+                "PUT",
+                "/vms/zz/actions",
+                br#"{"action_type": "SendCtrlAltDel"}"#,
+                404,
+                "no VM named",
+            ),
+            (
+                "PATCH",
+                "/vms/vm0/balloon",
+                br#"{"amount_mib": 99999999999}"#,
+                400,
+                "out of range",
+            ),
+            (
+                "PATCH",
+                "/vms/vm0/balloon",
+                br#"{"amount": 3}"#,
+                400,
+                "unknown field",
+            ),
+            (
+                "PUT",
+                "/vms/vm0/actions",
+                br#"{"action_type": "InstanceStart"}"#,
+                400,
+                "does not act on one VM",
+            ),
+            ("PUT", "/vms/vm0/balloon", b"{}", 405, "not allowed"),
+            (
+                "PATCH",
+                "/vms/vm0/balloon/statistics",
+                b"{}",
+                405,
+                "not allowed",
+            ),
+            ("GET", "/vms/vm0/actions", b"", 405, "not allowed"),
+        ] {
+            let r = route(&f, method, path, body);
+            assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+            assert!(r.body.contains(want), "{method} {path}: {}", r.body);
+        }
+        assert_eq!(f.calls().len(), 2, "nothing else reached the backend");
     }
 }

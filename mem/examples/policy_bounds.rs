@@ -14,6 +14,10 @@
 //! evicted or not): what knowing the past frequencies would buy, the
 //! information a frequency-aware online policy works from.
 //!
+//! A last table asks whether reading a missed page's neighbours with it
+//! (swap readahead of an aligned block of `k` pages, which large-folio
+//! swapin does) would save reads on these traces.
+//!
 //! ```text
 //! cargo run --release -p mem --example policy_bounds -- \
 //!     [--budget 256M] [--threads 4] [--ops 200000] [--patterns sequential,zipfian,uniform]
@@ -28,26 +32,59 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 /// Misses per phase of an exact LRU of `cap` pages, and the pages it
 /// holds as each phase starts.
 fn lru(accesses: &[(usize, u64)], phases: usize, cap: usize) -> (Vec<u64>, Vec<Vec<u64>>) {
-    let mut misses = vec![0; phases];
+    let (misses, _, at_start) = lru_readahead(accesses, phases, cap, 1);
+    (misses, at_start)
+}
+
+/// [`lru`] where a miss after the first touch also reads the
+/// non-resident pages of its aligned block of `k` pages, put at the most
+/// recently used end as swap readahead adds them: misses (reads) and
+/// pages read per phase, and the pages held as each phase starts.
+fn lru_readahead(
+    accesses: &[(usize, u64)],
+    phases: usize,
+    cap: usize,
+    k: u64,
+) -> (Vec<u64>, Vec<u64>, Vec<Vec<u64>>) {
+    let (mut misses, mut read) = (vec![0; phases], vec![0; phases]);
     let mut at_start = vec![Vec::new(); phases];
     let (mut last, mut by_time) = (HashMap::new(), BTreeMap::new());
-    let mut phase = 0;
-    for (time, &(ph, page)) in accesses.iter().enumerate() {
-        if ph != phase {
-            phase = ph;
-            at_start[ph] = by_time.values().copied().collect();
-        }
-        match last.insert(page, time) {
-            Some(t) => _ = by_time.remove(&t),
-            None => misses[ph] += 1,
+    let (mut phase, mut time) = (0, 0u64);
+    let mut touch = |page: u64, time: u64, last: &mut HashMap<u64, u64>| {
+        let old = last.insert(page, time);
+        if let Some(t) = old {
+            by_time.remove(&t);
         }
         by_time.insert(time, page);
         if by_time.len() > cap {
             let (_, victim) = by_time.pop_first().expect("over capacity");
             last.remove(&victim);
         }
+        old.is_none()
+    };
+    for &(ph, page) in accesses {
+        if ph != phase {
+            phase = ph;
+            at_start[ph] = last.keys().copied().collect();
+        }
+        if !last.contains_key(&page) {
+            misses[ph] += 1;
+            read[ph] += 1;
+            if ph > 0 {
+                let first = page / k * k;
+                for q in (first..first + k).filter(|&q| q != page) {
+                    if !last.contains_key(&q) {
+                        time += 1;
+                        touch(q, time, &mut last);
+                        read[ph] += 1;
+                    }
+                }
+            }
+        }
+        time += 1;
+        touch(page, time, &mut last);
     }
-    (misses, at_start)
+    (misses, read, at_start)
 }
 
 /// Misses of Belady's optimal policy with `cap` pages over `trace`,
@@ -168,5 +205,20 @@ fn main() {
             cold,
             lm as f64 / om.max(1) as f64
         );
+    }
+    println!(
+        "  LRU with readahead: a miss also reads the rest of its aligned block of k pages \
+         (misses / pages read)"
+    );
+    let ra: Vec<_> = [2, 4, 16]
+        .into_iter()
+        .map(|k| (k, lru_readahead(&accesses, phases, cap, k)))
+        .collect();
+    for (i, p) in o.patterns.iter().enumerate() {
+        let cols: Vec<String> = ra
+            .iter()
+            .map(|(k, (m, r, _))| format!("k={k}: {} / {}", m[i + 1], r[i + 1]))
+            .collect();
+        println!("  {:<11} {}", p.name(), cols.join(", "));
     }
 }

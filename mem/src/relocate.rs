@@ -281,7 +281,11 @@ pub(crate) fn ensure_pulled(inner: &Inner, region: &Region, idx: PageIndex) -> b
     if region.state() != RegionState::Live {
         return false;
     }
-    match pull_table(inner, region, &p, t, false) {
+    let pulled = pull_table(inner, region, &p, t, false);
+    if pulled.is_err() {
+        inner.workers.relocate_pulls_blocked.fetch_add(1, Relaxed);
+    }
+    match pulled {
         Ok(moved) => {
             if moved {
                 p.by_faults.fetch_add(1, Relaxed);

@@ -469,6 +469,9 @@ pub struct WorkerCounters {
     pub relocations_undone: AtomicU64,
     /// Present bytes moved by relocations.
     pub relocate_moved_bytes: AtomicU64,
+    /// Table pulls on behalf of a fault, pin or discard that could not go
+    /// on (a pinned folio, a grown tail not discarded yet).
+    pub relocate_pulls_blocked: AtomicU64,
     /// Rounds of the background compactor.
     pub kcompactd_rounds: AtomicU64,
 }
@@ -563,6 +566,10 @@ pub struct MigrationStats {
     pub relocations: u64,
     /// Relocations that failed and were undone.
     pub relocations_undone: u64,
+    /// Table pulls on behalf of a fault, pin or discard that could not go
+    /// on (a pinned folio, a grown tail not discarded yet); each one tried
+    /// again later.
+    pub relocate_pulls_blocked: u64,
     /// Rounds of the background compactor (after faults fell back to
     /// smaller folios).
     pub kcompactd_rounds: u64,
@@ -584,6 +591,7 @@ impl WorkerCounters {
             collapse_aborted: self.collapse_aborted.load(Relaxed),
             relocations: self.relocations.load(Relaxed),
             relocations_undone: self.relocations_undone.load(Relaxed),
+            relocate_pulls_blocked: self.relocate_pulls_blocked.load(Relaxed),
             kcompactd_rounds: self.kcompactd_rounds.load(Relaxed),
         }
     }

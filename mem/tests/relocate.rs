@@ -699,3 +699,181 @@ fn racing_relocation_migration_compaction_reclaim_and_swapin_keep_every_word() {
     assert!(s.swap.swapout_pages > 0 && s.swap.swapin_file_pages > 0);
     settle_and_check(&mm);
 }
+
+/// CPU time the calling thread has used.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID
+    // needs nothing else.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Pin `len` bytes at `gpa` on a new thread, as a device would, and
+/// return the pin's outcome with the thread's CPU time and wall time
+/// spent in it.
+fn timed_pin(
+    mm: &Arc<MemoryManager>,
+    vm: mem::VmId,
+    gpa: u64,
+    len: u64,
+) -> std::thread::JoinHandle<(
+    Result<(), mem::PinError>,
+    std::time::Duration,
+    std::time::Duration,
+)> {
+    let mm = mm.clone();
+    std::thread::spawn(move || {
+        let (c0, t0) = (thread_cpu(), std::time::Instant::now());
+        let r = mm.pin(vm, GuestAddress(gpa), len).map(drop);
+        (r, thread_cpu() - c0, t0.elapsed())
+    })
+}
+
+/// A device pin on a page whose table is still pending in the new region,
+/// while another pin holds a page of that table in the source (so its pull
+/// fails), sleeps until it can go on instead of trying the pull again and
+/// again: the device thread is the VMM's event loop. It gets its pin once
+/// the other pin drops (it pulls the table itself then).
+#[test]
+fn a_pin_on_a_table_held_back_by_another_pin_sleeps_until_the_unpin() {
+    let mm = manager(64 * MIB, 2);
+    let vm = mm.create_vm("pin-wait").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 8 * MIB)]).unwrap();
+    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
+    let pages = 8 * MIB / PAGE_SIZE;
+    fill(&view, 0, pages, 11);
+    // A device request in flight at the switch, on a page of table 2 of
+    // the source.
+    let held = std::sync::Mutex::new(Some(mm.pin(vm, GuestAddress(4 * MIB + 8192), 8).unwrap()));
+    let hold = std::time::Duration::from_millis(300);
+    let waiter = std::sync::Mutex::new(None);
+    mm.relocate(
+        vm,
+        GuestAddress(0),
+        RelocateOp::ToAligned,
+        &mut |sw| view.switch(sw),
+        &|done, _| {
+            let Some(pin) = held.lock().unwrap().take() else {
+                return;
+            };
+            assert_eq!(done, 0);
+            let holder = std::thread::spawn(move || {
+                std::thread::sleep(hold);
+                drop(pin);
+            });
+            // The next request pins another page of table 2, now in the
+            // new region. The relocation thread is busy elsewhere (held
+            // here until the pin is done, as by a large region's other
+            // tables).
+            let tries0 = mm.stats().migration.relocate_pulls_blocked;
+            let r = timed_pin(&mm, vm, 4 * MIB + 3 * PAGE_SIZE, 8)
+                .join()
+                .unwrap();
+            holder.join().unwrap();
+            let tries = mm.stats().migration.relocate_pulls_blocked - tries0;
+            *waiter.lock().unwrap() = Some((r, tries));
+        },
+    )
+    .unwrap();
+    let ((r, cpu, wall), tries) = waiter.lock().unwrap().take().expect("pinned");
+    eprintln!("pin behind a pinned table: {r:?}, cpu {cpu:?} in {wall:?}, {tries} blocked pulls");
+    r.unwrap();
+    assert!(wall >= hold / 2, "the pin waited for the unpin: {wall:?}");
+    // Woken by the unpin (a bounded wait now and then as a safety net):
+    // a handful of tries, not one per spin of a loop.
+    assert!(
+        tries < 100,
+        "the pinning thread tried the pull {tries} times in {wall:?}"
+    );
+    assert!(
+        cpu < wall / 2,
+        "the pinning thread spun: {cpu:?} of CPU in {wall:?}"
+    );
+    verify(&view, 0, pages, 11, "after");
+    settle_and_check(&mm);
+}
+
+/// The same during an undo: a device pin holds a page of a table moved to
+/// the new range, the undo switches back and waits for the unpin, and the
+/// next request pins another page of that table, now pending in the source
+/// again. It sleeps until the unpin too, and gets its pin (neither spins
+/// nor fails as if the VM were torn down).
+#[test]
+fn a_pin_during_an_undo_on_a_table_held_back_by_another_pin_sleeps_until_the_unpin() {
+    let mm = manager(24 * MIB, 2);
+    let vm = mm.create_vm("undo-pin-wait").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 8 * MIB)]).unwrap();
+    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
+    let pages = 8 * MIB / PAGE_SIZE;
+    fill(&view, 0, pages, 12);
+    let before = mm.vm_regions(vm).unwrap();
+    fail_next_commit(&mm);
+    let hold = std::time::Duration::from_millis(300);
+    let holder = std::sync::Mutex::new(None);
+    let waiter = std::sync::Mutex::new(None);
+    let tries0 = mm.stats().migration.relocate_pulls_blocked;
+    let e = mm
+        .relocate(
+            vm,
+            GuestAddress(0),
+            RelocateOp::ToAligned,
+            &mut |sw| {
+                if sw.undo {
+                    sw.make_live();
+                    view.switch(sw)?;
+                    // The device's next request, on the old view again.
+                    *waiter.lock().unwrap() = Some(timed_pin(&mm, vm, 3 * PAGE_SIZE, 8));
+                    return Ok(());
+                }
+                view.switch(sw)
+            },
+            &|done, _| {
+                let mut h = holder.lock().unwrap();
+                if done == 1 && h.is_none() {
+                    let pin = mm.pin(vm, GuestAddress(8192), PAGE_SIZE).unwrap();
+                    *h = Some(std::thread::spawn(move || {
+                        std::thread::sleep(hold);
+                        drop(pin);
+                    }));
+                }
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, RelocateError::Injected(FaultPoint::RelocateCommit)),
+        "{e}"
+    );
+    holder
+        .lock()
+        .unwrap()
+        .take()
+        .expect("pinned")
+        .join()
+        .unwrap();
+    let (r, cpu, wall) = waiter
+        .lock()
+        .unwrap()
+        .take()
+        .expect("switched back")
+        .join()
+        .unwrap();
+    let tries = mm.stats().migration.relocate_pulls_blocked - tries0;
+    eprintln!("pin during the undo: {r:?}, cpu {cpu:?} in {wall:?}, {tries} blocked pulls");
+    r.unwrap();
+    assert!(
+        tries < 100,
+        "the pinning thread tried the pull {tries} times in {wall:?}"
+    );
+    assert!(
+        cpu < wall / 2,
+        "the pinning thread spun: {cpu:?} of CPU in {wall:?}"
+    );
+    assert_eq!(mm.vm_regions(vm).unwrap(), before, "undone");
+    verify(&view, 0, pages, 12, "after the undo");
+    settle_and_check(&mm);
+}

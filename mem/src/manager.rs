@@ -581,6 +581,21 @@ impl Inner {
     /// A folio's last pin went (see `pin::PinGuard`): wake the threads in
     /// [`Inner::wait_unpin`], if any. Without waiters no lock is taken.
     pub fn note_unpin(&self) {
+        self.wake_unpin_waiters();
+    }
+
+    /// A relocation moved on: a table was pulled, or the relocation was
+    /// undone (its pending tables closed). Wakes the threads in
+    /// [`Inner::wait_unpin`] waiting for a pull that a pin held back (see
+    /// `relocate::wait_pulled`), if any. Without waiters no lock is taken.
+    ///
+    /// # Context
+    /// No page-table or folio lock held.
+    pub(crate) fn note_pull(&self) {
+        self.wake_unpin_waiters();
+    }
+
+    fn wake_unpin_waiters(&self) {
         if self.unpin_waiters.load(SeqCst) > 0 {
             *self.unpins.lock().unwrap_or_else(|e| e.into_inner()) += 1;
             self.unpin_cv.notify_all();
@@ -588,10 +603,12 @@ impl Inner {
     }
 
     /// Run `attempt` until it returns `Some`, sleeping between tries until
-    /// some folio's last pin goes (or `limit` passes: then `None`). For
-    /// paths that must not fail on a transient pin (a relocation's undo).
-    /// The waiter counts itself before each attempt looks at pin counts,
-    /// so an unpin after that look always wakes it.
+    /// some folio's last pin goes or a relocation moves on
+    /// ([`Inner::note_pull`]), or `limit` passes: then `None`. For paths
+    /// that must not fail on a transient pin (a relocation's undo, a pin
+    /// whose table's pull another pin holds back). The waiter counts
+    /// itself before each attempt looks at pin counts or pending tables,
+    /// so an unpin or a pull after that look always wakes it.
     ///
     /// # Context
     /// No locks held.

@@ -38,7 +38,9 @@ pub enum PinError {
     /// request back; see `devices::virtio::QueueState::Deferred`).
     #[error("no memory to populate the pinned range")]
     NoMemory,
-    /// The VM is being torn down.
+    /// The VM is being torn down (or a relocation's pull of the range
+    /// stayed held back by other pins for 30 s: the relocation could not
+    /// be undone, and the VM is to be stopped).
     #[error("VM is being torn down")]
     Dead,
     /// A page of the range lost its swapped-out contents and is poisoned.
@@ -72,6 +74,10 @@ const PIN_WAIT: Duration = Duration::from_millis(10);
 /// A pin gives up when it has waited this long for memory in all, over
 /// all of its pages.
 const PIN_WAIT_LIMIT: Duration = Duration::from_millis(50);
+/// A pin gives up (`Dead`) when a relocation's pull of a page's table has
+/// been held back by other pins this long: as long as an undo waits for a
+/// pin before it fails and the VM must be stopped.
+const PULL_WAIT_LIMIT: Duration = Duration::from_secs(30);
 
 pub(crate) fn pin(
     inner: &Arc<Inner>,
@@ -149,7 +155,27 @@ fn pin_page(
     pins: &mut Vec<(FolioId, u32)>,
     short_since: &mut Option<Instant>,
 ) -> Result<(), PinError> {
+    // When the pin first waited for a table pull held back by another pin.
+    let mut held_back_since = None::<Instant>;
     loop {
+        // A table a relocation has not pulled into this region yet: pull
+        // it first (its entries are still in the source; a table an undo
+        // pulls back is closed here until then, and would look dead). When
+        // another pin holds the pull back, sleep until that pin drops or
+        // the relocation moves on, instead of trying again at once: the
+        // caller is the VMM's event loop.
+        if crate::relocate::table_pending(region, idx)
+            && !crate::relocate::wait_pulled(inner, region, idx)
+        {
+            let since = *held_back_since.get_or_insert_with(Instant::now);
+            // Device pins last one request, and an undo gives up on a pin
+            // after as long: the relocation could not be undone then, and
+            // the VM is to be stopped.
+            if since.elapsed() >= PULL_WAIT_LIMIT {
+                return Err(PinError::Dead);
+            }
+            continue;
+        }
         let ptl = region.pt.lock(idx);
         if ptl.is_dead() {
             return Err(PinError::Dead);

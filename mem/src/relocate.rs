@@ -294,6 +294,11 @@ pub(crate) fn ensure_pulled(inner: &Inner, region: &Region, idx: PageIndex) -> b
         }
         // The undo discards it, then the fault (parked) pulls.
         Err(RelocateError::TailInUse(_)) => false,
+        // Transient, and not ours to report: the relocation fails on it
+        // (and is undone), or the undo waits for the unpin. Tried again by
+        // the fault when it is retried, or by a pin once woken
+        // (`wait_pulled`); logged, it was one line per try.
+        Err(RelocateError::Pinned(_)) => false,
         Err(e) => {
             log_error(&format!("pull of table {t} on a fault: {e}"));
             false
@@ -301,8 +306,50 @@ pub(crate) fn ensure_pulled(inner: &Inner, region: &Region, idx: PageIndex) -> b
     }
 }
 
-/// What one table pull moved: present bytes.
+/// How long [`wait_pulled`] sleeps at most: the waiter is woken when it
+/// can go on ([`Inner::note_unpin`], [`Inner::note_pull`]); this only
+/// bounds a wake-up missed (and lets the caller look at its page again).
+const PULL_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// [`ensure_pulled`] for a thread that may sleep (a device's pin): while
+/// the pull cannot go on (another pin holds a folio of the table in the
+/// source, or an undo has not discarded a grown tail yet), sleep until a
+/// pin drops or the relocation moves on (a table pulled, the relocation
+/// undone), then try again; at most [`PULL_WAIT`]. Returns whether the
+/// table is in `region` (or no longer pending there: look at it again).
+///
+/// # Context
+/// No locks held.
+pub(crate) fn wait_pulled(inner: &Inner, region: &Region, idx: PageIndex) -> bool {
+    inner
+        .wait_unpin(PULL_WAIT, || {
+            ensure_pulled(inner, region, idx).then_some(())
+        })
+        .is_some()
+}
+
+/// Pull table `t` into `dst` if it is still pending. Returns whether it
+/// moved it (then the threads waiting for it are woken).
+///
+/// # Context
+/// No locks held.
 fn pull_table(
+    inner: &Inner,
+    dst: &Region,
+    p: &PullSource,
+    t: u64,
+    inject: bool,
+) -> Result<bool, RelocateError> {
+    let pulled = pull_table_locked(inner, dst, p, t, inject);
+    if let Ok(true) = pulled {
+        // With every lock of the pull dropped.
+        inner.note_pull();
+    }
+    pulled
+}
+
+/// [`pull_table`] itself.
+fn pull_table_locked(
     inner: &Inner,
     dst: &Region,
     p: &PullSource,
@@ -835,6 +882,9 @@ fn undo(
                 .for_each(|(s, _)| s.set_state(RegionState::Live));
             dst.set_state(RegionState::Retired);
             inner.kick_worker();
+            // Pins waiting for a pending table of `dst` (`wait_pulled`)
+            // look again: it is closed, their pages are in the sources.
+            inner.note_pull();
             back
         });
     };

@@ -750,7 +750,7 @@ fn a_pin_on_a_table_held_back_by_another_pin_sleeps_until_the_unpin() {
     // A device request in flight at the switch, on a page of table 2 of
     // the source.
     let held = std::sync::Mutex::new(Some(mm.pin(vm, GuestAddress(4 * MIB + 8192), 8).unwrap()));
-    let hold = std::time::Duration::from_millis(300);
+    let hold = std::time::Duration::from_millis(250);
     let waiter = std::sync::Mutex::new(None);
     mm.relocate(
         vm,
@@ -813,7 +813,7 @@ fn a_pin_during_an_undo_on_a_table_held_back_by_another_pin_sleeps_until_the_unp
     fill(&view, 0, pages, 12);
     let before = mm.vm_regions(vm).unwrap();
     fail_next_commit(&mm);
-    let hold = std::time::Duration::from_millis(300);
+    let hold = std::time::Duration::from_millis(250);
     let holder = std::sync::Mutex::new(None);
     let waiter = std::sync::Mutex::new(None);
     let tries0 = mm.stats().migration.relocate_pulls_blocked;

@@ -64,8 +64,9 @@ fn linux_guest_boots_to_init_and_runs_a_command() {
 }
 
 /// The request sequence of Firecracker's getting-started guide, sent to
-/// `foliovm run --api-sock`, boots a guest; Firecracker's `SendCtrlAltDel`
-/// then ends it.
+/// `foliovm run --api-sock`, boots a guest with a drive and a balloon
+/// configured by `PUT /drives/{id}` and `PUT /balloon`; Firecracker's
+/// `SendCtrlAltDel` then ends it.
 #[test]
 fn firecracker_api_sequence_boots_linux_and_ctrl_alt_del_ends_it() {
     if !kvm_available() {
@@ -79,13 +80,41 @@ fn firecracker_api_sequence_boots_linux_and_ctrl_alt_del_ends_it() {
         "run guest-images/build.sh first"
     );
     let vm = foliovm_tests::ApiVm::spawn("fc", &["run"]);
+    let image = std::env::temp_dir().join(format!("foliovm-fc-drive-{}", std::process::id()));
+    let mut data = b"fc-drive-ok".to_vec();
+    data.resize(64 << 10, 0);
+    std::fs::write(&image, &data).unwrap();
+    let drive = |path: &std::path::Path| {
+        serde_json::json!({
+            "drive_id": "data", "path_on_host": path,
+            "is_root_device": false, "is_read_only": true,
+        })
+        .to_string()
+    };
+    let r = vm.call(
+        "PUT",
+        "/drives/data",
+        Some(&drive(std::path::Path::new("/nonexistent/img"))),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("/nonexistent/img"), "{}", r.body);
+    let r = vm.call("PUT", "/drives/data", Some(&drive(&image)));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = vm.call(
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib": 0, "deflate_on_oom": true}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
     let boot = serde_json::json!({
         "kernel_image_path": kernel,
         "initrd_path": initrd,
         // The shell arithmetic proves the command ran in the guest: the
-        // kernel's own log echoes the command line, not its result. The
-        // sleep keeps the guest up until Ctrl+Alt+Del ends it.
-        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off -- echo api-$((6*7)); sleep 600",
+        // kernel's own log echoes the command line, not its result; the
+        // drive's first bytes, that the drive reached it. The sleep keeps
+        // the guest up until Ctrl+Alt+Del ends it.
+        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off -- \
+                      echo api-$((6*7)) $(head -c 11 /dev/vda); sleep 600",
     })
     .to_string();
     let r = vm.call(
@@ -128,7 +157,13 @@ fn firecracker_api_sequence_boots_linux_and_ctrl_alt_del_ends_it() {
     assert_eq!(budget["budget_bytes"], 256 << 20, "{budget}");
     let r = vm.call("PUT", "/boot-source", Some(&boot));
     assert_eq!(r.status, 400, "configuration is refused after start");
-    vm.wait_for_line("api-42", LIMIT);
+    let r = vm.call("PUT", "/drives/data", Some(&drive(&image)));
+    assert_eq!(r.status, 400, "drives are refused after start");
+    let balloon = vm.call("GET", "/balloon", None);
+    assert_eq!(balloon.status, 200, "{}", balloon.body);
+    assert_eq!(balloon.json()["deflate_on_oom"], true, "{}", balloon.body);
+    vm.wait_for_line("api-42 fc-drive-ok", LIMIT);
+    let _ = std::fs::remove_file(&image);
     // kseriod binds atkbd asynchronously; until it has enabled the
     // keyboard the keys are refused (and nothing is queued).
     let start = Instant::now();

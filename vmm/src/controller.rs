@@ -11,6 +11,7 @@ use crate::metrics::{MemSample, VmSample};
 use crate::operations::{Job, Operations};
 use crate::pvm::HostQuirks;
 use crate::stop::ExitReason;
+use crate::virtio::{BalloonSection, DriveSection, VirtioConfig};
 use crate::vm::{MemorySource, Vm, VmState};
 use crate::vmm::{memory_source, RunOutcome, Subscriber, VmmError};
 use event_manager::{EventManager, RemoteEndpoint};
@@ -22,6 +23,8 @@ use std::sync::{Arc, Mutex};
 struct Pending {
     boot_source: Option<BootSourceBody>,
     machine: MachineConfigBody,
+    /// Drives and balloon (`PUT /drives/{id}`, `PUT /balloon`).
+    virtio: VirtioConfig,
 }
 
 /// The process's VMs.
@@ -43,6 +46,13 @@ pub struct Controller {
 
 /// Reclaim runs in steps of this many bytes, reporting progress after each.
 const RECLAIM_STEP: u64 = 4 << 20;
+
+/// Print what a device section accepted but ignores.
+fn warn_all(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("foliovm: warning: {w}");
+    }
+}
 
 fn state_name(s: VmState) -> &'static str {
     match s {
@@ -67,6 +77,7 @@ impl Controller {
             endpoint: events.remote_endpoint(),
             pending: Mutex::new(Pending {
                 boot_source: None,
+                virtio: VirtioConfig::default(),
                 // Firecracker's defaults.
                 machine: MachineConfigBody {
                     vcpu_count: 1,
@@ -357,6 +368,58 @@ impl ApiBackend for Controller {
         Ok(())
     }
 
+    fn put_drive(&self, drive: DriveSection) -> Result<(), ApiError> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if self.started() {
+            return Err(ApiError::bad(NOT_AFTER_START));
+        }
+        // Opened when the VM is built; a path that cannot be is named now,
+        // as Firecracker does.
+        if let Err(e) = std::fs::metadata(&drive.path_on_host) {
+            return Err(ApiError::bad(format!(
+                "drive {:?}: cannot open {}: {e}",
+                drive.drive_id,
+                drive.path_on_host.display()
+            )));
+        }
+        let mut warnings = Vec::new();
+        let new = crate::virtio::from_sections(vec![drive], None, &mut warnings)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        warn_all(&warnings);
+        let mut virtio = p.virtio.clone();
+        for d in new.drives {
+            match virtio.drives.iter_mut().find(|o| o.id == d.id) {
+                Some(old) => *old = d,
+                None => virtio.drives.push(d),
+            }
+        }
+        virtio
+            .validate(p.machine.mem_size_mib << 20)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        p.virtio = virtio;
+        Ok(())
+    }
+
+    fn put_balloon(&self, balloon: BalloonSection) -> Result<(), ApiError> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if self.started() {
+            return Err(ApiError::bad(NOT_AFTER_START));
+        }
+        let mut warnings = Vec::new();
+        let new = crate::virtio::from_sections(Vec::new(), Some(balloon), &mut warnings)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        warn_all(&warnings);
+        let virtio = VirtioConfig {
+            balloon: new.balloon,
+            ..p.virtio.clone()
+        };
+        virtio
+            .validate(p.machine.mem_size_mib << 20)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        p.virtio = virtio;
+        Ok(())
+    }
+
     fn set_machine_config(&self, body: MachineConfigBody) -> Result<(), ApiError> {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if self.started() {
@@ -411,7 +474,7 @@ impl ApiBackend for Controller {
             vcpus: u8::try_from(p.machine.vcpu_count)
                 .map_err(|_| ApiError::bad("vcpu_count too large"))?,
             limits: mem::VmLimits::default(),
-            virtio: Default::default(),
+            virtio: p.virtio.clone(),
         };
         let run = RunConfig::single(config.clone(), self.memory.clone());
         run.validate(&self.limits)

@@ -15,6 +15,7 @@
 
 use crate::config::valid_vm_name;
 use crate::operations::{Job, OperationId, Operations, SpawnError};
+use crate::virtio::{BalloonSection, DriveSection};
 use serde::{Deserialize, Serialize};
 
 /// Largest request body accepted.
@@ -248,6 +249,12 @@ pub trait ApiBackend: Send + Sync {
     fn instance_info(&self) -> InstanceInfo;
     /// Store the boot source for `InstanceStart`.
     fn set_boot_source(&self, body: BootSourceBody) -> Result<(), ApiError>;
+    /// Add or replace (by id) a drive for `InstanceStart` (Firecracker's
+    /// `PUT /drives/{drive_id}`).
+    fn put_drive(&self, drive: DriveSection) -> Result<(), ApiError>;
+    /// Configure the balloon for `InstanceStart` (Firecracker's `PUT
+    /// /balloon`).
+    fn put_balloon(&self, balloon: BalloonSection) -> Result<(), ApiError>;
     /// Store the machine config for `InstanceStart`.
     fn set_machine_config(&self, body: MachineConfigBody) -> Result<(), ApiError>;
     /// The machine config.
@@ -442,6 +449,20 @@ fn dispatch(
                 .map(|()| ApiResponse::no_content())
         }
         ("GET", ["machine-config"]) => Ok(ApiResponse::json(&api.machine_config())),
+        ("PUT", ["drives", id]) => {
+            let d: DriveSection = parse(body)?;
+            if d.drive_id != *id {
+                return Err(ApiError::bad(format!(
+                    "drive_id {:?} in the body is not {id:?} of the path",
+                    d.drive_id
+                )));
+            }
+            api.put_drive(d).map(|()| ApiResponse::no_content())
+        }
+        ("PUT", ["balloon"]) => {
+            let b: BalloonSection = parse(body)?;
+            api.put_balloon(b).map(|()| ApiResponse::no_content())
+        }
         ("PUT", ["actions"]) => {
             let a: ActionBody = parse(body)?;
             match a.action_type.as_str() {
@@ -562,6 +583,7 @@ fn dispatch(
             | "reclaim" | "balloon" | "operations" | "budget"],
         ) => Err(not_allowed(method, path)),
         (_, ["operations", id]) if operation_id(id).is_some() => Err(not_allowed(method, path)),
+        (_, ["drives", _]) => Err(not_allowed(method, path)),
         (_, ["balloon", "statistics"]) => Err(not_allowed(method, path)),
         (
             _,
@@ -643,6 +665,14 @@ pub(crate) mod tests {
                 cpu_template: None,
                 huge_pages: None,
             }
+        }
+        fn put_drive(&self, d: DriveSection) -> Result<(), ApiError> {
+            self.record(format!("drive {} {}", d.drive_id, d.path_on_host.display()));
+            Ok(())
+        }
+        fn put_balloon(&self, b: BalloonSection) -> Result<(), ApiError> {
+            self.record(format!("balloon config {}", b.amount_mib));
+            Ok(())
         }
         fn instance_start(&self) -> Result<(), ApiError> {
             *self.started.lock().unwrap() = true;
@@ -1292,6 +1322,49 @@ pub(crate) mod tests {
                 "not allowed",
             ),
             ("GET", "/vms/vm0/actions", b"", 405, "not allowed"),
+        ] {
+            let r = route(&f, method, path, body);
+            assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+            assert!(r.body.contains(want), "{method} {path}: {}", r.body);
+        }
+        assert_eq!(f.calls().len(), 2, "nothing else reached the backend");
+    }
+
+    /// Firecracker's pre-boot device calls: `PUT /drives/{drive_id}` (the
+    /// id of the path and of the body must agree) and `PUT /balloon`.
+    #[test]
+    fn drives_and_the_balloon_are_configured_by_put() {
+        let f = Fake::default();
+        let drive = br#"{"drive_id": "rootfs", "path_on_host": "/img", "is_root_device": true, "is_read_only": false}"#;
+        let r = route(&f, "PUT", "/drives/rootfs", drive);
+        assert_eq!(r.status, 204, "{}", r.body);
+        let r = route(
+            &f,
+            "PUT",
+            "/balloon",
+            br#"{"amount_mib": 8, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#,
+        );
+        assert_eq!(r.status, 204, "{}", r.body);
+        assert_eq!(f.calls(), ["drive rootfs /img", "balloon config 8"]);
+        for (method, path, body, status, want) in [
+            ("PUT", "/drives/other", &drive[..], 400, "of the path"),
+            (
+                "PUT",
+                "/drives/rootfs",
+                br#"{"drive_id": "rootfs", "path_on_host": "/img"}"#,
+                400,
+                "missing field",
+            ),
+            (
+                "PUT",
+                "/drives/rootfs",
+                br#"{"drive_id": "rootfs", "path_on_host": "/img", "is_root_device": true, "is_read_only": false, "x": 1}"#,
+                400,
+                "unknown field",
+            ),
+            ("PUT", "/balloon", br#"{"amount_mib": 8}"#, 400, "missing field"),
+            ("GET", "/drives/rootfs", b"", 405, "not allowed"),
+            ("PATCH", "/drives/rootfs", b"{}", 405, "not allowed"),
         ] {
             let r = route(&f, method, path, body);
             assert_eq!(r.status, status, "{method} {path}: {}", r.body);

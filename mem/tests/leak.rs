@@ -19,7 +19,7 @@ use mem::{
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const WORDS: usize = (PAGE_SIZE / 8) as usize;
 
@@ -345,21 +345,7 @@ fn run(secs: u64, seed: u64) {
         let (mm, s) = (mm.clone(), s.clone());
         std::thread::spawn(move || chaos(&mm, &s, seed ^ 0xc4a05, budget))
     };
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(secs) && !threads.iter().any(|t| t.is_finished()) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    s.stop.store(true, SeqCst);
-    let mut panics = Vec::new();
-    for t in threads {
-        if let Err(e) = t.join() {
-            panics.push(e);
-        }
-    }
-    let ops = c.join().unwrap();
-    if let Some(e) = panics.pop() {
-        std::panic::resume_unwind(e);
-    }
+    let ops = run_for(Duration::from_secs(secs), &s.stop, threads, c);
     mm.inject_swap_faults(Vec::new()).unwrap();
     mm.inject_faults(Vec::new());
     let mut buf = [0u64; WORDS];

@@ -13,7 +13,7 @@ use mem::{
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const WORDS: u64 = PAGE_SIZE / 8;
 const PAGES: u64 = 2048; // 8 MiB
@@ -202,21 +202,7 @@ fn pinned_pages_keep_their_writes_under_reclaim_migration_relocation_and_discard
         let (mm, s) = (mm.clone(), s.clone());
         std::thread::spawn(move || chaos(&mm, &s, seed ^ 0xc4a05))
     };
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(secs) && !threads.iter().any(|t| t.is_finished()) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    s.stop.store(true, SeqCst);
-    let mut panics = Vec::new();
-    for t in threads {
-        if let Err(e) = t.join() {
-            panics.push(e);
-        }
-    }
-    let ops = c.join().unwrap();
-    if let Some(e) = panics.pop() {
-        std::panic::resume_unwind(e);
-    }
+    let ops = run_for(Duration::from_secs(secs), &s.stop, threads, c);
     let ram = *s.ram.read().unwrap();
     for p in 0..PAGES {
         for w in 0..WORDS {

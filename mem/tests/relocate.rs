@@ -321,6 +321,24 @@ fn a_failed_grow_discards_what_the_guest_wrote_in_the_new_tail() {
     assert_eq!(mm.stats().free_bytes, 32 * MIB, "every folio was freed");
 }
 
+/// Drop `pin` on another thread after `hold`, as a device ends a request.
+fn drop_after(pin: mem::PinGuard, hold: std::time::Duration) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        std::thread::sleep(hold);
+        drop(pin);
+    })
+}
+
+/// A device request on the page at `gpa`: pin it now, unpin after `hold`.
+fn hold_pin(
+    mm: &MemoryManager,
+    vm: mem::VmId,
+    gpa: u64,
+    hold: std::time::Duration,
+) -> std::thread::JoinHandle<()> {
+    drop_after(mm.pin(vm, GuestAddress(gpa), PAGE_SIZE).unwrap(), hold)
+}
+
 /// A device pin on a page of a table already moved to the new range does
 /// not make a failing relocation's undo fail: the undo waits for the unpin
 /// (one device request) and moves the table back.
@@ -348,11 +366,7 @@ fn an_undo_waits_for_a_transient_pin_in_a_moved_table() {
                 if done == 1 && r.is_none() {
                     // Table 0 is in the new range now: a device pins a page
                     // of it for one request.
-                    let pin = mm.pin(vm, GuestAddress(8192), PAGE_SIZE).unwrap();
-                    *r = Some(std::thread::spawn(move || {
-                        std::thread::sleep(hold);
-                        drop(pin);
-                    }));
+                    *r = Some(hold_pin(&mm, vm, 8192, hold));
                 }
             },
         )
@@ -762,10 +776,7 @@ fn a_pin_on_a_table_held_back_by_another_pin_sleeps_until_the_unpin() {
                 return;
             };
             assert_eq!(done, 0);
-            let holder = std::thread::spawn(move || {
-                std::thread::sleep(hold);
-                drop(pin);
-            });
+            let holder = drop_after(pin, hold);
             // The next request pins another page of table 2, now in the
             // new region. The relocation thread is busy elsewhere (held
             // here until the pin is done, as by a large region's other
@@ -835,11 +846,7 @@ fn a_pin_during_an_undo_on_a_table_held_back_by_another_pin_sleeps_until_the_unp
             &|done, _| {
                 let mut h = holder.lock().unwrap();
                 if done == 1 && h.is_none() {
-                    let pin = mm.pin(vm, GuestAddress(8192), PAGE_SIZE).unwrap();
-                    *h = Some(std::thread::spawn(move || {
-                        std::thread::sleep(hold);
-                        drop(pin);
-                    }));
+                    *h = Some(hold_pin(&mm, vm, 8192, hold));
                 }
             },
         )

@@ -47,13 +47,6 @@ pub struct Controller {
 /// Reclaim runs in steps of this many bytes, reporting progress after each.
 const RECLAIM_STEP: u64 = 4 << 20;
 
-/// Print what a device section accepted but ignores.
-fn warn_all(warnings: &[String]) {
-    for w in warnings {
-        eprintln!("foliovm: warning: {w}");
-    }
-}
-
 fn state_name(s: VmState) -> &'static str {
     match s {
         VmState::Built => "Not started",
@@ -316,6 +309,41 @@ impl Controller {
         })
     }
 
+    /// `PUT /drives/{id}` and `PUT /balloon`: add `drives` (replacing
+    /// those of the same id) and `balloon` (if given) to the devices of the
+    /// VM `InstanceStart` builds, if the result is valid.
+    fn put_devices(
+        &self,
+        drives: Vec<DriveSection>,
+        balloon: Option<BalloonSection>,
+    ) -> Result<(), ApiError> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if self.started() {
+            return Err(ApiError::bad(NOT_AFTER_START));
+        }
+        let mut warnings = Vec::new();
+        let new = crate::virtio::from_sections(drives, balloon, &mut warnings)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        for w in warnings {
+            eprintln!("foliovm: warning: {w}");
+        }
+        let mut virtio = p.virtio.clone();
+        for d in new.drives {
+            match virtio.drives.iter_mut().find(|o| o.id == d.id) {
+                Some(old) => *old = d,
+                None => virtio.drives.push(d),
+            }
+        }
+        if new.balloon.is_some() {
+            virtio.balloon = new.balloon;
+        }
+        virtio
+            .validate(p.machine.mem_size_mib << 20)
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        p.virtio = virtio;
+        Ok(())
+    }
+
     /// The shared memory manager, for the host budget.
     fn manager_for_budget(&self) -> Result<std::sync::Arc<mem::MemoryManager>, ApiError> {
         match &*self.source.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -369,10 +397,6 @@ impl ApiBackend for Controller {
     }
 
     fn put_drive(&self, drive: DriveSection) -> Result<(), ApiError> {
-        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if self.started() {
-            return Err(ApiError::bad(NOT_AFTER_START));
-        }
         // Opened when the VM is built; a path that cannot be is named now,
         // as Firecracker does.
         if let Err(e) = std::fs::metadata(&drive.path_on_host) {
@@ -382,42 +406,11 @@ impl ApiBackend for Controller {
                 drive.path_on_host.display()
             )));
         }
-        let mut warnings = Vec::new();
-        let new = crate::virtio::from_sections(vec![drive], None, &mut warnings)
-            .map_err(|e| ApiError::bad(e.to_string()))?;
-        warn_all(&warnings);
-        let mut virtio = p.virtio.clone();
-        for d in new.drives {
-            match virtio.drives.iter_mut().find(|o| o.id == d.id) {
-                Some(old) => *old = d,
-                None => virtio.drives.push(d),
-            }
-        }
-        virtio
-            .validate(p.machine.mem_size_mib << 20)
-            .map_err(|e| ApiError::bad(e.to_string()))?;
-        p.virtio = virtio;
-        Ok(())
+        self.put_devices(vec![drive], None)
     }
 
     fn put_balloon(&self, balloon: BalloonSection) -> Result<(), ApiError> {
-        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if self.started() {
-            return Err(ApiError::bad(NOT_AFTER_START));
-        }
-        let mut warnings = Vec::new();
-        let new = crate::virtio::from_sections(Vec::new(), Some(balloon), &mut warnings)
-            .map_err(|e| ApiError::bad(e.to_string()))?;
-        warn_all(&warnings);
-        let virtio = VirtioConfig {
-            balloon: new.balloon,
-            ..p.virtio.clone()
-        };
-        virtio
-            .validate(p.machine.mem_size_mib << 20)
-            .map_err(|e| ApiError::bad(e.to_string()))?;
-        p.virtio = virtio;
-        Ok(())
+        self.put_devices(Vec::new(), Some(balloon))
     }
 
     fn set_machine_config(&self, body: MachineConfigBody) -> Result<(), ApiError> {

@@ -46,6 +46,33 @@ pub fn spawn_until(
     })
 }
 
+/// Let `threads` and `chaos` run for `limit` (less if a thread ends
+/// early: it failed), then set `stop`, join them all, and re-raise a
+/// thread's panic; returns what `chaos` returned.
+pub fn run_for<R, T>(
+    limit: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+    threads: Vec<std::thread::JoinHandle<R>>,
+    chaos: std::thread::JoinHandle<T>,
+) -> T {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < limit && !threads.iter().any(|t| t.is_finished()) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut panics = Vec::new();
+    for t in threads {
+        if let Err(e) = t.join() {
+            panics.push(e);
+        }
+    }
+    let out = chaos.join().unwrap();
+    if let Some(e) = panics.pop() {
+        std::panic::resume_unwind(e);
+    }
+    out
+}
+
 /// Wait up to `limit` for `cond`; whether it came true.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let t0 = std::time::Instant::now();

@@ -277,13 +277,23 @@ fn reclaim_operations_and_the_budget_through_the_socket() {
     let out = ctl(&vm, &["--json", "reclaim", "4M"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ctl --json prints JSON");
     assert!(v["reclaimed_bytes"].as_u64().is_some(), "{v}");
-    let out = ctl(&vm, &["reclaim", "4M", "--vm", "nope"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no VM named"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for (args, want) in [
+        (&["reclaim", "4M", "--vm", "nope"][..], "no VM named"),
+        // `ctl balloon` reaches the VM named, or the only one: a workload
+        // guest has none.
+        (&["balloon", "--vm", "vm0"], "the VM has no balloon"),
+        (&["balloon", "4M"], "the VM has no balloon"),
+        (&["balloon", "--vm", "nope", "4M"], "no VM named"),
+        (&["balloon", "4K"], "not a whole number of MiB"),
+    ] {
+        let out = ctl(&vm, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert_eq!(vm.call("GET", "/", None).json()["state"], "Running");
 
     // The host budget, at run time: 128 MiB (the guest's memory) at start.

@@ -175,6 +175,34 @@ fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
             }
             Ok(())
         }
+        CtlCmd::Balloon { vm, size } => {
+            let path = match &vm {
+                Some(n) => format!("/vms/{n}/balloon"),
+                None => "/balloon".into(),
+            };
+            let name = vm.as_deref().unwrap_or("the VM");
+            if let Some(size) = size {
+                let body = serde_json::json!({ "amount_mib": mib_arg(&size)? });
+                call(sock, "PATCH", &path, Some(&body.to_string()))?;
+                if !json {
+                    println!("balloon target of {name}: {size}");
+                }
+                return Ok(());
+            }
+            let r = call(sock, "GET", &path, None)?;
+            if json {
+                println!("{}", r.body);
+            } else {
+                let v = r.json();
+                println!(
+                    "balloon of {name}: target {} MiB, actual {} MiB, returned to the pool {}",
+                    v["amount_mib"],
+                    v["actual_mib"],
+                    mib(&v["inflate_returned_bytes"])
+                );
+            }
+            Ok(())
+        }
         CtlCmd::Compact { vm } => {
             let result = follow(
                 sock,

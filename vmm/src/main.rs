@@ -92,6 +92,15 @@ enum CtlCmd {
         /// The new budget (default: show it).
         size: Option<String>,
     },
+    /// Show a VM's balloon (target, actual size, bytes returned), or set
+    /// its target (e.g. 64M).
+    Balloon {
+        /// The VM (default: the only one).
+        #[arg(long)]
+        vm: Option<String>,
+        /// The new target (default: show the balloon).
+        size: Option<String>,
+    },
     /// Compact a VM's memory: rebuild free 2 MiB blocks in the pool and
     /// collapse ranges of small folios into 2 MiB folios mapped as PMDs.
     Compact {

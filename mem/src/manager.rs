@@ -852,6 +852,12 @@ impl MemoryManager {
         &self.config
     }
 
+    /// The shared state, for in-crate tests that drive internals directly.
+    #[cfg(test)]
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
     /// Create a VM (with no memory yet).
     ///
     /// # Errors

@@ -642,3 +642,78 @@ fn migrate_referenced(inner: &Inner, id: FolioId) -> Result<FolioId, MigrateErro
     drop(lock);
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig};
+    use std::time::Duration;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A folio relabelled into a 2 MiB of pool with no page table (a free
+    /// 2 MiB block that went to a guest as one PMD, split for targets):
+    /// preparing the rest of that 2 MiB must not populate the folio's
+    /// pool range, or its pages can never move out of the guest again.
+    #[test]
+    fn preparing_a_neighbour_leaves_a_relabelled_folios_pool_range_a_hole() {
+        let mm = MemoryManager::new(MmConfig::with_budget(4 * MIB)).unwrap();
+        assert!(mm.wait_idle(Duration::from_secs(30)));
+        let inner = mm.inner();
+        // A 2 MiB block whose pool range has no page table, as one moved
+        // out to a guest as a PMD and freed there leaves it.
+        let r = inner.buddy().alloc(Order::PMD, BlockState::Ready).unwrap();
+        inner
+            .pool
+            .drop_pages(r.offset, Order::PMD.nr_pages())
+            .unwrap();
+        let vm = mm.create_vm("relabel").unwrap();
+        let b = mm.backend(vm, &[(GuestAddress(0), 16 * 1024)]).unwrap();
+        let base = b.regions()[0].host_addr.raw();
+        for p in 0..4u64 {
+            // SAFETY: a page of the live backend's guest RAM, which Rust
+            // code never borrows; a handler thread serves the fault.
+            unsafe { ((base + (p * PAGE_SIZE) as usize) as *mut u64).write_volatile(p + 7) };
+        }
+        let id = {
+            let slab = inner.folios.slab();
+            let ids: Vec<_> = slab.iter().map(|(id, f)| (id, f.order)).collect();
+            assert_eq!(ids.len(), 1, "{ids:?}");
+            ids[0].0
+        };
+        let order = inner.folios.slab().get(id).unwrap().order;
+        assert_eq!(order, Order(2));
+        // Relabelled into the first pages of the block, the rest freed.
+        let target = Block {
+            offset: r.offset,
+            order,
+            state: BlockState::NeedsPopulate,
+        };
+        let out = migrate_batch_for_compaction(inner, &[id], &mut |_, _| Some(target));
+        assert_eq!(out, vec![Ok(id)]);
+        let mut o = order;
+        while o < Order::PMD {
+            let at = r.offset.subpage(o.nr_pages());
+            inner.free_range(unused_target(Block {
+                offset: at,
+                order: o,
+                state: BlockState::NeedsPopulate,
+            }));
+            o = Order(o.0 + 1);
+        }
+        assert!(mm.wait_idle(Duration::from_secs(30)));
+        let addr = inner.pool.host_addr(r.offset).raw();
+        let present = crate::sys::has_pages(addr, order.nr_pages() as usize).unwrap();
+        let migrated = migrate_folio(inner, id);
+        assert_eq!(
+            (present, migrated.is_ok()),
+            (vec![false; 4], true),
+            "the folio's pool range is a hole and it migrates: {migrated:?}"
+        );
+        for p in 0..4u64 {
+            // SAFETY: as above.
+            let v = unsafe { ((base + (p * PAGE_SIZE) as usize) as *const u64).read_volatile() };
+            assert_eq!(v, p + 7);
+        }
+    }
+}

@@ -578,6 +578,35 @@ impl Inner {
         woken
     }
 
+    /// Give the 2 MiB of pool around the block at `off` a page table before
+    /// a block smaller than 2 MiB in it is written (prepared, read into by
+    /// a swapin, or copied into by a migration). Where the 2 MiB has none
+    /// (it went to a guest as one PMD, or was dropped whole, and was split
+    /// since), a write fault there faults in a whole THP: the pool ranges
+    /// of the other blocks of that 2 MiB fill with zero pages, among them
+    /// those of folios whose pages are in a guest, which must stay holes (a
+    /// MOVE out of the guest into a populated range fails with `EEXIST`, so
+    /// such a folio could never be sampled, reclaimed or migrated again),
+    /// and of offline blocks, which must take no host memory.
+    /// `UFFDIO_ZEROPAGE` of the block's first page allocates a page table
+    /// instead (`mfill_atomic()` never installs a THP); `EEXIST` means the
+    /// page is there, so the table is too. The zero page it maps is
+    /// replaced by the write that follows.
+    ///
+    /// # Context
+    /// The caller owns the block (no one else writes or maps its pages).
+    pub(crate) fn anchor_pool_table(&self, off: crate::types::PoolOffset) {
+        let addr = self.pool.host_addr(off).raw();
+        if let Err(e) = self.uffd.zeropage(addr, PAGE_SIZE) {
+            if e.errno != libc::EEXIST {
+                log_error(&format!(
+                    "UFFDIO_ZEROPAGE in the pool at {addr:#x}: errno {}",
+                    e.errno
+                ));
+            }
+        }
+    }
+
     /// A folio's last pin went (see `pin::PinGuard`): wake the threads in
     /// [`Inner::wait_unpin`], if any. Without waiters no lock is taken.
     pub fn note_unpin(&self) {

@@ -83,6 +83,9 @@ pub(crate) fn alloc_target(inner: &Inner, order: Order) -> Option<Block> {
 /// `dst` to a block or new folio nobody else can reach; they do not overlap.
 pub(crate) unsafe fn copy_pool(inner: &Inner, src: PoolOffset, dst: PoolOffset, nr: u64) {
     let t0 = std::time::Instant::now();
+    if nr < Order::PMD.nr_pages() {
+        inner.anchor_pool_table(dst);
+    }
     // SAFETY: see the function contract; both ranges lie inside the pool
     // mapping (folio and block ranges are pool ranges).
     unsafe {
@@ -715,5 +718,44 @@ mod tests {
             let v = unsafe { ((base + (p * PAGE_SIZE) as usize) as *const u64).read_volatile() };
             assert_eq!(v, p + 7);
         }
+    }
+
+    /// What a swapin read or a migration copy into a small block of a
+    /// 2 MiB of pool with no page table does to the rest of that 2 MiB:
+    /// with `Inner::anchor_pool_table` first, only the pages written
+    /// appear; without it the kernel may fault in a whole THP (then every
+    /// page of the 2 MiB appears, printed, not asserted: it depends on the
+    /// host's THP setting).
+    #[test]
+    fn a_write_into_an_anchored_small_block_fills_only_that_block() {
+        let mm = MemoryManager::new(MmConfig::with_budget(4 * MIB)).unwrap();
+        assert!(mm.wait_idle(Duration::from_secs(30)));
+        let inner = mm.inner();
+        let r = inner.buddy().alloc(Order::PMD, BlockState::Ready).unwrap();
+        let addr = inner.pool.host_addr(r.offset).raw();
+        let nr = Order::PMD.nr_pages() as usize;
+        // Pages 4..8 of the 2 MiB, as a block of order 2 there.
+        let block = r.offset.subpage(4);
+        let write = || {
+            // SAFETY: pages of a block this test allocated and nobody else
+            // can reach; no other slice of them exists.
+            let buf = unsafe { inner.pool.pages_mut(block, 4) };
+            buf[PAGE_SIZE as usize] = 1;
+        };
+        inner.pool.drop_pages(r.offset, nr as u64).unwrap();
+        write();
+        let unanchored = crate::sys::has_pages(addr, nr).unwrap();
+        eprintln!(
+            "without an anchor, a write into page 5 populated {} of {nr} pages",
+            unanchored.iter().filter(|&&p| p).count()
+        );
+        inner.pool.drop_pages(r.offset, nr as u64).unwrap();
+        inner.anchor_pool_table(block);
+        write();
+        let present = crate::sys::has_pages(addr, nr).unwrap();
+        let want: Vec<bool> = (0..nr).map(|p| p == 4 || p == 5).collect();
+        assert_eq!(present, want, "pages 4 (the anchor's zero page) and 5 only");
+        inner.pool.drop_pages(r.offset, nr as u64).unwrap();
+        inner.free_range(unused_target(r));
     }
 }

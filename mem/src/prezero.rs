@@ -92,7 +92,7 @@ fn prepare_one(inner: &Inner) -> bool {
     let nr = block.order.nr_pages();
     let t0 = Instant::now();
     if block.order < crate::types::Order::PMD {
-        anchor_page_table(inner, block.offset);
+        inner.anchor_pool_table(block.offset);
     }
     let state = match inner.pool.prepare(block.offset, block.order, block.state) {
         Ok(huge) => {
@@ -120,29 +120,6 @@ fn prepare_one(inner: &Inner) -> bool {
         inner.isolated_pages.fetch_sub(nr, Relaxed);
     }
     state == BlockState::Ready
-}
-
-/// Give the 2 MiB of pool around the block at `off` a page table before a
-/// block smaller than 2 MiB is populated. Where the 2 MiB has none (it
-/// went to a guest as one PMD, or was dropped whole, and was split since),
-/// a write fault there faults in a whole THP: the pool ranges of the other
-/// blocks of that 2 MiB fill with zero pages, among them those of folios
-/// whose pages are in a guest, which must stay holes (a MOVE out of the
-/// guest into a populated range fails with `EEXIST`, so such a folio could
-/// never be sampled, reclaimed or migrated again), and of offline blocks,
-/// which must take no host memory. `UFFDIO_ZEROPAGE` of the block's first
-/// page allocates a page table instead (`mfill_atomic()` never installs a
-/// THP); `EEXIST` means the page is there, so the table is too.
-fn anchor_page_table(inner: &Inner, off: crate::types::PoolOffset) {
-    let addr = inner.pool.host_addr(off).raw();
-    if let Err(e) = inner.uffd.zeropage(addr, crate::types::PAGE_SIZE) {
-        if e.errno != libc::EEXIST {
-            log_error(&format!(
-                "UFFDIO_ZEROPAGE in the pool at {addr:#x}: errno {}",
-                e.errno
-            ));
-        }
-    }
 }
 
 /// Retry the faults parked for lack of ready memory.

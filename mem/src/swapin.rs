@@ -687,6 +687,11 @@ fn swapin_read(
         return FaultOutcome::NoMemory { oom: true };
     };
     region.readahead_done(idx, order);
+    // A hole the read below fills: see `Inner::anchor_pool_table`. (A
+    // block that held data has its pages, and so its table.)
+    if order < Order::PMD && block.state == BlockState::NeedsPopulate {
+        inner.anchor_pool_table(block.offset);
+    }
     let first = idx.align_down(order);
     let base = SwapSlot(slot.0 - (idx.0 - first.0) as u32);
     let nr = order.nr_pages();

@@ -93,8 +93,44 @@ pub(crate) struct Watermarks {
     pub high: u64,
 }
 
+/// The watermarks now: they follow the budget ([`Watermarks::new`] of the
+/// budget's pages), as the kernel sets a zone's again when memory is
+/// hot-added or removed (`setup_per_zone_wmarks()`).
+#[derive(Debug)]
+pub(crate) struct WatermarkCell {
+    low: AtomicU64,
+    high: AtomicU64,
+}
+
+impl WatermarkCell {
+    fn new(w: Watermarks) -> WatermarkCell {
+        WatermarkCell {
+            low: AtomicU64::new(w.low),
+            high: AtomicU64::new(w.high),
+        }
+    }
+
+    /// The current watermarks. The two are set one after the other, so a
+    /// reader racing a budget change may see one old and one new: each
+    /// use compares free memory with one of them at a time.
+    pub fn get(&self) -> Watermarks {
+        Watermarks {
+            low: self.low.load(Relaxed),
+            high: self.high.load(Relaxed),
+        }
+    }
+
+    pub(crate) fn set(&self, w: Watermarks) {
+        self.low.store(w.low, Relaxed);
+        self.high.store(w.high, Relaxed);
+    }
+}
+
 impl Watermarks {
-    fn new(c: &ReclaimConfig, pool_pages: u64) -> Watermarks {
+    /// The watermarks for a budget of `pool_pages`: the configured ones,
+    /// or a 64th of the budget (at least 2 MiB) and twice that; at most
+    /// half the budget and the whole budget.
+    pub(crate) fn new(c: &ReclaimConfig, pool_pages: u64) -> Watermarks {
         let low = c
             .low_watermark_bytes
             .map_or((pool_pages / 64).max(512), |b| b / PAGE_SIZE)
@@ -287,7 +323,9 @@ pub(crate) struct Inner {
     pub swap: Option<SwapDevice>,
     /// Swap and reclaim counters of all VMs.
     pub swap_counters: SwapCounters,
-    pub watermarks: Watermarks,
+    /// Free memory below `low` wakes the background reclaimer, which frees
+    /// up to `high`; they follow the budget.
+    pub watermarks: WatermarkCell,
     /// See [`ReclaimConfig::stall_report_after`].
     pub stall_report_after: Duration,
     /// Reclaim passes and fault services running now (for
@@ -712,7 +750,7 @@ impl Inner {
 
     /// Kick the background reclaimer if free memory is below the low mark.
     pub fn check_watermark(&self, free_pages: u64) {
-        if free_pages < self.watermarks.low && self.swap.is_some() {
+        if free_pages < self.watermarks.get().low && self.swap.is_some() {
             self.kick_kswapd();
         }
     }
@@ -809,7 +847,7 @@ impl MemoryManager {
             stop_fd: EventFd::new().map_err(MmError::Thread)?,
             swap,
             swap_counters: SwapCounters::default(),
-            watermarks,
+            watermarks: WatermarkCell::new(watermarks),
             stall_report_after: config.reclaim.stall_report_after,
             reclaimers: AtomicU64::new(0),
             compacting: AtomicU64::new(0),
@@ -1197,7 +1235,12 @@ impl MemoryManager {
     /// Blocks for reclaim's swap I/O; not for vCPU or handler threads.
     pub fn set_budget(&self, bytes: u64) -> Result<BudgetChange, BudgetError> {
         let _serial = self.budget_lock.lock().unwrap_or_else(|e| e.into_inner());
-        crate::hotplug::set_budget(&self.inner, bytes)
+        let change = crate::hotplug::set_budget(&self.inner, bytes)?;
+        let budget_pages = crate::hotplug::budget_bytes(&self.inner) / PAGE_SIZE;
+        self.inner
+            .watermarks
+            .set(Watermarks::new(&self.config.reclaim, budget_pages));
+        Ok(change)
     }
 
     /// The host budget now, in bytes (the pool size unless lowered with

@@ -54,7 +54,7 @@ pub(crate) fn worker_thread(inner: &Inner) {
 pub(crate) fn ready_target(inner: &Inner, fa: &FreeAreaStats) -> u64 {
     let target = inner.prezero_limit_pages.min(fa.free_pages);
     match inner.under_reclaim() {
-        true => target.min(inner.watermarks.low / 4),
+        true => target.min(inner.watermarks.get().low / 4),
         false => target,
     }
 }
@@ -76,7 +76,9 @@ fn prepare_one(inner: &Inner) -> bool {
         // parked, a thread waits for memory (a pin faulting in, another
         // pass waiting for a ready 2 MiB block), or ready memory runs short.
         let waiting = parked || inner.memory_waiters.load(Relaxed) > 0;
-        if inner.compacting.load(Relaxed) > 0 && !waiting && fa.ready_pages >= inner.watermarks.low
+        if inner.compacting.load(Relaxed) > 0
+            && !waiting
+            && fa.ready_pages >= inner.watermarks.get().low
         {
             return false;
         }

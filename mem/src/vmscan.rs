@@ -298,7 +298,7 @@ impl Floor {
 /// Whether a pass that runs [`Until::Memory`] may stop: the pool's free
 /// memory is back at the low watermark.
 fn memory_back(inner: &Inner, until: Until) -> bool {
-    until == Until::Memory && inner.buddy().nr_free() >= inner.watermarks.low
+    until == Until::Memory && inner.buddy().nr_free() >= inner.watermarks.get().low
 }
 
 /// Reclaim up to `nr` pages from `vm`, not going below `floor` resident
@@ -1322,12 +1322,13 @@ fn balance(inner: &Inner) {
         }
     }
     let free = inner.buddy().nr_free();
-    if free >= inner.watermarks.low {
+    let wm = inner.watermarks.get();
+    if free >= wm.low {
         return;
     }
     let mut free = free;
-    while free < inner.watermarks.high && !inner.shutdown.load(Relaxed) {
-        let got = try_to_free_pages(inner, None, inner.watermarks.high - free, Until::Target);
+    while free < wm.high && !inner.shutdown.load(Relaxed) {
+        let got = try_to_free_pages(inner, None, wm.high - free, Until::Target);
         if got == 0 {
             break;
         }

@@ -804,3 +804,42 @@ fn vms_at_their_minimums_split_and_evict_large_folios_without_losing_a_word() {
         (0, 0)
     );
 }
+
+/// The background reclaimer's watermarks follow the budget, as a zone's
+/// follow memory hot-added or removed. Kept from a 512 MiB pool, after
+/// lowering the budget to 48 MiB they made it keep up to 16 MiB (a third
+/// of the budget) free: a guest writing 42 MiB was cut to about 32 MiB
+/// resident. Set for 48 MiB (2 and 4 MiB), 42 MiB stays resident.
+#[test]
+fn the_watermarks_follow_a_lowered_budget() {
+    let mm = mem::MemoryManager::new(mem::MmConfig {
+        budget_bytes: 512 * MIB,
+        handler_threads: 2,
+        fault_delivery: mem::FaultDelivery::Handlers,
+        // Not the whole 512 MiB zeroed ahead for nothing.
+        prezero_limit_bytes: Some(8 * MIB),
+        swap: Some(mem::SwapConfig {
+            target: mem::SwapTarget::Dir(std::env::temp_dir()),
+            size_bytes: 128 * MIB,
+        }),
+        reclaim: mem::ReclaimConfig::default(),
+    })
+    .unwrap();
+    mm.set_budget(48 * MIB).unwrap();
+    let t = TestVm::new(&mm, "wm", 64 * MIB);
+    let written = 42 * MIB;
+    fill(t.ram, written, 1);
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    // Let a background pass that the last faults woke run to its end.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    let resident = mm.vm_stats(t.id).unwrap().resident_bytes();
+    assert!(
+        resident >= written - 2 * MIB,
+        "{} MiB of the {} MiB written stayed resident in a 48 MiB budget",
+        resident >> 20,
+        written >> 20
+    );
+    verify(t.ram, written, 1);
+    t.destroy(&mm);
+}

@@ -40,6 +40,17 @@ pub enum ExitReason {
         /// Words at the top of the exception stack; `[1]` is the faulting RIP.
         frame: [u64; 6],
     },
+    /// KVM raised a memory error (`SIGBUS`, `BUS_MCEERR_AR`) on a vCPU
+    /// that touched a guest page whose data is lost: the memory manager
+    /// poisoned it (a swap read failed).
+    MemoryError {
+        /// vCPU.
+        vcpu: usize,
+        /// The guest-physical address, if the page is in guest RAM's view.
+        gpa: Option<u64>,
+        /// The host address KVM named.
+        host: usize,
+    },
     /// Any other failure.
     Error(String),
 }
@@ -82,6 +93,14 @@ impl std::fmt::Display for ExitReason {
                 "workload guest exception vector {vector} on vCPU {vcpu} at rip {:#x} (error code {:#x})",
                 frame[1], frame[0]
             ),
+            ExitReason::MemoryError { vcpu, gpa, host } => {
+                write!(f, "guest memory error on vCPU {vcpu} at ")?;
+                match gpa {
+                    Some(gpa) => write!(f, "guest address {gpa:#x}")?,
+                    None => write!(f, "host address {host:#x}")?,
+                }
+                write!(f, ": the page's data is lost (poisoned after a failed swap read)")
+            }
             ExitReason::Error(s) => f.write_str(s),
         }
     }

@@ -228,6 +228,98 @@ extern "C" fn on_terminate(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// The `SIGBUS` action installed before ours (the default, or the memory
+/// manager's faulter handler), or the errno with which installing failed.
+/// Set once, before our handler can run.
+static SIGBUS_PREVIOUS: std::sync::OnceLock<Result<libc::sigaction, i32>> =
+    std::sync::OnceLock::new();
+
+/// A memory error KVM raises on a vCPU in `KVM_RUN` (the guest touched a
+/// page whose data is lost) stops that VM
+/// ([`crate::kvm::vcpu::take_guest_memory_error`]); without this the
+/// default action killed the process and every VM in it. Any other
+/// `SIGBUS` goes to the action installed before ours.
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to SA_SIGINFO handlers;
+    // si_addr is the address of the error for SIGBUS.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    if crate::kvm::vcpu::take_guest_memory_error(code, addr) {
+        return;
+    }
+    let prev = match SIGBUS_PREVIOUS.get() {
+        Some(Ok(p)) if p.sa_sigaction != libc::SIG_DFL && p.sa_sigaction != libc::SIG_IGN => *p,
+        _ => {
+            // SAFETY: signal(2) with SIG_DFL and raise(3) are
+            // async-signal-safe and take no pointers. SIGBUS is blocked
+            // in its handler, so the raised one is delivered, with the
+            // default action, as the handler returns: a fault's SIGBUS
+            // and one sent by the kernel or kill(2) end the process as if
+            // no handler were installed.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+                libc::raise(sig);
+            }
+            return;
+        }
+    };
+    if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the previous handler was installed as an SA_SIGINFO
+        // handler, so it has this signature.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { std::mem::transmute(prev.sa_sigaction) };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: a plain handler takes the signal number only.
+        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(prev.sa_sigaction) };
+        f(sig);
+    }
+}
+
+/// Install [`on_sigbus`] once per process.
+fn install_sigbus_handler() -> Result<(), VmmError> {
+    let got = SIGBUS_PREVIOUS.get_or_init(|| {
+        // SAFETY: an all-zero `sigaction` is a valid value.
+        let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a null new action only reads the current one into
+        // `previous`, a live `sigaction`.
+        if unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) } != 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL));
+        }
+        Ok(previous)
+    });
+    if let Err(errno) = got {
+        return Err(VmmError::Host {
+            what: "cannot read the SIGBUS action".into(),
+            source: std::io::Error::from_raw_os_error(*errno),
+        });
+    }
+    static INSTALLED: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    let rc = *INSTALLED.get_or_init(|| {
+        // SAFETY: as above; `previous` is published (SIGBUS_PREVIOUS)
+        // before the handler can run.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = on_sigbus as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: `act` is a live `sigaction` and the handler has the
+        // SA_SIGINFO signature.
+        match unsafe { libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()) } {
+            0 => 0,
+            _ => std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL),
+        }
+    });
+    match rc {
+        0 => Ok(()),
+        errno => Err(VmmError::Host {
+            what: "cannot install the SIGBUS handler".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        }),
+    }
+}
+
 /// Turns SIGINT/SIGTERM into a stop request for every VM and the process.
 struct SignalWatch {
     evt: EventFd,
@@ -247,8 +339,8 @@ impl MutEventSubscriber for SignalWatch {
     }
 }
 
-/// Install the SIGINT/SIGTERM handlers and the vCPU kick handler, and
-/// return the eventfd the former poke.
+/// Install the SIGINT/SIGTERM handlers, the vCPU kick handler and the
+/// guest memory error handler, and return the eventfd the first poke.
 fn install_signal_handlers() -> Result<EventFd, VmmError> {
     let evt = match SIGNAL_EVT.get() {
         Some(e) => e,
@@ -274,6 +366,7 @@ fn install_signal_handlers() -> Result<EventFd, VmmError> {
         what: "cannot install vCPU kick handler".into(),
         source: std::io::Error::from_raw_os_error(e.errno()),
     })?;
+    install_sigbus_handler()?;
     Ok(watched)
 }
 
@@ -468,6 +561,80 @@ mod tests {
             .collect();
         let text = format!(r#"{{"vms": [{}]}}"#, vms.join(","));
         ConfigFile::parse(&text, Path::new("t.json")).unwrap().0
+    }
+
+    /// A guest page whose data is lost (a swap read failed, so the memory
+    /// manager poisoned it) makes KVM raise `SIGBUS` (`BUS_MCEERR_AR`) on
+    /// the vCPU that touches it. Without a handler that signal killed the
+    /// whole process: every VM of the run, no result lines, no exit status
+    /// but the signal's. It must stop that VM alone, with a reason.
+    #[test]
+    fn a_lost_guest_page_stops_its_vm_not_the_process() {
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm");
+        if kvm.is_err() {
+            assert!(
+                std::env::var("FOLIOVM_REQUIRE_KVM").as_deref() != Ok("1"),
+                "/dev/kvm is not usable and FOLIOVM_REQUIRE_KVM=1"
+            );
+            eprintln!("skipping: /dev/kvm is not usable");
+            return;
+        }
+        // "a" touches twice what the budget leaves it, so its second pass
+        // swaps in; "b" keeps all of its memory (its minimum), so it never
+        // reads the swap file and must finish cleanly.
+        let text = r#"{"vms": [
+            {"name": "a", "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+             "foliovm": {"workload": "seq:32M,passes=3"}},
+            {"name": "b", "machine-config": {"vcpu_count": 1, "mem_size_mib": 8},
+             "foliovm": {"workload": "seq:4M,passes=400", "mem_min": "8M"}}
+        ]}"#;
+        let run = ConfigFile::parse(text, Path::new("t.json")).unwrap().0;
+        // The first reads bring back the guest's code and page tables; a
+        // later one is mostly a data page, but which pages were swapped
+        // out varies. A lost code page or page table is a triple fault (the
+        // guest's page walk fails): that run does not count, try again.
+        for attempt in 1..=5 {
+            let mut config = MmConfig::with_budget(24 << 20);
+            config.swap = Some(mem::SwapConfig {
+                target: mem::SwapTarget::Dir(std::env::temp_dir()),
+                size_bytes: 64 << 20,
+            });
+            let mm = MemoryManager::new(config).unwrap();
+            mm.inject_swap_faults(vec![mem::FaultPlan {
+                op: mem::IoOp::Read,
+                fault: mem::InjectedFault::Eio,
+                skip: 8,
+                count: 1,
+            }])
+            .unwrap();
+            let out = run_all(&run, &MemorySource::Folio(mm)).unwrap();
+            let by_name = |n: &str| out.iter().find(|o| o.name == n).unwrap();
+            let b = by_name("b");
+            assert_eq!(b.reason, ExitReason::WorkloadDone);
+            assert!(b.workload.as_ref().unwrap().ok(), "{:?}", b.workload);
+            let a = by_name("a");
+            let why = a.reason.to_string();
+            if matches!(a.reason, ExitReason::TripleFault { .. }) && attempt < 5 {
+                eprintln!("attempt {attempt}: {why}");
+                continue;
+            }
+            assert!(
+                matches!(
+                    a.reason,
+                    ExitReason::MemoryError {
+                        vcpu: 0,
+                        gpa: Some(_),
+                        ..
+                    }
+                ) && why.contains("memory error on vCPU 0 at guest address 0x"),
+                "{why}"
+            );
+            assert_eq!(a.reason.exit_code(), 1);
+            return;
+        }
     }
 
     #[test]

@@ -7,8 +7,45 @@ use crate::workload::{ReportEvent, WorkloadReport, RESULT_MMIO, RESULT_MMIO_SIZE
 use devices::Bus;
 use kvm_bindings::{kvm_regs, kvm_sregs, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+thread_local! {
+    /// Whether this thread is a vCPU in `KVM_RUN`. Const-initialised
+    /// `Cell`s without a destructor: plain thread-local storage, which the
+    /// `SIGBUS` handler may read and write.
+    static IN_KVM_RUN: Cell<bool> = const { Cell::new(false) };
+    /// The host address of a memory error KVM raised during this thread's
+    /// `KVM_RUN`, until the vCPU loop takes it.
+    static MEMORY_ERROR: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// For the process's `SIGBUS` handler: take the memory error `code` at
+/// host address `addr` as the guest's if this thread is a vCPU in
+/// `KVM_RUN` (KVM raises `BUS_MCEERR_AR` there when the guest touches a
+/// poisoned page); then the handler returns, `KVM_RUN` fails with `EINTR`
+/// and the vCPU stops its VM. `false`: the signal is not the guest's.
+///
+/// # Context
+/// Signal handler: touches only this thread's const-initialised
+/// thread-local cells.
+pub(crate) fn take_guest_memory_error(code: libc::c_int, addr: usize) -> bool {
+    if !IN_KVM_RUN.get() || !matches!(code, libc::BUS_MCEERR_AR | libc::BUS_MCEERR_AO) {
+        return false;
+    }
+    MEMORY_ERROR.set(Some(addr));
+    true
+}
+
+/// The guest-physical address of host address `host` in `mem`, if any.
+fn guest_address(mem: &GuestMemoryMmap, host: usize) -> Option<u64> {
+    mem.iter().find_map(|r| {
+        let base = r.as_ptr() as usize;
+        let off = host.checked_sub(base)? as u64;
+        (off < r.len()).then(|| r.start_addr().raw_value() + off)
+    })
+}
 
 /// What vCPU threads share: the buses, the workload collector, the stop signal.
 pub struct VcpuContext {
@@ -200,7 +237,21 @@ impl Vcpu {
                 // Paused and resumed (or stopping): look at the flags again.
                 continue;
             }
-            match self.fd.run() {
+            IN_KVM_RUN.set(true);
+            let run = self.fd.run();
+            IN_KVM_RUN.set(false);
+            // Whatever KVM_RUN answered (EINTR, as the signal was pending):
+            // entering the guest again would touch the lost page again.
+            if let Some(host) = MEMORY_ERROR.take() {
+                let gpa = guest_address(&ctx.mem.read().unwrap_or_else(|p| p.into_inner()), host);
+                ctx.stop.request(ExitReason::MemoryError {
+                    vcpu: self.index,
+                    gpa,
+                    host,
+                });
+                return;
+            }
+            match run {
                 Ok(exit) => {
                     if let Some(done) = handle_exit(self.index, exit, ctx) {
                         match done {

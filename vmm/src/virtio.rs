@@ -676,6 +676,14 @@ impl VirtioDevices {
         }
     }
 
+    /// The VM stopped and its memory is given back: reset every device, so
+    /// that nothing touches (and so faults back in) its guest memory.
+    pub fn stop(&self) {
+        for t in &self.transports {
+            t.lock().unwrap_or_else(|p| p.into_inner()).stop();
+        }
+    }
+
     /// The VM is over: print the final memory statistics line (with a balloon).
     pub fn finish(&self) {
         if let Some(b) = &self.balloon {

@@ -838,6 +838,11 @@ impl Vm {
             return;
         }
         let outcome = self.conclude(ExitReason::unexplained());
+        // No device may fault its memory back in once it is given back
+        // (a balloon statistics or retry timer, an API request).
+        if let Some(v) = &self.virtio {
+            v.stop();
+        }
         if let Some((mm, id)) = &self.ram.manager {
             for r in mm.vm_regions(*id).unwrap_or_default() {
                 if let Err(e) = mm.discard(*id, r.guest_base, r.size) {

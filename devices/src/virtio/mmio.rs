@@ -451,6 +451,11 @@ pub trait MemorySwitch: Send {
     /// Use `mem` from now on, for the transport's queue checks and the
     /// device's queues.
     fn set_memory(&mut self, mem: GuestMemoryMmap);
+    /// The VM stopped and its memory is given back: reset the device, as
+    /// if the driver had, so that nothing (a notification, a retry or
+    /// statistics timer, an API request) makes it touch guest memory
+    /// again. Until the VM's driver sets it up again, which it never will.
+    fn stop(&mut self);
 }
 
 impl<D: VirtioDevice> MemorySwitch for MmioTransport<D> {
@@ -459,6 +464,10 @@ impl<D: VirtioDevice> MemorySwitch for MmioTransport<D> {
             self.device.set_memory(mem.clone());
         }
         self.mem = mem;
+    }
+
+    fn stop(&mut self) {
+        self.reset();
     }
 }
 
@@ -608,6 +617,13 @@ mod tests {
         assert_eq!(rd(&mut t, 0x070), 0);
         t.notified(0);
         assert_eq!(p.lock().unwrap().processed, vec![1], "not live: no work");
+        // The VMM stops a live device the same way when its VM stops.
+        let (mut stopped, sp) = live_transport();
+        MemorySwitch::stop(&mut stopped);
+        assert!(!stopped.is_live());
+        assert_eq!(sp.lock().unwrap().resets, 1);
+        stopped.notified(0);
+        assert!(sp.lock().unwrap().processed.is_empty(), "stopped: no work");
         MemorySwitch::set_memory(&mut t, memory());
         assert_eq!(
             p.lock().unwrap().memory_switches,

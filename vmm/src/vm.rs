@@ -783,6 +783,15 @@ impl Vm {
             .relocate(*id, mem::GuestAddress(gpa), op, &mut switch, progress)
             .map_err(|e| {
                 use mem::RelocateError as E;
+                if let E::UndoFailed(_) = e {
+                    // Its memory is split between two host ranges, and the
+                    // memory manager cannot serve it so: the VM stops (the
+                    // others of the run go on).
+                    tracing::error!(vm = %self.config.name, "relocation: {e}");
+                    self.ctx
+                        .stop
+                        .request(ExitReason::Error(format!("guest memory relocation: {e}")));
+                }
                 let blame = match e {
                     E::NoSuchVm(_) | E::NoSuchRegion(_) | E::BadRequest(_) => Blame::Request,
                     E::Busy | E::Pinned(_) => Blame::Conflict,

@@ -52,11 +52,11 @@ pub struct SwapConfig {
 
 impl SwapConfig {
     /// Check, without keeping anything, that [`SwapFile::create`] could
-    /// make a file for this configuration now: its size, and its directory (an
-    /// unnamed file is opened and dropped there) or its path (it must not
-    /// exist, and its directory must). For a VMM that creates the file
-    /// only later (when its VM is started through the API), so that a bad
-    /// flag is refused at start. Space is not reserved.
+    /// make a file for this configuration now: its size, and its directory
+    /// (an unnamed file is opened and dropped there) or its path (it must
+    /// not exist; a file is created there and unlinked at once). For a VMM
+    /// that creates the file only later (when its VM is started through the
+    /// API), so that a bad flag is refused at start. Space is not reserved.
     ///
     /// # Errors
     /// See [`SwapFileError`].
@@ -64,20 +64,11 @@ impl SwapConfig {
         usable_size(self)?;
         match &self.target {
             SwapTarget::Dir(d) => open_tmpfile(d).map(drop),
-            SwapTarget::File(p) if p.symlink_metadata().is_ok() => {
-                Err(SwapFileError::Exists(p.clone()))
-            }
-            SwapTarget::File(p) => {
-                let dir = match p.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d,
-                    _ => Path::new("."),
-                };
-                match std::fs::metadata(dir) {
-                    Ok(m) if m.is_dir() => Ok(()),
-                    Ok(_) => Err(create_err(p, io::Error::from_raw_os_error(libc::ENOTDIR))),
-                    Err(e) => Err(create_err(p, e)),
-                }
-            }
+            // Made and unlinked at once, as `create` makes it: a directory
+            // that exists but takes no new file (no write permission, a
+            // read-only mount) is refused now, not when the VM starts.
+            // Never an existing file (`create_new`).
+            SwapTarget::File(p) => open_unlinked(p).map(drop),
         }
     }
 }
@@ -770,6 +761,21 @@ mod tests {
             SwapConfig::check(&in_missing_dir),
             Err(SwapFileError::Create(..))
         ));
+    }
+
+    /// A path whose directory takes no new file is refused by `check`, as
+    /// `create` would refuse it: /sys lets nobody, root included, create
+    /// a file at its top.
+    #[test]
+    fn check_refuses_a_path_where_no_file_can_be_created() {
+        let cfg = SwapConfig {
+            target: SwapTarget::File("/sys/foliovm-check-swap".into()),
+            size_bytes: MIN_SWAP_BYTES,
+        };
+        let e = SwapFile::create(&cfg).unwrap_err();
+        assert!(matches!(e, SwapFileError::Create(..)), "{e}");
+        let e = cfg.check().expect_err("create fails there");
+        assert!(matches!(e, SwapFileError::Create(..)), "{e}");
     }
 
     #[test]

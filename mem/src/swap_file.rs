@@ -109,6 +109,22 @@ pub enum SwapFileError {
         #[source]
         source: io::Error,
     },
+    /// The size is over what one file may have there (`EFBIG`: the file
+    /// system's largest file, or `ulimit -f`); the file system may well
+    /// have the space.
+    #[error(
+        "a swap file of {} is larger than a file in {path} may be (the file system's largest file, or ulimit -f)",
+        ShowSize(*size)
+    )]
+    FileTooLarge {
+        /// Where.
+        path: PathBuf,
+        /// Requested size.
+        size: u64,
+        /// The `fallocate` error.
+        #[source]
+        source: io::Error,
+    },
     /// Preallocation failed for another reason.
     #[error("cannot preallocate swap file in {0}")]
     Allocate(PathBuf, #[source] io::Error),
@@ -255,7 +271,12 @@ impl SwapFile {
         if rc != 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EFBIG) => SwapFileError::NoSpace {
+                Some(libc::ENOSPC) => SwapFileError::NoSpace {
+                    path: where_,
+                    size,
+                    source: e,
+                },
+                Some(libc::EFBIG) => SwapFileError::FileTooLarge {
                     path: where_,
                     size,
                     source: e,
@@ -776,6 +797,49 @@ mod tests {
         assert!(matches!(e, SwapFileError::Create(..)), "{e}");
         let e = cfg.check().expect_err("create fails there");
         assert!(matches!(e, SwapFileError::Create(..)), "{e}");
+    }
+
+    /// A size over what one file may have there (`ulimit -f`, or a file
+    /// system's largest file: 4 GiB on FAT) is told apart from a full
+    /// file system: `fallocate` fails with EFBIG, not ENOSPC. Run in a
+    /// child process with RLIMIT_FSIZE at 1 MiB and SIGXFSZ ignored.
+    #[test]
+    fn a_file_size_limit_is_not_reported_as_a_full_disk() {
+        const CHILD: &str = "FOLIOVM_SWAP_FSIZE_CHILD";
+        const NAME: &str = "swap_file::tests::a_file_size_limit_is_not_reported_as_a_full_disk";
+        if std::env::var_os(CHILD).is_some() {
+            let e = SwapFile::create(&tmp_config(2 * MIN_SWAP_BYTES)).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, SwapFileError::FileTooLarge { .. }), "{msg}");
+            assert!(!msg.contains("no space"), "{msg}");
+            assert!(msg.contains("4 MiB"), "{msg}");
+            return;
+        }
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", NAME, "--test-threads=1", "--nocapture"])
+            .env(CHILD, "1");
+        // SAFETY: between fork and exec only setrlimit and signal, which
+        // are async-signal-safe and touch no memory of the parent's.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 1 << 20,
+                    rlim_max: 1 << 20,
+                };
+                libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the child ran the test: {text}");
     }
 
     #[test]

@@ -134,13 +134,15 @@ pub enum SwapFileError {
 #[derive(Debug, thiserror::Error)]
 pub enum SwapIoError {
     /// The device reported an error (`EIO` and the like).
-    #[error("swap I/O error at slot {slot}")]
+    ///
+    /// The message names the error itself: it is only ever logged as
+    /// `{e}`, which shows no source.
+    #[error("swap I/O error at slot {slot}: {error}")]
     Io {
         /// First slot of the request.
         slot: u32,
         /// The error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The file system is full (only possible for a sparse file).
     #[error("swap file full at slot {0}")]
@@ -432,10 +434,10 @@ impl SwapFile {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => {
+                Err(error) => {
                     return Err(SwapIoError::Io {
                         slot: slot.0,
-                        source,
+                        error,
                     })
                 }
             }
@@ -472,7 +474,7 @@ impl SwapFile {
                 }
                 Err(SwapIoError::Io {
                     slot: slot.0,
-                    source: io::Error::from_raw_os_error(libc::EIO),
+                    error: io::Error::from_raw_os_error(libc::EIO),
                 })
             }
             _ => self.write_all(slot, pages, total),
@@ -490,11 +492,11 @@ impl SwapFile {
     }
 
     fn write_all(&self, slot: SwapSlot, pages: &[&[u8]], total: usize) -> Result<(), SwapIoError> {
-        let err = |source: io::Error| match source.raw_os_error() {
+        let err = |error: io::Error| match error.raw_os_error() {
             Some(libc::ENOSPC) => SwapIoError::NoSpace(slot.0),
             _ => SwapIoError::Io {
                 slot: slot.0,
-                source,
+                error,
             },
         };
         let iov: Vec<libc::iovec> = pages
@@ -840,6 +842,29 @@ mod tests {
         );
         assert!(out.status.success(), "{text}");
         assert!(text.contains("1 passed"), "the child ran the test: {text}");
+    }
+
+    /// The swap-out and swapin paths log a failed I/O as `{e}`
+    /// (`vmscan::pageout`, `swapin::read_folio`): the message must name
+    /// the OS error, or EIO, EINVAL (an O_DIRECT misalignment) and EBADF
+    /// all read "swap I/O error at slot N".
+    #[test]
+    fn a_logged_swap_io_error_names_its_cause() {
+        let f = SwapFile::create(&tmp_config(MIN_SWAP_BYTES)).unwrap();
+        let eio = io::Error::from_raw_os_error(libc::EIO).to_string();
+        let once = |op| FaultPlan {
+            op,
+            fault: InjectedFault::Eio,
+            skip: 0,
+            count: 1,
+        };
+        f.set_fault_plans(vec![once(IoOp::Read), once(IoOp::Write)])
+            .unwrap();
+        let mut page = Aligned::new(1);
+        let logged = format!("{}", f.read(SwapSlot(3), &mut page, &[0]).unwrap_err());
+        assert!(logged.contains(&eio), "{logged}");
+        let logged = format!("{}", f.write(SwapSlot(3), &[&page]).unwrap_err());
+        assert!(logged.contains(&eio), "{logged}");
     }
 
     #[test]

@@ -246,32 +246,13 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     if crate::kvm::vcpu::take_guest_memory_error(code, addr) {
         return;
     }
-    let prev = match SIGBUS_PREVIOUS.get() {
-        Some(Ok(p)) if p.sa_sigaction != libc::SIG_DFL && p.sa_sigaction != libc::SIG_IGN => *p,
-        _ => {
-            // SAFETY: signal(2) with SIG_DFL and raise(3) are
-            // async-signal-safe and take no pointers. SIGBUS is blocked
-            // in its handler, so the raised one is delivered, with the
-            // default action, as the handler returns: a fault's SIGBUS
-            // and one sent by the kernel or kill(2) end the process as if
-            // no handler were installed.
-            unsafe {
-                libc::signal(sig, libc::SIG_DFL);
-                libc::raise(sig);
-            }
-            return;
-        }
-    };
-    if prev.sa_flags & libc::SA_SIGINFO != 0 {
-        // SAFETY: the previous handler was installed as an SA_SIGINFO
-        // handler, so it has this signature.
-        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            unsafe { std::mem::transmute(prev.sa_sigaction) };
-        f(sig, info, ctx);
-    } else {
-        // SAFETY: a plain handler takes the signal number only.
-        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(prev.sa_sigaction) };
-        f(sig);
+    match SIGBUS_PREVIOUS.get() {
+        // SAFETY: called from this `SIGBUS` handler (SA_SIGINFO) with what
+        // it was given.
+        Some(Ok(prev)) => unsafe { mem::sys::sigbus::chain(prev, sig, info, ctx) },
+        // Not read (the handler is installed only once it is): default.
+        // SAFETY: as above; an all-default action.
+        _ => unsafe { mem::sys::sigbus::chain(&std::mem::zeroed(), sig, info, ctx) },
     }
 }
 

@@ -124,9 +124,32 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     if code == libc::BUS_ADRERR && (inst.serve)(addr, error_code) {
         return;
     }
-    let prev = inst.previous;
+    // SAFETY: called from this `SIGBUS` handler with what it was given.
+    unsafe { chain(&inst.previous, sig, info, ctx) };
+}
+
+/// Pass a `SIGBUS` on to `prev`, the action installed before the caller's
+/// handler: call its handler, or, for the default action (or an ignore,
+/// which a fault's `SIGBUS` cannot have), restore the default and raise
+/// the signal again, so that it ends the process as if no handler had been
+/// installed. (`SIGBUS` is blocked in its handler, so the raised one is
+/// delivered as the handler returns; a fault's would also come again
+/// when the access runs again.)
+///
+/// # Safety
+/// Called from a `SIGBUS` handler installed with `SA_SIGINFO`, with the
+/// `info` and `ctx` it was given.
+pub unsafe fn chain(
+    prev: &libc::sigaction,
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
     if prev.sa_sigaction == libc::SIG_DFL || prev.sa_sigaction == libc::SIG_IGN {
-        return reset_default(sig);
+        reset_default(sig);
+        // SAFETY: raise(3) is async-signal-safe and takes no pointer.
+        unsafe { libc::raise(sig) };
+        return;
     }
     if prev.sa_flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the previous handler was installed as an SA_SIGINFO

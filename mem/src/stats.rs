@@ -207,6 +207,9 @@ pub struct SwapCounters {
     pub swapout_folios: AtomicU64,
     /// Large folios that found no contiguous slots and were split to order 0.
     pub swapout_fallback_order0: AtomicU64,
+    /// Large swapins that met a neighbouring folio in the swap cache and
+    /// read the faulting page alone.
+    pub swapin_fallback_order0: AtomicU64,
     /// Pages read from the swap file.
     pub swapin_file_pages: AtomicU64,
     /// Folios read from the swap file.
@@ -267,6 +270,7 @@ impl SwapCounters {
             swapout_pages: l(&self.swapout_pages),
             swapout_folios: l(&self.swapout_folios),
             swapout_fallback_order0: l(&self.swapout_fallback_order0),
+            swapin_fallback_order0: l(&self.swapin_fallback_order0),
             swapin_file_pages: l(&self.swapin_file_pages),
             swapin_file_folios: l(&self.swapin_file_folios),
             swapin_cache_folios: l(&self.swapin_cache_folios),
@@ -301,6 +305,7 @@ pub struct SwapStats {
     pub swapout_pages: u64,
     pub swapout_folios: u64,
     pub swapout_fallback_order0: u64,
+    pub swapin_fallback_order0: u64,
     pub swapin_file_pages: u64,
     pub swapin_file_folios: u64,
     pub swapin_cache_folios: u64,

@@ -10,7 +10,9 @@
 //!    map and cache (only one faulter can; the others find the folio in
 //!    step 1 and sleep on its lock), and replace the entries with
 //!    `SwapinMarker(folio)` under the page-table lock. Faulters that see the
-//!    marker sleep on the folio lock too.
+//!    marker sleep on the folio lock too. A large folio whose slots include
+//!    a neighbour's folio in the cache is not read: the faulting page is
+//!    read alone instead (`non_swapcache_batch()`).
 //! 3. Read the slots into the folio's pool range with no page-table lock
 //!    held, verify each page's checksum, then under the page-table lock map
 //!    every page whose entry is still the marker (a discard may have
@@ -679,48 +681,66 @@ fn swapin_read(
             false => choose_swapin_order(&ptl, region, idx, slot),
         }
     };
-    let Some((order, block)) = Order::all()
-        .rev()
-        .filter(|o| *o <= order)
-        .find_map(|o| alloc_swapin_block(inner, o).map(|b| (o, b)))
-    else {
-        return FaultOutcome::NoMemory { oom: true };
-    };
-    region.readahead_done(idx, order);
-    // A hole the read below fills: see `Inner::anchor_pool_table`. (A
-    // block that held data has its pages, and so its table.)
-    if order < Order::PMD && block.state == BlockState::NeedsPopulate {
-        inner.anchor_pool_table(block.offset);
-    }
-    let first = idx.align_down(order);
-    let base = SwapSlot(slot.0 - (idx.0 - first.0) as u32);
-    let nr = order.nr_pages();
-    // The folio is created and put in the swap cache under the swap lock
-    // and the folio-table lock together: if another faulter owns the slots,
-    // its record goes again before anyone (compaction looks folios up by
-    // id) could have seen it. Whether slots are plentiful
-    // (`!vm_swap_full()`) is looked at under the same swap lock.
-    let (folio, slots_plentiful) = {
-        let mut st = dev.lock();
-        let plentiful = st.map.nr_free() * 2 >= st.map.nr_slots();
-        let mut slab = inner.folios.slab();
-        let folio = new_swapin_folio(&mut slab, region, first, block, base);
-        match st.swapcache_prepare(base, nr, folio) {
-            true => (Some(folio), plentiful),
-            false => {
-                slab.live(folio).flags.remove(FolioFlags::LOCKED);
-                slab.remove(folio);
-                (None, plentiful)
-            }
+    let mut want = order;
+    let (folio, block, base, slots_plentiful) = loop {
+        let Some((order, block)) = Order::all()
+            .rev()
+            .filter(|o| *o <= want)
+            .find_map(|o| alloc_swapin_block(inner, o).map(|b| (o, b)))
+        else {
+            return FaultOutcome::NoMemory { oom: true };
+        };
+        // A hole the read below fills: see `Inner::anchor_pool_table`. (A
+        // block that held data has its pages, and so its table.)
+        if order < Order::PMD && block.state == BlockState::NeedsPopulate {
+            inner.anchor_pool_table(block.offset);
         }
-    };
-    let Some(folio) = folio else {
-        // Another faulter owns these slots: find its folio next time.
+        let first = idx.align_down(order);
+        let base = SwapSlot(slot.0 - (idx.0 - first.0) as u32);
+        let nr = order.nr_pages();
+        // The folio is created and put in the swap cache under the swap
+        // lock and the folio-table lock together: if another faulter owns
+        // the slots, its record goes again before anyone (compaction looks
+        // folios up by id) could have seen it. Whether slots are plentiful
+        // (`!vm_swap_full()`) is looked at under the same swap lock, and so
+        // is whether our own slot is the one cached.
+        let (folio, plentiful, ours_cached) = {
+            let mut st = dev.lock();
+            let plentiful = st.map.nr_free() * 2 >= st.map.nr_slots();
+            let mut slab = inner.folios.slab();
+            let folio = new_swapin_folio(&mut slab, region, first, block, base);
+            match st.swapcache_prepare(base, nr, folio) {
+                true => (Some(folio), plentiful, false),
+                false => {
+                    slab.live(folio).flags.remove(FolioFlags::LOCKED);
+                    slab.remove(folio);
+                    (None, plentiful, st.cache.lookup(slot).is_some())
+                }
+            }
+        };
+        if let Some(folio) = folio {
+            region.readahead_done(idx, order);
+            break (folio, block, base, plentiful);
+        }
         if let Err(e) = inner.buddy().free(block.offset, block.order, block.state) {
             log_error(&format!("swapin abandon: {e}"));
         }
-        return FaultOutcome::Retry;
+        if order == Order::BASE || ours_cached {
+            // Another faulter owns our slot: the next look finds its folio
+            // in the swap cache and sleeps on its lock.
+            return FaultOutcome::Retry;
+        }
+        // Only neighbours' slots are cached (a swapin or writeback of a
+        // folio beside ours): read our page alone, as
+        // `non_swapcache_batch()` makes `do_swap_page()` do, instead of
+        // retrying the same large range.
+        both(inner, region, |c| {
+            c.swapin_fallback_order0.fetch_add(1, Relaxed)
+        });
+        want = Order::BASE;
     };
+    let (order, nr) = (block.order, block.order.nr_pages());
+    let first = idx.align_down(order);
     let lock = inner.folios.assume_locked(folio);
     // Place the markers, unless the entries changed since we looked.
     let placed = {

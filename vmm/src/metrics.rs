@@ -91,6 +91,7 @@ pub fn swap_json(s: &SwapStats) -> Value {
         "swapout_pages": s.swapout_pages,
         "swapout_folios": s.swapout_folios,
         "swapout_fallback_order0": s.swapout_fallback_order0,
+        "swapin_fallback_order0": s.swapin_fallback_order0,
         "swapin_file_pages": s.swapin_file_pages,
         "swapin_file_folios": s.swapin_file_folios,
         "swapin_cache_folios": s.swapin_cache_folios,

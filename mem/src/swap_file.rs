@@ -516,11 +516,17 @@ impl SwapFile {
                 slot.to_offset() as libc::off_t,
             )
         };
-        if n < 0 {
-            return Err(err(io::Error::last_os_error()));
-        }
+        // Interrupted before it wrote anything (only a FUSE or NFS file
+        // would be): nothing is written, and the buffer-by-buffer writes
+        // below, which retry `EINTR`, do it all.
+        let mut done = match n {
+            0.. => n as usize,
+            _ => match io::Error::last_os_error() {
+                e if e.kind() == io::ErrorKind::Interrupted => 0,
+                e => return Err(err(e)),
+            },
+        };
         // A short vectored write: finish buffer by buffer.
-        let mut done = n as usize;
         if done < total {
             self.counters.short_retries.fetch_add(1, Relaxed);
         }

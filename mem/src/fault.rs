@@ -14,6 +14,7 @@
 
 use crate::buddy::{Block, BlockState};
 use crate::folio::FolioFlags;
+use crate::inject::FaultPoint;
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard};
 use crate::rmap::{self, Rmap};
@@ -612,12 +613,24 @@ pub(crate) fn move_in(
     let counters = [&region.counters.faults, &inner.faults];
     while done < len {
         let off = done as usize;
-        // SAFETY: the destination is a hole that this call owns: its entries
-        // are not `Present` under the page-table lock, so no other install
-        // or discard can touch it, and the manager holds no reference into
-        // guest memory. The source belongs to a folio this call owns (see
-        // # Context), so nothing else maps or references it.
-        let r = unsafe { inner.uffd.move_pages(dst + off, src + off, len - done, 0) };
+        if inner.inject.hit(FaultPoint::GuestPopulated) {
+            // Fill the destination's first page behind its entry (tests).
+            let _ = inner.uffd.zeropage(dst + off, PAGE_SIZE);
+        }
+        let r = if inner.inject.hit(FaultPoint::PoolMoveRefused) {
+            Err(PartialFill {
+                done: 0,
+                errno: libc::EINVAL,
+            })
+        } else {
+            // SAFETY: the destination is a hole that this call owns: its
+            // entries are not `Present` under the page-table lock, so no
+            // other install or discard can touch it, and the manager holds
+            // no reference into guest memory. The source belongs to a folio
+            // this call owns (see # Context), so nothing else maps or
+            // references it.
+            unsafe { inner.uffd.move_pages(dst + off, src + off, len - done, 0) }
+        };
         let PartialFill { done: d, errno } = match r {
             Ok(()) => return,
             Err(p) => p,

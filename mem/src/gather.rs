@@ -34,8 +34,7 @@
 //! resumes only once the range really is a hole.
 
 use crate::pool::Pool;
-use crate::sys;
-use crate::types::{PoolOffset, PAGE_SIZE};
+use crate::types::PoolOffset;
 use crate::vm::log_error;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
@@ -127,20 +126,16 @@ impl ZapQueue {
         if q.is_empty() {
             return;
         }
-        let ranges: Vec<(usize, usize)> = q
-            .iter()
-            .map(|&(off, nr)| (pool.host_addr(off).raw(), (nr * PAGE_SIZE) as usize))
-            .collect();
         let nr: u64 = q.iter().map(|r| r.1).sum();
         // A failure leaves pages behind: a later MOVE into the range then
         // fails with EEXIST and moves less, which every caller handles (the
         // data stays in the guest). Nothing is lost, so log and go on.
-        // SAFETY: pool ranges of the queue: stale copies of folios whose data
-        // lives in the guest (see # Invariant), which no path moves into,
-        // frees or borrows (`pages_mut`) before `ensure_hole` drained them,
-        // and that drain waits for this lock.
-        if let Err(e) = unsafe { sys::dontneed_many(&ranges) } {
-            log_error(&format!("zap of {} stale pool ranges: {e}", ranges.len()));
+        // The ranges are pool ranges of the queue: stale copies of folios
+        // whose data lives in the guest (see # Invariant), which no path
+        // moves into, frees or borrows (`pages_mut`) before `ensure_hole`
+        // drained them, and that drain waits for this lock.
+        if let Err(e) = pool.drop_ranges(q) {
+            log_error(&format!("zap of {} stale pool ranges: {e}", q.len()));
         }
         q.clear();
         self.pending.fetch_sub(nr, Relaxed);
@@ -158,6 +153,7 @@ fn overlaps(q: &[(PoolOffset, u64)], off: PoolOffset, nr: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::PAGE_SIZE;
 
     #[test]
     fn overlap_is_by_page_range() {

@@ -1,6 +1,9 @@
 //! Fault injection into the steps of migration, collapse and relocation
 //! (and one swap-out state), so that every undo path can be driven by a test (the swap file has its
-//! own injection in [`crate::swap_file`]).
+//! own injection in [`crate::swap_file`]). Also into the system calls that
+//! drop pool pages and install them into a guest, whose failures this
+//! host never shows, so that the paths that must keep old data from
+//! reaching another guest can be driven too.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -34,6 +37,20 @@ pub enum FaultPoint {
     /// failure: a partially discarded large folio stays whole and queued,
     /// which drives the paths that meet one before its split).
     SplitDefer,
+    /// Dropping pool pages (`MADV_DONTNEED` through [`crate::pool::Pool`]:
+    /// a stale pool copy after a `COPY` fallback, a batch of the zap queue,
+    /// an offline block) reports an error and the pages stay as they were.
+    PoolDrop,
+    /// Installing pool pages into a guest (`fault::move_in`): the
+    /// `UFFDIO_MOVE` is refused, as with an errno the fault path does not
+    /// retry, so the page falls back to `UFFDIO_COPY` (the kernel is not
+    /// called; nothing moved).
+    PoolMoveRefused,
+    /// Installing pool pages into a guest (`fault::move_in`): the first
+    /// guest page of the `UFFDIO_MOVE` is populated first (with the zero
+    /// page, `UFFDIO_ZEROPAGE`), as if something had filled it behind its
+    /// entry, so the kernel fails the move with `EEXIST`.
+    GuestPopulated,
 }
 
 /// Armed fault points: each fails its next `count` passes after `skip`

@@ -349,8 +349,9 @@ pub(crate) struct Inner {
     /// Background reclaimer wake-up flag. Leaf.
     kswapd_kick: Mutex<bool>,
     kswapd_cv: Condvar,
-    /// Armed fault points of migration and relocation (tests, drills).
-    pub inject: Injector,
+    /// Armed fault points of migration and relocation (tests, drills);
+    /// the pool's own (it obeys [`crate::FaultPoint::PoolDrop`]).
+    pub inject: Arc<Injector>,
     /// Background compaction wake-up flag. Leaf.
     kcompactd_kick: Mutex<bool>,
     kcompactd_cv: Condvar,
@@ -825,6 +826,7 @@ impl MemoryManager {
         let limit = config
             .prezero_limit_bytes
             .map_or(u64::MAX, |b| b / PAGE_SIZE);
+        let inject = pool.injector().clone();
         let inner = Arc::new(Inner {
             buddy: Mutex::new(Buddy::new(pool.nr_pages(), BlockState::NeedsPopulate)),
             uffd,
@@ -859,7 +861,7 @@ impl MemoryManager {
             started: Instant::now(),
             kswapd_kick: Mutex::new(false),
             kswapd_cv: Condvar::new(),
-            inject: Injector::default(),
+            inject,
             kcompactd_kick: Mutex::new(false),
             kcompactd_cv: Condvar::new(),
             deferred_teardowns: Mutex::default(),

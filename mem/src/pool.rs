@@ -11,15 +11,20 @@
 
 use crate::anon::{AnonError, AnonMapping};
 use crate::buddy::BlockState;
+use crate::inject::{FaultPoint, Injector};
 use crate::sys;
 use crate::types::{HostAddr, Order, PoolOffset, PAGE_SIZE};
 use std::io;
+use std::sync::Arc;
 
 /// The pool mapping.
 #[derive(Debug)]
 pub struct Pool {
     map: AnonMapping,
     nr_pages: u64,
+    /// The manager's fault injection ([`FaultPoint::PoolDrop`] fails the
+    /// drops here); shared with `Inner::inject`.
+    inject: Arc<Injector>,
 }
 
 impl Pool {
@@ -30,7 +35,24 @@ impl Pool {
     pub fn new(bytes: u64) -> Result<Pool, AnonError> {
         let nr_pages = bytes / PAGE_SIZE;
         let map = AnonMapping::new(nr_pages * PAGE_SIZE)?;
-        Ok(Pool { map, nr_pages })
+        Ok(Pool {
+            map,
+            nr_pages,
+            inject: Arc::default(),
+        })
+    }
+
+    /// The fault injection this pool obeys, for the manager to share.
+    pub(crate) fn injector(&self) -> &Arc<Injector> {
+        &self.inject
+    }
+
+    /// An injected failure of a drop ([`FaultPoint::PoolDrop`]), if armed.
+    fn injected_drop_failure(&self) -> io::Result<()> {
+        match self.inject.hit(FaultPoint::PoolDrop) {
+            true => Err(io::Error::other("injected MADV_DONTNEED failure")),
+            false => Ok(()),
+        }
     }
 
     /// Pool size in pages.
@@ -161,11 +183,31 @@ impl Pool {
     pub fn drop_pages(&self, off: PoolOffset, nr_pages: u64) -> io::Result<()> {
         let bytes = nr_pages.saturating_mul(PAGE_SIZE);
         let addr = self.range(off, bytes)?;
+        self.injected_drop_failure()?;
         // SAFETY: a range of the pool mapping (checked above), private
         // anonymous memory that Rust code reaches only through `pages_mut`,
         // whose callers own their range alone and let nothing drop it
         // meanwhile.
         unsafe { sys::dontneed(addr, bytes as usize) }
+    }
+
+    /// [`Pool::drop_pages`] for many ranges `(offset, pages)` at once, with
+    /// one `process_madvise` (the zap queue's batches).
+    ///
+    /// # Errors
+    /// As [`Pool::drop_pages`]; some ranges may have been dropped then.
+    pub fn drop_ranges(&self, ranges: &[(PoolOffset, u64)]) -> io::Result<()> {
+        let raw = ranges
+            .iter()
+            .map(|&(off, nr)| {
+                let bytes = nr.saturating_mul(PAGE_SIZE);
+                Ok((self.range(off, bytes)?, bytes as usize))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        self.injected_drop_failure()?;
+        // SAFETY: ranges of the pool mapping (checked above), owned by the
+        // caller as for `drop_pages`.
+        unsafe { sys::dontneed_many(&raw) }
     }
 }
 

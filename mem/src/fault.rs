@@ -751,7 +751,7 @@ fn fallback_page(
             if r.is_ok() {
                 // The data now lives in the guest: drop the pool copy so the
                 // folio's pool range is a hole like a moved one.
-                let _ = inner.pool.drop_pages(src_off, 1);
+                discard_pool_copy(inner, src_off, "after a COPY fallback");
             }
             r
         }
@@ -764,5 +764,33 @@ fn fallback_page(
             ));
         }
         let _ = inner.uffd.wake(dst, PAGE_SIZE as usize);
+    }
+}
+
+/// Drop the stale pool copy of a page at `src_off` whose data now lives in
+/// the guest (or that the guest will never see), and where the drop fails,
+/// zero it in place ([`crate::pool::Pool::drop_or_zero`]).
+///
+/// Not optional: the folio's record says its pages are in the guest, so
+/// the pool range is taken for a hole. When the folio goes, its range is
+/// freed as `NeedsPopulate` (teardown, `vm::Region::unmap_all`; a split
+/// piece or a relabelled folio too), and preparing such a block only fills
+/// holes (`Pool::prepare`), so a copy left there would be handed to the
+/// next guest that gets the block. Zeroed, it is what a filled hole would be.
+///
+/// # Context
+/// The caller owns the page: it belongs to a folio this call owns (new or
+/// locked), as in [`move_in`].
+fn discard_pool_copy(inner: &Inner, src_off: PoolOffset, why: &str) {
+    match inner.pool.drop_or_zero(src_off, 1) {
+        Ok(crate::pool::Cleared::Dropped) => {}
+        Ok(crate::pool::Cleared::Zeroed(e)) => log_error(&format!(
+            "drop of the pool copy at {:#x} {why}: {e}; zeroed it instead",
+            src_off.0
+        )),
+        Err(e) => log_error(&format!(
+            "drop of the pool copy at {:#x} {why}: {e}",
+            src_off.0
+        )),
     }
 }

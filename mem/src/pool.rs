@@ -17,6 +17,15 @@ use crate::types::{HostAddr, Order, PoolOffset, PAGE_SIZE};
 use std::io;
 use std::sync::Arc;
 
+/// How [`Pool::drop_or_zero`] cleared a range.
+#[derive(Debug)]
+pub enum Cleared {
+    /// The pages were dropped: the range is a hole.
+    Dropped,
+    /// The drop failed with this error; the pages were zeroed in place.
+    Zeroed(io::Error),
+}
+
 /// The pool mapping.
 #[derive(Debug)]
 pub struct Pool {
@@ -189,6 +198,43 @@ impl Pool {
         // whose callers own their range alone and let nothing drop it
         // meanwhile.
         unsafe { sys::dontneed(addr, bytes as usize) }
+    }
+
+    /// Make the pool range `[off, off + nr_pages)` hold no data: drop its
+    /// pages, and where the drop fails, zero them in place with plain
+    /// writes. For data that must not outlive a failed `MADV_DONTNEED`
+    /// (a stale copy, or pages about to be freed as holding nothing): old
+    /// guest data must never reach another guest, whatever the syscall
+    /// does. Zeroed pages stay populated, so the range is then no hole: a
+    /// later `MOVE` into it fails with `EEXIST` and moves less, which every
+    /// `MOVE`-out handles (`vmscan::move_out`, `discard::move_back`); a
+    /// free block's state says "zero where present" at worst, which holds.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::InvalidInput`] if the range is not inside the pool
+    /// (then nothing is done).
+    ///
+    /// # Context
+    /// As [`Pool::drop_pages`]: the caller owns the range (its folio locked
+    /// or new, its page-table lock held, or the block isolated) and no
+    /// slice of it exists. Pool pages are never write-protected (see the
+    /// module doc), so the writes raise no userfault. Zeroing is the
+    /// pre-zeroing worker's job, not the fault path's; this runs only
+    /// where `MADV_DONTNEED` failed.
+    pub fn drop_or_zero(&self, off: PoolOffset, nr_pages: u64) -> io::Result<Cleared> {
+        let bytes = nr_pages.saturating_mul(PAGE_SIZE);
+        let addr = self.range(off, bytes)?;
+        let Err(e) = self.drop_pages(off, nr_pages) else {
+            return Ok(Cleared::Dropped);
+        };
+        // SAFETY: `[addr, addr+bytes)` lies inside the live pool mapping
+        // (checked above): private anonymous memory, writable (a hole is
+        // faulted in by the kernel: the pool is registered WP only, and its
+        // pages are never write-protected). No Rust reference points into
+        // it: pool memory is borrowed only by `pages_mut`, whose callers own
+        // their range alone, and the caller owns this one (see # Context).
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, bytes as usize) };
+        Ok(Cleared::Zeroed(e))
     }
 
     /// [`Pool::drop_pages`] for many ranges `(offset, pages)` at once, with

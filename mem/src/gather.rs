@@ -31,9 +31,10 @@
 //! # Context
 //! The queue lock is a leaf, taken under folio and page-table locks, and
 //! held across the `process_madvise` so that a waiter in `ensure_hole`
-//! resumes only once the range really is a hole.
+//! resumes only once the range really is a hole (or, where the drop
+//! failed, zeroed in place: holding no data either way).
 
-use crate::pool::Pool;
+use crate::pool::{Cleared, Pool};
 use crate::types::PoolOffset;
 use crate::vm::log_error;
 use std::sync::atomic::AtomicU64;
@@ -127,15 +128,36 @@ impl ZapQueue {
             return;
         }
         let nr: u64 = q.iter().map(|r| r.1).sum();
-        // A failure leaves pages behind: a later MOVE into the range then
-        // fails with EEXIST and moves less, which every caller handles (the
-        // data stays in the guest). Nothing is lost, so log and go on.
         // The ranges are pool ranges of the queue: stale copies of folios
         // whose data lives in the guest (see # Invariant), which no path
         // moves into, frees or borrows (`pages_mut`) before `ensure_hole`
         // drained them, and that drain waits for this lock.
+        //
+        // A failure must not leave the copies behind. Callers of
+        // `ensure_hole` go on as if the range were a hole: `free_ranges`
+        // frees it, and a folio whose pages are in the guest is freed as
+        // `NeedsPopulate` (`vm::Region::unmap_all`), whose preparation only
+        // fills holes (`Pool::prepare`), so the copy would reach the next
+        // guest that gets the block. Keeping the ranges queued would not
+        // help those callers either. So each range is dropped again on its
+        // own (the batch may have dropped some), and one that still fails is
+        // zeroed in place: then it holds no data, and a later MOVE into it
+        // fails with EEXIST and moves less, which every MOVE-out handles.
         if let Err(e) = pool.drop_ranges(q) {
             log_error(&format!("zap of {} stale pool ranges: {e}", q.len()));
+            for &(off, n) in q.iter() {
+                match pool.drop_or_zero(off, n) {
+                    Ok(Cleared::Dropped) => {}
+                    Ok(Cleared::Zeroed(e)) => log_error(&format!(
+                        "zap of stale pool range {:#x}+{n} pages: {e}; zeroed it instead",
+                        off.0
+                    )),
+                    Err(e) => log_error(&format!(
+                        "zap of stale pool range {:#x}+{n} pages: {e}",
+                        off.0
+                    )),
+                }
+            }
         }
         q.clear();
         self.pending.fetch_sub(nr, Relaxed);
@@ -191,6 +213,35 @@ mod tests {
         for pfn in [3, 5] {
             // SAFETY: as above; the dropped page reads as zero.
             assert_eq!(unsafe { page(pfn).read_volatile() }, 0);
+        }
+    }
+
+    /// A drain whose `MADV_DONTNEED` fails leaves no stale data: the
+    /// ranges are zeroed in place, and the queue empties.
+    #[test]
+    fn a_failed_drain_zeroes_the_stale_copies() {
+        use crate::inject::{FaultPoint, InjectPlan};
+        let pool = Pool::new(64 * PAGE_SIZE).expect("a small pool");
+        let zq = ZapQueue::default();
+        let page = |pfn: u64| pool.host_addr(PoolOffset::from_pfn(pfn)).raw() as *mut u8;
+        for pfn in [3, 5] {
+            // SAFETY: in bounds of the live pool mapping, which this test
+            // owns; no reference into it exists.
+            unsafe { page(pfn).add(100).write_volatile(0xAB) };
+            zq.push(PoolOffset::from_pfn(pfn), 1);
+        }
+        pool.injector().set(vec![InjectPlan {
+            point: FaultPoint::PoolDrop,
+            skip: 0,
+            count: u32::MAX,
+        }]);
+        zq.ensure_hole(&pool, PoolOffset::from_pfn(3), 1);
+        assert_eq!(zq.stale_pages(), 0);
+        for pfn in [3, 5] {
+            // SAFETY: as above.
+            assert_eq!(unsafe { page(pfn).add(100).read_volatile() }, 0);
+            // Zeroed, not dropped: the page is still there.
+            assert_eq!(crate::sys::has_page(page(pfn) as usize).ok(), Some(true));
         }
     }
 }

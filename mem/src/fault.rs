@@ -724,12 +724,28 @@ fn fallback_page(
     let counters = [&region.counters.faults, &inner.faults];
     let src = inner.pool.host_addr(src_off).raw();
     let result = match errno {
-        // The guest page is populated already: serve it as is. The pool page
-        // stays in the pool, zero, so the folio's pool range stays valid.
+        // The guest page is populated already: serve it as is.
+        //
+        // For a fresh folio (`zero_ok`: `install`, whose block is `Ready`,
+        // the only state `alloc_for_fault` takes, and so zero, see
+        // `Pool::prepare`) the pool page stays in the pool, zero, which its
+        // `NeedsPopulate` state ("zero where present") allows. For every
+        // other caller (a swapin or sampled-out refault through
+        // `install_from_pool`, `restore_unbacked`, migration's and
+        // collapse's remap or undo) the pool page holds the folio's data,
+        // which the guest will never see (its page is the one there): it
+        // must go, or it stays behind a range later freed as
+        // `NeedsPopulate` (a migration target or a sampled-out fresh folio
+        // is one while mapped, and teardown frees it so), and reaches the
+        // next guest that gets the block. So it is dropped like a COPY
+        // fallback's copy, and zeroed where the drop fails.
         libc::EEXIST => {
             counters
                 .iter()
                 .for_each(|c| _ = c.move_eexist_pages.fetch_add(1, Relaxed));
+            if !zero_ok {
+                discard_pool_copy(inner, src_off, "after a MOVE met a populated guest page");
+            }
             let _ = inner.uffd.wake(dst, PAGE_SIZE as usize);
             return;
         }

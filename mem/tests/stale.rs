@@ -165,13 +165,27 @@ fn a_failed_zap_of_a_stale_copy_leaks_nothing() {
 /// its pool range, must not stay behind a range freed as holding nothing.
 #[test]
 fn a_move_that_meets_a_populated_guest_page_leaks_nothing() {
+    move_meets_populated_page(false);
+}
+
+/// As above, and the drop of the folio's data left in the pool fails too.
+#[test]
+fn a_move_that_meets_a_populated_guest_page_leaks_nothing_when_the_drop_fails() {
+    move_meets_populated_page(true);
+}
+
+fn move_meets_populated_page(drop_fails: bool) {
     let mm = manager(BUDGET, 1);
     assert!(mm.wait_idle(Duration::from_secs(30)));
     let a = TestVm::new(&mm, "a", 4 * PAGE_SIZE);
     write_secret(&a);
     let h = holder(&mm);
     let before = mm.stats().faults.move_eexist_pages;
-    arm(&mm, &[(FaultPoint::GuestPopulated, 1)]);
+    let drops = if drop_fails { u32::MAX } else { 0 };
+    arm(
+        &mm,
+        &[(FaultPoint::GuestPopulated, 1), (FaultPoint::PoolDrop, drops)],
+    );
     let r = mm.migrate_range(a.id, GuestAddress(0), 4 * PAGE_SIZE).unwrap();
     arm(&mm, &[]);
     assert_eq!(r, (1, 0), "migrated");

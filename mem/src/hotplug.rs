@@ -17,8 +17,9 @@
 //! ```
 //! Invariant: free + folios + isolated + offline = pool pages.
 
-use crate::buddy::FreeError;
+use crate::buddy::{BlockState, FreeError};
 use crate::manager::Inner;
+use crate::pool::Cleared;
 use crate::types::{Order, ShowSize, PAGE_SIZE};
 use crate::vmscan;
 use std::sync::atomic::Ordering::Relaxed;
@@ -209,8 +210,26 @@ fn lower(
         let blocks = inner.buddy().offline(want - taken);
         for b in &blocks {
             // The block is offline: nothing allocates or prepares it, so
-            // its host pages can go. A failure only leaves them populated.
-            if let Err(e) = inner.pool.drop_pages(b.offset, b.order.nr_pages()) {
+            // its host pages can go. It comes back online as
+            // `NeedsPopulate` whatever it held (`Buddy::online`), and
+            // preparing that only fills holes: a `NeedsZero` block (data
+            // moved back from a guest) whose drop fails would come back
+            // with that data. So such a block is zeroed in place then. A
+            // `Ready` or `NeedsPopulate` block is zero where present
+            // already, so a failed drop only leaves it populated.
+            let r = match b.state {
+                BlockState::NeedsZero => inner
+                    .pool
+                    .drop_or_zero(b.offset, b.order.nr_pages())
+                    .map(|c| match c {
+                        Cleared::Dropped => (),
+                        Cleared::Zeroed(e) => crate::vm::log_error(&format!(
+                            "dropping offline {b:?}: {e}; zeroed it instead"
+                        )),
+                    }),
+                _ => inner.pool.drop_pages(b.offset, b.order.nr_pages()),
+            };
+            if let Err(e) = r {
                 crate::vm::log_error(&format!("dropping offline {b:?}: {e}"));
             }
             taken += b.order.nr_pages();

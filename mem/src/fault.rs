@@ -7,7 +7,8 @@
 //! populated page get `UFFDIO_WAKE`. `UFFDIO_COPY` and `UFFDIO_ZEROPAGE` are
 //! fallbacks for pages `MOVE` cannot serve, and every use is counted.
 //!
-//! Handler threads never touch guest memory and never zero memory. When no
+//! Handler threads never touch guest memory and never zero memory (save one
+//! pool page whose `MADV_DONTNEED` failed, see `discard_pool_copy`). When no
 //! ready block exists they do not wait either: the fault is parked (the
 //! faulting thread stays blocked in the kernel) and the pre-zeroing worker
 //! retries it once it has prepared memory.

@@ -217,18 +217,19 @@ fn lower(
             // with that data. So such a block is zeroed in place then. A
             // `Ready` or `NeedsPopulate` block is zero where present
             // already, so a failed drop only leaves it populated.
-            let r = match b.state {
-                BlockState::NeedsZero => inner
-                    .pool
-                    .drop_or_zero(b.offset, b.order.nr_pages())
-                    .map(|c| match c {
-                        Cleared::Dropped => (),
-                        Cleared::Zeroed(e) => crate::vm::log_error(&format!(
-                            "dropping offline {b:?}: {e}; zeroed it instead"
-                        )),
-                    }),
-                _ => inner.pool.drop_pages(b.offset, b.order.nr_pages()),
-            };
+            let r =
+                match b.state {
+                    BlockState::NeedsZero => inner
+                        .pool
+                        .drop_or_zero(b.offset, b.order.nr_pages())
+                        .map(|c| match c {
+                            Cleared::Dropped => (),
+                            Cleared::Zeroed(e) => crate::vm::log_error(&format!(
+                                "dropping offline {b:?}: {e}; zeroed it instead"
+                            )),
+                        }),
+                    _ => inner.pool.drop_pages(b.offset, b.order.nr_pages()),
+                };
             if let Err(e) = r {
                 crate::vm::log_error(&format!("dropping offline {b:?}: {e}"));
             }

@@ -587,9 +587,11 @@ fn relabel(
     let old = {
         let mut slab = inner.folios.slab();
         let f = slab.get_mut(id)?;
-        // The old range is a hole unless its state says it holds data (a
-        // swap-in whose MOVE met an existing page left it there): free it
-        // as no better than it is, so that data is zeroed, never handed on.
+        // The old range is a hole (or zero where a drop failed, see
+        // `Pool::drop_or_zero`) unless its state says it holds data: free
+        // it as no better than it is, so that data is zeroed, never handed
+        // on. (A MOVE that met a populated guest page once left a folio's
+        // data there; `fault::fallback_page` drops it now.)
         let old = (f.pool, f.order, f.pool_state.max(BlockState::NeedsPopulate));
         f.pool = target.offset;
         f.pool_state = BlockState::NeedsPopulate;

@@ -69,7 +69,10 @@ fn destroy(mm: &MemoryManager, vm: TestVm) {
 /// A new VM as large as the free memory reads every word of every page:
 /// all must be zero.
 fn probe_reads_zero(mm: &Arc<MemoryManager>) {
-    assert!(mm.wait_idle(Duration::from_secs(30)), "worker did not settle");
+    assert!(
+        mm.wait_idle(Duration::from_secs(30)),
+        "worker did not settle"
+    );
     let free = mm.stats().free_bytes;
     assert!(free > 0);
     let probe = TestVm::new(mm, "probe", free);
@@ -112,9 +115,14 @@ fn a_copy_fallback_whose_pool_drop_fails_leaks_nothing() {
     let before = mm.stats().faults.fallback_copy_pages;
     arm(
         &mm,
-        &[(FaultPoint::PoolMoveRefused, 1), (FaultPoint::PoolDrop, u32::MAX)],
+        &[
+            (FaultPoint::PoolMoveRefused, 1),
+            (FaultPoint::PoolDrop, u32::MAX),
+        ],
     );
-    let r = mm.migrate_range(a.id, GuestAddress(0), 4 * PAGE_SIZE).unwrap();
+    let r = mm
+        .migrate_range(a.id, GuestAddress(0), 4 * PAGE_SIZE)
+        .unwrap();
     arm(&mm, &[]);
     assert_eq!(r, (1, 0), "migrated");
     assert_eq!(mm.stats().faults.fallback_copy_pages, before + 1);
@@ -184,9 +192,14 @@ fn move_meets_populated_page(drop_fails: bool) {
     let drops = if drop_fails { u32::MAX } else { 0 };
     arm(
         &mm,
-        &[(FaultPoint::GuestPopulated, 1), (FaultPoint::PoolDrop, drops)],
+        &[
+            (FaultPoint::GuestPopulated, 1),
+            (FaultPoint::PoolDrop, drops),
+        ],
     );
-    let r = mm.migrate_range(a.id, GuestAddress(0), 4 * PAGE_SIZE).unwrap();
+    let r = mm
+        .migrate_range(a.id, GuestAddress(0), 4 * PAGE_SIZE)
+        .unwrap();
     arm(&mm, &[]);
     assert_eq!(r, (1, 0), "migrated");
     assert_eq!(mm.stats().faults.move_eexist_pages, before + 1);

@@ -635,13 +635,16 @@ pub(crate) fn migrate_folio(inner: &Inner, id: FolioId) -> Result<FolioId, Migra
 /// reference and this one are all there is (see `migrate_inner`), so a
 /// second reference of the caller's would make it unmovable.
 fn migrate_referenced(inner: &Inner, id: FolioId) -> Result<FolioId, MigrateError> {
+    let lock = inner.folios.trylock(id).ok_or(MigrateError::Busy)?;
+    // Read under the folio lock: a split (which holds it) may have cut the
+    // folio since the caller found it, and a target of the order before
+    // the split would not match.
     let order = inner
         .folios
         .slab()
         .get(id)
         .expect("the caller holds a reference")
         .order;
-    let lock = inner.folios.trylock(id).ok_or(MigrateError::Busy)?;
     let target = alloc_target(inner, order).ok_or(MigrateError::NoMemory)?;
     let r = migrate_locked(inner, id, target);
     drop(lock);

@@ -42,7 +42,7 @@ use crate::inject::FaultPoint;
 use crate::manager::Inner;
 use crate::pte::{Pte, PteState, PtlGuard, PTRS_PER_TABLE};
 use crate::sys;
-use crate::types::{FolioId, GuestAddress, PageIndex, VmId, PAGE_SIZE};
+use crate::types::{FolioId, GuestAddress, PageIndex, SwapSlot, VmId, PAGE_SIZE};
 use crate::vm::{log_error, Region, RegionState, VmState};
 use crate::RamRegion;
 use std::collections::HashSet;
@@ -387,6 +387,8 @@ fn pull_table_locked(
         let mut fix: HashSet<FolioId> = HashSet::new();
         let mut wait = None;
         for k in 0..n {
+            // The slot a folio was looked up by in the swap cache.
+            let mut via = None;
             let folio = match sptl.pte(sfirst.forward(k)).state() {
                 PteState::Present { folio, .. } | PteState::ProtNone { folio, .. } => {
                     let pinned = inner
@@ -417,7 +419,10 @@ fn pull_table_locked(
                         })
                     });
                     match cached {
-                        Some((g, _)) => g,
+                        Some((g, _)) => {
+                            via = Some(slot);
+                            g
+                        }
                         None => continue,
                     }
                 }
@@ -427,6 +432,15 @@ fn pull_table_locked(
                 continue;
             }
             match inner.folios.trylock(folio) {
+                // Migrated between the lookup and the lock
+                // (`migrate_swapcache` put a new folio in the cache and
+                // unlocked the old): the old one's rmap is no longer the
+                // one to fix. Start over, and find the new one.
+                Some(l) if via.is_some_and(|slot| !still_cached(inner, slot, folio)) => {
+                    drop(l);
+                    wait = Some(folio);
+                    break;
+                }
                 Some(l) => {
                     // Its pages move by MOVE, which does not keep the write
                     // protection of a clean folio.
@@ -989,4 +1003,15 @@ fn remap_huge(inner: &Inner, region: &Region) -> u64 {
         }
     }
     n
+}
+
+/// Whether the swap cache still holds `folio` for `slot`.
+///
+/// # Context
+/// Takes the swap lock (under folio and page-table locks).
+fn still_cached(inner: &Inner, slot: SwapSlot, folio: FolioId) -> bool {
+    inner
+        .swap
+        .as_ref()
+        .is_some_and(|d| d.lock().cache.lookup(slot).is_some_and(|(g, _)| g == folio))
 }

@@ -7,6 +7,7 @@
 //! * [`pvm`] — everything specific to software-KVM (kvm-pvm) hosts.
 //! * [`workload`] — the built-in CPL3 workload guest.
 //! * [`vm`] — one VM and its lifecycle.
+//! * [`io_thread`] — a VM's device I/O thread, serving its virtio queues.
 //! * [`vmm`] — running VMs: shared memory, signals, the event loop.
 //! * [`bench`] — benchmarks with in-run baselines.
 //! * [`virtio`] — drives and the balloon (virtio-mmio).
@@ -18,6 +19,7 @@ pub mod arch;
 pub mod bench;
 pub mod config;
 pub mod controller;
+pub mod io_thread;
 pub mod kvm;
 pub mod metrics;
 pub mod operations;

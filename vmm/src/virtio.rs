@@ -4,9 +4,10 @@
 //! (`--drive`, `--balloon`, Firecracker's `drives` and `balloon` sections),
 //! placing each device's 4 KiB register window on the MMIO bus, its
 //! interrupt (a KVM irqfd on the in-kernel IOAPIC) and queue notifications
-//! (a KVM ioeventfd per queue, watched by the event loop, so requests run
-//! off the vCPU threads), and the `virtio_mmio.device=` words of the
-//! kernel command line.
+//! (a KVM ioeventfd per queue, watched by the VM's device I/O thread, so
+//! requests run off the vCPU threads and off the process's shared event
+//! loop: see [`crate::io_thread`]), and the `virtio_mmio.device=` words of
+//! the kernel command line.
 //!
 //! ```text
 //!  0xd000_0000  workload guest result page
@@ -21,7 +22,9 @@
 
 use crate::arch::layout::MMIO_DEVICES_START;
 use crate::config::{option_key, parse_size, repeated_option, ConfigError};
+use crate::io_thread::IoThread;
 use crate::kvm::{KvmError, KvmVm};
+use crate::stop::StopSignal;
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonEvent, BalloonHandle};
 use devices::virtio::block::{Block, BlockCounters, DiskImage};
 use devices::virtio::mmio::{MemorySwitch, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
@@ -359,6 +362,9 @@ pub enum VirtioError {
     /// KVM refused the interrupt line.
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    /// The device I/O thread's event loop could not be created.
+    #[error("cannot create the device I/O event loop")]
+    EventLoop(#[source] std::io::Error),
 }
 
 /// Guest RAM as devices see it: pins and discards through the memory
@@ -422,7 +428,7 @@ impl RamControl for VmRam {
 
 /// The first retry of a deferred queue comes this soon; each retry that
 /// finds it deferred again waits twice as long, up to [`RETRY_MAX`], so a
-/// long memory stall costs the event loop a pin attempt now and then.
+/// long memory stall costs the device I/O thread a pin attempt now and then.
 const RETRY_FIRST: Duration = Duration::from_millis(5);
 /// The longest wait between two retries of a deferred queue.
 const RETRY_MAX: Duration = Duration::from_millis(500);
@@ -431,7 +437,7 @@ const RETRY_MAX: Duration = Duration::from_millis(500);
 ///
 /// Non-blocking because [`QueueEvents`] disarms it once nothing waits: an
 /// expiry already reported by epoll in the same round is then gone, and
-/// reading it must not block the event loop.
+/// reading it must not block the device I/O thread.
 fn retry_timer() -> std::io::Result<TimerFd> {
     // SAFETY: timerfd_create takes no pointers; its result is checked.
     let fd = unsafe {
@@ -448,7 +454,7 @@ fn retry_timer() -> std::io::Result<TimerFd> {
     Ok(unsafe { TimerFd::from_raw_fd(fd) })
 }
 
-/// A device's queue notifications on the event loop, and the retries of
+/// A device's queue notifications on the VM's device I/O thread, and the retries of
 /// queues it deferred ([`QueueState::Deferred`]: a request waits for guest
 /// memory) on a timer.
 struct QueueEvents<D: VirtioDevice> {
@@ -544,7 +550,7 @@ fn balloon_event_hook(
     }
 }
 
-/// Balloon side jobs on the event loop: statistics polling and memory
+/// Balloon side jobs on the VM's device I/O thread: statistics polling and memory
 /// statistics lines when the guest reaches a target.
 struct BalloonEvents {
     handle: BalloonHandle,
@@ -642,6 +648,8 @@ pub struct VirtioDevices {
     stats: MemStats,
     /// Every device's transport, for guest memory switches.
     transports: Vec<Arc<Mutex<dyn MemorySwitch>>>,
+    /// The thread that serves the devices' queues and timers.
+    io: IoThread,
 }
 
 impl VirtioDevices {
@@ -657,9 +665,32 @@ impl VirtioDevices {
             .collect()
     }
 
+    /// Start the device I/O thread; a failure of its loop stops the VM
+    /// through `stop`.
+    ///
+    /// # Errors
+    /// The OS error spawning it.
+    pub fn start(&mut self, stop: Arc<StopSignal>) -> std::io::Result<()> {
+        self.io.start(stop)
+    }
+
+    /// Ask the device I/O thread to exit, without waiting; `true` once it
+    /// has (joined), so that no device work runs any more.
+    pub fn try_join_io(&mut self) -> bool {
+        self.io.request_exit();
+        self.io.try_join()
+    }
+
+    /// Ask the device I/O thread to exit and wait until it has: the request
+    /// it serves completes first. No device work runs afterwards but what
+    /// another thread asks of a device itself (an API request).
+    pub fn join_io(&mut self) {
+        self.io.join();
+    }
+
     /// Guest memory moved (region relocation, vCPUs paused): every device
     /// addresses its queues through `mem` from now on. Every transport is
-    /// locked (the event loop runs their queues under the same locks), then
+    /// locked (the I/O thread runs their queues under the same locks), then
     /// `between` runs, then each gets `mem`: no device is in a request from
     /// the first lock to the last unlock, so no request sees `between`'s
     /// effect with the old memory, or the new memory without it (a
@@ -678,7 +709,11 @@ impl VirtioDevices {
 
     /// The VM stopped and its memory is given back: reset every device, so
     /// that nothing touches (and so faults back in) its guest memory.
-    pub fn stop(&self) {
+    ///
+    /// Invariant: the device I/O thread was joined ([`Self::join_io`]), so
+    /// no request of its is half-served.
+    pub fn stop(&mut self) {
+        debug_assert!(self.io.try_join(), "devices reset under their I/O thread");
         for t in &self.transports {
             t.lock().unwrap_or_else(|p| p.into_inner()).stop();
         }
@@ -694,19 +729,22 @@ impl VirtioDevices {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// Create every configured device, place it on `mmio`, wire its irqfd and
-/// ioeventfds, and register its queues with the event loop.
+/// Create every configured device of the VM `vm_name`, place it on `mmio`,
+/// wire its irqfd and ioeventfds, and register its queues with the VM's
+/// device I/O thread (started by [`VirtioDevices::start`]).
 ///
 /// # Errors
 /// [`VirtioError`]: a bad drive image, or a host or KVM failure.
 pub fn attach(
     config: &VirtioConfig,
+    vm_name: &str,
     vm: &KvmVm,
     mem: &GuestMemoryMmap,
     manager: Option<(Arc<MemoryManager>, VmId)>,
     mmio: &mut Bus,
-    events: &mut dyn SubscriberOps<Subscriber = Subscriber>,
 ) -> Result<VirtioDevices, VirtioError> {
+    let mut io = IoThread::new(vm_name).map_err(VirtioError::EventLoop)?;
+    let events = io.events().expect("a new I/O thread is not started");
     let ram: Arc<dyn RamControl> = Arc::new(VmRam {
         mem: mem.clone(),
         manager: manager.clone(),
@@ -763,6 +801,7 @@ pub fn attach(
         drives,
         stats,
         transports,
+        io,
     })
 }
 
@@ -841,6 +880,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
     use std::time::Instant;
+    use vm_memory::Bytes;
 
     #[test]
     fn balloon_events_wait_once_however_often_the_guest_raises_them() {
@@ -1165,6 +1205,285 @@ mod tests {
         assert!(
             first_retry < Duration::from_millis(100),
             "the first retry of a new memory wait came after {first_retry:?}, not about {RETRY_FIRST:?}"
+        );
+    }
+
+    /// Where the drive tests put their one request in guest memory: the
+    /// queue (descriptor table, available and used rings) in page 1, the
+    /// request header and status byte in page 2, the data in page 4.
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x1100;
+    const USED: u64 = 0x1200;
+    const HEADER: u64 = 0x2000;
+    const STATUS: u64 = 0x2010;
+    const DATA: u64 = 0x4000;
+    const DATA_LEN: u32 = 4096;
+
+    /// Whether /dev/kvm can be used; with `FOLIOVM_REQUIRE_KVM=1` it must.
+    fn kvm_usable() -> bool {
+        let ok = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if !ok {
+            assert!(
+                std::env::var("FOLIOVM_REQUIRE_KVM").as_deref() != Ok("1"),
+                "/dev/kvm is not usable and FOLIOVM_REQUIRE_KVM=1"
+            );
+            eprintln!("skipping: /dev/kvm is not usable");
+        }
+        ok
+    }
+
+    /// A drive image whose every byte is `fill`; removed on drop.
+    struct TempImage(PathBuf);
+
+    impl TempImage {
+        fn new(fill: u8) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "foliovm-virtio-test-{}-{fill:#x}",
+                std::process::id()
+            ));
+            std::fs::write(&p, vec![fill; 16 * 512]).unwrap();
+            TempImage(p)
+        }
+    }
+
+    impl Drop for TempImage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// One VM as far as its devices go: a KVM VM with an irqchip (for the
+    /// drive's irqfd and ioeventfd), 1 MiB of guest memory (anon backend),
+    /// and one drive attached on its MMIO bus, set up by a driver.
+    struct DriveVm {
+        mem: GuestMemoryMmap,
+        mmio: Bus,
+        devices: VirtioDevices,
+        _kvm: KvmVm,
+        _image: TempImage,
+    }
+
+    /// A [`DriveVm`] whose image's bytes are all `fill`, its device I/O
+    /// thread started.
+    fn drive_vm(fill: u8) -> DriveVm {
+        let kvm = KvmVm::new().unwrap();
+        kvm.setup_irqchip().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let image = TempImage::new(fill);
+        let config = VirtioConfig {
+            drives: vec![DriveConfig {
+                id: format!("d{fill:x}"),
+                path: image.0.clone(),
+                read_only: true,
+                root: false,
+            }],
+            balloon: None,
+        };
+        let mut mmio = Bus::new();
+        let mut devices =
+            attach(&config, &format!("{fill:x}"), &kvm, &mem, None, &mut mmio).unwrap();
+        devices.start(Arc::new(StopSignal::new().unwrap())).unwrap();
+        // The driver's probe: features (VERSION_1), one queue, DRIVER_OK.
+        let wr = |off: u64, v: u32| assert!(mmio.write(FIRST_WINDOW + off, &v.to_le_bytes()));
+        wr(0x070, 1 | 2);
+        wr(0x024, 1);
+        wr(0x020, 1);
+        wr(0x070, 1 | 2 | 8);
+        wr(0x030, 0);
+        wr(0x038, 16);
+        wr(0x080, DESC as u32);
+        wr(0x090, AVAIL as u32);
+        wr(0x0a0, USED as u32);
+        wr(0x044, 1);
+        wr(0x070, 1 | 2 | 8 | 4);
+        let mut status = [0u8; 4];
+        assert!(mmio.read(FIRST_WINDOW + 0x070, &mut status));
+        assert_eq!(
+            u32::from_le_bytes(status),
+            1 | 2 | 8 | 4,
+            "the drive is live"
+        );
+        DriveVm {
+            mem,
+            mmio,
+            devices,
+            _kvm: kvm,
+            _image: image,
+        }
+    }
+
+    impl DriveVm {
+        /// Post a read of the image's first sectors into `DATA` (not yet
+        /// notified).
+        fn post_read(&self) {
+            let m = &self.mem;
+            let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+                let at = DESC + 16 * i;
+                m.write_obj(addr, GuestAddress(at)).unwrap();
+                m.write_obj(len, GuestAddress(at + 8)).unwrap();
+                m.write_obj(flags, GuestAddress(at + 12)).unwrap();
+                m.write_obj(next, GuestAddress(at + 14)).unwrap();
+            };
+            // NEXT = 1, WRITE (device writes) = 2.
+            desc(0, HEADER, 16, 1, 1);
+            desc(1, DATA, DATA_LEN, 1 | 2, 2);
+            desc(2, STATUS, 1, 2, 0);
+            // Header: type IN (read), sector 0.
+            m.write_obj(0u32, GuestAddress(HEADER)).unwrap();
+            m.write_obj(0u64, GuestAddress(HEADER + 8)).unwrap();
+            m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            m.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+            m.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        }
+
+        /// Notify the queue (a QueueNotify write, as a guest's without an
+        /// ioeventfd).
+        fn notify(&self) {
+            assert!(self
+                .mmio
+                .write(FIRST_WINDOW + QUEUE_NOTIFY_OFFSET, &0u32.to_le_bytes()));
+        }
+
+        /// Whether the device completed the request (used ring index 1).
+        fn completed(&self) -> bool {
+            self.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() == 1
+        }
+
+        /// The completed request's status byte and data.
+        fn result(&self) -> (u8, Vec<u8>) {
+            let mut data = vec![0u8; DATA_LEN as usize];
+            self.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+            (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), data)
+        }
+    }
+
+    /// Counts the pokes of an eventfd on the shared event loop (as the
+    /// API's or a signal's would come).
+    struct Pokes {
+        evt: EventFd,
+        seen: Arc<AtomicU32>,
+    }
+
+    impl MutEventSubscriber for Pokes {
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.evt.read();
+            self.seen.fetch_add(1, SeqCst);
+        }
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new_raw(self.evt.as_raw_fd(), EventSet::IN))
+                .unwrap();
+        }
+    }
+
+    /// Whether `done` came true within `limit`.
+    fn within(limit: Duration, done: impl Fn() -> bool) -> bool {
+        let start = Instant::now();
+        while !done() {
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    /// A drive request that blocks (a read into guest memory whose page a
+    /// userfaultfd that nobody serves holds back, as a read from a hung
+    /// disk would block) holds up its own VM's devices only: another VM's
+    /// drive read is served, with its image's data, and the process's
+    /// shared event loop answers, while it waits; once it can go on, it
+    /// completes with its own image's data. With every VM's devices on the
+    /// shared event loop, the blocked read held up both.
+    #[test]
+    fn a_blocked_drive_request_holds_up_only_its_own_vm() {
+        use mem::sys::userfaultfd::{RawUffd, UffdMsg, EVENT_PAGEFAULT, REGISTER_MODE_MISSING};
+        if !kvm_usable() {
+            return;
+        }
+        const LIMIT: Duration = Duration::from_secs(5);
+        let mut shared = crate::vmm::event_manager().unwrap();
+        let mut a = drive_vm(0xa0);
+        let mut b = drive_vm(0xb0);
+        let poke = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicU32::new(0));
+        shared.add_subscriber(Arc::new(Mutex::new(Pokes {
+            evt: poke.try_clone().unwrap(),
+            seen: seen.clone(),
+        })));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared_loop = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                while !done.load(SeqCst) {
+                    shared.run_with_timeout(20).unwrap();
+                }
+            })
+        };
+        a.post_read();
+        b.post_read();
+        // VM a's data page (never touched yet) becomes a hole that only
+        // this test can fill.
+        let uffd = RawUffd::open(0).unwrap();
+        let base = a.mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+        // SAFETY: [base, base + 1 MiB) is VM a's guest memory, a private
+        // anonymous mapping this test made (`a.mem`) and uses for nothing
+        // else; the test unregisters it below, before `a` (and the mapping)
+        // is dropped, and only a's device faults there meanwhile.
+        unsafe { uffd.register(base, 1 << 20, REGISTER_MODE_MISSING) }.unwrap();
+        a.notify();
+        // Wait until a's read is blocked on its data page.
+        let mut pfd = libc::pollfd {
+            fd: uffd.raw(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one live pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, LIMIT.as_millis() as i32) };
+        let mut msg = [UffdMsg::default()];
+        let got = uffd.read_msgs(&mut msg).unwrap();
+        let blocked = ready == 1
+            && got == 1
+            && msg[0].event == EVENT_PAGEFAULT
+            && msg[0].address as usize & !0xfff == base + DATA as usize;
+        b.notify();
+        poke.write(1).unwrap();
+        let b_served = blocked && within(LIMIT, || b.completed());
+        let loop_answered = blocked && within(LIMIT, || seen.load(SeqCst) > 0);
+        let a_waited = !a.completed();
+        // a's read goes on (the kernel fills the page now).
+        uffd.unregister(base, 1 << 20).unwrap();
+        let a_served = within(LIMIT, || a.completed());
+        done.store(true, SeqCst);
+        shared_loop.join().unwrap();
+        a.devices.join_io();
+        b.devices.join_io();
+        assert!(blocked, "VM a's read did not block on its data page");
+        assert!(
+            b_served,
+            "VM b's drive read was not served within {LIMIT:?} while VM a's request was blocked"
+        );
+        assert_eq!(
+            b.result(),
+            (0, vec![0xb0; DATA_LEN as usize]),
+            "VM b's data"
+        );
+        assert!(
+            loop_answered,
+            "the shared event loop did not answer within {LIMIT:?} while VM a's request was blocked"
+        );
+        assert!(
+            a_waited,
+            "VM a's read completed while its page was held back"
+        );
+        assert!(a_served, "VM a's read did not complete once its page came");
+        assert_eq!(
+            a.result(),
+            (0, vec![0xa0; DATA_LEN as usize]),
+            "VM a's data"
         );
     }
 

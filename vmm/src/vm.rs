@@ -9,6 +9,27 @@
 //! ```
 //! Field order is drop order: vCPU threads are joined in `finish`, the KVM
 //! VM goes before the guest RAM it maps.
+//!
+//! A Linux guest's virtio devices are served by the VM's device I/O thread
+//! ([`crate::io_thread`]), started before its vCPUs. Teardown order: guest
+//! memory outlives every thread that may touch it.
+//!
+//! 1. The stop reason is set, the vCPU threads are kicked out of
+//!    `KVM_RUN` and joined: no guest code runs, no vCPU takes an MMIO exit
+//!    into a device any more ([`Vm::finish`], [`Vm::reap`]).
+//! 2. The device I/O thread is asked to exit and joined: the request it
+//!    serves completes first (a request holds its device's transport lock
+//!    to its end), then no queue is processed and no retry or balloon timer
+//!    fires. A reap asks it before step 1 and does not wait on the shared
+//!    event loop: while the thread is still in a request (a read from a hung
+//!    disk), the reap is put off to a later round, with the memory kept.
+//! 3. (reap) Every device is reset: what another thread asks of a device
+//!    now (an API balloon statistics request) finds no queue to touch.
+//! 4. (reap) The guest memory is discarded: its folios go back to the
+//!    memory manager.
+//! 5. (drop) `virtio` drops before `_kvm` and `ram`: its I/O thread is
+//!    joined by then (its `Drop` joins one that was not), then the KVM VM
+//!    closes, then the guest RAM is unmapped.
 
 use crate::arch::{boot, layout, mptable, regs};
 use crate::config::{GuestPayload, MemBackendKind, VmConfig};
@@ -431,6 +452,8 @@ pub struct Vm {
     unstarted: Vec<Vcpu>,
     workload: Option<(WorkloadSpec, Arc<WorkloadReport>)>,
     tsc_khz: Option<u32>,
+    /// Declared before `_kvm` and `ram`: its device I/O thread is joined
+    /// before the guest RAM it writes is unmapped (teardown step 5).
     virtio: Option<crate::virtio::VirtioDevices>,
     keyboard: Option<Keyboard>,
     started: Option<Instant>,
@@ -512,11 +535,11 @@ impl Vm {
         let virtio = if linux {
             Some(crate::virtio::attach(
                 &config.virtio,
+                &config.name,
                 &kvm,
                 &mem,
                 ram.manager.clone(),
                 &mut mmio,
-                events,
             )?)
         } else {
             None
@@ -605,7 +628,7 @@ impl Vm {
         }
     }
 
-    /// Start the vCPU threads.
+    /// Start the device I/O thread, then the vCPU threads.
     ///
     /// # Errors
     /// [`VmmError::Host`] if a thread cannot be spawned (the VM is then
@@ -613,6 +636,14 @@ impl Vm {
     pub fn start(&mut self) -> Result<(), VmmError> {
         tracing::info!(vm = %self.config.name, "VM starting");
         self.started = Some(Instant::now());
+        if let Some(v) = &mut self.virtio {
+            if let Err(e) = v.start(self.ctx.stop.clone()) {
+                self.ctx.stop.request(ExitReason::Error(format!(
+                    "cannot spawn the device I/O thread: {e}"
+                )));
+                return Err(host("cannot spawn the device I/O thread")(e));
+            }
+        }
         for v in self.unstarted.drain(..) {
             let ctx = self.ctx.clone();
             let t = std::thread::Builder::new()
@@ -842,14 +873,25 @@ impl Vm {
     /// memory manager (every region discarded: its folios and swap slots
     /// freed), so that the VMs still running can use it. Nothing if the VM
     /// has not stopped or was reaped already.
+    ///
+    /// A device I/O thread still in a request puts the reap off (it is
+    /// asked to exit, and looked at again the next time): the shared event
+    /// loop that reaps does not wait for it, and the memory it may write
+    /// stays until it is gone (teardown step 2, module docs).
     pub fn reap(&mut self) {
         if !self.ctx.stop.is_stopping() || self.outcome.is_some() {
             return;
         }
+        if let Some(v) = &mut self.virtio {
+            if !v.try_join_io() {
+                tracing::debug!(vm = %self.config.name, "reap waits for the device I/O thread");
+                return;
+            }
+        }
         let outcome = self.conclude(ExitReason::unexplained());
         // No device may fault its memory back in once it is given back
-        // (a balloon statistics or retry timer, an API request).
-        if let Some(v) = &self.virtio {
+        // (an API request): teardown step 3.
+        if let Some(v) = &mut self.virtio {
             v.stop();
         }
         if let Some((mm, id)) = &self.ram.manager {
@@ -878,6 +920,11 @@ impl Vm {
         );
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        // Teardown step 2 (module docs): vCPUs are gone, now the device
+        // I/O thread; it finishes the request it serves, however long.
+        if let Some(v) = &mut self.virtio {
+            v.join_io();
         }
         let reason = self
             .ctx

@@ -180,7 +180,7 @@ impl Controller {
     /// The event loop asks this after every round: while an API request
     /// holds the VM list (a synchronous relocation holds it throughout),
     /// the VMs are looked at next round rather than the loop, which serves
-    /// the virtio devices, waiting for the request.
+    /// the API, signals and VM control, waiting for the request.
     pub fn should_exit(&self) -> bool {
         if self.exit.load(Ordering::SeqCst) {
             return true;

@@ -1,5 +1,7 @@
 //! Running VMs: the process-wide parts — the shared memory manager, signal
-//! handling and the event loop that all VMs' devices and control events use.
+//! handling and the event loop that all VMs' control events use (each VM's
+//! virtio devices have an event loop of their own, on its device I/O
+//! thread: [`crate::io_thread`]).
 
 use crate::api::ApiServer;
 use crate::arch::{boot, mptable, regs};

@@ -1,7 +1,7 @@
 //! virtio 1.x devices over the virtio-mmio transport.
 //!
 //! ```text
-//!  vCPU thread                         event-loop thread (EventManager)
+//!  vCPU thread                         the VM's device I/O thread (EventManager)
 //!  MMIO exit -> Bus -> MmioTransport   queue eventfd (KVM ioeventfd on
 //!     registers, status, features        QueueNotify) -> VirtioDevice::process_queue
 //!     QueueNotify (fallback) --write-->  -> used ring -> IrqLine (KVM irqfd)
@@ -11,8 +11,8 @@
 //! ([`mmio::MmioTransport`]) owns it and its queue configuration, and hands
 //! it the queues when the driver sets DRIVER_OK. Queue work never runs on a
 //! vCPU thread: a guest notification is a KVM ioeventfd (or, where KVM
-//! cannot, an eventfd the transport writes) that the VMM's event loop
-//! watches.
+//! cannot, an eventfd the transport writes) that the VMM watches on an
+//! event loop of the VM's own (its device I/O thread).
 //!
 //! Guest memory: buffers are read and written through vm-memory's
 //! [`GuestMemoryMmap`] (bounds-checked, volatile copies). A thread touching

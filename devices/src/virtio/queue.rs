@@ -152,7 +152,7 @@ pub fn pop_chain(
 /// The most chains one drain serves (the largest queue we offer). A
 /// driver can make chains available as fast as the device serves them
 /// (from another vCPU), so a drain without a limit could hold the event
-/// loop, which every device of every VM shares, for ever.
+/// loop, which every device of the VM shares, for ever.
 pub const DRAIN_BUDGET: usize = 256;
 
 /// The longest one drain goes on serving chains: once it has served at
@@ -160,7 +160,8 @@ pub const DRAIN_BUDGET: usize = 256;
 /// [`DRAIN_BUDGET`] chains. A chain count alone does not bound the time:
 /// a block request can move hundreds of MiB, a flush can wait for the
 /// disk, and 256 of them would hold the event loop for seconds or
-/// minutes, while every other device of every VM waits.
+/// minutes, while every other device of the VM waits (each VM's devices
+/// share one event loop, its device I/O thread).
 pub const DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// What a device did with one chain.
@@ -574,7 +575,7 @@ mod tests {
 
     /// A driver that makes a new chain available each time the device
     /// serves one (another vCPU can keep up with any device) does not keep
-    /// the drain, and with it the event loop every device of every VM
+    /// the drain, and with it the event loop every device of the VM
     /// shares, going for ever: it stops after `DRAIN_BUDGET` chains and
     /// says there is more.
     #[test]

@@ -1,8 +1,8 @@
 //! virtio-blk over a raw image file: read, write, flush and get-id, one
 //! request queue. Analogue of Linux `drivers/block/virtio_blk.c`, device side.
 //!
-//! Requests run on the VMM's event-loop thread (the queue's notification
-//! is a KVM ioeventfd). Data moves with `pread`/`pwrite` straight between
+//! Requests run on the VM's device I/O thread, the VMM's event loop for
+//! that VM's devices (the queue's notification is a KVM ioeventfd). Data moves with `pread`/`pwrite` straight between
 //! the image and guest memory, through vm-memory's bounds-checked slices,
 //! with each data buffer pinned while it moves ([`RamControl::pin`]), in
 //! pieces of at most [`PIN_CHUNK`].

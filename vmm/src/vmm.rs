@@ -198,12 +198,14 @@ fn swap_file_warning(d: &mem::SwapDeviceStats) -> Option<String> {
 
 /// Fault handler threads for a run: one per vCPU of all its VMs, so that
 /// every vCPU can have its swap-in read in flight at once (a handler blocks
-/// on the read it serves), and one for the VMM's own accesses to guest
-/// memory (device emulation); at least two. Two handlers for any number of
-/// vCPUs had vCPUs queue behind each other's disk reads.
+/// on the read it serves), and one per VM for the VMM's own accesses to
+/// its guest memory (device emulation, on the VM's device I/O thread: one
+/// VM's device waiting for a swap-in does not hold up another VM's); at
+/// least two. Two handlers for any number of vCPUs had vCPUs queue behind
+/// each other's disk reads.
 fn handler_threads(run: &RunConfig) -> usize {
     let vcpus: usize = run.vms.iter().map(|v| usize::from(v.vcpus)).sum();
-    (vcpus + 1).max(2)
+    (vcpus + run.vms.len()).max(2)
 }
 
 /// Signal number of the last SIGINT/SIGTERM, and the eventfd its handler pokes.
@@ -621,9 +623,9 @@ mod tests {
     }
 
     #[test]
-    fn every_vcpu_of_every_vm_gets_a_fault_handler_and_the_vmm_one_more() {
+    fn every_vcpu_gets_a_fault_handler_and_every_vm_one_more_for_its_devices() {
         assert_eq!(handler_threads(&run_of(&[1])), 2);
-        assert_eq!(handler_threads(&run_of(&[2, 3])), 6);
-        assert_eq!(handler_threads(&run_of(&[4, 4, 4, 4])), 17);
+        assert_eq!(handler_threads(&run_of(&[2, 3])), 7);
+        assert_eq!(handler_threads(&run_of(&[4, 4, 4, 4])), 20);
     }
 }

@@ -26,7 +26,7 @@ use crate::io_thread::IoThread;
 use crate::kvm::{KvmError, KvmVm};
 use crate::stop::StopSignal;
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonEvent, BalloonHandle};
-use devices::virtio::block::{Block, BlockCounters, DiskImage};
+use devices::virtio::block::{Block, BlockCounters, DiskImage, SharedBlockCounters};
 use devices::virtio::mmio::{MemorySwitch, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{IrqLine, PinToken, QueueState, RamControl, RamError, VirtioDevice};
 use devices::Bus;
@@ -643,8 +643,8 @@ impl MemStats {
 pub struct VirtioDevices {
     /// The balloon, for the API (`set_target`) and statistics.
     pub balloon: Option<BalloonHandle>,
-    /// The drives by id, for their counters.
-    drives: Vec<(String, Arc<Mutex<MmioTransport<Block>>>)>,
+    /// The drives' ids and counters (read without their transport lock).
+    drives: DriveCounters,
     stats: MemStats,
     /// Every device's transport, for guest memory switches.
     transports: Vec<Arc<Mutex<dyn MemorySwitch>>>,
@@ -652,17 +652,25 @@ pub struct VirtioDevices {
     io: IoThread,
 }
 
-impl VirtioDevices {
-    /// Each drive's id and counters, in attach order. Takes each drive's
-    /// transport lock, so it waits for a request in progress.
-    pub fn drive_counters(&self) -> Vec<(String, BlockCounters)> {
-        self.drives
+/// The drives' ids and counters, in attach order.
+#[derive(Default)]
+struct DriveCounters(Vec<(String, Arc<SharedBlockCounters>)>);
+
+impl DriveCounters {
+    fn snapshot(&self) -> Vec<(String, BlockCounters)> {
+        self.0
             .iter()
-            .map(|(id, t)| {
-                let t = t.lock().unwrap_or_else(|p| p.into_inner());
-                (id.clone(), t.device().counters())
-            })
+            .map(|(id, c)| (id.clone(), c.snapshot()))
             .collect()
+    }
+}
+
+impl VirtioDevices {
+    /// Each drive's id and counters, in attach order. Takes no device
+    /// lock: the API does not wait for a request in progress (a read from
+    /// a hung disk) on the VM's device I/O thread.
+    pub fn drive_counters(&self) -> Vec<(String, BlockCounters)> {
+        self.drives.snapshot()
     }
 
     /// Start the device I/O thread; a failure of its loop stops the VM
@@ -752,7 +760,7 @@ pub fn attach(
     let stats = MemStats { manager };
     let mut index = 0;
     let mut transports: Vec<Arc<Mutex<dyn MemorySwitch>>> = Vec::new();
-    let mut drives = Vec::new();
+    let mut drives = DriveCounters::default();
     for d in config.ordered_drives() {
         let disk =
             DiskImage::open(&d.path, d.read_only, &d.id).map_err(|source| VirtioError::Disk {
@@ -761,9 +769,9 @@ pub fn attach(
             })?;
         let name = format!("drive {}", d.id);
         let dev = Block::new(disk, ram.clone(), &name);
+        drives.0.push((d.id.clone(), dev.shared_counters()));
         let t = place(dev, index, vm, mem, mmio, events)?;
-        transports.push(t.clone());
-        drives.push((d.id.clone(), t));
+        transports.push(t);
         index += 1;
     }
     let mut balloon = None;
@@ -1454,8 +1462,23 @@ mod tests {
         let b_served = blocked && within(LIMIT, || b.completed());
         let loop_answered = blocked && within(LIMIT, || seen.load(SeqCst) > 0);
         let a_waited = !a.completed();
-        // a's read goes on (the kernel fills the page now).
-        uffd.unregister(base, 1 << 20).unwrap();
+        // The API reads a's drive counters meanwhile: no wait for the
+        // request in progress. (Were there one, the watchdog lets a's read
+        // go on after LIMIT, and with it the counters' reader.)
+        let counters_answered = std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let uffd = &uffd;
+            let watchdog = s.spawn(move || {
+                let late = rx.recv_timeout(LIMIT).is_err();
+                // a's read goes on (the kernel fills the page now).
+                uffd.unregister(base, 1 << 20).unwrap();
+                late
+            });
+            let read = a.devices.drive_counters();
+            let _ = tx.send(());
+            let late = watchdog.join().unwrap();
+            blocked && !late && read.len() == 1
+        });
         let a_served = within(LIMIT, || a.completed());
         done.store(true, SeqCst);
         shared_loop.join().unwrap();
@@ -1478,6 +1501,10 @@ mod tests {
         assert!(
             a_waited,
             "VM a's read completed while its page was held back"
+        );
+        assert!(
+            counters_answered,
+            "VM a's drive counters were not read within {LIMIT:?} while its request was blocked"
         );
         assert!(a_served, "VM a's read did not complete once its page came");
         assert_eq!(

@@ -26,6 +26,7 @@ use super::{
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -171,13 +172,47 @@ pub struct BlockCounters {
     pub deferred: u64,
 }
 
+/// [`BlockCounters`] that other threads read without the device's lock
+/// (`GET /stats` must not wait for a request in progress on the VM's
+/// device I/O thread). Each counter is updated on its own: a snapshot may
+/// show a request's bytes before its `ok`.
+#[derive(Debug, Default)]
+pub struct SharedBlockCounters {
+    ok: AtomicU64,
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    errors: AtomicU64,
+    malformed: AtomicU64,
+    deferred: AtomicU64,
+}
+
+impl SharedBlockCounters {
+    /// The counters now.
+    pub fn snapshot(&self) -> BlockCounters {
+        let l = |c: &AtomicU64| c.load(Relaxed);
+        BlockCounters {
+            ok: l(&self.ok),
+            read_bytes: l(&self.read_bytes),
+            write_bytes: l(&self.write_bytes),
+            errors: l(&self.errors),
+            malformed: l(&self.malformed),
+            deferred: l(&self.deferred),
+        }
+    }
+}
+
+/// Add `n` to a counter.
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
 /// A virtio-blk device.
 pub struct Block {
     disk: DiskImage,
     ram: Arc<dyn RamControl>,
     config: [u8; 24],
     active: Option<ActiveQueues>,
-    counters: BlockCounters,
+    counters: Arc<SharedBlockCounters>,
     warn: WarnLimit,
     /// Since when the request at the head of the queue waits for guest
     /// memory (reported once when it starts and once when it ends).
@@ -200,7 +235,7 @@ impl Block {
             ram,
             config,
             active: None,
-            counters: BlockCounters::default(),
+            counters: Arc::default(),
             warn: WarnLimit::default(),
             memory_wait: None,
             name: name.to_string(),
@@ -209,7 +244,12 @@ impl Block {
 
     /// The counters.
     pub fn counters(&self) -> BlockCounters {
-        self.counters
+        self.counters.snapshot()
+    }
+
+    /// The counters, to read later without this device's lock.
+    pub fn shared_counters(&self) -> Arc<SharedBlockCounters> {
+        self.counters.clone()
     }
 
     /// Handle one chain; returns (head, used length).
@@ -219,8 +259,8 @@ impl Block {
             Err((head, e)) => {
                 // Nothing in a malformed chain can be trusted, not even
                 // where its status byte would go.
-                self.counters.malformed += 1;
-                self.counters.errors += 1;
+                add(&self.counters.malformed, 1);
+                add(&self.counters.errors, 1);
                 let name = &self.name;
                 self.warn.warn(|| format!("{name}: malformed request: {e}"));
                 return Served::Used(head, 0);
@@ -242,16 +282,16 @@ impl Block {
                 None => return Served::Deferred,
             },
             Err(e) => {
-                self.counters.malformed += 1;
+                add(&self.counters.malformed, 1);
                 let name = &self.name;
                 self.warn.warn(|| format!("{name}: bad request: {e}"));
                 (S_IOERR, 0)
             }
         };
         if status == S_OK {
-            self.counters.ok += 1;
+            add(&self.counters.ok, 1);
         } else {
-            self.counters.errors += 1;
+            add(&self.counters.errors, 1);
         }
         match status_buffer(&chain) {
             Some(st) if mem.write_obj(status, st.addr).is_ok() => {
@@ -267,7 +307,7 @@ impl Block {
         Some(match req.kind {
             RequestKind::In => match self.transfer(req, mem, Direction::Read) {
                 Ok(n) => {
-                    self.counters.read_bytes += n;
+                    add(&self.counters.read_bytes, n);
                     (S_OK, n as u32)
                 }
                 Err(e) => self.transfer_error("read", req, e)?,
@@ -284,7 +324,7 @@ impl Block {
             }
             RequestKind::Out => match self.transfer(req, mem, Direction::Write) {
                 Ok(n) => {
-                    self.counters.write_bytes += n;
+                    add(&self.counters.write_bytes, n);
                     (S_OK, 0)
                 }
                 Err(e) => self.transfer_error("write", req, e)?,
@@ -313,7 +353,7 @@ impl Block {
         match e {
             TransferError::Io(e) => Some(self.io_error(op, req, &e)),
             TransferError::NoMemory(e) => {
-                self.counters.deferred += 1;
+                add(&self.counters.deferred, 1);
                 if self.memory_wait.is_none() {
                     self.memory_wait = Some(std::time::Instant::now());
                     eprintln!(
@@ -483,7 +523,7 @@ impl VirtioDevice for Block {
                 active.irq.signal(super::INT_USED_RING);
             }
             if let Some(idx) = drained.bad_avail_idx {
-                self.counters.malformed += 1;
+                add(&self.counters.malformed, 1);
                 let name = &self.name;
                 self.warn.warn(|| {
                     format!("{name}: driver's avail index {idx} is more than the queue size ahead; queue stopped until the driver resets the device")

@@ -222,11 +222,33 @@ static SIGNAL_EVT: std::sync::OnceLock<EventFd> = std::sync::OnceLock::new();
 extern "C" fn on_terminate(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     SIGNAL_NUM.store(num, Ordering::SeqCst);
     let fd = SIGNAL_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte
-        // buffer, and fd is `SIGNAL_EVT`'s, which is never closed.
-        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    if fd < 0 {
+        // No `serve` loop listens (it ended and the VMs are being torn
+        // down, or it failed to start): the signal does what it would
+        // without foliovm, instead of vanishing. A second Ctrl-C gets out
+        // of a teardown that hangs.
+        // SAFETY: signal(2) and raise(3) are async-signal-safe. The signal
+        // is blocked while its handler runs, so it is delivered, with the
+        // default action, when this returns.
+        unsafe {
+            libc::signal(num, libc::SIG_DFL);
+            libc::raise(num);
+        }
+        return;
+    }
+    let one: u64 = 1;
+    // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte
+    // buffer, and fd is `SIGNAL_EVT`'s, which is never closed.
+    unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+}
+
+/// Marks the end of a `serve` loop on every path out of it: from then on
+/// SIGINT and SIGTERM have their default action ([`on_terminate`]).
+struct SignalsUnwatched;
+
+impl Drop for SignalsUnwatched {
+    fn drop(&mut self) {
+        SIGNAL_FD.store(-1, Ordering::SeqCst);
     }
 }
 
@@ -392,6 +414,7 @@ pub fn serve(opts: ServeOptions) -> Result<Served, VmmError> {
         controller.set_memory_source(source);
     }
     let signal = install_signal_handlers()?;
+    let unwatched = SignalsUnwatched;
     events.add_subscriber(Arc::new(Mutex::new(SignalWatch {
         evt: signal,
         controller: controller.clone(),
@@ -429,7 +452,7 @@ pub fn serve(opts: ServeOptions) -> Result<Served, VmmError> {
             let _ = events.run_with_timeout(20);
         });
     }
-    SIGNAL_FD.store(-1, Ordering::SeqCst);
+    drop(unwatched);
     Ok(Served {
         outcomes: controller.finish(),
         exit: controller.exit_reason(),
@@ -620,6 +643,37 @@ mod tests {
             assert_eq!(a.reason.exit_code(), 1);
             return;
         }
+    }
+
+    /// Once no `serve` loop listens, SIGINT terminates the process (it
+    /// vanished before: a Ctrl-C during a teardown that hung, or between
+    /// `bench first-touch`'s in-process runs, did nothing). Run in a child
+    /// process: this test's binary again, for this test alone.
+    #[test]
+    fn sigint_after_serve_ended_terminates_the_process() {
+        const CHILD: &str = "FOLIOVM_TEST_SIGINT_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let _watched = install_signal_handlers().unwrap();
+            drop(SignalsUnwatched);
+            // SAFETY: raise(3) on this thread; the handler is ours.
+            unsafe { libc::raise(libc::SIGINT) };
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            eprintln!("the child survived SIGINT");
+            std::process::exit(3);
+        }
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "vmm::tests::sigint_after_serve_ended_terminates_the_process",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
     }
 
     #[test]

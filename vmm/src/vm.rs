@@ -58,6 +58,9 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN};
 /// How often [`Vm::kick_until`] signals vCPUs that have not done what it
 /// waits for.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
+/// How long a reap kicks the vCPUs of a stopped VM before it puts itself
+/// off to the event loop's next round.
+const REAP_KICKS: Duration = Duration::from_millis(20);
 
 /// Default kernel command line, as Firecracker's.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -874,10 +877,11 @@ impl Vm {
     /// freed), so that the VMs still running can use it. Nothing if the VM
     /// has not stopped or was reaped already.
     ///
-    /// A device I/O thread still in a request puts the reap off (it is
-    /// asked to exit, and looked at again the next time): the shared event
-    /// loop that reaps does not wait for it, and the memory it may write
-    /// stays until it is gone (teardown step 2, module docs).
+    /// A device I/O thread still in a request, or a vCPU thread that does
+    /// not leave when kicked, puts the reap off (looked at again the next
+    /// time): the shared event loop that reaps does not wait for them, and
+    /// the memory they may write stays until they are gone (teardown steps
+    /// 1 and 2, module docs).
     pub fn reap(&mut self) {
         if !self.ctx.stop.is_stopping() || self.outcome.is_some() {
             return;
@@ -887,6 +891,14 @@ impl Vm {
                 tracing::debug!(vm = %self.config.name, "reap waits for the device I/O thread");
                 return;
             }
+        }
+        // So do vCPUs that do not leave at once when kicked (one blocked
+        // writing the guest's console to a full stdout pipe): the shared
+        // event loop does not wait for them; they are kicked again next time.
+        self.ctx.gate.open();
+        if !self.kick_until(|| self.threads.iter().all(|t| t.is_finished()), REAP_KICKS) {
+            tracing::debug!(vm = %self.config.name, "reap waits for the vCPU threads");
+            return;
         }
         let outcome = self.conclude(ExitReason::unexplained());
         // No device may fault its memory back in once it is given back

@@ -7,31 +7,9 @@
 mod common;
 
 use common::*;
-use mem::{FaultPoint, GuestAddress, InjectPlan, RamRegion, RelocateError, RelocateOp, PAGE_SIZE};
+use mem::{FaultPoint, GuestAddress, InjectPlan, RelocateError, RelocateOp, PAGE_SIZE};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
-
-struct View(RwLock<Vec<RamRegion>>);
-
-impl View {
-    fn at(v: &[RamRegion], gpa: u64) -> (Ram, u64) {
-        let r = v
-            .iter()
-            .find(|r| gpa >= r.guest_base.raw() && gpa < r.guest_base.raw() + r.size)
-            .expect("gpa in a region");
-        (Ram(*r), gpa - r.guest_base.raw())
-    }
-    fn read(&self, gpa: u64) -> u64 {
-        let v = self.0.read().unwrap();
-        let (ram, off) = View::at(&v, gpa);
-        ram.read(off)
-    }
-    fn write(&self, gpa: u64, val: u64) {
-        let v = self.0.read().unwrap();
-        let (ram, off) = View::at(&v, gpa);
-        ram.write(off, val)
-    }
-}
 
 #[test]
 fn clean_folios_racing_migration_relocation_reclaim_and_injected_failures_keep_every_word() {
@@ -52,9 +30,7 @@ fn race(delivery: mem::FaultDelivery) {
     let b = mm
         .backend_with_offset(vm, &[(GuestAddress(0), PAGES * PAGE_SIZE)], 8192)
         .unwrap();
-    let view = Arc::new(View(RwLock::new(
-        mem::GuestMemoryBackend::regions(&*b).to_vec(),
-    )));
+    let view = Arc::new(View::new(mem::GuestMemoryBackend::regions(&*b)));
     let expected: Arc<Vec<AtomicU64>> =
         Arc::new((0..PAGES * VCPUS).map(|_| AtomicU64::new(0)).collect());
     // Every word written once, then everything swapped out: the reads
@@ -102,13 +78,7 @@ fn race(delivery: mem::FaultDelivery) {
                 vm,
                 GuestAddress(0),
                 RelocateOp::ToAligned,
-                &mut |sw| {
-                    let mut v = view.0.write().unwrap();
-                    v.retain(|r| !sw.old.contains(r));
-                    v.extend(sw.new.iter().copied());
-                    v.sort_by_key(|r| r.guest_base);
-                    Ok(())
-                },
+                &mut |sw| view.switch(sw),
                 &|_, _| {},
             );
             match r {
@@ -139,21 +109,14 @@ fn race(delivery: mem::FaultDelivery) {
             mm.reclaim(Some(vm), 128 * 1024).unwrap();
         }))
     };
-    let discarder = {
-        let (mm, expected, chunks) = (mm.clone(), expected.clone(), chunks.clone());
-        spawn(Box::new(move |n| {
-            let c = (n * 37) % (PAGES / 16);
-            let _g = chunks[c as usize].write().unwrap();
-            mm.discard(vm, GuestAddress(c * 16 * PAGE_SIZE), 16 * PAGE_SIZE)
-                .unwrap();
-            for p in c * 16..(c + 1) * 16 {
-                for t in 0..VCPUS {
-                    expected[(p * VCPUS + t) as usize].store(0, SeqCst);
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }))
-    };
+    let discarder = spawn(chunk_discarder(
+        &mm,
+        vm,
+        &expected,
+        &chunks,
+        VCPUS,
+        std::time::Duration::from_millis(20),
+    ));
     let pinner = {
         let (mm, expected, chunks) = (mm.clone(), expected.clone(), chunks.clone());
         spawn(Box::new(move |n| {

@@ -6,45 +6,11 @@ mod common;
 
 use common::*;
 use mem::{
-    DebugUnmap, FaultPoint, GuestAddress, InjectPlan, MemoryManager, RamRegion, RelocateError,
-    RelocateOp, RelocateSwitch, PAGE_SIZE,
+    DebugUnmap, FaultPoint, GuestAddress, InjectPlan, MemoryManager, RelocateError, RelocateOp,
+    PAGE_SIZE,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
-
-/// The guest's view of its RAM: regions by guest address.
-struct View(RwLock<Vec<RamRegion>>);
-
-impl View {
-    fn new(r: &[RamRegion]) -> View {
-        View(RwLock::new(r.to_vec()))
-    }
-    fn ram_at(v: &[RamRegion], gpa: u64) -> (Ram, u64) {
-        let r = v
-            .iter()
-            .find(|r| gpa >= r.guest_base.raw() && gpa < r.guest_base.raw() + r.size)
-            .expect("gpa in a region");
-        (Ram(*r), gpa - r.guest_base.raw())
-    }
-    fn read(&self, gpa: u64) -> u64 {
-        let v = self.0.read().unwrap();
-        let (ram, off) = View::ram_at(&v, gpa);
-        ram.read(off)
-    }
-    fn write(&self, gpa: u64, val: u64) {
-        let v = self.0.read().unwrap();
-        let (ram, off) = View::ram_at(&v, gpa);
-        ram.write(off, val)
-    }
-    /// The switch callback: hold the vCPUs off, swap the regions.
-    fn switch(&self, sw: &RelocateSwitch) -> Result<(), String> {
-        let mut v = self.0.write().unwrap();
-        v.retain(|r| !sw.old.contains(r));
-        v.extend(sw.new.iter().copied());
-        v.sort_by_key(|r| r.guest_base);
-        Ok(())
-    }
-}
 
 fn fill(view: &View, base: u64, pages: u64, g: u64) {
     for p in 0..pages {
@@ -673,21 +639,14 @@ fn racing_relocation_migration_compaction_reclaim_and_swapin_keep_every_word() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }))
     };
-    let discarder = {
-        let (mm, expected, chunks) = (mm.clone(), expected.clone(), chunks.clone());
-        spawn(Box::new(move |n| {
-            let c = (n * 37) % (PAGES / 16);
-            let _g = chunks[c as usize].write().unwrap();
-            mm.discard(vm, GuestAddress(c * 16 * PAGE_SIZE), 16 * PAGE_SIZE)
-                .unwrap();
-            for p in c * 16..(c + 1) * 16 {
-                for t in 0..VCPUS {
-                    expected[(p * VCPUS + t) as usize].store(0, SeqCst);
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(3));
-        }))
-    };
+    let discarder = spawn(chunk_discarder(
+        &mm,
+        vm,
+        &expected,
+        &chunks,
+        VCPUS,
+        std::time::Duration::from_millis(3),
+    ));
     for v in vcpus {
         v.join().unwrap();
     }

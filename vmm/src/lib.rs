@@ -42,3 +42,22 @@ pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             .unwrap_or_default()
     })
 }
+
+/// Whether the KVM tests of this crate can run: `/dev/kvm` opens. Without
+/// it they are skipped, unless `FOLIOVM_REQUIRE_KVM=1`, when they fail.
+#[cfg(test)]
+pub(crate) fn kvm_usable() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("FOLIOVM_REQUIRE_KVM").as_deref() != Ok("1"),
+            "/dev/kvm is not usable and FOLIOVM_REQUIRE_KVM=1"
+        );
+        eprintln!("skipping: /dev/kvm is not usable");
+    }
+    ok
+}

@@ -1116,18 +1116,7 @@ mod tests {
         )));
         {
             let mut t = t.lock().unwrap();
-            let mut wr = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
-            wr(0x070, 1 | 2);
-            wr(0x024, 1);
-            wr(0x020, 1);
-            wr(0x070, 1 | 2 | 8);
-            wr(0x030, 0);
-            wr(0x038, 16);
-            wr(0x080, 0x1000);
-            wr(0x090, 0x1100);
-            wr(0x0a0, 0x1200);
-            wr(0x044, 1);
-            wr(0x070, 1 | 2 | 8 | 4);
+            driver_probe(|off, v| t.write(off, &v.to_le_bytes()), [DESC, AVAIL, USED]);
             assert!(t.is_live());
         }
         let mut events = event_manager::EventManager::<Subscriber>::new().unwrap();
@@ -1222,27 +1211,27 @@ mod tests {
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x1100;
     const USED: u64 = 0x1200;
+    /// A virtio-mmio driver's probe through `wr(offset, value)`: features
+    /// (VERSION_1), queue 0 of 16 entries with its descriptor table, avail
+    /// and used rings at `rings`, ready, then DRIVER_OK.
+    fn driver_probe(mut wr: impl FnMut(u64, u32), rings: [u64; 3]) {
+        wr(0x070, 1 | 2);
+        wr(0x024, 1);
+        wr(0x020, 1);
+        wr(0x070, 1 | 2 | 8);
+        wr(0x030, 0);
+        wr(0x038, 16);
+        wr(0x080, rings[0] as u32);
+        wr(0x090, rings[1] as u32);
+        wr(0x0a0, rings[2] as u32);
+        wr(0x044, 1);
+        wr(0x070, 1 | 2 | 8 | 4);
+    }
+
     const HEADER: u64 = 0x2000;
     const STATUS: u64 = 0x2010;
     const DATA: u64 = 0x4000;
     const DATA_LEN: u32 = 4096;
-
-    /// Whether /dev/kvm can be used; with `FOLIOVM_REQUIRE_KVM=1` it must.
-    fn kvm_usable() -> bool {
-        let ok = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok();
-        if !ok {
-            assert!(
-                std::env::var("FOLIOVM_REQUIRE_KVM").as_deref() != Ok("1"),
-                "/dev/kvm is not usable and FOLIOVM_REQUIRE_KVM=1"
-            );
-            eprintln!("skipping: /dev/kvm is not usable");
-        }
-        ok
-    }
 
     /// A drive image whose every byte is `fill`; removed on drop.
     struct TempImage(PathBuf);
@@ -1296,18 +1285,10 @@ mod tests {
             attach(&config, &format!("{fill:x}"), &kvm, &mem, None, &mut mmio).unwrap();
         devices.start(Arc::new(StopSignal::new().unwrap())).unwrap();
         // The driver's probe: features (VERSION_1), one queue, DRIVER_OK.
-        let wr = |off: u64, v: u32| assert!(mmio.write(FIRST_WINDOW + off, &v.to_le_bytes()));
-        wr(0x070, 1 | 2);
-        wr(0x024, 1);
-        wr(0x020, 1);
-        wr(0x070, 1 | 2 | 8);
-        wr(0x030, 0);
-        wr(0x038, 16);
-        wr(0x080, DESC as u32);
-        wr(0x090, AVAIL as u32);
-        wr(0x0a0, USED as u32);
-        wr(0x044, 1);
-        wr(0x070, 1 | 2 | 8 | 4);
+        driver_probe(
+            |off, v| assert!(mmio.write(FIRST_WINDOW + off, &v.to_le_bytes())),
+            [DESC, AVAIL, USED],
+        );
         let mut status = [0u8; 4];
         assert!(mmio.read(FIRST_WINDOW + 0x070, &mut status));
         assert_eq!(
@@ -1409,7 +1390,7 @@ mod tests {
     #[test]
     fn a_blocked_drive_request_holds_up_only_its_own_vm() {
         use mem::sys::userfaultfd::{RawUffd, UffdMsg, EVENT_PAGEFAULT, REGISTER_MODE_MISSING};
-        if !kvm_usable() {
+        if !crate::kvm_usable() {
             return;
         }
         const LIMIT: Duration = Duration::from_secs(5);

@@ -578,16 +578,7 @@ mod tests {
     /// but the signal's. It must stop that VM alone, with a reason.
     #[test]
     fn a_lost_guest_page_stops_its_vm_not_the_process() {
-        let kvm = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm");
-        if kvm.is_err() {
-            assert!(
-                std::env::var("FOLIOVM_REQUIRE_KVM").as_deref() != Ok("1"),
-                "/dev/kvm is not usable and FOLIOVM_REQUIRE_KVM=1"
-            );
-            eprintln!("skipping: /dev/kvm is not usable");
+        if !crate::kvm_usable() {
             return;
         }
         // "a" touches twice what the budget leaves it, so its second pass

@@ -5,9 +5,9 @@
 
 use mem::{
     FaultDelivery, FolioBackend, GuestAddress, GuestMemoryBackend, MemoryManager, MmConfig,
-    RamRegion, ReclaimConfig, SwapConfig, SwapTarget, VmId, VmLimits, PAGE_SIZE,
+    RamRegion, ReclaimConfig, RelocateSwitch, SwapConfig, SwapTarget, VmId, VmLimits, PAGE_SIZE,
 };
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub const MIB: u64 = 1 << 20;
@@ -277,4 +277,67 @@ pub fn assert_no_unbacked(s: &mem::MmStats) {
         (0, 0, 0),
         "entries present without their host page"
     );
+}
+
+/// The guest's view of its RAM: regions by guest address, as the VMM's
+/// memslots; a relocation's switch callback ([`View::switch`]) replaces
+/// them while the "vCPUs" are held off (the write lock is the pause).
+pub struct View(pub RwLock<Vec<RamRegion>>);
+
+impl View {
+    pub fn new(r: &[RamRegion]) -> View {
+        View(RwLock::new(r.to_vec()))
+    }
+    fn ram_at(v: &[RamRegion], gpa: u64) -> (Ram, u64) {
+        let r = v
+            .iter()
+            .find(|r| gpa >= r.guest_base.raw() && gpa < r.guest_base.raw() + r.size)
+            .expect("gpa in a region");
+        (Ram(*r), gpa - r.guest_base.raw())
+    }
+    pub fn read(&self, gpa: u64) -> u64 {
+        let v = self.0.read().unwrap();
+        let (ram, off) = View::ram_at(&v, gpa);
+        ram.read(off)
+    }
+    pub fn write(&self, gpa: u64, val: u64) {
+        let v = self.0.read().unwrap();
+        let (ram, off) = View::ram_at(&v, gpa);
+        ram.write(off, val)
+    }
+    /// The switch callback: hold the vCPUs off, swap the regions.
+    pub fn switch(&self, sw: &RelocateSwitch) -> Result<(), String> {
+        let mut v = self.0.write().unwrap();
+        v.retain(|r| !sw.old.contains(r));
+        v.extend(sw.new.iter().copied());
+        v.sort_by_key(|r| r.guest_base);
+        Ok(())
+    }
+}
+
+/// A chaos thread's body (for [`spawn_until`]): each pass discards the
+/// next 16-page chunk of `vm` (chunk `n * 37` mod their count) under the
+/// chunk's write lock, zeroes what `expected` holds for its words
+/// (`slots` per page), then sleeps `pause`.
+pub fn chunk_discarder(
+    mm: &Arc<MemoryManager>,
+    vm: VmId,
+    expected: &Arc<Vec<std::sync::atomic::AtomicU64>>,
+    chunks: &Arc<Vec<RwLock<()>>>,
+    slots: u64,
+    pause: Duration,
+) -> Box<dyn Fn(u64) + Send> {
+    let (mm, expected, chunks) = (mm.clone(), expected.clone(), chunks.clone());
+    Box::new(move |n| {
+        let c = (n * 37) % chunks.len() as u64;
+        let _g = chunks[c as usize].write().unwrap();
+        mm.discard(vm, GuestAddress(c * 16 * PAGE_SIZE), 16 * PAGE_SIZE)
+            .unwrap();
+        for p in c * 16..(c + 1) * 16 {
+            for t in 0..slots {
+                expected[(p * slots + t) as usize].store(0, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        std::thread::sleep(pause);
+    })
 }

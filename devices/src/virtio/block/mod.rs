@@ -91,9 +91,15 @@ impl DiskImage {
     /// # Errors
     /// [`DiskError`].
     pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Self, DiskError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: opening a FIFO for reading would wait for a writer
+        // (for ever, on the thread that builds the VM); it is refused
+        // below instead, and a regular file's or block device's reads
+        // and writes never wait on the flag, which is cleared all the same.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)
             .map_err(|source| DiskError::Open {
                 path: path.to_path_buf(),
@@ -103,6 +109,17 @@ impl DiskImage {
             path: path.to_path_buf(),
             source,
         })?;
+        let fd = file.as_raw_fd();
+        // SAFETY: fcntl(2) on a descriptor `file` owns and keeps open;
+        // F_GETFL and F_SETFL take and change only its status flags.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+            return Err(DiskError::Open {
+                path: path.to_path_buf(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
         let size = if meta.is_file() {
             meta.len()
         } else {
@@ -585,6 +602,30 @@ mod tests {
             fn drop(&mut self) {
                 let _ = std::fs::remove_file(&self.0);
             }
+        }
+    }
+
+    /// A FIFO is refused at once, read-only or not: opening one for
+    /// reading waits for a writer, and the open runs where nothing may
+    /// wait (the API's event loop at InstanceStart), with SIGTERM caught.
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let t = tempfile_lite::TempFile::new();
+        let c = std::ffi::CString::new(t.0.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = t.0.clone();
+        std::thread::spawn(move || {
+            let r = [true, false].map(|ro| DiskImage::open(&path, ro, "f").map(|_| ()));
+            let _ = tx.send(r);
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("DiskImage::open of a FIFO waited for a writer");
+        for e in r {
+            let e = e.unwrap_err();
+            assert!(matches!(e, DiskError::NotAFile { .. }), "{e}");
         }
     }
 

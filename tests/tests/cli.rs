@@ -86,7 +86,17 @@ fn missing_and_non_kernel_images() {
     let junk = d.file("junk", &[0x42; 8192]);
     expect_error(&["run", "--kernel", &junk], "is not a Linux kernel image");
     let truncated = d.file("trunc", b"\x7fELF\x02\x01\x01");
-    expect_error(&["run", "--kernel", &truncated], "cannot load kernel image");
+    expect_error(
+        &["run", "--kernel", &truncated],
+        "is cut short: it is 7 bytes, and its headers describe 64",
+    );
+    // Its segment's last byte missing.
+    let elf = tiny_elf();
+    let cut = d.file("cut", &elf[..elf.len() - 1]);
+    expect_error(
+        &["run", "--kernel", &cut],
+        "is cut short: it is 135 bytes, and its headers describe 136",
+    );
     // It loads at 16 MiB: an 8 MiB guest cannot hold it.
     let k = d.file("vmlinux", &tiny_elf());
     expect_error(

@@ -52,6 +52,17 @@ pub enum BootError {
         /// Path given.
         path: PathBuf,
     },
+    /// The image is shorter than its own headers say: cut short.
+    #[error("kernel image {path} is cut short: it is {size} bytes, and its headers describe {described}")]
+    Truncated {
+        /// Path given.
+        path: PathBuf,
+        /// The file's size.
+        size: u64,
+        /// The size its headers describe (for an ELF, up to the end of
+        /// the last thing they place in the file).
+        described: u64,
+    },
     /// linux-loader rejected the image (bad headers, does not fit in RAM).
     #[error("cannot load kernel image {path}: {reason}")]
     Load {
@@ -228,6 +239,22 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
+    let size = file
+        .metadata()
+        .map_err(|source| BootError::KernelIo {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    // Before the loader, which would load a bzImage cut short and let the
+    // guest run into what is missing, and names neither the cause.
+    if let Some(described) = described_len(&mut file, format).filter(|&d| d > size) {
+        return Err(BootError::Truncated {
+            path: path.to_path_buf(),
+            size,
+            described,
+        });
+    }
     let himem = vm_memory::GuestAddress(HIMEM_START.raw());
     // Checked before the loader, whose own failure here only says it
     // could not read the image; a bzImage also needs room to decompress.
@@ -277,6 +304,59 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
                 format,
                 setup_header: Some(hdr),
             })
+        }
+    }
+}
+
+/// How long the image's headers say it is: a bzImage's setup sectors and
+/// `syssize` (its protected-mode code, in 16-byte units; the build tool
+/// writes exactly that much), an ELF's header, program headers and the end
+/// of its furthest `PT_LOAD` segment in the file. `None` if the headers
+/// cannot be read at all (a read error); a header cut short describes at
+/// least the header.
+fn described_len(file: &mut File, format: KernelFormat) -> Option<u64> {
+    let mut head = [0u8; 0x1f8];
+    file.seek(SeekFrom::Start(0)).ok()?;
+    let n = read_up_to(file, &mut head).ok()?;
+    match format {
+        KernelFormat::BzImage => {
+            // Sniffed by the magic at 0x202, so the fields below were read.
+            let setup_sects = match head[0x1f1] {
+                0 => 4,
+                k => u64::from(k),
+            };
+            let syssize = u64::from(u32::from_le_bytes(head[0x1f4..0x1f8].try_into().ok()?));
+            Some((setup_sects + 1) * 512 + syssize * 16)
+        }
+        KernelFormat::Elf => {
+            const EHDR: usize = 64;
+            if n < EHDR {
+                return Some(EHDR as u64);
+            }
+            let phoff = u64::from_le_bytes(head[0x20..0x28].try_into().ok()?);
+            let phentsize = u64::from(u16::from_le_bytes([head[0x36], head[0x37]]));
+            let phnum = u64::from(u16::from_le_bytes([head[0x38], head[0x39]]));
+            let phdrs_end = phoff.checked_add(phnum.checked_mul(phentsize)?)?;
+            let mut end = phdrs_end.max(EHDR as u64);
+            if phentsize < 0x38 {
+                return Some(end);
+            }
+            let len = file.metadata().ok()?.len();
+            if phdrs_end > len {
+                return Some(end);
+            }
+            for i in 0..phnum {
+                let mut ph = [0u8; 0x38];
+                file.seek(SeekFrom::Start(phoff + i * phentsize)).ok()?;
+                file.read_exact(&mut ph).ok()?;
+                if u32::from_le_bytes(ph[0..4].try_into().ok()?) != 1 {
+                    continue; // not PT_LOAD
+                }
+                let offset = u64::from_le_bytes(ph[0x08..0x10].try_into().ok()?);
+                let filesz = u64::from_le_bytes(ph[0x20..0x28].try_into().ok()?);
+                end = end.max(offset.checked_add(filesz)?);
+            }
+            Some(end)
         }
     }
 }
@@ -662,7 +742,82 @@ mod tests {
             .write_all(b"\x7fELF\x02\x01\x01")
             .unwrap();
         let e = load_kernel(&mem, &p).unwrap_err();
-        assert!(matches!(e, BootError::Load { .. }), "{e}");
+        assert!(matches!(e, BootError::Truncated { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An image cut short (a copy or download that stopped) is named as
+    /// such. Before, a bzImage cut in half loaded and the guest
+    /// triple-faulted, one cut inside its setup code failed with "Underflow
+    /// occurred during an arithmetic operation", and an ELF cut anywhere
+    /// with "Unable to read kernel image".
+    #[test]
+    fn a_truncated_kernel_is_named_as_cut_short() {
+        let dir = std::env::temp_dir().join(format!("foliovm-boot-trunc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("kernel");
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 64 << 20)]).unwrap();
+        // A bzImage of 4 setup sectors and 16 KiB of payload (syssize in
+        // 16-byte units), code at 1 MiB.
+        let mut bz = vec![0u8; 5 * 512 + 16 * 1024];
+        bz[0x1f1] = 4;
+        bz[0x1f4..0x1f8].copy_from_slice(&1024u32.to_le_bytes());
+        bz[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+        bz[0x211] = 1; // LOADED_HIGH
+        bz[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        bz[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+        bz[0x260..0x264].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        std::fs::write(&p, &bz).unwrap();
+        load_kernel(&mem, &p).expect("the whole bzImage loads");
+        let whole = bz.len();
+        for len in [whole - 1, whole / 2, 0x300, 0x206] {
+            std::fs::write(&p, &bz[..len]).unwrap();
+            let e = load_kernel(&mem, &p).unwrap_err().to_string();
+            assert!(
+                e.ends_with(&format!(
+                    "is cut short: it is {len} bytes, and its headers describe {whole}"
+                )),
+                "{len}: {e}"
+            );
+        }
+        // An ELF: header, one program header, a 4 KiB segment at 0x1000.
+        let mut elf = vec![0u8; 0x2000];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        (elf[4], elf[5], elf[6]) = (2, 1, 1);
+        elf[16..18].copy_from_slice(&2u16.to_le_bytes());
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+        elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+        elf[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+        elf[52..54].copy_from_slice(&64u16.to_le_bytes());
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = 64;
+        elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+        for (o, v) in [
+            (8, 0x1000u64),
+            (16, 0x100_0000),
+            (24, 0x100_0000),
+            (32, 0x1000),
+            (40, 0x1000),
+        ] {
+            elf[ph + o..ph + o + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        std::fs::write(&p, &elf).unwrap();
+        load_kernel(&mem, &p).expect("the whole ELF loads");
+        for (len, whole) in [(0x1fff, 0x2000), (0x1000, 0x2000), (100, 120), (7, 64)] {
+            std::fs::write(&p, &elf[..len]).unwrap();
+            let e = load_kernel(&mem, &p).unwrap_err().to_string();
+            assert!(
+                e.ends_with(&format!(
+                    "is cut short: it is {len} bytes, and its headers describe {whole}"
+                )),
+                "{len}: {e}"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

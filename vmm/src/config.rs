@@ -367,6 +367,7 @@ impl RunConfig {
                 other => other,
             })?;
         }
+        self.check_shared_images()?;
         // Reclaim never takes a VM below its minimum: minimums that fill
         // the budget leave no VM room to fault beyond its own.
         let mins: u64 = self.vms.iter().map(|v| v.limits.min_bytes).sum();
@@ -376,6 +377,47 @@ impl RunConfig {
                 show_size(mins),
                 show_size(b)
             )));
+        }
+        Ok(())
+    }
+
+    /// Refuse one image file behind two drives when either is writable:
+    /// two virtio-blk devices over one file, each with a guest cache and
+    /// filesystem of its own, corrupt it. Files are compared by device and
+    /// inode, so a hard link or symlink is the same file; an image that
+    /// cannot be looked at is left to the open, which names the problem.
+    fn check_shared_images(&self) -> Result<(), ConfigError> {
+        use std::os::unix::fs::MetadataExt;
+        let many = self.vms.len() > 1;
+        let mut seen: Vec<((u64, u64), &VmConfig, &crate::virtio::DriveConfig)> = Vec::new();
+        for vm in &self.vms {
+            for d in &vm.virtio.drives {
+                let Ok(m) = std::fs::metadata(&d.path) else {
+                    continue;
+                };
+                let key = (m.dev(), m.ino());
+                let name = |v: &VmConfig, d: &crate::virtio::DriveConfig| match many {
+                    true => format!("VM {:?} drive {:?}", v.name, d.id),
+                    false => format!("drive {:?}", d.id),
+                };
+                if let Some((_, ov, od)) = seen
+                    .iter()
+                    .find(|(k, _, od)| *k == key && !(od.read_only && d.read_only))
+                {
+                    let (first, second) = (name(ov, od), name(vm, d));
+                    let both = if many {
+                        format!("{first} and {second}")
+                    } else {
+                        format!("drives {:?} and {:?}", od.id, d.id)
+                    };
+                    return Err(ConfigError::Invalid(format!(
+                        "{both} are the same image file {}: the guest would write it through \
+                         two devices and corrupt it (make both read-only with ro / is_read_only)",
+                        od.path.display()
+                    )));
+                }
+                seen.push((key, vm, d));
+            }
         }
         Ok(())
     }
@@ -901,6 +943,90 @@ mod tests {
             limits: mem::VmLimits::default(),
             virtio: Default::default(),
         }
+    }
+
+    /// One image file behind two drives, either of them writable, is
+    /// refused: two virtio-blk devices over one file, each with its own
+    /// guest-side cache and filesystem, corrupt it. In one VM or two (a
+    /// run's VMs share the process), by path, hard link or symlink.
+    #[test]
+    fn one_image_file_behind_two_writable_drives_is_refused() {
+        let dir = std::env::temp_dir().join(format!("foliovm-cfg-twice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        std::fs::write(&img, [0u8; 4096]).unwrap();
+        let link = dir.join("link.img");
+        std::fs::hard_link(&img, &link).unwrap();
+        let other = dir.join("other.img");
+        std::fs::write(&other, [0u8; 4096]).unwrap();
+        let drive = |id: &str, path: &Path, read_only: bool| crate::virtio::DriveConfig {
+            id: id.into(),
+            path: path.to_path_buf(),
+            read_only,
+            root: false,
+        };
+        let vm = |name: &str, drives| VmConfig {
+            name: name.into(),
+            payload: GuestPayload::Linux {
+                kernel: "vmlinux".into(),
+                initrd: None,
+                cmdline: None,
+            },
+            virtio: crate::virtio::VirtioConfig {
+                drives,
+                balloon: None,
+            },
+            ..cfg(64 << 20, 1)
+        };
+        let one = |drives| RunConfig::single(vm("vm0", drives), MemoryConfig::default());
+        let e = one(vec![drive("a", &img, false), drive("b", &img, false)])
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "drives \"a\" and \"b\" are the same image file {}: the guest would write it \
+                 through two devices and corrupt it (make both read-only with ro / is_read_only)",
+                img.display()
+            )
+        );
+        let e = one(vec![drive("a", &img, true), drive("b", &link, false)])
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("drives \"a\" and \"b\" are the same image file"),
+            "{e}"
+        );
+        assert!(one(vec![drive("a", &img, true), drive("b", &link, true)])
+            .validate(&LIMITS)
+            .is_ok());
+        assert!(
+            one(vec![drive("a", &img, false), drive("b", &other, false)])
+                .validate(&LIMITS)
+                .is_ok()
+        );
+        // A missing image is left to the open, which names it.
+        assert!(one(vec![
+            drive("a", &dir.join("no"), false),
+            drive("b", &dir.join("no"), false)
+        ])
+        .validate(&LIMITS)
+        .is_ok());
+        let two = RunConfig {
+            vms: vec![
+                vm("x", vec![drive("a", &img, false)]),
+                vm("y", vec![drive("a", &link, true)]),
+            ],
+            memory: MemoryConfig::default(),
+        };
+        let e = two.validate(&LIMITS).unwrap_err().to_string();
+        assert!(
+            e.starts_with("VM \"x\" drive \"a\" and VM \"y\" drive \"a\" are the same image file"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

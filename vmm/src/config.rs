@@ -740,6 +740,56 @@ impl VmSections {
     }
 }
 
+/// The text of entry `i` of a multi-VM file's `vms` list, a slice of
+/// `text`.
+fn vm_entry_text(text: &str, i: usize) -> Option<&str> {
+    #[derive(Deserialize)]
+    struct Vms<'a> {
+        #[serde(borrow)]
+        vms: Vec<&'a serde_json::value::RawValue>,
+    }
+    let v: Vms = serde_json::from_str(text).ok()?;
+    v.vms.get(i).map(|r| r.get())
+}
+
+/// " at line L column C" in `text` for the first section of the VM object
+/// `obj` (a slice of `text`) that does not deserialize, or "" if none is
+/// found. A VM's sections are read from a parsed `Value` (for the unknown
+/// key check and the VM names), whose errors have no position; this reads
+/// each section again from its text, only once reading has failed.
+fn locate_section_error(text: &str, obj: &str) -> String {
+    use serde_json::value::RawValue;
+    fn err<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Option<serde_json::Error> {
+        serde_json::from_str::<T>(raw.get()).err()
+    }
+    let Ok(map) = serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(obj) else {
+        return String::new();
+    };
+    for (key, raw) in &map {
+        let e = match key.as_str() {
+            "name" => err::<String>(raw),
+            "boot-source" => err::<BootSource>(raw),
+            "machine-config" => err::<MachineConfig>(raw),
+            "foliovm" => err::<FoliovmSection>(raw),
+            "drives" => err::<Vec<crate::virtio::DriveSection>>(raw),
+            "balloon" => err::<crate::virtio::BalloonSection>(raw),
+            _ => None,
+        };
+        let Some(e) = e else { continue };
+        // Where the section starts in `text`: both are slices of it.
+        let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+        let before = &text[..start];
+        let start_line = before.matches('\n').count() + 1;
+        let start_col = start - before.rfind('\n').map_or(0, |n| n + 1);
+        let (line, column) = match e.line() {
+            1 => (start_line, start_col + e.column()),
+            l => (start_line + l - 1, e.column()),
+        };
+        return format!(" at line {line} column {column}");
+    }
+    String::new()
+}
+
 /// Any JSON value, refused if an object in it has a key twice.
 struct NoDuplicateKeys;
 
@@ -831,8 +881,12 @@ impl ConfigFile {
                     Some(_) => format!("vms[{i}]"),
                 };
                 let malformed = |m: String| malformed(format!("{label}: {m}"));
-                let sections: VmSections =
-                    serde_json::from_value(entry).map_err(|e| malformed(e.to_string()))?;
+                let sections: VmSections = serde_json::from_value(entry).map_err(|e| {
+                    let at = vm_entry_text(text, i)
+                        .map(|entry| locate_section_error(text, entry))
+                        .unwrap_or_default();
+                    malformed(format!("{e}{at}"))
+                })?;
                 if sections
                     .foliovm
                     .as_ref()
@@ -852,8 +906,8 @@ impl ConfigFile {
             }
             return Ok((RunConfig { vms, memory }, warnings));
         }
-        let sections: VmSections =
-            serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+        let sections: VmSections = serde_json::from_value(value)
+            .map_err(|e| malformed(format!("{e}{}", locate_section_error(text, text))))?;
         if sections.name.is_some() {
             return Err(malformed(
                 "unknown key \"name\" (names are for entries of \"vms\")".into(),
@@ -1379,6 +1433,32 @@ mod tests {
             let e = ConfigFile::parse(text, p).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
+    }
+
+    /// A value of the wrong type says where it is, as a syntax error
+    /// does: before, "invalid type: string \"64M\", expected u64" named
+    /// neither the field nor the line (the sections are read from a parsed
+    /// value, which has no positions).
+    #[test]
+    fn wrong_types_say_where_they_are() {
+        let single = "{\n  \"machine-config\": {\"vcpu_count\": 1,\n    \"mem_size_mib\": \"64M\"},\n  \"foliovm\": {\"workload\": \"seq:1M\"}\n}";
+        let e = ConfigFile::parse(single, Path::new("t.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("invalid type: string \"64M\", expected u64 at line 3 column 25"),
+            "{e}"
+        );
+        let multi = "{\"vms\": [\n {\"name\": \"a\", \"machine-config\": {\"vcpu_count\": 1, \"mem_size_mib\": 64}, \"foliovm\": {\"workload\": \"seq:1M\"}},\n {\"name\": \"b\", \"machine-config\": {\"vcpu_count\": 1, \"mem_size_mib\": 64}, \"foliovm\": {\"workload\": \"seq:1M\", \"priority\": \"high\"}}\n]}";
+        let e = ConfigFile::parse(multi, Path::new("t.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with(
+                "VM \"b\": invalid type: string \"high\", expected i32 at line 3 column 124"
+            ),
+            "{e}"
+        );
     }
 
     /// In a `vms` list an error names the VM it is about: serde's own

@@ -499,6 +499,16 @@ pub fn build_cmdline(base: &str, extra: &[String]) -> Result<Cmdline, BootError>
         None if base.starts_with("-- ") => ("", Some(&base[3..])),
         None => (base, None),
     };
+    // linux-loader refuses these too, without saying which or where.
+    if let Some((i, ch)) = base
+        .char_indices()
+        .find(|&(_, ch)| !(' '..='~').contains(&ch))
+    {
+        return Err(BootError::Cmdline(format!(
+            "character {ch:?} at byte {i} is not printable ASCII \
+             (only ' ' to '~' are taken; separate words with spaces)"
+        )));
+    }
     let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     let added: usize = extra.iter().map(|e| e.trim().len() + 1).sum();
     let mut push = |s: &str| -> Result<(), BootError> {
@@ -659,6 +669,21 @@ mod tests {
             c.as_cstring().unwrap().to_str().unwrap(),
             "console=ttyS0 noxsave nopku"
         );
+        // The character linux-loader refuses is named, with its place.
+        for (base, want) in [
+            ("console=ttyS0\tquiet", "'\\t' at byte 13"),
+            ("a\nb", "'\\n' at byte 1"),
+            ("root=/dev/vdé", "'é' at byte 12"),
+        ] {
+            let e = build_cmdline(base, &extra).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "invalid kernel command line: character {want} is not printable ASCII \
+                     (only ' ' to '~' are taken; separate words with spaces)"
+                )
+            );
+        }
         let e = build_cmdline(&"x".repeat(2040), &extra)
             .unwrap_err()
             .to_string();

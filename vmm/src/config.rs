@@ -708,6 +708,12 @@ impl VmSections {
                     "config has both boot-source and foliovm.workload; choose one".into(),
                 ))
             }
+            (Some(bs), None) if bs.kernel_image_path.as_os_str().is_empty() => {
+                // As `PUT /boot-source` answers it.
+                return Err(malformed(
+                    "boot-source.kernel_image_path must not be empty".into(),
+                ));
+            }
             (Some(bs), None) => GuestPayload::Linux {
                 kernel: bs.kernel_image_path,
                 initrd: bs.initrd_path,
@@ -1419,6 +1425,10 @@ mod tests {
             (
                 r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "1G"}, "foliovm": {"workload": "seq:1M"}}"#,
                 "huge_pages",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": ""}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#,
+                "boot-source.kernel_image_path must not be empty",
             ),
             (
                 r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "smt": true}, "foliovm": {"workload": "seq:1M"}}"#,

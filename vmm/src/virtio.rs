@@ -454,9 +454,9 @@ fn retry_timer() -> std::io::Result<TimerFd> {
     Ok(unsafe { TimerFd::from_raw_fd(fd) })
 }
 
-/// A device's queue notifications on the VM's device I/O thread, and the retries of
-/// queues it deferred ([`QueueState::Deferred`]: a request waits for guest
-/// memory) on a timer.
+/// A device's queue notifications on the VM's device I/O thread, and the
+/// retries of queues it deferred ([`QueueState::Deferred`]: a request waits
+/// for guest memory) on a timer.
 struct QueueEvents<D: VirtioDevice> {
     transport: Arc<Mutex<MmioTransport<D>>>,
     fds: Vec<i32>,
@@ -550,8 +550,8 @@ fn balloon_event_hook(
     }
 }
 
-/// Balloon side jobs on the VM's device I/O thread: statistics polling and memory
-/// statistics lines when the guest reaches a target.
+/// Balloon side jobs on the VM's device I/O thread: statistics polling and
+/// memory statistics lines when the guest reaches a target.
 struct BalloonEvents {
     handle: BalloonHandle,
     /// Signalled by the device's event hook; the events wait in `pending`.

@@ -2,10 +2,11 @@
 //! request queue. Analogue of Linux `drivers/block/virtio_blk.c`, device side.
 //!
 //! Requests run on the VM's device I/O thread, the VMM's event loop for
-//! that VM's devices (the queue's notification is a KVM ioeventfd). Data moves with `pread`/`pwrite` straight between
-//! the image and guest memory, through vm-memory's bounds-checked slices,
-//! with each data buffer pinned while it moves ([`RamControl::pin`]), in
-//! pieces of at most [`PIN_CHUNK`].
+//! that VM's devices (the queue's notification is a KVM ioeventfd). Data
+//! moves with `pread`/`pwrite` straight between the image and guest memory,
+//! through vm-memory's bounds-checked slices, with each data buffer pinned
+//! while it moves ([`RamControl::pin`]), in pieces of at most
+//! [`PIN_CHUNK`].
 //!
 //! A pin that finds no memory (the budget exhausted, reclaim not keeping
 //! up) does not fail the request: it goes back to the queue and the queue

@@ -413,8 +413,9 @@ pub fn serve(opts: ServeOptions) -> Result<Served, VmmError> {
     if let Some(source) = opts.source {
         controller.set_memory_source(source);
     }
-    let signal = install_signal_handlers()?;
+    // Before the handlers: an error installing one leaves none watched.
     let unwatched = SignalsUnwatched;
+    let signal = install_signal_handlers()?;
     events.add_subscriber(Arc::new(Mutex::new(SignalWatch {
         evt: signal,
         controller: controller.clone(),

@@ -118,25 +118,29 @@ fn api_waits_for_configuration_and_refuses_incomplete_starts() {
         (mc["vcpu_count"].as_u64(), mc["mem_size_mib"].as_u64()),
         (Some(2), Some(256))
     );
-    // A kernel that does not exist fails the start with a clear message
-    // and leaves the VMM waiting for a good configuration.
-    let r = vm.call(
-        "PUT",
-        "/boot-source",
-        Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#),
-    );
-    assert_eq!(r.status, 204);
+    // A kernel or initrd that does not exist is refused at once, as
+    // Firecracker does, with a clear message; the VMM waits for a good
+    // configuration (a start without one says what is missing).
+    for (body, want) in [
+        (
+            r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#,
+            "cannot open kernel image /nonexistent/vmlinux: No such file or directory",
+        ),
+        (
+            r#"{"kernel_image_path": "/dev/null", "initrd_path": "/nonexistent/initrd"}"#,
+            "cannot open initrd /nonexistent/initrd: No such file or directory",
+        ),
+    ] {
+        let r = vm.call("PUT", "/boot-source", Some(body));
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.fault().unwrap().contains(want), "{}", r.body);
+    }
     let r = vm.call(
         "PUT",
         "/actions",
         Some(r#"{"action_type": "InstanceStart"}"#),
     );
     assert_eq!(r.status, 400);
-    assert!(
-        r.fault().unwrap().contains("cannot read kernel image"),
-        "{}",
-        r.body
-    );
     assert_eq!(vm.call("GET", "/", None).json()["state"], "Not started");
     // SAFETY: kill(2) on our own child's pid has no memory-safety impact.
     unsafe { libc::kill(vm.child.id() as i32, libc::SIGINT) };

@@ -392,6 +392,22 @@ impl ApiBackend for Controller {
         if self.started() {
             return Err(ApiError::bad(NOT_AFTER_START));
         }
+        // Read when the VM is built; a file that cannot be opened is named
+        // now, as Firecracker does (what it holds is checked at the start).
+        // Non-blocking: opening a FIFO would wait for a writer.
+        let open = |path: &str| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(path)
+                .map_err(|e| format!("{path}: {e}"))
+        };
+        open(&body.kernel_image_path)
+            .map_err(|e| ApiError::bad(format!("cannot open kernel image {e}")))?;
+        if let Some(initrd) = &body.initrd_path {
+            open(initrd).map_err(|e| ApiError::bad(format!("cannot open initrd {e}")))?;
+        }
         p.boot_source = Some(body);
         Ok(())
     }

@@ -93,6 +93,15 @@ impl VirtioConfig {
             return invalid("more than one drive has is_root_device set".into());
         }
         for (i, d) in self.drives.iter().enumerate() {
+            // Firecracker's rule for ids: they go into API paths
+            // (`PUT /drives/{id}`) and messages.
+            let ok = |c: char| c.is_ascii_alphanumeric() || c == '_';
+            if d.id.is_empty() || d.id.len() > 64 || !d.id.chars().all(ok) {
+                return invalid(format!(
+                    "drive id {:?}: use 1 to 64 letters, digits or '_'",
+                    d.id
+                ));
+            }
             if self.drives[..i].iter().any(|o| o.id == d.id) {
                 return invalid(format!("two drives have the id {:?}", d.id));
             }
@@ -1023,6 +1032,21 @@ mod tests {
             balloon: None,
         };
         assert!(many.validate(1 << 30).is_err());
+        for id in ["a/b", "a-b", "é", &"x".repeat(65)] {
+            let bad = VirtioConfig {
+                drives: vec![parse_drive_flag(&format!("a,id={id}"), 0).unwrap()],
+                balloon: None,
+            };
+            assert_eq!(
+                bad.validate(1 << 30).unwrap_err().to_string(),
+                format!("drive id {id:?}: use 1 to 64 letters, digits or '_'")
+            );
+        }
+        let good = VirtioConfig {
+            drives: vec![parse_drive_flag(&format!("a,id=Root_1{}", "x".repeat(57)), 0).unwrap()],
+            balloon: None,
+        };
+        assert!(good.validate(1 << 30).is_ok());
     }
 
     #[test]

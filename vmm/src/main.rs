@@ -428,8 +428,7 @@ fn run_config(a: &RunArgs) -> Result<RunConfig> {
                 .balloon
                 .as_deref()
                 .map(vmm::virtio::parse_balloon_flag)
-                .transpose()
-                .context("invalid --balloon")?,
+                .transpose()?,
         },
     };
     Ok(RunConfig::single(vm, memory))

@@ -209,7 +209,8 @@ pub fn parse_drive_flag(s: &str, index: usize) -> Result<DriveConfig, ConfigErro
 /// [`ConfigError`] for a bad size or unknown option.
 pub fn parse_balloon_flag(s: &str) -> Result<BalloonSpec, ConfigError> {
     let mut parts = s.split(',');
-    let size = parse_size(parts.next().unwrap_or(""))?;
+    let size = parse_size(parts.next().unwrap_or(""))
+        .map_err(|e| ConfigError::Invalid(format!("--balloon {s:?}: {e}")))?;
     let mut b = BalloonSpec {
         device: BalloonConfig {
             target_bytes: size,
@@ -961,7 +962,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"stats=2\" repeats an earlier one"), "{e}");
-        assert!(parse_balloon_flag("lots").is_err());
+        // Every error names the flag once, a bad size too (the CLI adds
+        // nothing: it said "invalid --balloon: --balloon ..." before).
+        for (flag, want) in [
+            ("lots", "--balloon \"lots\": invalid size \"lots\""),
+            ("8M,stats=x", "--balloon \"8M,stats=x\": bad stats interval"),
+            ("8M,foo", "--balloon \"8M,foo\": unknown option \"foo\""),
+        ] {
+            let e = parse_balloon_flag(flag).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
     }
 
     #[test]

@@ -123,14 +123,19 @@ fn firecracker_api_sequence_boots_linux_and_ctrl_alt_del_ends_it() {
         Some(r#"{"action_type": "SendCtrlAltDel"}"#),
     );
     assert_eq!(r.status, 400, "no VM to send keys to yet: {}", r.body);
-    // A start that fails (a mistyped kernel path, with the default 128 MiB
-    // machine-config) leaves nothing behind: the memory made for it is not
-    // what the corrected start below (256 MiB) runs on.
+    // A mistyped kernel path is refused at once, as Firecracker does.
     let r = vm.call(
         "PUT",
         "/boot-source",
         Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#),
     );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("/nonexistent/vmlinux"), "{}", r.body);
+    // A start that fails (a file that is no kernel, with the default
+    // 128 MiB machine-config) leaves nothing behind: the memory made for
+    // it is not what the corrected start below (256 MiB) runs on.
+    let not_a_kernel = serde_json::json!({ "kernel_image_path": image }).to_string();
+    let r = vm.call("PUT", "/boot-source", Some(&not_a_kernel));
     assert_eq!(r.status, 204, "{}", r.body);
     let start = || {
         vm.call(
@@ -141,7 +146,7 @@ fn firecracker_api_sequence_boots_linux_and_ctrl_alt_del_ends_it() {
     };
     let r = start();
     assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("/nonexistent/vmlinux"), "{}", r.body);
+    assert!(r.body.contains("not a Linux kernel image"), "{}", r.body);
     let r = vm.call("PUT", "/boot-source", Some(&boot));
     assert_eq!(r.status, 204, "{}", r.body);
     let r = vm.call(

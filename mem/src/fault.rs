@@ -799,15 +799,6 @@ fn fallback_page(
 /// The caller owns the page: it belongs to a folio this call owns (new or
 /// locked), as in [`move_in`].
 fn discard_pool_copy(inner: &Inner, src_off: PoolOffset, why: &str) {
-    match inner.pool.drop_or_zero(src_off, 1) {
-        Ok(crate::pool::Cleared::Dropped) => {}
-        Ok(crate::pool::Cleared::Zeroed(e)) => log_error(&format!(
-            "drop of the pool copy at {:#x} {why}: {e}; zeroed it instead",
-            src_off.0
-        )),
-        Err(e) => log_error(&format!(
-            "drop of the pool copy at {:#x} {why}: {e}",
-            src_off.0
-        )),
-    }
+    let what = format_args!("drop of the pool copy {why} at");
+    crate::gather::clear_logged(&inner.pool, src_off, 1, &what);
 }

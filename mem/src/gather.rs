@@ -146,23 +146,31 @@ impl ZapQueue {
         if let Err(e) = pool.drop_ranges(q) {
             log_error(&format!("zap of {} stale pool ranges: {e}", q.len()));
             for &(off, n) in q.iter() {
-                match pool.drop_or_zero(off, n) {
-                    Ok(Cleared::Dropped) => {}
-                    Ok(Cleared::Zeroed(e)) => log_error(&format!(
-                        "zap of stale pool range {:#x}+{n} pages: {e}; zeroed it instead",
-                        off.0
-                    )),
-                    Err(e) => log_error(&format!(
-                        "zap of stale pool range {:#x}+{n} pages: {e}",
-                        off.0
-                    )),
-                }
+                clear_logged(pool, off, n, &"zap of stale pool range");
             }
         }
         q.clear();
         self.pending.fetch_sub(nr, Relaxed);
         self.batches.fetch_add(1, Relaxed);
         self.pages.fetch_add(nr, Relaxed);
+    }
+}
+
+/// [`Pool::drop_or_zero`] of `[off, off + nr pages)`, whose outcome other
+/// than a plain drop is logged, the range named by `what`: for pool pages
+/// that must hold no data whatever `MADV_DONTNEED` does (stale copies, an
+/// offline block that held a guest's data).
+///
+/// # Context
+/// As [`Pool::drop_or_zero`]: the caller owns the range.
+pub(crate) fn clear_logged(pool: &Pool, off: PoolOffset, nr: u64, what: &dyn std::fmt::Display) {
+    match pool.drop_or_zero(off, nr) {
+        Ok(Cleared::Dropped) => {}
+        Ok(Cleared::Zeroed(e)) => log_error(&format!(
+            "{what} {:#x}+{nr} pages: {e}; zeroed it instead",
+            off.0
+        )),
+        Err(e) => log_error(&format!("{what} {:#x}+{nr} pages: {e}", off.0)),
     }
 }
 

@@ -19,7 +19,6 @@
 
 use crate::buddy::{BlockState, FreeError};
 use crate::manager::Inner;
-use crate::pool::Cleared;
 use crate::types::{Order, ShowSize, PAGE_SIZE};
 use crate::vmscan;
 use std::sync::atomic::Ordering::Relaxed;
@@ -217,21 +216,17 @@ fn lower(
             // with that data. So such a block is zeroed in place then. A
             // `Ready` or `NeedsPopulate` block is zero where present
             // already, so a failed drop only leaves it populated.
-            let r =
-                match b.state {
-                    BlockState::NeedsZero => inner
-                        .pool
-                        .drop_or_zero(b.offset, b.order.nr_pages())
-                        .map(|c| match c {
-                            Cleared::Dropped => (),
-                            Cleared::Zeroed(e) => crate::vm::log_error(&format!(
-                                "dropping offline {b:?}: {e}; zeroed it instead"
-                            )),
-                        }),
-                    _ => inner.pool.drop_pages(b.offset, b.order.nr_pages()),
-                };
-            if let Err(e) = r {
-                crate::vm::log_error(&format!("dropping offline {b:?}: {e}"));
+            let nr = b.order.nr_pages();
+            match b.state {
+                BlockState::NeedsZero => {
+                    let what = format_args!("dropping offline {:?} at", b.state);
+                    crate::gather::clear_logged(&inner.pool, b.offset, nr, &what);
+                }
+                _ => {
+                    if let Err(e) = inner.pool.drop_pages(b.offset, nr) {
+                        crate::vm::log_error(&format!("dropping offline {b:?}: {e}"));
+                    }
+                }
             }
             taken += b.order.nr_pages();
         }

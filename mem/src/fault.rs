@@ -134,9 +134,15 @@ pub(crate) fn handle_fault(inner: &Inner, addr: usize, t0: Instant, first: bool,
 /// Handler thread; no locks held.
 pub(crate) fn handle_wp_fault(inner: &Inner, addr: usize) {
     let page = addr & !(PAGE_SIZE as usize - 1);
-    let lift = || {
+    // `gone`: no live region has the page. The event can be read after its
+    // range left the userfaultfd (a relocation's old range once every table
+    // moved, a region torn down), and the kernel then refuses the ioctl with
+    // `ENOENT`: expected, not logged. The writer is woken either way.
+    let lift = |gone: bool| {
         if let Err(e) = inner.uffd.write_protect(page, PAGE_SIZE, false) {
-            log_error(&format!("UFFDIO_WRITEPROTECT off at {page:#x}: {e}"));
+            if !(gone && e.raw_os_error() == Some(libc::ENOENT)) {
+                log_error(&format!("UFFDIO_WRITEPROTECT off at {page:#x}: {e}"));
+            }
             let _ = inner.uffd.wake(page, PAGE_SIZE as usize);
         }
     };
@@ -144,7 +150,7 @@ pub(crate) fn handle_wp_fault(inner: &Inner, addr: usize) {
         .lookup(page)
         .and_then(|r| r.page_of_host(page).map(|i| (r, i)))
     else {
-        lift();
+        lift(true);
         return;
     };
     let ptl = region.pt.lock(idx);
@@ -154,7 +160,7 @@ pub(crate) fn handle_wp_fault(inner: &Inner, addr: usize) {
     report_streak(inner, "write-protect", &region, idx, page, || {
         ptl.pte(idx).state()
     });
-    lift();
+    lift(false);
     drop(ptl);
 }
 
@@ -416,7 +422,10 @@ pub(crate) fn fault_in(
 /// one, did that in the one loss seen), the page is poisoned, so that the
 /// guest gets a memory error, never wrong data.
 /// Both are counted and logged. Kept as a safety net now that the count is
-/// corrected: a fault must never spin on such a page.
+/// corrected: a fault must never spin on such a page. The other way here is
+/// a page whose `MOVE` and `COPY` fallback both failed
+/// (`fallback_page`): its data waits in the pool page, recorded in
+/// `stranded` so that a free before this fault zeroes it.
 ///
 /// A clean folio needs no reading of evidence: its swap slot holds its data
 /// (checksummed), so it is dropped back to `Swap(slot)` as reclaim drops a
@@ -479,6 +488,8 @@ pub(crate) fn restore_unbacked(
         for c in [&region.counters.faults, &inner.faults] {
             c.unbacked_restored.fetch_add(1, Relaxed);
         }
+        // Recorded again by `fallback_page` if this install fails too.
+        inner.stranded.forget(pool);
         move_in(inner, region, idx, pool, 1, false);
         log_error(&format!(
             "page {addr:#x} (vm {:?} index {}) was present in our table but not \
@@ -762,9 +773,17 @@ fn fallback_page(
             counters
                 .iter()
                 .for_each(|c| _ = c.fallback_copy_pages.fetch_add(1, Relaxed));
-            // SAFETY: `src` is a populated page of a folio this call owns
-            // (readable), and `dst` is a hole owned under the page-table lock.
-            let r = unsafe { inner.uffd.copy(dst, src, PAGE_SIZE) };
+            let r = if inner.inject.hit(FaultPoint::FallbackCopyFails) {
+                Err(PartialFill {
+                    done: 0,
+                    errno: libc::ENOMEM,
+                })
+            } else {
+                // SAFETY: `src` is a populated page of a folio this call
+                // owns (readable), and `dst` is a hole owned under the
+                // page-table lock.
+                unsafe { inner.uffd.copy(dst, src, PAGE_SIZE) }
+            };
             if r.is_ok() {
                 // The data now lives in the guest: drop the pool copy so the
                 // folio's pool range is a hole like a moved one.
@@ -775,6 +794,16 @@ fn fallback_page(
     };
     if let Err(e) = result {
         if e.errno != libc::EEXIST {
+            counters
+                .iter()
+                .for_each(|c| _ = c.fallback_failed_pages.fetch_add(1, Relaxed));
+            // The guest page is still a hole and the folio's data (unless it
+            // is a fresh zero folio) still in its pool page: the woken
+            // access faults again and `restore_unbacked` moves it in. Until
+            // then the pool page must not be freed as a hole.
+            if !zero_ok {
+                inner.stranded.note(src_off);
+            }
             log_error(&format!(
                 "fallback fill at {dst:#x} failed: errno {}",
                 e.errno

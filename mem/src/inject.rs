@@ -51,6 +51,11 @@ pub enum FaultPoint {
     /// page, `UFFDIO_ZEROPAGE`), as if something had filled it behind its
     /// entry, so the kernel fails the move with `EEXIST`.
     GuestPopulated,
+    /// Installing pool pages into a guest (`fault::fallback_page`): the
+    /// `UFFDIO_COPY` that serves a page whose `UFFDIO_MOVE` was refused
+    /// fails with `ENOMEM` (the kernel is not called), so the page's data
+    /// stays in its folio's pool range behind a `Present` entry.
+    FallbackCopyFails,
 }
 
 /// Armed fault points: each fails its next `count` passes after `skip`

@@ -55,6 +55,8 @@
 //!   +-- zone lock           Inner::buddy (leaf; never nested with the above)
 //!   +-- zap-queue lock      Inner::zapq (leaf; held across one
 //!                           process_madvise of stale pool ranges, see `gather`)
+//!   +-- stranded-pages lock Inner::stranded (leaf; see `stranded`; taken
+//!                           in free_ranges before, not under, the zone lock)
 //!
 //! leaf locks (nothing is   Inner::regions (registry), Inner::vms,
 //! taken under them):        Inner::pending, Inner::kick, Inner::kswapd_kick,
@@ -141,6 +143,7 @@ pub mod smaps;
 mod split;
 mod stall;
 pub mod stats;
+mod stranded;
 pub mod swap_cache;
 pub mod swap_file;
 pub mod swap_map;

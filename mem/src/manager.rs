@@ -19,6 +19,7 @@ use crate::pte::PteState;
 use crate::relocate::{RelocateError, RelocateOp, RelocateReport, RelocateSwitch};
 use crate::stats::{FaultCounters, MmStats, VmCounters, VmStats, WorkerCounters};
 use crate::stats::{SwapCounters, SwapDeviceStats};
+use crate::stranded::StrandedPages;
 use crate::swap_cache::SwapDevice;
 use crate::swap_file::{FaultPlan, ImpossibleFaultPlan, SwapConfig, SwapFileError};
 use crate::swap_map::SlotState;
@@ -295,6 +296,9 @@ pub(crate) struct Inner {
     /// Stale pool copies of folios installed by COPY, waiting for one
     /// batched zap (`gather`). Leaf.
     pub zapq: ZapQueue,
+    /// Pool pages holding a mapped folio's data after a failed install
+    /// (see `stranded`): a freed range with one is zeroed.
+    pub stranded: StrandedPages,
     /// Registered guest regions by host start. Leaf, never held while faulting.
     regions: RwLock<BTreeMap<usize, Arc<Region>>>,
     /// Live VMs. Leaf.
@@ -475,10 +479,13 @@ impl Inner {
             &self.pool,
             ranges.iter().map(|f| (f.pool, f.order.nr_pages())),
         );
+        // Taken before the zone lock: both are leaves.
+        let states = self.stranded.claim(ranges);
         let short_of_ready = {
             let mut buddy = self.buddy();
-            for f in ranges {
-                if let Err(e) = buddy.free(f.pool, f.order, f.state) {
+            for (i, f) in ranges.iter().enumerate() {
+                let state = states.as_ref().map_or(f.state, |s| s[i]);
+                if let Err(e) = buddy.free(f.pool, f.order, state) {
                     // A double free is a bug; refuse it rather than corrupt
                     // the lists.
                     log_error(&format!("free of {f:?}: {e}"));
@@ -833,6 +840,7 @@ impl MemoryManager {
             pool,
             folios: FolioTable::default(),
             zapq: ZapQueue::default(),
+            stranded: StrandedPages::default(),
             regions: RwLock::default(),
             vms: Mutex::default(),
             next_vm: AtomicU32::new(0),
@@ -1386,6 +1394,7 @@ impl MemoryManager {
             pool_zap_pages: inner.zapq.pages.load(Relaxed),
             pool_zap_forced: inner.zapq.forced.load(Relaxed),
             pool_stale_pages: inner.zapq.stale_pages(),
+            pool_stranded_pages: inner.stranded.pages(),
             move_undercounts: crate::sys::userfaultfd::move_undercounts(),
             migration: inner.workers.migration(),
             ..Default::default()

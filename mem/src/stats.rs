@@ -122,6 +122,10 @@ pub struct FaultCounters {
     pub fallback_copy_pages: AtomicU64,
     /// Pages served by `UFFDIO_ZEROPAGE` instead of `MOVE`.
     pub fallback_zeropage_pages: AtomicU64,
+    /// Pages whose `COPY` or `ZEROPAGE` fallback failed too: left in the
+    /// pool behind a `Present` entry until the next fault restores them
+    /// (see `stranded`).
+    pub fallback_failed_pages: AtomicU64,
     /// Pages `MOVE` found already populated (`EEXIST`), treated as served.
     pub move_eexist_pages: AtomicU64,
     /// `MOVE` retries after `EAGAIN`/`EBUSY` or a short move.
@@ -151,6 +155,7 @@ impl FaultCounters {
             order_fallback: self.order_fallback.load(Relaxed),
             fallback_copy_pages: self.fallback_copy_pages.load(Relaxed),
             fallback_zeropage_pages: self.fallback_zeropage_pages.load(Relaxed),
+            fallback_failed_pages: self.fallback_failed_pages.load(Relaxed),
             move_eexist_pages: self.move_eexist_pages.load(Relaxed),
             move_retries: self.move_retries.load(Relaxed),
             unbacked_restored: self.unbacked_restored.load(Relaxed),
@@ -182,6 +187,8 @@ pub struct FaultStats {
     pub fallback_copy_pages: u64,
     /// Pages served by `UFFDIO_ZEROPAGE`.
     pub fallback_zeropage_pages: u64,
+    /// Pages whose fallback failed too (restored by their next fault).
+    pub fallback_failed_pages: u64,
     /// Pages already populated at `MOVE` time.
     pub move_eexist_pages: u64,
     /// `MOVE` retries.
@@ -525,6 +532,9 @@ pub struct MmStats {
     pub pool_zap_forced: u64,
     /// Stale pool pages queued now (host memory beyond the budget).
     pub pool_stale_pages: u64,
+    /// Pool pages holding a mapped folio's data after its install into
+    /// the guest failed, until the next fault moves them in (`stranded`).
+    pub pool_stranded_pages: u64,
     /// `UFFDIO_MOVE` calls of this process whose reported count was short
     /// of the pages they moved, corrected from the page tables (a kernel
     /// bug, see `sys::userfaultfd::RawUffd::move_pages`).

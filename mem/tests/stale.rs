@@ -11,6 +11,9 @@
 //! - A `MOVE` into a guest page that is populated already (`EEXIST`), which
 //!   leaves the folio's data in its pool range.
 //! - An offline block that held guest data whose drop fails (`hotplug`).
+//! - A `COPY` fallback that fails, which leaves the page's data in its
+//!   folio's pool range behind a `Present` entry (`stranded`): the next
+//!   access restores it, and a teardown before that zeroes it.
 //!
 //! A holder VM keeps a page of the same 2 MiB pageblock allocated, so
 //! that the freed block does not merge into a whole 2 MiB block (those are
@@ -210,6 +213,72 @@ fn move_meets_populated_page(drop_fails: bool) {
         assert_eq!(a.ram.read(p * PAGE_SIZE + 8), secret(p, 1), "page {p}");
     }
     destroy(&mm, a);
+    probe_reads_zero(&mm);
+    destroy(&mm, h);
+    settle_and_check(&mm);
+}
+
+/// A migrated folio's first target page is refused by `MOVE` and its
+/// `COPY` fallback fails: the page's data stays in the pool behind a
+/// `Present` entry. Returns the VM and the holder.
+fn strand_first_page(mm: &Arc<MemoryManager>) -> (TestVm, TestVm) {
+    let a = TestVm::new(mm, "a", 4 * PAGE_SIZE);
+    write_secret(&a);
+    assert_eq!(
+        mm.vm_stats(a.id).unwrap().resident_bytes_by_order[2],
+        4 * PAGE_SIZE,
+        "the premise: one order-2 folio"
+    );
+    let h = holder(mm);
+    let before = mm.stats().faults.fallback_failed_pages;
+    arm(
+        mm,
+        &[
+            (FaultPoint::PoolMoveRefused, 1),
+            (FaultPoint::FallbackCopyFails, 1),
+        ],
+    );
+    let r = mm
+        .migrate_range(a.id, GuestAddress(0), 4 * PAGE_SIZE)
+        .unwrap();
+    arm(mm, &[]);
+    assert_eq!(r, (1, 0), "migrated");
+    let s = mm.stats();
+    assert_eq!(s.faults.fallback_failed_pages, before + 1);
+    assert_eq!(s.pool_stranded_pages, 1);
+    (a, h)
+}
+
+/// The next access to a page whose install failed gets its data.
+#[test]
+fn a_failed_copy_fallback_loses_nothing() {
+    let mm = manager(BUDGET, 1);
+    assert!(mm.wait_idle(Duration::from_secs(30)));
+    let (a, h) = strand_first_page(&mm);
+    let restored = mm.stats().faults.unbacked_restored;
+    for p in 0..4 {
+        for w in 0..WORDS {
+            assert_eq!(a.ram.read(p * PAGE_SIZE + w * 8), secret(p, w), "page {p}");
+        }
+    }
+    let s = mm.stats();
+    assert_eq!(s.faults.unbacked_restored, restored + 1);
+    assert_eq!(s.pool_stranded_pages, 0, "moved in, no longer stranded");
+    destroy(&mm, a);
+    probe_reads_zero(&mm);
+    destroy(&mm, h);
+    settle_and_check(&mm);
+}
+
+/// A VM destroyed before it touches a page whose install failed: the data
+/// left in the pool must not reach the next guest.
+#[test]
+fn a_failed_copy_fallback_leaks_nothing_when_the_vm_goes_first() {
+    let mm = manager(BUDGET, 1);
+    assert!(mm.wait_idle(Duration::from_secs(30)));
+    let (a, h) = strand_first_page(&mm);
+    destroy(&mm, a);
+    assert_eq!(mm.stats().pool_stranded_pages, 0, "claimed by the free");
     probe_reads_zero(&mm);
     destroy(&mm, h);
     settle_and_check(&mm);

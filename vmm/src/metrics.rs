@@ -75,6 +75,7 @@ fn faults(f: &FaultStats) -> Value {
         "order_fallback": f.order_fallback,
         "fallback_copy_pages": f.fallback_copy_pages,
         "fallback_zeropage_pages": f.fallback_zeropage_pages,
+        "fallback_failed_pages": f.fallback_failed_pages,
         "move_retries": f.move_retries,
         "move_eexist_pages": f.move_eexist_pages,
         "unbacked_restored": f.unbacked_restored,

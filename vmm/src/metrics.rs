@@ -162,6 +162,7 @@ pub fn host_json(h: &MmStats) -> Value {
         "deferred_split_queue": h.deferred_split_queue,
         "faults": faults(&h.faults),
         "move_undercounts": h.move_undercounts,
+        "pool_stranded_pages": h.pool_stranded_pages,
         "metadata_bytes": h.metadata_bytes,
         "guest_pages": h.guest_pages,
         "metadata_bytes_per_guest_page": h.metadata_bytes as f64 / h.guest_pages.max(1) as f64,
@@ -430,6 +431,7 @@ mod tests {
             unbacked_poisoned: 2,
             unbacked_from_slot: 3,
             move_eexist_pages: 4,
+            fallback_failed_pages: 6,
             ..Default::default()
         };
         let j = faults(&f);
@@ -438,15 +440,18 @@ mod tests {
                 &j["unbacked_restored"],
                 &j["unbacked_poisoned"],
                 &j["unbacked_from_slot"],
-                &j["move_eexist_pages"]
+                &j["move_eexist_pages"],
+                &j["fallback_failed_pages"]
             ],
-            [1, 2, 3, 4]
+            [1, 2, 3, 4, 6]
         );
         let h = MmStats {
             move_undercounts: 5,
+            pool_stranded_pages: 2,
             ..Default::default()
         };
         assert_eq!(host_json(&h)["move_undercounts"], 5);
+        assert_eq!(host_json(&h)["pool_stranded_pages"], 2);
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Many host threads fault the same swapped pages while reclaim swaps them
 //! out again and a discarder drops ranges under them: every word read must
 //! be the last one written (zero after a discard), and at the end the swap
-//! counts, the swap cache and the allocator must balance.
+//! counts, the swap cache and the allocator must balance. A third run makes
+//! installs fail now and then (`UFFDIO_MOVE` refused, then the `UFFDIO_COPY`
+//! fallback too), which leaves pages' data in the pool behind present
+//! entries (`stranded`) for the next access to restore.
 
 mod common;
 
 use common::*;
-use mem::{FaultDelivery, GuestAddress, PAGE_SIZE};
+use mem::{FaultDelivery, FaultPoint, GuestAddress, InjectPlan, PAGE_SIZE};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
 
@@ -50,12 +53,14 @@ fn vcpu(s: &Shared, t: u64, seed: u64) {
     }
 }
 
-fn reclaimer(s: &Shared, mm: &mem::MemoryManager, vm: mem::VmId) -> u64 {
-    let mut freed = 0;
+/// Returns the bytes freed and the most pages seen stranded at once.
+fn reclaimer(s: &Shared, mm: &mem::MemoryManager, vm: mem::VmId) -> (u64, u64) {
+    let (mut freed, mut stranded) = (0, 0);
     while !s.stop.load(SeqCst) {
         freed += mm.reclaim(Some(vm), 512 * 1024).unwrap();
+        stranded = stranded.max(mm.stats().pool_stranded_pages);
     }
-    freed
+    (freed, stranded)
 }
 
 fn discarder(s: &Shared, mm: &mem::MemoryManager, vm: mem::VmId) -> u64 {
@@ -79,20 +84,45 @@ fn discarder(s: &Shared, mm: &mem::MemoryManager, vm: mem::VmId) -> u64 {
 
 #[test]
 fn racing_swapins_swapouts_and_discards_keep_every_word() {
-    race(FaultDelivery::Handlers);
+    race(FaultDelivery::Handlers, false);
+}
+
+/// The same race while some installs fail outright: every page whose
+/// install failed must come back with its data at its next access, and
+/// none may be poisoned.
+#[test]
+fn racing_swapins_swapouts_and_discards_keep_every_word_when_installs_fail() {
+    race(FaultDelivery::Handlers, true);
 }
 
 /// The same race with every fault served on the faulting thread (its
 /// `SIGBUS` handler), which then also sleeps on folio locks and reads swap.
 #[test]
 fn racing_swapins_swapouts_and_discards_keep_every_word_when_faulters_serve_themselves() {
-    race(FaultDelivery::Faulter);
+    race(FaultDelivery::Faulter, false);
 }
 
-fn race(delivery: FaultDelivery) {
+fn race(delivery: FaultDelivery, fail_installs: bool) {
     // No background reclaimer: direct reclaim and the explicit reclaimer
     // thread do all the work, so the manager is quiescent when they stop.
     let mm = swap_manager_with(BUDGET, 3, 64 * MIB, false, delivery);
+    if fail_installs {
+        // One `MOVE` into the guest in 50 is refused, a hundred times, and
+        // every `COPY` fallback fails.
+        let mut plans: Vec<InjectPlan> = (0..100)
+            .map(|_| InjectPlan {
+                point: FaultPoint::PoolMoveRefused,
+                skip: 49,
+                count: 1,
+            })
+            .collect();
+        plans.push(InjectPlan {
+            point: FaultPoint::FallbackCopyFails,
+            skip: 0,
+            count: u32::MAX,
+        });
+        mm.inject_faults(plans);
+    }
     let vm = mm.create_vm("swap-race").unwrap();
     let b = mm
         .backend(vm, &[(GuestAddress(1 << 32), PAGES * PAGE_SIZE)])
@@ -122,7 +152,7 @@ fn race(delivery: FaultDelivery) {
         v.join().unwrap();
     }
     s.stop.store(true, SeqCst);
-    let freed = r.join().unwrap();
+    let (freed, stranded) = r.join().unwrap();
     let discards = d.join().unwrap();
     eprintln!("{delivery:?}");
     // Final sweep over every word: faults everything back in once more.
@@ -160,7 +190,21 @@ fn race(delivery: FaultDelivery) {
     assert!(st.copied_in_pages > 0, "order-0 installs by COPY raced too");
     assert!(discards > 10);
     assert_eq!(st.read_errors + st.write_errors + st.poisoned_pages, 0);
-    assert_no_unbacked(&mm.stats());
+    if fail_installs {
+        mm.inject_faults(Vec::new());
+        let f = mm.stats().faults;
+        eprintln!(
+            "installs failed: {} pages of {} COPY fallbacks; {} restored at their next access",
+            f.fallback_failed_pages, f.fallback_copy_pages, f.unbacked_restored
+        );
+        assert!(f.fallback_failed_pages > 0, "the premise: failed installs");
+        assert!(f.unbacked_restored > 0, "the premise: restored pages");
+        eprintln!("most pages stranded at once: {stranded}");
+        assert!(stranded > 0, "the premise: pages left in the pool");
+        assert_eq!((f.unbacked_poisoned, f.unbacked_from_slot), (0, 0));
+    } else {
+        assert_no_unbacked(&mm.stats());
+    }
     // With the VM alive: every Swap entry names a slot with count 1, no
     // slot is unnamed, the swap cache is empty, the allocator balances.
     settle_and_check(&mm);
@@ -174,4 +218,5 @@ fn race(delivery: FaultDelivery) {
         "no stale pool copy outlives its folio"
     );
     assert_eq!(st.pool_zap_pages, st.swap.copied_in_pages);
+    assert_eq!(st.pool_stranded_pages, 0, "no record outlives its folio");
 }

@@ -27,7 +27,7 @@ use crate::sys::{poll2, ExclusiveWait};
 use crate::types::{FolioId, Order, PageIndex, PoolOffset, PAGE_SIZE};
 use crate::vm::{log_error, Region};
 use crate::{swapin, vmscan};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::{Duration, Instant};
 
 /// `MOVE` retries on `EAGAIN`/`EBUSY` before a page falls back to `COPY`.
@@ -95,6 +95,11 @@ pub(crate) enum FaultOutcome {
     Raced,
     /// The entry changed or we slept on a folio lock: look again.
     Retry,
+    /// The page's table is still in a relocation's source and cannot be
+    /// pulled now: a pin holds a folio of it, an undo has not discarded its
+    /// grown tail yet, or the region is not live yet. Looking again at once
+    /// cannot help: wait for an unpin or the relocation to move on.
+    PullBlocked,
     /// No memory: `oom` when nothing free is left at all (reclaim may
     /// help), otherwise wait for the pre-zeroing worker.
     NoMemory { oom: bool },
@@ -106,6 +111,10 @@ pub(crate) enum FaultOutcome {
 
 /// Retries of one fault before it is parked for the worker to retry.
 const MAX_RETRIES: u32 = 64;
+
+/// How long a faulting thread sleeps at most on a held-back pull before it
+/// looks again (it is woken sooner by an unpin or a pull).
+const PULL_BLOCKED_WAIT: Duration = Duration::from_millis(10);
 
 /// Serve the MISSING fault at host address `addr`, parking it when there is
 /// no memory even after direct reclaim. `first` is false for retries of
@@ -186,6 +195,16 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
     // with no lock held, once a batch has gathered.
     inner.zapq.drain_if_full(&inner.pool);
     match outcome {
+        // Parked without the retries a changed entry gets: until a pin
+        // drops or the relocation moves on, every try would fail alike.
+        // The unpin or pull kicks the worker to retry it (`pulls_parked`;
+        // one that comes between the failed pull and the flag is caught by
+        // the worker's next timed round).
+        FaultOutcome::PullBlocked => {
+            crate::stall::park(inner, page, write, t0);
+            inner.pulls_parked.store(true, SeqCst);
+            return;
+        }
         FaultOutcome::NoMemory { .. } | FaultOutcome::Retry => {
             let oom = matches!(outcome, FaultOutcome::NoMemory { oom: true });
             let c = |f: &FaultCounters| match oom {
@@ -240,6 +259,13 @@ pub(crate) fn fault_in_reclaiming(
             FaultOutcome::NoMemory { oom: true } if !reclaimed && vmscan::can_reclaim(inner) => {
                 reclaimed = true;
                 vmscan::direct_reclaim(inner, region);
+            }
+            // The faulting thread sleeps until a pin drops or a pull or
+            // undo moves the relocation on (or briefly, for a region not
+            // live yet), then looks again.
+            FaultOutcome::PullBlocked if waits => {
+                let pulled = || crate::relocate::ensure_pulled(inner, region, idx).then_some(());
+                _ = inner.wait_unpin(PULL_BLOCKED_WAIT, pulled);
             }
             FaultOutcome::Retry | FaultOutcome::NoMemory { .. } if waits => {
                 if reported.is_none() && start.elapsed() >= inner.stall_report_after {
@@ -336,7 +362,7 @@ pub(crate) fn fault_in(
     write: bool,
 ) -> FaultOutcome {
     if !crate::relocate::ensure_pulled(inner, region, idx) {
-        return FaultOutcome::Retry;
+        return FaultOutcome::PullBlocked;
     }
     let mut ptl = region.pt.lock(idx);
     if ptl.is_dead() {

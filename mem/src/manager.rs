@@ -346,6 +346,10 @@ pub(crate) struct Inner {
     unpin_cv: Condvar,
     /// Threads that may wait for an unpin (counted before they look).
     unpin_waiters: AtomicU64,
+    /// A fault was parked because its table's pull was held back
+    /// (`FaultOutcome::PullBlocked`): an unpin or a pull kicks the worker
+    /// to retry it. Cleared when the worker takes the parked faults.
+    pub pulls_parked: AtomicBool,
     /// When reclaim last ran, in ns since `started` (0: never).
     last_reclaim_ns: AtomicU64,
     /// The manager's creation, the epoch of `last_reclaim_ns`.
@@ -671,6 +675,11 @@ impl Inner {
     }
 
     fn wake_unpin_waiters(&self) {
+        // A fault parked on a held-back pull: have the worker retry it now
+        // rather than on its next timed round.
+        if self.pulls_parked.load(SeqCst) {
+            self.kick_worker();
+        }
         if self.unpin_waiters.load(SeqCst) > 0 {
             *self.unpins.lock().unwrap_or_else(|e| e.into_inner()) += 1;
             self.unpin_cv.notify_all();
@@ -865,6 +874,7 @@ impl MemoryManager {
             unpins: Mutex::new(0),
             unpin_cv: Condvar::new(),
             unpin_waiters: AtomicU64::new(0),
+            pulls_parked: AtomicBool::new(false),
             last_reclaim_ns: AtomicU64::new(0),
             started: Instant::now(),
             kswapd_kick: Mutex::new(false),

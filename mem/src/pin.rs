@@ -219,7 +219,8 @@ fn pin_page(
             FaultOutcome::Installed(_)
             | FaultOutcome::Raced
             | FaultOutcome::Refaulted
-            | FaultOutcome::Retry => {}
+            | FaultOutcome::Retry
+            | FaultOutcome::PullBlocked => {}
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::manager::Inner;
 use crate::split::deferred_split_scan;
 use crate::stall::StallWatch;
 use crate::vm::log_error;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::{Duration, Instant};
 
 /// Body of the worker thread.
@@ -126,6 +126,8 @@ fn prepare_one(inner: &Inner) -> bool {
 
 /// Retry the faults parked for lack of ready memory.
 fn retry_parked(inner: &Inner) {
+    // Set again by a fault that parks on a held-back pull once more.
+    inner.pulls_parked.store(false, SeqCst);
     let parked = std::mem::take(&mut *inner.pending.lock().unwrap_or_else(|e| e.into_inner()));
     for p in parked {
         let (addr, write) = (p.addr_write & !1, p.addr_write & 1 != 0);

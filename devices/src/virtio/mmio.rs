@@ -47,7 +47,9 @@ const S_ACKNOWLEDGE: u32 = 1;
 const S_DRIVER: u32 = 2;
 const S_DRIVER_OK: u32 = 4;
 const S_FEATURES_OK: u32 = 8;
-const S_FAILED: u32 = 128;
+/// Set by the device: it hit an error only a reset clears (virtio 1.2
+/// §2.1). (FAILED, 128, is the driver's to set.)
+const S_NEEDS_RESET: u32 = 64;
 
 /// Queue configuration the driver writes before DRIVER_OK.
 struct QueueSlot {
@@ -324,7 +326,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     .map(|e| format!("with an invalid {e}"))
             };
             if let Some(why) = refused {
-                self.status |= S_FAILED;
+                // DRIVER_OK is not taken, so no interrupt: the driver sees
+                // the bit when it reads the status.
+                self.status |= S_NEEDS_RESET;
                 let ty = self.device.device_type();
                 self.warn
                     .warn(|| format!("virtio device type {ty}: driver set DRIVER_OK {why}"));
@@ -410,10 +414,25 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return QueueState::Drained;
         }
         let state = self.device.process_queue(index);
-        if state == QueueState::More {
-            let _ = self.queues[index].notify.write(1);
+        match state {
+            QueueState::More => _ = self.queues[index].notify.write(1),
+            QueueState::NeedsReset => self.needs_reset(),
+            QueueState::Drained | QueueState::Deferred => {}
         }
         state
+    }
+
+    /// The device hit an error only a reset clears: set DEVICE_NEEDS_RESET
+    /// and, the device being live (DRIVER_OK), send a configuration change
+    /// notification, as virtio 1.2 §2.1.2 requires. Once per reset.
+    fn needs_reset(&mut self) {
+        if self.status & S_NEEDS_RESET != 0 {
+            return;
+        }
+        self.status |= S_NEEDS_RESET;
+        if self.status & S_DRIVER_OK != 0 {
+            self.irq.signal(super::INT_CONFIG);
+        }
     }
 }
 
@@ -661,7 +680,7 @@ mod tests {
         setup_queue(&mut t, 0, 0x7000_0000);
         wr(&mut t, 0x070, LIVE);
         assert!(!t.is_live());
-        assert_ne!(rd(&mut t, 0x070) & S_FAILED, 0);
+        assert_ne!(rd(&mut t, 0x070) & S_NEEDS_RESET, 0);
         assert_eq!(p.lock().unwrap().activated, None);
         // DRIVER_OK without FEATURES_OK fails as well.
         let (mut t, _) = transport();
@@ -718,7 +737,7 @@ mod tests {
                 continue;
             }
             assert!(!t.is_live(), "register {reg:#x} = {v:#x} was accepted");
-            assert_ne!(rd(&mut t, 0x070) & S_FAILED, 0);
+            assert_ne!(rd(&mut t, 0x070) & S_NEEDS_RESET, 0);
             assert_eq!(p.lock().unwrap().activated, None);
         }
         // A bad value the driver then corrects is fine.
@@ -798,6 +817,30 @@ mod tests {
         p.lock().unwrap().state = Some(QueueState::Deferred);
         t.notified(1);
         assert!(t.queues[1].notify.read().is_err(), "retried on a timer");
+    }
+
+    /// A queue the driver broke sets DEVICE_NEEDS_RESET, once, with a
+    /// configuration change interrupt; the driver's reset clears it.
+    #[test]
+    fn a_broken_queue_asks_the_driver_for_a_reset() {
+        let (mut t, p) = live_transport();
+        let g = rd(&mut t, 0x0fc);
+        p.lock().unwrap().state = Some(QueueState::NeedsReset);
+        assert_eq!(t.notified(1), QueueState::NeedsReset);
+        let status = rd(&mut t, 0x070);
+        assert_eq!(status, LIVE | S_NEEDS_RESET);
+        assert_eq!(rd(&mut t, 0x060), super::super::INT_CONFIG);
+        assert_eq!(rd(&mut t, 0x0fc), g, "the configuration did not change");
+        wr(&mut t, 0x064, super::super::INT_CONFIG);
+        t.notified(1);
+        assert_eq!(rd(&mut t, 0x060), 0, "one interrupt");
+        // The driver's writes of the status keep the bit (Linux ORs into
+        // what it reads), and only a reset clears it.
+        wr(&mut t, 0x070, status | 128);
+        assert_eq!(rd(&mut t, 0x070), status | 128);
+        wr(&mut t, 0x070, 0);
+        assert_eq!(rd(&mut t, 0x070), 0);
+        assert!(!t.is_live());
     }
 
     #[test]

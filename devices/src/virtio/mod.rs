@@ -200,6 +200,12 @@ pub enum QueueState {
     /// ([`queue::DRAIN_BUDGET`]): the transport notifies it again, so the
     /// event loop comes back to it after the other work waiting.
     More,
+    /// The driver broke the queue (an avail index more than the queue size
+    /// ahead of the device's): nothing more is served from it until the
+    /// driver resets the device. The transport sets DEVICE_NEEDS_RESET and
+    /// tells the driver by a configuration change interrupt (virtio 1.2
+    /// §2.1.2).
+    NeedsReset,
 }
 
 /// Read `data.len()` bytes of a little-endian config blob at `offset`;

@@ -455,8 +455,8 @@ impl VirtioDevice for Balloon {
                     "queue",
                     &format!("avail index {idx} is more than the queue size ahead; queue {index} stopped until the driver resets the device"),
                 );
-            }
-            if drained.more {
+                state = QueueState::NeedsReset;
+            } else if drained.more {
                 state = QueueState::More;
             }
         }
@@ -625,7 +625,7 @@ mod tests {
         // The avail ring: flags u16, then the index.
         let avail = b.active.as_ref().unwrap().0.queues[0].avail_ring();
         mem.write_obj(100u16, GuestAddress(avail + 2)).unwrap();
-        assert_eq!(b.process_queue(0), QueueState::Drained);
+        assert_eq!(b.process_queue(0), QueueState::NeedsReset);
         assert_eq!(b.counters().malformed, 1);
         assert!(rec.0.lock().unwrap().is_empty());
         let q = &b.active.as_ref().unwrap().0.queues[0];

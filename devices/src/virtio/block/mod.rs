@@ -546,8 +546,8 @@ impl VirtioDevice for Block {
                 self.warn.warn(|| {
                     format!("{name}: driver's avail index {idx} is more than the queue size ahead; queue stopped until the driver resets the device")
                 });
-            }
-            if drained.deferred {
+                state = QueueState::NeedsReset;
+            } else if drained.deferred {
                 state = QueueState::Deferred;
             } else if drained.more {
                 state = QueueState::More;
@@ -880,7 +880,7 @@ mod tests {
             irq: IrqLine::new(|| Ok(())),
             acked_features: 0,
         });
-        assert_eq!(r.dev.process_queue(0), QueueState::Drained);
+        assert_eq!(r.dev.process_queue(0), QueueState::NeedsReset);
         assert_eq!(r.dev.counters().malformed, 1);
     }
 

@@ -810,10 +810,22 @@ fn fallback_page(
                 // page-table lock.
                 unsafe { inner.uffd.copy(dst, src, PAGE_SIZE) }
             };
-            if r.is_ok() {
+            match &r {
                 // The data now lives in the guest: drop the pool copy so the
                 // folio's pool range is a hole like a moved one.
-                discard_pool_copy(inner, src_off, "after a COPY fallback");
+                Ok(()) => discard_pool_copy(inner, src_off, "after a COPY fallback"),
+                // The guest page is populated already, as in the `EEXIST`
+                // of a `MOVE` above (which was refused otherwise first):
+                // it is served as is, and the folio's data the guest will
+                // never see must not stay in a range later freed as a hole.
+                Err(e) if e.errno == libc::EEXIST && !zero_ok => {
+                    discard_pool_copy(
+                        inner,
+                        src_off,
+                        "after a COPY fallback met a populated guest page",
+                    );
+                }
+                Err(_) => {}
             }
             r
         }

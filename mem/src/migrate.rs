@@ -550,7 +550,7 @@ fn relabel(
     regions: &mut Vec<Arc<Region>>,
 ) -> Option<(FolioId, FreedRange)> {
     let _lock = inner.folios.trylock(id)?;
-    let (nr, rmap) = {
+    let (nr, pool, rmap) = {
         let slab = inner.folios.slab();
         let f = slab.get(id)?;
         if f.pincount > 0 {
@@ -563,7 +563,7 @@ fn relabel(
         if !whole {
             return None;
         }
-        (f.nr_pages(), f.rmap?)
+        (f.nr_pages(), f.pool, f.rmap?)
     };
     let region = match regions
         .iter()
@@ -579,8 +579,15 @@ fn relabel(
     // The page-table lock orders this against discard, which reads the
     // pool range under it without the folio lock.
     let ptl = region.pt.lock(rmap.index);
-    let in_guest =
-        !ptl.is_dead() && (0..nr).all(|k| ptl.pte(rmap.index.forward(k)) == Pte::present(id, k));
+    // A `Present` entry whose install failed (`stranded`, recorded and
+    // forgotten under this lock) has its data in the old range, not in
+    // the guest: re-labelled, the folio would name a hole there, the old
+    // range would be freed (and zeroed), and the page's next access
+    // poisoned. Such a folio is copied instead (whose unmap fails on the
+    // page and leaves it as it is) until that access restores it.
+    let in_guest = !ptl.is_dead()
+        && (0..nr).all(|k| ptl.pte(rmap.index.forward(k)) == Pte::present(id, k))
+        && !inner.stranded.holds(pool, nr);
     if !in_guest {
         return None;
     }

@@ -6,16 +6,23 @@
 //! the host is short of memory, for one), the page's data stays in the
 //! folio's pool range while its entry says `Present`. Nothing is lost: the
 //! guest's next access finds the host page absent and moves the pool page
-//! in (`fault::restore_unbacked`). But every other path takes a mapped
-//! folio's pool range for a hole: if the folio is freed before that access
-//! (the VM's teardown, a discard, a migration that relabels it), its range
-//! would go back to the allocator as `NeedsPopulate`, whose preparation
-//! only fills holes (`Pool::prepare`), and the next guest to get the block
-//! would read this guest's data.
+//! in (`fault::restore_unbacked`). But a mapped folio's pool range is
+//! taken for a hole: if the folio is freed before that access (the VM's
+//! teardown, a discard, a migration), its range would go back to the
+//! allocator as `NeedsPopulate`, whose preparation only fills holes
+//! (`Pool::prepare`), and the next guest to get the block would read this
+//! guest's data.
 //!
 //! So such a page is recorded here, and a freed range that holds one is
 //! freed as `NeedsZero` ([`crate::manager::Inner::free_ranges`]), which
-//! zeroes it before anyone gets it. A record goes when its range is freed
+//! zeroes it before anyone gets it. Paths that move the folio's pages out
+//! of the guest find the page already where a move-out puts it (the
+//! `UFFDIO_MOVE` wrapper counts a page that is gone from the guest and
+//! present in the pool as moved) and carry its data along: migration,
+//! collapse and sampling copy or keep the pool page. Compaction's
+//! re-labelling, which moves nothing and frees the old range, would lose
+//! it, so it leaves a folio with a recorded page to be copied
+//! (`migrate::relabel`). A record goes when its range is freed
 //! or when the page is moved into the guest after all. A record that
 //! outlives its page's data only costs one zeroing.
 //!
@@ -64,6 +71,14 @@ impl StrandedPages {
         if p.remove(&off) {
             self.count.store(p.len() as u64, Relaxed);
         }
+    }
+
+    /// Whether a page of the `nr` pages at `off` is recorded.
+    pub fn holds(&self, off: PoolOffset, nr: u64) -> bool {
+        if self.count.load(Relaxed) == 0 {
+            return false;
+        }
+        self.lock().range(off..off.subpage(nr)).next().is_some()
     }
 
     /// Pages recorded now.

@@ -11,9 +11,12 @@
 //! - A `MOVE` into a guest page that is populated already (`EEXIST`), which
 //!   leaves the folio's data in its pool range.
 //! - An offline block that held guest data whose drop fails (`hotplug`).
+//! - A `COPY` fallback that meets a populated guest page (`EEXIST`) after
+//!   the `MOVE` was refused, which leaves the folio's data in its pool range.
 //! - A `COPY` fallback that fails, which leaves the page's data in its
 //!   folio's pool range behind a `Present` entry (`stranded`): the next
-//!   access restores it, and a teardown before that zeroes it.
+//!   access restores it, and a teardown before that zeroes it; a pool
+//!   compaction before it must neither free that range nor lose the data.
 //!
 //! A holder VM keeps a page of the same 2 MiB pageblock allocated, so
 //! that the freed block does not merge into a whole 2 MiB block (those are
@@ -218,6 +221,39 @@ fn move_meets_populated_page(drop_fails: bool) {
     settle_and_check(&mm);
 }
 
+/// As above, but the `MOVE` is refused first (not `EEXIST`) and it is the
+/// `COPY` fallback that meets the populated guest page (`EEXIST`): the
+/// folio's data is left in its pool range as well, and must not reach the
+/// next guest either.
+#[test]
+fn a_copy_fallback_that_meets_a_populated_guest_page_leaks_nothing() {
+    let mm = manager(BUDGET, 1);
+    assert!(mm.wait_idle(Duration::from_secs(30)));
+    let a = TestVm::new(&mm, "a", 4 * PAGE_SIZE);
+    write_secret(&a);
+    let h = holder(&mm);
+    arm(
+        &mm,
+        &[
+            (FaultPoint::GuestPopulated, 1),
+            (FaultPoint::PoolMoveRefused, 1),
+        ],
+    );
+    let r = mm
+        .migrate_range(a.id, GuestAddress(0), 4 * PAGE_SIZE)
+        .unwrap();
+    arm(&mm, &[]);
+    assert_eq!(r, (1, 0), "migrated");
+    assert_eq!(a.ram.read(8), 0, "the page that was there (the zero page)");
+    for p in 1..4 {
+        assert_eq!(a.ram.read(p * PAGE_SIZE + 8), secret(p, 1), "page {p}");
+    }
+    destroy(&mm, a);
+    probe_reads_zero(&mm);
+    destroy(&mm, h);
+    settle_and_check(&mm);
+}
+
 /// A migrated folio's first target page is refused by `MOVE` and its
 /// `COPY` fallback fails: the page's data stays in the pool behind a
 /// `Present` entry. Returns the VM and the holder.
@@ -279,6 +315,41 @@ fn a_failed_copy_fallback_leaks_nothing_when_the_vm_goes_first() {
     let (a, h) = strand_first_page(&mm);
     destroy(&mm, a);
     assert_eq!(mm.stats().pool_stranded_pages, 0, "claimed by the free");
+    probe_reads_zero(&mm);
+    destroy(&mm, h);
+    settle_and_check(&mm);
+}
+
+/// Pool compaction re-labels a small folio whose pages are all in the
+/// guest: it gives the folio a new pool range (a hole) and frees the old
+/// one. A folio with a stranded page does not have all its pages in the
+/// guest: that page's data is in the old pool range, which must not be
+/// freed under it. Its next access must get the data, not a poisoned page.
+#[test]
+fn compaction_keeps_a_stranded_pages_data() {
+    let mm = manager(BUDGET, 1);
+    assert!(mm.wait_idle(Duration::from_secs(30)));
+    let (a, h) = strand_first_page(&mm);
+    let rep = mm.compact(Some(a.id), &|_, _| {}).unwrap();
+    // The premise: the pageblock holding the folio was emptied (the folio
+    // re-labelled, before the fix; copied, since).
+    assert_eq!(rep.blocks_rebuilt, 1, "{rep:?}");
+    let addr = a.ram.0.host_addr.raw();
+    let got = read_via_gup(addr);
+    let s = mm.stats();
+    assert_eq!(
+        got.ok(),
+        Some(secret(0, 0)),
+        "page 0 of the stranded folio after compaction (restored {}, poisoned {})",
+        s.faults.unbacked_restored,
+        s.faults.unbacked_poisoned
+    );
+    for p in 0..4 {
+        for w in 0..WORDS {
+            assert_eq!(a.ram.read(p * PAGE_SIZE + w * 8), secret(p, w), "page {p}");
+        }
+    }
+    destroy(&mm, a);
     probe_reads_zero(&mm);
     destroy(&mm, h);
     settle_and_check(&mm);

@@ -97,8 +97,9 @@ pub(crate) enum FaultOutcome {
     Retry,
     /// The page's table is still in a relocation's source and cannot be
     /// pulled now: a pin holds a folio of it, an undo has not discarded its
-    /// grown tail yet, or the region is not live yet. Looking again at once
-    /// cannot help: wait for an unpin or the relocation to move on.
+    /// grown tail yet, the region is not live yet, or the pull failed
+    /// otherwise (logged). Looking again at once cannot help: wait for an
+    /// unpin or the relocation to move on.
     PullBlocked,
     /// No memory: `oom` when nothing free is left at all (reclaim may
     /// help), otherwise wait for the pre-zeroing worker.
@@ -199,10 +200,20 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
         // drops or the relocation moves on, every try would fail alike.
         // The unpin or pull kicks the worker to retry it (`pulls_parked`;
         // one that comes between the failed pull and the flag is caught by
-        // the worker's next timed round).
+        // the kick below on a first park, by the worker's next timed round
+        // on its own retries).
         FaultOutcome::PullBlocked => {
+            for f in [vmc, &inner.faults] {
+                f.parked_pull.fetch_add(1, Relaxed);
+            }
             crate::stall::park(inner, page, write, t0);
             inner.pulls_parked.store(true, SeqCst);
+            if first {
+                // One prompt retry by the worker, for an unpin that came
+                // before the flag was set; later retries come from unpins,
+                // pulls and the worker's timed rounds.
+                inner.kick_worker();
+            }
             return;
         }
         FaultOutcome::NoMemory { .. } | FaultOutcome::Retry => {

@@ -112,6 +112,9 @@ pub struct FaultCounters {
     pub parked_prezero: AtomicU64,
     /// Faults parked because the pool was exhausted.
     pub parked_oom: AtomicU64,
+    /// Faults parked because their table's relocation pull was held back
+    /// (a pin on the table, an undo not done yet).
+    pub parked_pull: AtomicU64,
     /// Memory stalls reported: faults that waited
     /// [`crate::ReclaimConfig::stall_report_after`] for memory (one per
     /// stall, see `crate::stall`).
@@ -124,7 +127,8 @@ pub struct FaultCounters {
     pub fallback_zeropage_pages: AtomicU64,
     /// Pages whose `COPY` or `ZEROPAGE` fallback failed too: left in the
     /// pool behind a `Present` entry until the next fault restores them
-    /// (see `stranded`).
+    /// (see `stranded`), or, for a fresh folio whose pool page was a hole
+    /// too (`ZEROPAGE` failed), poisoned by it (`unbacked_poisoned`).
     pub fallback_failed_pages: AtomicU64,
     /// Pages `MOVE` found already populated (`EEXIST`), treated as served.
     pub move_eexist_pages: AtomicU64,
@@ -151,6 +155,7 @@ impl FaultCounters {
             raced: self.raced.load(Relaxed),
             parked_prezero: self.parked_prezero.load(Relaxed),
             parked_oom: self.parked_oom.load(Relaxed),
+            parked_pull: self.parked_pull.load(Relaxed),
             memory_stalls: self.memory_stalls.load(Relaxed),
             order_fallback: self.order_fallback.load(Relaxed),
             fallback_copy_pages: self.fallback_copy_pages.load(Relaxed),
@@ -179,6 +184,8 @@ pub struct FaultStats {
     pub parked_prezero: u64,
     /// Faults parked on an exhausted pool.
     pub parked_oom: u64,
+    /// Faults parked on a held-back relocation pull.
+    pub parked_pull: u64,
     /// Memory stalls reported (faults that waited long for memory).
     pub memory_stalls: u64,
     /// Faults served below the wanted order.

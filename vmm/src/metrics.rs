@@ -70,6 +70,7 @@ fn faults(f: &FaultStats) -> Value {
         "installed_by_order": by_order(&f.installed_by_order),
         "raced": f.raced,
         "parked_prezero": f.parked_prezero,
+        "parked_pull": f.parked_pull,
         "parked_oom": f.parked_oom,
         "memory_stalls": f.memory_stalls,
         "order_fallback": f.order_fallback,

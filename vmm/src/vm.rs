@@ -713,6 +713,15 @@ impl Vm {
     pub fn pause(&self) -> Result<(), VmStateError> {
         self.check_running()?;
         tracing::info!(vm = %self.config.name, "pausing");
+        self.hold_vcpus()
+    }
+
+    /// Close the gate and wait until every vCPU thread still running is
+    /// parked; the gate is opened again if they do not park within 5 s.
+    /// Also for a VM that is stopping: its vCPUs leave rather than park,
+    /// which holds them off for good (a relocation's switch of a VM that
+    /// stopped meanwhile, [`Vm::relocate`]).
+    fn hold_vcpus(&self) -> Result<(), VmStateError> {
         self.ctx.gate.close();
         let live = || self.threads.iter().filter(|t| !t.is_finished()).count();
         if self.kick_until(|| self.ctx.gate.parked() >= live(), PAUSE_TIMEOUT) {
@@ -744,7 +753,8 @@ impl Vm {
 
     /// Relocate the guest RAM region holding `gpa` to a new host range
     /// while the guest runs ([`mem::relocate`]). The switch pauses the
-    /// vCPUs (unless the VM is paused already), swaps the KVM memslots and
+    /// vCPUs (unless the VM is paused already; those of a VM that stopped
+    /// since the relocation began are held off as they leave), swaps the KVM memslots and
     /// the vCPUs' and the virtio devices' view of guest memory (each
     /// device transport locked in turn, so none is mid-request), and
     /// resumes them.
@@ -786,8 +796,13 @@ impl Vm {
                 .collect();
             view.sort_by_key(|r| r.guest_base);
             let m = guest_memory(&view).map_err(|e| e.to_string())?;
+            // Not `pause`, which refuses a VM that is stopping: the VM may
+            // have stopped on its own since the relocation began (its
+            // workload ended, the guest powered off, a signal), and an
+            // undo's switch back must still be made then (it failed, and
+            // the relocation was reported as not undone).
             if !paused {
-                self.pause().map_err(|e| e.to_string())?;
+                self.hold_vcpus().map_err(|e| e.to_string())?;
             }
             // SAFETY: the memory manager keeps the new ranges mapped while
             // their slots exist (see `KvmVm::switch_memory`).
@@ -805,7 +820,8 @@ impl Vm {
                     *self.ctx.mem.write().unwrap_or_else(|p| p.into_inner()) = m;
                 });
             if !paused {
-                let _ = self.resume();
+                // Opened also for a VM that stopped meanwhile, as its reap does.
+                self.ctx.gate.open();
             }
             r
         };

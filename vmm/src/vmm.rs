@@ -674,4 +674,81 @@ mod tests {
         assert_eq!(handler_threads(&run_of(&[2, 3])), 7);
         assert_eq!(handler_threads(&run_of(&[4, 4, 4, 4])), 20);
     }
+
+    /// A VM that stops while a relocation of its memory is in flight (its
+    /// workload ends, a signal, the guest powers off) must not turn the
+    /// relocation's undo into a failure: the undo's memslot switch holds
+    /// the vCPUs off as the first switch did, and those of a stopping VM
+    /// are held off for good once they have left. Here a relocation fails
+    /// after its switch (an injected failure before its commit) and the VM
+    /// is stopped in between (from the progress callback, which runs after
+    /// the switch): the undo must bring its memory back whole, and the reap
+    /// give all of it back to the memory manager.
+    #[test]
+    fn a_relocation_undone_after_its_vm_stopped_keeps_its_memory_whole() {
+        if !crate::kvm_usable() {
+            return;
+        }
+        let _watched = install_signal_handlers().unwrap();
+        let _unwatched = SignalsUnwatched;
+        let text = r#"{"vms": [{"name": "r", "machine-config": {"vcpu_count": 1, "mem_size_mib": 24},
+                       "foliovm": {"workload": "seq:4M,passes=100000000"}}]}"#;
+        let run = ConfigFile::parse(text, Path::new("t.json")).unwrap().0;
+        let mm = MemoryManager::new(MmConfig::with_budget(24 << 20)).unwrap();
+        let mut events = event_manager().unwrap();
+        let mut vm = crate::vm::Vm::build(
+            &run.vms[0],
+            &MemorySource::Folio(mm.clone()),
+            &crate::pvm::HostQuirks::detect(),
+            &mut events,
+        )
+        .unwrap();
+        vm.start().unwrap();
+        let id = vm.manager().unwrap().1;
+        let start = std::time::Instant::now();
+        while mm.vm_stats(id).unwrap().resident_bytes() < 4 << 20 {
+            assert!(start.elapsed() < std::time::Duration::from_secs(30));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        mm.inject_faults(vec![mem::InjectPlan {
+            point: mem::FaultPoint::RelocateCommit,
+            skip: 0,
+            count: 1,
+        }]);
+        let stop = vm.stop_signal().clone();
+        let e = vm
+            .relocate(0, mem::RelocateOp::ToAligned, &|_, _| {
+                stop.request(ExitReason::Interrupted(libc::SIGTERM))
+            })
+            .unwrap_err();
+        assert!(
+            e.message.contains("injected failure at RelocateCommit")
+                && !e.message.contains("could not be undone"),
+            "{e:?}"
+        );
+        assert_eq!(
+            stop.reason(),
+            Some(ExitReason::Interrupted(libc::SIGTERM)),
+            "the stop reason is the one given"
+        );
+        vm.reap();
+        let regions = mm.vm_regions(id).unwrap();
+        assert_eq!(
+            regions.iter().map(|r| r.size).sum::<u64>(),
+            24 << 20,
+            "{regions:?}"
+        );
+        let v = mm.vm_stats(id).unwrap();
+        assert_eq!(
+            (v.resident_bytes(), v.swap.swapped_pages),
+            (0, 0),
+            "the reap gave back its memory"
+        );
+        let out = vm.finish(ExitReason::unexplained());
+        assert_eq!(out.reason, ExitReason::Interrupted(libc::SIGTERM));
+        assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+        mm.check_accounting().unwrap();
+        let s = mm.stats();
+        assert_eq!(s.free_bytes, s.budget_bytes, "every folio is back");
+    }
 }

@@ -531,6 +531,13 @@ impl ApiBackend for Controller {
 
     fn set_balloon(&self, vm: Option<&str>, amount_mib: u64) -> Result<(), ApiError> {
         self.with_named_or_only_vm(vm, "PATCH /balloon", "PATCH /vms/{name}/balloon", |v| {
+            // A stopped VM's balloon is reset (or about to be, by its
+            // reap): no guest would ever see the target.
+            if v.state() == VmState::Stopped {
+                return Err(ApiError::bad(
+                    crate::vm::VmStateError::NotRunning(v.name().to_string()).to_string(),
+                ));
+            }
             if amount_mib << 20 > v.config().mem_bytes {
                 return Err(ApiError::bad(format!(
                     "amount_mib {amount_mib} exceeds the guest's {} MiB",

@@ -751,4 +751,53 @@ mod tests {
         let s = mm.stats();
         assert_eq!(s.free_bytes, s.budget_bytes, "every folio is back");
     }
+
+    /// `PATCH /vms/{name}/balloon` on a VM that has stopped (and was
+    /// reaped: its devices reset, its memory given back) is refused, as
+    /// pause and the other requests on its memory are; it answered 204 and
+    /// recorded a target no guest would ever see. `GET` still answers.
+    #[test]
+    fn a_stopped_vms_balloon_target_is_refused() {
+        use crate::api::routes::ApiBackend;
+        if !crate::kvm_usable() {
+            return;
+        }
+        let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/vmlinux");
+        if !kernel.exists() {
+            eprintln!("skipping: {} is missing", kernel.display());
+            return;
+        }
+        let _watched = install_signal_handlers().unwrap();
+        let _unwatched = SignalsUnwatched;
+        let text = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}},
+                "balloon": {{"amount_mib": 0, "deflate_on_oom": false}}}}"#,
+            kernel.display()
+        );
+        let run = ConfigFile::parse(&text, Path::new("t.json")).unwrap().0;
+        let mut events = event_manager().unwrap();
+        let c = Controller::new(run.memory.clone(), host_limits().unwrap(), &events);
+        c.start_local(&run, &mut events).unwrap();
+        c.set_balloon(Some("vm0"), 4).unwrap();
+        c.request_exit(ExitReason::Interrupted(libc::SIGTERM));
+        let start = std::time::Instant::now();
+        while c.vm_info("vm0").unwrap()["memory"]["resident_bytes"] != 0 {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "never reaped"
+            );
+            c.reap_stopped();
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(c.vm_info("vm0").unwrap()["state"], "Stopped");
+        for vm in [Some("vm0"), None] {
+            let e = c.set_balloon(vm, 8).unwrap_err();
+            assert_eq!(e.status, 400, "{e:?}");
+            assert!(e.message.contains("is not running"), "{e:?}");
+        }
+        let b = c.balloon(Some("vm0"), false).unwrap();
+        assert_eq!(b["amount_mib"], 4, "{b}");
+        assert_eq!(c.finish().len(), 1);
+    }
 }

@@ -14,7 +14,8 @@
 //! * a stopped VM is reaped: its vCPU threads end and its memory (resident
 //!   and swapped) goes back to the memory manager while the others run;
 //!
-//! and at the end: every guest verified all its data (no mismatch), the
+//! and at the end: every guest verified all its data (no mismatch), a
+//! SIGTERM ends the process's last VM (kept paused for that) and `serve`, the
 //! process has no thread more than before, and the memory manager's
 //! accounting balances.
 //!
@@ -37,7 +38,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// Client threads.
 const CLIENTS: usize = 8;
 /// The clients stop after this even if a VM still runs.
-const CLIENT_PHASE: Duration = Duration::from_secs(50);
+const CLIENT_PHASE: Duration = Duration::from_secs(45);
 /// A stopped VM must be reaped (threads gone, memory back) within this.
 const REAP_WITHIN: Duration = Duration::from_secs(15);
 /// The VMs and their sizes (MiB). Each guest's working set is small next
@@ -45,7 +46,12 @@ const REAP_WITHIN: Duration = Duration::from_secs(15);
 /// it swap without thrashing for the whole run.
 const VMS: [&str; 3] = ["a", "b", "c"];
 const VM_MIB: u64 = 24;
-const POOL_MIB: u64 = 72;
+/// A fourth VM, kept paused and out of the clients' way, whose guest never
+/// ends: the process serves the API (which ends once every VM stopped)
+/// until the test sends it SIGTERM, after the other three have stopped.
+const KEEPER: &str = "k";
+const KEEPER_MIB: u64 = 8;
+const POOL_MIB: u64 = 3 * VM_MIB + KEEPER_MIB;
 const BUDGET_FLOOR_MIB: u64 = 32;
 
 /// A small seeded generator (xorshift64*): enough for picking requests.
@@ -204,9 +210,12 @@ fn client(shared: &Shared, seed: u64) {
                 expect(&r, &[200], "GET /vms");
                 let list = r.json();
                 let list = list.as_array().expect("GET /vms is a list");
-                assert_eq!(list.len(), VMS.len(), "{list:?}");
+                assert_eq!(list.len(), VMS.len() + 1, "{list:?}");
                 for v in list {
                     let name = v["name"].as_str().unwrap();
+                    if name == KEEPER {
+                        continue;
+                    }
                     let state = v["state"].as_str().unwrap();
                     if state == "Stopped" {
                         shared.saw_stopped(VMS.iter().find(|n| **n == name).unwrap(), got);
@@ -452,11 +461,15 @@ fn config(dir: &Path) -> String {
     // first early on.
     format!(
         r#"{{"foliovm": {{"mem_budget": "{POOL_MIB}M", "swap_dir": "{}", "swap_size": "128M"}},
-            "vms": [{}, {}, {}]}}"#,
+            "vms": [{}, {}, {}, {}]}}"#,
         dir.display(),
-        vm("a", 1, "seq:4M,passes=4000"),
-        vm("b", 1, "seq:4M,passes=10000"),
-        vm("c", 2, "seq:6M,passes=20000"),
+        vm("a", 1, "seq:4M,passes=3000"),
+        vm("b", 1, "seq:4M,passes=8000"),
+        vm("c", 2, "seq:6M,passes=12000"),
+        format!(
+            r#"{{"name": "{KEEPER}", "machine-config": {{"vcpu_count": 1, "mem_size_mib": {KEEPER_MIB}}},
+                "foliovm": {{"workload": "seq:1M,passes=1000000000000"}}}}"#
+        ),
     )
 }
 
@@ -503,6 +516,15 @@ fn concurrent_requests_race_vm_lifecycles_safely() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
+    let r = request(
+        &sock,
+        "PATCH",
+        &format!("/vms/{KEEPER}"),
+        Some(r#"{"state": "Paused"}"#),
+        DEADLINE,
+    )
+    .unwrap();
+    assert_eq!(r.status, 204, "pausing the keeper: {}", r.body);
     let shared = Arc::new(Shared {
         sock: sock.clone(),
         stopped_at: VMS.iter().map(|v| (*v, AtomicU64::new(0))).collect(),
@@ -524,14 +546,14 @@ fn concurrent_requests_race_vm_lifecycles_safely() {
 
     // Meanwhile: stopped VMs are reaped while the others run.
     let mut reaped = Vec::new();
-    while start.elapsed() < CLIENT_PHASE && reaped.len() < VMS.len() - 1 {
+    while start.elapsed() < CLIENT_PHASE && reaped.len() < VMS.len() {
         if clients.iter().any(|c| c.is_finished()) {
             break;
         }
         let (r, _) = shared.call("GET", "/vms", None);
         let got = shared.now_us();
         for v in r.json().as_array().unwrap() {
-            if v["state"] == "Stopped" {
+            if v["state"] == "Stopped" && v["name"] != KEEPER {
                 shared.saw_stopped(
                     VMS.iter()
                         .find(|n| **n == v["name"].as_str().unwrap())
@@ -577,13 +599,47 @@ fn concurrent_requests_race_vm_lifecycles_safely() {
         let (r, _) = shared.call("PUT", &format!("/vms/{vm}/limits"), Some("{}"));
         expect(&r, &[204, 400], "PUT /vms/{name}/limits {}");
     }
+    let start = Instant::now();
+    while reaped.len() < VMS.len() {
+        let (r, _) = shared.call("GET", "/vms", None);
+        let got = shared.now_us();
+        for v in r.json().as_array().unwrap() {
+            if let Some(vm) = VMS.iter().find(|n| v["name"] == **n) {
+                if v["state"] == "Stopped" {
+                    shared.saw_stopped(vm, got);
+                }
+            }
+        }
+        check_reaped(&shared, &mut reaped);
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "guests still running 90 s after the clients' end: {}",
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The keeper (paused) is stopped as a user would: SIGTERM.
+    // SAFETY: raise(3) on this thread; `serve` handles SIGTERM while it
+    // runs, and it runs until the keeper has stopped.
+    assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
     let served = served
-        .recv_timeout(Duration::from_secs(90))
-        .expect("the VMs did not all finish within 90 s of the clients' end")
+        .recv_timeout(DEADLINE)
+        .expect("serve did not return after SIGTERM")
         .expect("serve");
     server.join().unwrap();
-    assert_eq!(served.exit, None, "serve ended because every VM stopped");
+    assert_eq!(
+        served.exit,
+        Some(vmm::stop::ExitReason::Interrupted(libc::SIGTERM))
+    );
     for o in &served.outcomes {
+        if o.name == KEEPER {
+            assert_eq!(
+                o.reason,
+                vmm::stop::ExitReason::Interrupted(libc::SIGTERM),
+                "the keeper"
+            );
+            continue;
+        }
         let w = o.workload.as_ref().expect("a workload result");
         eprintln!(
             "VM {}: {}; {} pages verified, {} mismatches, swap {}",
@@ -607,7 +663,7 @@ fn concurrent_requests_race_vm_lifecycles_safely() {
             o.name
         );
     }
-    assert_eq!(served.outcomes.len(), VMS.len());
+    assert_eq!(served.outcomes.len(), VMS.len() + 1);
     drop(served);
 
     // Operations still running end on their own (they hold no VM).

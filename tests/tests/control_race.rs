@@ -451,25 +451,22 @@ fn check_reaped(shared: &Shared, reaped: &mut Vec<&'static str>) {
 }
 
 fn config(dir: &Path) -> String {
-    let vm = |name: &str, vcpus: u32, workload: &str| {
+    let vm = |name: &str, vcpus: u32, mib: u64, workload: &str| {
         format!(
-            r#"{{"name": "{name}", "machine-config": {{"vcpu_count": {vcpus}, "mem_size_mib": {VM_MIB}}},
+            r#"{{"name": "{name}", "machine-config": {{"vcpu_count": {vcpus}, "mem_size_mib": {mib}}},
                 "foliovm": {{"workload": "{workload}"}}}}"#
         )
     };
     // Lengths that end them at different times of the client phase, the
-    // first early on.
+    // first early on; the keeper's never ends.
     format!(
         r#"{{"foliovm": {{"mem_budget": "{POOL_MIB}M", "swap_dir": "{}", "swap_size": "128M"}},
             "vms": [{}, {}, {}, {}]}}"#,
         dir.display(),
-        vm("a", 1, "seq:4M,passes=3000"),
-        vm("b", 1, "seq:4M,passes=8000"),
-        vm("c", 2, "seq:6M,passes=12000"),
-        format!(
-            r#"{{"name": "{KEEPER}", "machine-config": {{"vcpu_count": 1, "mem_size_mib": {KEEPER_MIB}}},
-                "foliovm": {{"workload": "seq:1M,passes=1000000000000"}}}}"#
-        ),
+        vm("a", 1, VM_MIB, "seq:4M,passes=3000"),
+        vm("b", 1, VM_MIB, "seq:4M,passes=8000"),
+        vm("c", 2, VM_MIB, "seq:6M,passes=12000"),
+        vm(KEEPER, 1, KEEPER_MIB, "seq:1M,passes=1000000000000"),
     )
 }
 

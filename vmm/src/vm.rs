@@ -754,10 +754,10 @@ impl Vm {
     /// Relocate the guest RAM region holding `gpa` to a new host range
     /// while the guest runs ([`mem::relocate`]). The switch pauses the
     /// vCPUs (unless the VM is paused already; those of a VM that stopped
-    /// since the relocation began are held off as they leave), swaps the KVM memslots and
-    /// the vCPUs' and the virtio devices' view of guest memory (each
-    /// device transport locked in turn, so none is mid-request), and
-    /// resumes them.
+    /// since the relocation began are held off as they leave), swaps the
+    /// KVM memslots and the vCPUs' and the virtio devices' view of guest
+    /// memory (each device transport locked in turn, so none is
+    /// mid-request), and resumes them.
     ///
     /// # Errors
     /// A message naming why: not the folio backend, the VM not running, or

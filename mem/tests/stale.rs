@@ -179,36 +179,47 @@ fn a_failed_zap_of_a_stale_copy_leaks_nothing() {
 /// its pool range, must not stay behind a range freed as holding nothing.
 #[test]
 fn a_move_that_meets_a_populated_guest_page_leaks_nothing() {
-    move_meets_populated_page(false);
+    move_meets_populated_page(Meets::Move);
 }
 
 /// As above, and the drop of the folio's data left in the pool fails too.
 #[test]
 fn a_move_that_meets_a_populated_guest_page_leaks_nothing_when_the_drop_fails() {
-    move_meets_populated_page(true);
+    move_meets_populated_page(Meets::MoveDropFails);
 }
 
-fn move_meets_populated_page(drop_fails: bool) {
+/// How the folio's first target page meets the populated guest page.
+#[derive(Clone, Copy, PartialEq)]
+enum Meets {
+    /// The `MOVE` fails with `EEXIST`.
+    Move,
+    /// As `Move`, and the drop of the data left in the pool fails too.
+    MoveDropFails,
+    /// The `MOVE` is refused first, and the `COPY` fallback fails with
+    /// `EEXIST`.
+    CopyFallback,
+}
+
+fn move_meets_populated_page(how: Meets) {
     let mm = manager(BUDGET, 1);
     assert!(mm.wait_idle(Duration::from_secs(30)));
     let a = TestVm::new(&mm, "a", 4 * PAGE_SIZE);
     write_secret(&a);
     let h = holder(&mm);
     let before = mm.stats().faults.move_eexist_pages;
-    let drops = if drop_fails { u32::MAX } else { 0 };
-    arm(
-        &mm,
-        &[
-            (FaultPoint::GuestPopulated, 1),
-            (FaultPoint::PoolDrop, drops),
-        ],
-    );
+    let second = match how {
+        Meets::Move => (FaultPoint::PoolDrop, 0),
+        Meets::MoveDropFails => (FaultPoint::PoolDrop, u32::MAX),
+        Meets::CopyFallback => (FaultPoint::PoolMoveRefused, 1),
+    };
+    arm(&mm, &[(FaultPoint::GuestPopulated, 1), second]);
     let r = mm
         .migrate_range(a.id, GuestAddress(0), 4 * PAGE_SIZE)
         .unwrap();
     arm(&mm, &[]);
     assert_eq!(r, (1, 0), "migrated");
-    assert_eq!(mm.stats().faults.move_eexist_pages, before + 1);
+    let eexist = u64::from(how != Meets::CopyFallback);
+    assert_eq!(mm.stats().faults.move_eexist_pages, before + eexist);
     // The guest sees the page that was there (the zero page), the others
     // as they were.
     assert_eq!(a.ram.read(8), 0);
@@ -227,31 +238,7 @@ fn move_meets_populated_page(drop_fails: bool) {
 /// next guest either.
 #[test]
 fn a_copy_fallback_that_meets_a_populated_guest_page_leaks_nothing() {
-    let mm = manager(BUDGET, 1);
-    assert!(mm.wait_idle(Duration::from_secs(30)));
-    let a = TestVm::new(&mm, "a", 4 * PAGE_SIZE);
-    write_secret(&a);
-    let h = holder(&mm);
-    arm(
-        &mm,
-        &[
-            (FaultPoint::GuestPopulated, 1),
-            (FaultPoint::PoolMoveRefused, 1),
-        ],
-    );
-    let r = mm
-        .migrate_range(a.id, GuestAddress(0), 4 * PAGE_SIZE)
-        .unwrap();
-    arm(&mm, &[]);
-    assert_eq!(r, (1, 0), "migrated");
-    assert_eq!(a.ram.read(8), 0, "the page that was there (the zero page)");
-    for p in 1..4 {
-        assert_eq!(a.ram.read(p * PAGE_SIZE + 8), secret(p, 1), "page {p}");
-    }
-    destroy(&mm, a);
-    probe_reads_zero(&mm);
-    destroy(&mm, h);
-    settle_and_check(&mm);
+    move_meets_populated_page(Meets::CopyFallback);
 }
 
 /// A migrated folio's first target page is refused by `MOVE` and its

@@ -191,6 +191,7 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
         return;
     };
     vmscan::enforce_vm_max(inner, &region);
+    let pull_events = inner.pull_events.load(SeqCst);
     let outcome = fault_in_reclaiming(inner, &region, idx, write, false);
     // The faulting thread runs again already; zap stale pool copies here,
     // with no lock held, once a batch has gathered.
@@ -198,20 +199,16 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
     match outcome {
         // Parked without the retries a changed entry gets: until a pin
         // drops or the relocation moves on, every try would fail alike.
-        // The unpin or pull kicks the worker to retry it (`pulls_parked`;
-        // one that comes between the failed pull and the flag is caught by
-        // the kick below on a first park, by the worker's next timed round
-        // on its own retries).
+        // The unpin or pull kicks the worker to retry it (`pulls_parked`);
+        // one that came since this fault began (between its failed pull
+        // and the flag, say) is seen in `pull_events`, and kicks it here.
         FaultOutcome::PullBlocked => {
             for f in [vmc, &inner.faults] {
                 f.parked_pull.fetch_add(1, Relaxed);
             }
             crate::stall::park(inner, page, write, t0);
             inner.pulls_parked.store(true, SeqCst);
-            if first {
-                // One prompt retry by the worker, for an unpin that came
-                // before the flag was set; later retries come from unpins,
-                // pulls and the worker's timed rounds.
+            if inner.pull_events.load(SeqCst) != pull_events {
                 inner.kick_worker();
             }
             return;

@@ -350,6 +350,11 @@ pub(crate) struct Inner {
     /// (`FaultOutcome::PullBlocked`): an unpin or a pull kicks the worker
     /// to retry it. Cleared when the worker takes the parked faults.
     pub pulls_parked: AtomicBool,
+    /// Unpins and pulls so far ([`Inner::note_unpin`], [`Inner::note_pull`]):
+    /// a fault that parks on a held-back pull compares it with what it read
+    /// before trying, so that an unpin between its failed pull and its
+    /// `pulls_parked` store still has the worker retry it.
+    pub pull_events: AtomicU64,
     /// When reclaim last ran, in ns since `started` (0: never).
     last_reclaim_ns: AtomicU64,
     /// The manager's creation, the epoch of `last_reclaim_ns`.
@@ -676,7 +681,10 @@ impl Inner {
 
     fn wake_unpin_waiters(&self) {
         // A fault parked on a held-back pull: have the worker retry it now
-        // rather than on its next timed round.
+        // rather than on its next timed round. (SeqCst with the parking
+        // fault's store of the flag and load of the count: either this
+        // load sees the flag or that load sees the count move.)
+        self.pull_events.fetch_add(1, SeqCst);
         if self.pulls_parked.load(SeqCst) {
             self.kick_worker();
         }
@@ -875,6 +883,7 @@ impl MemoryManager {
             unpin_cv: Condvar::new(),
             unpin_waiters: AtomicU64::new(0),
             pulls_parked: AtomicBool::new(false),
+            pull_events: AtomicU64::new(0),
             last_reclaim_ns: AtomicU64::new(0),
             started: Instant::now(),
             kswapd_kick: Mutex::new(false),

@@ -762,14 +762,7 @@ fn a_request_behind_a_held_back_table(req: Request) {
             let tries0 = mm.stats().migration.relocate_pulls_blocked;
             let mm2 = mm.clone();
             // The target page as the vCPUs see it now (the new region).
-            let (ram, off) = {
-                let v = view.0.read().unwrap();
-                let r = *v
-                    .iter()
-                    .find(|r| (r.guest_base.raw()..r.guest_base.raw() + r.size).contains(&target))
-                    .unwrap();
-                (Ram(r), target - r.guest_base.raw())
-            };
+            let (ram, off) = view.ram_now(target);
             let r = timed(move || match req {
                 Request::Access => {
                     let (p, w) = (target / PAGE_SIZE, 1);

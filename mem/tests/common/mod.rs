@@ -295,6 +295,11 @@ impl View {
             .expect("gpa in a region");
         (Ram(*r), gpa - r.guest_base.raw())
     }
+    /// The accessor of the region holding `gpa` as the view has it now,
+    /// and `gpa`'s offset in it (for a thread that must not hold the view).
+    pub fn ram_now(&self, gpa: u64) -> (Ram, u64) {
+        View::ram_at(&self.0.read().unwrap(), gpa)
+    }
     pub fn read(&self, gpa: u64) -> u64 {
         let v = self.0.read().unwrap();
         let (ram, off) = View::ram_at(&v, gpa);

@@ -174,6 +174,30 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootE
         if n >= 20 && head[18..20] != 62u16.to_le_bytes() {
             return Err(refuse("for another architecture"));
         }
+        // e_type (at 16): a vmlinux is ET_EXEC. A program or library
+        // (`/bin/ls`, `libc.so.6`) is ET_DYN, which linux-loader refuses
+        // only as an "Invalid entry address" (linked near 0).
+        if n >= 18 {
+            match u16::from_le_bytes([head[16], head[17]]) {
+                2 => {}
+                1 => return Err(refuse("relocatable object file (a .o or .ko)")),
+                3 => {
+                    return Err(refuse(
+                        "shared object (a library or a position-independent program)",
+                    ))
+                }
+                4 => return Err(refuse("core dump")),
+                _ => return Err(refuse("file of an unknown type (e_type)")),
+            }
+        }
+        // e_entry (at 24): a kernel is entered at or above 1 MiB, where the
+        // loader puts it; a static program's entry is often there too, so
+        // this only catches what is linked lower.
+        if n >= 32
+            && u64::from_le_bytes(head[24..32].try_into().expect("8 bytes")) < HIMEM_START.raw()
+        {
+            return Err(refuse("program entered below 1 MiB, where no kernel loads"));
+        }
         return Ok(KernelFormat::Elf);
     }
     if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
@@ -759,6 +783,31 @@ mod tests {
         std::fs::write(&p, elf).unwrap();
         let e = load_kernel(&mem, &p).unwrap_err().to_string();
         assert!(e.contains("is an ELF for another architecture"), "{e}");
+        // A user-space program or library (`/bin/ls`, `libc.so.6`), an
+        // object file, and an executable linked below 1 MiB. linux-loader
+        // named all of these "Invalid entry address".
+        elf[18] = 62;
+        for (e_type, entry, want) in [
+            (
+                3u16,
+                0x6ab0u64,
+                "is an ELF shared object (a library or a position-independent program), not",
+            ),
+            (1, 0, "is an ELF relocatable object file (a .o or .ko), not"),
+            (4, 0, "is an ELF core dump, not"),
+            (
+                2,
+                0x8000,
+                "is an ELF program entered below 1 MiB, where no kernel loads, not",
+            ),
+        ] {
+            elf[16..18].copy_from_slice(&e_type.to_le_bytes());
+            elf[24..32].copy_from_slice(&entry.to_le_bytes());
+            std::fs::write(&p, elf).unwrap();
+            let e = load_kernel(&mem, &p).unwrap_err();
+            assert!(matches!(e, BootError::ElfNotX86_64 { .. }), "{e}");
+            assert!(e.to_string().contains(want), "{e}");
+        }
         let e = load_kernel(&mem, &dir.join("missing")).unwrap_err();
         assert!(matches!(e, BootError::KernelIo { .. }), "{e}");
         // A truncated ELF: magic but no valid headers.

@@ -206,7 +206,7 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
             for f in [vmc, &inner.faults] {
                 f.parked_pull.fetch_add(1, Relaxed);
             }
-            crate::stall::park(inner, page, write, t0);
+            crate::stall::park(inner, page, write, t0, true);
             inner.pulls_parked.store(true, SeqCst);
             if inner.pull_events.load(SeqCst) != pull_events {
                 inner.kick_worker();
@@ -221,7 +221,7 @@ fn serve_fault(inner: &Inner, addr: usize, t0: Instant, first: bool, write: bool
             };
             c(vmc);
             c(&inner.faults);
-            crate::stall::park(inner, page, write, t0);
+            crate::stall::park(inner, page, write, t0, false);
             if first {
                 // Retries come from the worker itself; kicking it again
                 // would spin it while the pool is exhausted.

@@ -20,33 +20,43 @@ use crate::vm::log_error;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-/// A fault parked for lack of memory ([`crate::manager::Inner::pending`]).
+/// A parked fault ([`crate::manager::Inner::pending`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Parked {
     /// The host page address, with bit 0 set for a write access.
     pub addr_write: usize,
     /// When the fault began (its latency and its wait count from here).
     pub since: Instant,
+    /// Parked on a relocation pull held back (by a device pin, say), not
+    /// for memory: no memory stall, whatever its wait. A pin lasts one
+    /// device request.
+    pub on_pull: bool,
 }
 
-/// Park a fault on host page `page` (a write if `write`), begun at `since`.
+/// Park a fault on host page `page` (a write if `write`), begun at `since`,
+/// for lack of memory or (`on_pull`) on a held-back relocation pull.
 /// A page parked already stays one entry: a faulting thread whose wait a
 /// signal interrupted (a vCPU kicked for a pause) faults again and sends a
 /// second message for the same page, and every retry of a duplicate would
 /// reclaim on its own.
-pub(crate) fn park(inner: &Inner, page: usize, write: bool, since: Instant) {
+pub(crate) fn park(inner: &Inner, page: usize, write: bool, since: Instant, on_pull: bool) {
     let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-    park_in(&mut pending, page, write, since);
+    park_in(&mut pending, page, write, since, on_pull);
 }
 
 /// [`park`] on the list itself.
-fn park_in(pending: &mut Vec<Parked>, page: usize, write: bool, since: Instant) {
+fn park_in(pending: &mut Vec<Parked>, page: usize, write: bool, since: Instant, on_pull: bool) {
     match pending.iter_mut().find(|p| p.addr_write & !1 == page) {
-        // The first message's start stays: the wait is the fault's.
-        Some(p) => p.addr_write |= usize::from(write),
+        // The first message's start stays: the wait is the fault's. What it
+        // waits for is what the latest try found.
+        Some(p) => {
+            p.addr_write |= usize::from(write);
+            p.on_pull = on_pull;
+        }
         None => pending.push(Parked {
             addr_write: page | usize::from(write),
             since,
+            on_pull,
         }),
     }
 }
@@ -59,16 +69,17 @@ pub(crate) struct StallWatch {
 }
 
 impl StallWatch {
-    /// After a retry round: report a stall when the oldest parked fault has
-    /// waited `stall_report_after`, and its end once none has.
+    /// After a retry round: report a stall when the oldest fault parked for
+    /// memory has waited `stall_report_after`, and its end once none has.
     pub(crate) fn check(&mut self, inner: &Inner) {
         let after = inner.stall_report_after;
         let (oldest, addrs) = {
             let p = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let oldest = p.iter().map(|f| f.since).min();
+            let memory = || p.iter().filter(|f| !f.on_pull);
+            let oldest = memory().map(|f| f.since).min();
             (
                 oldest,
-                p.iter().map(|f| f.addr_write & !1).collect::<Vec<_>>(),
+                memory().map(|f| f.addr_write & !1).collect::<Vec<_>>(),
             )
         };
         match (oldest.map(|t| t.elapsed()), self.reported) {
@@ -155,14 +166,15 @@ mod tests {
     fn a_page_parked_twice_is_one_entry_that_keeps_the_write_and_the_start() {
         let (t0, t1) = (Instant::now(), Instant::now() + Duration::from_millis(5));
         let mut pending = Vec::new();
-        park_in(&mut pending, 0x1000, false, t0);
-        park_in(&mut pending, 0x2000, false, t0);
+        park_in(&mut pending, 0x1000, false, t0, true);
+        park_in(&mut pending, 0x2000, false, t0, false);
         for _ in 0..50 {
-            park_in(&mut pending, 0x1000, true, t1);
+            park_in(&mut pending, 0x1000, true, t1, false);
         }
         assert_eq!(pending.len(), 2);
         assert_eq!(pending[0].addr_write, 0x1001, "a write parked over a read");
         assert_eq!(pending[0].since, t0, "the wait counts from the first");
+        assert!(!pending[0].on_pull, "the latest reason to wait stays");
         assert_eq!(pending[1].addr_write, 0x2000);
     }
 }

@@ -268,9 +268,9 @@ pub(crate) fn fault_in_reclaiming(
                 reclaimed = true;
                 vmscan::direct_reclaim(inner, region);
             }
-            // The faulting thread sleeps until a pin drops or a pull or
-            // undo moves the relocation on (or briefly, for a region not
-            // live yet), then looks again.
+            // The faulting thread sleeps until a pin drops, a pull or undo
+            // moves the relocation on, or the new region goes live, then
+            // looks again.
             FaultOutcome::PullBlocked if waits => {
                 let pulled = || crate::relocate::ensure_pulled(inner, region, idx).then_some(());
                 _ = inner.wait_unpin(PULL_BLOCKED_WAIT, pulled);

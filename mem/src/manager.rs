@@ -668,8 +668,8 @@ impl Inner {
         self.wake_unpin_waiters();
     }
 
-    /// A relocation moved on: a table was pulled, or the relocation was
-    /// undone (its pending tables closed). Wakes the threads in
+    /// A relocation moved on: a table was pulled, the new region went
+    /// live, or the relocation was undone (its pending tables closed). Wakes the threads in
     /// [`Inner::wait_unpin`] waiting for a pull that a pin held back (see
     /// `relocate::wait_pulled`), if any. Without waiters no lock is taken.
     ///

@@ -752,8 +752,11 @@ pub(crate) fn relocate(
             sources
                 .iter()
                 .for_each(|(s, _)| s.set_state(RegionState::Retired));
-            // Faults parked on its pending tables meanwhile can pull them now.
+            // Faults parked on its pending tables meanwhile can pull them
+            // now: the worker retries the parked ones, and faulting threads
+            // waiting on their own (`FaultDelivery::Faulter`) wake.
             inner.kick_worker();
+            inner.note_pull();
         })
     };
     let sw = RelocateSwitch {

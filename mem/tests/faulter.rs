@@ -11,7 +11,8 @@ mod common;
 
 use common::*;
 use mem::{
-    FaultDelivery, FaultPlan, GuestAddress, InjectedFault, IoOp, MemoryManager, VmId, PAGE_SIZE,
+    FaultDelivery, FaultPlan, GuestAddress, InjectedFault, IoOp, MemoryManager, RelocateOp, VmId,
+    PAGE_SIZE,
 };
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
@@ -230,6 +231,56 @@ fn a_faulting_thread_that_waits_long_for_memory_reports_a_stall() {
     assert_eq!(t.join().unwrap(), 9);
     assert_eq!(stalls(), 1);
     assert_eq!(mm.stats().faults.memory_stalls, 1);
+    drop(b);
+    mm.destroy_vm(vm).unwrap();
+    settle_and_check(&mm);
+}
+
+/// A faulting thread that touches a relocation's new range in the switch,
+/// before the VMM makes it live, sleeps until then and is woken by it: it
+/// does not wait for its next timed look (up to 10 ms later), and reads
+/// the page's data.
+#[test]
+fn a_fault_on_a_region_not_live_yet_wakes_when_it_goes_live() {
+    let mm = manager();
+    let vm = mm.create_vm("not-live").unwrap();
+    let b = mm.backend(vm, &[(GuestAddress(0), 4 * MIB)]).unwrap();
+    let view = View::new(mem::GuestMemoryBackend::regions(&*b));
+    let gpa = 2 * MIB + 5 * PAGE_SIZE;
+    let mut late = Vec::new();
+    for round in 0..8u64 {
+        view.write(gpa, 0x11 + round);
+        mm.relocate(
+            vm,
+            GuestAddress(0),
+            RelocateOp::ToAligned,
+            &mut |sw| {
+                view.switch(sw)?;
+                let (ram, off) = view.ram_now(gpa);
+                let reader = std::thread::spawn(move || (ram.read(off), Instant::now()));
+                // Its timed looks come every 10 ms from its start: spread
+                // make_live over that period.
+                std::thread::sleep(Duration::from_micros(31_000 + round * 1_100));
+                assert!(!reader.is_finished(), "the access waited for make_live");
+                sw.make_live();
+                let live = Instant::now();
+                let (got, done) = reader.join().unwrap();
+                assert_eq!(got, 0x11 + round, "round {round}");
+                late.push(done.saturating_duration_since(live));
+                Ok(())
+            },
+            &|_, _| {},
+        )
+        .unwrap();
+    }
+    late.sort();
+    eprintln!("from make_live to the access done: {late:?}");
+    // Woken at once, each access ends well within the 10 ms timed look;
+    // without the wake-up they end anywhere in it, most after 2 ms.
+    assert!(
+        late[late.len() / 2] < Duration::from_millis(2),
+        "the waiting access was not woken by make_live: {late:?}"
+    );
     drop(b);
     mm.destroy_vm(vm).unwrap();
     settle_and_check(&mm);

@@ -59,7 +59,9 @@
 //!                           in free_ranges before, not under, the zone lock)
 //!
 //! leaf locks (nothing is   Inner::regions (registry), Inner::vms,
-//! taken under them):        Inner::pending, Inner::kick, Inner::kswapd_kick,
+//!   taken under them)       VmState::regions (a VM's list; a relocation's
+//!                           switch sets region states under it),
+//!                           Inner::pending, Inner::kick, Inner::kswapd_kick,
 //!                           Inner::unpins, Inner::deferred_teardowns,
 //!                           SwapFile::plans (fault injection);
 //!                           taken alone, except Inner::pending under the zone

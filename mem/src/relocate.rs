@@ -748,10 +748,9 @@ pub(crate) fn relocate(
     let live = std::sync::Once::new();
     let make_live = || {
         live.call_once(|| {
-            dst.set_state(RegionState::Live);
-            sources
-                .iter()
-                .for_each(|(s, _)| s.set_state(RegionState::Retired));
+            let mut states = vec![(&*dst, RegionState::Live)];
+            states.extend(sources.iter().map(|(s, _)| (&**s, RegionState::Retired)));
+            vm.set_states(&states);
             // Faults parked on its pending tables meanwhile can pull them
             // now: the worker retries the parked ones, and faulting threads
             // waiting on their own (`FaultDelivery::Faulter`) wake.
@@ -803,7 +802,7 @@ pub(crate) fn relocate(
         failure = Some(RelocateError::Injected(FaultPoint::RelocateCommit));
     }
     if let Some(e) = failure {
-        undo(inner, &dst, &sources, &pull, switch)
+        undo(inner, vm, &dst, &sources, &pull, switch)
             .map_err(|u| RelocateError::UndoFailed(format!("{e}; undo: {u}")))?;
         drop_dst(&dst);
         inner.workers.relocations_undone.fetch_add(1, Relaxed);
@@ -850,6 +849,7 @@ const UNDO_PIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// VMM back first (module docs).
 fn undo(
     inner: &Inner,
+    vm: &VmState,
     dst: &Arc<Region>,
     sources: &[(Arc<Region>, i64)],
     pull: &PullSource,
@@ -894,10 +894,12 @@ fn undo(
                     p
                 })
                 .collect();
-            sources
+            let mut states: Vec<_> = sources
                 .iter()
-                .for_each(|(s, _)| s.set_state(RegionState::Live));
-            dst.set_state(RegionState::Retired);
+                .map(|(s, _)| (&**s, RegionState::Live))
+                .collect();
+            states.push((&**dst, RegionState::Retired));
+            vm.set_states(&states);
             inner.kick_worker();
             // Pins waiting for a pending table of `dst` (`wait_pulled`)
             // look again: it is closed, their pages are in the sources.

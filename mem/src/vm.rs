@@ -380,11 +380,29 @@ impl VmState {
         v.retain(|r| r.index != id);
     }
 
-    /// The live regions: the VM's memory now.
+    /// The live regions: the VM's memory now. The states are read under
+    /// the list's lock, so a relocation's switch ([`VmState::set_states`])
+    /// is seen whole or not at all.
     pub fn regions(&self) -> Vec<Arc<Region>> {
-        let mut v = self.all_regions();
-        v.retain(|r| r.state() == RegionState::Live);
-        v
+        self.regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|r| r.state() == RegionState::Live)
+            .cloned()
+            .collect()
+    }
+
+    /// Change the states of the VM's regions at once for
+    /// [`VmState::regions`]: a relocation's switch makes one region live and
+    /// retires others. Set one by one, a reader could find a source retired
+    /// and then the new region not live yet (or, switching back, retired
+    /// again), and no region for a guest address at all.
+    pub(crate) fn set_states(&self, changes: &[(&Region, RegionState)]) {
+        let _list = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        for (r, s) in changes {
+            r.set_state(*s);
+        }
     }
 
     /// Region `id`, whatever its state.

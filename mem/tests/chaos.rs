@@ -226,9 +226,30 @@ impl Chaos {
     }
 }
 
+/// Read word `w` of page `p` as vCPU `t`, check it, and write `write`
+/// there if given.
+fn touch(vm: &Vm, slot: &Slot, t: u64, p: u64, w: u64, write: Option<u64>) {
+    let _c = vm.chunks[(p / CHUNK) as usize].read().unwrap();
+    slot.enter("vcpu read", p);
+    let got = vm.view.read(Vm::gpa(p, w));
+    slot.leave();
+    let want = vm.want(p, w);
+    assert_eq!(
+        got, want,
+        "{} vcpu {t}: page {p} word {w}: read {got:#x}, expected {want:#x}",
+        vm.name
+    );
+    if let Some(v) = write {
+        slot.enter("vcpu write", p);
+        vm.view.write(Vm::gpa(p, w), v);
+        slot.leave();
+        vm.set(p, w, v);
+    }
+}
+
 fn vcpu(c: &Chaos, vm: &Vm, t: u64, slot: &Slot, seed: u64) {
     let mut rng = Rng(seed | 1);
-    let (mut reads, mut writes) = (0, 0);
+    let (mut reads, mut writes, mut sweeps) = (0, 0, 0);
     let mut i = 0;
     while !c.stop.load(SeqCst) && !vm.stop.load(SeqCst) {
         i += 1;
@@ -236,36 +257,31 @@ fn vcpu(c: &Chaos, vm: &Vm, t: u64, slot: &Slot, seed: u64) {
             vm.window
                 .store((i / 300 * 211) % (vm.pages - WINDOW), SeqCst);
         }
+        if t == 0 && i % 5000 == 0 {
+            // Write a whole 2 MiB at once: a range that compaction can
+            // collapse into one 2 MiB folio.
+            let first = rng.below(vm.pages / 512) * 512;
+            for p in first..first + 512 {
+                touch(vm, slot, t, p, t, Some(value(vm.id.0 as u64, t, i)));
+            }
+            sweeps += 1;
+        }
         let p = vm.window.load(SeqCst) + rng.below(WINDOW);
-        let _c = vm.chunks[(p / CHUNK) as usize].read().unwrap();
         // Now and then a word nobody owns: zero, or another guest's data
         // reached this one.
         let w = match rng.below(64) {
             0 => OWNED + rng.below(WORDS - OWNED),
             _ => t,
         };
-        slot.enter("vcpu read", p);
-        let got = vm.view.read(Vm::gpa(p, w));
-        slot.leave();
-        let want = vm.want(p, w);
-        assert_eq!(
-            got, want,
-            "{} vcpu {t}: page {p} word {w}: read {got:#x}, expected {want:#x}",
-            vm.name
-        );
+        let write = (w == t && rng.below(2) == 0).then(|| value(vm.id.0 as u64, t, i));
+        touch(vm, slot, t, p, w, write);
         reads += 1;
-        if w == t && rng.below(2) == 0 {
-            let v = value(vm.id.0 as u64, t, i);
-            slot.enter("vcpu write", p);
-            vm.view.write(Vm::gpa(p, t), v);
-            slot.leave();
-            vm.set(p, t, v);
-            writes += 1;
-        }
+        writes += write.is_some() as u64;
     }
     c.add(BTreeMap::from([
         ("vcpu reads", reads),
         ("vcpu writes", writes),
+        ("vcpu 2 MiB sweeps", sweeps),
     ]));
 }
 
@@ -374,7 +390,10 @@ fn pin(c: &Chaos, slot: &Slot, rng: &mut Rng, n: &mut BTreeMap<&'static str, u64
         pin.write_at((p - first) * PAGE_SIZE + PIN_WORD * 8, &v.to_ne_bytes());
         vm.set(p, PIN_WORD, v);
     }
-    std::thread::sleep(Duration::from_micros(rng.below(500)));
+    std::thread::sleep(Duration::from_micros(match rng.below(8) {
+        0 => rng.below(5000),
+        _ => rng.below(500),
+    }));
     check("still pinned");
     drop(pin);
     for p in first..first + nr {
@@ -470,10 +489,10 @@ fn compact(c: &Chaos, slot: &Slot, rng: &mut Rng, n: &mut BTreeMap<&'static str,
     std::thread::sleep(Duration::from_millis(20));
 }
 
-/// Budget changes between half the pool and all of it; the VMs'
-/// minimums (see `limits`) stay well below the half.
+/// Budget changes between a third of the pool and all of it; the VMs'
+/// minimums (see `limits`) stay below the third.
 fn budget(c: &Chaos, slot: &Slot, rng: &mut Rng, n: &mut BTreeMap<&'static str, u64>) {
-    let bytes = BUDGET / 2 + rng.below(BUDGET / 2 / (64 * 1024) + 1) * 64 * 1024;
+    let bytes = BUDGET / 3 + rng.below(BUDGET * 2 / 3 / (64 * 1024) + 1) * 64 * 1024;
     slot.enter("set_budget", bytes);
     let r = c.mm.set_budget(bytes);
     slot.leave();
@@ -534,13 +553,26 @@ fn inject(c: &Chaos, _: &Slot, rng: &mut Rng, n: &mut BTreeMap<&'static str, u64
         PoolMoveRefused,
         FallbackCopyFails,
     ];
-    let plans = (0..1 + rng.below(4))
+    let mut plans: Vec<_> = (0..1 + rng.below(4))
         .map(|_| InjectPlan {
             point: POINTS[rng.below(POINTS.len() as u64) as usize],
             skip: rng.below(20) as u32,
             count: 1 + rng.below(3) as u32,
         })
         .collect();
+    if rng.below(4) == 0 {
+        // Installs that fail outright: the data waits in the pool.
+        for point in [PoolMoveRefused, FallbackCopyFails] {
+            plans.insert(
+                0,
+                InjectPlan {
+                    point,
+                    skip: rng.below(10) as u32,
+                    count: 4,
+                },
+            );
+        }
+    }
     c.mm.inject_faults(plans);
     let fault = [
         InjectedFault::Enospc,

@@ -843,13 +843,14 @@ fn fallback_page(
             counters
                 .iter()
                 .for_each(|c| _ = c.fallback_failed_pages.fetch_add(1, Relaxed));
-            // The guest page is still a hole and the folio's data (unless it
-            // is a fresh zero folio) still in its pool page: the woken
-            // access faults again and `restore_unbacked` moves it in. Until
-            // then the pool page must not be freed as a hole.
-            if !zero_ok {
-                inner.stranded.note(src_off);
-            }
+            // The guest page is still a hole and the folio's data still in
+            // its pool page: the woken access faults again and
+            // `restore_unbacked` moves it in. Until then the pool page must
+            // not be freed as a hole, nor the folio re-labelled away from
+            // it (`migrate::relabel`). A fresh folio's page is recorded
+            // too: its zero page is the one `restore_unbacked` moves in,
+            // and re-labelled without it, the page was poisoned instead.
+            inner.stranded.note(src_off);
             log_error(&format!(
                 "fallback fill at {dst:#x} failed: errno {}",
                 e.errno

@@ -24,7 +24,9 @@
 //! it, so it leaves a folio with a recorded page to be copied
 //! (`migrate::relabel`). A record goes when its range is freed
 //! or when the page is moved into the guest after all. A record that
-//! outlives its page's data only costs one zeroing.
+//! outlives its page's data only costs one zeroing. A fresh folio's page
+//! is recorded too: it holds no guest data, only zero, but its pool page
+//! is the one the next access moves in, so it must not be re-labelled away.
 //!
 //! # Context
 //! The lock is a leaf. Records are added and removed under the page-table

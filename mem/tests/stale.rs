@@ -342,6 +342,62 @@ fn compaction_keeps_a_stranded_pages_data() {
     settle_and_check(&mm);
 }
 
+/// The same for a fresh folio: a first touch whose install is refused by
+/// `MOVE` and whose `COPY` fallback fails leaves the page's content (zero)
+/// in the new folio's pool page, the one its next access moves in. Pool
+/// compaction must not re-label the folio under it: the page would read
+/// as poisoned, not as zero. Before, a fresh folio's stranded page was not
+/// recorded, and the chaos test saw such pages poisoned.
+#[test]
+fn compaction_keeps_a_fresh_folios_stranded_page() {
+    let mm = manager(BUDGET, 1);
+    assert!(mm.wait_idle(Duration::from_secs(30)));
+    let a = TestVm::new(&mm, "a", 4 * PAGE_SIZE);
+    arm(
+        &mm,
+        &[
+            (FaultPoint::PoolMoveRefused, 1),
+            (FaultPoint::FallbackCopyFails, 1),
+        ],
+    );
+    // Page 1's first touch installs the order-2 folio: page 0 is stranded.
+    assert_eq!(a.ram.read(PAGE_SIZE), 0);
+    arm(&mm, &[]);
+    assert_eq!(
+        mm.vm_stats(a.id).unwrap().resident_bytes_by_order[2],
+        4 * PAGE_SIZE,
+        "the premise: one order-2 folio"
+    );
+    assert_eq!(mm.stats().faults.fallback_failed_pages, 1, "the premise");
+    for p in 1..4 {
+        for w in 0..WORDS {
+            a.ram.write(p * PAGE_SIZE + w * 8, secret(p, w));
+        }
+    }
+    let h = holder(&mm);
+    let rep = mm.compact(Some(a.id), &|_, _| {}).unwrap();
+    assert_eq!(rep.blocks_rebuilt, 1, "the premise: {rep:?}");
+    let got = read_via_gup(a.ram.0.host_addr.raw());
+    let s = mm.stats();
+    assert_eq!(
+        got.ok(),
+        Some(0),
+        "page 0 of the fresh stranded folio after compaction (restored {}, poisoned {})",
+        s.faults.unbacked_restored,
+        s.faults.unbacked_poisoned
+    );
+    for p in 0..4 {
+        for w in 0..WORDS {
+            let want = if p == 0 { 0 } else { secret(p, w) };
+            assert_eq!(a.ram.read(p * PAGE_SIZE + w * 8), want, "page {p}");
+        }
+    }
+    destroy(&mm, a);
+    probe_reads_zero(&mm);
+    destroy(&mm, h);
+    settle_and_check(&mm);
+}
+
 /// Pages moved back from a guest (a discard) sit in a free block that is
 /// taken offline by a budget cut; its drop fails. Brought back online, the
 /// block must not be handed out with that data.

@@ -199,8 +199,11 @@ fn race(delivery: FaultDelivery, fail_installs: bool) {
         );
         assert!(f.fallback_failed_pages > 0, "the premise: failed installs");
         assert!(f.unbacked_restored > 0, "the premise: restored pages");
-        eprintln!("most pages stranded at once: {stranded}");
-        assert!(stranded > 0, "the premise: pages left in the pool");
+        // Sampled between reclaims, so a starved reclaimer thread can miss
+        // every record (a page's next access follows its failed install at
+        // once): `unbacked_restored` above is the premise that pages were
+        // left in the pool.
+        eprintln!("most pages stranded at once (sampled): {stranded}");
         assert_eq!((f.unbacked_poisoned, f.unbacked_from_slot), (0, 0));
     } else {
         assert_no_unbacked(&mm.stats());

@@ -223,6 +223,11 @@ pub enum VmError {
         /// Length.
         len: u64,
     },
+    /// Every VM id was handed out (ids are not reused).
+    #[error(
+        "no VM id left: this manager has handed out all 2^32 - 1 of them (ids are not reused)"
+    )]
+    IdsExhausted,
     /// The minimum is above the maximum: reclaim enforcing the maximum
     /// would take the VM below its minimum.
     #[error("the VM's minimum of {} is above its maximum of {}", ShowSize(*min), ShowSize(*max))]
@@ -957,9 +962,15 @@ impl MemoryManager {
     /// Create a VM (with no memory yet).
     ///
     /// # Errors
-    /// None today; the `Result` leaves room for per-VM limits.
+    /// [`VmError::IdsExhausted`] once 2^32 - 1 VMs were created: ids are never
+    /// reused, so a late request about a destroyed VM cannot reach a new one.
     pub fn create_vm(&self, name: &str) -> Result<VmId, VmError> {
-        let id = VmId(self.inner.next_vm.fetch_add(1, Relaxed));
+        let id = self
+            .inner
+            .next_vm
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_add(1))
+            .map(VmId)
+            .map_err(|_| VmError::IdsExhausted)?;
         let vm = Arc::new(VmState::new(id, name, self.inner.clone()));
         self.inner
             .vms
@@ -1688,5 +1699,26 @@ impl Drop for MemoryManager {
         }
         // Handed over by a SIGBUS handler after the worker's last look.
         self.inner.run_deferred_teardowns();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// VM ids are not reused: once the last one is handed out, creating a
+    /// VM fails with a clear error instead of wrapping to an id a late
+    /// request about a destroyed VM (or a live VM 0) still names.
+    #[test]
+    fn vm_ids_are_never_handed_out_twice() {
+        let mm = MemoryManager::new(MmConfig::with_budget(2 << 20)).unwrap();
+        mm.inner().next_vm.store(u32::MAX - 1, Relaxed);
+        let last = mm.create_vm("last").unwrap();
+        assert_eq!(last, VmId(u32::MAX - 1));
+        let e = mm.create_vm("one too many").unwrap_err();
+        assert!(matches!(e, VmError::IdsExhausted), "{e}");
+        assert!(e.to_string().starts_with("no VM id left"), "{e}");
+        mm.destroy_vm(last).unwrap();
+        assert!(matches!(mm.create_vm("again"), Err(VmError::IdsExhausted)));
     }
 }

@@ -352,14 +352,23 @@ impl Block {
                 Err(e) => self.io_error("flush", req, &e),
             },
             RequestKind::GetId => {
-                let Some(b) = req.data.first() else {
+                if req.data.is_empty() {
                     return Some((S_IOERR, 0));
-                };
-                let n = (b.len as usize).min(ID_LEN);
-                match mem.write_slice(&self.disk.id[..n], b.addr) {
-                    Ok(()) => (S_OK, n as u32),
-                    Err(_) => (S_IOERR, 0),
                 }
+                // The id goes into the data as one byte stream, across
+                // buffers, as far as they and the id's 20 bytes go.
+                let mut n = 0;
+                for b in &req.data {
+                    let take = (b.len as usize).min(ID_LEN - n);
+                    if take == 0 {
+                        continue;
+                    }
+                    if mem.write_slice(&self.disk.id[n..n + take], b.addr).is_err() {
+                        return Some((S_IOERR, 0));
+                    }
+                    n += take;
+                }
+                (S_OK, n as u32)
             }
             RequestKind::Unsupported(_) => (request::S_UNSUPP, 0),
         })
@@ -748,6 +757,27 @@ mod tests {
         let mut buf = [0u8; 512];
         r.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
         assert!(buf.iter().all(|&b| b == 2), "sector 2's bytes");
+    }
+
+    /// GET_ID fills the chain's data as one byte stream, across its
+    /// buffers. It wrote only the first data buffer: the driver got a used
+    /// length of 3 and 2 bytes of the id for a 2 + 18 byte answer.
+    #[test]
+    fn get_id_fills_every_data_buffer_in_order() {
+        let (_t, p) = image(4 * 512);
+        let mut r = rig(&p, false);
+        let descs = [
+            desc(HDR, 16, N, 1),
+            desc(DATA, 2, N | W, 2),
+            desc(DATA + 0x100, 0, N | W, 3),
+            desc(DATA + 0x200, 18, N | W, 4),
+            desc(STATUS, 1, W, 0),
+        ];
+        assert_eq!(r.submit(8, 0, &descs), (S_OK, 21));
+        let (mut a, mut b) = ([0u8; 2], [0u8; 10]);
+        r.mem.read_slice(&mut a, GuestAddress(DATA)).unwrap();
+        r.mem.read_slice(&mut b, GuestAddress(DATA + 0x200)).unwrap();
+        assert_eq!((&a, &b), (b"te", b"st-disk-id"));
     }
 
     /// The device offers `size_max` (with `seg_max`), so that a driver

@@ -62,6 +62,9 @@ struct QueueSlot {
     regs: QueueRegs,
     /// Notification eventfd (also a KVM ioeventfd on QueueNotify).
     notify: EventFd,
+    /// The driver broke the queue ([`QueueState::NeedsReset`]): it is not
+    /// processed again until a reset.
+    broken: bool,
 }
 
 /// A queue's QueueNum and ring address registers, as written.
@@ -151,6 +154,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 queue: Queue::new(max).expect("queue sizes are powers of two"),
                 regs: QueueRegs::new(max),
                 notify,
+                broken: false,
             })
             .collect();
         MmioTransport {
@@ -391,6 +395,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         for s in &mut self.queues {
             s.queue.reset();
             s.regs = QueueRegs::new(s.queue.max_size());
+            s.broken = false;
             // Drain a notification that raced with the reset.
             let _ = s.notify.read();
         }
@@ -410,13 +415,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return QueueState::Drained;
         };
         let _ = s.notify.read();
-        if !self.live {
+        if !self.live || s.broken {
             return QueueState::Drained;
         }
         let state = self.device.process_queue(index);
         match state {
             QueueState::More => _ = self.queues[index].notify.write(1),
-            QueueState::NeedsReset => self.needs_reset(),
+            QueueState::NeedsReset => {
+                self.queues[index].broken = true;
+                self.needs_reset();
+            }
             QueueState::Drained | QueueState::Deferred => {}
         }
         state
@@ -841,6 +849,27 @@ mod tests {
         wr(&mut t, 0x070, 0);
         assert_eq!(rd(&mut t, 0x070), 0);
         assert!(!t.is_live());
+    }
+
+    /// A queue the driver broke is not served again until a reset, also
+    /// when the driver puts its avail index back (as QueueState::NeedsReset
+    /// says); the device's other queues are still served. It was served
+    /// again at the next notification.
+    #[test]
+    fn a_broken_queue_is_not_served_until_a_reset() {
+        let (mut t, p) = live_transport();
+        p.lock().unwrap().state = Some(QueueState::NeedsReset);
+        t.notified(1);
+        p.lock().unwrap().state = None;
+        assert_eq!(t.notified(1), QueueState::Drained);
+        t.notified(0);
+        assert_eq!(p.lock().unwrap().processed, vec![1, 0], "queue 1 stopped");
+        wr(&mut t, 0x070, 0);
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1000);
+        wr(&mut t, 0x070, LIVE);
+        t.notified(1);
+        assert_eq!(p.lock().unwrap().processed, vec![1, 0, 1], "served after a reset");
     }
 
     #[test]

@@ -309,6 +309,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         let new = v & !self.status;
+        let mut v = v;
         if new & S_FEATURES_OK != 0 {
             // Reset --ACK,DRIVER--> Negotiating --FEATURES_OK--> FeaturesOk,
             // only for a subset of what we offer that includes VERSION_1.
@@ -316,8 +317,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 && self.driver_features & !self.device.features() == 0
                 && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
             if !ok {
-                self.status = v & !S_FEATURES_OK;
-                return;
+                // Not taken; a DRIVER_OK in the same write comes before
+                // FEATURES_OK then, and is refused below.
+                v &= !S_FEATURES_OK;
             }
         }
         if new & S_DRIVER_OK != 0 {
@@ -756,6 +758,25 @@ mod tests {
         setup_queue(&mut t, 0, 0x1000);
         wr(&mut t, 0x070, LIVE);
         assert!(t.is_live());
+    }
+
+    /// A status write that sets FEATURES_OK and DRIVER_OK at once, with
+    /// features the device refuses, takes neither: the device is not
+    /// live, so its status must not say DRIVER_OK without
+    /// DEVICE_NEEDS_RESET. It took DRIVER_OK (status 0x7) without
+    /// activating the device, and the driver's next FEATURES_OK then made
+    /// the status read as live with nothing serving its queues.
+    #[test]
+    fn driver_ok_with_refused_features_is_not_taken() {
+        let (mut t, p) = transport();
+        wr(&mut t, 0x070, S_ACKNOWLEDGE | S_DRIVER);
+        wr(&mut t, 0x020, 1 << 3);
+        setup_queue(&mut t, 0, 0x1000);
+        wr(&mut t, 0x070, LIVE);
+        let status = rd(&mut t, 0x070);
+        assert!(!t.is_live());
+        assert_eq!(p.lock().unwrap().activated, None);
+        assert_eq!(status & (S_DRIVER_OK | S_NEEDS_RESET), S_NEEDS_RESET, "status {status:#x}");
     }
 
     /// A live device's driver that clears DRIVER_OK and sets it again

@@ -296,6 +296,10 @@ impl Balloon {
                 return self.malformed("free page report", &"device-readable buffer");
             }
             let (addr, len) = (b.addr.0, u64::from(b.len));
+            if len == 0 {
+                // Names no memory, wherever it points.
+                continue;
+            }
             if !addr.is_multiple_of(BALLOON_PAGE) || !len.is_multiple_of(BALLOON_PAGE) {
                 self.malformed(
                     "free page report",
@@ -686,6 +690,29 @@ mod tests {
             (c.reported_bytes, c.report_returned_bytes, c.malformed),
             (0x20000, 0x20000, 1)
         );
+    }
+
+    /// A zero-length report buffer names no memory, wherever it points:
+    /// nothing is discarded for it. It was handed to the memory backend
+    /// as a discard of 0 bytes (outside RAM: counted as malformed).
+    #[test]
+    fn an_empty_free_page_report_buffer_is_not_discarded() {
+        let mem = memory();
+        let rec = Arc::new(Recorder::default());
+        let mut b = Balloon::new(ALL, rec.clone());
+        let w = VRING_DESC_F_WRITE;
+        activate(
+            &mut b,
+            &mem,
+            3,
+            &[
+                desc(0x40000, 0x1000, w | VRING_DESC_F_NEXT, 1),
+                desc(0x7000_0000, 0, w, 0),
+            ],
+        );
+        b.process_queue(3);
+        assert_eq!(*rec.0.lock().unwrap(), vec![(0x40000, 0x1000)]);
+        assert_eq!(b.counters().malformed, 0);
     }
 
     #[test]

@@ -43,13 +43,13 @@ const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4f4c_4f46; // "FOLO"
 
-const S_ACKNOWLEDGE: u32 = 1;
-const S_DRIVER: u32 = 2;
-const S_DRIVER_OK: u32 = 4;
-const S_FEATURES_OK: u32 = 8;
+pub(crate) const S_ACKNOWLEDGE: u32 = 1;
+pub(crate) const S_DRIVER: u32 = 2;
+pub(crate) const S_DRIVER_OK: u32 = 4;
+pub(crate) const S_FEATURES_OK: u32 = 8;
 /// Set by the device: it hit an error only a reset clears (virtio 1.2
 /// §2.1). (FAILED, 128, is the driver's to set.)
-const S_NEEDS_RESET: u32 = 64;
+pub(crate) const S_NEEDS_RESET: u32 = 64;
 
 /// Queue configuration the driver writes before DRIVER_OK.
 struct QueueSlot {
@@ -776,7 +776,11 @@ mod tests {
         let status = rd(&mut t, 0x070);
         assert!(!t.is_live());
         assert_eq!(p.lock().unwrap().activated, None);
-        assert_eq!(status & (S_DRIVER_OK | S_NEEDS_RESET), S_NEEDS_RESET, "status {status:#x}");
+        assert_eq!(
+            status & (S_DRIVER_OK | S_NEEDS_RESET),
+            S_NEEDS_RESET,
+            "status {status:#x}"
+        );
     }
 
     /// A live device's driver that clears DRIVER_OK and sets it again
@@ -890,7 +894,11 @@ mod tests {
         setup_queue(&mut t, 0, 0x1000);
         wr(&mut t, 0x070, LIVE);
         t.notified(1);
-        assert_eq!(p.lock().unwrap().processed, vec![1, 0, 1], "served after a reset");
+        assert_eq!(
+            p.lock().unwrap().processed,
+            vec![1, 0, 1],
+            "served after a reset"
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@
 
 pub mod balloon;
 pub mod block;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub mod mmio;
 pub mod queue;
 

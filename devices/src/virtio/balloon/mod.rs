@@ -13,6 +13,9 @@
 //! towards it and writes how far it got to `actual`. The VMM changes the
 //! target at run time through [`BalloonHandle::set_target`].
 
+#[cfg(test)]
+mod fuzz;
+
 use super::mmio::MmioTransport;
 use super::queue::{drain_queue, Chain, ChainError, Served};
 use super::{ActiveQueues, QueueState, RamControl, VirtioDevice, WarnLimit, VIRTIO_F_VERSION_1};

@@ -17,6 +17,8 @@
 //! driver leaves a request's buffers alone until it completes.
 
 pub mod bench;
+#[cfg(test)]
+mod fuzz;
 pub mod request;
 
 use self::request::{status_buffer, Request, RequestKind, ID_LEN, SECTOR_SIZE, S_IOERR, S_OK};
@@ -584,7 +586,7 @@ mod tests {
     const DATA: u64 = 0x20000;
     const STATUS: u64 = 0x30000;
 
-    fn image(len: usize) -> (tempfile_lite::TempFile, PathBuf) {
+    pub(super) fn image(len: usize) -> (tempfile_lite::TempFile, PathBuf) {
         let t = tempfile_lite::TempFile::new();
         let mut f = File::create(&t.0).unwrap();
         let data: Vec<u8> = (0..len).map(|i| (i / 512) as u8).collect();
@@ -594,7 +596,7 @@ mod tests {
     }
 
     /// A tiny self-deleting temp file (no extra crate).
-    mod tempfile_lite {
+    pub(super) mod tempfile_lite {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         pub struct TempFile(pub std::path::PathBuf);
@@ -776,7 +778,9 @@ mod tests {
         assert_eq!(r.submit(8, 0, &descs), (S_OK, 21));
         let (mut a, mut b) = ([0u8; 2], [0u8; 10]);
         r.mem.read_slice(&mut a, GuestAddress(DATA)).unwrap();
-        r.mem.read_slice(&mut b, GuestAddress(DATA + 0x200)).unwrap();
+        r.mem
+            .read_slice(&mut b, GuestAddress(DATA + 0x200))
+            .unwrap();
         assert_eq!((&a, &b), (b"te", b"st-disk-id"));
     }
 

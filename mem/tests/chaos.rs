@@ -736,7 +736,11 @@ fn every_operation_at_once_keeps_every_word_and_balances() {
         ("injector", inject),
     ];
     for (i, (name, f)) in ops.into_iter().enumerate() {
-        threads.push(c.spawn(name, seed ^ ((i as u64 + 1) * 0x9e37_79b9_7f4a_7c15), f));
+        threads.push(c.spawn(
+            name,
+            seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            f,
+        ));
     }
     let life = {
         let (c, slot) = (c.clone(), c.slot("lifecycle".into()));

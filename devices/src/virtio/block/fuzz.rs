@@ -381,7 +381,9 @@ fn check(
                     r.expect
                 );
             }
-            let at = (*sector * SECTOR_SIZE) as usize;
+            // Hostile sectors overflow; only a request that moves data
+            // (in range, so this does not) uses the offset.
+            let at = sector.wrapping_mul(SECTOR_SIZE) as usize;
             if !write.is_empty() {
                 disk.shadow[at..at + write.len()].copy_from_slice(write);
             }

@@ -674,9 +674,10 @@ impl Inner {
     }
 
     /// A relocation moved on: a table was pulled, the new region went
-    /// live, or the relocation was undone (its pending tables closed). Wakes the threads in
-    /// [`Inner::wait_unpin`] waiting for a pull that a pin held back (see
-    /// `relocate::wait_pulled`), if any. Without waiters no lock is taken.
+    /// live, or the relocation was undone (its pending tables closed).
+    /// Wakes the threads in [`Inner::wait_unpin`] waiting for a pull that a
+    /// pin held back (see `relocate::wait_pulled`) or for the region to go
+    /// live, if any. Without waiters no lock is taken.
     ///
     /// # Context
     /// No page-table or folio lock held.

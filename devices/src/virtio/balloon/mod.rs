@@ -463,6 +463,11 @@ impl VirtioDevice for Balloon {
                     &format!("avail index {idx} is more than the queue size ahead; queue {index} stopped until the driver resets the device"),
                 );
                 state = QueueState::NeedsReset;
+                // A stats buffer held from the stopped queue is not given
+                // back (`request_stats`) until the reset forgets it.
+                if role == Role::Stats {
+                    self.stats_head = None;
+                }
             } else if drained.more {
                 state = QueueState::More;
             }
@@ -637,6 +642,23 @@ mod tests {
         assert!(rec.0.lock().unwrap().is_empty());
         let q = &b.active.as_ref().unwrap().0.queues[0];
         assert_eq!(q.next_used(), 0, "nothing was served");
+    }
+
+    /// A stats queue the driver broke stops, the buffer held from it too:
+    /// asking for statistics then completes nothing on that queue until a
+    /// reset. It was given back (a used entry on a stopped queue).
+    #[test]
+    fn a_broken_stats_queue_gets_no_request() {
+        let mem = memory();
+        let mut b = Balloon::new(ALL, Arc::new(Recorder::default()));
+        activate(&mut b, &mem, 2, &[desc(0x10000, 20, 0, 0)]);
+        b.process_queue(2);
+        let avail = b.active.as_ref().unwrap().0.queues[2].avail_ring();
+        mem.write_obj(100u16, GuestAddress(avail + 2)).unwrap();
+        assert_eq!(b.process_queue(2), QueueState::NeedsReset);
+        assert!(!b.request_stats(), "no request on a stopped queue");
+        let q = &b.active.as_ref().unwrap().0.queues[2];
+        assert_eq!(q.next_used(), 0, "nothing completed");
     }
 
     #[test]

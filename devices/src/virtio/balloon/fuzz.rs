@@ -5,7 +5,7 @@
 //! invariants only; with avail index jumps, resets while a statistics
 //! buffer is held, register storms and target changes.
 
-use super::{Balloon, BalloonConfig, BalloonHandle, BALLOON_PAGE, MAX_PFNS_PER_REQUEST};
+use super::{Balloon, BalloonConfig, BalloonHandle, Role, BALLOON_PAGE, MAX_PFNS_PER_REQUEST};
 use crate::virtio::fuzz::{for_each_seed, Buf, Guest, RAM0, RAM1, SCRATCH};
 use crate::virtio::mmio::S_NEEDS_RESET;
 use crate::virtio::{PinToken, QueueState, RamControl, RamError, VirtioDevice};
@@ -37,14 +37,6 @@ impl RamControl for Discards {
         self.0.lock().unwrap().push((gpa, len));
         Ok(len)
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Inflate,
-    Deflate,
-    Stats,
-    Reporting,
 }
 
 struct State {

@@ -143,6 +143,10 @@ impl<S: Conn> Reader<S> {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(&self.buf) {
+                    // Complete in a read that crossed the cap.
+                    Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => {
+                        return Err(head_too_large());
+                    }
                     Ok(httparse::Status::Complete(n)) => {
                         let head = Head::of(req.headers)?;
                         let request = Request {
@@ -160,10 +164,7 @@ impl<S: Conn> Reader<S> {
                     Err(e) => return Err(refuse(400, format!("malformed request: {e}"))),
                 }
                 if self.buf.len() >= MAX_HEAD {
-                    return Err(refuse(
-                        431,
-                        format!("request line and headers exceed {MAX_HEAD} bytes"),
-                    ));
+                    return Err(head_too_large());
                 }
             }
             let idle = deadline.is_none();
@@ -203,6 +204,13 @@ impl<S: Conn> Reader<S> {
     }
 }
 
+fn head_too_large() -> Refusal {
+    refuse(
+        431,
+        format!("request line and headers exceed {MAX_HEAD} bytes"),
+    )
+}
+
 /// What the headers say about the body and the connection.
 struct Head {
     /// `Content-Length`, 0 if absent.
@@ -228,9 +236,10 @@ impl Head {
             let is = |name: &str| h.name.eq_ignore_ascii_case(name);
             if is("content-length") {
                 // Digits only (RFC 9110 §8.6): `parse` would take "+5".
+                // Past 64 bits it is still a length, too large (413).
                 let n: u64 = Some(value)
                     .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|v| v.parse().ok())
+                    .map(|v| v.parse().unwrap_or(u64::MAX))
                     .ok_or_else(|| refuse(400, format!("bad Content-Length {value:?}")))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(refuse(400, "conflicting Content-Length headers"));
@@ -469,6 +478,34 @@ mod tests {
                 .next_request()
                 .unwrap_err();
             assert_eq!(e.status, 400, "{e:?}");
+        }
+    }
+
+    /// A head over [`MAX_HEAD`] is refused however it arrives: in one
+    /// read it completed before the cap was checked, and was served.
+    #[test]
+    fn a_head_over_the_cap_is_refused_even_in_one_piece() {
+        let long = "a".repeat(MAX_HEAD);
+        let head = format!("GET /{long} HTTP/1.1\r\n\r\n");
+        // Short of the cap, then the rest in one read.
+        let (a, b) = head.as_bytes().split_at(MAX_HEAD - 100);
+        let e = Reader::new(Fake::new(&[a, b], false))
+            .next_request()
+            .map(|r| r.map(|r| r.path.len()))
+            .unwrap_err();
+        assert_eq!(e.status, 431, "{e:?}");
+    }
+
+    /// A Content-Length too large for 64 bits is still a length, and
+    /// larger than [`MAX_BODY`]: 413, as a length within 64 bits is.
+    #[test]
+    fn a_content_length_past_u64_is_too_large() {
+        for v in ["18446744073709551616", "99999999999999999999999999999"] {
+            let head = format!("PUT /x HTTP/1.1\r\nContent-Length: {v}\r\n\r\n{{}}");
+            let e = Reader::new(Fake::new(&[head.as_bytes()], false))
+                .next_request()
+                .unwrap_err();
+            assert_eq!(e.status, 413, "Content-Length {v}: {e:?}");
         }
     }
 

@@ -25,6 +25,8 @@ pub mod metrics;
 pub mod operations;
 pub mod pvm;
 pub mod stop;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod virtio;
 pub mod vm;
 pub mod vmm;

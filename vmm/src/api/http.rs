@@ -546,4 +546,471 @@ mod tests {
              Content-Length: 2\r\nConnection: close\r\n\r\n{}"
         );
     }
+
+    // ---- Seeded hostile input -------------------------------------------
+
+    use crate::testing::{for_each_seed, Rng};
+
+    /// The seeds a run tries, each [`HTTP_CASES`] cases.
+    const HTTP_SEEDS: [u64; 8] = [1, 2, 3, 4, 5, 6, 7, 0x5eed_4771];
+    const HTTP_CASES: usize = 300;
+
+    /// The most a reader may hold: a head up to the cap, one read past it,
+    /// and a body at the cap.
+    const MAX_HELD: usize = MAX_HEAD + 4096 + MAX_BODY;
+
+    /// A well-formed request: what it encodes to and what it parses to.
+    struct Wire {
+        bytes: Vec<u8>,
+        want: Request,
+    }
+
+    /// `min..=max` characters of `alphabet`.
+    fn token(rng: &mut Rng, alphabet: &[u8], min: usize, max: usize) -> String {
+        let len = min + rng.below(max - min + 1);
+        (0..len).map(|_| rng.pick(alphabet) as char).collect()
+    }
+
+    /// A request target: segments of URI characters, some hostile (`..`,
+    /// percent-escapes, UTF-8, a query), now and then long.
+    fn target(rng: &mut Rng) -> String {
+        let mut p = String::new();
+        for _ in 0..rng.below(4) {
+            p.push('/');
+            p.push_str(&match rng.below(8) {
+                0 => "..".to_string(),
+                1 => "%2e%2E%2f%00".to_string(),
+                2 => "vm\u{e9}".to_string(),
+                3 => token(rng, b"abz09-._~!$&'()*+,;=:@", 1, 2000),
+                _ => token(rng, b"abcvmsdrive0123-._", 1, 12),
+            });
+        }
+        if p.is_empty() {
+            p.push('/');
+        }
+        if rng.one_in(6) {
+            p.push_str("?a=1&b=%20");
+        }
+        p
+    }
+
+    /// A random well-formed request.
+    fn well_formed(rng: &mut Rng) -> Wire {
+        let method = rng.pick(&["GET", "PUT", "PATCH", "DELETE", "POST", "get", "X-Y!"]);
+        let path = target(rng);
+        let v10 = rng.one_in(8);
+        let mut head = format!("{method} {path} HTTP/1.{}\r\n", if v10 { 0 } else { 1 });
+        let body_len = match rng.below(4) {
+            0 => 0,
+            1 => rng.below(64),
+            2 => rng.below(2048),
+            _ => rng.below(MAX_BODY + 1),
+        };
+        let body: Vec<u8> = (0..body_len).map(|_| rng.next() as u8).collect();
+        let mut headers = vec![format!("Host: localhost")];
+        if body_len > 0 || rng.one_in(3) {
+            let zeros = "0".repeat(rng.below(3));
+            headers.push(format!(
+                "Content-Length:{}{zeros}{body_len}",
+                " ".repeat(rng.below(3))
+            ));
+        }
+        let mut close = v10;
+        if rng.one_in(4) {
+            let (v, c) = rng.pick(&[
+                ("close", true),
+                ("Close", true),
+                ("keep-alive", false),
+                ("keep-alive, close", true),
+            ]);
+            headers.push(format!("Connection: {v}"));
+            close |= c;
+        }
+        if body_len > 0 && rng.one_in(8) {
+            headers.push("Expect: 100-continue".into());
+        }
+        for _ in 0..rng.below(4) {
+            let name = token(rng, b"abcXYZ-_!#$%&'*+.^`|~09", 1, 10);
+            let value = token(rng, b"abc 09\t,;=\"", 0, 29);
+            headers.push(format!("{name}: {value}"));
+        }
+        // The headers' order is the client's.
+        for i in (1..headers.len()).rev() {
+            headers.swap(i, rng.below(i + 1));
+        }
+        for h in headers {
+            head.push_str(&h);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(&body);
+        Wire {
+            bytes,
+            want: req(method, &path, &body, close),
+        }
+    }
+
+    /// `input` cut into pieces as a client's writes might arrive: whole,
+    /// a byte at a time, or in random sizes.
+    fn delivered(rng: &mut Rng, input: &[u8], stalls: bool) -> Reader<Fake> {
+        let max = match rng.below(4) {
+            0 => input.len().max(1),
+            // A byte at a time, for heads that are not long (each byte
+            // parses the head again).
+            1 if input.len() < 4096 => 1,
+            2 => 1 + rng.below(16),
+            _ => 1 + rng.below(6000),
+        };
+        let mut chunks = VecDeque::new();
+        let mut rest = input;
+        while !rest.is_empty() {
+            let n = (1 + rng.below(max)).min(rest.len());
+            chunks.push_back(rest[..n].to_vec());
+            rest = &rest[n..];
+        }
+        Reader::new(Fake {
+            input: chunks,
+            stalls,
+            out: Vec::new(),
+            reads: 0,
+        })
+    }
+
+    /// A refusal is a client error with a message, and the statuses of
+    /// the limits are the limits'.
+    fn check_refusal(e: &Refusal, what: &str) {
+        assert!(
+            [400, 408, 411, 413, 417, 431].contains(&e.status),
+            "{what}: status {e:?}"
+        );
+        assert!(!e.message.trim().is_empty(), "{what}: no message {e:?}");
+    }
+
+    /// `v` for a failure message, cut short.
+    fn show(v: &impl std::fmt::Debug) -> String {
+        let s = format!("{v:?}");
+        match s.char_indices().nth(300) {
+            Some((i, _)) => format!("{}... ({} bytes)", &s[..i], s.len()),
+            None => s,
+        }
+    }
+
+    fn next(r: &mut Reader<Fake>, what: &str) -> Result<Option<Request>, Refusal> {
+        let got = r.next_request();
+        assert!(
+            r.buf.len() <= MAX_HELD,
+            "{what}: holds {} bytes",
+            r.buf.len()
+        );
+        if let Err(e) = &got {
+            check_refusal(e, what);
+        }
+        got
+    }
+
+    /// Well-formed requests, pipelined and cut anywhere, all parse to what
+    /// they encode, in order; cut short by the client's end, the one cut
+    /// is refused with 400 (or, cut between requests, the connection just
+    /// closes).
+    #[test]
+    fn pipelined_well_formed_requests_parse_however_they_arrive() {
+        for_each_seed("http pipelined", &HTTP_SEEDS, |seed| {
+            let mut rng = Rng::new(seed);
+            for case in 0..HTTP_CASES / 2 {
+                let wires: Vec<Wire> = (0..1 + rng.below(3))
+                    .map(|_| well_formed(&mut rng))
+                    .collect();
+                // Past a close, nothing more is read by the server; the
+                // reader itself still parses what follows.
+                let mut input: Vec<u8> = wires.iter().flat_map(|w| w.bytes.clone()).collect();
+                let cut = match rng.one_in(3) {
+                    true => rng.below(input.len() + 1),
+                    false => input.len(),
+                };
+                input.truncate(cut);
+                let what = format!("case {case}, cut at {cut}");
+                let mut r = delivered(&mut rng, &input, false);
+                let mut end = 0;
+                for w in &wires {
+                    end += w.bytes.len();
+                    let got = next(&mut r, &what);
+                    if end <= cut {
+                        assert!(got == Ok(Some(w.want.clone())), "{what}: {}", show(&got));
+                    } else if end - w.bytes.len() == cut {
+                        assert_eq!(got, Ok(None), "{what}: cut between requests");
+                        break;
+                    } else {
+                        let e = got.expect_err(&what);
+                        assert_eq!(e.status, 400, "{what}: {e:?}");
+                        break;
+                    }
+                }
+                if end <= cut {
+                    assert_eq!(next(&mut r, &what), Ok(None), "{what}: the client closed");
+                }
+            }
+        });
+    }
+
+    /// What a mutated request must come to.
+    #[derive(Debug)]
+    enum Outcome {
+        /// This request.
+        Parses(Request),
+        /// A refusal with this status.
+        Refused(u16),
+        /// This request, or a refusal (an obs-text header value).
+        ParsesOrRefused(Request),
+        /// This request, with bytes after it that are no request.
+        ParsesThenGarbage(Request),
+        /// Random damage: anything but a panic or a 5xx.
+        Any,
+    }
+
+    /// A well-formed request with one hostile change, and what it must
+    /// come to.
+    fn mutated(rng: &mut Rng) -> (Vec<u8>, Outcome) {
+        let body = token(rng, b"{}\"abc:,0", 0, 39);
+        let path = target(rng);
+        let ok = |close| Outcome::Parses(req("PUT", &path, body.as_bytes(), close));
+        let with = |headers: &str, body: &str| {
+            format!("PUT {path} HTTP/1.1\r\n{headers}\r\n{body}").into_bytes()
+        };
+        let cl = format!("Content-Length: {}\r\n", body.len());
+        match rng.below(22) {
+            0 => {
+                let v = rng.pick(&[
+                    "-1", "+5", "0x5", "5 5", "5, 5", "", "5.0", "\u{663}", "1e3",
+                ]);
+                (
+                    with(&format!("Content-Length: {v}\r\n"), &body),
+                    Outcome::Refused(400),
+                )
+            }
+            1 => {
+                // Larger than the cap, within u64 or past it.
+                let v = rng.pick(&[
+                    "65537",
+                    "18446744073709551615",
+                    "18446744073709551616",
+                    "99999999999999999999999999999",
+                    "000000000000000000000000000000070000",
+                ]);
+                (
+                    with(&format!("Content-Length: {v}\r\n"), &body),
+                    Outcome::Refused(413),
+                )
+            }
+            2 => {
+                let other = body.len() + 1 + rng.below(5);
+                let h = format!("{cl}Content-Length: {other}\r\n");
+                (with(&h, &body), Outcome::Refused(400))
+            }
+            3 => (with(&format!("{cl}{cl}"), &body), ok(false)),
+            4 => {
+                let te = rng.pick(&["chunked", "gzip, chunked", "identity", ""]);
+                let h = format!("{cl}Transfer-Encoding: {te}\r\n");
+                (with(&h, &body), Outcome::Refused(411))
+            }
+            5 => {
+                // obs-fold: a header line continued on the next.
+                (
+                    with(&format!("{cl}X-A: a\r\n b\r\n"), &body),
+                    Outcome::Refused(400),
+                )
+            }
+            6 => (
+                with(&format!("{cl}NoColon\r\n"), &body),
+                Outcome::Refused(400),
+            ),
+            7 => (
+                with(&format!("{cl}X A: b\r\n"), &body),
+                Outcome::Refused(400),
+            ),
+            8 => (
+                with(&format!("{cl}X-A : b\r\n"), &body),
+                Outcome::Refused(400),
+            ),
+            9 => (
+                with(&format!("{cl}X-\u{e9}: b\r\n"), &body),
+                Outcome::Refused(400),
+            ),
+            10 => {
+                // Non-ASCII values: UTF-8 ones are fine, others refused.
+                let mut b = with(&format!("{cl}X-A: caf\u{e9}\r\n"), &body);
+                if rng.one_in(2) {
+                    let at = b.windows(2).position(|w| w == [0xc3, 0xa9]).unwrap();
+                    b[at] = 0xff;
+                }
+                (
+                    b,
+                    Outcome::ParsesOrRefused(req("PUT", &path, body.as_bytes(), false)),
+                )
+            }
+            11 => {
+                let v = rng.pick(&[
+                    "HTTP/2.0",
+                    "HTTP/1.2",
+                    "HTTP/1",
+                    "http/1.1",
+                    "HTTP/1.1x",
+                    "",
+                ]);
+                let b = format!("PUT {path} {v}\r\n{cl}\r\n{body}").into_bytes();
+                (b, Outcome::Refused(400))
+            }
+            12 => {
+                // A path that is not UTF-8.
+                let mut b = with(&cl, &body);
+                b.splice(4..5, [b'/', 0xff, 0xfe]);
+                (b, Outcome::Refused(400))
+            }
+            13 => {
+                let m = rng.pick(&["", "G(T", "GE T", "\u{e9}"]);
+                let b = format!("{m} {path} HTTP/1.1\r\n{cl}\r\n{body}").into_bytes();
+                (b, Outcome::Refused(400))
+            }
+            14 => {
+                // A head over the cap, in a long path or a long header.
+                let long = "a".repeat(MAX_HEAD + rng.below(8000));
+                let b = match rng.one_in(2) {
+                    true => format!("PUT /{long} HTTP/1.1\r\n{cl}\r\n{body}").into_bytes(),
+                    false => with(&format!("{cl}X-Long: {long}\r\n"), &body),
+                };
+                (b, Outcome::Refused(431))
+            }
+            15 => {
+                let many: String = (0..MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+                (with(&format!("{cl}{many}"), &body), Outcome::Refused(431))
+            }
+            16 => {
+                let h = format!("{cl}Expect: {}\r\n", rng.pick(&["100-continues", "x", ""]));
+                (with(&h, &body), Outcome::Refused(417))
+            }
+            17 => {
+                // Longer than declared: the rest is the next request's.
+                let short = body.len() / 2;
+                let h = format!("Content-Length: {short}\r\n");
+                let want = req("PUT", &path, &body.as_bytes()[..short], false);
+                (with(&h, &body), Outcome::ParsesThenGarbage(want))
+            }
+            18 => {
+                // Shorter than declared (even with the request sent after
+                // it), then the client's end.
+                let h = format!("Content-Length: {}\r\n", body.len() + 100 + rng.below(100));
+                (with(&h, &body), Outcome::Refused(400))
+            }
+            19 => {
+                // Blank lines before the request line are skipped.
+                let mut b = b"\r\n\n".to_vec();
+                b.extend(with(&cl, &body));
+                (b, ok(false))
+            }
+            20 => {
+                // Duplicate headers that the reader does not act on, and a
+                // repeated Connection.
+                let h = format!(
+                    "{cl}X-A: 1\r\nX-A: 2\r\nConnection: keep-alive\r\nConnection: close\r\n"
+                );
+                (with(&h, &body), ok(true))
+            }
+            _ => {
+                // Random damage to a well-formed request.
+                let mut b = well_formed(rng).bytes;
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(b.len() + 1);
+                    match rng.below(3) {
+                        0 if at < b.len() => b[at] = rng.pick(b"\r\n :\x00\xff\x7f\t0a-/"),
+                        1 => b.insert(at, rng.next() as u8),
+                        _ if at < b.len() => {
+                            b.remove(at);
+                        }
+                        _ => {}
+                    }
+                }
+                (b, Outcome::Any)
+            }
+        }
+    }
+
+    /// Hostile requests, each followed by a well-formed one on the same
+    /// connection: each is refused with its 4xx and a message, or parses
+    /// to the request it still encodes; once one parses, the well-formed
+    /// one after it does too (or is refused as a whole, when random
+    /// damage made the first one swallow part of it). The reader never
+    /// holds more than its limits allow.
+    #[test]
+    fn hostile_requests_are_refused_or_parsed_exactly() {
+        for_each_seed("http hostile", &HTTP_SEEDS, |seed| {
+            let mut rng = Rng::new(seed);
+            for case in 0..HTTP_CASES {
+                let (mut input, outcome) = mutated(&mut rng);
+                let first = input.len();
+                let then = req("GET", "/vms", b"", true);
+                input.extend_from_slice(b"GET /vms HTTP/1.1\r\nConnection: close\r\n\r\n");
+                let what = format!(
+                    "case {case}: {outcome:?} from {:?}",
+                    show(&String::from_utf8_lossy(&input[..first]))
+                );
+                let mut r = delivered(&mut rng, &input, false);
+                let got = next(&mut r, &what);
+                match (&outcome, &got) {
+                    (Outcome::Parses(w) | Outcome::ParsesThenGarbage(w), Ok(Some(g))) => {
+                        assert!(g == w, "{what}: got {}", show(g))
+                    }
+                    (Outcome::ParsesOrRefused(w), Ok(Some(g))) => {
+                        assert!(g == w, "{what}: got {}", show(g))
+                    }
+                    (Outcome::ParsesOrRefused(_), Err(e)) => assert_eq!(e.status, 400, "{what}"),
+                    (Outcome::Refused(s), Err(e)) => assert_eq!(e.status, *s, "{what}: {e:?}"),
+                    (Outcome::Any, Ok(Some(g))) => {
+                        // What it parsed to is what a well-formed request
+                        // with its fields encodes.
+                        let mut again = format!(
+                            "{} {} HTTP/1.1\r\nContent-Length: {}\r\n",
+                            g.method,
+                            g.path,
+                            g.body.len()
+                        );
+                        if g.close {
+                            again.push_str("Connection: close\r\n");
+                        }
+                        let mut again = again.into_bytes();
+                        again.extend_from_slice(b"\r\n");
+                        again.extend_from_slice(&g.body);
+                        let mut r2 = delivered(&mut rng, &again, false);
+                        assert_eq!(
+                            next(&mut r2, &what).as_ref(),
+                            Ok(&Some(g.clone())),
+                            "{what}"
+                        );
+                    }
+                    (Outcome::Any, Err(_)) => {}
+                    _ => panic!("{what}: got {}", show(&got)),
+                }
+                if matches!(
+                    (&outcome, &got),
+                    (
+                        Outcome::Parses(_) | Outcome::ParsesOrRefused(_),
+                        Ok(Some(_))
+                    )
+                ) {
+                    assert_eq!(
+                        next(&mut r, &what),
+                        Ok(Some(then.clone())),
+                        "{what}: the next one"
+                    );
+                }
+                if matches!(outcome, Outcome::Any | Outcome::ParsesThenGarbage(_)) {
+                    // Whatever came first, the rest never panics.
+                    for _ in 0..4 {
+                        if !matches!(next(&mut r, &what), Ok(Some(_))) {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
 }

@@ -1474,4 +1474,532 @@ pub(crate) mod tests {
         }
         assert_eq!(f.calls().len(), 2, "nothing else reached the backend");
     }
+
+    // ---- Seeded hostile bodies, methods and names -------------------------
+
+    use crate::testing::{for_each_seed, Rng};
+    use serde_json::{json, Value};
+
+    const ROUTE_SEEDS: [u64; 8] = [1, 2, 3, 4, 5, 6, 7, 0x5eed_7047];
+    const ROUTE_CASES: usize = 1000;
+    const MIB_MAX: u64 = 1 << 24;
+
+    /// What a field of a body takes.
+    #[derive(Clone, Copy)]
+    enum Kind {
+        /// An unsigned number in this range.
+        U(u64, u64),
+        /// A signed 32-bit number.
+        I32,
+        /// A boolean; `Some(b)`: only `b` is accepted.
+        Bool(Option<bool>),
+        /// One of these strings (any non-empty one if none).
+        Str(&'static [&'static str]),
+        /// Any JSON value (accepted and ignored).
+        Any,
+    }
+
+    #[derive(Clone, Copy)]
+    struct Field {
+        name: &'static str,
+        kind: Kind,
+        required: bool,
+        /// `null` is accepted (an `Option`).
+        nullable: bool,
+    }
+
+    const fn f(name: &'static str, kind: Kind, required: bool, nullable: bool) -> Field {
+        Field {
+            name,
+            kind,
+            required,
+            nullable,
+        }
+    }
+
+    /// The routes that take a body: method, path (`{}`: a VM's name or a
+    /// drive's id) and fields.
+    fn schemas() -> Vec<(&'static str, &'static str, Vec<Field>)> {
+        use Kind::*;
+        vec![
+            (
+                "PUT",
+                "/boot-source",
+                vec![
+                    f("kernel_image_path", Str(&[]), true, false),
+                    f("boot_args", Str(&[]), false, true),
+                    f("initrd_path", Str(&[]), false, true),
+                ],
+            ),
+            (
+                "PUT",
+                "/machine-config",
+                vec![
+                    f("vcpu_count", U(1, 254), true, false),
+                    f("mem_size_mib", U(1, MIB_MAX), true, false),
+                    f("smt", Bool(Some(false)), false, false),
+                    f("track_dirty_pages", Bool(Some(false)), false, false),
+                    f("cpu_template", Any, false, true),
+                    f("huge_pages", Str(&["None", "2M"]), false, true),
+                ],
+            ),
+            (
+                "PUT",
+                "/drives/{}",
+                vec![
+                    f("drive_id", Str(&[]), true, false),
+                    f("path_on_host", Str(&[]), true, false),
+                    f("is_root_device", Bool(None), true, false),
+                    f("is_read_only", Bool(None), true, false),
+                    f("io_engine", Str(&[]), false, true),
+                    f("cache_type", Str(&[]), false, true),
+                    f("rate_limiter", Any, false, true),
+                ],
+            ),
+            (
+                "PUT",
+                "/balloon",
+                vec![
+                    f("amount_mib", U(0, MIB_MAX), true, false),
+                    f("deflate_on_oom", Bool(None), true, false),
+                    f(
+                        "stats_polling_interval_s",
+                        U(0, u32::MAX as u64),
+                        false,
+                        false,
+                    ),
+                    f("free_page_reporting", Bool(None), false, true),
+                ],
+            ),
+            (
+                "PUT",
+                "/actions",
+                vec![f(
+                    "action_type",
+                    Str(&["InstanceStart", "FlushMetrics"]),
+                    true,
+                    false,
+                )],
+            ),
+            (
+                "PUT",
+                "/vms/{}/actions",
+                vec![f("action_type", Str(&["SendCtrlAltDel"]), true, false)],
+            ),
+            (
+                "PATCH",
+                "/vm",
+                vec![f("state", Str(&["Paused", "Resumed"]), true, false)],
+            ),
+            (
+                "PATCH",
+                "/vms/{}",
+                vec![f("state", Str(&["Paused", "Resumed"]), true, false)],
+            ),
+            (
+                "PATCH",
+                "/balloon",
+                vec![f("amount_mib", U(0, MIB_MAX), true, false)],
+            ),
+            (
+                "PATCH",
+                "/vms/{}/balloon",
+                vec![f("amount_mib", U(0, MIB_MAX), true, false)],
+            ),
+            (
+                "PUT",
+                "/vms/{}/limits",
+                vec![
+                    f("mem_min_mib", U(0, MIB_MAX), false, false),
+                    f("mem_max_mib", U(2, MIB_MAX), false, true),
+                    f("priority", I32, false, false),
+                ],
+            ),
+            (
+                "PUT",
+                "/vms/{}/compact",
+                vec![f("async", Bool(Some(false)), false, false)],
+            ),
+            (
+                "PUT",
+                "/vms/{}/relocate",
+                vec![
+                    f("region_gpa", U(0, u64::MAX), false, false),
+                    f("grow_mib", U(1, MIB_MAX), false, true),
+                ],
+            ),
+            (
+                "PUT",
+                "/reclaim",
+                vec![
+                    f("vm", Str(&["vm0"]), false, true),
+                    f("mib", U(1, MIB_MAX), true, false),
+                    f("async", Bool(Some(false)), false, false),
+                ],
+            ),
+            (
+                "PUT",
+                "/budget",
+                vec![f("budget_mib", U(1, MIB_MAX), true, false)],
+            ),
+        ]
+    }
+
+    /// A valid value of `kind`.
+    fn valid(rng: &mut Rng, kind: Kind) -> Value {
+        match kind {
+            Kind::U(lo, hi) => {
+                let span = hi - lo;
+                let off = match rng.below(3) {
+                    0 => 0,
+                    1 => span,
+                    _ => rng.next() % span.saturating_add(1).max(1),
+                };
+                json!(lo + off.min(span))
+            }
+            Kind::I32 => json!(rng.pick(&[i32::MIN, -1, 0, 1, i32::MAX])),
+            Kind::Bool(Some(b)) => json!(b),
+            Kind::Bool(None) => json!(rng.one_in(2)),
+            Kind::Str(&[]) => json!(rng.pick(&["/k", "a b", "\u{e9}\u{0}", "x"])),
+            Kind::Str(xs) => json!(rng.pick(xs)),
+            Kind::Any => rng.pick(&[json!(null), json!("T2"), json!({"a": [1]})]),
+        }
+    }
+
+    /// A value `field` refuses, none of which could be read as another.
+    fn invalid(rng: &mut Rng, field: &Field) -> Option<Value> {
+        let mut bad = vec![json!({"a": [1, {"b": null}]}), json!([1, 2])];
+        if !field.nullable {
+            bad.push(Value::Null);
+        }
+        match field.kind {
+            Kind::U(lo, hi) => {
+                bad.extend([json!("1"), json!(true), json!(-1), json!(1.5), json!(1e308)]);
+                if hi < u64::MAX {
+                    bad.extend([json!(hi + 1), json!(u64::MAX)]);
+                }
+                if lo > 0 {
+                    bad.push(json!(lo - 1));
+                }
+            }
+            Kind::I32 => bad.extend([
+                json!("1"),
+                json!(1u64 << 31),
+                json!(-(1i64 << 32)),
+                json!(0.5),
+            ]),
+            Kind::Bool(only) => {
+                bad.extend([json!(1), json!("true")]);
+                // `async` is valid either way; valid bodies run now.
+                if let Some(b) = only.filter(|_| field.name != "async") {
+                    bad.push(json!(!b));
+                }
+            }
+            Kind::Str(xs) => {
+                bad.extend([json!(1), json!(false)]);
+                match xs {
+                    [] if field.name == "kernel_image_path" => bad.push(json!("")),
+                    [] => {}
+                    // A VM name nothing could have.
+                    _ if field.name == "vm" => {
+                        bad.extend([json!(""), json!("a b"), json!("x".repeat(100))])
+                    }
+                    _ => bad.extend([json!(""), json!("paused"), json!("x".repeat(100))]),
+                }
+            }
+            Kind::Any => return None,
+        }
+        Some(rng.pick(&bad))
+    }
+
+    /// `fields` as a JSON object text, keys in order (so that a duplicate
+    /// can be written).
+    fn object(fields: &[(String, Value)]) -> String {
+        let inner: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{}: {v}", Value::from(k.as_str())))
+            .collect();
+        format!("{{{}}}", inner.join(", "))
+    }
+
+    /// A valid body of a route's fields, as (name, value) pairs.
+    fn valid_body(rng: &mut Rng, path: &str, fields: &[Field], name: &str) -> Vec<(String, Value)> {
+        let mut body: Vec<(String, Value)> = Vec::new();
+        for f in fields {
+            if f.required || rng.one_in(2) {
+                body.push((f.name.to_string(), valid(rng, f.kind)));
+            }
+        }
+        let set = |body: &mut Vec<(String, Value)>, k: &str, v: Value| {
+            body.retain(|(n, _)| n != k);
+            body.push((k.to_string(), v));
+        };
+        match path {
+            "/drives/{}" => set(&mut body, "drive_id", json!(name)),
+            "/vms/{}/limits" => {
+                // mem_max_mib at least 2 and at least mem_min_mib.
+                let min = body
+                    .iter()
+                    .find(|(k, _)| k == "mem_min_mib")
+                    .and_then(|(_, v)| v.as_u64())
+                    .unwrap_or(0);
+                if body.iter().any(|(k, _)| k == "mem_max_mib") {
+                    let max = min.max(2) + rng.next() % (MIB_MAX - min.max(2) + 1);
+                    set(&mut body, "mem_max_mib", json!(max));
+                }
+            }
+            "/vms/{}/relocate" => {
+                // Exactly one operation.
+                body.retain(|(k, _)| k == "region_gpa");
+                match rng.below(3) {
+                    0 => body.push(("to_aligned".into(), json!(true))),
+                    1 => body.push(("merge_with_gpa".into(), json!(rng.next()))),
+                    _ => body.push(("grow_mib".into(), json!(1 + rng.next() % MIB_MAX))),
+                }
+            }
+            _ => {}
+        }
+        body
+    }
+
+    /// The backend call a valid body makes on the fake, if it records one.
+    fn expected_call(method: &str, path: &str, body: &[(String, Value)]) -> Option<String> {
+        let get = |k: &str| body.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let u = |k: &str| get(k).and_then(|v| v.as_u64());
+        let s = |k: &str| get(k).and_then(|v| v.as_str().map(String::from));
+        Some(match (method, path) {
+            ("PUT", "/boot-source") => format!("boot {}", s("kernel_image_path")?),
+            ("PUT", "/machine-config") => {
+                format!("machine {} {}", u("vcpu_count")?, u("mem_size_mib")?)
+            }
+            ("PUT", "/drives/{}") => format!("drive {} {}", s("drive_id")?, s("path_on_host")?),
+            ("PUT", "/balloon") => format!("balloon config {}", u("amount_mib")?),
+            ("PUT", "/actions") if s("action_type")? == "InstanceStart" => "start".into(),
+            ("PATCH", "/vm" | "/vms/{}") => format!("paused {}", s("state")? == "Paused"),
+            ("PATCH", "/balloon") => format!("balloon None {}", u("amount_mib")?),
+            ("PATCH", "/vms/{}/balloon") => format!("balloon Some(\"vm0\") {}", u("amount_mib")?),
+            ("PUT", "/vms/{}/limits") => format!(
+                "limits {} {:?} {}",
+                u("mem_min_mib").unwrap_or(0),
+                u("mem_max_mib"),
+                get("priority").and_then(|v| v.as_i64()).unwrap_or(0)
+            ),
+            ("PUT", "/vms/{}/compact") => "compact".into(),
+            ("PUT", "/vms/{}/relocate") => {
+                match (get("to_aligned"), u("merge_with_gpa"), u("grow_mib")) {
+                    (Some(_), _, _) => "relocate ToAligned".into(),
+                    (_, Some(g), _) => format!("relocate MergeWith(GuestAddress({g}))"),
+                    (_, _, Some(m)) => format!("relocate Grow({})", m << 20),
+                    _ => return None,
+                }
+            }
+            ("PUT", "/reclaim") => format!("reclaim {}", u("mib")? << 20),
+            ("PUT", "/budget") => format!("budget {}", u("budget_mib")? << 20),
+            _ => return None,
+        })
+    }
+
+    /// A request's answer: a known status, a JSON fault with a message for
+    /// an error, and never a 5xx.
+    fn answered(f: &Fake, method: &str, path: &str, body: &[u8], what: &str) -> (u16, String) {
+        let r = route(f, method, path, body);
+        assert!(
+            [200, 202, 204, 400, 404, 405, 413, 429].contains(&r.status),
+            "{what}: {} {}",
+            r.status,
+            r.body
+        );
+        if r.status >= 400 {
+            let v: Value =
+                serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{what}: {e}: {}", r.body));
+            let m = v["fault_message"].as_str().unwrap_or_default().to_string();
+            assert!(!m.trim().is_empty(), "{what}: no message: {}", r.body);
+            return (r.status, m);
+        }
+        (r.status, r.body)
+    }
+
+    /// Valid bodies reach the backend with their values, unchanged; a body
+    /// with one field made invalid (a wrong type, null, negative, a
+    /// fraction, 2^64-1, 1e308, out of range), missing, unknown or given
+    /// twice is a 400 that names the field, and reaches nothing.
+    #[test]
+    fn bodies_with_one_bad_field_are_refused_naming_it() {
+        for_each_seed("route bodies", &ROUTE_SEEDS, |seed| {
+            let mut rng = Rng::new(seed);
+            let schemas = schemas();
+            for case in 0..ROUTE_CASES {
+                let (method, tpl, fields) = &schemas[rng.below(schemas.len())];
+                let name = if tpl.starts_with("/drives") {
+                    "rootfs"
+                } else {
+                    "vm0"
+                };
+                let path = tpl.replace("{}", name);
+                let mut body = valid_body(&mut rng, tpl, fields, name);
+                let f = Fake::default();
+                let what = |b: &str| format!("case {case}: {method} {path} {b}");
+                if rng.one_in(4) {
+                    let text = object(&body);
+                    let (status, out) = answered(&f, method, &path, text.as_bytes(), &what(&text));
+                    match expected_call(method, tpl, &body) {
+                        // The fake's pool is 1 GiB.
+                        Some(call)
+                            if call.starts_with("budget ") && out.contains("above the pool") =>
+                        {
+                            assert!(
+                                call["budget ".len()..].parse::<u64>().unwrap() > 1 << 30,
+                                "{}",
+                                what(&text)
+                            );
+                        }
+                        Some(call) => {
+                            assert!(status < 300, "{}: {status} {out}", what(&text));
+                            assert_eq!(f.calls(), [call], "{}", what(&text));
+                        }
+                        None => assert!(f.calls().is_empty(), "{}: {:?}", what(&text), f.calls()),
+                    }
+                    continue;
+                }
+                // One field made bad.
+                let field = fields[rng.below(fields.len())];
+                let named = field.name;
+                match rng.below(4) {
+                    0 if field.required => body.retain(|(k, _)| k != named),
+                    1 => {
+                        let v = valid(&mut rng, field.kind);
+                        body.push((named.to_string(), v));
+                        if body.iter().filter(|(k, _)| k == named).count() < 2 {
+                            body.push((named.to_string(), json!(null)));
+                        }
+                    }
+                    2 => {
+                        let at = rng.below(body.len() + 1);
+                        let v = valid(&mut rng, Kind::Any);
+                        body.insert(at, ("mem_size".into(), v));
+                    }
+                    _ => {
+                        let Some(v) = invalid(&mut rng, &field) else {
+                            continue;
+                        };
+                        body.retain(|(k, _)| k != named);
+                        let at = rng.below(body.len() + 1);
+                        body.insert(at, (named.to_string(), v));
+                    }
+                }
+                let text = object(&body);
+                let named = if text.contains("\"mem_size\"") {
+                    "mem_size"
+                } else {
+                    named
+                };
+                let (status, m) = answered(&f, method, &path, text.as_bytes(), &what(&text));
+                assert_eq!(status, 400, "{}: {m}", what(&text));
+                assert!(
+                    m.contains(named),
+                    "{}: {m:?} does not name {named}",
+                    what(&text)
+                );
+                assert!(f.calls().is_empty(), "{}: {:?}", what(&text), f.calls());
+            }
+        });
+    }
+
+    /// The methods each known path takes (`{}`: a valid VM name).
+    const PATHS: &[(&str, &[&str])] = &[
+        ("/", &["GET"]),
+        ("/boot-source", &["PUT"]),
+        ("/machine-config", &["PUT", "GET"]),
+        ("/drives/{}", &["PUT"]),
+        ("/balloon", &["PUT", "PATCH", "GET"]),
+        ("/balloon/statistics", &["GET"]),
+        ("/actions", &["PUT"]),
+        ("/vm", &["PATCH"]),
+        ("/vms", &["GET"]),
+        ("/vms/{}", &["GET", "PATCH"]),
+        ("/vms/{}/limits", &["PUT"]),
+        ("/vms/{}/compact", &["PUT"]),
+        ("/vms/{}/relocate", &["PUT"]),
+        ("/vms/{}/balloon", &["PATCH", "GET"]),
+        ("/vms/{}/balloon/statistics", &["GET"]),
+        ("/vms/{}/actions", &["PUT"]),
+        ("/reclaim", &["PUT"]),
+        ("/budget", &["GET", "PUT"]),
+        ("/operations", &["GET"]),
+        ("/operations/1", &["GET"]),
+        ("/stats", &["GET"]),
+        ("/metrics", &["GET"]),
+    ];
+
+    /// Random methods on every path, with VM names valid, unknown and
+    /// hostile, and bodies that are no request (empty, not JSON, nested
+    /// past serde's depth, trailing bytes): a method a path does not take
+    /// is 405, a path that names nothing 404, and a body 400 with a
+    /// message; nothing reaches the backend but what a path with no body
+    /// reads.
+    #[test]
+    fn methods_names_and_garbage_bodies_are_answered_safely() {
+        for_each_seed("route methods", &ROUTE_SEEDS, |seed| {
+            let mut rng = Rng::new(seed);
+            for case in 0..ROUTE_CASES {
+                let (tpl, allowed) = PATHS[rng.below(PATHS.len())];
+                let method = rng.pick(&["GET", "PUT", "PATCH", "POST", "DELETE", "get", ""]);
+                let name = rng.pick(&[
+                    "vm0".to_string(),
+                    "zz".into(),
+                    "..".into(),
+                    "a b".into(),
+                    "%2e%2e".into(),
+                    "".into(),
+                    "x".repeat(65),
+                    "\u{e9}".into(),
+                    "vm0/..".into(),
+                ]);
+                let path = tpl.replace("{}", &name) + rng.pick(&["", "/", "?x=1"]);
+                let body: Vec<u8> = match rng.below(6) {
+                    0 => Vec::new(),
+                    1 => (0..rng.below(100)).map(|_| rng.next() as u8).collect(),
+                    2 => "[".repeat(10_000).into_bytes(),
+                    3 => format!("{{\"a\": {}1{}}}", "[".repeat(200), "]".repeat(200)).into_bytes(),
+                    4 => b"{} {}".to_vec(),
+                    _ => b"{\"state\": \"Paused\"} x".to_vec(),
+                };
+                let f = Fake::default();
+                let what = format!(
+                    "case {case}: {method} {path} {}",
+                    String::from_utf8_lossy(&body[..body.len().min(60)])
+                );
+                let (status, m) = answered(&f, method, &path, &body, &what);
+                let named = tpl.contains("{}");
+                // A drive's id is any one path segment.
+                let valid_name = match tpl.starts_with("/drives") {
+                    true => !name.is_empty() && !name.contains('/'),
+                    false => crate::config::valid_vm_name(&name),
+                };
+                if named && name.is_empty() {
+                    // `/vms/` is `/vms`; `/vms//limits` names nothing.
+                    assert!(
+                        [400, 404, 405].contains(&status) || status < 300,
+                        "{what}: {m}"
+                    );
+                } else if named && !valid_name {
+                    assert_eq!(status, 404, "{what}: {m}");
+                } else if !allowed.contains(&method) {
+                    assert_eq!(status, 405, "{what}: {m}");
+                } else if ["PUT", "PATCH"].contains(&method)
+                    && !(tpl == "/vms/{}/compact" && body.is_empty())
+                {
+                    // No body here is a request: refused as such, or the
+                    // VM named is not there.
+                    assert!(
+                        status == 400 || (status == 404 && name != "vm0"),
+                        "{what}: {status} {m}"
+                    );
+                }
+                if status >= 400 {
+                    assert!(f.calls().is_empty(), "{what}: {:?}", f.calls());
+                }
+            }
+        });
+    }
 }

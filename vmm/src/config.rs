@@ -1538,4 +1538,146 @@ mod tests {
     fn host_memory_is_readable() {
         assert!(host_mem_bytes().unwrap() > 64 << 20);
     }
+
+    // ---- Seeded hostile input ----------------------------------------------
+
+    use crate::testing::{for_each_seed, Rng};
+    use serde_json::json;
+
+    const CONFIG_SEEDS: [u64; 4] = [1, 2, 3, 0x5eed_c0f1];
+
+    /// Sizes: well-formed ones parse to their bytes; anything else is
+    /// refused with an error quoting the string, never a panic or a wrap.
+    #[test]
+    fn sizes_parse_exactly_or_are_refused_naming_the_string() {
+        for_each_seed("config sizes", &CONFIG_SEEDS, |seed| {
+            let mut rng = Rng::new(seed);
+            for _ in 0..2000 {
+                let n = match rng.below(3) {
+                    0 => rng.next() % 10_000,
+                    1 => rng.next(),
+                    _ => rng.next() >> rng.below(64),
+                };
+                let (suffix, mult) = rng.pick(&[
+                    ("", 1u64 << 20),
+                    ("B", 1),
+                    ("k", 1 << 10),
+                    ("M", 1 << 20),
+                    ("g", 1 << 30),
+                    ("T", 1 << 40),
+                ]);
+                let s = format!("{}{n}{suffix}", rng.pick(&["", " "]));
+                match n.checked_mul(mult) {
+                    Some(b) => assert_eq!(parse_size(&s).unwrap(), b, "{s:?}"),
+                    None => assert!(
+                        matches!(parse_size(&s), Err(ConfigError::SizeTooLarge(_))),
+                        "{s:?}"
+                    ),
+                }
+                // One character changed, added or dropped.
+                let mut b: Vec<char> = s.chars().collect();
+                let at = rng.below(b.len() + 1);
+                let c = rng.pick(&[
+                    '-', '+', '.', 'x', 'Q', ' ', '\u{e9}', '0', 'M', '\u{663}', 'e',
+                ]);
+                match rng.below(3) {
+                    0 if at < b.len() => b[at] = c,
+                    1 => b.insert(at, c),
+                    _ if at < b.len() => {
+                        b.remove(at);
+                    }
+                    _ => {}
+                }
+                let t: String = b.into_iter().collect();
+                match parse_size(&t) {
+                    Ok(v) => assert!(v == parse_size(t.trim()).unwrap(), "{t:?}"),
+                    Err(e) => assert!(e.to_string().contains(&format!("{t:?}")), "{t:?}: {e}"),
+                }
+            }
+        });
+    }
+
+    /// A config file with one field made bad is refused with an error that
+    /// names the field; unchanged, it parses to its values.
+    #[test]
+    fn config_files_with_one_bad_field_are_refused_naming_it() {
+        for_each_seed("config files", &CONFIG_SEEDS, |seed| {
+            let mut rng = Rng::new(seed);
+            for case in 0..500 {
+                let vcpus = 1 + rng.below(32) as u64;
+                let mib = 64 + rng.below(4096) as u64;
+                let mut vm = json!({
+                    "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mib, "smt": false},
+                    "foliovm": {"workload": "seq:1M", "mem_min": "8M", "mem_max": "32M", "priority": 1},
+                });
+                let multi = rng.one_in(2);
+                let (section, field) = rng.pick(&[
+                    ("machine-config", "vcpu_count"),
+                    ("machine-config", "mem_size_mib"),
+                    ("machine-config", "smt"),
+                    ("machine-config", "huge_pages"),
+                    ("foliovm", "mem_min"),
+                    ("foliovm", "mem_max"),
+                    ("foliovm", "priority"),
+                ]);
+                let bad = rng.pick(&[
+                    json!(null),
+                    json!("x"),
+                    json!(-1),
+                    json!(1.5),
+                    json!(1e308),
+                    json!(u64::MAX),
+                    json!([1]),
+                    json!({"a": {"b": [null]}}),
+                    json!(true),
+                    json!("18446744073709551616T"),
+                    json!("-1M"),
+                    json!(""),
+                ]);
+                let valid = rng.one_in(5);
+                if !valid {
+                    vm[section][field] = bad.clone();
+                }
+                let text = match multi {
+                    true => json!({"vms": [vm]}).to_string(),
+                    false => vm.to_string(),
+                };
+                let what = format!("case {case}: {text}");
+                let r = ConfigFile::parse(&text, Path::new("f.json"))
+                    .and_then(|(c, _)| c.validate(&LIMITS).map(|()| c));
+                if valid {
+                    let c = r.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert_eq!(
+                        (c.vms[0].vcpus as u64, c.vms[0].mem_bytes),
+                        (vcpus, mib << 20),
+                        "{what}"
+                    );
+                    assert_eq!(c.vms[0].limits.max_bytes, Some(32 << 20), "{what}");
+                    continue;
+                }
+                let Err(e) = r else {
+                    // null is "not given" for an optional field.
+                    let optional =
+                        ["huge_pages", "mem_min", "mem_max", "priority"].contains(&field);
+                    // And a priority may be negative.
+                    let ok =
+                        (optional && bad.is_null()) || (field == "priority" && bad == json!(-1));
+                    assert!(ok, "{what}: accepted");
+                    continue;
+                };
+                let e = e.to_string();
+                let shown = match field {
+                    "vcpu_count" => ["vcpu_count", "vCPU count"],
+                    "mem_size_mib" => ["mem_size_mib", "memory size"],
+                    f => [f, f],
+                };
+                // serde's type errors give the line and column instead.
+                let located = e.contains(" at line ");
+                assert!(
+                    shown.iter().any(|s| e.contains(s)) || located,
+                    "{what}: {e:?} names no {field}"
+                );
+            }
+        });
+    }
 }

@@ -6,6 +6,8 @@
 
 pub mod bus;
 pub mod legacy;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -1541,7 +1541,7 @@ mod tests {
 
     // ---- Seeded hostile input ----------------------------------------------
 
-    use crate::testing::{for_each_seed, Rng};
+    use devices::testing::{for_each_seed, Rng};
     use serde_json::json;
 
     const CONFIG_SEEDS: [u64; 4] = [1, 2, 3, 0x5eed_c0f1];
@@ -1554,9 +1554,9 @@ mod tests {
             let mut rng = Rng::new(seed);
             for _ in 0..2000 {
                 let n = match rng.below(3) {
-                    0 => rng.next() % 10_000,
-                    1 => rng.next(),
-                    _ => rng.next() >> rng.below(64),
+                    0 => rng.next_u64() % 10_000,
+                    1 => rng.next_u64(),
+                    _ => rng.next_u64() >> rng.below(64),
                 };
                 let (suffix, mult) = rng.pick(&[
                     ("", 1u64 << 20),

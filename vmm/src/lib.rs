@@ -25,8 +25,6 @@ pub mod metrics;
 pub mod operations;
 pub mod pvm;
 pub mod stop;
-#[cfg(test)]
-pub(crate) mod testing;
 pub mod virtio;
 pub mod vm;
 pub mod vmm;

@@ -32,6 +32,8 @@ use super::mmio::{
 };
 use super::queue::testing::desc;
 use super::{GuestMemoryMmap, IrqLine, QueueState, VirtioDevice, INT_CONFIG, INT_USED_RING};
+use crate::testing::for_each_seed as each_seed;
+pub use crate::testing::Rng;
 use crate::BusDevice;
 use std::sync::{Arc, Mutex};
 use virtio_bindings::bindings::virtio_ring::{
@@ -59,77 +61,9 @@ pub const SCRATCH: (u64, u64) = (0x9_0000, RAM0.1);
 /// The most rounds of the event loop one [`Guest::run`] may take.
 const ROUND_LIMIT: usize = 1000;
 
-/// A small seeded generator (splitmix64).
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator for `seed`.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, n)` (0 for `n == 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-
-    /// Uniform in `[lo, hi)`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo)
-    }
-
-    /// True once in `n` times.
-    pub fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
-
-    /// One of `xs`.
-    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len() as u64) as usize]
-    }
-
-    /// Random bytes.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            *b = self.next() as u8;
-        }
-    }
-}
-
-/// Run `f` for every seed (or `FOLIOVM_FUZZ_SEED`'s); a failure names its
-/// seed.
+/// Run `f` for every seed of [`SEEDS`] (or `FOLIOVM_FUZZ_SEED`'s).
 pub fn for_each_seed(test: &str, f: impl Fn(u64) + std::panic::RefUnwindSafe) {
-    let seeds = match std::env::var("FOLIOVM_FUZZ_SEED") {
-        Ok(s) => {
-            let v = match s.strip_prefix("0x") {
-                Some(hex) => u64::from_str_radix(hex, 16),
-                None => s.parse(),
-            };
-            vec![v.expect("FOLIOVM_FUZZ_SEED is a number")]
-        }
-        Err(_) => SEEDS.to_vec(),
-    };
-    for seed in seeds {
-        if let Err(p) = std::panic::catch_unwind(|| f(seed)) {
-            eprintln!(
-                "{test}: failed with seed {seed:#x} (FOLIOVM_FUZZ_SEED={seed:#x} repeats it)"
-            );
-            std::panic::resume_unwind(p);
-        }
-    }
+    each_seed(test, &SEEDS, f)
 }
 
 /// The guest memory laid out above.
@@ -687,12 +621,12 @@ impl<D: VirtioDevice> Guest<D> {
             let v = match off {
                 0x070 => match self.rng.below(6) {
                     0 => 0,
-                    1 => self.rng.next() as u32,
-                    _ => self.rng.next() as u32 & (bits | S_NEEDS_RESET | 128),
+                    1 => self.rng.next_u64() as u32,
+                    _ => self.rng.next_u64() as u32 & (bits | S_NEEDS_RESET | 128),
                 },
                 0x030 | 0x050 => self.rng.below(nq + 2) as u32,
                 0x038 => {
-                    let any = self.rng.next() as u32;
+                    let any = self.rng.next_u64() as u32;
                     self.rng.pick(&[0, 1, 3, 16, 256, 512, any])
                 }
                 0x044 => self.rng.below(3) as u32,
@@ -701,11 +635,11 @@ impl<D: VirtioDevice> Guest<D> {
                     1 => self.rng.range(SCRATCH.0, SCRATCH.1) as u32,
                     2 => self.rng.range(RAM0.1, RAM1.1 + 0x1000) as u32,
                     // Anywhere above 2 GiB: outside RAM, or aligned or not.
-                    _ => self.rng.next() as u32 | 0x8000_0000,
+                    _ => self.rng.next_u64() as u32 | 0x8000_0000,
                 },
                 0x084 | 0x094 | 0x0a4 => self.rng.pick(&[0, 0, 0, 1, u32::MAX]),
                 0x014 | 0x024 => self.rng.below(3) as u32,
-                _ => self.rng.next() as u32,
+                _ => self.rng.next_u64() as u32,
             };
             if self.rng.one_in(20) {
                 // An odd width or offset.

@@ -549,7 +549,7 @@ mod tests {
 
     // ---- Seeded hostile input -------------------------------------------
 
-    use crate::testing::{for_each_seed, Rng};
+    use devices::testing::{for_each_seed, Rng};
 
     /// The seeds a run tries, each [`HTTP_CASES`] cases.
     const HTTP_SEEDS: [u64; 8] = [1, 2, 3, 4, 5, 6, 7, 0x5eed_4771];
@@ -606,7 +606,7 @@ mod tests {
             2 => rng.below(2048),
             _ => rng.below(MAX_BODY + 1),
         };
-        let body: Vec<u8> = (0..body_len).map(|_| rng.next() as u8).collect();
+        let body: Vec<u8> = (0..body_len).map(|_| rng.next_u64() as u8).collect();
         let mut headers = vec![format!("Host: localhost")];
         if body_len > 0 || rng.one_in(3) {
             let zeros = "0".repeat(rng.below(3));
@@ -922,7 +922,7 @@ mod tests {
                     let at = rng.below(b.len() + 1);
                     match rng.below(3) {
                         0 if at < b.len() => b[at] = rng.pick(b"\r\n :\x00\xff\x7f\t0a-/"),
-                        1 => b.insert(at, rng.next() as u8),
+                        1 => b.insert(at, rng.next_u64() as u8),
                         _ if at < b.len() => {
                             b.remove(at);
                         }

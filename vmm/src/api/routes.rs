@@ -1477,7 +1477,7 @@ pub(crate) mod tests {
 
     // ---- Seeded hostile bodies, methods and names -------------------------
 
-    use crate::testing::{for_each_seed, Rng};
+    use devices::testing::{for_each_seed, Rng};
     use serde_json::{json, Value};
 
     const ROUTE_SEEDS: [u64; 8] = [1, 2, 3, 4, 5, 6, 7, 0x5eed_7047];
@@ -1653,7 +1653,7 @@ pub(crate) mod tests {
                 let off = match rng.below(3) {
                     0 => 0,
                     1 => span,
-                    _ => rng.next() % span.saturating_add(1).max(1),
+                    _ => rng.next_u64() % span.saturating_add(1).max(1),
                 };
                 json!(lo + off.min(span))
             }
@@ -1744,7 +1744,7 @@ pub(crate) mod tests {
                     .and_then(|(_, v)| v.as_u64())
                     .unwrap_or(0);
                 if body.iter().any(|(k, _)| k == "mem_max_mib") {
-                    let max = min.max(2) + rng.next() % (MIB_MAX - min.max(2) + 1);
+                    let max = min.max(2) + rng.next_u64() % (MIB_MAX - min.max(2) + 1);
                     set(&mut body, "mem_max_mib", json!(max));
                 }
             }
@@ -1753,8 +1753,8 @@ pub(crate) mod tests {
                 body.retain(|(k, _)| k == "region_gpa");
                 match rng.below(3) {
                     0 => body.push(("to_aligned".into(), json!(true))),
-                    1 => body.push(("merge_with_gpa".into(), json!(rng.next()))),
-                    _ => body.push(("grow_mib".into(), json!(1 + rng.next() % MIB_MAX))),
+                    1 => body.push(("merge_with_gpa".into(), json!(rng.next_u64()))),
+                    _ => body.push(("grow_mib".into(), json!(1 + rng.next_u64() % MIB_MAX))),
                 }
             }
             _ => {}
@@ -1958,7 +1958,7 @@ pub(crate) mod tests {
                 let path = tpl.replace("{}", &name) + rng.pick(&["", "/", "?x=1"]);
                 let body: Vec<u8> = match rng.below(6) {
                     0 => Vec::new(),
-                    1 => (0..rng.below(100)).map(|_| rng.next() as u8).collect(),
+                    1 => (0..rng.below(100)).map(|_| rng.next_u64() as u8).collect(),
                     2 => "[".repeat(10_000).into_bytes(),
                     3 => format!("{{\"a\": {}1{}}}", "[".repeat(200), "]".repeat(200)).into_bytes(),
                     4 => b"{} {}".to_vec(),

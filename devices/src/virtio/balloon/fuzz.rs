@@ -72,7 +72,7 @@ fn pfn(g: &mut Guest<Balloon>) -> u32 {
         2 => page(g.rng.range(RAM1.0, RAM1.1)),
         3 => page(g.rng.range(RAM0.1, RAM1.0)),
         4 => u32::MAX - g.rng.below(2) as u32,
-        _ => g.rng.next() as u32,
+        _ => g.rng.next_u64() as u32,
     }
 }
 
@@ -195,7 +195,7 @@ fn batch(g: &mut Guest<Balloon>, s: &mut State, ram: &Discards, hostile: bool) {
         }
         if hostile {
             let random = |r: &mut crate::virtio::fuzz::Rng| {
-                r.next().to_le_bytes().repeat(2).try_into().unwrap()
+                r.next_u64().to_le_bytes().repeat(2).try_into().unwrap()
             };
             for _ in 0..g.rng.below(4) {
                 heads.extend(g.hostile_chain(q, random));
@@ -261,7 +261,7 @@ fn batch(g: &mut Guest<Balloon>, s: &mut State, ram: &Discards, hostile: bool) {
 
 fn probe(g: &mut Guest<Balloon>, s: &mut State) {
     let offered = g.t.lock().unwrap().device().features();
-    let features = offered & (g.rng.next() | 1 << crate::virtio::VIRTIO_F_VERSION_1);
+    let features = offered & (g.rng.next_u64() | 1 << crate::virtio::VIRTIO_F_VERSION_1);
     s.roles = vec![Role::Inflate, Role::Deflate];
     if features & F_STATS_VQ != 0 {
         s.roles.push(Role::Stats);

@@ -57,7 +57,7 @@ struct Req {
 fn header(kind: u32, sector: u64, rng: &mut Rng) -> [u8; 16] {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&kind.to_le_bytes());
-    h[4..8].copy_from_slice(&(rng.next() as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&(rng.next_u64() as u32).to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
     h
 }
@@ -65,7 +65,7 @@ fn header(kind: u32, sector: u64, rng: &mut Rng) -> [u8; 16] {
 /// A header for a random chain: any type but a write (whose data the
 /// shadow could not know), random sectors.
 fn hostile_header(rng: &mut Rng) -> [u8; 16] {
-    let other = rng.next() as u32 | 0x100;
+    let other = rng.next_u64() as u32 | 0x100;
     let kind = rng.pick(&[
         VIRTIO_BLK_T_IN,
         VIRTIO_BLK_T_FLUSH,
@@ -74,7 +74,11 @@ fn hostile_header(rng: &mut Rng) -> [u8; 16] {
         VIRTIO_BLK_T_WRITE_ZEROES,
         other,
     ]);
-    let near = [rng.below(CAPACITY + 4), u64::MAX - rng.below(8), rng.next()];
+    let near = [
+        rng.below(CAPACITY + 4),
+        u64::MAX - rng.below(8),
+        rng.next_u64(),
+    ];
     let sector = rng.pick(&near);
     header(kind, sector, rng)
 }
@@ -512,7 +516,7 @@ fn batch(g: &mut Guest<Block>, disk: &mut Disk, well_formed_only: bool) {
 fn probe(g: &mut Guest<Block>) {
     let size = 1u16 << g.rng.below(9);
     let offered = g.t.lock().unwrap().device().features();
-    let features = offered & (g.rng.next() | 1 << crate::virtio::VIRTIO_F_VERSION_1);
+    let features = offered & (g.rng.next_u64() | 1 << crate::virtio::VIRTIO_F_VERSION_1);
     g.probe(&[size], features);
 }
 

@@ -317,29 +317,43 @@ fn compaction_keeps_a_stranded_pages_data() {
     let mm = manager(BUDGET, 1);
     assert!(mm.wait_idle(Duration::from_secs(30)));
     let (a, h) = strand_first_page(&mm);
+    compact_and_check(&mm, a, h, "the stranded folio", secret);
+}
+
+/// Compact the pageblock of `a`'s order-2 folio, whose page 0 is stranded
+/// (the premise: the block was emptied), then read page 0 through GUP (a
+/// poisoned page fails the read instead of killing the test) and every
+/// word of the folio, which must be `want(page, word)`; then tear down,
+/// checking that nothing leaks to the next guest.
+fn compact_and_check(
+    mm: &Arc<MemoryManager>,
+    a: TestVm,
+    h: TestVm,
+    what: &str,
+    want: impl Fn(u64, u64) -> u64,
+) {
     let rep = mm.compact(Some(a.id), &|_, _| {}).unwrap();
     // The premise: the pageblock holding the folio was emptied (the folio
     // re-labelled, before the fix; copied, since).
-    assert_eq!(rep.blocks_rebuilt, 1, "{rep:?}");
-    let addr = a.ram.0.host_addr.raw();
-    let got = read_via_gup(addr);
+    assert_eq!(rep.blocks_rebuilt, 1, "the premise: {rep:?}");
+    let got = read_via_gup(a.ram.0.host_addr.raw());
     let s = mm.stats();
     assert_eq!(
         got.ok(),
-        Some(secret(0, 0)),
-        "page 0 of the stranded folio after compaction (restored {}, poisoned {})",
+        Some(want(0, 0)),
+        "page 0 of {what} after compaction (restored {}, poisoned {})",
         s.faults.unbacked_restored,
         s.faults.unbacked_poisoned
     );
     for p in 0..4 {
         for w in 0..WORDS {
-            assert_eq!(a.ram.read(p * PAGE_SIZE + w * 8), secret(p, w), "page {p}");
+            assert_eq!(a.ram.read(p * PAGE_SIZE + w * 8), want(p, w), "page {p}");
         }
     }
-    destroy(&mm, a);
-    probe_reads_zero(&mm);
-    destroy(&mm, h);
-    settle_and_check(&mm);
+    destroy(mm, a);
+    probe_reads_zero(mm);
+    destroy(mm, h);
+    settle_and_check(mm);
 }
 
 /// The same for a fresh folio: a first touch whose install is refused by
@@ -375,27 +389,8 @@ fn compaction_keeps_a_fresh_folios_stranded_page() {
         }
     }
     let h = holder(&mm);
-    let rep = mm.compact(Some(a.id), &|_, _| {}).unwrap();
-    assert_eq!(rep.blocks_rebuilt, 1, "the premise: {rep:?}");
-    let got = read_via_gup(a.ram.0.host_addr.raw());
-    let s = mm.stats();
-    assert_eq!(
-        got.ok(),
-        Some(0),
-        "page 0 of the fresh stranded folio after compaction (restored {}, poisoned {})",
-        s.faults.unbacked_restored,
-        s.faults.unbacked_poisoned
-    );
-    for p in 0..4 {
-        for w in 0..WORDS {
-            let want = if p == 0 { 0 } else { secret(p, w) };
-            assert_eq!(a.ram.read(p * PAGE_SIZE + w * 8), want, "page {p}");
-        }
-    }
-    destroy(&mm, a);
-    probe_reads_zero(&mm);
-    destroy(&mm, h);
-    settle_and_check(&mm);
+    let want = |p, w| if p == 0 { 0 } else { secret(p, w) };
+    compact_and_check(&mm, a, h, "the fresh stranded folio", want);
 }
 
 /// Pages moved back from a guest (a discard) sit in a free block that is

@@ -1,6 +1,7 @@
-//! Helpers for the seeded robustness tests of this crate (`virtio::fuzz`)
-//! and of the VMM's control plane (`vmm`'s tests, through the `testing`
-//! feature): a small seeded generator and the seed loop.
+//! Helpers for the seeded robustness tests of this crate (`virtio::fuzz`),
+//! of the VMM's control plane (`vmm`'s tests) and of `control_race` (both
+//! through the `testing` feature): a small seeded generator and the seed
+//! loop.
 //! `FOLIOVM_FUZZ_SEED` runs one seed instead of a test's own list.
 
 /// A small seeded generator (splitmix64).

@@ -22,6 +22,7 @@
 //! The run is random: `FOLIOVM_RACE_SEED=N` repeats one (the seed is
 //! printed).
 
+use devices::testing::Rng;
 use foliovm_tests::kvm_available;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,27 +54,6 @@ const KEEPER: &str = "k";
 const KEEPER_MIB: u64 = 8;
 const POOL_MIB: u64 = 3 * VM_MIB + KEEPER_MIB;
 const BUDGET_FLOOR_MIB: u64 = 32;
-
-/// A small seeded generator (xorshift64*): enough for picking requests.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len() as u64) as usize]
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// The threads of this process, by name (`comm`, at most 15 bytes).
 fn threads() -> Vec<String> {
@@ -172,11 +152,11 @@ fn expect(r: &Reply, allowed: &[u16], what: &str) {
 
 /// One client: random requests until told to stop.
 fn client(shared: &Shared, seed: u64) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     while !shared.done.load(SeqCst) {
-        let known = *rng.pick(&VMS);
+        let known = rng.pick(&VMS);
         // Now and then a VM that does not exist.
-        let vm = if rng.chance(5) { "zz" } else { known };
+        let vm = if rng.below(100u64) < 5 { "zz" } else { known };
         let unknown = vm == "zz";
         let not_found = |r: &Reply, what: &str| {
             expect(r, &[404], what);
@@ -228,15 +208,15 @@ fn client(shared: &Shared, seed: u64) {
                 }
             }
             2 => {
-                let path = *rng.pick(&["/stats", "/metrics", "/", "/budget", "/operations"]);
+                let path = rng.pick(&["/stats", "/metrics", "/", "/budget", "/operations"]);
                 let (r, _) = shared.call("GET", path, None);
                 expect(&r, &[200], &format!("GET {path}"));
             }
             3 => {
                 let ids = shared.op_ids.lock().unwrap().clone();
-                let id = match ids.is_empty() || rng.chance(10) {
+                let id = match ids.is_empty() || rng.below(100u64) < 10 {
                     true => 999_999,
-                    false => *rng.pick(&ids),
+                    false => rng.pick(&ids),
                 };
                 let (r, _) = shared.call("GET", &format!("/operations/{id}"), None);
                 match id {
@@ -254,7 +234,7 @@ fn client(shared: &Shared, seed: u64) {
                 }
             }
             4 | 5 => {
-                let state = *rng.pick(&["Paused", "Resumed", "Resumed"]);
+                let state = rng.pick(&["Paused", "Resumed", "Resumed"]);
                 let body = format!(r#"{{"state": "{state}"}}"#);
                 let (r, sent) = shared.call("PATCH", &format!("/vms/{vm}"), Some(&body));
                 if unknown {
@@ -267,7 +247,7 @@ fn client(shared: &Shared, seed: u64) {
             6 => {
                 // Several VMs run: the paths without a name are refused,
                 // and a workload guest has neither keyboard nor balloon.
-                let (m, p, b) = *rng.pick(&[
+                let (m, p, b) = rng.pick(&[
                     ("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)),
                     ("PATCH", "/balloon", Some(r#"{"amount_mib": 4}"#)),
                     (
@@ -291,7 +271,7 @@ fn client(shared: &Shared, seed: u64) {
                 }
             }
             7 => {
-                let min = *rng.pick(&[0u64, 2, 4]);
+                let min = rng.pick(&[0u64, 2, 4]);
                 let body = match rng.below(3) {
                     0 => format!(r#"{{"mem_min_mib": {min}}}"#),
                     1 => format!(r#"{{"mem_min_mib": {min}, "mem_max_mib": 16, "priority": 1}}"#),
@@ -307,8 +287,8 @@ fn client(shared: &Shared, seed: u64) {
             }
             8 | 9 => {
                 let mib = 1 + rng.below(8);
-                let run_async = rng.chance(50);
-                let named = !rng.chance(20);
+                let run_async = rng.below(100u64) < 50;
+                let named = rng.below(100u64) >= 20;
                 let body = match named {
                     true => format!(r#"{{"vm": "{vm}", "mib": {mib}, "async": {run_async}}}"#),
                     false => format!(r#"{{"mib": {mib}, "async": {run_async}}}"#),
@@ -338,7 +318,7 @@ fn client(shared: &Shared, seed: u64) {
                 }
             }
             10 => {
-                let run_async = rng.chance(50);
+                let run_async = rng.below(100u64) < 50;
                 let body = format!(r#"{{"async": {run_async}}}"#);
                 let (r, sent) = shared.call("PUT", &format!("/vms/{vm}/compact"), Some(&body));
                 if unknown {

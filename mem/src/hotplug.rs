@@ -24,13 +24,17 @@ use crate::vmscan;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-/// Rounds of offline-then-reclaim (or of waiting for reclaim in flight)
-/// before lowering the budget gives up; rounds go on while they gain.
+/// Rounds of offline-then-reclaim that gain before lowering the budget
+/// gives up (guests may fault back in what reclaim frees).
 const MAX_ROUNDS: usize = 128;
 
 /// Rounds in a row that gain nothing, with no reclaim in flight, before
-/// lowering the budget gives up (each after a 20 ms wait).
+/// lowering the budget gives up (each after a wait of up to 20 ms).
 const STALLS: u32 = 3;
+
+/// How long lowering the budget waits without gaining while reclaim is in
+/// flight: a write of a few MiB to a congested disk, with room to spare.
+const IN_FLIGHT_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Errors from [`crate::MemoryManager::set_budget`]. The budget is
 /// unchanged after every one of them.
@@ -152,10 +156,15 @@ pub(crate) fn set_budget(inner: &Inner, bytes: u64) -> Result<BudgetChange, Budg
 /// the pages reclaimed; on failure every page this call took is online
 /// again.
 ///
-/// Rounds go on while they gain, and while reclaim is in flight: folios
-/// other reclaimers (kswapd, faults reclaiming for themselves) have
-/// isolated count against the VMs' minimums until they are freed, so a
-/// round of our own may find nothing while they are on their way back.
+/// Rounds go on while they gain, and while reclaim is in flight (up to
+/// [`IN_FLIGHT_PATIENCE`] without a gain): folios other reclaimers
+/// (kswapd, faults reclaiming for themselves) have isolated count against
+/// the VMs' minimums until they are freed, so a round of our own may find
+/// nothing while they are on their way back. The wait between such rounds
+/// ends when memory is freed ([`Inner::wait_for_freed`]); it once kicked
+/// the pre-zeroing worker, whose pass ended it at once, so the rounds ran
+/// out in a few milliseconds while a write was in flight
+/// (`lowering_the_budget_waits_for_memory_being_written_out`).
 /// Giving up at the first such round failed lowerings under a guest
 /// thrashing just above its minimum on a loaded host
 /// (`lowering_the_budget_holds_against_a_guest_thrashing_near_its_minimum`
@@ -176,35 +185,39 @@ fn lower(
     vms: &[std::sync::Arc<crate::vm::VmState>],
 ) -> Result<u64, BudgetError> {
     let swap = inner.swap.is_some();
-    // Refuse up front what cannot work, so that nothing is reclaimed for
-    // nothing: free memory plus what reclaim may take above minimums.
-    let reclaimable: u64 = if swap {
-        vms.iter()
-            .map(|v| {
-                let pinned = v.counters.pinned_pages.load(Relaxed).max(0) as u64;
-                v.resident_pages().saturating_sub(v.min_pages().max(pinned))
-            })
-            .sum()
-    } else {
-        0
-    };
-    // Free includes the pages the pre-zeroing worker holds and the free
-    // pages parked in pageblocks compaction has isolated: both come back.
-    let free = {
-        let buddy = inner.buddy();
-        buddy.nr_free() + buddy.nr_parked() + inner.isolated_pages.load(Relaxed)
-    };
     let cannot = |short: u64| BudgetError::CannotFree {
         requested,
         short: short * PAGE_SIZE,
         swap,
     };
-    if want > free + reclaimable {
-        return Err(cannot(want - free - reclaimable));
+    // Without swap, nothing but free memory can go: refuse up front what
+    // is not free, so that nothing is taken for nothing. Free includes the
+    // pages the pre-zeroing worker holds and the free pages parked in
+    // pageblocks compaction has isolated: both come back.
+    //
+    // With swap there is no such check past `set_budget`'s against the
+    // minimums. Memory on its way back is neither free nor resident:
+    // folios another reclaimer (kswapd, a fault reclaiming for itself)
+    // has unmapped and is writing out, and swap-ins not mapped yet. A
+    // check from a snapshot of free and resident pages refused lowerings
+    // the rounds below complete, short by exactly such folios
+    // (`lowering_the_budget_waits_for_memory_being_written_out` in
+    // `mem/tests/budget.rs`), and once counted in (the pool less what the
+    // minimums keep resident) it is implied by the minimums' check. The
+    // rounds decide, waiting while reclaim is in flight.
+    if !swap {
+        let free = {
+            let buddy = inner.buddy();
+            buddy.nr_free() + buddy.nr_parked() + inner.isolated_pages.load(Relaxed)
+        };
+        if want > free {
+            return Err(cannot(want - free));
+        }
     }
     let (mut taken, mut reclaimed) = (0, 0);
-    let mut stalled = 0;
-    for _ in 0..MAX_ROUNDS {
+    let (mut gains, mut stalled) = (0, 0);
+    let mut stalled_since = None;
+    while gains < MAX_ROUNDS {
         let before = taken;
         let blocks = inner.buddy().offline(want - taken);
         for b in &blocks {
@@ -241,6 +254,7 @@ fn lower(
         reclaimed += got;
         if got == 0 && taken == before {
             stalled += 1;
+            let since = *stalled_since.get_or_insert_with(std::time::Instant::now);
             // Memory may still be on its way back: blocks the pre-zeroing
             // worker holds, free pages parked in a pageblock compaction
             // has isolated (until it releases the pageblock), and folios
@@ -251,12 +265,12 @@ fn lower(
             let in_flight = inner.isolated_pages.load(Relaxed) > 0
                 || inner.buddy().nr_parked() > 0
                 || vms.iter().any(|v| v.reclaiming.load(Relaxed) > 0);
-            if stalled > STALLS && !in_flight {
+            if (stalled > STALLS && !in_flight) || since.elapsed() > IN_FLIGHT_PATIENCE {
                 break;
             }
-            inner.wait_for_memory(Duration::from_millis(20));
+            inner.wait_for_freed(Duration::from_millis(20));
         } else {
-            stalled = 0;
+            (gains, stalled, stalled_since) = (gains + 1, 0, None);
         }
     }
     // Where the memory that could not be taken was, for the log.

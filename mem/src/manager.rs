@@ -621,12 +621,33 @@ impl Inner {
     /// # Context
     /// No manager lock held. Not for handler threads (they park instead).
     pub fn wait_for_memory(&self, timeout: Duration) -> bool {
+        self.wait_memory_event(timeout, true)
+    }
+
+    /// Wait (bounded) for memory to be freed: a folio freed while anyone
+    /// waits kicks the worker ([`Inner::free_ranges`]'s
+    /// `awaits_worker`), whose pass ends the wait; so does any other pass
+    /// (a timed one, or one another thread kicked), so the caller looks
+    /// again at what it waits for. Unlike [`Inner::wait_for_memory`] it
+    /// does not kick the worker itself: that pass would end the wait at
+    /// once, and a caller waiting for reclaim in flight would spin.
+    /// Returns false at the timeout.
+    ///
+    /// # Context
+    /// As [`Inner::wait_for_memory`].
+    pub fn wait_for_freed(&self, timeout: Duration) -> bool {
+        self.wait_memory_event(timeout, false)
+    }
+
+    fn wait_memory_event(&self, timeout: Duration, kick: bool) -> bool {
         // Counted before the kick, so the worker it wakes sees it.
         self.memory_waiters.fetch_add(1, Relaxed);
         // A notification between the kick and the wait below still ends
         // the wait: it is counted, not only signalled.
         let seen = self.memory_events.load(Relaxed);
-        self.kick_worker();
+        if kick {
+            self.kick_worker();
+        }
         let k = self.kick.lock().unwrap_or_else(|e| e.into_inner());
         let woken = !self
             .memory_cv

@@ -198,6 +198,10 @@ pub enum InjectedFault {
     /// The read succeeds but one byte of the first page is flipped, as a
     /// corrupting device would: the checksum must catch it.
     Corrupt,
+    /// The I/O succeeds after this long, as on a slow or congested device
+    /// (not a failure: it holds swap I/O in flight for as long as a test
+    /// needs to meet it there).
+    Delay(std::time::Duration),
 }
 
 /// A fault-injection plan: after `skip` matching I/Os, inject `fault` into
@@ -327,7 +331,7 @@ impl SwapFile {
         for p in &plans {
             let fits = match p.op {
                 IoOp::Read => p.fault != Enospc,
-                IoOp::Write => matches!(p.fault, Eio | SlowEio | Enospc),
+                IoOp::Write => matches!(p.fault, Eio | SlowEio | Enospc | Delay(_)),
             };
             if !fits {
                 return Err(ImpossibleFaultPlan(*p));
@@ -392,6 +396,9 @@ impl SwapFile {
 
     fn read_all(&self, slot: SwapSlot, buf: &mut [u8]) -> Result<(), SwapIoError> {
         let fault = self.injected(IoOp::Read);
+        if let Some(InjectedFault::Delay(d)) = fault {
+            std::thread::sleep(d);
+        }
         let want = buf.len();
         let mut done = 0;
         let mut first = true;
@@ -476,6 +483,10 @@ impl SwapFile {
                     slot: slot.0,
                     error: io::Error::from_raw_os_error(libc::EIO),
                 })
+            }
+            Some(InjectedFault::Delay(d)) => {
+                std::thread::sleep(d);
+                self.write_all(slot, pages, total)
             }
             _ => self.write_all(slot, pages, total),
         };
@@ -940,6 +951,22 @@ mod tests {
             f.write(SwapSlot(0), &[&b]),
             Err(SwapIoError::NoSpace(0))
         ));
+        // A delayed I/O takes its delay and then does what it was asked.
+        let delay = std::time::Duration::from_millis(50);
+        for op in [IoOp::Write, IoOp::Read] {
+            f.set_fault_plans(vec![plan(op, InjectedFault::Delay(delay))])
+                .unwrap();
+            let t0 = std::time::Instant::now();
+            match op {
+                IoOp::Write => assert_eq!(f.write(SwapSlot(8), &[&a]).unwrap(), crcs[..2]),
+                IoOp::Read => {
+                    r.fill(0);
+                    f.read(SwapSlot(8), &mut r[..8192], &crcs[..2]).unwrap();
+                    assert_eq!(&r[..8192], &a[..], "a delayed read");
+                }
+            }
+            assert!(t0.elapsed() >= delay, "{op:?} not delayed");
+        }
         // Plans are used up: I/O works again.
         f.read(SwapSlot(4), &mut r, &crcs).unwrap();
         // A wrong checksum list is a mismatch, never silently accepted.

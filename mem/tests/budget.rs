@@ -196,6 +196,78 @@ fn lowering_the_budget_holds_against_a_guest_thrashing_near_its_minimum() {
     t.destroy(&mm);
 }
 
+/// Lowering the budget waits for memory another reclaimer is writing out.
+/// Such folios are unmapped, so neither resident nor free, until their
+/// write completes; a lowering that counted free and resident pages up
+/// front refused what it then completes. This is the likely cause of the
+/// rare `CannotFree` of the thrashing test above, held open here by a swap
+/// write made slow. Before the fix it was refused up front, short by the
+/// 2 MiB folio being written less the margin (`short: 1835008`); with
+/// that check gone, its rounds gave up within milliseconds with the folio
+/// still in flight (their wait kicked the worker, whose pass ended it).
+#[test]
+fn lowering_the_budget_waits_for_memory_being_written_out() {
+    const FILLED: u64 = 12 * MIB;
+    const MARGIN: u64 = 256 * 1024;
+    let mm = swap_manager(16 * MIB, 2, 64 * MIB, false);
+    let t = TestVm::new(&mm, "a", 16 * MIB);
+    let (vm, ram) = (t.id, t.ram);
+    fill(ram, FILLED, 1);
+    assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
+    // The first swap write takes a second, as on a congested disk.
+    mm.inject_swap_faults(vec![mem::FaultPlan {
+        op: mem::IoOp::Write,
+        fault: mem::InjectedFault::Delay(std::time::Duration::from_secs(1)),
+        skip: 0,
+        count: 1,
+    }])
+    .unwrap();
+    let lowered = std::thread::scope(|s| {
+        let reclaimer = s.spawn(|| mm.reclaim(Some(vm), 8 * MIB).unwrap());
+        // Its victims are unmapped before the first write starts.
+        let started = std::time::Instant::now();
+        while mm.stats().swap_device.writes == 0 {
+            assert!(started.elapsed().as_secs() < 30, "no swap write started");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Nothing more may be reclaimed from the VM: its minimum is what
+        // it has resident now, with the reclaimer's victims unmapped.
+        let resident = mm.vm_stats(vm).unwrap().resident_bytes();
+        assert!(
+            FILLED - resident > 4 * MARGIN,
+            "only {} KiB in flight",
+            (FILLED - resident) / 1024
+        );
+        let limits = VmLimits {
+            min_bytes: resident,
+            ..VmLimits::default()
+        };
+        mm.set_vm_limits(vm, limits).unwrap();
+        assert_eq!(
+            mm.stats().swap_device.write_bytes,
+            0,
+            "the premise: the write is still in flight (a host too loaded?)"
+        );
+        let change = mm.set_budget(resident + MARGIN);
+        assert_eq!(
+            change.map(|c| c.new_bytes),
+            Ok(resident + MARGIN),
+            "lowering the budget to {} KiB above a VM of {} KiB resident",
+            MARGIN / 1024,
+            resident / 1024
+        );
+        assert!(reclaimer.join().unwrap() > 0);
+        resident + MARGIN
+    });
+    settle_and_check(&mm);
+    assert_eq!(mm.stats().budget_bytes, lowered);
+    assert!(mm.vm_stats(vm).unwrap().resident_bytes() <= lowered);
+    mm.set_vm_limits(vm, VmLimits::default()).unwrap();
+    mm.set_budget(16 * MIB).unwrap();
+    verify(ram, FILLED, 1);
+    t.destroy(&mm);
+}
+
 /// Minimums that would not fit in the budget are refused (reclaim never
 /// goes below a minimum, so every VM would stall past its own), counting
 /// every VM's, and the lowered budget's; a VM may lower its own.

@@ -209,11 +209,17 @@ fn pin_page(
                 // given `NoMemory` puts its request back and retries later
                 // (see `devices::virtio::QueueState::Deferred`), rather than
                 // hold every other device of every VM meanwhile.
+                let first = short_since.is_none();
                 let since = *short_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= PIN_WAIT_LIMIT {
                     return Err(PinError::NoMemory);
                 }
-                inner.wait_for_memory(PIN_WAIT);
+                // The worker is kicked once; then its passes end the waits
+                // (as a faulting thread's, `fault_in_reclaiming`).
+                match first {
+                    true => inner.wait_for_memory(PIN_WAIT),
+                    false => inner.wait_for_freed(PIN_WAIT),
+                };
             }
             FaultOutcome::Poisoned => return Err(PinError::Poisoned),
             FaultOutcome::Installed(_)

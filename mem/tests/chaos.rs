@@ -15,6 +15,10 @@
 //! was poisoned, and the swap map, swap cache and allocator balance with
 //! the VMs alive and after they are gone.
 //!
+//! One run in three (seeds 2 mod 3) has a roomy pool, where memory is
+//! often free and compaction collapses 2 MiB ranges (its undo paths run
+//! too, through injected migration failures); the others a tight one.
+//!
 //! `FOLIOVM_CHAOS_SEED` repeats a run (the seed is printed);
 //! `FOLIOVM_CHAOS_SECS` sets how long the operations run (default 20).
 
@@ -31,8 +35,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-/// The pool mapped at start; `set_budget` moves between half of it and all.
-const BUDGET: u64 = 6 * MIB;
+/// The pool mapped at start; `set_budget` moves between a third of it and
+/// all. Tight: the VMs' RAM is over twice that.
+const POOL: u64 = 6 * MIB;
+/// The pool of one run in three: roomy, so that memory is often free and
+/// compaction collapses ranges into 2 MiB folios (with `POOL`, a ready
+/// 2 MiB block is rare and collapse hardly ran), while budget changes and
+/// the VMs' maximums still make reclaim swap.
+const ROOMY_POOL: u64 = 16 * MIB;
 const WORDS: u64 = PAGE_SIZE / 8;
 /// vCPU `t` of a VM owns word `t` of each of its pages.
 const VCPUS: u64 = 3;
@@ -175,6 +185,8 @@ impl Slot {
 
 struct Chaos {
     mm: Arc<MemoryManager>,
+    /// The pool mapped at start ([`POOL`] or [`ROOMY_POOL`]).
+    pool: u64,
     /// The VMs operations may pick.
     vms: RwLock<Vec<Arc<Vm>>>,
     stop: AtomicBool,
@@ -184,6 +196,19 @@ struct Chaos {
 }
 
 impl Chaos {
+    fn roomy(&self) -> bool {
+        self.pool == ROOMY_POOL
+    }
+
+    /// vCPU 0's accesses between two writes of a whole 2 MiB.
+    fn sweep_every(&self) -> u64 {
+        if self.roomy() {
+            1000
+        } else {
+            5000
+        }
+    }
+
     fn slot(&self, thread: String) -> Arc<Slot> {
         let s = Arc::new(Slot {
             thread,
@@ -257,7 +282,7 @@ fn vcpu(c: &Chaos, vm: &Vm, t: u64, slot: &Slot, seed: u64) {
             vm.window
                 .store((i / 300 * 211) % (vm.pages - WINDOW), SeqCst);
         }
-        if t == 0 && i % 5000 == 0 {
+        if t == 0 && i % c.sweep_every() == 0 {
             // Write a whole 2 MiB at once: a range that compaction can
             // collapse into one 2 MiB folio.
             let first = rng.below(vm.pages / 512) * 512;
@@ -474,7 +499,9 @@ fn reclaim(c: &Chaos, slot: &Slot, rng: &mut Rng, n: &mut BTreeMap<&'static str,
     let freed = vm.alive(r, "reclaim", n).unwrap_or(0);
     *n.entry("reclaims").or_default() += 1;
     *n.entry("reclaimed KiB").or_default() += freed / 1024;
-    std::thread::sleep(Duration::from_millis(2));
+    // With a roomy pool, seldom: a range with a page swapped out is no
+    // candidate for collapse.
+    std::thread::sleep(Duration::from_millis(if c.roomy() { 50 } else { 2 }));
 }
 
 fn compact(c: &Chaos, slot: &Slot, rng: &mut Rng, n: &mut BTreeMap<&'static str, u64>) {
@@ -489,10 +516,12 @@ fn compact(c: &Chaos, slot: &Slot, rng: &mut Rng, n: &mut BTreeMap<&'static str,
     std::thread::sleep(Duration::from_millis(20));
 }
 
-/// Budget changes between a third of the pool and all of it; the VMs'
-/// minimums (see `limits`) stay below the third.
+/// Budget changes between a third of the pool (half of a roomy one) and
+/// all of it; the VMs' minimums (see `limits`) stay below the third.
 fn budget(c: &Chaos, slot: &Slot, rng: &mut Rng, n: &mut BTreeMap<&'static str, u64>) {
-    let bytes = BUDGET / 3 + rng.below(BUDGET * 2 / 3 / (64 * 1024) + 1) * 64 * 1024;
+    let share = if c.roomy() { 2 } else { 3 };
+    let low = c.pool / share / (64 * 1024) * (64 * 1024);
+    let bytes = low + rng.below((c.pool - low) / (64 * 1024) + 1) * 64 * 1024;
     slot.enter("set_budget", bytes);
     let r = c.mm.set_budget(bytes);
     slot.leave();
@@ -509,13 +538,16 @@ fn budget(c: &Chaos, slot: &Slot, rng: &mut Rng, n: &mut BTreeMap<&'static str, 
 }
 
 /// Minimums of at most 512 KiB each (1.5 MiB for three VMs: below any
-/// budget), maximums of at least 1 MiB, random priorities.
+/// budget), maximums of at least 1 MiB (4 MiB with a roomy pool), random
+/// priorities.
 fn limits(c: &Chaos, slot: &Slot, rng: &mut Rng, n: &mut BTreeMap<&'static str, u64>) {
     let vm = c.pick(rng);
     let min_bytes = rng.below(3) * 256 * 1024;
+    // With a roomy pool, maximums a 2 MiB folio fits under several times.
+    let unit = if c.roomy() { 4 * MIB } else { MIB };
     let max_bytes = match rng.below(4) {
         0 => None,
-        k => Some(k * MIB),
+        k => Some(k * unit),
     };
     let l = VmLimits {
         min_bytes,
@@ -699,7 +731,12 @@ fn every_operation_at_once_keeps_every_word_and_balances() {
         _ => mem::FaultDelivery::Handlers,
     };
     eprintln!("faults delivered: {delivery:?}");
-    let mm = swap_manager_with(BUDGET, 3, 128 * MIB, true, delivery);
+    let pool = match seed % 3 {
+        2 => ROOMY_POOL,
+        _ => POOL,
+    };
+    eprintln!("pool: {} MiB", pool / MIB);
+    let mm = swap_manager_with(pool, 3, 128 * MIB, true, delivery);
     let a = Arc::new(Vm::new(&mm, "a", &[(0, 6 * MIB)], 0));
     let b = Arc::new(Vm::new(
         &mm,
@@ -709,6 +746,7 @@ fn every_operation_at_once_keeps_every_word_and_balances() {
     ));
     let c = Arc::new(Chaos {
         mm: mm.clone(),
+        pool,
         vms: RwLock::new(vec![a.clone(), b.clone()]),
         stop: AtomicBool::new(false),
         slots: Mutex::new(Vec::new()),
@@ -751,8 +789,8 @@ fn every_operation_at_once_keeps_every_word_and_balances() {
     // Quiet now: no failure armed, the whole budget back.
     mm.inject_faults(Vec::new());
     mm.inject_swap_faults(Vec::new()).unwrap();
-    main.enter("set_budget back", BUDGET);
-    mm.set_budget(BUDGET).unwrap();
+    main.enter("set_budget back", pool);
+    mm.set_budget(pool).unwrap();
     main.leave();
     for vm in [&a, &b] {
         vm.verify_all("final", &main);

@@ -11,7 +11,16 @@
 //!   completed, with a length no larger than the chain's writable bytes;
 //! - guest memory that no descriptor names ([`CANARY`]) is never written;
 //! - a status that shows DRIVER_OK without DEVICE_NEEDS_RESET is a live
-//!   device, and a live device shows DRIVER_OK.
+//!   device, and a live device shows DRIVER_OK;
+//! - after a relocation ([`Guest::relocate`]) the old mapping of guest
+//!   memory is never written again.
+//!
+//! The event loop ([`Guest::run`]) is the VMM's: notified queues, then
+//! retries of the queues a device left [`QueueState::Deferred`], as its
+//! retry timer would fire. A driver's notifications follow the ring's
+//! suppression ([`Guest::kick_if_needed`]: the used ring's flags, or the
+//! avail event with VIRTIO_RING_F_EVENT_IDX), as Linux's do, so a device
+//! that leaves them wrong strands chains.
 //!
 //! Guest memory (two regions around a hole, as below and above an MMIO gap):
 //!
@@ -28,13 +37,15 @@
 //! `FOLIOVM_FUZZ_SEED` runs one seed instead of [`SEEDS`].
 
 use super::mmio::{
-    MmioTransport, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET,
+    MemorySwitch, MmioTransport, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET,
 };
 use super::queue::testing::desc;
 use super::{GuestMemoryMmap, IrqLine, QueueState, VirtioDevice, INT_CONFIG, INT_USED_RING};
 use crate::testing::for_each_seed as each_seed;
 pub use crate::testing::Rng;
 use crate::BusDevice;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -73,6 +84,13 @@ pub fn guest_memory() -> GuestMemoryMmap {
         (GuestAddress(RAM1.0), (RAM1.1 - RAM1.0) as usize),
     ])
     .unwrap()
+}
+
+/// The virtio spec's `vring_need_event`: whether moving an index from
+/// `old` to `new` passed `event` (the other side asked to be told once the
+/// index goes past it), in u16 arithmetic that wraps.
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 /// Where a chain's buffer is.
@@ -128,6 +146,14 @@ pub struct Guest<D: VirtioDevice> {
     data_next: u64,
     /// Bump allocator in [`HEADERS`] for this batch.
     header_next: u64,
+    /// Interrupts raised (used buffers and configuration changes).
+    irqs: Arc<AtomicU64>,
+    /// Queues whose last processing left them deferred: the event loop
+    /// retries them, as the VMM's retry timer does.
+    deferred: RefCell<Vec<bool>>,
+    /// The mapping guest memory had before the last relocation, and its
+    /// contents then: nothing may write it afterwards.
+    retired: Option<(GuestMemoryMmap, Vec<u8>)>,
 }
 
 impl<D: VirtioDevice> Guest<D> {
@@ -138,7 +164,13 @@ impl<D: VirtioDevice> Guest<D> {
         let fds = (0..n)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
-        let t = MmioTransport::new(dev, mem.clone(), IrqLine::new(|| Ok(())), fds);
+        let irqs = Arc::new(AtomicU64::new(0));
+        let counted = irqs.clone();
+        let irq = IrqLine::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        });
+        let t = MmioTransport::new(dev, mem.clone(), irq, fds);
         let canary: Vec<u8> = (0..CANARY.1 - CANARY.0).map(|i| i as u8 ^ 0x5a).collect();
         mem.write_slice(&canary, GuestAddress(CANARY.0)).unwrap();
         let mut rng = Rng::new(seed);
@@ -153,6 +185,59 @@ impl<D: VirtioDevice> Guest<D> {
             features: 0,
             data_next: DATA.0,
             header_next: HEADERS.0,
+            irqs,
+            deferred: RefCell::new(vec![false; n]),
+            retired: None,
+        }
+    }
+
+    /// Interrupts raised so far.
+    pub fn irqs(&self) -> u64 {
+        self.irqs.load(Ordering::SeqCst)
+    }
+
+    /// Guest memory moves to another host mapping with the same contents
+    /// (a region relocation): the transport and the device get the new
+    /// mapping, the guest uses it from now on, and the old one must stay
+    /// as it was (checked at the next relocation and by
+    /// [`Guest::check_retired`]). The mapping retired before that, once
+    /// checked, is the new one (no mmap per relocation).
+    pub fn relocate(&mut self) {
+        self.check_retired();
+        let new = match self.retired.take() {
+            Some((mem, _)) => mem,
+            None => guest_memory(),
+        };
+        let mut old = Vec::new();
+        for (start, end) in [RAM0, RAM1] {
+            let mut buf = vec![0u8; (end - start) as usize];
+            self.mem.read_slice(&mut buf, GuestAddress(start)).unwrap();
+            new.write_slice(&buf, GuestAddress(start)).unwrap();
+            old.extend_from_slice(&buf);
+        }
+        MemorySwitch::set_memory(&mut *self.t.lock().unwrap(), new.clone());
+        let retired = std::mem::replace(&mut self.mem, new);
+        self.retired = Some((retired, old));
+    }
+
+    /// The mapping retired by the last relocation was not written since.
+    pub fn check_retired(&self) {
+        let Some((mem, was)) = &self.retired else {
+            return;
+        };
+        let mut at = 0;
+        for (start, end) in [RAM0, RAM1] {
+            let mut now = vec![0u8; (end - start) as usize];
+            mem.read_slice(&mut now, GuestAddress(start)).unwrap();
+            let was = &was[at..at + now.len()];
+            if now != was {
+                let i = (0..now.len()).find(|&i| now[i] != was[i]).unwrap();
+                panic!(
+                    "guest address {:#x} of the mapping retired by a relocation was written",
+                    start + i as u64
+                );
+            }
+            at += now.len();
         }
     }
 
@@ -362,12 +447,28 @@ impl<D: VirtioDevice> Guest<D> {
     }
 
     /// The VMM's event loop: process every notified queue until none is
-    /// notified any more; what each processing returned.
+    /// notified any more, and retry the deferred ones until none is left
+    /// deferred; what each processing returned.
     pub fn run(&self) -> Vec<(usize, QueueState)> {
+        self.run_loop(true)
+    }
+
+    /// [`Guest::run`] before the retry timer fires: notified queues only;
+    /// deferred ones stay deferred.
+    pub fn run_notified(&self) -> Vec<(usize, QueueState)> {
+        self.run_loop(false)
+    }
+
+    /// Whether a queue is left deferred, waiting for a retry.
+    pub fn any_deferred(&self) -> bool {
+        self.deferred.borrow().contains(&true)
+    }
+
+    fn run_loop(&self, retry: bool) -> Vec<(usize, QueueState)> {
         let mut states = Vec::new();
         let t = &self.t;
         for _ in 0..ROUND_LIMIT {
-            let pending: Vec<usize> = t
+            let mut pending: Vec<usize> = t
                 .lock()
                 .unwrap()
                 .notify_fds()
@@ -375,14 +476,85 @@ impl<D: VirtioDevice> Guest<D> {
                 .filter(|(_, fd)| fd.read().is_ok())
                 .map(|(i, _)| i)
                 .collect();
+            if pending.is_empty() && retry {
+                // The retry timer fires.
+                let deferred = self.deferred.borrow();
+                pending = (0..deferred.len()).filter(|&i| deferred[i]).collect();
+            }
             if pending.is_empty() {
                 return states;
             }
             for i in pending {
-                states.push((i, t.lock().unwrap().notified(i)));
+                let state = t.lock().unwrap().notified(i);
+                self.deferred.borrow_mut()[i] = state == QueueState::Deferred;
+                states.push((i, state));
             }
         }
-        panic!("the device's queues were still notified after {ROUND_LIMIT} rounds: {states:?}");
+        panic!("the device's queues were still notified or deferred after {ROUND_LIMIT} rounds: {states:?}");
+    }
+
+    /// Notify queue `q` if its ring says the device wants to be told
+    /// that the avail index moved from `old` to the one published, as
+    /// Linux's `virtqueue_kick_prepare` decides: with EVENT_IDX when it
+    /// passed the device's avail event, else unless the device set
+    /// VRING_USED_F_NO_NOTIFY. Returns whether it notified.
+    pub fn kick_if_needed(&self, q: usize, old: u16) -> bool {
+        let new = self.queues[q].avail_idx;
+        let kick = if self.event_idx() {
+            need_event(self.avail_event(q), new, old)
+        } else {
+            self.used_flags(q) & 1 == 0
+        };
+        if kick {
+            self.wr(0x050, q as u32);
+        }
+        kick
+    }
+
+    /// Whether the driver accepted VIRTIO_RING_F_EVENT_IDX.
+    pub fn event_idx(&self) -> bool {
+        self.features & (1 << super::VIRTIO_RING_F_EVENT_IDX) != 0
+    }
+
+    /// The used ring's flags of queue `q` (VRING_USED_F_NO_NOTIFY = 1).
+    pub fn used_flags(&self, q: usize) -> u16 {
+        let (_, _, used) = Self::rings(q);
+        self.mem.read_obj(GuestAddress(used)).unwrap()
+    }
+
+    /// The avail event the device published in queue `q` (after the used
+    /// ring's elements).
+    pub fn avail_event(&self, q: usize) -> u16 {
+        let (_, _, used) = Self::rings(q);
+        let at = used + 4 + 8 * u64::from(self.queues[q].size);
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    /// Write the used event of queue `q` (after the avail ring's entries):
+    /// the driver wants an interrupt once the used index goes past it.
+    pub fn set_used_event(&self, q: usize, event: u16) {
+        let (_, avail, _) = Self::rings(q);
+        let at = avail + 4 + 2 * u64::from(self.queues[q].size);
+        self.mem.write_obj(event, GuestAddress(at)).unwrap();
+    }
+
+    /// Queue `q` as it is after `idx` chains went through it, all
+    /// completed and the device's notifications on: both ring indexes
+    /// and the avail event at `idx`. The device's own queue must be moved
+    /// there too (by its test, which can reach it), as a device restored
+    /// from a snapshot is.
+    pub fn start_indices_at(&mut self, q: usize, idx: u16) {
+        assert!(self.queues[q].outstanding.is_empty());
+        let (_, avail, used) = Self::rings(q);
+        let size = u64::from(self.queues[q].size);
+        self.mem.write_obj(idx, GuestAddress(avail + 2)).unwrap();
+        self.mem.write_obj(idx, GuestAddress(used + 2)).unwrap();
+        self.mem
+            .write_obj(idx, GuestAddress(used + 4 + 8 * size))
+            .unwrap();
+        let gq = &mut self.queues[q];
+        gq.avail_idx = idx;
+        gq.used_idx = idx;
     }
 
     /// Notify queue `q` through QueueNotify and run the event loop.

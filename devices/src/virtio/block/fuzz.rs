@@ -3,20 +3,29 @@
 //! requests with one thing wrong (checked for their documented error) and
 //! random chains (checked for the invariants only), mixed with avail index
 //! jumps, resets while requests wait and register storms.
+//!
+//! Guest memory runs short now and then ([`FlakyRam`]: a data buffer's pin
+//! finds no memory), so requests wait in the queue and are retried; every
+//! one is still completed exactly once, in the order it was made
+//! available, with its data. A reset or a broken queue while one waits
+//! completes nothing afterwards. Guest memory relocates under running
+//! requests; with EVENT_IDX the driver sets a used event and counts the
+//! interrupts against `vring_need_event`; rings start near the u16 wrap.
 
 use super::request::{ID_LEN, SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP};
 use super::tests::image;
-use super::{Block, DiskImage};
-use crate::virtio::fuzz::{for_each_seed, Buf, Guest, Rng, RAM0, RAM1};
+use super::{Block, DiskImage, PIN_CHUNK};
+use crate::virtio::fuzz::{for_each_seed, need_event, Buf, Guest, Rng, RAM0, RAM1};
 use crate::virtio::mmio::S_NEEDS_RESET;
 use crate::virtio::{
-    NoRamControl, QueueState, VirtioDevice, INT_CONFIG, INT_USED_RING, VIRTIO_RING_F_EVENT_IDX,
+    PinToken, QueueState, RamControl, RamError, VirtioDevice, INT_CONFIG, INT_USED_RING,
 };
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 /// Sectors of the disk; [`GUARD`] bytes follow it in the image, which the
@@ -52,6 +61,94 @@ enum Expect {
 struct Req {
     head: u16,
     expect: Expect,
+}
+
+impl Req {
+    /// Whether serving it pins guest memory (moves data), so that it can
+    /// be made to wait for memory.
+    fn pins(&self) -> bool {
+        matches!(&self.expect, Expect::Done { status: S_OK, read, write, .. }
+            if !read.is_empty() || !write.is_empty())
+    }
+}
+
+/// How much guest memory a pin finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Memory {
+    /// Every pin succeeds.
+    Plenty,
+    /// A pin fails once in `one_in`, never more than [`MAX_STREAK`] in a
+    /// row: memory comes back after a few retries.
+    Short { one_in: u64 },
+    /// Every pin fails.
+    Out,
+}
+
+/// The most pins in a row that fail while memory is [`Memory::Short`].
+const MAX_STREAK: u32 = 5;
+
+/// Guest memory whose pins fail ([`RamError::NoMemory`]) as [`Memory`]
+/// says; counts the failures and checks every pin's range.
+struct FlakyRam(Mutex<Flaky>);
+
+struct Flaky {
+    rng: Rng,
+    memory: Memory,
+    streak: u32,
+    /// Pins that found no memory.
+    failed: u64,
+}
+
+impl FlakyRam {
+    fn new(seed: u64) -> Self {
+        FlakyRam(Mutex::new(Flaky {
+            rng: Rng::new(seed ^ 0xf1a6_f1a6),
+            memory: Memory::Plenty,
+            streak: 0,
+            failed: 0,
+        }))
+    }
+
+    fn set(&self, memory: Memory) {
+        let mut f = self.0.lock().unwrap();
+        f.memory = memory;
+        f.streak = 0;
+    }
+
+    fn failed(&self) -> u64 {
+        self.0.lock().unwrap().failed
+    }
+}
+
+impl RamControl for FlakyRam {
+    fn pin(&self, gpa: u64, len: u64) -> Result<Option<PinToken>, RamError> {
+        let end = gpa.checked_add(len).expect("a pin that wraps");
+        let inside = |(s, e): (u64, u64)| gpa >= s && end <= e;
+        assert!(
+            len > 0 && (inside(RAM0) || inside(RAM1)),
+            "pin {gpa:#x}+{len:#x} is not inside guest RAM"
+        );
+        assert!(
+            (end - 1) / PIN_CHUNK == gpa / PIN_CHUNK,
+            "pin {gpa:#x}+{len:#x} crosses a {PIN_CHUNK:#x} boundary"
+        );
+        let mut f = self.0.lock().unwrap();
+        let fail = match f.memory {
+            Memory::Plenty => false,
+            Memory::Short { one_in } => f.streak < MAX_STREAK && f.rng.one_in(one_in),
+            Memory::Out => true,
+        };
+        if !fail {
+            f.streak = 0;
+            return Ok(None);
+        }
+        f.streak += 1;
+        f.failed += 1;
+        Err(RamError::NoMemory { gpa, len })
+    }
+    fn discard(&self, _gpa: u64, _len: u64) -> Result<u64, RamError> {
+        panic!("a block device discards nothing")
+    }
 }
 
 fn header(kind: u32, sector: u64, rng: &mut Rng) -> [u8; 16] {
@@ -93,6 +190,7 @@ fn split(rng: &mut Rng, len: u64) -> Vec<u64> {
 }
 
 struct Disk {
+    ram: Arc<FlakyRam>,
     shadow: Vec<u8>,
     read_only: bool,
     /// Chains checked: served as they must be (ok, error), refused,
@@ -484,8 +582,80 @@ fn batch(g: &mut Guest<Block>, disk: &mut Disk, well_formed_only: bool) {
             (r.head, bound)
         })
         .collect();
-    g.publish(0, &heads);
-    let states = g.kick(0);
+    let made: Vec<&Req> = order.iter().map(|&i| &reqs[i]).collect();
+    let done = serve(g, disk, &heads, &made);
+    let want: Vec<u16> = made
+        .iter()
+        .filter(|r| !matches!(r.expect, Expect::Dropped { .. }))
+        .map(|r| r.head)
+        .collect();
+    let got: Vec<u16> = done.iter().map(|&(h, _)| h).collect();
+    assert_eq!(
+        got, want,
+        "chains completed, and in the order made available"
+    );
+    for (pos, &i) in order.iter().enumerate() {
+        let times = order.iter().filter(|&&j| j == i).count();
+        let nth = order[..=pos].iter().filter(|&&j| j == i).count();
+        check(g, disk, &reqs[i], &done, times, nth);
+    }
+    g.wr(0x064, INT_USED_RING | INT_CONFIG);
+    g.check_memory();
+}
+
+/// A used event for a batch of `n` chains, as drivers pick them: the
+/// used index seen (Linux's `virtqueue_enable_cb`), a few chains further
+/// (`virtqueue_enable_cb_delayed`), one already passed, or any.
+fn used_event(g: &mut Guest<Block>, n: usize) -> u16 {
+    let seen = g.used_idx_seen(0);
+    match g.rng.below(5) {
+        0 | 1 => seen,
+        2 => seen.wrapping_add(g.rng.below(n as u64 + 2) as u16),
+        3 => seen.wrapping_sub(1 + g.rng.below(300) as u16),
+        _ => g.rng.next_u64() as u16,
+    }
+}
+
+/// Publish `heads` (the chains of `made`, in order), notify as the ring
+/// asks and run the event loop, with guest memory short or out for a
+/// while now and then, and relocated under the waiting requests now and
+/// then; returns the used elements. Every chain is completed; those that
+/// pin wait while memory is out; interrupts are as the ring asks.
+fn serve(
+    g: &mut Guest<Block>,
+    disk: &Disk,
+    heads: &[(u16, u64)],
+    made: &[&Req],
+) -> Vec<(u16, u32)> {
+    let memory = match g.rng.below(10) {
+        0..=5 => Memory::Plenty,
+        6..=8 => Memory::Short {
+            one_in: g.rng.range(2, 5),
+        },
+        _ => Memory::Out,
+    };
+    disk.ram.set(memory);
+    let (old_avail, old_used) = (g.queues[0].avail_idx, g.used_idx_seen(0));
+    let event = used_event(g, heads.len());
+    g.wr(0x064, INT_USED_RING | INT_CONFIG);
+    let irqs = g.irqs();
+    g.publish(0, heads);
+    if g.event_idx() {
+        g.set_used_event(0, event);
+    }
+    g.kick_if_needed(0, old_avail);
+    let mut states = g.run_notified();
+    if memory == Memory::Out {
+        waiting_while_out(g, made, old_used);
+        if g.rng.one_in(3) {
+            g.relocate();
+        }
+        disk.ram.set(Memory::Short { one_in: 3 });
+    } else if g.rng.one_in(50) {
+        g.relocate();
+    }
+    states.extend(g.run());
+    disk.ram.set(Memory::Plenty);
     assert!(
         states.iter().all(|(_, s)| *s != QueueState::NeedsReset),
         "{states:?}"
@@ -493,23 +663,75 @@ fn batch(g: &mut Guest<Block>, disk: &mut Disk, well_formed_only: bool) {
     let done = g.used(0);
     assert!(
         g.outstanding(0).is_empty(),
-        "chains left: {:?}",
+        "chains left: {:?} (states {states:?})",
         g.outstanding(0)
     );
-    for (pos, &i) in order.iter().enumerate() {
-        let times = order.iter().filter(|&&j| j == i).count();
-        let nth = order[..=pos].iter().filter(|&&j| j == i).count();
-        check(g, disk, &reqs[i], &done, times, nth);
-    }
-    if !done.is_empty() && g.features & (1 << VIRTIO_RING_F_EVENT_IDX) == 0 {
-        assert_ne!(
-            g.rd(0x060) & INT_USED_RING,
+    let deferred = g.t.lock().unwrap().device().counters().deferred;
+    assert_eq!(deferred, disk.ram.failed(), "deferrals, one per failed pin");
+    let new_used = g.used_idx_seen(0);
+    if g.event_idx() {
+        // The used event stayed put while the device ran: it lies in at
+        // most one of the stretches the device decided on, so exactly
+        // one interrupt if the whole run passed it, else none.
+        let must = need_event(event, new_used, old_used);
+        assert_eq!(
+            (g.irqs() - irqs, g.rd(0x060) & INT_USED_RING != 0),
+            (u64::from(must), must),
+            "interrupts for used index {old_used} -> {new_used} with used event {event}"
+        );
+        assert_eq!(
+            g.avail_event(0),
+            g.queues[0].avail_idx,
+            "the avail event of a drained queue (the driver's next chain must notify)"
+        );
+    } else {
+        if !done.is_empty() {
+            assert_ne!(
+                g.rd(0x060) & INT_USED_RING,
+                0,
+                "no interrupt for used chains"
+            );
+        }
+        assert_eq!(
+            g.used_flags(0),
             0,
-            "no interrupt for used chains"
+            "notifications left off on a drained queue"
         );
     }
-    g.wr(0x064, INT_USED_RING | INT_CONFIG);
-    g.check_memory();
+    done
+}
+
+/// Memory is out and the event loop ran the notification: the chains
+/// before the first that pins are completed (as far as random chains let
+/// one know), that one and the rest wait, unanswered.
+fn waiting_while_out(g: &Guest<Block>, made: &[&Req], old_used: u16) {
+    let Some(p) = made.iter().position(|r| r.pins()) else {
+        return;
+    };
+    assert!(
+        g.any_deferred(),
+        "a request whose pin found no memory is not waiting"
+    );
+    let (_, _, used) = Guest::<Block>::rings(0);
+    let idx: u16 = g.mem.read_obj(GuestAddress(used + 2)).unwrap();
+    let served = u64::from(idx.wrapping_sub(old_used));
+    let before = &made[..p];
+    let can = before
+        .iter()
+        .filter(|r| !matches!(r.expect, Expect::Dropped { .. }))
+        .count() as u64;
+    if before.iter().any(|r| matches!(r.expect, Expect::Any)) {
+        assert!(
+            served <= can,
+            "{served} chains served, {can} before the first that waits"
+        );
+    } else {
+        assert_eq!(served, can, "chains served before the first that waits");
+    }
+    if let Expect::Done { status_at, .. } = made[p].expect {
+        let st: u8 = g.mem.read_obj(GuestAddress(status_at)).unwrap();
+        assert_eq!(st, 0xff, "the status of a request that waits was written");
+    }
 }
 
 /// A random probe: a queue size (a power of two up to 256) and features.
@@ -579,14 +801,124 @@ fn reset_in_flight(g: &mut Guest<Block>, disk: &mut Disk) {
     batch(g, disk, true);
 }
 
+/// Requests wait for guest memory (every pin fails), then the driver
+/// resets the device (and probes it again before the retry, or not), or
+/// breaks the queue, before memory comes back: the retry completes none
+/// of them and pins nothing for them, and the device works after a probe.
+fn interrupted_while_waiting(g: &mut Guest<Block>, disk: &mut Disk) {
+    g.begin_batch();
+    let mut reqs = Vec::new();
+    for _ in 0..8 {
+        let Some(r) = request(g, disk, false) else {
+            break;
+        };
+        let pins = r.pins();
+        reqs.push(r);
+        if pins {
+            break;
+        }
+    }
+    let Some(p) = reqs.iter().position(Req::pins) else {
+        return;
+    };
+    disk.ram.set(Memory::Out);
+    let heads: Vec<(u16, u64)> = reqs
+        .iter()
+        .map(|r| (r.head, g.writable_bound(0, r.head)))
+        .collect();
+    let old_avail = g.queues[0].avail_idx;
+    g.publish(0, &heads);
+    g.kick_if_needed(0, old_avail);
+    g.run_notified();
+    assert!(
+        g.any_deferred(),
+        "a request whose pin found no memory is not waiting"
+    );
+    let done = g.used(0);
+    let got: Vec<u16> = done.iter().map(|&(h, _)| h).collect();
+    let want: Vec<u16> = reqs[..p].iter().map(|r| r.head).collect();
+    assert_eq!(got, want, "the requests before the first that waits");
+    for r in &reqs[..p] {
+        check(g, disk, r, &done, 1, 1);
+    }
+    let failed = disk.ram.failed();
+    let how = g.rng.below(3);
+    match how {
+        0 | 1 => {
+            if how == 0 {
+                g.wr(0x070, 0);
+            } else {
+                let idx = g.queues[0].avail_idx.wrapping_add(g.queues[0].size + 1);
+                g.set_avail_idx(0, idx);
+            }
+            // The retry timer fires with memory still out.
+            let states = g.run();
+            assert_eq!(
+                states.contains(&(0, QueueState::NeedsReset)),
+                how == 1,
+                "{states:?}"
+            );
+            assert!(
+                g.used(0).is_empty(),
+                "a request completed after the queue was reset or broken"
+            );
+        }
+        // Probed again before the retry fires: the retry finds the new,
+        // empty queue.
+        _ => {
+            g.wr(0x070, 0);
+            probe(g);
+        }
+    }
+    assert!(!g.any_deferred());
+    assert_eq!(
+        disk.ram.failed(),
+        failed,
+        "a pin for a request of a reset or broken queue"
+    );
+    for r in &reqs[p..] {
+        if let Expect::Done { status_at, .. } = r.expect {
+            let st: u8 = g.mem.read_obj(GuestAddress(status_at)).unwrap();
+            assert_eq!(
+                st, 0xff,
+                "the status of a request of a reset or broken queue was written"
+            );
+        }
+    }
+    disk.ram.set(Memory::Plenty);
+    probe(g);
+    batch(g, disk, true);
+}
+
+/// The rings start a few chains before their u16 indexes wrap (as after
+/// 65,500 or so requests, or a device restored there), and batches run
+/// across the wrap.
+fn near_wrap(g: &mut Guest<Block>, disk: &mut Disk) {
+    probe(g);
+    let idx = 0u16.wrapping_sub(g.rng.range(1, 40) as u16);
+    g.start_indices_at(0, idx);
+    {
+        let mut t = g.t.lock().unwrap();
+        let active = t.device_mut().active.as_mut().expect("live");
+        active.queues[0].set_next_avail(idx);
+        active.queues[0].set_next_used(idx);
+    }
+    for _ in 0..g.rng.range(1, 12) {
+        let well_formed_only = g.rng.one_in(2);
+        batch(g, disk, well_formed_only);
+    }
+}
+
 fn run_seed(seed: u64) {
     let (_t, path) = image(CAPACITY as usize * 512 + GUARD);
     let before = std::fs::read(&path).unwrap();
     let read_only = seed % 4 == 3;
     let img = DiskImage::open(&path, read_only, ID).unwrap();
-    let dev = Block::new(img, Arc::new(NoRamControl), "vda");
+    let ram = Arc::new(FlakyRam::new(seed));
+    let dev = Block::new(img, ram.clone(), "vda");
     let mut g = Guest::new(dev, seed);
     let mut disk = Disk {
+        ram,
         shadow: before[..CAPACITY as usize * 512].to_vec(),
         read_only,
         tally: [0; 5],
@@ -601,9 +933,13 @@ fn run_seed(seed: u64) {
                 probe(&mut g);
             }
             9..=10 => probe(&mut g),
+            11..=13 => interrupted_while_waiting(&mut g, &mut disk),
+            14..=15 => near_wrap(&mut g, &mut disk),
+            16 => g.relocate(),
             _ => batch(&mut g, &mut disk, false),
         }
     }
+    g.check_retired();
     let c = g.t.lock().unwrap().device().counters();
     eprintln!(
         "block fuzz seed {seed:#x}: {STEPS} steps, chains [ok, error, refused, dropped, random] {:?}, device counters {c:?}",

@@ -3,13 +3,16 @@
 //! many), statistics and free page reports, well-formed ones checked for
 //! exactly the discards they must cause, hostile chains for the
 //! invariants only; with avail index jumps, resets while a statistics
-//! buffer is held, register storms and target changes.
+//! buffer is held, register storms and target changes; guest memory
+//! relocated (a held statistics buffer is given back in the new mapping)
+//! and rings that start near the u16 wrap of their indexes.
 
 use super::{Balloon, BalloonConfig, BalloonHandle, Role, BALLOON_PAGE, MAX_PFNS_PER_REQUEST};
 use crate::virtio::fuzz::{for_each_seed, Buf, Guest, RAM0, RAM1, SCRATCH};
 use crate::virtio::mmio::S_NEEDS_RESET;
 use crate::virtio::{PinToken, QueueState, RamControl, RamError, VirtioDevice};
 use std::sync::{Arc, Mutex};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 const STEPS: usize = 500;
@@ -175,6 +178,7 @@ fn batch(g: &mut Guest<Balloon>, s: &mut State, ram: &Discards, hostile: bool) {
     s.want.clear();
     ram.0.lock().unwrap().clear();
     let mut held_new = None;
+    let old: Vec<u16> = g.queues.iter().map(|q| q.avail_idx).collect();
     for q in 0..s.roles.len() {
         let mut heads = Vec::new();
         for _ in 0..g.rng.below(5) {
@@ -207,8 +211,14 @@ fn batch(g: &mut Guest<Balloon>, s: &mut State, ram: &Discards, hostile: bool) {
             .collect();
         g.publish(q, &heads);
     }
-    for q in 0..s.roles.len() {
-        let states = g.kick(q);
+    for (q, &old) in old.iter().enumerate().take(s.roles.len()) {
+        g.kick_if_needed(q, old);
+        let states = g.run();
+        assert_eq!(
+            g.used_flags(q),
+            0,
+            "notifications left off on a drained queue"
+        );
         assert!(
             states.iter().all(|(_, st)| *st != QueueState::NeedsReset),
             "{states:?}"
@@ -277,6 +287,25 @@ fn probe(g: &mut Guest<Balloon>, s: &mut State) {
     g.probe(&sizes, features);
 }
 
+/// Every queue starts a few chains before its u16 indexes wrap (as after
+/// 65,500 or so requests, or a device restored there), and batches run
+/// across the wrap.
+fn near_wrap(g: &mut Guest<Balloon>, s: &mut State, ram: &Discards) {
+    probe(g, s);
+    for q in 0..s.roles.len() {
+        let idx = 0u16.wrapping_sub(g.rng.range(1, 20) as u16);
+        g.start_indices_at(q, idx);
+        let mut t = g.t.lock().unwrap();
+        let (active, _) = t.device_mut().active.as_mut().expect("live");
+        active.queues[q].set_next_avail(idx);
+        active.queues[q].set_next_used(idx);
+    }
+    for _ in 0..g.rng.range(1, 8) {
+        let hostile = g.rng.one_in(3);
+        batch(g, s, ram, hostile);
+    }
+}
+
 fn run_seed(seed: u64) {
     let cfg = BalloonConfig {
         target_bytes: 1 << 20,
@@ -315,10 +344,13 @@ fn run_seed(seed: u64) {
                 assert!(!BalloonHandle::new(g.t.clone()).request_stats());
                 probe(&mut g, &mut s);
             }
-            10..=39 => batch(&mut g, &mut s, &ram, true),
+            10 => g.relocate(),
+            11 => near_wrap(&mut g, &mut s, &ram),
+            12..=39 => batch(&mut g, &mut s, &ram, true),
             _ => batch(&mut g, &mut s, &ram, false),
         }
     }
+    g.check_retired();
     let c = g.t.lock().unwrap().device().counters();
     eprintln!("balloon fuzz seed {seed:#x}: {STEPS} steps, counters {c:?}");
 }

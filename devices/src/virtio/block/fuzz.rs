@@ -635,18 +635,30 @@ fn serve(
         _ => Memory::Out,
     };
     disk.ram.set(memory);
-    let (old_avail, old_used) = (g.queues[0].avail_idx, g.used_idx_seen(0));
-    let event = used_event(g, heads.len());
+    let (old_avail, mut old_used) = (g.queues[0].avail_idx, g.used_idx_seen(0));
+    let mut event = used_event(g, heads.len());
     g.wr(0x064, INT_USED_RING | INT_CONFIG);
-    let irqs = g.irqs();
+    let mut irqs = g.irqs();
     g.publish(0, heads);
     if g.event_idx() {
         g.set_used_event(0, event);
     }
     g.kick_if_needed(0, old_avail);
     let mut states = g.run_notified();
+    let mut done = Vec::new();
     if memory == Memory::Out {
         waiting_while_out(g, made, old_used);
+        // The driver takes what was completed, checks its interrupt, and
+        // sets a new used event (`virtqueue_enable_cb` after a callback),
+        // while the rest waits.
+        done = g.used(0);
+        check_interrupts(g, event, old_used, irqs, !done.is_empty());
+        (old_used, irqs) = (g.used_idx_seen(0), g.irqs());
+        g.wr(0x064, INT_USED_RING | INT_CONFIG);
+        event = used_event(g, heads.len() - done.len());
+        if g.event_idx() {
+            g.set_used_event(0, event);
+        }
         if g.rng.one_in(3) {
             g.relocate();
         }
@@ -660,7 +672,7 @@ fn serve(
         states.iter().all(|(_, s)| *s != QueueState::NeedsReset),
         "{states:?}"
     );
-    let done = g.used(0);
+    done.extend(g.used(0));
     assert!(
         g.outstanding(0).is_empty(),
         "chains left: {:?} (states {states:?})",
@@ -668,30 +680,15 @@ fn serve(
     );
     let deferred = g.t.lock().unwrap().device().counters().deferred;
     assert_eq!(deferred, disk.ram.failed(), "deferrals, one per failed pin");
-    let new_used = g.used_idx_seen(0);
+    let used_now = g.used_idx_seen(0) != old_used;
+    check_interrupts(g, event, old_used, irqs, used_now);
     if g.event_idx() {
-        // The used event stayed put while the device ran: it lies in at
-        // most one of the stretches the device decided on, so exactly
-        // one interrupt if the whole run passed it, else none.
-        let must = need_event(event, new_used, old_used);
-        assert_eq!(
-            (g.irqs() - irqs, g.rd(0x060) & INT_USED_RING != 0),
-            (u64::from(must), must),
-            "interrupts for used index {old_used} -> {new_used} with used event {event}"
-        );
         assert_eq!(
             g.avail_event(0),
             g.queues[0].avail_idx,
             "the avail event of a drained queue (the driver's next chain must notify)"
         );
     } else {
-        if !done.is_empty() {
-            assert_ne!(
-                g.rd(0x060) & INT_USED_RING,
-                0,
-                "no interrupt for used chains"
-            );
-        }
         assert_eq!(
             g.used_flags(0),
             0,
@@ -699,6 +696,26 @@ fn serve(
         );
     }
     done
+}
+
+/// The interrupts since `irqs`, while the used index went from `old_used`
+/// to the one the guest has seen, with `event` the used event all along:
+/// with EVENT_IDX, exactly one if the index went past the event (it lies
+/// in at most one of the stretches the device decided on), else none;
+/// without, at least one if chains were completed (`used`).
+fn check_interrupts(g: &Guest<Block>, event: u16, old_used: u16, irqs: u64, used: bool) {
+    let new_used = g.used_idx_seen(0);
+    let raised = (g.irqs() - irqs, g.rd(0x060) & INT_USED_RING != 0);
+    if g.event_idx() {
+        let must = need_event(event, new_used, old_used);
+        assert_eq!(
+            raised,
+            (u64::from(must), must),
+            "interrupts for used index {old_used} -> {new_used} with used event {event}"
+        );
+    } else if used {
+        assert!(raised.1, "no interrupt for used chains");
+    }
 }
 
 /// Memory is out and the event loop ran the notification: the chains

@@ -547,9 +547,23 @@ impl VirtioDevice for Block {
         let mut state = QueueState::Drained;
         if let Some(q) = active.queues.get_mut(index) {
             let mem = active.mem.clone();
-            let drained = drain_queue(q, &mem, |c| self.handle(c, &mem));
+            let drained = drain_queue(q, &mem, |c| {
+                let served = self.handle(c, &mem);
+                if served != Served::Deferred {
+                    // The request that waited for memory (the first in
+                    // the queue) was answered, served or not.
+                    self.memory_wait = None;
+                }
+                served
+            });
             if drained.notify {
                 active.irq.signal(super::INT_USED_RING);
+            }
+            if !drained.deferred {
+                // No request waits for memory now, also when the one that
+                // waited was taken back by the driver (or its queue
+                // broken): the next wait is a new one.
+                self.memory_wait = None;
             }
             if let Some(idx) = drained.bad_avail_idx {
                 add(&self.counters.malformed, 1);
@@ -1099,5 +1113,87 @@ mod tests {
         let c = dev.counters();
         assert_eq!((c.ok, c.errors, c.read_bytes), (1, 0, 512));
         assert_eq!(irqs.load(Ordering::SeqCst), 1);
+    }
+
+    /// A wait for guest memory that ends without its request being
+    /// served (the driver took the request back) is over: the next wait
+    /// is reported (logged) when it starts, and timed from then. The old
+    /// wait was kept, so the next one was not logged, and its request
+    /// was reported as having waited since the abandoned one began.
+    #[test]
+    fn a_wait_for_memory_is_reported_from_its_own_start() {
+        let (_t, p) = image(8 * 512);
+        let disk = DiskImage::open(&p, false, "x").unwrap();
+        let ram = Arc::new(ShortRam(AtomicU32::new(1)));
+        let mut dev = Block::new(disk, ram.clone(), "vda");
+        let mem = memory();
+        let q = queue_with(&mem, 0, &rw(false, 512));
+        let avail_idx = GuestAddress(q.avail_ring() + 2);
+        dev.activate(ActiveQueues {
+            queues: vec![q],
+            mem: mem.clone(),
+            irq: IrqLine::new(|| Ok(())),
+            acked_features: 0,
+        });
+        assert_eq!(dev.process_queue(0), QueueState::Deferred);
+        // The driver takes the request back (avail index 1 -> 0).
+        mem.write_obj(0u16, avail_idx).unwrap();
+        assert_eq!(dev.process_queue(0), QueueState::Drained);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // The same request again, and memory is short again.
+        let start = std::time::Instant::now();
+        ram.0.store(1, Ordering::SeqCst);
+        mem.write_obj(1u16, avail_idx).unwrap();
+        assert_eq!(dev.process_queue(0), QueueState::Deferred);
+        let since = dev.memory_wait.expect("a request waits");
+        assert!(
+            since >= start,
+            "the wait is timed from {:?} before it began",
+            start - since
+        );
+        assert_eq!(dev.process_queue(0), QueueState::Drained);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+        assert_eq!(dev.memory_wait, None);
+
+        // The waiting request rewritten into a bad one (past the end of
+        // the disk: answered at once with an error), and a new one that
+        // waits behind it in the same drain: that wait starts then too.
+        let (table, avail) = {
+            let q = &dev.active.as_ref().unwrap().queues[0];
+            (q.desc_table(), q.avail_ring())
+        };
+        ram.0.store(1, Ordering::SeqCst);
+        mem.write_obj(2u16, avail_idx).unwrap();
+        assert_eq!(dev.process_queue(0), QueueState::Deferred);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        mem.write_obj(1000u64, GuestAddress(HDR + 8)).unwrap();
+        let (hdr, data, status) = (HDR + 0x100, DATA + 0x1000, STATUS + 0x100);
+        let mut h = [0u8; 16];
+        h[8..16].copy_from_slice(&2u64.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+        for (i, d) in [
+            desc(hdr, 16, N, 4),
+            desc(data, 512, N | W, 5),
+            desc(status, 1, W, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            mem.write_obj(d, GuestAddress(table + 16 * (3 + i as u64)))
+                .unwrap();
+        }
+        mem.write_obj(3u16, GuestAddress(avail + 4 + 2 * 2))
+            .unwrap();
+        mem.write_obj(3u16, avail_idx).unwrap();
+        let start = std::time::Instant::now();
+        ram.0.store(1, Ordering::SeqCst);
+        assert_eq!(dev.process_queue(0), QueueState::Deferred);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_IOERR);
+        let since = dev.memory_wait.expect("a request waits");
+        assert!(
+            since >= start,
+            "the wait behind an answered one is timed from {:?} before it began",
+            start - since
+        );
     }
 }

@@ -293,6 +293,11 @@ impl<D: VirtioDevice> Guest<D> {
             }
             self.wr(0x044, 1);
         }
+        if self.rng.one_in(16) {
+            // Guest memory moves while the driver sets the device up: the
+            // device is given the new mapping at DRIVER_OK.
+            self.relocate();
+        }
         self.wr(
             0x070,
             S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,

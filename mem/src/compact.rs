@@ -164,18 +164,26 @@ fn ready_pmd_blocks(inner: &Inner) -> u64 {
 fn settle_worker(inner: &Inner) {
     let t0 = Instant::now();
     while inner.isolated_pages.load(Relaxed) > 0 && t0.elapsed() < Duration::from_secs(2) {
-        inner.wait_for_memory(Duration::from_millis(10));
+        // The worker is at work on the block: its pass ends the wait.
+        inner.wait_for_freed(Duration::from_millis(10));
     }
 }
 
 /// Wait (bounded) for the pre-zeroing worker to make a rebuilt block ready.
 fn wait_ready_pmd(inner: &Inner) {
     let t0 = Instant::now();
+    let mut kicked = false;
     while ready_pmd_blocks(inner) == 0
         && (free_pmd_blocks(inner) > 0 || inner.isolated_pages.load(Relaxed) > 0)
         && t0.elapsed() < Duration::from_secs(2)
     {
-        inner.wait_for_memory(Duration::from_millis(20));
+        // Kicked once, the worker notifies after each block it prepares;
+        // a kick at every look would only end each wait at once.
+        let wait = Duration::from_millis(20);
+        match std::mem::replace(&mut kicked, true) {
+            false => inner.wait_for_memory(wait),
+            true => inner.wait_for_freed(wait),
+        };
     }
 }
 

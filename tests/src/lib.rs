@@ -329,3 +329,27 @@ impl Drop for ApiVm {
         let _ = std::fs::remove_file(&self.sock);
     }
 }
+
+/// The MD5 of `data` in hex, as `md5sum` (in the guests' busybox too)
+/// prints it: the tests compare the host's bytes with what a guest read.
+pub fn md5_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    // Written from another thread: md5sum's output is one line, but a
+    // pipe full of input would block us while it waits to be read.
+    let mut stdin = child.stdin.take().expect("md5sum's stdin");
+    let out = std::thread::scope(|s| {
+        s.spawn(move || stdin.write_all(data).expect("write to md5sum"));
+        child.wait_with_output().expect("md5sum")
+    });
+    assert!(out.status.success(), "md5sum failed");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("md5sum printed a hash")
+        .to_string()
+}

@@ -52,7 +52,7 @@ fn linux_guest_boots_to_init_and_runs_a_command() {
             "--swap-size",
             "256M",
             "--cmdline",
-            "console=ttyS0 reboot=k panic=1 pci=off -- cat /sys/devices/system/cpu/present",
+            "console=ttyS0 reboot=k panic=1 pci=off -- cat /sys/devices/system/cpu/present; md5sum /bin/busybox",
         ],
     );
     // The VM's statistics as the API showed them last, until it is gone.
@@ -83,6 +83,25 @@ fn linux_guest_boots_to_init_and_runs_a_command() {
     assert!(
         lines[marker..].contains(&"0-1"),
         "the guest did not report CPUs 0-1 online\nstdout:\n{stdout}"
+    );
+    // Every byte of the 1.9 MiB busybox binary the kernel unpacked from
+    // the initramfs at boot (page cache, swapped out and back since) reads
+    // back as the host wrote it.
+    // (On stdin: `cpio -F` opens /dev/tty, which a test may not have.)
+    let busybox = std::process::Command::new("cpio")
+        .args(["-i", "--quiet", "--to-stdout", "bin/busybox"])
+        .stdin(std::fs::File::open(&initrd).unwrap())
+        .output()
+        .expect("cpio");
+    assert!(
+        busybox.status.success() && busybox.stdout.len() > 1 << 20,
+        "cpio: {}",
+        String::from_utf8_lossy(&busybox.stderr)
+    );
+    let md5 = foliovm_tests::md5_hex(&busybox.stdout);
+    assert!(
+        lines.contains(&format!("{md5}  /bin/busybox").as_str()),
+        "the guest's busybox does not hash to {md5}\nstdout:\n{stdout}"
     );
     assert!(stdout.contains("FOLIOVM-CMD-EXIT=0"), "stdout:\n{stdout}");
     assert!(

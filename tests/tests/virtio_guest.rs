@@ -23,7 +23,7 @@
 //! the script lowers it to 2 MiB, the host's folio size, so that the 32 MiB
 //! it dirties and frees is reported promptly.
 
-use foliovm_tests::{kvm_available, repo_root, run_foliovm, ApiVm};
+use foliovm_tests::{kvm_available, md5_hex, repo_root, run_foliovm, ApiVm};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -129,17 +129,6 @@ fn rootfs(dir: &Path, initramfs: &Path) -> PathBuf {
         .arg(&img)
         .arg("16M"));
     img
-}
-
-fn md5(data: &[u8], dir: &Path) -> String {
-    let f = dir.join("md5-input");
-    std::fs::write(&f, data).unwrap();
-    let out = Command::new("md5sum").arg(&f).output().expect("md5sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 fn marker<'a>(stdout: &'a str, name: &str) -> &'a str {
@@ -282,12 +271,12 @@ fn linux_guest_uses_drives_and_balloon() {
     );
     // Write: the image holds what the guest wrote.
     let img = std::fs::read(&scratch).unwrap();
-    let written = md5(&img[..512 << 10], &dir);
+    let written = md5_hex(&img[..512 << 10]);
     assert_eq!(marker(&stdout, "BLK-W"), format!("{written} -"));
     // Read: the guest saw the host's bytes.
     assert_eq!(
         marker(&stdout, "BLK-R"),
-        format!("{} -", md5(&golden_data, &dir))
+        format!("{} -", md5_hex(&golden_data))
     );
     // Read-only: refused (the guest kernel already refuses to open it for
     // writing, because we offer VIRTIO_BLK_F_RO; the device refuses too).

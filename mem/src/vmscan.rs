@@ -255,12 +255,21 @@ fn pick_vm(inner: &Inner, tried: &HashSet<VmId>) -> Option<Arc<VmState>> {
         .live_vms()
         .into_iter()
         .filter(|v| !tried.contains(&v.id))
-        .filter(|v| v.resident_pages() > v.min_pages() && slab_pages(v) > 0)
-        .max_by_key(|v| {
-            let r = v.resident_pages();
+        .filter_map(|v| {
+            // One reading of the VM's resident pages and minimum for both
+            // the test and the key: faults, reclaim and `set_vm_limits`
+            // change them meanwhile, and a second reading below the
+            // minimum made `r - min` wrap, so that a VM at its minimum was
+            // the first choice (in a debug build, kswapd panicked there).
+            let (r, min) = (v.resident_pages(), v.min_pages());
+            if r <= min || slab_pages(&v) == 0 {
+                return None;
+            }
             let over_max = r.saturating_sub(v.max_pages());
-            (over_max, -(v.limits().priority as i64), r - v.min_pages())
+            Some(((over_max, -(v.limits().priority as i64), r - min), v))
         })
+        .max_by_key(|(key, _)| *key)
+        .map(|(_, v)| v)
 }
 
 /// The resident pages a reclaim of a VM stops at: its minimum, or (when

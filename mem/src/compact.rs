@@ -177,13 +177,11 @@ fn wait_ready_pmd(inner: &Inner) {
         && (free_pmd_blocks(inner) > 0 || inner.isolated_pages.load(Relaxed) > 0)
         && t0.elapsed() < Duration::from_secs(2)
     {
-        // Kicked once, the worker notifies after each block it prepares;
-        // a kick at every look would only end each wait at once.
-        let wait = Duration::from_millis(20);
-        match std::mem::replace(&mut kicked, true) {
-            false => inner.wait_for_memory(wait),
-            true => inner.wait_for_freed(wait),
-        };
+        // Kicked once, the worker notifies after each block it prepares.
+        inner.wait_memory(
+            Duration::from_millis(20),
+            !std::mem::replace(&mut kicked, true),
+        );
     }
 }
 

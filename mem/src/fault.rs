@@ -281,20 +281,8 @@ pub(crate) fn fault_in_reclaiming(
                     let addr = region.host_addr(idx).raw();
                     crate::stall::report(inner, &[addr], start.elapsed());
                 }
-                // As a parked fault is (`handle_fault`): the worker is
-                // kicked once, when the fault first waits, and then its
-                // passes (on a free while anyone waits, a kick from
-                // elsewhere, its timer) end the waits. Kicking it at every
-                // look ended each wait at once with the pass it started:
-                // a fault stalled for memory burned a CPU and kicked the
-                // worker 45,000 times a second
-                // (`a_faulting_thread_waiting_for_memory_sleeps` in
-                // `mem/tests/faulter.rs`).
-                let wait = Duration::from_millis(10);
-                match std::mem::replace(&mut kicked, true) {
-                    false => inner.wait_for_memory(wait),
-                    true => inner.wait_for_freed(wait),
-                };
+                let first = !std::mem::replace(&mut kicked, true);
+                inner.wait_memory(Duration::from_millis(10), first);
                 (retries, reclaimed) = (0, false);
             }
             o => {

@@ -621,7 +621,7 @@ impl Inner {
     /// # Context
     /// No manager lock held. Not for handler threads (they park instead).
     pub fn wait_for_memory(&self, timeout: Duration) -> bool {
-        self.wait_memory_event(timeout, true)
+        self.wait_memory(timeout, true)
     }
 
     /// Wait (bounded) for memory to be freed: a folio freed while anyone
@@ -636,16 +636,28 @@ impl Inner {
     /// # Context
     /// As [`Inner::wait_for_memory`].
     pub fn wait_for_freed(&self, timeout: Duration) -> bool {
-        self.wait_memory_event(timeout, false)
+        self.wait_memory(timeout, false)
     }
 
-    fn wait_memory_event(&self, timeout: Duration, kick: bool) -> bool {
+    /// One of a caller's successive waits for memory, each followed by a
+    /// new look: [`Inner::wait_for_memory`] when `first` (the worker is
+    /// kicked), [`Inner::wait_for_freed`] after that (its passes end the
+    /// waits), as a parked fault is kicked once and then retried by the
+    /// worker's passes. Kicking at every look ended each wait at once with
+    /// the pass it started: a fault stalled for memory burned a CPU and
+    /// kicked the worker 45,000 times a second
+    /// (`a_faulting_thread_waiting_for_memory_sleeps` in
+    /// `mem/tests/faulter.rs`).
+    ///
+    /// # Context
+    /// As [`Inner::wait_for_memory`].
+    pub fn wait_memory(&self, timeout: Duration, first: bool) -> bool {
         // Counted before the kick, so the worker it wakes sees it.
         self.memory_waiters.fetch_add(1, Relaxed);
         // A notification between the kick and the wait below still ends
         // the wait: it is counted, not only signalled.
         let seen = self.memory_events.load(Relaxed);
-        if kick {
+        if first {
             self.kick_worker();
         }
         let k = self.kick.lock().unwrap_or_else(|e| e.into_inner());

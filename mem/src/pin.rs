@@ -214,12 +214,7 @@ fn pin_page(
                 if since.elapsed() >= PIN_WAIT_LIMIT {
                     return Err(PinError::NoMemory);
                 }
-                // The worker is kicked once; then its passes end the waits
-                // (as a faulting thread's, `fault_in_reclaiming`).
-                match first {
-                    true => inner.wait_for_memory(PIN_WAIT),
-                    false => inner.wait_for_freed(PIN_WAIT),
-                };
+                inner.wait_memory(PIN_WAIT, first);
             }
             FaultOutcome::Poisoned => return Err(PinError::Poisoned),
             FaultOutcome::Installed(_)

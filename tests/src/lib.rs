@@ -110,6 +110,8 @@ pub fn run_foliovm(args: &[&str], limit: Duration) -> Output {
         .spawn()
         .expect("spawn foliovm");
     let start = Instant::now();
+    // Short runs (refused flags) end in milliseconds: poll often at first.
+    let mut poll = Duration::from_millis(1);
     loop {
         if child.try_wait().expect("wait").is_some() {
             return child.wait_with_output().expect("output");
@@ -123,7 +125,8 @@ pub fn run_foliovm(args: &[&str], limit: Duration) -> Output {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(poll);
+        poll = (poll * 2).min(Duration::from_millis(50));
     }
 }
 

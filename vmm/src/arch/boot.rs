@@ -85,6 +85,16 @@ pub enum BootError {
         /// The VM's RAM in MiB.
         have_mib: u64,
     },
+    /// The image would leave the guest running what it did not load: an
+    /// ELF without a loadable segment, or an entry point outside what the
+    /// image loads (the guest would run whatever guest memory holds there).
+    #[error("kernel image {path} {what}")]
+    BadEntry {
+        /// Path given.
+        path: PathBuf,
+        /// What is wrong, with the addresses.
+        what: String,
+    },
     /// The initrd cannot be opened or read.
     #[error("cannot read initrd {path}")]
     InitrdIo {
@@ -282,7 +292,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     let himem = vm_memory::GuestAddress(HIMEM_START.raw());
     // Checked before the loader, whose own failure here only says it
     // could not read the image; a bzImage also needs room to decompress.
-    if let Some((start, end)) = image_extent(&mut file, format) {
+    let extent = image_extent(&mut file, format);
+    if let Some((start, end)) = extent {
         let fits = end > start
             && vm_memory::GuestMemoryBackend::check_range(
                 mem,
@@ -302,12 +313,30 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             });
         }
     }
+    let bad_entry = |what: String| BootError::BadEntry {
+        path: path.to_path_buf(),
+        what,
+    };
     match format {
         KernelFormat::Elf => {
             let r = Elf::load(mem, None, &mut file, Some(himem)).map_err(load_err)?;
+            // linux-loader loads an ELF without a PT_LOAD segment (nothing)
+            // and takes any e_entry; the guest would run zeros, or another
+            // segment's middle, and fault with no word of why.
+            let entry = r.kernel_load.0;
+            let (start, end) = extent
+                .ok_or_else(|| bad_entry("is an ELF with no loadable (PT_LOAD) segment".into()))?;
+            if !(start..end).contains(&entry) {
+                return Err(bad_entry(format!(
+                    "is entered at {entry:#x}, outside what it loads ({start:#x}..{end:#x})"
+                )));
+            }
             Ok(LoadedKernel {
-                entry: GuestAddress(r.kernel_load.0),
-                end: GuestAddress(r.kernel_end),
+                entry: GuestAddress(entry),
+                // linux-loader's end leaves out segments with no bytes in
+                // the file (memory to be zeroed only); the initrd goes
+                // above those too.
+                end: GuestAddress(r.kernel_end.max(end)),
                 format,
                 setup_header: None,
             })
@@ -820,20 +849,9 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// An image cut short (a copy or download that stopped) is named as
-    /// such. Before, a bzImage cut in half loaded and the guest
-    /// triple-faulted, one cut inside its setup code failed with "Underflow
-    /// occurred during an arithmetic operation", and an ELF cut anywhere
-    /// with "Unable to read kernel image".
-    #[test]
-    fn a_truncated_kernel_is_named_as_cut_short() {
-        let dir = std::env::temp_dir().join(format!("foliovm-boot-trunc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("kernel");
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 64 << 20)]).unwrap();
-        // A bzImage of 4 setup sectors and 16 KiB of payload (syssize in
-        // 16-byte units), code at 1 MiB.
+    /// A bzImage of 4 setup sectors and 16 KiB of payload (syssize in
+    /// 16-byte units), code at 1 MiB.
+    fn small_bzimage() -> Vec<u8> {
         let mut bz = vec![0u8; 5 * 512 + 16 * 1024];
         bz[0x1f1] = 4;
         bz[0x1f4..0x1f8].copy_from_slice(&1024u32.to_le_bytes());
@@ -844,20 +862,12 @@ mod tests {
         bz[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
         bz[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
         bz[0x260..0x264].copy_from_slice(&(1u32 << 20).to_le_bytes());
-        std::fs::write(&p, &bz).unwrap();
-        load_kernel(&mem, &p).expect("the whole bzImage loads");
-        let whole = bz.len();
-        for len in [whole - 1, whole / 2, 0x300, 0x206] {
-            std::fs::write(&p, &bz[..len]).unwrap();
-            let e = load_kernel(&mem, &p).unwrap_err().to_string();
-            assert!(
-                e.ends_with(&format!(
-                    "is cut short: it is {len} bytes, and its headers describe {whole}"
-                )),
-                "{len}: {e}"
-            );
-        }
-        // An ELF: header, one program header, a 4 KiB segment at 0x1000.
+        bz
+    }
+
+    /// An ELF: header, one program header, a 4 KiB segment at file offset
+    /// 0x1000 loaded at 16 MiB, entered at its start.
+    fn small_elf() -> Vec<u8> {
         let mut elf = vec![0u8; 0x2000];
         elf[..4].copy_from_slice(b"\x7fELF");
         (elf[4], elf[5], elf[6]) = (2, 1, 1);
@@ -880,6 +890,120 @@ mod tests {
         ] {
             elf[ph + o..ph + o + 8].copy_from_slice(&v.to_le_bytes());
         }
+        elf
+    }
+
+    /// An ELF the loader takes but the guest could not start from is
+    /// refused by name: linux-loader loaded both, and the guest ran
+    /// whatever memory held at the entry point.
+    #[test]
+    fn an_elf_entered_outside_what_it_loads_is_refused() {
+        let dir = std::env::temp_dir().join(format!("foliovm-boot-entry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("vmlinux");
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 64 << 20)]).unwrap();
+        let mut elf = small_elf();
+        elf[24..32].copy_from_slice(&0x200_0000u64.to_le_bytes());
+        std::fs::write(&p, &elf).unwrap();
+        let e = load_kernel(&mem, &p).unwrap_err().to_string();
+        assert!(
+            e.ends_with("is entered at 0x2000000, outside what it loads (0x1000000..0x1001000)"),
+            "{e}"
+        );
+        let mut elf = small_elf();
+        elf[64] = 2; // PT_DYNAMIC: nothing to load
+        std::fs::write(&p, &elf).unwrap();
+        let e = load_kernel(&mem, &p).unwrap_err().to_string();
+        assert!(
+            e.ends_with("is an ELF with no loadable (PT_LOAD) segment"),
+            "{e}"
+        );
+        // A segment with no bytes in the file (all .bss) loads nothing,
+        // but the kernel's end is past it, so an initrd goes above it.
+        let mut elf = small_elf();
+        elf[64 + 32..64 + 40].copy_from_slice(&0u64.to_le_bytes());
+        std::fs::write(&p, &elf).unwrap();
+        let k = load_kernel(&mem, &p).unwrap();
+        assert_eq!(k.end, GuestAddress(0x100_1000));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1500))]
+        /// Kernel images with random header bytes (a corrupted download,
+        /// a hostile API client): loading one never panics, a refusal
+        /// names the image, and an image that loads lies in guest RAM,
+        /// entered inside what was loaded.
+        #[test]
+        fn corrupted_kernel_headers_are_refused_by_name_or_load_within_ram(
+            bz in proptest::bool::ANY,
+            edits in proptest::collection::vec(
+                (0usize..0x268, proptest::prop_oneof![
+                    proptest::num::u8::ANY,
+                    proptest::strategy::Just(0u8),
+                    proptest::strategy::Just(0xffu8),
+                ]),
+                1..8,
+            ),
+            cut in proptest::option::of(0usize..0x5000),
+        ) {
+            const RAM: u64 = 64 << 20;
+            let mut img = if bz { small_bzimage() } else { small_elf() };
+            for (at, v) in edits {
+                // An ELF's headers are its first 120 bytes.
+                let at = if bz { at } else { at % 120 };
+                img[at] = v;
+            }
+            if let Some(len) = cut {
+                img.truncate(len);
+            }
+            let dir = std::env::temp_dir().join(format!("foliovm-boot-fuzz-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let p = dir.join("kernel");
+            std::fs::write(&p, &img).unwrap();
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), RAM as usize)])
+                .unwrap();
+            match load_kernel(&mem, &p) {
+                Ok(k) => {
+                    proptest::prop_assert!(k.end.raw() <= RAM, "{k:?}");
+                    proptest::prop_assert!(k.entry.raw() >= HIMEM_START.raw() && k.entry < k.end, "{k:?}");
+                }
+                Err(e) => {
+                    let chain = crate::controller::error_chain(&e);
+                    proptest::prop_assert!(chain.contains(p.to_str().unwrap()), "{chain}");
+                }
+            }
+        }
+    }
+
+    /// An image cut short (a copy or download that stopped) is named as
+    /// such. Before, a bzImage cut in half loaded and the guest
+    /// triple-faulted, one cut inside its setup code failed with "Underflow
+    /// occurred during an arithmetic operation", and an ELF cut anywhere
+    /// with "Unable to read kernel image".
+    #[test]
+    fn a_truncated_kernel_is_named_as_cut_short() {
+        let dir = std::env::temp_dir().join(format!("foliovm-boot-trunc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("kernel");
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 64 << 20)]).unwrap();
+        let bz = small_bzimage();
+        std::fs::write(&p, &bz).unwrap();
+        load_kernel(&mem, &p).expect("the whole bzImage loads");
+        let whole = bz.len();
+        for len in [whole - 1, whole / 2, 0x300, 0x206] {
+            std::fs::write(&p, &bz[..len]).unwrap();
+            let e = load_kernel(&mem, &p).unwrap_err().to_string();
+            assert!(
+                e.ends_with(&format!(
+                    "is cut short: it is {len} bytes, and its headers describe {whole}"
+                )),
+                "{len}: {e}"
+            );
+        }
+        let elf = small_elf();
         std::fs::write(&p, &elf).unwrap();
         load_kernel(&mem, &p).expect("the whole ELF loads");
         for (len, whole) in [(0x1fff, 0x2000), (0x1000, 0x2000), (100, 120), (7, 64)] {

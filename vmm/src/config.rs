@@ -758,19 +758,23 @@ fn vm_entry_text(text: &str, i: usize) -> Option<&str> {
     v.vms.get(i).map(|r| r.get())
 }
 
-/// " at line L column C" in `text` for the first section of the VM object
-/// `obj` (a slice of `text`) that does not deserialize, or "" if none is
-/// found. A VM's sections are read from a parsed `Value` (for the unknown
-/// key check and the VM names), whose errors have no position; this reads
-/// each section again from its text, only once reading has failed.
-fn locate_section_error(text: &str, obj: &str) -> String {
+/// Where in the VM object `obj` (a slice of `text`) reading failed: the
+/// key path of the first section that does not deserialize (such as
+/// `drives[0].is_read_only`) and " at line L column C" in `text`, or
+/// `None` if none is found. A VM's sections are read from a parsed
+/// `Value` (for the unknown key check and the VM names), whose errors have
+/// neither; this reads each section again from its text, only once
+/// reading has failed.
+fn locate_section_error(text: &str, obj: &str) -> Option<(String, String)> {
     use serde_json::value::RawValue;
-    fn err<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Option<serde_json::Error> {
-        serde_json::from_str::<T>(raw.get()).err()
+    type Located = (String, serde_json::Error);
+    fn err<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Option<Located> {
+        let mut de = serde_json::Deserializer::from_str(raw.get());
+        serde_path_to_error::deserialize::<_, T>(&mut de)
+            .err()
+            .map(|e| (e.path().to_string(), e.into_inner()))
     }
-    let Ok(map) = serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(obj) else {
-        return String::new();
-    };
+    let map = serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(obj).ok()?;
     for (key, raw) in &map {
         let e = match key.as_str() {
             "name" => err::<String>(raw),
@@ -781,7 +785,14 @@ fn locate_section_error(text: &str, obj: &str) -> String {
             "balloon" => err::<crate::virtio::BalloonSection>(raw),
             _ => None,
         };
-        let Some(e) = e else { continue };
+        let Some((inner, e)) = e else { continue };
+        // The path within the section: "." for the section itself,
+        // "[0].x" within a list.
+        let path = match inner.as_str() {
+            "." => key.clone(),
+            p if p.starts_with('[') => format!("{key}{p}"),
+            p => format!("{key}.{p}"),
+        };
         // Where the section starts in `text`: both are slices of it.
         let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
         let before = &text[..start];
@@ -791,9 +802,18 @@ fn locate_section_error(text: &str, obj: &str) -> String {
             1 => (start_line, start_col + e.column()),
             l => (start_line + l - 1, e.column()),
         };
-        return format!(" at line {line} column {column}");
+        return Some((path, format!(" at line {line} column {column}")));
     }
-    String::new()
+    None
+}
+
+/// `error` (serde's, read from a value: no position) with the key path
+/// and position [`locate_section_error`] finds for it in `obj`.
+fn located(error: &serde_json::Error, text: &str, obj: Option<&str>) -> String {
+    match obj.and_then(|obj| locate_section_error(text, obj)) {
+        Some((path, at)) => format!("{path}: {error}{at}"),
+        None => error.to_string(),
+    }
 }
 
 /// Any JSON value, refused if an object in it has a key twice.
@@ -867,8 +887,16 @@ impl ConfigFile {
             serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
         let mut warnings = Vec::new();
         if value.get("vms").is_some() {
-            let file: MultiFile =
-                serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+            // Its top-level foliovm section is located as a VM's sections
+            // are; `vms` itself is only checked to be a list here.
+            let file: MultiFile = serde_path_to_error::deserialize(value).map_err(|e| {
+                let path = e.path().to_string();
+                let e = e.into_inner();
+                malformed(match path.starts_with("foliovm") {
+                    true => located(&e, text, Some(text)),
+                    false => format!("{path}: {e}"),
+                })
+            })?;
             let top = file.foliovm.unwrap_or_default();
             if top.has_vm_settings() {
                 return Err(malformed(
@@ -881,18 +909,14 @@ impl ConfigFile {
             for (i, entry) in file.vms.into_iter().enumerate() {
                 // Which VM an error is about: by its name (or the default
                 // one), or by its place when the name is not a string.
-                let label = match entry.get("name") {
-                    None => format!("VM \"vm{i}\""),
-                    Some(serde_json::Value::String(n)) => format!("VM {n:?}"),
-                    Some(_) => format!("vms[{i}]"),
+                let label = match (entry.is_object(), entry.get("name")) {
+                    (true, None) => format!("VM \"vm{i}\""),
+                    (true, Some(serde_json::Value::String(n))) => format!("VM {n:?}"),
+                    _ => format!("vms[{i}]"),
                 };
                 let malformed = |m: String| malformed(format!("{label}: {m}"));
-                let sections: VmSections = serde_json::from_value(entry).map_err(|e| {
-                    let at = vm_entry_text(text, i)
-                        .map(|entry| locate_section_error(text, entry))
-                        .unwrap_or_default();
-                    malformed(format!("{e}{at}"))
-                })?;
+                let sections: VmSections = serde_json::from_value(entry)
+                    .map_err(|e| malformed(located(&e, text, vm_entry_text(text, i))))?;
                 if sections
                     .foliovm
                     .as_ref()
@@ -912,8 +936,8 @@ impl ConfigFile {
             }
             return Ok((RunConfig { vms, memory }, warnings));
         }
-        let sections: VmSections = serde_json::from_value(value)
-            .map_err(|e| malformed(format!("{e}{}", locate_section_error(text, text))))?;
+        let sections: VmSections =
+            serde_json::from_value(value).map_err(|e| malformed(located(&e, text, Some(text))))?;
         if sections.name.is_some() {
             return Err(malformed(
                 "unknown key \"name\" (names are for entries of \"vms\")".into(),
@@ -1445,10 +1469,10 @@ mod tests {
         }
     }
 
-    /// A value of the wrong type says where it is, as a syntax error
-    /// does: before, "invalid type: string \"64M\", expected u64" named
-    /// neither the field nor the line (the sections are read from a parsed
-    /// value, which has no positions).
+    /// A value of the wrong type says where it is, by its key path and
+    /// its line, as a syntax error does: before, "invalid type: string
+    /// \"64M\", expected u64" named neither the field nor the line (the
+    /// sections are read from a parsed value, which has no positions).
     #[test]
     fn wrong_types_say_where_they_are() {
         let single = "{\n  \"machine-config\": {\"vcpu_count\": 1,\n    \"mem_size_mib\": \"64M\"},\n  \"foliovm\": {\"workload\": \"seq:1M\"}\n}";
@@ -1456,7 +1480,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.ends_with("invalid type: string \"64M\", expected u64 at line 3 column 25"),
+            e.ends_with(
+                "machine-config.mem_size_mib: invalid type: string \"64M\", expected u64 at line 3 column 25"
+            ),
             "{e}"
         );
         let multi = "{\"vms\": [\n {\"name\": \"a\", \"machine-config\": {\"vcpu_count\": 1, \"mem_size_mib\": 64}, \"foliovm\": {\"workload\": \"seq:1M\"}},\n {\"name\": \"b\", \"machine-config\": {\"vcpu_count\": 1, \"mem_size_mib\": 64}, \"foliovm\": {\"workload\": \"seq:1M\", \"priority\": \"high\"}}\n]}";
@@ -1465,7 +1491,7 @@ mod tests {
             .to_string();
         assert!(
             e.ends_with(
-                "VM \"b\": invalid type: string \"high\", expected i32 at line 3 column 124"
+                "VM \"b\": foliovm.priority: invalid type: string \"high\", expected i32 at line 3 column 124"
             ),
             "{e}"
         );
@@ -1480,11 +1506,11 @@ mod tests {
         for (second, want) in [
             (
                 r#"{"name": "b", "machine-config": {"vcpu_count": "1", "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M"}}"#,
-                r#"VM "b": invalid type: string "1", expected u32"#,
+                r#"VM "b": machine-config.vcpu_count: invalid type: string "1", expected u32"#,
             ),
             (
                 r#"{"machine-config": {"vcpu_count": 1}, "foliovm": {"workload": "seq:1M"}}"#,
-                r#"VM "vm1": missing field `mem_size_mib`"#,
+                r#"VM "vm1": machine-config: missing field `mem_size_mib`"#,
             ),
             (
                 r#"{"name": "b", "cpus": 2, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M"}}"#,
@@ -1504,7 +1530,7 @@ mod tests {
             ),
             (
                 r#"{"name": 7, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M"}}"#,
-                "vms[1]: invalid type: integer `7`, expected a string",
+                "vms[1]: name: invalid type: integer `7`, expected a string",
             ),
             (
                 r#"{"name": "b", "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "foliovm": {"workload": "seq:1M", "swap_size": "1G"}}"#,
@@ -1516,6 +1542,28 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want), "{second}: {e}");
+        }
+        // Not a VM object, not a list of VMs, and the shared section: by
+        // their key paths.
+        for (text, want) in [
+            (
+                format!(r#"{{"vms": [{good}, 7]}}"#),
+                "vms[1]: invalid type: integer `7`, expected struct VmSections".to_string(),
+            ),
+            (
+                r#"{"vms": "a, b"}"#.to_string(),
+                r#"vms: invalid type: string "a, b", expected a sequence"#.to_string(),
+            ),
+            (
+                format!(r#"{{"foliovm": {{"mem_budget": 384}}, "vms": [{good}]}}"#),
+                "foliovm.mem_budget: invalid type: integer `384`, expected a string at line 1 column 30"
+                    .to_string(),
+            ),
+        ] {
+            let e = ConfigFile::parse(&text, Path::new("m.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.ends_with(&want), "{text}: {e}");
         }
     }
 
@@ -1679,5 +1727,137 @@ mod tests {
                 );
             }
         });
+    }
+
+    /// Every path to a value in `v` (object keys and array indices).
+    fn json_paths(v: &serde_json::Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        let kids: Vec<(String, &serde_json::Value)> = match v {
+            serde_json::Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), v)).collect(),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i.to_string(), v))
+                .collect(),
+            _ => return,
+        };
+        for (k, kid) in kids {
+            at.push(k);
+            out.push(at.clone());
+            json_paths(kid, at, out);
+            at.pop();
+        }
+    }
+
+    fn json_at<'a>(
+        v: &'a mut serde_json::Value,
+        path: &[String],
+    ) -> Option<&'a mut serde_json::Value> {
+        path.iter().try_fold(v, |v, k| match v {
+            serde_json::Value::Object(m) => m.get_mut(k),
+            serde_json::Value::Array(a) => k.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
+            _ => None,
+        })
+    }
+
+    /// Words a message uses for a config key whose check is shared with
+    /// the flags and the API ("memory size must be greater than 0" for
+    /// `mem_size_mib: 0`).
+    fn key_words(key: &str) -> &'static [&'static str] {
+        match key {
+            "mem_size_mib" => &["memory size", "mem_size_mib"],
+            "vcpu_count" => &["vCPU count", "vcpu_count"],
+            "mem_budget" => &["memory budget", "mem_budget"],
+            "swap_file" | "swap_dir" => &["swap file", "swap directory"],
+            "swap_size" => &["swap size", "swap_size"],
+            "workload" => &["workload"],
+            "kernel_image_path" => &["kernel", "boot-source"],
+            "amount_mib" => &["balloon"],
+            "vms" => &["VM"],
+            "path_on_host" | "drive_id" => &["drive"],
+            _ => &[],
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// Config files with random values replaced, removed or added are
+        /// parsed and checked without a panic, and a refusal names a key
+        /// on the changed path, the value put there, or its setting.
+        #[test]
+        fn mutated_config_files_are_refused_by_name_or_accepted(
+            multi in proptest::bool::ANY,
+            edits in proptest::collection::vec((proptest::num::usize::ANY, 0usize..20), 1..4),
+        ) {
+            let text = if multi {
+                r#"{"foliovm": {"mem_budget": "384M", "swap_dir": "/var/tmp", "swap_size": "2G"},
+                    "vms": [
+                      {"name": "a", "machine-config": {"vcpu_count": 1, "mem_size_mib": 512},
+                       "foliovm": {"workload": "seq:256M", "mem_min": "64M", "priority": 5}},
+                      {"name": "b", "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+                       "boot-source": {"kernel_image_path": "/nonexistent/vmlinux", "boot_args": "console=ttyS0"},
+                       "drives": [{"drive_id": "rootfs", "path_on_host": "/nonexistent.img", "is_root_device": true, "is_read_only": false}],
+                       "balloon": {"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 1},
+                       "foliovm": {"mem_max": "128M"}}]}"#
+            } else {
+                r#"{"boot-source": {"kernel_image_path": "/nonexistent/vmlinux", "initrd_path": "/nonexistent.cpio"},
+                    "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false},
+                    "drives": [{"drive_id": "d", "path_on_host": "/nonexistent.img", "is_root_device": false, "is_read_only": true}],
+                    "foliovm": {"mem_budget": "128M", "swap_file": "/tmp/s", "swap_size": "1G", "priority": -1}}"#
+            };
+            let hostile = [
+                serde_json::json!(null), serde_json::json!(true), serde_json::json!(-1),
+                serde_json::json!(0), serde_json::json!(1.5), serde_json::json!(1e30),
+                serde_json::json!(u64::MAX), serde_json::json!(""), serde_json::json!("x"),
+                serde_json::json!("-1M"), serde_json::json!("99999999999999999999G"),
+                serde_json::json!([]), serde_json::json!({}), serde_json::json!("A".repeat(300)),
+                serde_json::json!(4097), serde_json::json!(100000000),
+            ];
+            let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+            let mut changed: Vec<(Vec<String>, String)> = Vec::new();
+            for (pick, action) in edits {
+                let mut paths = Vec::new();
+                json_paths(&v, &mut Vec::new(), &mut paths);
+                let path = paths[pick % paths.len()].clone();
+                let (last, parent) = path.split_last().unwrap();
+                match action {
+                    // Drop it.
+                    16 | 17 => {
+                        match json_at(&mut v, parent) {
+                            Some(serde_json::Value::Object(m)) => { m.remove(last); }
+                            Some(serde_json::Value::Array(a)) => { a.remove(last.parse().unwrap()); }
+                            _ => {}
+                        }
+                        changed.push((path, String::new()));
+                    }
+                    // A key nobody knows beside it.
+                    18 | 19 => {
+                        if let Some(serde_json::Value::Object(m)) = json_at(&mut v, parent) {
+                            m.insert("bogus_key".into(), serde_json::json!(1));
+                        }
+                        changed.push((parent.to_vec(), "bogus_key".into()));
+                    }
+                    i => {
+                        let new = hostile[i].clone();
+                        let shown = match &new { serde_json::Value::String(s) => s.clone(), o => o.to_string() };
+                        *json_at(&mut v, &path).unwrap() = new;
+                        changed.push((path, shown));
+                    }
+                }
+            }
+            let text = v.to_string();
+            let r = ConfigFile::parse(&text, Path::new("m.json")).and_then(|(c, _)| c.validate(&LIMITS));
+            if let Err(e) = r {
+                let e = e.to_string();
+                // serde names a field it misses.
+                let named = e.contains("missing field `") || changed.iter().any(|(path, shown)| {
+                    (shown.len() >= 2 && e.contains(shown.as_str()))
+                        || path.iter().any(|k| {
+                            k.parse::<usize>().is_err()
+                                && (e.contains(k.as_str()) || key_words(k).iter().any(|w| e.contains(w)))
+                        })
+                });
+                proptest::prop_assert!(named, "{changed:?}: {e}");
+            }
+        }
     }
 }

@@ -308,38 +308,24 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad("missing JSON request body"));
     }
-    serde_json::from_slice(body).map_err(|e| {
-        let field = field_at(body, &e).map_or(String::new(), |f| format!("{f}: "));
+    let bad = |field: &str, e: serde_json::Error| {
         ApiError::bad(format!("malformed request body: {field}{e}"))
-    })
-}
-
-/// The field of the JSON object `body` whose value `e` is about, for the
-/// errors that do not name one (a value of the wrong type or out of
-/// range: serde says only where it is): the last field whose value starts
-/// at or before the error's position.
-fn field_at(body: &[u8], e: &serde_json::Error) -> Option<String> {
-    use serde_json::value::RawValue;
-    if !e.is_data() || e.line() == 0 || e.to_string().contains("field `") {
-        return None;
-    }
-    let fields: std::collections::BTreeMap<String, &RawValue> =
-        serde_json::from_slice(body).ok()?;
-    let line_start: usize = body
-        .split(|&b| b == b'\n')
-        .take(e.line() - 1)
-        .map(|l| l.len() + 1)
-        .sum();
-    // serde's column is 1-based, and at a value of the wrong type, the
-    // byte before it.
-    let at = line_start + e.column();
-    // Where each value starts in `body`: both are slices of it.
-    let start = |v: &RawValue| v.get().as_ptr() as usize - body.as_ptr() as usize;
-    fields
-        .into_iter()
-        .filter(|(_, v)| start(v) <= at)
-        .max_by_key(|(_, v)| start(v))
-        .map(|(k, _)| k)
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    // serde says only where a value of the wrong type or out of range is;
+    // its key path names the field (`rate_limiter.bandwidth.size`). An
+    // error about the body itself (a missing, unknown or repeated field,
+    // which serde names) has the empty path ".".
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = match path.as_str() {
+            "." => String::new(),
+            p => format!("{p}: "),
+        };
+        bad(&field, e.into_inner())
+    })?;
+    de.end().map_err(|e| bad("", e))?;
+    Ok(value)
 }
 
 fn validate_machine_config(m: &MachineConfigBody) -> Result<(), ApiError> {

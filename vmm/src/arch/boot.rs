@@ -964,7 +964,9 @@ mod tests {
             std::fs::write(&p, &img).unwrap();
             let mem = GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), RAM as usize)])
                 .unwrap();
-            match load_kernel(&mem, &p) {
+            let loaded = load_kernel(&mem, &p);
+            std::fs::remove_dir_all(&dir).unwrap();
+            match loaded {
                 Ok(k) => {
                     proptest::prop_assert!(k.end.raw() <= RAM, "{k:?}");
                     proptest::prop_assert!(k.entry.raw() >= HIMEM_START.raw() && k.entry < k.end, "{k:?}");

@@ -242,6 +242,26 @@ fn nothing_to_run() {
     expect_error(&["run"], "nothing to run");
 }
 
+/// Firecracker's name for the config file flag works too, with the same
+/// conflicts.
+#[test]
+fn config_file_is_an_alias_of_config() {
+    expect_error(
+        &["run", "--config-file", "/nonexistent/vm.json"],
+        "cannot read config file /nonexistent/vm.json",
+    );
+    expect_error(
+        &[
+            "run",
+            "--config-file",
+            "/nonexistent/vm.json",
+            "--workload",
+            "seq:1M",
+        ],
+        "cannot be used with",
+    );
+}
+
 /// Flags the chosen guest or backend has no use for are refused, not
 /// ignored; a flag clap itself refuses exits 1 like any bad input, and
 /// help exits 0.

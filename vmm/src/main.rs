@@ -265,7 +265,8 @@ fn bench(cmd: BenchCmd) -> Result<i32> {
 #[derive(Args)]
 struct RunArgs {
     /// Firecracker-style JSON config file (boot-source, machine-config).
-    #[arg(long, conflicts_with_all = ["kernel", "workload", "initrd", "cmdline", "drive", "balloon"])]
+    /// Also `--config-file`, Firecracker's name for it.
+    #[arg(long, visible_alias = "config-file", conflicts_with_all = ["kernel", "workload", "initrd", "cmdline", "drive", "balloon"])]
     config: Option<PathBuf>,
     /// Kernel image: ELF vmlinux or bzImage.
     #[arg(long, conflicts_with = "workload")]

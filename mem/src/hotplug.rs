@@ -102,12 +102,13 @@ pub(crate) fn budget_bytes(inner: &Inner) -> u64 {
     (inner.pool.nr_pages() - inner.buddy().nr_offline()) * PAGE_SIZE
 }
 
-/// Set the usable budget to `bytes`.
-///
-/// # Context
-/// Callers serialise calls (the manager's budget lock). No other lock
-/// held; blocks for reclaim's swap I/O when lowering.
-pub(crate) fn set_budget(inner: &Inner, bytes: u64) -> Result<BudgetChange, BudgetError> {
+/// What a lowering has done so far: `(bytes offline, bytes to take)`.
+pub(crate) type BudgetProgress<'a> = &'a dyn Fn(u64, u64);
+
+/// Check `bytes` as a budget now: a whole number of pages, within the
+/// pool, and above what the VMs' minimums and pinned pages keep resident.
+/// Returns it in pages.
+pub(crate) fn check_budget(inner: &Inner, bytes: u64) -> Result<u64, BudgetError> {
     let pool = inner.pool.nr_pages();
     if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) {
         return Err(BudgetError::Unaligned(bytes));
@@ -133,7 +134,23 @@ pub(crate) fn set_budget(inner: &Inner, bytes: u64) -> Result<BudgetChange, Budg
             needed: needed * PAGE_SIZE,
         });
     }
-    let old = pool - inner.buddy().nr_offline();
+    Ok(target)
+}
+
+/// Set the usable budget to `bytes`, telling `progress` how far a
+/// lowering has come after each of its rounds.
+///
+/// # Context
+/// Callers serialise calls (the manager's budget lock). No other lock
+/// held; blocks for reclaim's swap I/O when lowering.
+pub(crate) fn set_budget(
+    inner: &Inner,
+    bytes: u64,
+    progress: BudgetProgress<'_>,
+) -> Result<BudgetChange, BudgetError> {
+    let target = check_budget(inner, bytes)?;
+    let vms = inner.live_vms();
+    let old = inner.pool.nr_pages() - inner.buddy().nr_offline();
     let change = |reclaimed: u64| BudgetChange {
         old_bytes: old * PAGE_SIZE,
         new_bytes: bytes,
@@ -149,7 +166,7 @@ pub(crate) fn set_budget(inner: &Inner, bytes: u64) -> Result<BudgetChange, Budg
         inner.kick_worker();
         return Ok(change(0));
     }
-    lower(inner, old - target, bytes, &vms).map(change)
+    lower(inner, old - target, bytes, &vms, progress).map(change)
 }
 
 /// Take `want` pages offline, reclaiming when too few are free. Returns
@@ -183,6 +200,7 @@ fn lower(
     want: u64,
     requested: u64,
     vms: &[std::sync::Arc<crate::vm::VmState>],
+    progress: BudgetProgress<'_>,
 ) -> Result<u64, BudgetError> {
     let swap = inner.swap.is_some();
     let cannot = |short: u64| BudgetError::CannotFree {
@@ -243,6 +261,7 @@ fn lower(
             }
             taken += b.order.nr_pages();
         }
+        progress(taken * PAGE_SIZE, want * PAGE_SIZE);
         if taken == want {
             return Ok(reclaimed);
         }

@@ -1308,13 +1308,42 @@ impl MemoryManager {
     /// # Context
     /// Blocks for reclaim's swap I/O; not for vCPU or handler threads.
     pub fn set_budget(&self, bytes: u64) -> Result<BudgetChange, BudgetError> {
+        self.set_budget_with_progress(bytes, &|_, _| {})
+    }
+
+    /// [`MemoryManager::set_budget`], calling `progress(offline, to_take)`
+    /// (bytes) after each round of a lowering, for an operation that
+    /// reports how far it has come.
+    ///
+    /// # Errors
+    /// As [`MemoryManager::set_budget`].
+    ///
+    /// # Context
+    /// As [`MemoryManager::set_budget`]; `progress` runs with no lock held.
+    pub fn set_budget_with_progress(
+        &self,
+        bytes: u64,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<BudgetChange, BudgetError> {
         let _serial = self.budget_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let change = crate::hotplug::set_budget(&self.inner, bytes)?;
+        let change = crate::hotplug::set_budget(&self.inner, bytes, progress)?;
         let budget_pages = crate::hotplug::budget_bytes(&self.inner) / PAGE_SIZE;
         self.inner
             .watermarks
             .set(Watermarks::new(&self.config.reclaim, budget_pages));
         Ok(change)
+    }
+
+    /// Check `bytes` as a budget [`MemoryManager::set_budget`] could set
+    /// now, without setting it: the refusals that need no reclaim
+    /// (alignment, the pool, the VMs' minimums and pinned pages), for a
+    /// caller that answers them before it starts a long lowering.
+    ///
+    /// # Errors
+    /// [`BudgetError::Unaligned`], [`BudgetError::AboveMax`] or
+    /// [`BudgetError::BelowMinimums`].
+    pub fn check_budget(&self, bytes: u64) -> Result<(), BudgetError> {
+        crate::hotplug::check_budget(&self.inner, bytes).map(|_| ())
     }
 
     /// The host budget now, in bytes (the pool size unless lowered with

@@ -92,9 +92,31 @@ fn lowering_the_budget_reclaims_above_minimums() {
         })
     );
     assert_eq!(mm.budget_bytes(), 16 * MIB);
+    // Checked alone, as the API does before it starts a lowering: the
+    // same refusal, and nothing changes.
+    assert_eq!(
+        mm.check_budget(2 * MIB),
+        Err(BudgetError::BelowMinimums {
+            requested: 2 * MIB,
+            needed: 4 * MIB
+        })
+    );
+    assert_eq!(mm.check_budget(8 * MIB), Ok(()));
+    assert_eq!(mm.budget_bytes(), 16 * MIB);
     assert!(mm.wait_idle(std::time::Duration::from_secs(30)));
     let free_before = mm.stats().free_bytes;
-    let c = mm.set_budget(8 * MIB).unwrap();
+    // Progress: bytes offline out of the 8 MiB to take, after each round,
+    // never going back, and all of it at the end.
+    let seen = std::sync::Mutex::new(Vec::new());
+    let c = mm
+        .set_budget_with_progress(8 * MIB, &|done, total| {
+            seen.lock().unwrap().push((done, total))
+        })
+        .unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.iter().all(|&(_, t)| t == 8 * MIB), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+    assert_eq!(seen.last(), Some(&(8 * MIB, 8 * MIB)), "{seen:?}");
     // What was not free had to be reclaimed first.
     assert!(
         c.reclaimed_bytes + free_before >= 8 * MIB,

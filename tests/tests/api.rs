@@ -360,6 +360,50 @@ fn reclaim_operations_and_the_budget_through_the_socket() {
     let out = ctl(&vm, &["--json", "budget"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["budget_bytes"], 128 << 20, "{v}");
+    // Lowered again as an operation, which `ctl budget` follows (the
+    // raise above was one too): the guest paused meanwhile through the
+    // same API, which answers while the lowering runs.
+    let r = vm.call(
+        "PUT",
+        "/budget",
+        Some(r#"{"budget_mib": 32, "async": true}"#),
+    );
+    assert_eq!(r.status, 400, "refused before it starts: {}", r.body);
+    assert!(r.fault().unwrap().contains("minimums"), "{}", r.body);
+    let r = vm.call("PATCH", "/vms/vm0", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(r.status, 204, "pause: {}", r.body);
+    let r = vm.call(
+        "PUT",
+        "/budget",
+        Some(r#"{"budget_mib": 64, "async": true}"#),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["id"].as_u64().unwrap();
+    let t0 = std::time::Instant::now();
+    let op = loop {
+        let op = vm.call("GET", &format!("/operations/{id}"), None).json();
+        if op["state"] != "running" {
+            break op;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{op}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(op["kind"], "budget", "{op}");
+    assert_eq!(op["result"]["budget_bytes"], 64 << 20, "{op}");
+    assert_eq!(op["result"]["previous_budget_bytes"], 128 << 20, "{op}");
+    // Its progress: all of the 64 MiB to take is offline.
+    assert_eq!(
+        (&op["progress"]["done"], &op["progress"]["total"]),
+        (&serde_json::json!(64 << 20), &serde_json::json!(64 << 20)),
+        "{op}"
+    );
+    let r = vm.call("PATCH", "/vms/vm0", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(r.status, 204, "resume: {}", r.body);
+    assert_eq!(
+        vm.call("GET", "/budget", None).json()["budget_bytes"],
+        64 << 20
+    );
 }
 
 /// Relocation and compaction, driven through the socket again and again

@@ -710,25 +710,22 @@ impl ApiBackend for Controller {
     fn set_budget(&self, bytes: u64) -> Result<serde_json::Value, ApiError> {
         crate::config::check_budget_blocks(bytes).map_err(|e| ApiError::bad(e.to_string()))?;
         let mm = self.manager_for_budget()?;
-        let c = mm.set_budget(bytes).map_err(|e| match e {
-            // The request is valid, but the VMs' memory cannot make room now.
-            mem::BudgetError::CannotFree { .. } => ApiError {
-                status: 409,
-                message: e.to_string(),
-            },
-            mem::BudgetError::Online(_) => ApiError::internal(error_chain(&e)),
-            _ => ApiError::bad(e.to_string()),
-        })?;
-        tracing::info!(
-            old_mib = c.old_bytes >> 20,
-            new_mib = c.new_bytes >> 20,
-            reclaimed_mib = c.reclaimed_bytes >> 20,
-            "host budget changed"
-        );
-        Ok(serde_json::json!({
-            "budget_bytes": c.new_bytes,
-            "previous_budget_bytes": c.old_bytes,
-            "reclaimed_bytes": c.reclaimed_bytes,
+        let c = mm.set_budget(bytes).map_err(|e| budget_error(&e))?;
+        Ok(budget_changed(&c))
+    }
+
+    fn budget_job(&self, bytes: u64) -> Result<Job, ApiError> {
+        crate::config::check_budget_blocks(bytes).map_err(|e| ApiError::bad(e.to_string()))?;
+        let mm = self.manager_for_budget()?;
+        mm.check_budget(bytes).map_err(|e| budget_error(&e))?;
+        Ok(Job::new("budget", "bytes", 0, move |progress| {
+            let c = mm
+                .set_budget_with_progress(bytes, &|done, total| {
+                    progress.set_total(total);
+                    progress.set_done(done);
+                })
+                .map_err(|e| error_chain(&e))?;
+            Ok(budget_changed(&c))
         }))
     }
 
@@ -756,6 +753,34 @@ impl ApiBackend for Controller {
 }
 
 /// `PUT /vms/{name}/compact`'s result.
+/// A refused budget change as the API answers it.
+fn budget_error(e: &mem::BudgetError) -> ApiError {
+    match e {
+        // The request is valid, but the VMs' memory cannot make room now.
+        mem::BudgetError::CannotFree { .. } => ApiError {
+            status: 409,
+            message: e.to_string(),
+        },
+        mem::BudgetError::Online(_) => ApiError::internal(error_chain(e)),
+        _ => ApiError::bad(e.to_string()),
+    }
+}
+
+/// A budget change done: logged, and answered as JSON.
+fn budget_changed(c: &mem::BudgetChange) -> serde_json::Value {
+    tracing::info!(
+        old_mib = c.old_bytes >> 20,
+        new_mib = c.new_bytes >> 20,
+        reclaimed_mib = c.reclaimed_bytes >> 20,
+        "host budget changed"
+    );
+    serde_json::json!({
+        "budget_bytes": c.new_bytes,
+        "previous_budget_bytes": c.old_bytes,
+        "reclaimed_bytes": c.reclaimed_bytes,
+    })
+}
+
 fn compact_json(r: &mem::CompactReport) -> serde_json::Value {
     serde_json::json!({
         "pmd_folios_before": r.pmd_folios_before,

@@ -160,12 +160,13 @@ fn run(sock: &Path, json: bool, cmd: CtlCmd) -> Result<(), String> {
             Ok(())
         }
         CtlCmd::Budget { size: Some(size) } => {
-            let body = serde_json::json!({ "budget_mib": mib_arg(&size)? });
-            let r = call(sock, "PUT", "/budget", Some(&body.to_string()))?;
+            // An operation: a lowering reclaims at disk speed, and the
+            // API answers other requests meanwhile.
+            let body = serde_json::json!({ "budget_mib": mib_arg(&size)?, "async": true });
+            let v = follow(sock, &body.to_string(), "/budget", "setting the budget")?;
             if json {
-                println!("{}", r.body);
+                println!("{v}");
             } else {
-                let v = r.json();
                 println!(
                     "budget {} (was {}), reclaimed {}",
                     mib(&v["budget_bytes"]),

@@ -213,6 +213,10 @@ impl RelocateBody {
 #[serde(deny_unknown_fields)]
 struct BudgetBody {
     budget_mib: u64,
+    /// Answer at once with an operation id instead of when done (a
+    /// lowering reclaims, at disk speed).
+    #[serde(default, rename = "async")]
+    run_async: bool,
 }
 
 /// Firecracker's `PATCH /balloon` body.
@@ -294,6 +298,10 @@ pub trait ApiBackend: Send + Sync {
     /// Set the host budget; answers the old and new budget and what was
     /// reclaimed to lower it.
     fn set_budget(&self, bytes: u64) -> Result<serde_json::Value, ApiError>;
+    /// The same as an operation, refused first for what needs no reclaim
+    /// (as [`ApiBackend::set_budget`] refuses it); its result is the same
+    /// JSON, and a lowering that cannot free enough fails it.
+    fn budget_job(&self, bytes: u64) -> Result<Job, ApiError>;
     /// `GET /vms`: every VM's name, state and size.
     fn list_vms(&self) -> serde_json::Value;
     /// `GET /vms/{name}`: one VM with its memory statistics.
@@ -591,6 +599,10 @@ fn dispatch(
                     b.budget_mib
                 )));
             }
+            if b.run_async {
+                let job = api.budget_job(b.budget_mib << 20)?;
+                return run_job(api, job, true);
+            }
             api.set_budget(b.budget_mib << 20)
                 .map(|v| ApiResponse::json(&v))
         }
@@ -789,6 +801,16 @@ pub(crate) mod tests {
             }
             self.record(format!("budget {bytes}"));
             Ok(serde_json::json!({"budget_bytes": bytes}))
+        }
+        fn budget_job(&self, bytes: u64) -> Result<Job, ApiError> {
+            if bytes > 1 << 30 {
+                return Err(ApiError::bad("above the pool"));
+            }
+            let calls = self.calls.clone();
+            Ok(Job::new("budget", "bytes", 0, move |_| {
+                calls.lock().unwrap().push(format!("budget {bytes}"));
+                Ok(serde_json::json!({"budget_bytes": bytes}))
+            }))
         }
         fn list_vms(&self) -> serde_json::Value {
             serde_json::json!([{"name": "vm0"}])
@@ -1244,6 +1266,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_async_budget_change_is_an_operation_with_the_same_result() {
+        let f = Fake::default();
+        let r = route(
+            &f,
+            "PUT",
+            "/budget",
+            br#"{"budget_mib": 512, "async": true}"#,
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+        let op: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(op["kind"], "budget", "{op}");
+        let mut done = serde_json::Value::Null;
+        for _ in 0..500 {
+            let r = route(&f, "GET", &format!("/operations/{}", op["id"]), b"");
+            done = serde_json::from_str(&r.body).unwrap();
+            if done["state"] != "running" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_eq!(
+            done["result"],
+            serde_json::json!({"budget_bytes": 512u64 << 20})
+        );
+        assert_eq!(f.calls(), ["budget 536870912"]);
+    }
+
+    #[test]
     fn bad_operation_requests_change_nothing() {
         let f = Fake::default();
         let cases: &[(&str, &str, &[u8], u16, &str)] = &[
@@ -1286,6 +1337,22 @@ pub(crate) mod tests {
                 br#"{"mib": 0, "async": true}"#,
                 400,
                 "out of range",
+            ),
+            // A budget is refused before an operation starts, as without
+            // "async".
+            (
+                "PUT",
+                "/budget",
+                br#"{"budget_mib": 0, "async": true}"#,
+                400,
+                "out of range",
+            ),
+            (
+                "PUT",
+                "/budget",
+                br#"{"budget_mib": 4096, "async": true}"#,
+                400,
+                "above the pool",
             ),
         ];
         for (m, p, b, status, want) in cases {
@@ -1626,7 +1693,10 @@ pub(crate) mod tests {
             (
                 "PUT",
                 "/budget",
-                vec![f("budget_mib", U(1, MIB_MAX), true, false)],
+                vec![
+                    f("budget_mib", U(1, MIB_MAX), true, false),
+                    f("async", Bool(Some(false)), false, false),
+                ],
             ),
         ]
     }

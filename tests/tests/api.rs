@@ -378,16 +378,7 @@ fn reclaim_operations_and_the_budget_through_the_socket() {
         Some(r#"{"budget_mib": 64, "async": true}"#),
     );
     assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["id"].as_u64().unwrap();
-    let t0 = std::time::Instant::now();
-    let op = loop {
-        let op = vm.call("GET", &format!("/operations/{id}"), None).json();
-        if op["state"] != "running" {
-            break op;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "{op}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let op = wait_operation(&vm, r.json()["id"].as_u64().unwrap());
     assert_eq!(op["state"], "succeeded", "{op}");
     assert_eq!(op["kind"], "budget", "{op}");
     assert_eq!(op["result"]["budget_bytes"], 64 << 20, "{op}");

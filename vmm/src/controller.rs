@@ -752,7 +752,6 @@ impl ApiBackend for Controller {
     }
 }
 
-/// `PUT /vms/{name}/compact`'s result.
 /// A refused budget change as the API answers it.
 fn budget_error(e: &mem::BudgetError) -> ApiError {
     match e {
@@ -781,6 +780,7 @@ fn budget_changed(c: &mem::BudgetChange) -> serde_json::Value {
     })
 }
 
+/// `PUT /vms/{name}/compact`'s result.
 fn compact_json(r: &mem::CompactReport) -> serde_json::Value {
     serde_json::json!({
         "pmd_folios_before": r.pmd_folios_before,

@@ -1,4 +1,4 @@
-//! Long operations (reclaim today; compaction and relocation later) that
+//! Long operations (reclaim, compaction, budget changes) that
 //! run on a thread of their own while the API answers at once with an id,
 //! and report their progress for `GET /operations/{id}`.
 //!

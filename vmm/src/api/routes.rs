@@ -8,7 +8,8 @@
 //! `PATCH /vms/{name}`, `PUT /vms/{name}/limits`, `PUT /reclaim`,
 //! `GET /operations`, `GET /operations/{id}`, `GET /stats`, `GET /metrics`.
 //!
-//! Long requests (`PUT /reclaim`) take `"async": true` in their body: they
+//! Long requests (`PUT /reclaim`, `PUT /vms/{name}/compact`, `PUT
+//! /budget`) take `"async": true` in their body: they
 //! then answer `202 Accepted` at once with the operation (its `id`,
 //! `state` and `progress`), which `GET /operations/{id}` follows. Without
 //! it they answer when done, as before.

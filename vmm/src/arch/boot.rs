@@ -351,8 +351,18 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
                     path: path.to_path_buf(),
                 });
             }
+            // A bzImage whose headers describe no code past its setup
+            // sectors (`syssize` 0, nothing after them) loads nothing, and
+            // its entry lies past what it loaded.
+            let entry = r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET;
+            if entry >= r.kernel_end {
+                return Err(bad_entry(format!(
+                    "has no 64-bit kernel code after its setup sectors: it loads {:#x}..{:#x} and is entered at {entry:#x}",
+                    r.kernel_load.0, r.kernel_end
+                )));
+            }
             Ok(LoadedKernel {
-                entry: GuestAddress(r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET),
+                entry: GuestAddress(entry),
                 end: GuestAddress(r.kernel_end),
                 format,
                 setup_header: Some(hdr),
@@ -893,11 +903,11 @@ mod tests {
         elf
     }
 
-    /// An ELF the loader takes but the guest could not start from is
-    /// refused by name: linux-loader loaded both, and the guest ran
-    /// whatever memory held at the entry point.
+    /// An image the loader takes but the guest could not start from is
+    /// refused by name: linux-loader loaded each of these, and the guest
+    /// ran whatever memory held at the entry point.
     #[test]
-    fn an_elf_entered_outside_what_it_loads_is_refused() {
+    fn an_image_entered_outside_what_it_loads_is_refused() {
         let dir = std::env::temp_dir().join(format!("foliovm-boot-entry-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("vmlinux");
@@ -926,6 +936,21 @@ mod tests {
         std::fs::write(&p, &elf).unwrap();
         let k = load_kernel(&mem, &p).unwrap();
         assert_eq!(k.end, GuestAddress(0x100_1000));
+        // A bzImage of setup sectors only, whose headers say so
+        // (`syssize` 0): not cut short, but nothing to run (the fuzz
+        // below found it).
+        let mut bz = small_bzimage();
+        bz[0x1f4..0x1f8].copy_from_slice(&0u32.to_le_bytes());
+        bz.truncate(5 * 512);
+        std::fs::write(&p, &bz).unwrap();
+        let e = load_kernel(&mem, &p).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "has no 64-bit kernel code after its setup sectors: it loads \
+                 0x100000..0x100000 and is entered at 0x100200"
+            ),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

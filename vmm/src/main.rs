@@ -389,7 +389,7 @@ fn run_config(a: &RunArgs) -> Result<RunConfig> {
         (Some(m), _) => parse_size(m).context("invalid --mem")?,
         (None, GuestPayload::Workload(w)) => {
             let spec: WorkloadSpec = w.parse()?;
-            WorkloadLayout::min_mem(&spec).next_multiple_of(2 << 20)
+            WorkloadLayout::min_mem(&spec)?.next_multiple_of(2 << 20)
         }
         (None, GuestPayload::Linux { .. }) => 256 << 20,
     };

@@ -61,7 +61,9 @@ fn touch_once(
     let vm = VmConfig {
         name: "bench".into(),
         payload: GuestPayload::Workload(spec),
-        mem_bytes: WorkloadLayout::min_mem(&parsed).next_multiple_of(2 << 20),
+        mem_bytes: WorkloadLayout::min_mem(&parsed)
+            .map_err(VmmError::from)?
+            .next_multiple_of(2 << 20),
         vcpus,
         limits: mem::VmLimits::default(),
         virtio: Default::default(),
@@ -136,7 +138,9 @@ pub fn first_touch(
     let spec: WorkloadSpec = format!("seq:{size}B")
         .parse()
         .expect("a generated spec parses");
-    let budget = WorkloadLayout::min_mem(&spec).next_multiple_of(2 << 20);
+    let budget = WorkloadLayout::min_mem(&spec)
+        .map_err(VmmError::from)?
+        .next_multiple_of(2 << 20);
     let mm = MemoryManager::new(MmConfig::with_budget(budget))
         .map_err(|e| VmmError::Memory(Box::new(e)))?;
     folio.prezero_seconds.push(wait_prezeroed(&mm)?);

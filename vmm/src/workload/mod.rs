@@ -117,10 +117,13 @@ impl WorkloadLayout {
             return Err(WorkloadError::Vcpus);
         }
         let data_base = EPOCH_TABLE + (pages * 4).next_multiple_of(HUGE);
-        let end = data_base + spec.size;
-        if end > MMIO_DEVICES_START.raw() {
-            return Err(WorkloadError::CrossesGap);
-        }
+        // A range of exabytes wrapped this sum past 2^64 to a small end
+        // (`seq:17163108338G` ended at 0x7f400000), and the guest ran off
+        // its RAM with a #GP.
+        let end = data_base
+            .checked_add(spec.size)
+            .filter(|&end| end <= MMIO_DEVICES_START.raw())
+            .ok_or(WorkloadError::CrossesGap)?;
         if end > mem_bytes {
             return Err(WorkloadError::TooSmall {
                 size: spec.size >> 20,
@@ -138,8 +141,15 @@ impl WorkloadLayout {
     }
 
     /// Guest memory needed for `spec` (so the CLI can default `--mem`).
-    pub fn min_mem(spec: &WorkloadSpec) -> u64 {
-        EPOCH_TABLE + (spec.size / 4096 * 4).next_multiple_of(HUGE) + spec.size
+    ///
+    /// # Errors
+    /// [`WorkloadError::CrossesGap`] if no guest memory holds the range
+    /// below the MMIO gap.
+    pub fn min_mem(spec: &WorkloadSpec) -> Result<u64, WorkloadError> {
+        (EPOCH_TABLE + (spec.size / 4096 * 4).next_multiple_of(HUGE))
+            .checked_add(spec.size)
+            .filter(|&end| end <= MMIO_DEVICES_START.raw())
+            .ok_or(WorkloadError::CrossesGap)
     }
 }
 
@@ -517,7 +527,10 @@ mod tests {
         assert_eq!(l.starts, vec![0, 32768, 65536]);
         assert_eq!(l.data_base % HUGE, 0);
         assert!(l.data_base >= EPOCH_TABLE + 65536 * 4);
-        assert_eq!(WorkloadLayout::min_mem(&spec), l.data_base + (256 << 20));
+        assert_eq!(
+            WorkloadLayout::min_mem(&spec).unwrap(),
+            l.data_base + (256 << 20)
+        );
         let e = WorkloadLayout::plan(&spec, 2, 256 << 20)
             .unwrap_err()
             .to_string();
@@ -532,6 +545,30 @@ mod tests {
             WorkloadLayout::plan(&big, 1, 8 << 30),
             Err(WorkloadError::CrossesGap)
         ));
+        assert!(matches!(
+            WorkloadLayout::min_mem(&big),
+            Err(WorkloadError::CrossesGap)
+        ));
+        // Ranges so large that the layout's end passes 2^64: refused the
+        // same way, never wrapped to a small end (the first was accepted,
+        // and its guest faulted), and never an overflow panic.
+        for huge in ["seq:17163108338G", "seq:17179869183G", "seq:16383T"] {
+            let spec: WorkloadSpec = huge.parse().unwrap();
+            assert!(
+                matches!(
+                    WorkloadLayout::plan(&spec, 1, u64::MAX),
+                    Err(WorkloadError::CrossesGap)
+                ),
+                "{huge}"
+            );
+            assert!(
+                matches!(
+                    WorkloadLayout::min_mem(&spec),
+                    Err(WorkloadError::CrossesGap)
+                ),
+                "{huge}"
+            );
+        }
         let tiny: WorkloadSpec = "seq:4K".parse().unwrap();
         assert!(matches!(
             WorkloadLayout::plan(&tiny, 2, 64 << 20),
@@ -617,5 +654,32 @@ mod tests {
         assert_eq!((res.ops, res.verified_pages), (u64::MAX, u64::MAX));
         assert!(!res.ok(), "mismatches reported by the guest were lost");
         assert!(res.line().starts_with("FOLIOVM-RESULT {"));
+    }
+
+    proptest::proptest! {
+        /// Any size the spec parser takes, any vCPU count and any guest
+        /// memory: planning never panics (debug builds check overflow),
+        /// and a plan that succeeds fits the guest's RAM below the MMIO
+        /// gap with at least a page per vCPU; `min_mem` agrees with it.
+        #[test]
+        fn any_workload_size_plans_within_ram_or_is_refused(
+            // Small ranges, any range, and ranges whose layout ends past
+            // 2^64 (above about 1024/1025 of it).
+            pages in proptest::prop_oneof![
+                1u64..1 << 20,
+                1u64..(u64::MAX >> 12),
+                (u64::MAX >> 12) / 1025 * 1024..(u64::MAX >> 12),
+            ],
+            vcpus in proptest::num::u8::ANY,
+            mem_bytes in proptest::prop_oneof![0u64..8 << 30, proptest::num::u64::ANY],
+        ) {
+            let spec: WorkloadSpec = format!("seq:{}K", pages * 4).parse().unwrap();
+            if let Ok(l) = WorkloadLayout::plan(&spec, vcpus, mem_bytes) {
+                let end = l.data_base + l.pages * 4096;
+                proptest::prop_assert!(end <= mem_bytes && end <= MMIO_DEVICES_START.raw());
+                proptest::prop_assert_eq!(WorkloadLayout::min_mem(&spec).ok(), Some(end));
+                proptest::prop_assert!(l.starts.windows(2).all(|w| w[1] > w[0]));
+            }
+        }
     }
 }

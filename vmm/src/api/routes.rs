@@ -1228,6 +1228,22 @@ pub(crate) mod tests {
         );
     }
 
+    /// `GET /operations/{id}` until the operation is no longer running
+    /// (at most 5 s); its last state.
+    fn follow_operation(f: &Fake, id: u64) -> serde_json::Value {
+        let mut op = serde_json::Value::Null;
+        for _ in 0..500 {
+            let r = route(f, "GET", &format!("/operations/{id}"), b"");
+            assert_eq!(r.status, 200, "{}", r.body);
+            op = serde_json::from_str(&r.body).unwrap();
+            if op["state"] != "running" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        op
+    }
+
     #[test]
     fn async_reclaim_answers_202_and_is_followed_to_its_result() {
         let f = Fake::default();
@@ -1240,16 +1256,7 @@ pub(crate) mod tests {
         );
         assert_eq!(op["progress"]["total"], 8 << 20);
         assert_eq!(op["progress"]["unit"], "bytes");
-        let mut done = serde_json::Value::Null;
-        for _ in 0..500 {
-            let r = route(&f, "GET", "/operations/1", b"");
-            assert_eq!(r.status, 200, "{}", r.body);
-            done = serde_json::from_str(&r.body).unwrap();
-            if done["state"] != "running" {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let done = follow_operation(&f, 1);
         assert_eq!(done["state"], "succeeded", "{done}");
         assert_eq!(done["result"]["reclaimed_bytes"], 4 << 20);
         assert_eq!(done["progress"]["done"], 4 << 20);
@@ -1278,15 +1285,7 @@ pub(crate) mod tests {
         assert_eq!(r.status, 202, "{}", r.body);
         let op: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(op["kind"], "budget", "{op}");
-        let mut done = serde_json::Value::Null;
-        for _ in 0..500 {
-            let r = route(&f, "GET", &format!("/operations/{}", op["id"]), b"");
-            done = serde_json::from_str(&r.body).unwrap();
-            if done["state"] != "running" {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let done = follow_operation(&f, op["id"].as_u64().unwrap());
         assert_eq!(done["state"], "succeeded", "{done}");
         assert_eq!(
             done["result"],

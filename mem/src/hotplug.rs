@@ -106,9 +106,13 @@ pub(crate) fn budget_bytes(inner: &Inner) -> u64 {
 pub(crate) type BudgetProgress<'a> = &'a dyn Fn(u64, u64);
 
 /// Check `bytes` as a budget now: a whole number of pages, within the
-/// pool, and above what the VMs' minimums and pinned pages keep resident.
-/// Returns it in pages.
-pub(crate) fn check_budget(inner: &Inner, bytes: u64) -> Result<u64, BudgetError> {
+/// pool, and above what the minimums and pinned pages of `vms` (the live
+/// VMs) keep resident. Returns it in pages.
+pub(crate) fn check_budget(
+    inner: &Inner,
+    bytes: u64,
+    vms: &[std::sync::Arc<crate::vm::VmState>],
+) -> Result<u64, BudgetError> {
     let pool = inner.pool.nr_pages();
     if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) {
         return Err(BudgetError::Unaligned(bytes));
@@ -120,7 +124,6 @@ pub(crate) fn check_budget(inner: &Inner, bytes: u64) -> Result<u64, BudgetError
             max: pool * PAGE_SIZE,
         });
     }
-    let vms = inner.live_vms();
     let needed: u64 = vms
         .iter()
         .map(|v| {
@@ -148,8 +151,8 @@ pub(crate) fn set_budget(
     bytes: u64,
     progress: BudgetProgress<'_>,
 ) -> Result<BudgetChange, BudgetError> {
-    let target = check_budget(inner, bytes)?;
     let vms = inner.live_vms();
+    let target = check_budget(inner, bytes, &vms)?;
     let old = inner.pool.nr_pages() - inner.buddy().nr_offline();
     let change = |reclaimed: u64| BudgetChange {
         old_bytes: old * PAGE_SIZE,

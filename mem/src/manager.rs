@@ -1343,7 +1343,7 @@ impl MemoryManager {
     /// [`BudgetError::Unaligned`], [`BudgetError::AboveMax`] or
     /// [`BudgetError::BelowMinimums`].
     pub fn check_budget(&self, bytes: u64) -> Result<(), BudgetError> {
-        crate::hotplug::check_budget(&self.inner, bytes).map(|_| ())
+        crate::hotplug::check_budget(&self.inner, bytes, &self.inner.live_vms()).map(|_| ())
     }
 
     /// The host budget now, in bytes (the pool size unless lowered with

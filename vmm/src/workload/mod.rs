@@ -116,14 +116,8 @@ impl WorkloadLayout {
         if vcpus == 0 || vcpus > MAX_VCPUS || pages < u64::from(vcpus) {
             return Err(WorkloadError::Vcpus);
         }
-        let data_base = EPOCH_TABLE + (pages * 4).next_multiple_of(HUGE);
-        // A range of exabytes wrapped this sum past 2^64 to a small end
-        // (`seq:17163108338G` ended at 0x7f400000), and the guest ran off
-        // its RAM with a #GP.
-        let end = data_base
-            .checked_add(spec.size)
-            .filter(|&end| end <= MMIO_DEVICES_START.raw())
-            .ok_or(WorkloadError::CrossesGap)?;
+        let data_base = Self::data_base(spec);
+        let end = Self::min_mem(spec)?;
         if end > mem_bytes {
             return Err(WorkloadError::TooSmall {
                 size: spec.size >> 20,
@@ -146,10 +140,19 @@ impl WorkloadLayout {
     /// [`WorkloadError::CrossesGap`] if no guest memory holds the range
     /// below the MMIO gap.
     pub fn min_mem(spec: &WorkloadSpec) -> Result<u64, WorkloadError> {
-        (EPOCH_TABLE + (spec.size / 4096 * 4).next_multiple_of(HUGE))
+        // A range of exabytes wrapped this sum past 2^64 to a small end
+        // (`seq:17163108338G` ended at 0x7f400000), and the guest ran off
+        // its RAM with a #GP.
+        Self::data_base(spec)
             .checked_add(spec.size)
             .filter(|&end| end <= MMIO_DEVICES_START.raw())
             .ok_or(WorkloadError::CrossesGap)
+    }
+
+    /// First data page: above the epoch table (4 bytes per page), on a
+    /// 2 MiB boundary.
+    fn data_base(spec: &WorkloadSpec) -> u64 {
+        EPOCH_TABLE + (spec.size / 4096 * 4).next_multiple_of(HUGE)
     }
 }
 

@@ -357,6 +357,16 @@ impl Controller {
         }
     }
 
+    /// The manager whose budget a request sets to `bytes`, after the
+    /// check both forms of the request make first (whole 2 MiB blocks).
+    fn manager_for_new_budget(
+        &self,
+        bytes: u64,
+    ) -> Result<std::sync::Arc<mem::MemoryManager>, ApiError> {
+        crate::config::check_budget_blocks(bytes).map_err(|e| ApiError::bad(e.to_string()))?;
+        self.manager_for_budget()
+    }
+
     fn started(&self) -> bool {
         !self
             .vms
@@ -708,15 +718,13 @@ impl ApiBackend for Controller {
     }
 
     fn set_budget(&self, bytes: u64) -> Result<serde_json::Value, ApiError> {
-        crate::config::check_budget_blocks(bytes).map_err(|e| ApiError::bad(e.to_string()))?;
-        let mm = self.manager_for_budget()?;
+        let mm = self.manager_for_new_budget(bytes)?;
         let c = mm.set_budget(bytes).map_err(|e| budget_error(&e))?;
         Ok(budget_changed(&c))
     }
 
     fn budget_job(&self, bytes: u64) -> Result<Job, ApiError> {
-        crate::config::check_budget_blocks(bytes).map_err(|e| ApiError::bad(e.to_string()))?;
-        let mm = self.manager_for_budget()?;
+        let mm = self.manager_for_new_budget(bytes)?;
         mm.check_budget(bytes).map_err(|e| budget_error(&e))?;
         Ok(Job::new("budget", "bytes", 0, move |progress| {
             let c = mm
